@@ -1,0 +1,52 @@
+/* api: optd's HTTP service (../shared/API.md) on libmicrohttpd: routing,
+ * JSON and binary codecs, auth, metrics, and the writer thread that applies
+ * steps in arrival order and commits them in groups. The daemon opens the
+ * store, fills an api_config and calls api_start; api_stop finishes the
+ * requests in flight. This is the only module that includes <microhttpd.h>
+ * and cJSON. */
+#ifndef OPTD_API_H
+#define OPTD_API_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "store/store.h"
+
+typedef struct api_server api_server;
+
+/* Called once per finished request with a complete log line (no newline). */
+typedef void (*api_log_fn)(void *ctx, const char *line);
+
+typedef struct api_config {
+    const char *listen_host;      /* "127.0.0.1", "0.0.0.0", "::1"; borrowed for api_start only */
+    uint16_t listen_port;         /* 0 picks a free port (see api_port) */
+    const char *token;            /* bearer token or NULL for none; copied */
+    size_t max_body;              /* bytes; default 64 MiB */
+    unsigned threads;             /* request threads; default 4 */
+    unsigned max_connections;     /* default 1024 */
+    unsigned connection_timeout;  /* idle seconds before a connection is closed; default 60 */
+    unsigned header_timeout;      /* seconds a request head may take from its first byte; default 30 */
+    uint64_t idempotency_window;  /* steps a key is remembered; default 10000 */
+    uint64_t history_steps;       /* history rows kept per session; default 100000 */
+    size_t cache_bytes;           /* session state kept in memory by the writer; default 256 MiB */
+    api_log_fn log;               /* may be NULL */
+    void *log_ctx;
+} api_config;
+
+/* Fills cfg with the defaults above. */
+void api_config_defaults(api_config *cfg);
+
+/* Starts serving with st (borrowed; the caller closes it after api_stop).
+ * Returns OPTD_OK, or OPTD_E_UNAVAILABLE with a sentence in err when the
+ * address cannot be bound. The caller stops *out with api_stop. */
+optd_err api_start(const api_config *cfg, store *st, api_server **out, char *err, size_t errlen);
+
+/* The port actually bound (useful with listen_port 0). */
+uint16_t api_port(const api_server *srv);
+
+/* Stops accepting connections, answers requests still arriving with 503,
+ * lets the writer finish and commit the steps it holds, and frees srv.
+ * api_stop(NULL) does nothing. */
+void api_stop(api_server *srv);
+
+#endif

@@ -1,0 +1,1023 @@
+/* The HTTP front of optd on libmicrohttpd: per-request state made on the
+ * first callback, early refusals (404/405/401/415/413) before the body is
+ * read, the body gathered up to --max-body, then one handler per route.
+ * Writes become writer jobs: the connection is suspended while the writer
+ * applies and commits them, and resumed to send the reply. */
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <errno.h>
+#include <math.h>
+#include <microhttpd.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "api/internal.h"
+
+struct api_server {
+    api_config cfg;
+    char *token; /* owned; NULL when auth is off */
+    store *st;
+    writer *w;
+    metrics m;
+    struct MHD_Daemon *mhd;
+    int listen_fd;
+    uint16_t port;
+    atomic_int stopping;
+    atomic_uint active; /* requests between first callback and completion */
+    atomic_ullong next_id;
+};
+
+typedef struct req {
+    api_server *srv;
+    struct MHD_Connection *conn;
+    api_route route;
+    char name[STORE_NAME_MAX + 1];
+    int name_ok;
+    char method[16];
+    char path[160];
+    uint64_t t0, id;
+    int status;
+    /* The body, gathered up to max_body. */
+    char *body;
+    size_t len, cap;
+    int too_large;
+    int binary; /* Content-Type: application/octet-stream */
+    /* A write handed to the writer. */
+    job job;
+    int job_state; /* 0 none, 1 queued, 2 done */
+    cJSON *json;   /* the parsed body, when the job borrows from it */
+    void *grad;    /* decoded gradient, when not the body itself */
+    char idem[256];
+    int minimal, want_binary;
+} req;
+
+static const char *const allow[R_COUNT] = {
+    [R_HEALTHZ] = "GET, HEAD",          [R_READYZ] = "GET, HEAD",     [R_METRICS] = "GET, HEAD",
+    [R_OPTIMIZERS] = "GET, HEAD",       [R_SESSIONS] = "GET, HEAD, POST",
+    [R_SESSION] = "GET, HEAD, PUT, PATCH, DELETE", [R_STEP] = "POST", [R_PARAMS] = "GET, HEAD",
+    [R_STATE] = "GET, HEAD, PUT",
+};
+
+/* ---- Routing ---------------------------------------------------------- */
+
+static int api_name_valid(const char *s)
+{
+    size_t n = 0;
+    if (!isalnum((unsigned char)s[0]))
+        return 0;
+    for (; s[n]; n++)
+        if (n >= STORE_NAME_MAX || !(isalnum((unsigned char)s[n]) || s[n] == '.' || s[n] == '_' || s[n] == '-'))
+            return 0;
+    return 1;
+}
+
+static void route(req *r, const char *url)
+{
+    static const struct {
+        const char *path;
+        api_route route;
+    } fixed[] = {{"/healthz", R_HEALTHZ},
+                 {"/readyz", R_READYZ},
+                 {"/metrics", R_METRICS},
+                 {"/v1/optimizers", R_OPTIMIZERS},
+                 {"/v1/sessions", R_SESSIONS}};
+    r->route = R_NONE;
+    for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)
+        if (strcmp(url, fixed[i].path) == 0)
+            r->route = fixed[i].route;
+    const char *prefix = "/v1/sessions/";
+    if (r->route != R_NONE || strncmp(url, prefix, strlen(prefix)) != 0)
+        return;
+    const char *name = url + strlen(prefix), *slash = strchr(name, '/');
+    size_t len = slash ? (size_t)(slash - name) : strlen(name);
+    if (len == 0 || len > STORE_NAME_MAX)
+        return;
+    memcpy(r->name, name, len);
+    r->name[len] = '\0';
+    r->name_ok = api_name_valid(r->name);
+    if (!slash)
+        r->route = R_SESSION;
+    else if (strcmp(slash, "/step") == 0)
+        r->route = R_STEP;
+    else if (strcmp(slash, "/params") == 0)
+        r->route = R_PARAMS;
+    else if (strcmp(slash, "/state") == 0)
+        r->route = R_STATE;
+}
+
+static int method_allowed(api_route route, const char *method)
+{
+    const char *a = allow[route];
+    size_t n = strlen(method);
+    for (const char *p = a; p && (p = strstr(p, method)); p += n)
+        if ((p == a || p[-1] == ' ') && (p[n] == ',' || p[n] == '\0'))
+            return 1;
+    return 0;
+}
+
+/* ---- Replies ---------------------------------------------------------- */
+
+/* Queues a reply whose body (malloc'd, len bytes) MHD frees once sent. */
+static enum MHD_Result send_body(req *r, int status, const char *ctype, char *body, size_t len, const char *etag_step)
+{
+    struct MHD_Response *resp = MHD_create_response_from_buffer_with_free_callback(len, body, free);
+    if (!resp) {
+        free(body);
+        return MHD_NO;
+    }
+    if (ctype)
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
+    if (etag_step) {
+        char etag[32];
+        snprintf(etag, sizeof etag, "\"%s\"", etag_step);
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_ETAG, etag);
+    }
+    char rid[24];
+    snprintf(rid, sizeof rid, "%016llx", (unsigned long long)r->id);
+    MHD_add_response_header(resp, "X-Request-Id", rid);
+    if (status == 405 && r->route < R_COUNT && allow[r->route])
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, allow[r->route]);
+    if (status == 201 && r->name[0]) {
+        char loc[200];
+        snprintf(loc, sizeof loc, "/v1/sessions/%s", r->name);
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_LOCATION, loc);
+    }
+    if (r->job_state == 2 && r->job.replayed && r->job.rc == OPTD_OK)
+        MHD_add_response_header(resp, "Idempotent-Replayed", "true");
+    if (atomic_load(&r->srv->stopping))
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
+    r->status = status;
+    enum MHD_Result ret = MHD_queue_response(r->conn, (unsigned)status, resp);
+    MHD_destroy_response(resp);
+    return ret;
+}
+
+static enum MHD_Result send_json(req *r, int status, sbuf *b, const char *etag_step)
+{
+    if (b->oom) {
+        sbuf_free(b);
+        sbuf_puts(b, "{\"error\":{\"code\":\"unavailable\",\"message\":\"out of memory; safe to retry\"}}");
+        status = 503;
+        if (b->oom)
+            return MHD_NO;
+    }
+    char *p = b->p ? b->p : strdup("");
+    size_t len = b->len;
+    memset(b, 0, sizeof *b);
+    return send_body(r, status, "application/json", p, len, etag_step);
+}
+
+/* An error reply {"error": {"code", "message"[, "step"]}}; msg may be NULL
+ * for the table's default sentence. */
+static enum MHD_Result send_err(req *r, optd_err e, const char *msg, int64_t step)
+{
+    sbuf b = {0};
+    sbuf_printf(&b, "{\"error\":{\"code\":\"%s\",\"message\":", optd_err_code(e));
+    sbuf_json_str(&b, msg && *msg ? msg : optd_err_message(e));
+    if (step >= 0)
+        sbuf_printf(&b, ",\"step\":%lld", (long long)step);
+    sbuf_puts(&b, "}}");
+    return send_json(r, optd_err_status(e), &b, NULL);
+}
+
+static void step_str(uint64_t step, char out[24]) { snprintf(out, 24, "%llu", (unsigned long long)step); }
+
+/* ---- Request helpers -------------------------------------------------- */
+
+static const char *header(req *r, const char *name)
+{
+    return MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, name);
+}
+
+static int media_is(const char *v, const char *type)
+{
+    size_t n = strlen(type);
+    while (*v == ' ')
+        v++;
+    return strncasecmp(v, type, n) == 0 && (v[n] == '\0' || v[n] == ';' || v[n] == ' ');
+}
+
+static int accepts_binary(req *r)
+{
+    const char *a = header(r, MHD_HTTP_HEADER_ACCEPT);
+    return a && strstr(a, "application/octet-stream") != NULL;
+}
+
+/* Constant-time check of "Bearer <token>". */
+static int authorized(req *r)
+{
+    const char *tok = r->srv->token;
+    if (!tok)
+        return 1;
+    const char *h = header(r, MHD_HTTP_HEADER_AUTHORIZATION);
+    if (!h || strncasecmp(h, "Bearer ", 7) != 0)
+        return 0;
+    h += 7;
+    size_t a = strlen(h), b = strlen(tok);
+    unsigned char diff = a != b;
+    for (size_t i = 0; i < b; i++)
+        diff |= (unsigned char)(h[i < a ? i : 0] ^ tok[i]);
+    return diff == 0;
+}
+
+/* Parses the body as a JSON object into r->json. */
+static optd_err parse_json(req *r, char *msg, size_t msglen)
+{
+    if (r->binary) {
+        snprintf(msg, msglen, "this endpoint takes application/json");
+        return OPTD_E_UNSUPPORTED_MEDIA_TYPE;
+    }
+    if (!utf8_valid(r->body ? r->body : "", r->len)) {
+        snprintf(msg, msglen, "the body is not valid UTF-8");
+        return OPTD_E_BAD_JSON;
+    }
+    r->json = cJSON_ParseWithLength(r->body ? r->body : "", r->len);
+    if (!r->json) {
+        snprintf(msg, msglen, "the body is not valid JSON");
+        return OPTD_E_BAD_JSON;
+    }
+    if (!cJSON_IsObject(r->json)) {
+        snprintf(msg, msglen, "the body must be a JSON object");
+        return OPTD_E_BAD_REQUEST;
+    }
+    return OPTD_OK;
+}
+
+/* ---- Writer jobs ------------------------------------------------------ */
+
+static void job_done(job *j, void *ctx)
+{
+    req *r = ctx;
+    (void)j;
+    r->job_state = 2;
+    MHD_resume_connection(r->conn);
+}
+
+static enum MHD_Result submit(req *r)
+{
+    r->job.on_done = job_done;
+    r->job.done_ctx = r;
+    snprintf(r->job.name, sizeof r->job.name, "%s", r->name);
+    r->job_state = 1;
+    MHD_suspend_connection(r->conn);
+    if (writer_submit(r->srv->w, &r->job) != OPTD_OK) {
+        r->job.rc = OPTD_E_UNAVAILABLE;
+        snprintf(r->job.msg, sizeof r->job.msg, "the server is shutting down; retry");
+        r->job_state = 2;
+        MHD_resume_connection(r->conn);
+    }
+    return MHD_YES;
+}
+
+static enum MHD_Result finish_job(req *r)
+{
+    job *j = &r->job;
+    char etag[24];
+    if (j->kind == JOB_STEP)
+        histogram_observe(&r->srv->m.step_latency, mono_us() - r->t0);
+    if (j->rc)
+        return send_err(r, j->rc, j->msg, j->rc == OPTD_E_STEP_MISMATCH ? (int64_t)j->step : -1);
+    switch (j->kind) {
+    case JOB_CREATE:
+        return send_json(r, 201, &j->out_json, "0");
+    case JOB_PUT_STATE:
+    case JOB_PATCH:
+        return send_json(r, j->created ? 201 : 200, &j->out_json, NULL);
+    case JOB_DELETE:
+        return send_body(r, 204, NULL, strdup(""), 0, NULL);
+    case JOB_STEP:
+        break;
+    }
+    step_str(j->step, etag);
+    if (r->want_binary) {
+        char *p = j->out_params && !r->minimal ? j->out_params : strdup("");
+        size_t len = j->out_params && !r->minimal ? j->out_len : 0;
+        if (p == j->out_params)
+            j->out_params = NULL;
+        return send_body(r, 200, "application/octet-stream", p, len, etag);
+    }
+    sbuf b = {0};
+    sbuf_printf(&b, "{\"step\":%s", etag);
+    if (!r->minimal && j->out_params) {
+        sbuf_puts(&b, ",\"params\":");
+        sbuf_vec(&b, j->out_params, j->out_len / optim_elem_size(j->dtype), j->dtype);
+    }
+    sbuf_puts(&b, "}");
+    return send_json(r, 200, &b, etag);
+}
+
+/* ---- Handlers --------------------------------------------------------- */
+
+static enum MHD_Result get_optimizers(req *r)
+{
+    sbuf b = {0};
+    sbuf_puts(&b, "{\"optimizers\":[");
+    for (size_t k = 0; k < OPTIM_KIND_COUNT; k++) {
+        const optim_info *info = optim_at(k);
+        sbuf_printf(&b, "%s{\"name\":\"%s\",\"torch\":\"%s\",\"hyperparams\":[", k ? "," : "", info->name,
+                    info->torch_name);
+        for (size_t i = 0; i < info->n_hps; i++) {
+            const optim_hp_desc *d = &info->hps[i];
+            static const char *types[] = {"number", "boolean", "array"};
+            sbuf_printf(&b, "%s{\"name\":\"%s\",\"type\":\"%s\",\"default\":", i ? "," : "", d->name, types[d->type]);
+            if (d->type == OPTIM_HP_BOOL) {
+                sbuf_puts(&b, d->def[0] != 0 ? "true" : "false");
+            } else if (d->type == OPTIM_HP_PAIR) {
+                sbuf_put(&b, "[", 1);
+                sbuf_num(&b, d->def[0], 0);
+                sbuf_put(&b, ",", 1);
+                sbuf_num(&b, d->def[1], 0);
+                sbuf_put(&b, "]", 1);
+            } else {
+                sbuf_num(&b, d->def[0], 0);
+            }
+            if (d->type != OPTIM_HP_BOOL) {
+                sbuf_puts(&b, ",\"min\":");
+                if (isfinite(d->min))
+                    sbuf_num(&b, d->min, 0);
+                else
+                    sbuf_puts(&b, "null");
+                sbuf_puts(&b, ",\"max\":");
+                if (isfinite(d->max))
+                    sbuf_num(&b, d->max, 0);
+                else
+                    sbuf_puts(&b, "null");
+                sbuf_printf(&b, ",\"min_exclusive\":%s,\"max_exclusive\":%s", d->min_open ? "true" : "false",
+                            d->max_open ? "true" : "false");
+            }
+            sbuf_puts(&b, "}");
+        }
+        sbuf_puts(&b, "],\"state_buffers\":[");
+        for (size_t i = 0; i < info->n_buffers; i++)
+            sbuf_printf(&b, "%s\"%s\"", i ? "," : "", info->buffers[i]);
+        sbuf_puts(&b, "],\"state_scalars\":[");
+        if (info->scalar)
+            sbuf_printf(&b, "\"%s\"", info->scalar);
+        sbuf_puts(&b, "]}");
+    }
+    sbuf_puts(&b, "]}");
+    return send_json(r, 200, &b, NULL);
+}
+
+static enum MHD_Result list_sessions(req *r)
+{
+    const char *limit_s = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "limit");
+    const char *after = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "after");
+    long limit = 100;
+    if (limit_s) {
+        char *end;
+        errno = 0;
+        limit = strtol(limit_s, &end, 10);
+        if (errno || end == limit_s || *end || limit < 1 || limit > 1000)
+            return send_err(r, OPTD_E_BAD_REQUEST, "limit must be an integer from 1 to 1000", -1);
+    }
+    store_session *rows = NULL;
+    size_t n = 0;
+    int more = 0;
+    optd_err rc = store_read_list(r->srv->st, after && *after ? after : NULL, (int)limit, &rows, &n, &more);
+    if (rc)
+        return send_err(r, rc, NULL, -1);
+    sbuf b = {0};
+    sbuf_puts(&b, "{\"sessions\":[");
+    for (size_t i = 0; i < n; i++) {
+        if (i)
+            sbuf_put(&b, ",", 1);
+        sess_to_json(&b, &rows[i]);
+    }
+    sbuf_puts(&b, "],\"next\":");
+    if (more && n)
+        sbuf_json_str(&b, rows[n - 1].name);
+    else
+        sbuf_puts(&b, "null");
+    sbuf_puts(&b, "}");
+    for (size_t i = 0; i < n; i++)
+        store_session_clear(&rows[i]);
+    free(rows);
+    return send_json(r, 200, &b, NULL);
+}
+
+static enum MHD_Result get_session(req *r)
+{
+    store_session row = {0};
+    optd_err rc = store_read_session(r->srv->st, r->name, &row, NULL, NULL);
+    if (rc)
+        return send_err(r, rc, NULL, -1);
+    char etag[24];
+    step_str(row.step, etag);
+    sbuf b = {0};
+    sess_to_json(&b, &row);
+    store_session_clear(&row);
+    return send_json(r, 200, &b, etag);
+}
+
+/* Reads the committed session named in the path with its state. */
+static optd_err read_full(req *r, sess **out)
+{
+    store_session row = {0};
+    void *blob = NULL;
+    size_t len = 0;
+    optd_err rc = store_read_session(r->srv->st, r->name, &row, &blob, &len);
+    if (rc == OPTD_OK)
+        rc = sess_from_store(&row, blob, len, out);
+    if (rc) {
+        store_session_clear(&row);
+        free(blob);
+    }
+    return rc;
+}
+
+static enum MHD_Result get_params(req *r)
+{
+    sess *s = NULL;
+    optd_err rc = read_full(r, &s);
+    if (rc)
+        return send_err(r, rc, NULL, -1);
+    char etag[24];
+    step_str(s->row.step, etag);
+    enum MHD_Result ret;
+    if (accepts_binary(r)) {
+        size_t len = s->n * optim_elem_size(s->dtype);
+        /* The params are the head of the blob: hand the blob over. */
+        char *p = (char *)s->blob;
+        s->blob = NULL;
+        ret = send_body(r, 200, "application/octet-stream", p, len, etag);
+    } else {
+        sbuf b = {0};
+        sbuf_printf(&b, "{\"step\":%s,\"params\":", etag);
+        sbuf_vec(&b, s->st.params, s->n, s->dtype);
+        sbuf_puts(&b, "}");
+        ret = send_json(r, 200, &b, etag);
+    }
+    sess_free(s);
+    return ret;
+}
+
+static enum MHD_Result get_state(req *r)
+{
+    sess *s = NULL;
+    optd_err rc = read_full(r, &s);
+    if (rc)
+        return send_err(r, rc, NULL, -1);
+    char etag[24];
+    step_str(s->row.step, etag);
+    sbuf b = {0};
+    sess_state_to_json(&b, s);
+    sess_free(s);
+    return send_json(r, 200, &b, etag);
+}
+
+/* Builds a new session from a create body (POST /v1/sessions or PUT
+ * /v1/sessions/{name}). */
+static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
+{
+    const cJSON *o = r->json;
+    const cJSON *name = cJSON_GetObjectItemCaseSensitive(o, "name");
+    const cJSON *opt = cJSON_GetObjectItemCaseSensitive(o, "optimizer");
+    const cJSON *dt = cJSON_GetObjectItemCaseSensitive(o, "dtype");
+    const cJSON *params = cJSON_GetObjectItemCaseSensitive(o, "params");
+    const cJSON *size = cJSON_GetObjectItemCaseSensitive(o, "size");
+    const cJSON *fill = cJSON_GetObjectItemCaseSensitive(o, "fill");
+    optim_dtype dtype = OPTIM_F32;
+    optim_hparams hp;
+    optd_err rc;
+
+    if (name && !cJSON_IsString(name))
+        return snprintf(msg, msglen, "name must be a string"), OPTD_E_BAD_REQUEST;
+    if (r->route == R_SESSION) {
+        if (name && strcmp(name->valuestring, r->name) != 0)
+            return snprintf(msg, msglen, "the body's name differs from the path's"), OPTD_E_INVALID;
+    } else {
+        if (!name)
+            return snprintf(msg, msglen, "name is required"), OPTD_E_INVALID;
+        if (!api_name_valid(name->valuestring))
+            return snprintf(msg, msglen, "a session name matches [A-Za-z0-9][A-Za-z0-9._-]{0,127}"),
+                   OPTD_E_INVALID;
+        snprintf(r->name, sizeof r->name, "%s", name->valuestring);
+    }
+    if (!opt)
+        return snprintf(msg, msglen, "optimizer is required"), OPTD_E_INVALID;
+    if (!cJSON_IsString(opt))
+        return snprintf(msg, msglen, "optimizer must be a string"), OPTD_E_BAD_REQUEST;
+    const optim_info *info = optim_find(opt->valuestring);
+    if (!info)
+        return snprintf(msg, msglen, "unknown optimizer '%.64s'", opt->valuestring), OPTD_E_UNKNOWN_OPTIMIZER;
+    if (dt && !cJSON_IsString(dt))
+        return snprintf(msg, msglen, "dtype must be a string"), OPTD_E_BAD_REQUEST;
+    if (dt && strcmp(dt->valuestring, "float64") == 0)
+        dtype = OPTIM_F64;
+    else if (dt && strcmp(dt->valuestring, "float32") != 0)
+        return snprintf(msg, msglen, "dtype must be \"float32\" or \"float64\""), OPTD_E_INVALID;
+    optim_defaults(info, &hp);
+    rc = hparams_from_json(info, cJSON_GetObjectItemCaseSensitive(o, "hyperparams"), &hp, msg, msglen);
+    if (rc)
+        return rc;
+    if (params && size)
+        return snprintf(msg, msglen, "give either params or size, not both"), OPTD_E_INVALID;
+    if (params) {
+        if (!cJSON_IsArray(params))
+            return snprintf(msg, msglen, "params must be an array of numbers"), OPTD_E_BAD_REQUEST;
+        size_t n = (size_t)cJSON_GetArraySize(params);
+        if (n == 0 || n > API_MAX_ELEMENTS)
+            return snprintf(msg, msglen, "params must have 1 to %zu elements", API_MAX_ELEMENTS), OPTD_E_INVALID;
+        if (fill)
+            return snprintf(msg, msglen, "fill goes with size, not params"), OPTD_E_INVALID;
+        rc = sess_new(r->name, info, &hp, dtype, n, NULL, 0, out);
+        if (rc == OPTD_OK && (rc = json_to_vec(params, (*out)->st.params, n, dtype, msg, msglen)) != OPTD_OK) {
+            sess_free(*out);
+            *out = NULL;
+        }
+        if (*out)
+            sess_pack(*out);
+        return rc;
+    }
+    if (!size)
+        return snprintf(msg, msglen, "give params or size"), OPTD_E_INVALID;
+    if (!cJSON_IsNumber(size))
+        return snprintf(msg, msglen, "size must be an integer"), OPTD_E_BAD_REQUEST;
+    double n = size->valuedouble, f = 0;
+    if (n < 1 || n > (double)API_MAX_ELEMENTS || n != (double)(size_t)n)
+        return snprintf(msg, msglen, "size must be an integer from 1 to %zu", API_MAX_ELEMENTS), OPTD_E_INVALID;
+    if (fill) {
+        if (!cJSON_IsNumber(fill))
+            return snprintf(msg, msglen, "fill must be a number"), OPTD_E_BAD_REQUEST;
+        f = fill->valuedouble;
+        if (!isfinite(dtype == OPTIM_F32 ? (float)f : f))
+            return snprintf(msg, msglen, "fill is not a finite %s", dt ? dt->valuestring : "float32"),
+                   OPTD_E_NON_FINITE;
+    }
+    return sess_new(r->name, info, &hp, dtype, (size_t)n, NULL, f, out);
+}
+
+static enum MHD_Result create_session(req *r, job_kind kind)
+{
+    char msg[256] = "";
+    optd_err rc = parse_json(r, msg, sizeof msg);
+    if (rc == OPTD_OK && kind == JOB_PUT_STATE) {
+        const cJSON *name = cJSON_GetObjectItemCaseSensitive(r->json, "name");
+        if (name && (!cJSON_IsString(name) || strcmp(name->valuestring, r->name) != 0))
+            rc = OPTD_E_INVALID, snprintf(msg, sizeof msg, "the body's name differs from the path's");
+        else
+            rc = sess_from_checkpoint(r->name, r->json, &r->job.newsess, msg, sizeof msg);
+    } else if (rc == OPTD_OK) {
+        rc = session_from_body(r, &r->job.newsess, msg, sizeof msg);
+    }
+    if (rc)
+        return send_err(r, rc, msg, -1);
+    r->job.kind = kind;
+    return submit(r);
+}
+
+static enum MHD_Result patch_session(req *r)
+{
+    char msg[256] = "";
+    optd_err rc = parse_json(r, msg, sizeof msg);
+    if (rc)
+        return send_err(r, rc, msg, -1);
+    for (const cJSON *e = r->json->child; e; e = e->next) {
+        if (strcmp(e->string, "hyperparams") == 0)
+            continue;
+        snprintf(msg, sizeof msg, "'%.64s' cannot be changed by PATCH (only hyperparams)", e->string);
+        return send_err(r, OPTD_E_INVALID, msg, -1);
+    }
+    const cJSON *hp = cJSON_GetObjectItemCaseSensitive(r->json, "hyperparams");
+    if (hp && !cJSON_IsObject(hp))
+        return send_err(r, OPTD_E_BAD_REQUEST, "hyperparams must be an object", -1);
+    r->job.kind = JOB_PATCH;
+    r->job.patch = (cJSON *)hp;
+    return submit(r);
+}
+
+/* Parses If-Match: "N", W/"N" or N; -1 when absent or "*". */
+static int parse_if_match(const char *v, int64_t *out)
+{
+    *out = -1;
+    if (!v)
+        return 0;
+    while (*v == ' ')
+        v++;
+    if (strcmp(v, "*") == 0)
+        return 0;
+    if (strncmp(v, "W/", 2) == 0)
+        v += 2;
+    int quoted = *v == '"';
+    v += quoted;
+    if (!isdigit((unsigned char)*v))
+        return -1;
+    char *end;
+    errno = 0;
+    unsigned long long n = strtoull(v, &end, 10);
+    if (errno || n > INT64_MAX)
+        return -1;
+    if (quoted && *end++ != '"')
+        return -1;
+    while (*end == ' ')
+        end++;
+    if (*end)
+        return -1;
+    *out = (int64_t)n;
+    return 0;
+}
+
+static enum MHD_Result post_step(req *r)
+{
+    char msg[256] = "";
+    store_session row = {0};
+    job *j = &r->job;
+    optd_err rc = store_read_session(r->srv->st, r->name, &row, NULL, NULL);
+    if (rc)
+        return send_err(r, rc, NULL, -1);
+    j->dtype = (optim_dtype)row.dtype;
+    j->size = (size_t)row.size;
+    store_session_clear(&row);
+    size_t es = optim_elem_size(j->dtype), bytes = j->size * es;
+
+    if (parse_if_match(header(r, MHD_HTTP_HEADER_IF_MATCH), &j->if_match))
+        return send_err(r, OPTD_E_BAD_REQUEST, "If-Match must be a step in quotes, e.g. \"12\"", -1);
+    const char *key = header(r, "Idempotency-Key");
+    if (key) {
+        size_t n = strlen(key);
+        if (n == 0 || n > 255)
+            return send_err(r, OPTD_E_BAD_REQUEST, "Idempotency-Key must be 1 to 255 characters", -1);
+        memcpy(r->idem, key, n + 1);
+        j->idem_key = r->idem;
+    }
+    const char *prefer = header(r, "Prefer");
+    r->minimal = prefer && strstr(prefer, "return=minimal") != NULL;
+    r->want_binary = accepts_binary(r);
+
+    if (r->binary) {
+        if (r->len != bytes) {
+            snprintf(msg, sizeof msg, "the body has %zu bytes; the session needs %zu (%zu x %zu)", r->len, bytes,
+                     j->size, es);
+            return send_err(r, OPTD_E_SIZE_MISMATCH, msg, -1);
+        }
+        size_t bad;
+        if (!vec_finite(r->body, j->size, j->dtype, &bad)) {
+            snprintf(msg, sizeof msg, "element %zu of the gradient is not finite", bad);
+            return send_err(r, OPTD_E_NON_FINITE, msg, -1);
+        }
+        j->grad = r->body; /* malloc'd, so aligned for any element type */
+    } else {
+        rc = parse_json(r, msg, sizeof msg);
+        if (rc)
+            return send_err(r, rc, msg, -1);
+        const cJSON *g = cJSON_GetObjectItemCaseSensitive(r->json, "grad");
+        if (!g)
+            return send_err(r, OPTD_E_INVALID, "grad is required", -1);
+        if (!cJSON_IsArray(g))
+            return send_err(r, OPTD_E_BAD_REQUEST, "grad must be an array of numbers", -1);
+        size_t n = (size_t)cJSON_GetArraySize(g);
+        if (n != j->size) {
+            snprintf(msg, sizeof msg, "grad has %zu elements; the session has %zu", n, j->size);
+            return send_err(r, OPTD_E_SIZE_MISMATCH, msg, -1);
+        }
+        r->grad = malloc(bytes ? bytes : 1);
+        if (!r->grad)
+            return send_err(r, OPTD_E_NOMEM, NULL, -1);
+        rc = json_to_vec(g, r->grad, n, j->dtype, msg, sizeof msg);
+        if (rc)
+            return send_err(r, rc, msg, -1);
+        j->grad = r->grad;
+    }
+    j->digest = digest64(j->grad, bytes);
+    j->want_params = !r->minimal;
+    j->kind = JOB_STEP;
+    return submit(r);
+}
+
+static enum MHD_Result dispatch(req *r, const char *method)
+{
+    api_server *srv = r->srv;
+    int get = strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0;
+    switch (r->route) {
+    case R_HEALTHZ: {
+        sbuf b = {0};
+        sbuf_puts(&b, "{\"status\":\"ok\"}");
+        return send_json(r, 200, &b, NULL);
+    }
+    case R_READYZ: {
+        if (atomic_load(&srv->stopping) || !store_writable(srv->st))
+            return send_err(r, OPTD_E_UNAVAILABLE, "the database is not writable", -1);
+        sbuf b = {0};
+        sbuf_puts(&b, "{\"status\":\"ready\"}");
+        return send_json(r, 200, &b, NULL);
+    }
+    case R_METRICS: {
+        uint64_t n = 0;
+        sbuf b = {0};
+        store_read_count(srv->st, &n);
+        metrics_render(&b, &srv->m, n);
+        if (b.oom)
+            return send_err(r, OPTD_E_NOMEM, NULL, -1);
+        char *p = b.p;
+        return send_body(r, 200, "text/plain; version=0.0.4; charset=utf-8", p, b.len, NULL);
+    }
+    case R_OPTIMIZERS:
+        return get_optimizers(r);
+    case R_SESSIONS:
+        return get ? list_sessions(r) : create_session(r, JOB_CREATE);
+    case R_SESSION:
+        if (get)
+            return get_session(r);
+        if (strcmp(method, "PUT") == 0)
+            return create_session(r, JOB_CREATE);
+        if (strcmp(method, "PATCH") == 0)
+            return patch_session(r);
+        r->job.kind = JOB_DELETE;
+        return submit(r);
+    case R_STEP:
+        return post_step(r);
+    case R_PARAMS:
+        return get_params(r);
+    case R_STATE:
+        return get ? get_state(r) : create_session(r, JOB_PUT_STATE);
+    default:
+        return send_err(r, OPTD_E_NOT_FOUND, "no such path", -1);
+    }
+}
+
+/* The checks made on the first callback, before any of the body is read.
+ * Returns OPTD_OK to go on reading, else the error to answer with. */
+static optd_err early_checks(req *r, const char *method, char *msg, size_t msglen)
+{
+    api_server *srv = r->srv;
+    if (atomic_load(&srv->stopping))
+        return snprintf(msg, msglen, "the server is shutting down; retry"), OPTD_E_UNAVAILABLE;
+    if (r->route == R_NONE)
+        return snprintf(msg, msglen, "no such path"), OPTD_E_NOT_FOUND;
+    int v1 = r->route >= R_OPTIMIZERS;
+    if (v1 && !authorized(r))
+        return OPTD_E_UNAUTHORIZED;
+    if (!method_allowed(r->route, method))
+        return snprintf(msg, msglen, "%s is not allowed here; allowed: %s", method, allow[r->route]),
+               OPTD_E_METHOD_NOT_ALLOWED;
+    if (r->route >= R_SESSION && !r->name_ok) {
+        if (r->route == R_SESSION && strcmp(method, "PUT") == 0)
+            return snprintf(msg, msglen, "a session name matches [A-Za-z0-9][A-Za-z0-9._-]{0,127}"), OPTD_E_INVALID;
+        return snprintf(msg, msglen, "no such session"), OPTD_E_NOT_FOUND;
+    }
+    const char *cl = header(r, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    const char *te = header(r, MHD_HTTP_HEADER_TRANSFER_ENCODING);
+    int has_body = (cl && strtoull(cl, NULL, 10) > 0) || te;
+    if (has_body && strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0 && strcmp(method, "DELETE") != 0) {
+        const char *ct = header(r, MHD_HTTP_HEADER_CONTENT_TYPE);
+        if (ct && media_is(ct, "application/octet-stream"))
+            r->binary = 1;
+        else if (ct && !media_is(ct, "application/json"))
+            return snprintf(msg, msglen, "Content-Type %.60s is not supported; use application/json%s", ct,
+                            r->route == R_STEP ? " or application/octet-stream" : ""),
+                   OPTD_E_UNSUPPORTED_MEDIA_TYPE;
+        if (r->binary && r->route != R_STEP)
+            return snprintf(msg, msglen, "only steps take application/octet-stream"), OPTD_E_UNSUPPORTED_MEDIA_TYPE;
+    }
+    if (cl) {
+        char *end;
+        errno = 0;
+        unsigned long long n = strtoull(cl, &end, 10);
+        if (errno == ERANGE || n > srv->cfg.max_body)
+            return snprintf(msg, msglen, "the body is over the %zu-byte limit", srv->cfg.max_body), OPTD_E_TOO_LARGE;
+    }
+    return OPTD_OK;
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
+                                  const char *version, const char *upload, size_t *upload_size, void **con_cls)
+{
+    api_server *srv = cls;
+    req *r = *con_cls;
+    (void)version;
+    if (!r) {
+        r = calloc(1, sizeof *r);
+        if (!r)
+            return MHD_NO;
+        *con_cls = r;
+        atomic_fetch_add(&srv->active, 1);
+        r->srv = srv;
+        r->conn = conn;
+        r->t0 = mono_us();
+        r->id = atomic_fetch_add(&srv->next_id, 1) + 1;
+        snprintf(r->method, sizeof r->method, "%s", method);
+        snprintf(r->path, sizeof r->path, "%s", url);
+        route(r, url);
+        char msg[256] = "";
+        optd_err rc = early_checks(r, method, msg, sizeof msg);
+        if (rc)
+            return send_err(r, rc, msg, -1);
+        return MHD_YES;
+    }
+    if (r->status)
+        return MHD_YES; /* answered early; MHD discards what still arrives */
+    if (*upload_size) {
+        size_t n = *upload_size;
+        *upload_size = 0;
+        if (r->too_large || r->len + n > srv->cfg.max_body) {
+            r->too_large = 1; /* keep draining, never buffer past the limit */
+            return MHD_YES;
+        }
+        if (r->len + n + 1 > r->cap) {
+            size_t cap = r->cap ? r->cap : 4096;
+            while (cap < r->len + n + 1)
+                cap *= 2;
+            if (cap > srv->cfg.max_body + 1)
+                cap = srv->cfg.max_body + 1;
+            char *p = realloc(r->body, cap);
+            if (!p)
+                return MHD_NO;
+            r->body = p;
+            r->cap = cap;
+        }
+        memcpy(r->body + r->len, upload, n);
+        r->len += n;
+        r->body[r->len] = '\0';
+        return MHD_YES;
+    }
+    if (r->job_state == 2)
+        return finish_job(r);
+    if (r->job_state == 1)
+        return MHD_YES;
+    if (r->too_large) {
+        char msg[96];
+        snprintf(msg, sizeof msg, "the body is over the %zu-byte limit", srv->cfg.max_body);
+        return send_err(r, OPTD_E_TOO_LARGE, msg, -1);
+    }
+    return dispatch(r, method);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls, enum MHD_RequestTerminationCode toe)
+{
+    api_server *srv = cls;
+    req *r = *con_cls;
+    (void)conn;
+    if (!r)
+        return;
+    int status = r->status ? r->status : (toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? 200 : 499);
+    metrics_count_request(&srv->m, r->route, status);
+    if (srv->cfg.log) {
+        char line[320];
+        snprintf(line, sizeof line, "%s %s %d %.3fms rid=%016llx", r->method, r->path, status,
+                 (double)(mono_us() - r->t0) / 1000.0, (unsigned long long)r->id);
+        srv->cfg.log(srv->cfg.log_ctx, line);
+    }
+    sess_free(r->job.newsess);
+    free(r->job.out_params);
+    sbuf_free(&r->job.out_json);
+    cJSON_Delete(r->json);
+    free(r->grad);
+    free(r->body);
+    free(r);
+    *con_cls = NULL;
+    atomic_fetch_sub(&srv->active, 1);
+}
+
+/* Percent-decodes in place, except that a string with an encoded NUL or a
+ * bad escape stays as it came (so it matches no valid name). */
+static size_t unescape(void *cls, struct MHD_Connection *c, char *s)
+{
+    (void)cls;
+    (void)c;
+    size_t n = strlen(s);
+    for (size_t i = 0; i < n; i++)
+        if (s[i] == '%' && (i + 2 >= n || !isxdigit((unsigned char)s[i + 1]) || !isxdigit((unsigned char)s[i + 2]) ||
+                            (s[i + 1] == '0' && s[i + 2] == '0')))
+            return n;
+    size_t o = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == '%') {
+            char hex[3] = {s[i + 1], s[i + 2], 0};
+            s[o++] = (char)strtol(hex, NULL, 16);
+            i += 2;
+        } else {
+            s[o++] = s[i];
+        }
+    }
+    s[o] = '\0';
+    return o;
+}
+
+/* ---- Lifecycle -------------------------------------------------------- */
+
+void api_config_defaults(api_config *cfg)
+{
+    memset(cfg, 0, sizeof *cfg);
+    cfg->listen_host = "127.0.0.1";
+    cfg->listen_port = 8080;
+    cfg->max_body = (size_t)64 << 20;
+    cfg->threads = 4;
+    cfg->max_connections = 1024;
+    cfg->connection_timeout = 60;
+    cfg->header_timeout = 30;
+    cfg->idempotency_window = 10000;
+    cfg->history_steps = 100000;
+    cfg->cache_bytes = (size_t)256 << 20;
+}
+
+static int listen_on(const char *host, uint16_t port, int *family, char *err, size_t errlen)
+{
+    struct addrinfo hints = {0}, *res = NULL;
+    char portstr[8];
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE;
+    snprintf(portstr, sizeof portstr, "%u", port);
+    int gai = getaddrinfo(host, portstr, &hints, &res);
+    if (gai) {
+        snprintf(err, errlen, "cannot resolve %s: %s", host, gai_strerror(gai));
+        return -1;
+    }
+    int fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1;
+    if (fd >= 0)
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (fd < 0 || bind(fd, res->ai_addr, res->ai_addrlen) || listen(fd, 1024)) {
+        snprintf(err, errlen, "cannot listen on %s:%u: %s", host, port, strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        fd = -1;
+    }
+    *family = res->ai_family;
+    freeaddrinfo(res);
+    return fd;
+}
+
+optd_err api_start(const api_config *cfg, store *st, api_server **out, char *err, size_t errlen)
+{
+    optd_err rc = OPTD_E_NOMEM;
+    int family = AF_INET;
+    api_server *srv = calloc(1, sizeof *srv);
+    if (!srv)
+        goto done;
+    srv->cfg = *cfg;
+    srv->st = st;
+    srv->listen_fd = -1;
+    if (cfg->token && !(srv->token = strdup(cfg->token)))
+        goto done;
+    rc = writer_start(st, &srv->m, cfg->idempotency_window, cfg->cache_bytes, &srv->w);
+    if (rc)
+        goto done;
+    rc = OPTD_E_UNAVAILABLE;
+    srv->listen_fd = listen_on(cfg->listen_host, cfg->listen_port, &family, err, errlen);
+    if (srv->listen_fd < 0)
+        goto done;
+    struct sockaddr_storage sa;
+    socklen_t salen = sizeof sa;
+    getsockname(srv->listen_fd, (struct sockaddr *)&sa, &salen);
+    srv->port = ntohs(family == AF_INET6 ? ((struct sockaddr_in6 *)&sa)->sin6_port
+                                         : ((struct sockaddr_in *)&sa)->sin_port);
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO | MHD_ALLOW_SUSPEND_RESUME;
+    if (family == AF_INET6)
+        flags |= MHD_USE_IPv6;
+    struct MHD_OptionItem opts[] = {
+        {MHD_OPTION_LISTEN_SOCKET, srv->listen_fd, NULL},
+        {MHD_OPTION_CONNECTION_LIMIT, cfg->max_connections, NULL},
+        {MHD_OPTION_CONNECTION_TIMEOUT, cfg->connection_timeout, NULL},
+        {MHD_OPTION_CONNECTION_MEMORY_LIMIT, 64 * 1024, NULL},
+        {MHD_OPTION_NOTIFY_COMPLETED, (intptr_t)on_completed, srv},
+        {MHD_OPTION_UNESCAPE_CALLBACK, (intptr_t)unescape, NULL},
+        {cfg->threads > 1 ? MHD_OPTION_THREAD_POOL_SIZE : MHD_OPTION_END, cfg->threads, NULL},
+        {MHD_OPTION_END, 0, NULL},
+    };
+    srv->mhd = MHD_start_daemon(flags, 0, NULL, NULL, on_request, srv, MHD_OPTION_ARRAY, opts, MHD_OPTION_END);
+    if (!srv->mhd) {
+        snprintf(err, errlen, "cannot start the HTTP server on %s:%u", cfg->listen_host, cfg->listen_port);
+        goto done;
+    }
+    rc = OPTD_OK;
+done:
+    if (rc && srv) {
+        writer_free(srv->w);
+        if (srv->listen_fd >= 0)
+            close(srv->listen_fd);
+        free(srv->token);
+        free(srv);
+        srv = NULL;
+    }
+    *out = srv;
+    return rc;
+}
+
+uint16_t api_port(const api_server *srv) { return srv->port; }
+
+void api_stop(api_server *srv)
+{
+    if (!srv)
+        return;
+    atomic_store(&srv->stopping, 1);
+    MHD_socket fd = MHD_quiesce_daemon(srv->mhd);
+    if (fd != MHD_INVALID_SOCKET)
+        close(fd);
+    /* New requests are refused now; the writer keeps running so that the
+     * requests in flight (some suspended on it) finish and are answered.
+     * Whatever is still queued after that is run by writer_stop, which
+     * resumes its connections before MHD closes them. */
+    for (int i = 0; i < 1000 && atomic_load(&srv->active) > 0; i++)
+        usleep(10000);
+    writer_stop(srv->w);
+    MHD_stop_daemon(srv->mhd);
+    writer_free(srv->w);
+    free(srv->token);
+    free(srv);
+}

@@ -1,0 +1,196 @@
+/* Types shared by the files of api/ and nothing else: the growable text
+ * buffer and number codec (codec.c), the in-memory session (session.c), the
+ * writer thread and its jobs (writer.c) and the metrics (metrics.c). */
+#ifndef OPTD_API_INTERNAL_H
+#define OPTD_API_INTERNAL_H
+
+#include <cJSON.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+
+#include "api/api.h"
+#include "optim/optim.h"
+
+/* ---- codec.c ---------------------------------------------------------- */
+
+/* A growable byte buffer. After an allocation failure oom is set and further
+ * appends do nothing, so a writer checks once at the end. p is malloc'd and
+ * NUL-terminated; the owner frees it (or takes it with sbuf_take). */
+typedef struct sbuf {
+    char *p;
+    size_t len, cap;
+    int oom;
+} sbuf;
+
+void sbuf_put(sbuf *b, const char *s, size_t n);
+void sbuf_puts(sbuf *b, const char *s);
+void sbuf_printf(sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Appends s as a JSON string literal, quotes included. */
+void sbuf_json_str(sbuf *b, const char *s);
+/* Appends the shortest decimal that reads back as exactly v (as a float when
+ * f32). v must be finite. */
+void sbuf_num(sbuf *b, double v, int f32);
+/* Appends a JSON array of n elements of dtype. */
+void sbuf_vec(sbuf *b, const void *x, size_t n, optim_dtype dtype);
+/* Frees the buffer; safe on a zeroed one. */
+void sbuf_free(sbuf *b);
+
+/* Whether the n bytes at s are valid UTF-8. */
+bool utf8_valid(const char *s, size_t n);
+/* Writes t (Unix milliseconds) as RFC 3339 UTC ("2026-11-24T10:00:00Z"). */
+void rfc3339(int64_t ms, char out[32]);
+int64_t now_ms(void);
+/* A 64-bit digest of n bytes (not cryptographic: tells retries apart). */
+uint64_t digest64(const void *p, size_t n);
+
+/* Converts a JSON array of numbers into n elements of dtype at out (n must be
+ * the array's length). Returns OPTD_OK, OPTD_E_BAD_REQUEST (an element is not
+ * a number) or OPTD_E_NON_FINITE (not finite in dtype); msg says which. */
+optd_err json_to_vec(const cJSON *arr, void *out, size_t n, optim_dtype dtype, char *msg, size_t msglen);
+/* Whether n elements of dtype are all finite; *bad gets the first index that is not. */
+bool vec_finite(const void *x, size_t n, optim_dtype dtype, size_t *bad);
+
+/* ---- session.c -------------------------------------------------------- */
+
+#define API_MAX_ELEMENTS ((size_t)1 << 28)
+
+/* A session in memory: its row, decoded configuration and state. blob holds
+ * params, then each used buffer in optim_info order, then the scalar state
+ * as a double; st points into it. */
+typedef struct sess {
+    store_session row;
+    const optim_info *info;
+    optim_hparams hp;
+    optim_dtype dtype;
+    size_t n;
+    unsigned char *blob; /* owned */
+    size_t blob_len;
+    optim_state st;
+    /* Writer cache links (writer.c). */
+    struct sess *lru_prev, *lru_next, *hnext;
+    int touched; /* modified in the current group commit */
+} sess;
+
+/* Frees s and everything it owns; sess_free(NULL) does nothing. */
+void sess_free(sess *s);
+/* Makes a session with fresh state; params (n elements of dtype) are copied
+ * from init when non-NULL, else filled with fill. */
+optd_err sess_new(const char *name, const optim_info *info, const optim_hparams *hp, optim_dtype dtype,
+                  size_t n, const void *init, double fill, sess **out);
+/* Rebuilds a session from its stored row and state blob (both taken over on
+ * success). OPTD_E_INTERNAL when they do not agree. */
+optd_err sess_from_store(store_session *row, void *blob, size_t blob_len, sess **out);
+/* Changes the hyperparameters, re-laying the blob when the set of used
+ * buffers changes (new buffers start as torch would create them). */
+optd_err sess_set_hparams(sess *s, const optim_hparams *hp);
+/* Copies st.scalar into the blob's last 8 bytes (call after a step). */
+void sess_pack(sess *s);
+/* Writes row.config from hp. */
+optd_err sess_write_config(sess *s);
+
+/* Applies the JSON object obj of hyperparameters onto *hp (which holds the
+ * defaults or the current values) for optimizer info, then validates.
+ * Returns OPTD_OK, OPTD_E_BAD_REQUEST (wrong JSON type) or
+ * OPTD_E_BAD_HYPERPARAM (unknown name or out of range) with msg. */
+optd_err hparams_from_json(const optim_info *info, const cJSON *obj, optim_hparams *hp, char *msg,
+                           size_t msglen);
+/* Appends {"lr": ..., ...} with every hyperparameter of info. */
+void hparams_to_json(sbuf *b, const optim_info *info, const optim_hparams *hp);
+
+/* Appends the session's public JSON object (API.md "GET /v1/sessions/{name}"). */
+void sess_to_json(sbuf *b, const store_session *row);
+/* Appends the full checkpoint object (GET .../state). */
+void sess_state_to_json(sbuf *b, const sess *s);
+/* Builds a session from a checkpoint object (PUT .../state) named name. */
+optd_err sess_from_checkpoint(const char *name, const cJSON *obj, sess **out, char *msg, size_t msglen);
+
+/* ---- metrics.c -------------------------------------------------------- */
+
+typedef enum api_route {
+    R_NONE,
+    R_ROOT,
+    R_HEALTHZ,
+    R_READYZ,
+    R_METRICS,
+    R_OPTIMIZERS,
+    R_SESSIONS,
+    R_SESSION,
+    R_STEP,
+    R_PARAMS,
+    R_STATE,
+    R_COUNT
+} api_route;
+
+#define LAT_BUCKETS 16
+
+typedef struct histogram {
+    _Atomic uint64_t bucket[LAT_BUCKETS]; /* counts at or below api_latency_bounds[i] */
+    _Atomic uint64_t count;
+    _Atomic uint64_t sum_us;
+} histogram;
+
+typedef struct metrics {
+    _Atomic uint64_t requests[R_COUNT][6][100]; /* [route][status/100][status%100] */
+    _Atomic uint64_t steps[OPTIM_KIND_COUNT];
+    histogram step_latency;
+    histogram commit_latency;
+    _Atomic uint64_t commits, commit_failures;
+} metrics;
+
+const char *route_template(api_route r);
+void histogram_observe(histogram *h, uint64_t us);
+void metrics_count_request(metrics *m, api_route r, int status);
+/* Appends the Prometheus text exposition of m (sessions: the current count). */
+void metrics_render(sbuf *b, metrics *m, uint64_t sessions);
+
+/* ---- writer.c --------------------------------------------------------- */
+
+typedef enum job_kind { JOB_CREATE, JOB_PUT_STATE, JOB_PATCH, JOB_DELETE, JOB_STEP } job_kind;
+
+/* One write request, filled by a request thread, executed by the writer.
+ * The request thread owns it; it must stay alive until done is set. */
+typedef struct job {
+    job_kind kind;
+    char name[STORE_NAME_MAX + 1];
+    /* Inputs. */
+    sess *newsess;          /* CREATE, PUT_STATE: taken by the writer on success */
+    cJSON *patch;           /* PATCH: hyperparams object (borrowed) */
+    const void *grad;       /* STEP: size elements of dtype (borrowed) */
+    optim_dtype dtype;      /* STEP: what grad was decoded for */
+    size_t size;
+    uint64_t digest;        /* STEP: of the gradient bytes */
+    const char *idem_key;   /* STEP: NULL when none (borrowed) */
+    int64_t if_match;       /* STEP: -1 when absent */
+    bool want_params;       /* STEP: copy the new params into out_params */
+    /* Results. */
+    optd_err rc;
+    char msg[256];
+    uint64_t step;          /* the step after (or the current one on 412) */
+    bool replayed;
+    void *out_params;       /* malloc'd copy, caller frees; NULL for none */
+    size_t out_len;
+    sbuf out_json;          /* CREATE/PUT_STATE/PATCH: the session object */
+    bool created;           /* PUT_STATE: 201 rather than 200 */
+    /* Completion. */
+    void (*on_done)(struct job *j, void *ctx);
+    void *done_ctx;
+    uint64_t enqueued_us;
+    struct job *next;
+} job;
+
+typedef struct writer writer;
+
+optd_err writer_start(store *st, metrics *m, uint64_t idem_window, size_t cache_bytes, writer **out);
+/* Queues j; j->on_done runs on the writer thread once j's outcome is committed
+ * (or failed). Returns OPTD_E_UNAVAILABLE when the writer is stopping. */
+optd_err writer_submit(writer *w, job *j);
+/* Runs the jobs already queued and stops the thread; later submits fail
+ * with OPTD_E_UNAVAILABLE. */
+void writer_stop(writer *w);
+/* Frees a stopped writer; writer_free(NULL) does nothing. */
+void writer_free(writer *w);
+
+uint64_t mono_us(void);
+
+#endif

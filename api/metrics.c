@@ -1,0 +1,89 @@
+/* Prometheus metrics: requests by route and status, step and commit latency
+ * histograms, steps by optimizer, and the session count. Counters are atomics
+ * updated by the request threads and the writer; rendering reads them. */
+#include <stdio.h>
+
+#include "api/internal.h"
+
+/* Upper bounds of the latency buckets, microseconds (the last is +Inf). */
+static const uint64_t bounds_us[LAT_BUCKETS - 1] = {
+    100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 500000, 1000000, 2500000, 10000000,
+};
+
+static const char *templates[R_COUNT] = {
+    [R_NONE] = "unknown",
+    [R_ROOT] = "/",
+    [R_HEALTHZ] = "/healthz",
+    [R_READYZ] = "/readyz",
+    [R_METRICS] = "/metrics",
+    [R_OPTIMIZERS] = "/v1/optimizers",
+    [R_SESSIONS] = "/v1/sessions",
+    [R_SESSION] = "/v1/sessions/{name}",
+    [R_STEP] = "/v1/sessions/{name}/step",
+    [R_PARAMS] = "/v1/sessions/{name}/params",
+    [R_STATE] = "/v1/sessions/{name}/state",
+};
+
+const char *route_template(api_route r) { return r < R_COUNT ? templates[r] : "unknown"; }
+
+void histogram_observe(histogram *h, uint64_t us)
+{
+    size_t i = 0;
+    while (i < LAT_BUCKETS - 1 && us > bounds_us[i])
+        i++;
+    atomic_fetch_add(&h->bucket[i], 1);
+    atomic_fetch_add(&h->count, 1);
+    atomic_fetch_add(&h->sum_us, us);
+}
+
+void metrics_count_request(metrics *m, api_route r, int status)
+{
+    if (r < R_COUNT && status >= 100 && status < 600)
+        atomic_fetch_add(&m->requests[r][status / 100][status % 100], 1);
+}
+
+static void render_histogram(sbuf *b, const char *name, const char *help, histogram *h)
+{
+    uint64_t cum = 0;
+    sbuf_printf(b, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+    for (size_t i = 0; i < LAT_BUCKETS; i++) {
+        cum += atomic_load(&h->bucket[i]);
+        if (i < LAT_BUCKETS - 1)
+            sbuf_printf(b, "%s_bucket{le=\"%g\"} %llu\n", name, (double)bounds_us[i] / 1e6,
+                        (unsigned long long)cum);
+        else
+            sbuf_printf(b, "%s_bucket{le=\"+Inf\"} %llu\n", name, (unsigned long long)cum);
+    }
+    sbuf_printf(b, "%s_sum %.6f\n%s_count %llu\n", name, (double)atomic_load(&h->sum_us) / 1e6, name,
+                (unsigned long long)atomic_load(&h->count));
+}
+
+void metrics_render(sbuf *b, metrics *m, uint64_t sessions)
+{
+    sbuf_puts(b, "# HELP optd_http_requests_total HTTP requests by route and status.\n"
+                 "# TYPE optd_http_requests_total counter\n");
+    for (int r = 0; r < R_COUNT; r++)
+        for (int c = 1; c < 6; c++)
+            for (int k = 0; k < 100; k++) {
+                uint64_t v = atomic_load(&m->requests[r][c][k]);
+                if (v)
+                    sbuf_printf(b, "optd_http_requests_total{route=\"%s\",status=\"%d\"} %llu\n", templates[r],
+                                c * 100 + k, (unsigned long long)v);
+            }
+    sbuf_puts(b, "# HELP optd_steps_total Optimizer steps applied, by optimizer.\n"
+                 "# TYPE optd_steps_total counter\n");
+    for (size_t k = 0; k < OPTIM_KIND_COUNT; k++)
+        sbuf_printf(b, "optd_steps_total{optimizer=\"%s\"} %llu\n", optim_at(k)->name,
+                    (unsigned long long)atomic_load(&m->steps[k]));
+    render_histogram(b, "optd_step_duration_seconds", "Step request latency, decode to reply.", &m->step_latency);
+    render_histogram(b, "optd_db_commit_duration_seconds", "SQLite COMMIT latency of one group of writes.",
+                     &m->commit_latency);
+    sbuf_printf(b,
+                "# HELP optd_db_commits_total Group commits.\n# TYPE optd_db_commits_total counter\n"
+                "optd_db_commits_total %llu\n"
+                "# HELP optd_db_commit_failures_total Groups rolled back by a storage fault.\n"
+                "# TYPE optd_db_commit_failures_total counter\noptd_db_commit_failures_total %llu\n"
+                "# HELP optd_sessions Sessions in the database.\n# TYPE optd_sessions gauge\noptd_sessions %llu\n",
+                (unsigned long long)atomic_load(&m->commits), (unsigned long long)atomic_load(&m->commit_failures),
+                (unsigned long long)sessions);
+}

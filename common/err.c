@@ -1,0 +1,19 @@
+/* Lookups into the error table of err.h. */
+#include "err.h"
+
+static const struct {
+    const char *code;
+    int status;
+    const char *msg;
+} table[] = {
+#define OPTD_ERR_ROW(name, code, status, msg) {code, status, msg},
+    OPTD_ERR_MAP(OPTD_ERR_ROW)
+#undef OPTD_ERR_ROW
+};
+
+const char *optd_err_code(optd_err e) { return (unsigned)e < OPTD_E_COUNT ? table[e].code : "internal"; }
+int optd_err_status(optd_err e) { return (unsigned)e < OPTD_E_COUNT ? table[e].status : 500; }
+const char *optd_err_message(optd_err e)
+{
+    return (unsigned)e < OPTD_E_COUNT ? table[e].msg : "internal error";
+}

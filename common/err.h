@@ -1,0 +1,47 @@
+/* Error codes shared by store/, api/ and daemon/: one X-macro table gives each
+ * error its enum value, its API code string, its HTTP status and its default
+ * message. Everything else (enum, lookups) derives from this one table.
+ * optim/ has its own two codes and includes nothing of ours. */
+#ifndef OPTD_ERR_H
+#define OPTD_ERR_H
+
+/* XX(enum suffix, api code, http status, default message) */
+#define OPTD_ERR_MAP(XX)                                                              \
+    XX(OK, "ok", 200, "ok")                                                          \
+    XX(BAD_JSON, "bad_json", 400, "the body is not valid JSON")                      \
+    XX(BAD_REQUEST, "bad_request", 400, "the request is malformed")                  \
+    XX(UNAUTHORIZED, "unauthorized", 401, "a valid bearer token is required")       \
+    XX(NOT_FOUND, "not_found", 404, "no such session or path")                       \
+    XX(METHOD_NOT_ALLOWED, "method_not_allowed", 405, "method not allowed here")    \
+    XX(ALREADY_EXISTS, "already_exists", 409, "a session with this name exists")    \
+    XX(STEP_MISMATCH, "step_mismatch", 412, "If-Match names another step")          \
+    XX(TOO_LARGE, "too_large", 413, "the body is over the configured limit")        \
+    XX(UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", 415,                        \
+       "Content-Type must be application/json or application/octet-stream")         \
+    XX(INVALID, "invalid", 422, "the request is well-formed but meaningless")       \
+    XX(SIZE_MISMATCH, "size_mismatch", 422, "the vector length is wrong")           \
+    XX(NON_FINITE, "non_finite", 422, "a value is NaN, infinite or out of range")   \
+    XX(UNKNOWN_OPTIMIZER, "unknown_optimizer", 422, "no such optimizer")            \
+    XX(BAD_HYPERPARAM, "bad_hyperparam", 422, "a hyperparameter is out of range")   \
+    XX(IDEMPOTENCY_MISMATCH, "idempotency_mismatch", 422,                            \
+       "this Idempotency-Key was used with a different request")                    \
+    XX(INTERNAL, "internal", 500, "internal error")                                  \
+    XX(UNAVAILABLE, "unavailable", 503, "storage is unavailable; safe to retry")    \
+    XX(NOMEM, "unavailable", 503, "out of memory; safe to retry")
+
+typedef enum optd_err {
+#define OPTD_ERR_ENUM(name, code, status, msg) OPTD_E_##name,
+    OPTD_ERR_MAP(OPTD_ERR_ENUM)
+#undef OPTD_ERR_ENUM
+        OPTD_E_COUNT
+} optd_err;
+
+#define OPTD_OK OPTD_E_OK
+
+/* The API code string ("bad_json"), the HTTP status and the default message
+ * of an error. All return static storage. */
+const char *optd_err_code(optd_err e);
+int optd_err_status(optd_err e);
+const char *optd_err_message(optd_err e);
+
+#endif

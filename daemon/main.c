@@ -1,0 +1,142 @@
+/* daemon/main: the optd process. Parses flags and environment, opens the
+ * store, starts the HTTP API, then waits in sigwait() for SIGTERM or SIGINT
+ * and shuts down in order: api_stop (finishes requests in flight), then
+ * store_close. Exit status: 0 after a clean shutdown or --help/--version,
+ * 1 when the store or the API cannot start, 2 for bad flags. */
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "api/api.h"
+#include "daemon/config.h"
+#include "store/store.h"
+
+extern char **environ;
+
+/* Writes one line to stderr prefixed with an RFC 3339 UTC timestamp
+ * (milliseconds). The API calls it from its threads: the whole line goes out
+ * in one fprintf, which POSIX makes atomic with respect to other stdio calls
+ * on the same stream, so lines never interleave. ctx is unused. */
+static void log_line(void *ctx, const char *line) {
+    struct timespec ts;
+    struct tm tm;
+    char stamp[32];
+    (void)ctx;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    gmtime_r(&ts.tv_sec, &tm);
+    strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%S", &tm);
+    fprintf(stderr, "%s.%03ldZ %s\n", stamp, ts.tv_nsec / 1000000L, line);
+}
+
+/* Blocks SIGTERM and SIGINT in the calling thread, so in every thread it
+ * starts afterwards (they inherit the mask): only sigwait() in main sees
+ * them. SIGPIPE is ignored so a client that hangs up mid-reply costs an
+ * EPIPE, not the process. Returns 0 or an errno value. */
+static int setup_signals(sigset_t *set) {
+    struct sigaction ign;
+    memset(&ign, 0, sizeof ign);
+    ign.sa_handler = SIG_IGN;
+    sigemptyset(&ign.sa_mask);
+    if (sigaction(SIGPIPE, &ign, NULL) != 0)
+        return errno;
+    sigemptyset(set);
+    sigaddset(set, SIGTERM);
+    sigaddset(set, SIGINT);
+    return pthread_sigmask(SIG_BLOCK, set, NULL);
+}
+
+int main(int argc, char **argv) {
+    daemon_config cfg;
+    store_options sopt;
+    api_config acfg;
+    store *st = NULL;
+    api_server *srv = NULL;
+    sigset_t set;
+    char err[DAEMON_PATH_MAX + 512];
+    int sig = 0, rc, status = 0;
+    int quiet;
+
+    optd_err prc = daemon_config_parse(argc, argv, environ, &cfg, err, sizeof err);
+    if (prc != OPTD_OK) {
+        fprintf(stderr, "optd: %s\n", err);
+        if (prc == OPTD_E_INVALID) {
+            fprintf(stderr, "Try 'optd --help'.\n");
+            return 2;
+        }
+        return 1;
+    }
+    if (cfg.show_help) {
+        daemon_config_usage(stdout, "optd");
+        return 0;
+    }
+    if (cfg.show_version) {
+        printf("optd %s\n", OPTD_VERSION);
+        return 0;
+    }
+    quiet = cfg.log_level == DAEMON_LOG_QUIET;
+
+    /* Before any thread exists: the store may start some, the API does. */
+    rc = setup_signals(&set);
+    if (rc != 0) {
+        fprintf(stderr, "optd: cannot set up signals: %s\n", strerror(rc));
+        return 1;
+    }
+
+    sopt.sync_full = cfg.sync == DAEMON_SYNC_FULL;
+    sopt.busy_timeout_ms = 5000;
+    sopt.readers = (int)cfg.threads;
+    if (store_open(cfg.db, &sopt, &st, err, sizeof err) != OPTD_OK) {
+        fprintf(stderr, "optd: %s\n", err);
+        return 1;
+    }
+
+    api_config_defaults(&acfg);
+    acfg.listen_host = cfg.listen_host;
+    acfg.listen_port = cfg.listen_port;
+    acfg.token = cfg.token[0] ? cfg.token : NULL;
+    acfg.max_body = cfg.max_body;
+    acfg.threads = cfg.threads;
+    acfg.max_connections = cfg.max_connections;
+    acfg.connection_timeout = cfg.connection_timeout;
+    acfg.header_timeout = cfg.header_timeout;
+    acfg.idempotency_window = cfg.idempotency_window;
+    acfg.history_steps = cfg.history_steps;
+    acfg.cache_bytes = cfg.cache_bytes;
+    acfg.log = quiet ? NULL : log_line;
+    acfg.log_ctx = NULL;
+    if (api_start(&acfg, st, &srv, err, sizeof err) != OPTD_OK) {
+        fprintf(stderr, "optd: %s\n", err);
+        store_close(st);
+        return 1;
+    }
+
+    /* IPv6 addresses go in brackets in a URL. */
+    int v6 = strchr(cfg.listen_host, ':') != NULL;
+    printf("optd listening on http://%s%s%s:%u (db %s)\n", v6 ? "[" : "", cfg.listen_host, v6 ? "]" : "",
+           (unsigned)api_port(srv), cfg.db);
+    fflush(stdout);
+
+    for (;;) {
+        rc = sigwait(&set, &sig);
+        if (rc == 0)
+            break;
+        if (rc != EINTR) {
+            fprintf(stderr, "optd: sigwait: %s\n", strerror(rc));
+            status = 1;
+            break;
+        }
+    }
+
+    if (!quiet) {
+        char line[64];
+        snprintf(line, sizeof line, "shutting down (%s)", sig == SIGINT ? "SIGINT" : sig == SIGTERM ? "SIGTERM" : "error");
+        log_line(NULL, line);
+    }
+    api_stop(srv);
+    store_close(st);
+    return status;
+}

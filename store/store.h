@@ -1,0 +1,109 @@
+/* store: optd's SQLite database. Sessions (a small row each), their state (one
+ * opaque blob each: params, buffers and scalars laid out by the caller), and the
+ * idempotency keys of recent steps. WAL mode, a versioned schema upgraded in
+ * code, and a refusal to touch a file that is not an optd database.
+ *
+ * Threads: one thread (the writer) calls the write functions and owns the
+ * transaction; any thread may call the store_read_* functions at any time,
+ * which use a pool of read-only connections and see only committed data.
+ * This is the only module that includes <sqlite3.h>; it knows no HTTP and no
+ * optimizer. */
+#ifndef OPTD_STORE_H
+#define OPTD_STORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/err.h"
+
+typedef struct store store;
+
+#define STORE_NAME_MAX 128
+
+typedef struct store_options {
+    int sync_full;        /* 1: synchronous=FULL (default), 0: NORMAL */
+    int busy_timeout_ms;  /* how long a locked database is waited for (default 5000) */
+    int readers;          /* read connections in the pool (default 4) */
+} store_options;
+
+/* A session's row. Plain data; config is owned by the struct (free it with
+ * store_session_clear). */
+typedef struct store_session {
+    int64_t id;                       /* rowid; set by store_session_insert */
+    char name[STORE_NAME_MAX + 1];
+    char optimizer[32];
+    int dtype;                        /* 0 float32, 1 float64 (optim_dtype) */
+    uint64_t size;                    /* elements */
+    uint64_t step;
+    char *config;                     /* caller's JSON text (hyperparams and more) */
+    int64_t created_ms, updated_ms;   /* Unix time, milliseconds */
+} store_session;
+
+/* Frees what s owns and zeroes it; safe on a zeroed struct. */
+void store_session_clear(store_session *s);
+
+/* Opens (creating when absent) the database at path. A file that is not an
+ * optd database (another application's SQLite file, or not SQLite at all), a
+ * corrupt one, or one made by a newer optd is refused and left unchanged; an
+ * older schema is upgraded. On failure writes a sentence into err.
+ * Returns OPTD_OK, OPTD_E_INVALID (foreign, corrupt or too new: do not retry),
+ * OPTD_E_UNAVAILABLE (cannot open or write), OPTD_E_NOMEM.
+ * The caller closes *out with store_close. */
+optd_err store_open(const char *path, const store_options *opt, store **out, char *err, size_t errlen);
+/* Closes every connection (checkpointing the WAL); store_close(NULL) does nothing. */
+void store_close(store *st);
+
+/* Whether the database can be written right now (a cheap probe for /readyz). */
+int store_writable(store *st);
+
+/* --- Writer thread only. ------------------------------------------------ */
+
+/* BEGIN IMMEDIATE / COMMIT / ROLLBACK. Returns OPTD_OK or OPTD_E_UNAVAILABLE
+ * (locked past the busy timeout, disk full, I/O error, read-only file). After
+ * a failed commit the transaction is rolled back. */
+optd_err store_begin(store *st);
+optd_err store_commit(store *st);
+void store_rollback(store *st);
+
+/* Inserts a session and its state blob; sets s->id. OPTD_E_ALREADY_EXISTS
+ * when the name is taken. */
+optd_err store_session_insert(store *st, store_session *s, const void *state, size_t len);
+/* Loads a session by name: row into *out (caller clears), and when state is
+ * non-NULL a malloc'd copy of the state blob (caller frees) and its length.
+ * OPTD_E_NOT_FOUND when absent. */
+optd_err store_session_load(store *st, const char *name, store_session *out, void **state, size_t *len);
+/* Writes step, config, updated_ms (by s->id) and, when state is non-NULL,
+ * the state blob. */
+optd_err store_session_update(store *st, const store_session *s, const void *state, size_t len);
+/* Deletes a session, its state and its keys. OPTD_E_NOT_FOUND when absent. */
+optd_err store_session_delete(store *st, const char *name);
+
+/* An idempotency record: the step a key was applied at, a digest of the
+ * request it came with, and the reply body saved then (may be empty). */
+typedef struct store_idem {
+    uint64_t step;
+    uint64_t digest;
+    void *reply;      /* malloc'd, caller frees; NULL when none was kept */
+    size_t reply_len;
+} store_idem;
+
+/* Looks up key for session id. OPTD_E_NOT_FOUND when unknown. */
+optd_err store_idem_get(store *st, int64_t session_id, const char *key, store_idem *out);
+/* Records key at step with digest and reply (may be NULL), then forgets keys
+ * of steps <= step - window and drops the saved replies of steps <=
+ * step - reply_window (their step and digest stay). */
+optd_err store_idem_put(store *st, int64_t session_id, const char *key, uint64_t step, uint64_t digest,
+                        const void *reply, size_t reply_len, uint64_t window, uint64_t reply_window);
+
+/* --- Any thread. -------------------------------------------------------- */
+
+/* As store_session_load, from committed data, on a read connection. */
+optd_err store_read_session(store *st, const char *name, store_session *out, void **state, size_t *len);
+/* Up to limit sessions with name > after (after may be NULL), in byte order
+ * of name. *out is a malloc'd array of *n rows (caller clears each and frees
+ * the array). *more is set to 1 when further rows exist. */
+optd_err store_read_list(store *st, const char *after, int limit, store_session **out, size_t *n, int *more);
+/* Number of sessions. */
+optd_err store_read_count(store *st, uint64_t *out);
+
+#endif

@@ -1,0 +1,830 @@
+/* Unit tests of store/: each test gets a fresh directory under /tmp. Files
+ * made by "another application" and the lock held by "another process" are
+ * made with SQLite directly, which is why this test, like store.c, includes
+ * <sqlite3.h>. */
+#include <dirent.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+#include <sqlite3.h>
+
+#include "store/store.h"
+
+typedef struct fixture {
+    char dir[64];
+    char path[96];
+    store *st;
+} fixture;
+
+static int setup(void **state)
+{
+    fixture *f = calloc(1, sizeof *f);
+
+    assert_non_null(f);
+    strcpy(f->dir, "/tmp/optd-test-store-XXXXXX");
+    assert_non_null(mkdtemp(f->dir));
+    snprintf(f->path, sizeof f->path, "%s/optd.db", f->dir);
+    *state = f;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    fixture *f = *state;
+    struct dirent *e;
+    char p[512];
+    DIR *d;
+
+    store_close(f->st);
+    d = opendir(f->dir);
+    if (d) {
+        while ((e = readdir(d)) != NULL) {
+            if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+            snprintf(p, sizeof p, "%s/%s", f->dir, e->d_name);
+            unlink(p);
+        }
+        closedir(d);
+    }
+    rmdir(f->dir);
+    free(f);
+    return 0;
+}
+
+/* --- Helpers. ------------------------------------------------------------ */
+
+static void open_store(fixture *f, const store_options *opt)
+{
+    char err[256] = "";
+    optd_err rc = store_open(f->path, opt, &f->st, err, sizeof err);
+
+    if (rc != OPTD_OK) fail_msg("store_open: %d %s", rc, err);
+    assert_non_null(f->st);
+}
+
+static void reopen(fixture *f)
+{
+    store_close(f->st);
+    f->st = NULL;
+    open_store(f, NULL);
+}
+
+static store_session make_session(const char *name, uint64_t step)
+{
+    store_session s;
+
+    memset(&s, 0, sizeof s);
+    snprintf(s.name, sizeof s.name, "%s", name);
+    snprintf(s.optimizer, sizeof s.optimizer, "adam");
+    s.dtype = 1;
+    s.size = 3;
+    s.step = step;
+    s.config = (char *)"{\"lr\":0.001}";
+    s.created_ms = 1700000000123;
+    s.updated_ms = 1700000000456;
+    return s;
+}
+
+static void insert(fixture *f, const char *name)
+{
+    store_session s = make_session(name, 0);
+
+    assert_int_equal(store_session_insert(f->st, &s, "abc", 3), OPTD_OK);
+}
+
+/* Reads a whole file; *len gets its size. */
+static unsigned char *slurp(const char *path, size_t *len)
+{
+    FILE *fp = fopen(path, "rb");
+    unsigned char *buf;
+    long n;
+
+    assert_non_null(fp);
+    assert_int_equal(fseek(fp, 0, SEEK_END), 0);
+    n = ftell(fp);
+    assert_true(n >= 0);
+    rewind(fp);
+    buf = malloc((size_t)n + 1);
+    assert_non_null(buf);
+    assert_int_equal(fread(buf, 1, (size_t)n, fp), (size_t)n);
+    fclose(fp);
+    *len = (size_t)n;
+    return buf;
+}
+
+static void spit(const char *path, const void *p, size_t len)
+{
+    FILE *fp = fopen(path, "wb");
+
+    assert_non_null(fp);
+    assert_int_equal(fwrite(p, 1, len, fp), len);
+    assert_int_equal(fclose(fp), 0);
+}
+
+/* Runs SQL on the file as another program would. */
+static void sql_on(const char *path, const char *text)
+{
+    sqlite3 *db = NULL;
+    char *msg = NULL;
+
+    assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+    if (sqlite3_exec(db, text, NULL, NULL, &msg) != SQLITE_OK) fail_msg("%s: %s", text, msg);
+    assert_int_equal(sqlite3_close(db), SQLITE_OK);
+}
+
+static int64_t pragma_on(const char *path, const char *pragma)
+{
+    sqlite3 *db = NULL;
+    sqlite3_stmt *q = NULL;
+    int64_t v;
+
+    assert_int_equal(sqlite3_open_v2(path, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+    assert_int_equal(sqlite3_prepare_v2(db, pragma, -1, &q, NULL), SQLITE_OK);
+    assert_int_equal(sqlite3_step(q), SQLITE_ROW);
+    v = sqlite3_column_int64(q, 0);
+    assert_int_equal(sqlite3_finalize(q), SQLITE_OK);
+    assert_int_equal(sqlite3_close(db), SQLITE_OK);
+    return v;
+}
+
+/* The text of a one-value query, copied into buf. */
+static const char *text_on(const char *path, const char *query, char *buf, size_t cap)
+{
+    sqlite3 *db = NULL;
+    sqlite3_stmt *q = NULL;
+    const unsigned char *t;
+
+    assert_int_equal(sqlite3_open_v2(path, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+    assert_int_equal(sqlite3_prepare_v2(db, query, -1, &q, NULL), SQLITE_OK);
+    assert_int_equal(sqlite3_step(q), SQLITE_ROW);
+    t = sqlite3_column_text(q, 0);
+    assert_non_null(t);
+    snprintf(buf, cap, "%s", (const char *)t);
+    assert_int_equal(sqlite3_finalize(q), SQLITE_OK);
+    assert_int_equal(sqlite3_close(db), SQLITE_OK);
+    return buf;
+}
+
+/* Opening must fail with OPTD_E_INVALID, a message containing want, and the
+ * file byte-for-byte as it was. */
+static void assert_refused_unchanged(fixture *f, const char *want)
+{
+    unsigned char *before, *after;
+    size_t nbefore, nafter;
+    char err[256] = "";
+
+    before = slurp(f->path, &nbefore);
+    assert_int_equal(store_open(f->path, NULL, &f->st, err, sizeof err), OPTD_E_INVALID);
+    assert_null(f->st);
+    if (!strstr(err, want)) fail_msg("message \"%s\" lacks \"%s\"", err, want);
+    assert_non_null(strstr(err, f->path));
+    after = slurp(f->path, &nafter);
+    assert_int_equal(nafter, nbefore);
+    assert_memory_equal(after, before, nbefore);
+    free(before);
+    free(after);
+}
+
+/* --- Tests. -------------------------------------------------------------- */
+
+static void test_open_creates_an_optd_database_that_close_releases(void **state)
+{
+    fixture *f = *state;
+    char buf[16];
+    uint64_t n = 99;
+
+    open_store(f, NULL);
+    assert_int_equal(access(f->path, F_OK), 0);
+    assert_int_equal(store_read_count(f->st, &n), OPTD_OK);
+    assert_int_equal(n, 0);
+    store_close(f->st);
+    f->st = NULL;
+    store_close(NULL);
+
+    assert_int_equal(pragma_on(f->path, "PRAGMA application_id"), 0x6F707464);
+    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 1);
+    assert_string_equal(text_on(f->path, "PRAGMA journal_mode", buf, sizeof buf), "wal");
+}
+
+static void test_open_of_an_empty_file_creates_the_database(void **state)
+{
+    fixture *f = *state;
+
+    spit(f->path, "", 0);
+    open_store(f, NULL);
+    insert(f, "a");
+    store_close(f->st);
+    f->st = NULL;
+    assert_int_equal(pragma_on(f->path, "PRAGMA application_id"), 0x6F707464);
+    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM sessions"), 1);
+}
+
+static void test_session_round_trip_keeps_every_field_and_a_1mb_state(void **state)
+{
+    fixture *f = *state;
+    const size_t big = 1 << 20;
+    unsigned char *blob = malloc(big), *blob2 = malloc(big);
+    store_session s = make_session("alpha", 7), got;
+    void *st_out = NULL;
+    size_t len = 0, i;
+
+    assert_non_null(blob);
+    assert_non_null(blob2);
+    for (i = 0; i < big; i++) {
+        blob[i] = (unsigned char)(i * 31 + 7);
+        blob2[i] = (unsigned char)(i * 17 + 1);
+    }
+    open_store(f, NULL);
+    s.size = UINT64_C(1) << 40;
+    assert_int_equal(store_session_insert(f->st, &s, blob, big), OPTD_OK);
+    assert_true(s.id > 0);
+
+    memset(&got, 0, sizeof got);
+    assert_int_equal(store_session_load(f->st, "alpha", &got, &st_out, &len), OPTD_OK);
+    assert_int_equal(got.id, s.id);
+    assert_string_equal(got.name, "alpha");
+    assert_string_equal(got.optimizer, "adam");
+    assert_int_equal(got.dtype, 1);
+    assert_int_equal(got.size, UINT64_C(1) << 40);
+    assert_int_equal(got.step, 7);
+    assert_string_equal(got.config, "{\"lr\":0.001}");
+    assert_int_equal(got.created_ms, 1700000000123);
+    assert_int_equal(got.updated_ms, 1700000000456);
+    assert_int_equal(len, big);
+    assert_memory_equal(st_out, blob, big);
+    free(st_out);
+    store_session_clear(&got);
+    assert_null(got.config);
+
+    /* Update step, config, time and state; the rest stays. */
+    s.step = 8;
+    s.config = (char *)"{\"lr\":0.5}";
+    s.updated_ms = 1700000009999;
+    assert_int_equal(store_session_update(f->st, &s, blob2, big), OPTD_OK);
+    assert_int_equal(store_read_session(f->st, "alpha", &got, &st_out, &len), OPTD_OK);
+    assert_int_equal(got.step, 8);
+    assert_string_equal(got.config, "{\"lr\":0.5}");
+    assert_int_equal(got.updated_ms, 1700000009999);
+    assert_int_equal(got.created_ms, 1700000000123);
+    assert_int_equal(len, big);
+    assert_memory_equal(st_out, blob2, big);
+    free(st_out);
+    store_session_clear(&got);
+
+    /* Update without state leaves the blob; a row without the blob. */
+    s.step = 9;
+    assert_int_equal(store_session_update(f->st, &s, NULL, 0), OPTD_OK);
+    assert_int_equal(store_session_load(f->st, "alpha", &got, &st_out, &len), OPTD_OK);
+    assert_int_equal(got.step, 9);
+    assert_memory_equal(st_out, blob2, big);
+    free(st_out);
+    store_session_clear(&got);
+    assert_int_equal(store_read_session(f->st, "alpha", &got, NULL, NULL), OPTD_OK);
+    assert_int_equal(got.step, 9);
+    store_session_clear(&got);
+
+    assert_int_equal(store_session_delete(f->st, "alpha"), OPTD_OK);
+    assert_int_equal(store_session_load(f->st, "alpha", &got, NULL, NULL), OPTD_E_NOT_FOUND);
+    assert_int_equal(store_read_session(f->st, "alpha", &got, NULL, NULL), OPTD_E_NOT_FOUND);
+    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM state"), 0);
+    free(blob);
+    free(blob2);
+}
+
+static void test_an_empty_state_and_a_null_config_round_trip(void **state)
+{
+    fixture *f = *state;
+    store_session s = make_session("empty", 0), got;
+    void *st_out = NULL;
+    size_t len = 123;
+
+    s.config = NULL;
+    open_store(f, NULL);
+    assert_int_equal(store_session_insert(f->st, &s, NULL, 0), OPTD_OK);
+    assert_int_equal(store_read_session(f->st, "empty", &got, &st_out, &len), OPTD_OK);
+    assert_int_equal(len, 0);
+    assert_non_null(st_out); /* kept but empty, not absent */
+    assert_null(got.config);
+    free(st_out);
+    store_session_clear(&got);
+
+    /* From a 3-byte state back to an empty one through update. */
+    assert_int_equal(store_session_update(f->st, &s, "xyz", 3), OPTD_OK);
+    assert_int_equal(store_session_load(f->st, "empty", &got, &st_out, &len), OPTD_OK);
+    assert_int_equal(len, 3);
+    assert_memory_equal(st_out, "xyz", 3);
+    free(st_out);
+    store_session_clear(&got);
+    assert_int_equal(store_session_update(f->st, &s, "", 0), OPTD_OK);
+    assert_int_equal(store_session_load(f->st, "empty", &got, &st_out, &len), OPTD_OK);
+    assert_int_equal(len, 0);
+    free(st_out);
+    store_session_clear(&got);
+}
+
+static void test_inserting_a_taken_name_is_already_exists_and_keeps_the_first(void **state)
+{
+    fixture *f = *state;
+    store_session a = make_session("dup", 1), b = make_session("dup", 2), c = make_session("other", 0), got;
+
+    open_store(f, NULL);
+    assert_int_equal(store_session_insert(f->st, &a, "a", 1), OPTD_OK);
+    b.id = -5;
+    assert_int_equal(store_session_insert(f->st, &b, "b", 1), OPTD_E_ALREADY_EXISTS);
+    assert_int_equal(b.id, -5);
+
+    /* Inside a transaction the failure leaves it usable. */
+    assert_int_equal(store_begin(f->st), OPTD_OK);
+    assert_int_equal(store_session_insert(f->st, &b, "b", 1), OPTD_E_ALREADY_EXISTS);
+    assert_int_equal(store_session_insert(f->st, &c, "c", 1), OPTD_OK);
+    assert_int_equal(store_commit(f->st), OPTD_OK);
+
+    assert_int_equal(store_read_session(f->st, "dup", &got, NULL, NULL), OPTD_OK);
+    assert_int_equal(got.step, 1);
+    assert_int_equal(got.id, a.id);
+    store_session_clear(&got);
+    assert_int_equal(store_read_session(f->st, "other", &got, NULL, NULL), OPTD_OK);
+    store_session_clear(&got);
+}
+
+static void test_missing_sessions_are_not_found_everywhere(void **state)
+{
+    fixture *f = *state;
+    store_session got, ghost = make_session("ghost", 1);
+    void *blob = (void *)0x1;
+    size_t len = 77;
+
+    open_store(f, NULL);
+    memset(&got, 0, sizeof got);
+    assert_int_equal(store_session_load(f->st, "nope", &got, &blob, &len), OPTD_E_NOT_FOUND);
+    assert_int_equal(store_read_session(f->st, "nope", &got, &blob, &len), OPTD_E_NOT_FOUND);
+    assert_ptr_equal(blob, (void *)0x1); /* outputs untouched on failure */
+    assert_int_equal(len, 77);
+    assert_int_equal(store_session_delete(f->st, "nope"), OPTD_E_NOT_FOUND);
+    ghost.id = 424242;
+    assert_int_equal(store_session_update(f->st, &ghost, "x", 1), OPTD_E_NOT_FOUND);
+}
+
+static void test_ids_are_not_reused_after_a_delete(void **state)
+{
+    fixture *f = *state;
+    store_session a = make_session("a", 0), b = make_session("b", 0);
+    int64_t first;
+
+    open_store(f, NULL);
+    assert_int_equal(store_session_insert(f->st, &a, "", 0), OPTD_OK);
+    first = a.id;
+    assert_int_equal(store_session_delete(f->st, "a"), OPTD_OK);
+    assert_int_equal(store_session_insert(f->st, &b, "", 0), OPTD_OK);
+    assert_true(b.id > first);
+}
+
+static void test_list_pages_through_names_in_byte_order(void **state)
+{
+    fixture *f = *state;
+    static const char *names[] = {"a", "B", "b", "a.1", "a-2"};
+    store_session *rows = NULL;
+    size_t n = 99, i;
+    int more = -1;
+
+    open_store(f, NULL);
+    for (i = 0; i < 5; i++) insert(f, names[i]);
+
+    /* Byte order: 'B' (0x42) < 'a' (0x61); '-' (0x2d) < '.' (0x2e). */
+    assert_int_equal(store_read_list(f->st, NULL, 2, &rows, &n, &more), OPTD_OK);
+    assert_int_equal(n, 2);
+    assert_int_equal(more, 1);
+    assert_string_equal(rows[0].name, "B");
+    assert_string_equal(rows[1].name, "a");
+    assert_string_equal(rows[1].config, "{\"lr\":0.001}");
+    for (i = 0; i < n; i++) store_session_clear(&rows[i]);
+    free(rows);
+
+    assert_int_equal(store_read_list(f->st, "a", 2, &rows, &n, &more), OPTD_OK);
+    assert_int_equal(n, 2);
+    assert_int_equal(more, 1);
+    assert_string_equal(rows[0].name, "a-2");
+    assert_string_equal(rows[1].name, "a.1");
+    for (i = 0; i < n; i++) store_session_clear(&rows[i]);
+    free(rows);
+
+    assert_int_equal(store_read_list(f->st, "a.1", 2, &rows, &n, &more), OPTD_OK);
+    assert_int_equal(n, 1);
+    assert_int_equal(more, 0);
+    assert_string_equal(rows[0].name, "b");
+    store_session_clear(&rows[0]);
+    free(rows);
+
+    /* Exactly all of them: no more. */
+    assert_int_equal(store_read_list(f->st, NULL, 5, &rows, &n, &more), OPTD_OK);
+    assert_int_equal(n, 5);
+    assert_int_equal(more, 0);
+    assert_string_equal(rows[4].name, "b");
+    for (i = 0; i < n; i++) store_session_clear(&rows[i]);
+    free(rows);
+
+    /* limit 0 only answers whether there is anything. */
+    assert_int_equal(store_read_list(f->st, NULL, 0, &rows, &n, &more), OPTD_OK);
+    assert_int_equal(n, 0);
+    assert_int_equal(more, 1);
+    assert_null(rows);
+    assert_int_equal(store_read_list(f->st, "zzz", 10, &rows, &n, &more), OPTD_OK);
+    assert_int_equal(n, 0);
+    assert_int_equal(more, 0);
+    assert_int_equal(store_read_list(f->st, NULL, -1, &rows, &n, &more), OPTD_E_INVALID);
+}
+
+static void test_count_follows_inserts_and_deletes(void **state)
+{
+    fixture *f = *state;
+    uint64_t n = 99;
+
+    open_store(f, NULL);
+    insert(f, "x");
+    insert(f, "y");
+    insert(f, "z");
+    assert_int_equal(store_read_count(f->st, &n), OPTD_OK);
+    assert_int_equal(n, 3);
+    assert_int_equal(store_session_delete(f->st, "y"), OPTD_OK);
+    assert_int_equal(store_read_count(f->st, &n), OPTD_OK);
+    assert_int_equal(n, 2);
+}
+
+static void test_idem_put_then_get_returns_the_record(void **state)
+{
+    fixture *f = *state;
+    const uint64_t digest = UINT64_C(0xFEDCBA9876543210);
+    store_idem r;
+
+    open_store(f, NULL);
+    assert_int_equal(store_idem_put(f->st, 1, "k1", 5, digest, "{\"step\":5}", 10, 100, 10), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, 1, "k-none", 6, 1, NULL, 0, 100, 10), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, 1, "k-empty", 7, 2, "", 0, 100, 10), OPTD_OK);
+
+    memset(&r, 0, sizeof r);
+    assert_int_equal(store_idem_get(f->st, 1, "k1", &r), OPTD_OK);
+    assert_int_equal(r.step, 5);
+    assert_int_equal(r.digest, digest);
+    assert_int_equal(r.reply_len, 10);
+    assert_memory_equal(r.reply, "{\"step\":5}", 10);
+    free(r.reply);
+
+    assert_int_equal(store_idem_get(f->st, 1, "k-none", &r), OPTD_OK);
+    assert_int_equal(r.step, 6);
+    assert_null(r.reply);
+    assert_int_equal(r.reply_len, 0);
+    assert_int_equal(store_idem_get(f->st, 1, "k-empty", &r), OPTD_OK);
+    assert_non_null(r.reply); /* an empty reply was kept */
+    assert_int_equal(r.reply_len, 0);
+    free(r.reply);
+
+    assert_int_equal(store_idem_get(f->st, 1, "unknown", &r), OPTD_E_NOT_FOUND);
+    assert_int_equal(store_idem_get(f->st, 2, "k1", &r), OPTD_E_NOT_FOUND);
+}
+
+static void test_idem_put_forgets_keys_older_than_the_window(void **state)
+{
+    fixture *f = *state;
+    char key[16];
+    store_idem r;
+    uint64_t step;
+
+    open_store(f, NULL);
+    assert_int_equal(store_idem_put(f->st, 2, "other", 1, 0, "o", 1, 3, 3), OPTD_OK);
+    for (step = 1; step <= 10; step++) {
+        snprintf(key, sizeof key, "k%llu", (unsigned long long)step);
+        assert_int_equal(store_idem_put(f->st, 1, key, step, step, "r", 1, 3, 3), OPTD_OK);
+    }
+    for (step = 1; step <= 10; step++) {
+        snprintf(key, sizeof key, "k%llu", (unsigned long long)step);
+        memset(&r, 0, sizeof r);
+        if (step <= 7) {
+            assert_int_equal(store_idem_get(f->st, 1, key, &r), OPTD_E_NOT_FOUND);
+        } else {
+            assert_int_equal(store_idem_get(f->st, 1, key, &r), OPTD_OK);
+            assert_int_equal(r.step, step);
+            free(r.reply);
+        }
+    }
+    /* Another session's keys are its own business. */
+    assert_int_equal(store_idem_get(f->st, 2, "other", &r), OPTD_OK);
+    free(r.reply);
+    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM idem"), 4);
+}
+
+static void test_idem_put_drops_replies_older_than_the_reply_window(void **state)
+{
+    fixture *f = *state;
+    char key[16];
+    store_idem r;
+    uint64_t step;
+
+    open_store(f, NULL);
+    for (step = 1; step <= 5; step++) {
+        snprintf(key, sizeof key, "k%llu", (unsigned long long)step);
+        assert_int_equal(store_idem_put(f->st, 1, key, step, 100 + step, "reply", 5, 100, 2), OPTD_OK);
+    }
+    for (step = 1; step <= 5; step++) {
+        snprintf(key, sizeof key, "k%llu", (unsigned long long)step);
+        memset(&r, 0, sizeof r);
+        assert_int_equal(store_idem_get(f->st, 1, key, &r), OPTD_OK);
+        assert_int_equal(r.step, step);
+        assert_int_equal(r.digest, 100 + step);
+        if (step <= 3) {
+            assert_null(r.reply);
+            assert_int_equal(r.reply_len, 0);
+        } else {
+            assert_int_equal(r.reply_len, 5);
+            assert_memory_equal(r.reply, "reply", 5);
+        }
+        free(r.reply);
+    }
+}
+
+static void test_delete_removes_the_sessions_state_and_keys(void **state)
+{
+    fixture *f = *state;
+    store_session s = make_session("gone", 1), keep = make_session("kept", 1);
+    store_idem r;
+
+    open_store(f, NULL);
+    assert_int_equal(store_session_insert(f->st, &s, "s", 1), OPTD_OK);
+    assert_int_equal(store_session_insert(f->st, &keep, "k", 1), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, s.id, "key", 1, 1, "r", 1, 10, 10), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, keep.id, "key", 1, 1, "r", 1, 10, 10), OPTD_OK);
+    assert_int_equal(store_session_delete(f->st, "gone"), OPTD_OK);
+    assert_int_equal(store_idem_get(f->st, s.id, "key", &r), OPTD_E_NOT_FOUND);
+    assert_int_equal(store_idem_get(f->st, keep.id, "key", &r), OPTD_OK);
+    free(r.reply);
+    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM state"), 1);
+    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM idem"), 1);
+}
+
+static void test_rollback_leaves_nothing_behind(void **state)
+{
+    fixture *f = *state;
+    store_session s = make_session("temp", 0), got;
+    store_idem r;
+    uint64_t n = 99;
+
+    open_store(f, NULL);
+    assert_int_equal(store_begin(f->st), OPTD_OK);
+    assert_int_equal(store_session_insert(f->st, &s, "t", 1), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, s.id, "k", 1, 1, "r", 1, 10, 10), OPTD_OK);
+    /* The writer sees its own uncommitted work. */
+    assert_int_equal(store_session_load(f->st, "temp", &got, NULL, NULL), OPTD_OK);
+    store_session_clear(&got);
+    store_rollback(f->st);
+    store_rollback(f->st); /* a second one is harmless */
+
+    assert_int_equal(store_session_load(f->st, "temp", &got, NULL, NULL), OPTD_E_NOT_FOUND);
+    assert_int_equal(store_idem_get(f->st, s.id, "k", &r), OPTD_E_NOT_FOUND);
+    assert_int_equal(store_read_count(f->st, &n), OPTD_OK);
+    assert_int_equal(n, 0);
+    /* And the connection can start again. */
+    assert_int_equal(store_begin(f->st), OPTD_OK);
+    assert_int_equal(store_commit(f->st), OPTD_OK);
+}
+
+static void test_reopen_sees_committed_data(void **state)
+{
+    fixture *f = *state;
+    store_session s = make_session("persist", 41), got;
+    void *blob = NULL;
+    size_t len = 0;
+    store_idem r;
+
+    open_store(f, NULL);
+    assert_int_equal(store_begin(f->st), OPTD_OK);
+    assert_int_equal(store_session_insert(f->st, &s, "state!", 6), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, s.id, "k", 41, 9, "r", 1, 10, 10), OPTD_OK);
+    assert_int_equal(store_commit(f->st), OPTD_OK);
+    reopen(f);
+
+    assert_int_equal(store_read_session(f->st, "persist", &got, &blob, &len), OPTD_OK);
+    assert_int_equal(got.step, 41);
+    assert_int_equal(got.id, s.id);
+    assert_int_equal(len, 6);
+    assert_memory_equal(blob, "state!", 6);
+    free(blob);
+    store_session_clear(&got);
+    assert_int_equal(store_idem_get(f->st, s.id, "k", &r), OPTD_OK);
+    assert_int_equal(r.digest, 9);
+    free(r.reply);
+}
+
+static void test_readers_see_committed_data_but_not_the_open_transaction(void **state)
+{
+    fixture *f = *state;
+    store_session a = make_session("a", 1), b = make_session("b", 0), got;
+    void *blob = NULL;
+    size_t len = 0;
+    uint64_t n = 0;
+
+    open_store(f, NULL);
+    assert_int_equal(store_session_insert(f->st, &a, "old", 3), OPTD_OK);
+
+    assert_int_equal(store_begin(f->st), OPTD_OK);
+    assert_int_equal(store_session_insert(f->st, &b, "", 0), OPTD_OK);
+    a.step = 2;
+    assert_int_equal(store_session_update(f->st, &a, "new", 3), OPTD_OK);
+
+    assert_int_equal(store_read_session(f->st, "b", &got, NULL, NULL), OPTD_E_NOT_FOUND);
+    assert_int_equal(store_read_session(f->st, "a", &got, &blob, &len), OPTD_OK);
+    assert_int_equal(got.step, 1);
+    assert_memory_equal(blob, "old", 3);
+    free(blob);
+    store_session_clear(&got);
+    assert_int_equal(store_read_count(f->st, &n), OPTD_OK);
+    assert_int_equal(n, 1);
+
+    assert_int_equal(store_commit(f->st), OPTD_OK);
+    assert_int_equal(store_read_session(f->st, "b", &got, NULL, NULL), OPTD_OK);
+    store_session_clear(&got);
+    assert_int_equal(store_read_session(f->st, "a", &got, &blob, &len), OPTD_OK);
+    assert_int_equal(got.step, 2);
+    assert_memory_equal(blob, "new", 3);
+    free(blob);
+    store_session_clear(&got);
+    assert_int_equal(store_read_count(f->st, &n), OPTD_OK);
+    assert_int_equal(n, 2);
+}
+
+static void test_a_text_file_is_refused_and_left_unchanged(void **state)
+{
+    fixture *f = *state;
+    static const char text[] = "lr = 0.001\nthis is a config file, not a database\n";
+
+    spit(f->path, text, sizeof text - 1);
+    assert_refused_unchanged(f, "is not an optd database");
+}
+
+static void test_another_applications_sqlite_database_is_refused_and_left_unchanged(void **state)
+{
+    fixture *f = *state;
+    char buf[16];
+
+    sql_on(f->path, "CREATE TABLE photos(id INTEGER PRIMARY KEY, path TEXT);"
+                    "INSERT INTO photos(path) VALUES ('/a.jpg'), ('/b.jpg');");
+    assert_refused_unchanged(f, "is not an optd database");
+    assert_string_equal(text_on(f->path, "PRAGMA journal_mode", buf, sizeof buf), "delete");
+    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM photos"), 2);
+}
+
+static void test_an_sqlite_file_with_another_application_id_is_refused(void **state)
+{
+    fixture *f = *state;
+
+    /* No tables at all: the application id alone says it is not ours. */
+    sql_on(f->path, "PRAGMA application_id = 1234; PRAGMA user_version = 1;");
+    assert_refused_unchanged(f, "is not an optd database");
+}
+
+static void test_a_database_from_a_newer_optd_is_refused(void **state)
+{
+    fixture *f = *state;
+
+    open_store(f, NULL);
+    insert(f, "a");
+    store_close(f->st);
+    f->st = NULL;
+    sql_on(f->path, "PRAGMA user_version = 2;");
+    assert_refused_unchanged(f, "made by a newer optd");
+}
+
+static void test_a_corrupt_database_is_refused(void **state)
+{
+    fixture *f = *state;
+    unsigned char *bytes;
+    size_t len, i;
+    char name[16];
+
+    open_store(f, NULL);
+    assert_int_equal(store_begin(f->st), OPTD_OK);
+    for (i = 0; i < 50; i++) {
+        snprintf(name, sizeof name, "s%zu", i);
+        insert(f, name);
+    }
+    assert_int_equal(store_commit(f->st), OPTD_OK);
+    store_close(f->st); /* checkpoints everything into the main file */
+    f->st = NULL;
+
+    /* Scribble over every page after the first: the header still says
+     * "optd", the b-trees are garbage. */
+    bytes = slurp(f->path, &len);
+    assert_true(len > 4096);
+    for (i = 4096; i < len; i++) bytes[i] = (unsigned char)(i * 7 + 3);
+    spit(f->path, bytes, len);
+    free(bytes);
+    assert_refused_unchanged(f, "corrupt");
+}
+
+static void test_an_older_schema_is_upgraded(void **state)
+{
+    fixture *f = *state;
+
+    /* Ours at version 0: the id is set but no migration has run. */
+    sql_on(f->path, "PRAGMA application_id = 1869640804;");
+    open_store(f, NULL);
+    insert(f, "a");
+    store_close(f->st);
+    f->st = NULL;
+    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 1);
+    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM sessions"), 1);
+}
+
+static void test_a_lock_held_elsewhere_makes_writes_unavailable_and_writable_false(void **state)
+{
+    fixture *f = *state;
+    store_options opt = {1, 50, 2};
+    store_session s = make_session("late", 0), got;
+    sqlite3 *other = NULL;
+
+    open_store(f, &opt);
+    insert(f, "early");
+    assert_int_equal(store_writable(f->st), 1);
+
+    assert_int_equal(sqlite3_open(f->path, &other), SQLITE_OK);
+    assert_int_equal(sqlite3_exec(other, "BEGIN EXCLUSIVE", NULL, NULL, NULL), SQLITE_OK);
+
+    assert_int_equal(store_writable(f->st), 0);
+    assert_int_equal(store_begin(f->st), OPTD_E_UNAVAILABLE);
+    /* Outside a transaction a write makes its own, and fails the same way. */
+    assert_int_equal(store_session_insert(f->st, &s, "", 0), OPTD_E_UNAVAILABLE);
+    /* WAL readers are not blocked by a writer. */
+    assert_int_equal(store_read_session(f->st, "early", &got, NULL, NULL), OPTD_OK);
+    store_session_clear(&got);
+
+    assert_int_equal(sqlite3_exec(other, "ROLLBACK", NULL, NULL, NULL), SQLITE_OK);
+    assert_int_equal(sqlite3_close(other), SQLITE_OK);
+
+    assert_int_equal(store_writable(f->st), 1);
+    assert_int_equal(store_begin(f->st), OPTD_OK);
+    assert_int_equal(store_session_insert(f->st, &s, "", 0), OPTD_OK);
+    assert_int_equal(store_commit(f->st), OPTD_OK);
+    assert_int_equal(store_read_session(f->st, "late", &got, NULL, NULL), OPTD_OK);
+    store_session_clear(&got);
+}
+
+static void test_bad_arguments_are_invalid(void **state)
+{
+    fixture *f = *state;
+    store_options too_many = {1, 50, 100000};
+    store_session s = make_session("x", 0);
+    char err[128] = "";
+
+    assert_int_equal(store_open(f->path, &too_many, &f->st, err, sizeof err), OPTD_E_INVALID);
+    assert_null(f->st);
+    assert_int_equal(store_open(f->dir, NULL, &f->st, err, sizeof err), OPTD_E_INVALID);
+    assert_non_null(strstr(err, "not a regular file"));
+
+    open_store(f, NULL);
+    s.step = UINT64_C(1) << 63;
+    assert_int_equal(store_session_insert(f->st, &s, "", 0), OPTD_E_INVALID);
+    s.step = 0;
+    assert_int_equal(store_session_insert(f->st, &s, NULL, 5), OPTD_E_INVALID);
+    memset(s.name, 'n', sizeof s.name); /* no terminator */
+    assert_int_equal(store_session_insert(f->st, &s, "", 0), OPTD_E_INVALID);
+    assert_int_equal(store_idem_put(f->st, 1, NULL, 1, 1, NULL, 0, 1, 1), OPTD_E_INVALID);
+    assert_int_equal(store_idem_put(f->st, 1, "k", 1, 1, NULL, 3, 1, 1), OPTD_E_INVALID);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+#define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
+        T(test_open_creates_an_optd_database_that_close_releases),
+        T(test_open_of_an_empty_file_creates_the_database),
+        T(test_session_round_trip_keeps_every_field_and_a_1mb_state),
+        T(test_an_empty_state_and_a_null_config_round_trip),
+        T(test_inserting_a_taken_name_is_already_exists_and_keeps_the_first),
+        T(test_missing_sessions_are_not_found_everywhere),
+        T(test_ids_are_not_reused_after_a_delete),
+        T(test_list_pages_through_names_in_byte_order),
+        T(test_count_follows_inserts_and_deletes),
+        T(test_idem_put_then_get_returns_the_record),
+        T(test_idem_put_forgets_keys_older_than_the_window),
+        T(test_idem_put_drops_replies_older_than_the_reply_window),
+        T(test_delete_removes_the_sessions_state_and_keys),
+        T(test_rollback_leaves_nothing_behind),
+        T(test_reopen_sees_committed_data),
+        T(test_readers_see_committed_data_but_not_the_open_transaction),
+        T(test_a_text_file_is_refused_and_left_unchanged),
+        T(test_another_applications_sqlite_database_is_refused_and_left_unchanged),
+        T(test_an_sqlite_file_with_another_application_id_is_refused),
+        T(test_a_database_from_a_newer_optd_is_refused),
+        T(test_a_corrupt_database_is_refused),
+        T(test_an_older_schema_is_upgraded),
+        T(test_a_lock_held_elsewhere_makes_writes_unavailable_and_writable_false),
+        T(test_bad_arguments_are_invalid),
+#undef T
+    };
+
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
