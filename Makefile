@@ -33,7 +33,7 @@ PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 COMMON_SRC := common/err.c
 OPTIM_SRC  := optim/optim.c optim/kernels.c
 STORE_SRC  := store/store.c
-API_SRC    := api/codec.c api/session.c api/writer.c api/metrics.c api/http.c
+API_SRC    := api/route.c api/training.c api/codec.c api/session.c api/writer.c api/metrics.c api/http.c
 DAEMON_SRC := daemon/main.c daemon/config.c
 
 LIB_SRC := $(COMMON_SRC) $(OPTIM_SRC) $(STORE_SRC) $(API_SRC)
@@ -74,6 +74,17 @@ test: unit
 
 asan:
 	$(MAKE) SAN=1 test
+
+# bench: optimizer kernels against memory bandwidth and torch, then the service
+# against its HTTP and SQLite ceilings; prints a table, writes bench/RESULTS.md.
+BENCH_BINS := $(B)/bench/kernels $(B)/bench/loadgen $(B)/bench/mhd_ceiling $(B)/bench/sqlite_ceiling
+$(B)/bench/kernels.o: CFLAGS += -O3
+$(B)/bench/kernels: $(B)/bench/kernels.o $(B)/optim/optim.o $(B)/optim/kernels.o
+	$(CC) $(LDFLAGS) -o $(B)/bench/kernels $^ $(LDLIBS)
+$(B)/bench/loadgen $(B)/bench/mhd_ceiling $(B)/bench/sqlite_ceiling: $(B)/bench/%: $(B)/bench/%.o
+	$(CC) $(LDFLAGS) -o $(B)/bench/$* $^ $(PKG_LIBS) $(LDLIBS)
+bench: all $(BENCH_BINS)
+	sh bench/install-deps.sh && /usr/bin/python3 bench/run.py --build $(B)
 
 clean:
 	rm -rf build

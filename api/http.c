@@ -60,55 +60,10 @@ static const char *const allow[R_COUNT] = {
     [R_HEALTHZ] = "GET, HEAD",          [R_READYZ] = "GET, HEAD",     [R_METRICS] = "GET, HEAD",
     [R_OPTIMIZERS] = "GET, HEAD",       [R_SESSIONS] = "GET, HEAD, POST",
     [R_SESSION] = "GET, HEAD, PUT, PATCH, DELETE", [R_STEP] = "POST", [R_PARAMS] = "GET, HEAD",
-    [R_STATE] = "GET, HEAD, PUT",
+    [R_STATE] = "GET, HEAD, PUT",       [R_HISTORY] = "GET, HEAD",
 };
 
 /* ---- Routing ---------------------------------------------------------- */
-
-static int api_name_valid(const char *s)
-{
-    size_t n = 0;
-    if (!isalnum((unsigned char)s[0]))
-        return 0;
-    for (; s[n]; n++)
-        if (n >= STORE_NAME_MAX || !(isalnum((unsigned char)s[n]) || s[n] == '.' || s[n] == '_' || s[n] == '-'))
-            return 0;
-    return 1;
-}
-
-static void route(req *r, const char *url)
-{
-    static const struct {
-        const char *path;
-        api_route route;
-    } fixed[] = {{"/healthz", R_HEALTHZ},
-                 {"/readyz", R_READYZ},
-                 {"/metrics", R_METRICS},
-                 {"/v1/optimizers", R_OPTIMIZERS},
-                 {"/v1/sessions", R_SESSIONS}};
-    r->route = R_NONE;
-    for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)
-        if (strcmp(url, fixed[i].path) == 0)
-            r->route = fixed[i].route;
-    const char *prefix = "/v1/sessions/";
-    if (r->route != R_NONE || strncmp(url, prefix, strlen(prefix)) != 0)
-        return;
-    const char *name = url + strlen(prefix), *slash = strchr(name, '/');
-    size_t len = slash ? (size_t)(slash - name) : strlen(name);
-    if (len == 0 || len > STORE_NAME_MAX)
-        return;
-    memcpy(r->name, name, len);
-    r->name[len] = '\0';
-    r->name_ok = api_name_valid(r->name);
-    if (!slash)
-        r->route = R_SESSION;
-    else if (strcmp(slash, "/step") == 0)
-        r->route = R_STEP;
-    else if (strcmp(slash, "/params") == 0)
-        r->route = R_PARAMS;
-    else if (strcmp(slash, "/state") == 0)
-        r->route = R_STATE;
-}
 
 static int method_allowed(api_route route, const char *method)
 {
@@ -285,6 +240,8 @@ static enum MHD_Result finish_job(req *r)
     switch (j->kind) {
     case JOB_CREATE:
         return send_json(r, 201, &j->out_json, "0");
+    case JOB_FORK:
+        return send_json(r, 201, &j->out_json, NULL);
     case JOB_PUT_STATE:
     case JOB_PATCH:
         return send_json(r, j->created ? 201 : 200, &j->out_json, NULL);
@@ -303,6 +260,13 @@ static enum MHD_Result finish_job(req *r)
     }
     sbuf b = {0};
     sbuf_printf(&b, "{\"step\":%s", etag);
+    if (!j->replayed) {
+        sbuf_puts(&b, ",\"lr\":");
+        sbuf_num(&b, j->lr, 0);
+        sbuf_puts(&b, ",\"grad_norm\":");
+        sbuf_num(&b, j->grad_norm, 0);
+        sbuf_printf(&b, ",\"contributors\":%u", j->contributors);
+    }
     if (!r->minimal && j->out_params) {
         sbuf_puts(&b, ",\"params\":");
         sbuf_vec(&b, j->out_params, j->out_len / optim_elem_size(j->dtype), j->dtype);
@@ -352,6 +316,13 @@ static enum MHD_Result get_optimizers(req *r)
             }
             sbuf_puts(&b, "}");
         }
+        /* Beyond torch.optim: every optimizer takes these (api/training.c). */
+        sbuf_puts(&b, ",{\"name\":\"lr_schedule\",\"type\":\"object\",\"default\":null,"
+                      "\"schedules\":{\"step\":[\"step_size\",\"gamma\"],\"multistep\":[\"milestones\",\"gamma\"],"
+                      "\"exponential\":[\"gamma\"],\"cosine\":[\"T_max\",\"eta_min\"],"
+                      "\"linear\":[\"start_factor\",\"end_factor\",\"total_iters\"]},\"optional\":[\"warmup_steps\"]},"
+                      "{\"name\":\"max_grad_norm\",\"type\":\"number\",\"default\":null,\"min\":0,\"max\":null,"
+                      "\"min_exclusive\":true,\"max_exclusive\":false}");
         sbuf_puts(&b, "],\"state_buffers\":[");
         for (size_t i = 0; i < info->n_buffers; i++)
             sbuf_printf(&b, "%s\"%s\"", i ? "," : "", info->buffers[i]);
@@ -360,7 +331,9 @@ static enum MHD_Result get_optimizers(req *r)
             sbuf_printf(&b, "\"%s\"", info->scalar);
         sbuf_puts(&b, "]}");
     }
-    sbuf_puts(&b, "]}");
+    sbuf_puts(&b, "],\"session_fields\":[{\"name\":\"workers\",\"type\":\"integer\",\"default\":1,\"min\":1},"
+                  "{\"name\":\"min_workers\",\"type\":\"integer\",\"default\":\"workers\",\"min\":1},"
+                  "{\"name\":\"round_timeout\",\"type\":\"number\",\"default\":60,\"min\":0,\"min_exclusive\":true}]}");
     return send_json(r, 200, &b, NULL);
 }
 
@@ -457,6 +430,56 @@ static enum MHD_Result get_params(req *r)
     return ret;
 }
 
+static enum MHD_Result get_history(req *r)
+{
+    const char *after_s = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "after");
+    const char *limit_s = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "limit");
+    double after = 0, limit = 1000;
+    if (after_s && (parse_number(after_s, &after) || after < 0 || after != floor(after) || after > 9e15))
+        return send_err(r, OPTD_E_BAD_REQUEST, "after must be a step number", -1);
+    if (limit_s && (parse_number(limit_s, &limit) || limit < 1 || limit > 10000 || limit != floor(limit)))
+        return send_err(r, OPTD_E_BAD_REQUEST, "limit must be an integer from 1 to 10000", -1);
+    store_session row = {0};
+    optd_err rc = store_read_session(r->srv->st, r->name, &row, NULL, NULL);
+    if (rc)
+        return send_err(r, rc, NULL, -1);
+    store_history *h = NULL;
+    size_t n = 0;
+    int more = 0;
+    rc = store_read_history(r->srv->st, row.id, (uint64_t)after, (int)limit, &h, &n, &more);
+    store_session_clear(&row);
+    if (rc)
+        return send_err(r, rc, NULL, -1);
+    sbuf b = {0};
+    sbuf_puts(&b, "{\"history\":[");
+    for (size_t i = 0; i < n; i++) {
+        char t[32];
+        rfc3339(h[i].time_ms, t);
+        sbuf_printf(&b, "%s{\"step\":%llu,\"time\":\"%s\",\"lr\":", i ? "," : "", (unsigned long long)h[i].step, t);
+        sbuf_num(&b, h[i].lr, 0);
+        sbuf_puts(&b, ",\"grad_norm\":");
+        sbuf_num(&b, h[i].grad_norm, 0);
+        sbuf_puts(&b, ",\"update_norm\":");
+        sbuf_num(&b, h[i].update_norm, 0);
+        sbuf_puts(&b, ",\"param_norm\":");
+        sbuf_num(&b, h[i].param_norm, 0);
+        sbuf_printf(&b, ",\"contributors\":%llu,\"loss\":", (unsigned long long)h[i].contributors);
+        if (h[i].has_loss && isfinite(h[i].loss))
+            sbuf_num(&b, h[i].loss, 0);
+        else
+            sbuf_puts(&b, "null");
+        sbuf_puts(&b, "}");
+    }
+    sbuf_puts(&b, "],\"next\":");
+    if (more && n)
+        sbuf_printf(&b, "%llu", (unsigned long long)h[n - 1].step);
+    else
+        sbuf_puts(&b, "null");
+    sbuf_puts(&b, "}");
+    free(h);
+    return send_json(r, 200, &b, NULL);
+}
+
 static enum MHD_Result get_state(req *r)
 {
     sess *s = NULL;
@@ -482,8 +505,10 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
     const cJSON *params = cJSON_GetObjectItemCaseSensitive(o, "params");
     const cJSON *size = cJSON_GetObjectItemCaseSensitive(o, "size");
     const cJSON *fill = cJSON_GetObjectItemCaseSensitive(o, "fill");
+    const cJSON *from = cJSON_GetObjectItemCaseSensitive(o, "from");
     optim_dtype dtype = OPTIM_F32;
     optim_hparams hp;
+    training tr;
     optd_err rc;
 
     if (name && !cJSON_IsString(name))
@@ -494,10 +519,25 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
     } else {
         if (!name)
             return snprintf(msg, msglen, "name is required"), OPTD_E_INVALID;
-        if (!api_name_valid(name->valuestring))
+        if (!name_valid(name->valuestring))
             return snprintf(msg, msglen, "a session name matches [A-Za-z0-9][A-Za-z0-9._-]{0,127}"),
                    OPTD_E_INVALID;
         snprintf(r->name, sizeof r->name, "%s", name->valuestring);
+    }
+    if (from) {
+        /* A fork: the writer copies the source as it is when the job runs. */
+        if (!cJSON_IsString(from))
+            return snprintf(msg, msglen, "from must be a session name"), OPTD_E_BAD_REQUEST;
+        if (params || size || fill || opt || dt)
+            return snprintf(msg, msglen, "a fork takes only name, from, hyperparams and session fields"),
+                   OPTD_E_INVALID;
+        if (!name_valid(from->valuestring))
+            return snprintf(msg, msglen, "no session named '%.64s' to fork from", from->valuestring),
+                   OPTD_E_NOT_FOUND;
+        snprintf(r->job.from, sizeof r->job.from, "%s", from->valuestring);
+        r->job.patch = r->json;
+        *out = NULL;
+        return OPTD_OK;
     }
     if (!opt)
         return snprintf(msg, msglen, "optimizer is required"), OPTD_E_INVALID;
@@ -513,7 +553,10 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
     else if (dt && strcmp(dt->valuestring, "float32") != 0)
         return snprintf(msg, msglen, "dtype must be \"float32\" or \"float64\""), OPTD_E_INVALID;
     optim_defaults(info, &hp);
-    rc = hparams_from_json(info, cJSON_GetObjectItemCaseSensitive(o, "hyperparams"), &hp, msg, msglen);
+    training_defaults(&tr);
+    rc = hparams_from_json(info, cJSON_GetObjectItemCaseSensitive(o, "hyperparams"), &hp, &tr, msg, msglen);
+    if (!rc)
+        rc = training_fields_from_json(o, &tr, msg, msglen);
     if (rc)
         return rc;
     if (params && size)
@@ -526,7 +569,7 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
             return snprintf(msg, msglen, "params must have 1 to %zu elements", API_MAX_ELEMENTS), OPTD_E_INVALID;
         if (fill)
             return snprintf(msg, msglen, "fill goes with size, not params"), OPTD_E_INVALID;
-        rc = sess_new(r->name, info, &hp, dtype, n, NULL, 0, out);
+        rc = sess_new(r->name, info, &hp, &tr, dtype, n, NULL, 0, out);
         if (rc == OPTD_OK && (rc = json_to_vec(params, (*out)->st.params, n, dtype, msg, msglen)) != OPTD_OK) {
             sess_free(*out);
             *out = NULL;
@@ -550,7 +593,7 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
             return snprintf(msg, msglen, "fill is not a finite %s", dt ? dt->valuestring : "float32"),
                    OPTD_E_NON_FINITE;
     }
-    return sess_new(r->name, info, &hp, dtype, (size_t)n, NULL, f, out);
+    return sess_new(r->name, info, &hp, &tr, dtype, (size_t)n, NULL, f, out);
 }
 
 static enum MHD_Result create_session(req *r, job_kind kind)
@@ -568,7 +611,7 @@ static enum MHD_Result create_session(req *r, job_kind kind)
     }
     if (rc)
         return send_err(r, rc, msg, -1);
-    r->job.kind = kind;
+    r->job.kind = kind == JOB_CREATE && r->job.from[0] ? JOB_FORK : kind;
     return submit(r);
 }
 
@@ -578,49 +621,23 @@ static enum MHD_Result patch_session(req *r)
     optd_err rc = parse_json(r, msg, sizeof msg);
     if (rc)
         return send_err(r, rc, msg, -1);
+    static const char *const changeable[] = {"hyperparams", "workers", "min_workers", "round_timeout"};
     for (const cJSON *e = r->json->child; e; e = e->next) {
-        if (strcmp(e->string, "hyperparams") == 0)
+        size_t k = 0;
+        while (k < 4 && strcmp(e->string, changeable[k]) != 0)
+            k++;
+        if (k < 4)
             continue;
-        snprintf(msg, sizeof msg, "'%.64s' cannot be changed by PATCH (only hyperparams)", e->string);
+        snprintf(msg, sizeof msg, "'%.64s' cannot be changed by PATCH (hyperparams, workers, min_workers and "
+                 "round_timeout can)", e->string);
         return send_err(r, OPTD_E_INVALID, msg, -1);
     }
     const cJSON *hp = cJSON_GetObjectItemCaseSensitive(r->json, "hyperparams");
     if (hp && !cJSON_IsObject(hp))
         return send_err(r, OPTD_E_BAD_REQUEST, "hyperparams must be an object", -1);
     r->job.kind = JOB_PATCH;
-    r->job.patch = (cJSON *)hp;
+    r->job.patch = r->json;
     return submit(r);
-}
-
-/* Parses If-Match: "N", W/"N" or N; -1 when absent or "*". */
-static int parse_if_match(const char *v, int64_t *out)
-{
-    *out = -1;
-    if (!v)
-        return 0;
-    while (*v == ' ')
-        v++;
-    if (strcmp(v, "*") == 0)
-        return 0;
-    if (strncmp(v, "W/", 2) == 0)
-        v += 2;
-    int quoted = *v == '"';
-    v += quoted;
-    if (!isdigit((unsigned char)*v))
-        return -1;
-    char *end;
-    errno = 0;
-    unsigned long long n = strtoull(v, &end, 10);
-    if (errno || n > INT64_MAX)
-        return -1;
-    if (quoted && *end++ != '"')
-        return -1;
-    while (*end == ' ')
-        end++;
-    if (*end)
-        return -1;
-    *out = (int64_t)n;
-    return 0;
 }
 
 static enum MHD_Result post_step(req *r)
@@ -636,6 +653,7 @@ static enum MHD_Result post_step(req *r)
     store_session_clear(&row);
     size_t es = optim_elem_size(j->dtype), bytes = j->size * es;
 
+    j->weight = 1;
     if (parse_if_match(header(r, MHD_HTTP_HEADER_IF_MATCH), &j->if_match))
         return send_err(r, OPTD_E_BAD_REQUEST, "If-Match must be a step in quotes, e.g. \"12\"", -1);
     const char *key = header(r, "Idempotency-Key");
@@ -662,6 +680,12 @@ static enum MHD_Result post_step(req *r)
             return send_err(r, OPTD_E_NON_FINITE, msg, -1);
         }
         j->grad = r->body; /* malloc'd, so aligned for any element type */
+        const char *loss = header(r, "Optd-Loss"), *weight = header(r, "Optd-Weight");
+        if (loss && parse_number(loss, &j->loss))
+            return send_err(r, OPTD_E_BAD_REQUEST, "Optd-Loss must be a finite number", -1);
+        j->has_loss = loss != NULL;
+        if (weight && (parse_number(weight, &j->weight) || !(j->weight > 0)))
+            return send_err(r, OPTD_E_INVALID, "Optd-Weight must be a finite number > 0", -1);
     } else {
         rc = parse_json(r, msg, sizeof msg);
         if (rc)
@@ -683,6 +707,21 @@ static enum MHD_Result post_step(req *r)
         if (rc)
             return send_err(r, rc, msg, -1);
         j->grad = r->grad;
+        const cJSON *loss = cJSON_GetObjectItemCaseSensitive(r->json, "loss");
+        const cJSON *weight = cJSON_GetObjectItemCaseSensitive(r->json, "weight");
+        if (loss && !cJSON_IsNull(loss)) {
+            if (!cJSON_IsNumber(loss) || !isfinite(loss->valuedouble))
+                return send_err(r, OPTD_E_BAD_REQUEST, "loss must be a finite number", -1);
+            j->has_loss = true;
+            j->loss = loss->valuedouble;
+        }
+        if (weight) {
+            if (!cJSON_IsNumber(weight))
+                return send_err(r, OPTD_E_BAD_REQUEST, "weight must be a number", -1);
+            if (!(weight->valuedouble > 0) || !isfinite(weight->valuedouble))
+                return send_err(r, OPTD_E_INVALID, "weight must be a finite number > 0", -1);
+            j->weight = weight->valuedouble;
+        }
     }
     j->digest = digest64(j->grad, bytes);
     j->want_params = !r->minimal;
@@ -734,6 +773,8 @@ static enum MHD_Result dispatch(req *r, const char *method)
         return post_step(r);
     case R_PARAMS:
         return get_params(r);
+    case R_HISTORY:
+        return get_history(r);
     case R_STATE:
         return get ? get_state(r) : create_session(r, JOB_PUT_STATE);
     default:
@@ -803,7 +844,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         r->id = atomic_fetch_add(&srv->next_id, 1) + 1;
         snprintf(r->method, sizeof r->method, "%s", method);
         snprintf(r->path, sizeof r->path, "%s", url);
-        route(r, url);
+        r->route = route_parse(url, r->name, &r->name_ok);
         char msg[256] = "";
         optd_err rc = early_checks(r, method, msg, sizeof msg);
         if (rc)
@@ -874,29 +915,11 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     atomic_fetch_sub(&srv->active, 1);
 }
 
-/* Percent-decodes in place, except that a string with an encoded NUL or a
- * bad escape stays as it came (so it matches no valid name). */
 static size_t unescape(void *cls, struct MHD_Connection *c, char *s)
 {
     (void)cls;
     (void)c;
-    size_t n = strlen(s);
-    for (size_t i = 0; i < n; i++)
-        if (s[i] == '%' && (i + 2 >= n || !isxdigit((unsigned char)s[i + 1]) || !isxdigit((unsigned char)s[i + 2]) ||
-                            (s[i + 1] == '0' && s[i + 2] == '0')))
-            return n;
-    size_t o = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (s[i] == '%') {
-            char hex[3] = {s[i + 1], s[i + 2], 0};
-            s[o++] = (char)strtol(hex, NULL, 16);
-            i += 2;
-        } else {
-            s[o++] = s[i];
-        }
-    }
-    s[o] = '\0';
-    return o;
+    return url_unescape(s);
 }
 
 /* ---- Lifecycle -------------------------------------------------------- */
@@ -955,7 +978,7 @@ optd_err api_start(const api_config *cfg, store *st, api_server **out, char *err
     srv->listen_fd = -1;
     if (cfg->token && !(srv->token = strdup(cfg->token)))
         goto done;
-    rc = writer_start(st, &srv->m, cfg->idempotency_window, cfg->cache_bytes, &srv->w);
+    rc = writer_start(st, &srv->m, cfg->idempotency_window, cfg->history_steps, cfg->cache_bytes, &srv->w);
     if (rc)
         goto done;
     rc = OPTD_E_UNAVAILABLE;

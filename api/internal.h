@@ -51,6 +51,50 @@ optd_err json_to_vec(const cJSON *arr, void *out, size_t n, optim_dtype dtype, c
 /* Whether n elements of dtype are all finite; *bad gets the first index that is not. */
 bool vec_finite(const void *x, size_t n, optim_dtype dtype, size_t *bad);
 
+/* ---- training.c ------------------------------------------------------- */
+
+typedef enum sched_type {
+    SCHED_NONE,
+    SCHED_STEP,
+    SCHED_MULTISTEP,
+    SCHED_EXPONENTIAL,
+    SCHED_COSINE,
+    SCHED_LINEAR
+} sched_type;
+
+#define SCHED_MAX_MILESTONES 64
+
+/* An lr_schedule: torch.optim.lr_scheduler's closed forms. Plain data. */
+typedef struct schedule {
+    sched_type type;
+    double gamma, step_size, T_max, eta_min, start_factor, end_factor, total_iters;
+    double milestones[SCHED_MAX_MILESTONES];
+    size_t n_milestones;
+    uint64_t warmup_steps;
+} schedule;
+
+/* What a session carries beyond torch.optim. Plain data. */
+typedef struct training {
+    schedule sched;
+    bool clip;
+    double max_grad_norm;
+    uint32_t workers;      /* contributions per round; 1: every step applies */
+    uint32_t min_workers;  /* 0: the same as workers */
+    double round_timeout;  /* seconds from a round's first contribution */
+} training;
+
+void training_defaults(training *tr);
+uint32_t training_min_workers(const training *tr);
+/* The lr the next step uses after steps_done steps (API.md "Learning-rate schedules"). */
+double training_lr(const training *tr, double lr, uint64_t steps_done);
+/* Handles hyperparameter e when it is lr_schedule or max_grad_norm (sets
+ * *handled); OPTD_E_BAD_REQUEST or OPTD_E_BAD_HYPERPARAM with msg otherwise. */
+optd_err training_hparam_from_json(const cJSON *e, training *tr, int *handled, char *msg, size_t msglen);
+void training_hparams_to_json(sbuf *b, const training *tr);
+/* Reads workers, min_workers and round_timeout from object o onto *tr. */
+optd_err training_fields_from_json(const cJSON *o, training *tr, char *msg, size_t msglen);
+void training_fields_to_json(sbuf *b, const training *tr);
+
 /* ---- session.c -------------------------------------------------------- */
 
 #define API_MAX_ELEMENTS ((size_t)1 << 28)
@@ -67,6 +111,8 @@ typedef struct sess {
     unsigned char *blob; /* owned */
     size_t blob_len;
     optim_state st;
+    training tr;
+    struct wround *rnd; /* the worker round in progress (writer.c), or NULL */
     /* Writer cache links (writer.c). */
     struct sess *lru_prev, *lru_next, *hnext;
     int touched; /* modified in the current group commit */
@@ -76,8 +122,10 @@ typedef struct sess {
 void sess_free(sess *s);
 /* Makes a session with fresh state; params (n elements of dtype) are copied
  * from init when non-NULL, else filled with fill. */
-optd_err sess_new(const char *name, const optim_info *info, const optim_hparams *hp, optim_dtype dtype,
-                  size_t n, const void *init, double fill, sess **out);
+optd_err sess_new(const char *name, const optim_info *info, const optim_hparams *hp, const training *tr,
+                  optim_dtype dtype, size_t n, const void *init, double fill, sess **out);
+/* A copy of src named name (a fork): params, state, step and settings. */
+optd_err sess_copy(const sess *src, const char *name, sess **out);
 /* Rebuilds a session from its stored row and state blob (both taken over on
  * success). OPTD_E_INTERNAL when they do not agree. */
 optd_err sess_from_store(store_session *row, void *blob, size_t blob_len, sess **out);
@@ -89,14 +137,14 @@ void sess_pack(sess *s);
 /* Writes row.config from hp. */
 optd_err sess_write_config(sess *s);
 
-/* Applies the JSON object obj of hyperparameters onto *hp (which holds the
- * defaults or the current values) for optimizer info, then validates.
- * Returns OPTD_OK, OPTD_E_BAD_REQUEST (wrong JSON type) or
+/* Applies the JSON object obj of hyperparameters onto *hp and *tr (which
+ * hold the defaults or the current values) for optimizer info, then
+ * validates. Returns OPTD_OK, OPTD_E_BAD_REQUEST (wrong JSON type) or
  * OPTD_E_BAD_HYPERPARAM (unknown name or out of range) with msg. */
-optd_err hparams_from_json(const optim_info *info, const cJSON *obj, optim_hparams *hp, char *msg,
+optd_err hparams_from_json(const optim_info *info, const cJSON *obj, optim_hparams *hp, training *tr, char *msg,
                            size_t msglen);
 /* Appends {"lr": ..., ...} with every hyperparameter of info. */
-void hparams_to_json(sbuf *b, const optim_info *info, const optim_hparams *hp);
+void hparams_to_json(sbuf *b, const optim_info *info, const optim_hparams *hp, const training *tr);
 
 /* Appends the session's public JSON object (API.md "GET /v1/sessions/{name}"). */
 void sess_to_json(sbuf *b, const store_session *row);
@@ -119,6 +167,7 @@ typedef enum api_route {
     R_STEP,
     R_PARAMS,
     R_STATE,
+    R_HISTORY,
     R_COUNT
 } api_route;
 
@@ -139,6 +188,22 @@ typedef struct metrics {
 } metrics;
 
 const char *route_template(api_route r);
+
+/* ---- route.c ---------------------------------------------------------- */
+
+/* Whether s is a session name: [A-Za-z0-9][A-Za-z0-9._-]{0,127}. */
+int name_valid(const char *s);
+/* The route of an (unescaped) URL path. For session paths the name segment
+ * is copied into name and *name_ok tells whether it is a valid name. */
+api_route route_parse(const char *url, char name[STORE_NAME_MAX + 1], int *name_ok);
+/* Parses an If-Match value: "N", W/"N" or N into *out; "*" or NULL gives -1.
+ * Returns 0, or -1 when the value is malformed. */
+int parse_if_match(const char *v, int64_t *out);
+/* Percent-decodes s in place and returns its new length; a string with an
+ * encoded NUL or a malformed escape is left as it is. */
+size_t url_unescape(char *s);
+/* Parses a whole string as a finite number; returns 0, or -1 when it is not one. */
+int parse_number(const char *v, double *out);
 void histogram_observe(histogram *h, uint64_t us);
 void metrics_count_request(metrics *m, api_route r, int status);
 /* Appends the Prometheus text exposition of m (sessions: the current count). */
@@ -146,7 +211,7 @@ void metrics_render(sbuf *b, metrics *m, uint64_t sessions);
 
 /* ---- writer.c --------------------------------------------------------- */
 
-typedef enum job_kind { JOB_CREATE, JOB_PUT_STATE, JOB_PATCH, JOB_DELETE, JOB_STEP } job_kind;
+typedef enum job_kind { JOB_CREATE, JOB_FORK, JOB_PUT_STATE, JOB_PATCH, JOB_DELETE, JOB_STEP } job_kind;
 
 /* One write request, filled by a request thread, executed by the writer.
  * The request thread owns it; it must stay alive until done is set. */
@@ -155,8 +220,11 @@ typedef struct job {
     char name[STORE_NAME_MAX + 1];
     /* Inputs. */
     sess *newsess;          /* CREATE, PUT_STATE: taken by the writer on success */
-    cJSON *patch;           /* PATCH: hyperparams object (borrowed) */
-    const void *grad;       /* STEP: size elements of dtype (borrowed) */
+    cJSON *patch;           /* PATCH, FORK: the body (borrowed) */
+    void *grad;             /* STEP: size elements of dtype (borrowed; the writer may scale it) */
+    double weight;          /* STEP: the contribution's weight in a worker round */
+    bool has_loss;          /* STEP: the client's loss, for the history */
+    double loss;
     optim_dtype dtype;      /* STEP: what grad was decoded for */
     size_t size;
     uint64_t digest;        /* STEP: of the gradient bytes */
@@ -172,16 +240,24 @@ typedef struct job {
     size_t out_len;
     sbuf out_json;          /* CREATE/PUT_STATE/PATCH: the session object */
     bool created;           /* PUT_STATE: 201 rather than 200 */
+    double lr;              /* STEP: the lr the step used */
+    double grad_norm;       /* STEP: before clipping */
+    uint32_t contributors;  /* STEP: of the round applied */
+    char from[STORE_NAME_MAX + 1]; /* FORK: the source session */
     /* Completion. */
     void (*on_done)(struct job *j, void *ctx);
     void *done_ctx;
     uint64_t enqueued_us;
-    struct job *next;
+    int state;              /* writer.c: queued, parked in a round, or done */
+    struct job *next;       /* the queue, then the group */
+    struct job *next_waiter; /* the jobs of one worker round */
+    struct job *next_done;  /* the jobs to complete after a commit */
 } job;
 
 typedef struct writer writer;
 
-optd_err writer_start(store *st, metrics *m, uint64_t idem_window, size_t cache_bytes, writer **out);
+optd_err writer_start(store *st, metrics *m, uint64_t idem_window, uint64_t history_steps, size_t cache_bytes,
+                      writer **out);
 /* Queues j; j->on_done runs on the writer thread once j's outcome is committed
  * (or failed). Returns OPTD_E_UNAVAILABLE when the writer is stopping. */
 optd_err writer_submit(writer *w, job *j);

@@ -22,6 +22,7 @@ static const char *templates[R_COUNT] = {
     [R_STEP] = "/v1/sessions/{name}/step",
     [R_PARAMS] = "/v1/sessions/{name}/params",
     [R_STATE] = "/v1/sessions/{name}/state",
+    [R_HISTORY] = "/v1/sessions/{name}/history",
 };
 
 const char *route_template(api_route r) { return r < R_COUNT ? templates[r] : "unknown"; }

@@ -37,7 +37,7 @@ void sess_free(sess *s)
     free(s);
 }
 
-optd_err hparams_from_json(const optim_info *info, const cJSON *obj, optim_hparams *hp, char *msg,
+optd_err hparams_from_json(const optim_info *info, const cJSON *obj, optim_hparams *hp, training *tr, char *msg,
                            size_t msglen)
 {
     if (obj && !cJSON_IsObject(obj)) {
@@ -45,6 +45,13 @@ optd_err hparams_from_json(const optim_info *info, const cJSON *obj, optim_hpara
         return OPTD_E_BAD_REQUEST;
     }
     for (const cJSON *e = obj ? obj->child : NULL; e; e = e->next) {
+        int handled;
+        optd_err rc = training_hparam_from_json(e, tr, &handled, msg, msglen);
+        if (handled) {
+            if (rc)
+                return rc;
+            continue;
+        }
         const optim_hp_desc *d = optim_hp_find(info, e->string);
         if (!d) {
             snprintf(msg, msglen, "%s has no hyperparameter '%.64s'", info->name, e->string);
@@ -82,7 +89,7 @@ optd_err hparams_from_json(const optim_info *info, const cJSON *obj, optim_hpara
     return OPTD_OK;
 }
 
-void hparams_to_json(sbuf *b, const optim_info *info, const optim_hparams *hp)
+void hparams_to_json(sbuf *b, const optim_info *info, const optim_hparams *hp, const training *tr)
 {
     sbuf_put(b, "{", 1);
     for (size_t i = 0; i < info->n_hps; i++) {
@@ -100,6 +107,7 @@ void hparams_to_json(sbuf *b, const optim_info *info, const optim_hparams *hp)
             sbuf_num(b, optim_hp_get(hp, d, 0), 0);
         }
     }
+    training_hparams_to_json(b, tr);
     sbuf_put(b, "}", 1);
 }
 
@@ -107,7 +115,8 @@ optd_err sess_write_config(sess *s)
 {
     sbuf b = {0};
     sbuf_puts(&b, "{\"hyperparams\":");
-    hparams_to_json(&b, s->info, &s->hp);
+    hparams_to_json(&b, s->info, &s->hp, &s->tr);
+    training_fields_to_json(&b, &s->tr);
     sbuf_puts(&b, "}");
     if (b.oom) {
         sbuf_free(&b);
@@ -118,8 +127,8 @@ optd_err sess_write_config(sess *s)
     return OPTD_OK;
 }
 
-optd_err sess_new(const char *name, const optim_info *info, const optim_hparams *hp, optim_dtype dtype,
-                  size_t n, const void *init, double fill, sess **out)
+optd_err sess_new(const char *name, const optim_info *info, const optim_hparams *hp, const training *tr,
+                  optim_dtype dtype, size_t n, const void *init, double fill, sess **out)
 {
     optd_err rc = OPTD_E_NOMEM;
     sess *s = calloc(1, sizeof *s);
@@ -127,6 +136,7 @@ optd_err sess_new(const char *name, const optim_info *info, const optim_hparams 
         goto done;
     s->info = info;
     s->hp = *hp;
+    s->tr = *tr;
     s->dtype = dtype;
     s->n = n;
     s->blob_len = layout(s, NULL);
@@ -176,9 +186,12 @@ optd_err sess_from_store(store_session *row, void *blob, size_t blob_len, sess *
     s->dtype = (optim_dtype)row->dtype;
     s->n = (size_t)row->size;
     optim_defaults(s->info, &s->hp);
+    training_defaults(&s->tr);
     cfg = cJSON_Parse(row->config ? row->config : "{}");
-    if (!cfg || hparams_from_json(s->info, cJSON_GetObjectItemCaseSensitive(cfg, "hyperparams"), &s->hp, msg,
-                                  sizeof msg))
+    if (!cfg ||
+        hparams_from_json(s->info, cJSON_GetObjectItemCaseSensitive(cfg, "hyperparams"), &s->hp, &s->tr, msg,
+                          sizeof msg) ||
+        training_fields_from_json(cfg, &s->tr, msg, sizeof msg))
         goto done;
     if (layout(s, NULL) != blob_len)
         goto done;
@@ -193,6 +206,38 @@ optd_err sess_from_store(store_session *row, void *blob, size_t blob_len, sess *
 done:
     cJSON_Delete(cfg);
     if (rc) {
+        free(s);
+        s = NULL;
+    }
+    *out = s;
+    return rc;
+}
+
+optd_err sess_copy(const sess *src, const char *name, sess **out)
+{
+    optd_err rc = OPTD_E_NOMEM;
+    sess *s = calloc(1, sizeof *s);
+    if (!s || !(s->blob = malloc(src->blob_len)))
+        goto done;
+    memcpy(s->blob, src->blob, src->blob_len);
+    s->blob_len = src->blob_len;
+    s->info = src->info;
+    s->hp = src->hp;
+    s->tr = src->tr;
+    s->dtype = src->dtype;
+    s->n = src->n;
+    layout(s, s->blob);
+    s->st.scalar = src->st.scalar;
+    s->st.step = src->st.step;
+    s->row = src->row;
+    s->row.id = 0;
+    s->row.config = NULL;
+    snprintf(s->row.name, sizeof s->row.name, "%s", name);
+    s->row.created_ms = s->row.updated_ms = now_ms();
+    rc = sess_write_config(s);
+done:
+    if (rc && s) {
+        free(s->blob);
         free(s);
         s = NULL;
     }
@@ -314,6 +359,7 @@ optd_err sess_from_checkpoint(const char *name, const cJSON *obj, sess **out, ch
     const cJSON *step = cJSON_GetObjectItemCaseSensitive(obj, "step");
     optim_dtype dtype = OPTIM_F32;
     optim_hparams hp;
+    training tr;
 
     rc = OPTD_E_BAD_REQUEST;
     if (!cJSON_IsString(opt)) {
@@ -340,7 +386,10 @@ optd_err sess_from_checkpoint(const char *name, const cJSON *obj, sess **out, ch
         }
     }
     optim_defaults(info, &hp);
-    rc = hparams_from_json(info, cJSON_GetObjectItemCaseSensitive(obj, "hyperparams"), &hp, msg, msglen);
+    training_defaults(&tr);
+    rc = hparams_from_json(info, cJSON_GetObjectItemCaseSensitive(obj, "hyperparams"), &hp, &tr, msg, msglen);
+    if (!rc)
+        rc = training_fields_from_json(obj, &tr, msg, msglen);
     if (rc)
         goto done;
     rc = OPTD_E_BAD_REQUEST;
@@ -364,7 +413,7 @@ optd_err sess_from_checkpoint(const char *name, const cJSON *obj, sess **out, ch
         rc = OPTD_E_INVALID;
         goto done;
     }
-    rc = sess_new(name, info, &hp, dtype, n, NULL, 0, &s);
+    rc = sess_new(name, info, &hp, &tr, dtype, n, NULL, 0, &s);
     if (rc)
         goto done;
     rc = read_vec(params, "params", n, dtype, s->st.params, msg, msglen);

@@ -4,9 +4,11 @@
  * one at a time, in order), commits once for the whole group, and only then
  * completes the jobs, whose replies are therefore always durable. Sessions
  * stay in a bounded in-memory cache so a step costs no read of its state. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "api/internal.h"
 
@@ -16,10 +18,31 @@
  * number only. */
 #define REPLY_BUDGET ((size_t)16 << 20)
 
+/* A job is queued, running in a group, parked in a round, waiting for its
+ * group's outcome (releasing) or done. */
+enum { JS_QUEUED, JS_PARKED, JS_RELEASING, JS_DONE };
+
+/* A worker round in progress: the weighted sum of its contributions (in
+ * double, so the mean does not depend on arrival order beyond rounding) and
+ * the jobs waiting for it. Lives in memory only, as API.md allows. */
+typedef struct wround {
+    sess *s;
+    double *sum;          /* n elements */
+    double wsum;
+    uint32_t count;       /* contributions counted (retries are not) */
+    double loss_sum;
+    uint32_t n_loss;
+    uint64_t deadline_us; /* mono_us of the timeout */
+    job *waiters;
+    struct wround *next, *prev; /* writer.rounds */
+} wround;
+
 struct writer {
     store *st;
     metrics *m;
-    uint64_t idem_window;
+    uint64_t idem_window, history_steps;
+    wround rounds; /* sentinel of the rounds in progress */
+    job *release; /* jobs to complete once the group's outcome is known */
     size_t cache_bytes, cached;
     pthread_t thread;
     pthread_mutex_t mu;
@@ -73,8 +96,13 @@ static void cache_put(writer *w, sess *s)
     w->cached += s->blob_len;
 }
 
+static void round_fail(writer *w, sess *s, optd_err rc, const char *msg);
+
+/* Forgets s (its worker round, if any, fails with 503: retry is safe). */
 static void cache_drop(writer *w, sess *s)
 {
+    if (s->rnd)
+        round_fail(w, s, OPTD_E_UNAVAILABLE, "the session's round was abandoned; retry the contribution");
     sess **pp = &w->bucket[hash(s->row.name)];
     while (*pp != s)
         pp = &(*pp)->hnext;
@@ -91,7 +119,7 @@ static void cache_trim(writer *w)
     sess *s = w->lru.lru_prev;
     while (w->cached > w->cache_bytes && s != &w->lru) {
         sess *prev = s->lru_prev;
-        if (!s->touched)
+        if (!s->touched && !s->rnd)
             cache_drop(w, s);
         s = prev;
     }
@@ -124,64 +152,42 @@ static void touch(sess *s, int64_t ms)
     s->row.updated_ms = ms;
 }
 
-static optd_err run_create(writer *w, job *j)
+/* Runs j's completion now. */
+static void complete(job *j)
 {
-    sess *s = j->newsess, *old;
-    optd_err rc = OPTD_OK;
-    if (j->kind == JOB_PUT_STATE) {
-        rc = lookup(w, j->name, &old);
-        if (rc == OPTD_OK) {
-            s->row.created_ms = old->row.created_ms;
-            rc = store_session_delete(w->st, j->name);
-            cache_drop(w, old);
-        } else if (rc == OPTD_E_NOT_FOUND) {
-            rc = OPTD_OK;
-            j->created = true;
-        }
-        if (rc)
-            return rc;
-    } else if (cache_get(w, j->name)) {
-        return OPTD_E_ALREADY_EXISTS;
+    j->state = JS_DONE;
+    j->on_done(j, j->done_ctx);
+}
+
+/* Completes j after the group's commit (or failure). */
+static void release_later(writer *w, job *j)
+{
+    j->state = JS_RELEASING;
+    j->next_done = w->release;
+    w->release = j;
+}
+
+static void round_free(writer *w, sess *s)
+{
+    wround *r = s->rnd;
+    r->prev->next = r->next;
+    r->next->prev = r->prev;
+    free(r->sum);
+    free(r);
+    s->rnd = NULL;
+    (void)w;
+}
+
+/* Fails every job waiting on s's round at once (nothing of it was written). */
+static void round_fail(writer *w, sess *s, optd_err rc, const char *msg)
+{
+    for (job *j = s->rnd->waiters, *next; j; j = next) {
+        next = j->next_waiter;
+        j->rc = rc;
+        snprintf(j->msg, sizeof j->msg, "%s", msg);
+        complete(j);
     }
-    rc = store_session_insert(w->st, &s->row, s->blob, s->blob_len);
-    if (rc)
-        return rc;
-    j->newsess = NULL;
-    cache_put(w, s);
-    touch(s, s->row.updated_ms);
-    sess_to_json(&j->out_json, &s->row);
-    return OPTD_OK;
-}
-
-static optd_err run_patch(writer *w, job *j)
-{
-    sess *s;
-    optim_hparams hp;
-    optd_err rc = lookup(w, j->name, &s);
-    if (rc)
-        return rc;
-    hp = s->hp;
-    rc = hparams_from_json(s->info, j->patch, &hp, j->msg, sizeof j->msg);
-    if (rc)
-        return rc;
-    size_t before = s->blob_len;
-    rc = sess_set_hparams(s, &hp);
-    if (rc)
-        return rc;
-    w->cached += s->blob_len - before;
-    touch(s, now_ms());
-    rc = store_session_update(w->st, &s->row, before != s->blob_len ? s->blob : NULL, s->blob_len);
-    sess_to_json(&j->out_json, &s->row);
-    return rc;
-}
-
-static optd_err run_delete(writer *w, job *j)
-{
-    sess *s = cache_get(w, j->name);
-    optd_err rc = store_session_delete(w->st, j->name);
-    if (rc == OPTD_OK && s)
-        cache_drop(w, s);
-    return rc;
+    round_free(w, s);
 }
 
 static optd_err copy_out(job *j, const void *p, size_t len)
@@ -194,13 +200,156 @@ static optd_err copy_out(job *j, const void *p, size_t len)
     return OPTD_OK;
 }
 
+/* What one applied step reports. */
+typedef struct applied {
+    uint64_t step;
+    double lr, grad_norm;
+} applied;
+
+/* Applies one optimizer step with grad (n elements of the session's dtype,
+ * scaled in place when clipping) and records it: state, row and history,
+ * all inside the group's transaction. */
+static optd_err apply_step(writer *w, sess *s, void *grad, uint32_t contributors, bool has_loss, double loss,
+                           applied *out)
+{
+    optim_hparams hp = s->hp;
+    optim_stats stats;
+    double grad_norm = -1;
+    hp.lr = training_lr(&s->tr, s->hp.lr, s->row.step);
+    if (s->tr.clip) {
+        /* torch.nn.utils.clip_grad_norm_: the norm comes first, so this is
+         * the one extra pass over the gradient. */
+        grad_norm = sqrt(optim_sq_norm(s->dtype, s->n, grad));
+        double coef = s->tr.max_grad_norm / (grad_norm + 1e-6);
+        if (coef < 1)
+            optim_scale(s->dtype, s->n, grad, coef);
+    }
+    optim_step(s->info, &hp, s->dtype, s->n, &s->st, grad, &stats);
+    if (grad_norm < 0)
+        grad_norm = sqrt(stats.grad_sq);
+    sess_pack(s);
+    s->row.step = s->st.step;
+    touch(s, now_ms());
+    out->step = s->row.step;
+    out->lr = hp.lr;
+    out->grad_norm = grad_norm;
+    optd_err rc = store_session_update(w->st, &s->row, s->blob, s->blob_len);
+    if (rc == OPTD_OK) {
+        store_history h = {s->row.step, s->row.updated_ms, hp.lr, grad_norm, sqrt(stats.update_sq),
+                           sqrt(stats.param_sq), contributors, has_loss, loss};
+        rc = store_history_put(w->st, s->row.id, &h, w->history_steps);
+    }
+    if (rc == OPTD_OK)
+        atomic_fetch_add(&w->m->steps[s->info->kind], 1);
+    return rc;
+}
+
+/* Fills j's reply from an applied step and remembers its key. */
+static optd_err finish_step(writer *w, sess *s, job *j, const applied *a, uint32_t contributors)
+{
+    size_t vec = s->n * optim_elem_size(s->dtype);
+    optd_err rc = OPTD_OK;
+    j->step = a->step;
+    j->lr = a->lr;
+    j->grad_norm = a->grad_norm;
+    j->contributors = contributors;
+    if (j->idem_key) {
+        uint64_t keep = vec ? REPLY_BUDGET / vec : w->idem_window;
+        rc = store_idem_put(w->st, s->row.id, j->idem_key, a->step, j->digest, s->st.params, vec, w->idem_window,
+                            keep < 1 ? 1 : keep);
+    }
+    if (rc == OPTD_OK && j->want_params)
+        rc = copy_out(j, s->st.params, vec);
+    return rc;
+}
+
+/* Applies s's round with the weighted mean of its contributions; every
+ * waiter gets the same reply once the group commits. */
+static optd_err round_apply(writer *w, sess *s)
+{
+    wround *r = s->rnd;
+    size_t es = optim_elem_size(s->dtype);
+    void *mean = malloc(s->n * es + 1);
+    applied a;
+    optd_err rc = OPTD_E_NOMEM;
+    if (mean) {
+        for (size_t i = 0; i < s->n; i++) {
+            double v = r->sum[i] / r->wsum;
+            if (s->dtype == OPTIM_F64)
+                ((double *)mean)[i] = v;
+            else
+                ((float *)mean)[i] = (float)v;
+        }
+        rc = apply_step(w, s, mean, r->count, r->n_loss > 0, r->n_loss ? r->loss_sum / r->n_loss : 0, &a);
+        free(mean);
+    }
+    uint32_t count = r->count;
+    for (job *j = r->waiters, *next; j; j = next) {
+        next = j->next_waiter;
+        j->rc = rc ? rc : finish_step(w, s, j, &a, count);
+        if (j->rc && !rc)
+            rc = j->rc;
+        release_later(w, j);
+    }
+    round_free(w, s);
+    return rc;
+}
+
+/* Adds j's gradient to s's round (making one when none is open) and parks
+ * j until the round is applied. */
+static optd_err round_join(writer *w, sess *s, job *j)
+{
+    wround *r = s->rnd;
+    if (j->idem_key && r) {
+        /* A retry of a contribution still waiting joins without counting. */
+        for (job *o = r->waiters; o; o = o->next_waiter) {
+            if (o->idem_key && strcmp(o->idem_key, j->idem_key) == 0) {
+                if (o->digest != j->digest) {
+                    snprintf(j->msg, sizeof j->msg, "Idempotency-Key was used with another gradient");
+                    return OPTD_E_IDEMPOTENCY_MISMATCH;
+                }
+                j->replayed = true;
+                goto park;
+            }
+        }
+    }
+    if (!r) {
+        r = calloc(1, sizeof *r);
+        if (!r || !(r->sum = calloc(s->n ? s->n : 1, sizeof(double)))) {
+            free(r);
+            return OPTD_E_NOMEM;
+        }
+        r->s = s;
+        r->deadline_us = mono_us() + (uint64_t)(s->tr.round_timeout * 1e6);
+        r->next = &w->rounds;
+        r->prev = w->rounds.prev;
+        w->rounds.prev->next = r;
+        w->rounds.prev = r;
+        s->rnd = r;
+    }
+    for (size_t i = 0; i < s->n; i++)
+        r->sum[i] += j->weight * (s->dtype == OPTIM_F64 ? ((double *)j->grad)[i] : ((float *)j->grad)[i]);
+    r->wsum += j->weight;
+    r->count++;
+    if (j->has_loss) {
+        r->loss_sum += j->loss;
+        r->n_loss++;
+    }
+park:
+    j->state = JS_PARKED;
+    j->next_waiter = r->waiters;
+    r->waiters = j;
+    /* The request thread lends the gradient only until j completes; the
+     * round keeps its own sum. */
+    return r->count >= s->tr.workers ? round_apply(w, s) : OPTD_OK;
+}
+
 static optd_err run_step(writer *w, job *j)
 {
     sess *s;
     optd_err rc = lookup(w, j->name, &s);
     if (rc)
         return rc;
-    size_t vec = s->n * optim_elem_size(s->dtype);
     if (s->dtype != j->dtype || s->n != j->size) {
         snprintf(j->msg, sizeof j->msg, "the session now has %zu %s elements", s->n,
                  s->dtype == OPTIM_F64 ? "float64" : "float32");
@@ -233,23 +382,123 @@ static optd_err run_step(writer *w, job *j)
                  (long long)j->if_match, (unsigned long long)s->row.step);
         return OPTD_E_STEP_MISMATCH;
     }
-    optim_step(s->info, &s->hp, s->dtype, s->n, &s->st, j->grad);
-    sess_pack(s);
-    s->row.step = s->st.step;
-    touch(s, now_ms());
-    j->step = s->row.step;
-    rc = store_session_update(w->st, &s->row, s->blob, s->blob_len);
-    if (rc == OPTD_OK && j->idem_key) {
-        uint64_t keep = vec ? REPLY_BUDGET / vec : w->idem_window;
-        if (keep < 1)
-            keep = 1;
-        rc = store_idem_put(w->st, s->row.id, j->idem_key, s->row.step, j->digest, s->st.params, vec,
-                            w->idem_window, keep);
+    if (s->tr.workers > 1 || s->rnd)
+        return round_join(w, s, j);
+    applied a;
+    rc = apply_step(w, s, j->grad, 1, j->has_loss, j->loss, &a);
+    return rc ? rc : finish_step(w, s, j, &a, 1);
+}
+
+static optd_err insert_new(writer *w, job *j, sess *s)
+{
+    optd_err rc = store_session_insert(w->st, &s->row, s->blob, s->blob_len);
+    if (rc)
+        return rc;
+    cache_put(w, s);
+    touch(s, s->row.updated_ms);
+    sess_to_json(&j->out_json, &s->row);
+    return OPTD_OK;
+}
+
+static optd_err run_create(writer *w, job *j)
+{
+    sess *old;
+    optd_err rc = OPTD_OK;
+    if (j->kind == JOB_PUT_STATE) {
+        rc = lookup(w, j->name, &old);
+        if (rc == OPTD_OK) {
+            j->newsess->row.created_ms = old->row.created_ms;
+            rc = store_session_delete(w->st, j->name);
+            if (old->rnd)
+                round_fail(w, old, OPTD_E_STEP_MISMATCH, "the session was replaced by a checkpoint");
+            cache_drop(w, old);
+        } else if (rc == OPTD_E_NOT_FOUND) {
+            rc = OPTD_OK;
+            j->created = true;
+        }
+        if (rc)
+            return rc;
+    } else if (cache_get(w, j->name)) {
+        return OPTD_E_ALREADY_EXISTS;
     }
-    if (rc == OPTD_OK && j->want_params)
-        rc = copy_out(j, s->st.params, vec);
+    rc = insert_new(w, j, j->newsess);
     if (rc == OPTD_OK)
-        atomic_fetch_add(&w->m->steps[s->info->kind], 1);
+        j->newsess = NULL;
+    return rc;
+}
+
+/* Applies the hyperparams and session fields of body onto s's copies,
+ * validating all before changing anything. */
+static optd_err apply_settings(sess *s, const cJSON *body, char *msg, size_t msglen)
+{
+    optim_hparams hp = s->hp;
+    training tr = s->tr;
+    optd_err rc = hparams_from_json(s->info, cJSON_GetObjectItemCaseSensitive(body, "hyperparams"), &hp, &tr, msg,
+                                    msglen);
+    if (!rc)
+        rc = training_fields_from_json(body, &tr, msg, msglen);
+    if (rc)
+        return rc;
+    training old = s->tr;
+    s->tr = tr;
+    rc = sess_set_hparams(s, &hp);
+    if (rc)
+        s->tr = old;
+    return rc;
+}
+
+static optd_err run_fork(writer *w, job *j)
+{
+    sess *src, *s = NULL;
+    optd_err rc = lookup(w, j->from, &src);
+    if (rc == OPTD_E_NOT_FOUND) {
+        snprintf(j->msg, sizeof j->msg, "no session named '%s' to fork from", j->from);
+        return rc;
+    }
+    if (rc)
+        return rc;
+    if (cache_get(w, j->name))
+        return OPTD_E_ALREADY_EXISTS;
+    rc = sess_copy(src, j->name, &s);
+    if (!rc)
+        rc = apply_settings(s, j->patch, j->msg, sizeof j->msg);
+    if (!rc)
+        rc = insert_new(w, j, s);
+    if (rc)
+        sess_free(s);
+    return rc;
+}
+
+static optd_err run_patch(writer *w, job *j)
+{
+    sess *s;
+    optd_err rc = lookup(w, j->name, &s);
+    if (rc)
+        return rc;
+    size_t before = s->blob_len;
+    rc = apply_settings(s, j->patch, j->msg, sizeof j->msg);
+    if (rc)
+        return rc;
+    w->cached += s->blob_len - before;
+    touch(s, now_ms());
+    rc = store_session_update(w->st, &s->row, before != s->blob_len ? s->blob : NULL, s->blob_len);
+    /* Fewer workers may complete the round in progress. */
+    if (rc == OPTD_OK && s->rnd && s->rnd->count >= s->tr.workers)
+        rc = round_apply(w, s);
+    if (rc == OPTD_OK)
+        sess_to_json(&j->out_json, &s->row);
+    return rc;
+}
+
+static optd_err run_delete(writer *w, job *j)
+{
+    sess *s = cache_get(w, j->name);
+    optd_err rc = store_session_delete(w->st, j->name);
+    if (rc == OPTD_OK && s) {
+        if (s->rnd)
+            round_fail(w, s, OPTD_E_NOT_FOUND, "the session was deleted");
+        cache_drop(w, s);
+    }
     return rc;
 }
 
@@ -259,6 +508,8 @@ static optd_err run(writer *w, job *j)
     case JOB_CREATE:
     case JOB_PUT_STATE:
         return run_create(w, j);
+    case JOB_FORK:
+        return run_fork(w, j);
     case JOB_PATCH:
         return run_patch(w, j);
     case JOB_DELETE:
@@ -273,14 +524,54 @@ static optd_err run(writer *w, job *j)
  * opposed to a refusal that wrote nothing). */
 static int is_fault(optd_err rc) { return rc == OPTD_E_UNAVAILABLE || rc == OPTD_E_NOMEM || rc == OPTD_E_INTERNAL; }
 
-/* Applies one group of jobs in one transaction and completes them. */
+/* Rounds past their timeout: applied with what arrived when at least
+ * min_workers contributed, else failed (nothing changes). */
+static optd_err run_expired(writer *w, uint64_t now)
+{
+    optd_err rc = OPTD_OK;
+    for (wround *r = w->rounds.next, *next; r != &w->rounds && !is_fault(rc); r = next) {
+        next = r->next;
+        if (r->deadline_us > now)
+            continue;
+        if (r->count >= training_min_workers(&r->s->tr))
+            rc = round_apply(w, r->s);
+        else
+            round_fail(w, r->s, OPTD_E_ROUND_TIMEOUT, "the round did not gather min_workers contributions in time");
+    }
+    return rc;
+}
+
+static int any_expired(writer *w, uint64_t now)
+{
+    for (wround *r = w->rounds.next; r != &w->rounds; r = r->next)
+        if (r->deadline_us <= now)
+            return 1;
+    return 0;
+}
+
+/* Applies one group of jobs (and the rounds that timed out) in one
+ * transaction, then completes what the group decided. */
 static void run_group(writer *w, job *group)
 {
     optd_err rc = store_begin(w->st);
-    int fault = rc != OPTD_OK;
-    for (job *j = group; j && !fault; j = j->next) {
+    int began = rc == OPTD_OK, fault = !began;
+    job *j = group, *next;
+    w->release = NULL;
+    if (!fault) {
+        rc = run_expired(w, mono_us());
+        fault = is_fault(rc);
+    }
+    for (; j && !fault; j = next) {
+        next = j->next;
+        j->state = JS_QUEUED;
         j->rc = run(w, j);
         fault = is_fault(j->rc);
+        if (j->state == JS_QUEUED) /* else parked, or released by its round */
+            release_later(w, j);
+    }
+    for (; j; j = next) { /* not run: the group failed before them */
+        next = j->next;
+        release_later(w, j);
     }
     if (!fault) {
         uint64_t t0 = mono_us();
@@ -288,34 +579,47 @@ static void run_group(writer *w, job *group)
         histogram_observe(&w->m->commit_latency, mono_us() - t0);
         atomic_fetch_add(&w->m->commits, 1);
         fault = rc != OPTD_OK;
-    } else if (rc == OPTD_OK) {
+    } else if (began) {
         store_rollback(w->st);
     }
     /* After a failed transaction nothing of the group happened: forget the
      * cached sessions it changed (they reload from the database) and fail
      * every job, all of which are safe to retry. */
     for (sess *s = w->lru.lru_next; s != &w->lru;) {
-        sess *next = s->lru_next;
+        sess *nexts = s->lru_next;
         if (s->touched && fault)
             cache_drop(w, s);
         else
             s->touched = 0;
-        s = next;
+        s = nexts;
     }
     if (fault)
         atomic_fetch_add(&w->m->commit_failures, 1);
     cache_trim(w);
-    for (job *j = group, *next; j; j = next) {
-        next = j->next;
+    job *list = w->release;
+    w->release = NULL;
+    for (j = list; j; j = next) {
+        next = j->next_done;
         if (fault) {
             j->rc = rc == OPTD_E_NOMEM || j->rc == OPTD_E_NOMEM ? OPTD_E_NOMEM : OPTD_E_UNAVAILABLE;
+            j->msg[0] = '\0';
             j->replayed = false;
             free(j->out_params);
             j->out_params = NULL;
             sbuf_free(&j->out_json);
         }
-        j->on_done(j, j->done_ctx);
+        complete(j);
     }
+}
+
+/* The earliest round deadline, or 0 when no round is open. */
+static uint64_t next_deadline(writer *w)
+{
+    uint64_t dl = 0;
+    for (wround *r = w->rounds.next; r != &w->rounds; r = r->next)
+        if (!dl || r->deadline_us < dl)
+            dl = r->deadline_us;
+    return dl;
 }
 
 static void *writer_main(void *arg)
@@ -323,32 +627,56 @@ static void *writer_main(void *arg)
     writer *w = arg;
     pthread_mutex_lock(&w->mu);
     for (;;) {
-        while (!w->head && !w->stopping)
-            pthread_cond_wait(&w->cv, &w->mu);
-        if (!w->head)
+        while (!w->head && !w->stopping) {
+            uint64_t dl = next_deadline(w), now = mono_us();
+            if (!dl) {
+                pthread_cond_wait(&w->cv, &w->mu);
+                continue;
+            }
+            if (dl <= now)
+                break;
+            struct timespec ts;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            uint64_t ns = (uint64_t)ts.tv_nsec + (dl - now) * 1000u;
+            ts.tv_sec += (time_t)(ns / 1000000000u);
+            ts.tv_nsec = (long)(ns % 1000000000u);
+            pthread_cond_timedwait(&w->cv, &w->mu, &ts);
+        }
+        if (!w->head && w->stopping)
             break;
         job *group = w->head;
         w->head = w->tail = NULL;
         pthread_mutex_unlock(&w->mu);
-        run_group(w, group);
+        if (group || any_expired(w, mono_us()))
+            run_group(w, group);
         pthread_mutex_lock(&w->mu);
     }
     pthread_mutex_unlock(&w->mu);
+    /* Rounds still open cannot finish now. */
+    while (w->rounds.next != &w->rounds)
+        round_fail(w, w->rounds.next->s, OPTD_E_UNAVAILABLE, "the server is shutting down; retry");
     return NULL;
 }
 
-optd_err writer_start(store *st, metrics *m, uint64_t idem_window, size_t cache_bytes, writer **out)
+optd_err writer_start(store *st, metrics *m, uint64_t idem_window, uint64_t history_steps, size_t cache_bytes,
+                      writer **out)
 {
     writer *w = calloc(1, sizeof *w);
+    pthread_condattr_t ca;
     if (!w)
         return OPTD_E_NOMEM;
     w->st = st;
     w->m = m;
     w->idem_window = idem_window;
+    w->history_steps = history_steps;
     w->cache_bytes = cache_bytes;
     w->lru.lru_next = w->lru.lru_prev = &w->lru;
+    w->rounds.next = w->rounds.prev = &w->rounds;
     pthread_mutex_init(&w->mu, NULL);
-    pthread_cond_init(&w->cv, NULL);
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&w->cv, &ca);
+    pthread_condattr_destroy(&ca);
     if (pthread_create(&w->thread, NULL, writer_main, w) != 0) {
         pthread_mutex_destroy(&w->mu);
         pthread_cond_destroy(&w->cv);

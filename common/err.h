@@ -27,6 +27,8 @@
        "this Idempotency-Key was used with a different request")                    \
     XX(INTERNAL, "internal", 500, "internal error")                                  \
     XX(UNAVAILABLE, "unavailable", 503, "storage is unavailable; safe to retry")    \
+    XX(ROUND_TIMEOUT, "round_timeout", 503,                                          \
+       "the round did not gather min_workers contributions in time; nothing changed") \
     XX(NOMEM, "unavailable", 503, "out of memory; safe to retry")
 
 typedef enum optd_err {

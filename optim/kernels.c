@@ -35,13 +35,26 @@
 #undef abs_t
 
 void optim_step(const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n, optim_state *st,
-                const void *grad)
+                const void *grad, optim_stats *stats)
 {
     if (dtype == OPTIM_F64)
-        step_f64(info, hp, n, st, grad);
+        step_f64(info, hp, n, st, grad, stats);
     else
-        step_f32(info, hp, n, st, grad);
+        step_f32(info, hp, n, st, grad, stats);
     st->step++;
+}
+
+double optim_sq_norm(optim_dtype dtype, size_t n, const void *x)
+{
+    return dtype == OPTIM_F64 ? sq_norm_f64(x, n) : sq_norm_f32(x, n);
+}
+
+void optim_scale(optim_dtype dtype, size_t n, void *x, double scale)
+{
+    if (dtype == OPTIM_F64)
+        scale_f64(x, n, scale);
+    else
+        scale_f32(x, n, (float)scale);
 }
 
 void optim_state_init(const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n,

@@ -125,10 +125,24 @@ size_t optim_elem_size(optim_dtype dtype);
 void optim_state_init(const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n,
                       optim_state *st);
 
+/* Sums of squares gathered during a step, in double. */
+typedef struct optim_stats {
+    double grad_sq;   /* of the gradient as given */
+    double update_sq; /* of new params - old params */
+    double param_sq;  /* of the new params */
+} optim_stats;
+
 /* Applies one step with gradient grad (n elements of dtype, not modified) to
  * st, in place, and increments st->step. hp must have passed optim_validate
- * and st's used buffers must be non-NULL. Cannot fail. */
+ * and st's used buffers must be non-NULL. When stats is non-NULL it is
+ * filled in the same pass over memory. Cannot fail. */
 void optim_step(const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n,
-                optim_state *st, const void *grad);
+                optim_state *st, const void *grad, optim_stats *stats);
+
+/* The sum of squares of n elements of dtype, accumulated in double. */
+double optim_sq_norm(optim_dtype dtype, size_t n, const void *x);
+/* Multiplies n elements of dtype by scale rounded to dtype (as torch's
+ * grad.mul_(clip_coef) in clip_grad_norm_). */
+void optim_scale(optim_dtype dtype, size_t n, void *x, double scale);
 
 #endif

@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,6 +62,16 @@ static const char *const migrations[] = {
     " PRIMARY KEY(session_id, key));"
     "CREATE INDEX idem_step ON idem(session_id, step);"
     "CREATE INDEX idem_reply_step ON idem(session_id, step) WHERE reply IS NOT NULL;",
+    /* 1 -> 2: per-step history, clustered by (session, step) so a page and
+     * the prune of the oldest row are both range operations. */
+    "CREATE TABLE history("
+    " session_id INTEGER NOT NULL,"
+    " step INTEGER NOT NULL,"
+    " time_ms INTEGER NOT NULL,"
+    " lr REAL, grad_norm REAL, update_norm REAL, param_norm REAL,"
+    " contributors INTEGER NOT NULL,"
+    " loss REAL,"
+    " PRIMARY KEY(session_id, step)) WITHOUT ROWID;",
 };
 #define SCHEMA_VERSION ((int)(sizeof migrations / sizeof migrations[0]))
 
@@ -72,6 +83,7 @@ enum {
     Q_LIST_FIRST,
     Q_LIST_AFTER,
     Q_COUNT,
+    Q_HISTORY_PAGE,
     Q_READ_END,
     Q_BEGIN = Q_READ_END,
     Q_COMMIT,
@@ -88,6 +100,9 @@ enum {
     Q_IDEM_PUT,
     Q_IDEM_PRUNE,
     Q_IDEM_DROP_REPLIES,
+    Q_HISTORY_PUT,
+    Q_HISTORY_PRUNE,
+    Q_HISTORY_DELETE_ALL,
     Q_END
 };
 
@@ -104,6 +119,8 @@ static const char *const sql[Q_END] = {
     [Q_LIST_FIRST] = "SELECT " SESSION_COLS " FROM sessions s ORDER BY s.name LIMIT ?1",
     [Q_LIST_AFTER] = "SELECT " SESSION_COLS " FROM sessions s WHERE s.name > ?1 ORDER BY s.name LIMIT ?2",
     [Q_COUNT] = "SELECT count(*) FROM sessions",
+    [Q_HISTORY_PAGE] = "SELECT step, time_ms, lr, grad_norm, update_norm, param_norm, contributors, loss"
+                       " FROM history WHERE session_id = ?1 AND step > ?2 ORDER BY step LIMIT ?3",
     [Q_BEGIN] = "BEGIN IMMEDIATE",
     [Q_COMMIT] = "COMMIT",
     [Q_ROLLBACK] = "ROLLBACK",
@@ -124,6 +141,10 @@ static const char *const sql[Q_END] = {
      * silently slowing down. */
     [Q_IDEM_DROP_REPLIES] = "UPDATE idem INDEXED BY idem_reply_step SET reply = NULL"
                             " WHERE session_id = ?1 AND step <= ?2 AND reply IS NOT NULL",
+    [Q_HISTORY_PUT] = "INSERT OR REPLACE INTO history(session_id, step, time_ms, lr, grad_norm, update_norm,"
+                      " param_norm, contributors, loss) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    [Q_HISTORY_PRUNE] = "DELETE FROM history WHERE session_id = ?1 AND step <= ?2",
+    [Q_HISTORY_DELETE_ALL] = "DELETE FROM history WHERE session_id = ?1",
 };
 
 /* A read-only connection of the pool with its own copies of the reads. */
@@ -146,6 +167,10 @@ struct store {
     pthread_mutex_t probe_mu; /* guards probe */
     int probe_init;           /* probe_mu is initialised */
     sqlite3 *probe;           /* store_writable's own connection */
+    /* Set when a write transaction failed or was rolled back, cleared by the
+     * next commit that succeeds: while set, store_writable makes a real write
+     * rather than trust a lock that costs no I/O. */
+    atomic_int write_failed;
 };
 
 /* --- Helpers. ------------------------------------------------------------ */
@@ -163,7 +188,10 @@ static void seterr(char *err, size_t errlen, const char *fmt, ...)
 /* Maps an SQLite result code (extended codes are on) to ours. A unique or
  * primary-key violation is the one constraint our statements break in normal
  * use (a taken name). Busy, locked, full, I/O and permission errors mean the
- * storage cannot be used right now, and the caller may retry. */
+ * storage cannot be used right now, and the caller may retry. So do corrupt
+ * and not-a-database once the file was opened and checked: SQLite reports a
+ * page that fails to read (EIO) as "database disk image is malformed", and
+ * either way the storage cannot serve while nothing was changed. */
 static optd_err from_sqlite(int src)
 {
     if (src == SQLITE_OK || src == SQLITE_ROW || src == SQLITE_DONE) return OPTD_OK;
@@ -178,8 +206,10 @@ static optd_err from_sqlite(int src)
     case SQLITE_CANTOPEN:
     case SQLITE_PROTOCOL:
     case SQLITE_PERM:
+    case SQLITE_CORRUPT:
+    case SQLITE_NOTADB:
     case SQLITE_INTERRUPT: return OPTD_E_UNAVAILABLE;
-    default: return OPTD_E_INTERNAL; /* corrupt, misuse, schema drift */
+    default: return OPTD_E_INTERNAL; /* misuse, schema drift */
     }
 }
 
@@ -408,6 +438,8 @@ static optd_err exec_sql(sqlite3 *db, const char *text, const char *path, char *
     if (src == SQLITE_OK) return OPTD_OK;
     seterr(err, errlen, "cannot set up %s: %s", path, msg ? msg : sqlite3_errstr(src));
     sqlite3_free(msg);
+    /* At open, damage is a verdict on the file (do not retry), not an outage. */
+    if ((src & 0xff) == SQLITE_CORRUPT || (src & 0xff) == SQLITE_NOTADB) return OPTD_E_INVALID;
     return from_sqlite(src) == OPTD_E_INTERNAL ? OPTD_E_INVALID : from_sqlite(src);
 }
 
@@ -738,6 +770,7 @@ optd_err store_open(const char *path, const store_options *opt, store **out, cha
 
     st = calloc(1, sizeof *st);
     if (!st) return OPTD_E_NOMEM;
+    atomic_init(&st->write_failed, 0);
     if (pthread_mutex_init(&st->pool_mu, NULL) != 0) {
         rc = OPTD_E_NOMEM;
         goto done;
@@ -796,15 +829,27 @@ void store_close(store *st)
 
 /* Takes and drops the write lock on the probe connection. That does no I/O
  * in WAL mode but fails when another connection holds the lock past
- * PROBE_TIMEOUT_MS or the file cannot be written. The probe is its own
- * connection because the write connection belongs to the writer thread. */
+ * PROBE_TIMEOUT_MS. A disk that is full, read-only or failing shows only in
+ * a real write, so after a write of the writer failed (write_failed) the
+ * probe also rewrites the application id (the same value: nothing changes)
+ * and commits; its success clears the flag, so readiness comes back by
+ * itself once the storage works again, even when no client writes. The
+ * probe is its own connection because the write connection belongs to the
+ * writer thread. */
 int store_writable(store *st)
 {
+    char text[64];
     int ok;
 
     if (!st) return 0;
     pthread_mutex_lock(&st->probe_mu);
     ok = sqlite3_exec(st->probe, "BEGIN IMMEDIATE", NULL, NULL, NULL) == SQLITE_OK;
+    if (ok && atomic_load(&st->write_failed)) {
+        snprintf(text, sizeof text, "PRAGMA application_id = %d", STORE_APPLICATION_ID);
+        ok = sqlite3_exec(st->probe, text, NULL, NULL, NULL) == SQLITE_OK &&
+             sqlite3_exec(st->probe, "COMMIT", NULL, NULL, NULL) == SQLITE_OK;
+        if (ok) atomic_store(&st->write_failed, 0);
+    }
     if (!sqlite3_get_autocommit(st->probe)) {
         /* Nothing was written, so a failed ROLLBACK loses nothing; it does
          * mean the probe cannot be trusted this time. */
@@ -823,7 +868,9 @@ optd_err store_begin(store *st)
     assert(sqlite3_get_autocommit(st->db));
     src = sqlite3_step(q);
     stmt_done(q);
-    return src == SQLITE_DONE ? OPTD_OK : OPTD_E_UNAVAILABLE;
+    if (src == SQLITE_DONE) return OPTD_OK;
+    atomic_store(&st->write_failed, 1);
+    return OPTD_E_UNAVAILABLE;
 }
 
 optd_err store_commit(store *st)
@@ -833,7 +880,11 @@ optd_err store_commit(store *st)
 
     src = sqlite3_step(q);
     stmt_done(q);
-    if (src == SQLITE_DONE) return OPTD_OK;
+    if (src == SQLITE_DONE) {
+        atomic_store(&st->write_failed, 0);
+        return OPTD_OK;
+    }
+    atomic_store(&st->write_failed, 1);
     /* SQLite may already have rolled back (disk full, I/O error) or may keep
      * the transaction open for a retry (busy); either way it is over for us. */
     store_rollback(st);
@@ -845,6 +896,9 @@ void store_rollback(store *st)
     sqlite3_stmt *q = st->q[Q_ROLLBACK];
     int src;
 
+    /* A rollback means a write failed or was given up: let the next
+     * store_writable check with a real write. */
+    atomic_store(&st->write_failed, 1);
     if (sqlite3_get_autocommit(st->db)) return; /* none open, or SQLite ended it */
     src = sqlite3_step(q);
     stmt_done(q);
@@ -942,7 +996,7 @@ done:
  * OPTD_E_UNAVAILABLE, OPTD_E_NOMEM. */
 optd_err store_session_delete(store *st, const char *name)
 {
-    static const int deletes[] = {Q_IDEM_DELETE_ALL, Q_STATE_DELETE, Q_SESSION_DELETE};
+    static const int deletes[] = {Q_IDEM_DELETE_ALL, Q_HISTORY_DELETE_ALL, Q_STATE_DELETE, Q_SESSION_DELETE};
     sqlite3_stmt *q;
     int64_t id = 0;
     optd_err rc;
@@ -1141,4 +1195,92 @@ optd_err store_read_count(store *st, uint64_t *out)
     stmt_done(q);
     reader_give(st, r);
     return rc;
+}
+
+/* Records h for session_id and forgets rows of steps <= h->step - keep
+ * (keep 0 keeps none). Returns OPTD_OK, OPTD_E_INVALID, OPTD_E_UNAVAILABLE,
+ * OPTD_E_NOMEM. */
+optd_err store_history_put(store *st, int64_t session_id, const store_history *h, uint64_t keep)
+{
+    sqlite3_stmt *q;
+    optd_err rc;
+    int own, src;
+
+    if (!h || h->step > INT64_MAX) return OPTD_E_INVALID;
+    rc = tx_enter(st, &own);
+    if (rc) return rc;
+    if (keep > 0) {
+        q = st->q[Q_HISTORY_PUT];
+        src = sqlite3_bind_int64(q, 1, session_id);
+        if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 2, (int64_t)h->step);
+        if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 3, h->time_ms);
+        if (src == SQLITE_OK) src = sqlite3_bind_double(q, 4, h->lr);
+        if (src == SQLITE_OK) src = sqlite3_bind_double(q, 5, h->grad_norm);
+        if (src == SQLITE_OK) src = sqlite3_bind_double(q, 6, h->update_norm);
+        if (src == SQLITE_OK) src = sqlite3_bind_double(q, 7, h->param_norm);
+        if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 8, (int64_t)h->contributors);
+        if (src == SQLITE_OK)
+            src = h->has_loss ? sqlite3_bind_double(q, 9, h->loss) : sqlite3_bind_null(q, 9);
+        rc = run(q, src);
+        if (rc) goto done;
+    }
+    if (h->step >= keep) {
+        q = st->q[Q_HISTORY_PRUNE];
+        src = sqlite3_bind_int64(q, 1, session_id);
+        if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 2, (int64_t)(h->step - keep));
+        rc = run(q, src);
+    }
+done:
+    return tx_leave(st, own, rc);
+}
+
+/* Returns OPTD_OK, OPTD_E_INVALID, OPTD_E_UNAVAILABLE, OPTD_E_NOMEM; on
+ * failure the outputs are untouched. */
+optd_err store_read_history(store *st, int64_t session_id, uint64_t after, int limit, store_history **out,
+                            size_t *n, int *more)
+{
+    struct reader *r;
+    sqlite3_stmt *q;
+    store_history *rows = NULL;
+    size_t count = 0;
+    int src, extra = 0;
+    optd_err rc = OPTD_OK;
+
+    if (limit < 0 || after > INT64_MAX || !out || !n || !more) return OPTD_E_INVALID;
+    rows = malloc(((size_t)limit + 1) * sizeof *rows);
+    if (!rows) return OPTD_E_NOMEM;
+    r = reader_take(st);
+    q = r->q[Q_HISTORY_PAGE];
+    src = sqlite3_bind_int64(q, 1, session_id);
+    if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 2, (int64_t)after);
+    if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 3, (int64_t)limit + 1);
+    while (src == SQLITE_OK || src == SQLITE_ROW) {
+        src = sqlite3_step(q);
+        if (src != SQLITE_ROW) break;
+        if (count == (size_t)limit) {
+            extra = 1;
+            break;
+        }
+        store_history *h = &rows[count++];
+        h->step = i2u(sqlite3_column_int64(q, 0));
+        h->time_ms = sqlite3_column_int64(q, 1);
+        h->lr = sqlite3_column_double(q, 2);
+        h->grad_norm = sqlite3_column_double(q, 3);
+        h->update_norm = sqlite3_column_double(q, 4);
+        h->param_norm = sqlite3_column_double(q, 5);
+        h->contributors = i2u(sqlite3_column_int64(q, 6));
+        h->has_loss = sqlite3_column_type(q, 7) != SQLITE_NULL;
+        h->loss = h->has_loss ? sqlite3_column_double(q, 7) : 0;
+    }
+    if (src != SQLITE_ROW && src != SQLITE_DONE) rc = from_sqlite(src);
+    stmt_done(q);
+    reader_give(st, r);
+    if (rc) {
+        free(rows);
+        return rc;
+    }
+    *out = rows;
+    *n = count;
+    *more = extra;
+    return OPTD_OK;
 }

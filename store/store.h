@@ -95,6 +95,20 @@ optd_err store_idem_get(store *st, int64_t session_id, const char *key, store_id
 optd_err store_idem_put(store *st, int64_t session_id, const char *key, uint64_t step, uint64_t digest,
                         const void *reply, size_t reply_len, uint64_t window, uint64_t reply_window);
 
+/* One applied step as the history keeps it. Plain data. */
+typedef struct store_history {
+    uint64_t step;
+    int64_t time_ms;          /* Unix time, milliseconds */
+    double lr, grad_norm, update_norm, param_norm;
+    uint64_t contributors;
+    int has_loss;
+    double loss;              /* the client's, when has_loss */
+} store_history;
+
+/* Records h for session_id, then forgets the rows of steps <= h->step - keep
+ * so exactly the last keep steps stay (keep 0 keeps none). */
+optd_err store_history_put(store *st, int64_t session_id, const store_history *h, uint64_t keep);
+
 /* --- Any thread. -------------------------------------------------------- */
 
 /* As store_session_load, from committed data, on a read connection. */
@@ -103,6 +117,11 @@ optd_err store_read_session(store *st, const char *name, store_session *out, voi
  * of name. *out is a malloc'd array of *n rows (caller clears each and frees
  * the array). *more is set to 1 when further rows exist. */
 optd_err store_read_list(store *st, const char *after, int limit, store_session **out, size_t *n, int *more);
+/* Up to limit history rows of session_id with step > after, in step order.
+ * *out is a malloc'd array of *n rows (caller frees); *more is 1 when
+ * further rows exist. */
+optd_err store_read_history(store *st, int64_t session_id, uint64_t after, int limit, store_history **out,
+                            size_t *n, int *more);
 /* Number of sessions. */
 optd_err store_read_count(store *st, uint64_t *out);
 

@@ -370,15 +370,38 @@ static void test_reference_case(void **state)
     optim_state_init(info, &hp, c->dtype, n, &st);
     memcpy(c->params, c->p0, n * es);
 
+    /* Every other step gathers statistics, which runs the kernels block by
+     * block: both paths must give torch's params, and the statistics must
+     * match sums computed here from the step's before and after. */
+    double *before = malloc(n * sizeof(double));
+    assert_non_null(before);
     for (size_t t = 0; t < c->steps; t++) {
         const unsigned char *g = (const unsigned char *)c->grads + t * n * es;
         memcpy(c->grad_copy, g, n * es);
-        optim_step(info, &hp, c->dtype, n, &st, c->grad_copy);
+        optim_stats stats = {-1, -1, -1};
+        for (size_t i = 0; i < n; i++)
+            before[i] = c->dtype == OPTIM_F64 ? ((double *)c->params)[i] : ((float *)c->params)[i];
+        optim_step(info, &hp, c->dtype, n, &st, c->grad_copy, t % 2 ? &stats : NULL);
+        if (t % 2) {
+            double gq = 0, uq = 0, pq = 0;
+            for (size_t i = 0; i < n; i++) {
+                double gv = c->dtype == OPTIM_F64 ? ((double *)g)[i] : ((float *)g)[i];
+                double pv = c->dtype == OPTIM_F64 ? ((double *)c->params)[i] : ((float *)c->params)[i];
+                gq += gv * gv;
+                uq += (pv - before[i]) * (pv - before[i]);
+                pq += pv * pv;
+            }
+            if (fabs(stats.grad_sq - gq) > 1e-12 * gq || fabs(stats.update_sq - uq) > 1e-12 * uq ||
+                fabs(stats.param_sq - pq) > 1e-12 * pq)
+                fail_msg("%s: step %zu stats (%g, %g, %g), want (%g, %g, %g)", c->name, t + 1, stats.grad_sq,
+                         stats.update_sq, stats.param_sq, gq, uq, pq);
+        }
         if (memcmp(c->grad_copy, g, n * es) != 0)
             fail_msg("%s: optim_step modified the gradient at step %zu", c->name, t + 1);
         if (compare(c, "params", t + 1, c->params, c->want + t * n, n) < n)
             fail_msg("%s: params first differ at step %zu", c->name, t + 1);
     }
+    free(before);
     if (st.step != c->steps)
         fail_msg("%s: state step is %llu after %zu steps", c->name, (unsigned long long)st.step, c->steps);
 
@@ -1006,10 +1029,65 @@ static void free_cases(struct CMUnitTest *tests, int count)
     free(tests);
 }
 
+/* Gathering statistics runs the kernels block by block; on a vector of
+ * several blocks and a ragged tail the params must be bit-identical to the
+ * single pass, for every optimizer and dtype, over several steps. */
+static void test_steps_with_statistics_equal_steps_without_over_many_blocks(void **unused)
+{
+    (void)unused;
+    const size_t n = 5000;
+    for (size_t k = 0; k < OPTIM_KIND_COUNT; k++) {
+        for (int dt = 0; dt < 2; dt++) {
+            const optim_info *info = optim_at(k);
+            optim_dtype dtype = dt ? OPTIM_F64 : OPTIM_F32;
+            size_t es = optim_elem_size(dtype);
+            optim_hparams hp;
+            optim_defaults(info, &hp);
+            optim_state a, b;
+            memset(&a, 0, sizeof a);
+            memset(&b, 0, sizeof b);
+            unsigned char *mem = calloc(2 * (1 + OPTIM_MAX_BUFFERS) * n + n, es);
+            assert_non_null(mem);
+            a.params = mem;
+            b.params = mem + n * es;
+            for (size_t i = 0; i < OPTIM_MAX_BUFFERS; i++) {
+                if (!optim_buffer_used(info, &hp, i))
+                    continue;
+                a.buf[i] = mem + (2 + 2 * i) * n * es;
+                b.buf[i] = mem + (3 + 2 * i) * n * es;
+            }
+            optim_state_init(info, &hp, dtype, n, &a);
+            optim_state_init(info, &hp, dtype, n, &b);
+            unsigned char *g = mem + 2 * (1 + OPTIM_MAX_BUFFERS) * n * es;
+            for (size_t i = 0; i < n; i++) {
+                double p = sin((double)i) * 3, gv = cos((double)i * 0.7) * 0.1;
+                if (dtype == OPTIM_F64) {
+                    ((double *)a.params)[i] = ((double *)b.params)[i] = p;
+                    ((double *)g)[i] = gv;
+                } else {
+                    ((float *)a.params)[i] = ((float *)b.params)[i] = (float)p;
+                    ((float *)g)[i] = (float)gv;
+                }
+            }
+            for (int t = 0; t < 3; t++) {
+                optim_stats stats;
+                optim_step(info, &hp, dtype, n, &a, g, NULL);
+                optim_step(info, &hp, dtype, n, &b, g, &stats);
+                if (memcmp(a.params, b.params, n * es) != 0 || a.scalar != b.scalar)
+                    fail_msg("%s %s: blocked step %d differs from the single pass", info->name,
+                             dt ? "float64" : "float32", t + 1);
+                assert_true(stats.grad_sq > 0 && stats.param_sq > 0);
+            }
+            free(mem);
+        }
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest table_tests[] = {
         cmocka_unit_test(test_every_optimizer_is_found_by_name_in_kind_order),
+        cmocka_unit_test(test_steps_with_statistics_equal_steps_without_over_many_blocks),
         cmocka_unit_test(test_an_unknown_optimizer_name_is_not_found),
         cmocka_unit_test(test_an_unknown_hyperparameter_name_is_not_found),
         cmocka_unit_test(test_sgd_defaults_match_the_api_table),

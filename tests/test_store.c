@@ -208,7 +208,7 @@ static void test_open_creates_an_optd_database_that_close_releases(void **state)
     store_close(NULL);
 
     assert_int_equal(pragma_on(f->path, "PRAGMA application_id"), 0x6F707464);
-    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 1);
+    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 2);
     assert_string_equal(text_on(f->path, "PRAGMA journal_mode", buf, sizeof buf), "wal");
 }
 
@@ -694,7 +694,7 @@ static void test_a_database_from_a_newer_optd_is_refused(void **state)
     insert(f, "a");
     store_close(f->st);
     f->st = NULL;
-    sql_on(f->path, "PRAGMA user_version = 2;");
+    sql_on(f->path, "PRAGMA user_version = 3;");
     assert_refused_unchanged(f, "made by a newer optd");
 }
 
@@ -725,6 +725,42 @@ static void test_a_corrupt_database_is_refused(void **state)
     assert_refused_unchanged(f, "corrupt");
 }
 
+static void test_history_keeps_exactly_the_last_steps_and_pages_in_order(void **state)
+{
+    fixture *f = *state;
+    store_history *rows = NULL;
+    size_t n = 0;
+    int more = 0;
+
+    open_store(f, NULL);
+    store_session s = make_session("h", 0);
+    assert_int_equal(store_session_insert(f->st, &s, "abc", 3), OPTD_OK);
+    int64_t id = s.id;
+    for (uint64_t step = 1; step <= 10; step++) {
+        store_history h = {step, 1000 + (int64_t)step, 0.1, 2.0 * step, 0.5, 3.0, 1, step % 2, 0.25 * step};
+        assert_int_equal(store_history_put(f->st, id, &h, 4), OPTD_OK);
+    }
+    assert_int_equal(store_read_history(f->st, id, 0, 3, &rows, &n, &more), OPTD_OK);
+    assert_int_equal(n, 3);
+    assert_int_equal(more, 1);
+    assert_int_equal(rows[0].step, 7);
+    assert_int_equal(rows[2].step, 9);
+    assert_true(rows[0].has_loss);
+    assert_true(rows[0].loss == 0.25 * 7);
+    assert_false(rows[1].has_loss);
+    assert_true(rows[1].grad_norm == 16.0);
+    free(rows);
+    assert_int_equal(store_read_history(f->st, id, 9, 3, &rows, &n, &more), OPTD_OK);
+    assert_int_equal(n, 1);
+    assert_int_equal(more, 0);
+    assert_int_equal(rows[0].step, 10);
+    free(rows);
+    assert_int_equal(store_session_delete(f->st, "h"), OPTD_OK);
+    assert_int_equal(store_read_history(f->st, id, 0, 100, &rows, &n, &more), OPTD_OK);
+    assert_int_equal(n, 0);
+    free(rows);
+}
+
 static void test_an_older_schema_is_upgraded(void **state)
 {
     fixture *f = *state;
@@ -735,7 +771,7 @@ static void test_an_older_schema_is_upgraded(void **state)
     insert(f, "a");
     store_close(f->st);
     f->st = NULL;
-    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 1);
+    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 2);
     assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM sessions"), 1);
 }
 
@@ -820,6 +856,7 @@ int main(void)
         T(test_an_sqlite_file_with_another_application_id_is_refused),
         T(test_a_database_from_a_newer_optd_is_refused),
         T(test_a_corrupt_database_is_refused),
+        T(test_history_keeps_exactly_the_last_steps_and_pages_in_order),
         T(test_an_older_schema_is_upgraded),
         T(test_a_lock_held_elsewhere_makes_writes_unavailable_and_writable_false),
         T(test_bad_arguments_are_invalid),

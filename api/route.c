@@ -1,0 +1,125 @@
+/* Request-line and header parsing that needs no server: the router, the
+ * session name rule, If-Match and the URL unescaping given to
+ * libmicrohttpd. Kept apart from http.c so tests and fuzzers reach them. */
+#include <ctype.h>
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api/internal.h"
+
+int name_valid(const char *s)
+{
+    size_t n = 0;
+    if (!isalnum((unsigned char)s[0]))
+        return 0;
+    for (; s[n]; n++)
+        if (n >= STORE_NAME_MAX || !(isalnum((unsigned char)s[n]) || s[n] == '.' || s[n] == '_' || s[n] == '-'))
+            return 0;
+    return 1;
+}
+
+api_route route_parse(const char *url, char name[STORE_NAME_MAX + 1], int *name_ok)
+{
+    static const struct {
+        const char *path;
+        api_route route;
+    } fixed[] = {{"/healthz", R_HEALTHZ},
+                 {"/readyz", R_READYZ},
+                 {"/metrics", R_METRICS},
+                 {"/v1/optimizers", R_OPTIMIZERS},
+                 {"/v1/sessions", R_SESSIONS}};
+    name[0] = '\0';
+    *name_ok = 0;
+    for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)
+        if (strcmp(url, fixed[i].path) == 0)
+            return fixed[i].route;
+    const char *prefix = "/v1/sessions/";
+    if (strncmp(url, prefix, strlen(prefix)) != 0)
+        return R_NONE;
+    const char *s = url + strlen(prefix), *slash = strchr(s, '/');
+    size_t len = slash ? (size_t)(slash - s) : strlen(s);
+    if (len == 0 || len > STORE_NAME_MAX)
+        return R_NONE;
+    memcpy(name, s, len);
+    name[len] = '\0';
+    *name_ok = name_valid(name);
+    if (!slash)
+        return R_SESSION;
+    if (strcmp(slash, "/step") == 0)
+        return R_STEP;
+    if (strcmp(slash, "/params") == 0)
+        return R_PARAMS;
+    if (strcmp(slash, "/state") == 0)
+        return R_STATE;
+    if (strcmp(slash, "/history") == 0)
+        return R_HISTORY;
+    return R_NONE;
+}
+
+/* Parses If-Match: "N", W/"N" or N; -1 when absent or "*". */
+int parse_if_match(const char *v, int64_t *out)
+{
+    *out = -1;
+    if (!v)
+        return 0;
+    while (*v == ' ')
+        v++;
+    if (strcmp(v, "*") == 0)
+        return 0;
+    if (strncmp(v, "W/", 2) == 0)
+        v += 2;
+    int quoted = *v == '"';
+    v += quoted;
+    if (!isdigit((unsigned char)*v))
+        return -1;
+    char *end;
+    errno = 0;
+    unsigned long long n = strtoull(v, &end, 10);
+    if (errno || n > INT64_MAX)
+        return -1;
+    if (quoted && *end++ != '"')
+        return -1;
+    while (*end == ' ')
+        end++;
+    if (*end)
+        return -1;
+    *out = (int64_t)n;
+    return 0;
+}
+
+/* Percent-decodes in place, except that a string with an encoded NUL or a
+ * bad escape stays as it came (so it matches no valid name). */
+size_t url_unescape(char *s)
+{
+    size_t n = strlen(s);
+    for (size_t i = 0; i < n; i++)
+        if (s[i] == '%' && (i + 2 >= n || !isxdigit((unsigned char)s[i + 1]) || !isxdigit((unsigned char)s[i + 2]) ||
+                            (s[i + 1] == '0' && s[i + 2] == '0')))
+            return n;
+    size_t o = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == '%') {
+            char hex[3] = {s[i + 1], s[i + 2], 0};
+            s[o++] = (char)strtol(hex, NULL, 16);
+            i += 2;
+        } else {
+            s[o++] = s[i];
+        }
+    }
+    s[o] = '\0';
+    return o;
+}
+
+
+int parse_number(const char *v, double *out)
+{
+    char *end;
+    errno = 0;
+    double d = strtod(v, &end);
+    if (end == v || *end || errno == ERANGE || !isfinite(d))
+        return -1;
+    *out = d;
+    return 0;
+}
