@@ -37,7 +37,9 @@ API_SRC    := api/route.c api/training.c api/codec.c api/session.c api/writer.c 
 DAEMON_SRC := daemon/main.c daemon/config.c
 
 LIB_SRC := $(COMMON_SRC) $(OPTIM_SRC) $(STORE_SRC) $(API_SRC)
-LIB_OBJ := $(LIB_SRC:%.c=$(B)/%.o)
+# Files served by the daemon, compiled into it (no asset on disk at run time).
+ASSETS  := asset_dashboard=api/assets/dashboard.html asset_openapi=api/openapi.json
+LIB_OBJ := $(LIB_SRC:%.c=$(B)/%.o) $(B)/gen/assets.o
 
 # Unit tests: tests/test_<module>.c, each linked with the library objects.
 UNIT_TESTS := test_optim test_store test_config
@@ -48,6 +50,13 @@ all: deps $(B)/optd
 
 deps:
 	@if [ "$(DEPS_OK)" != yes ]; then sh deploy/install-deps.sh; fi
+
+$(B)/gen/assets.c: api/embed.py $(foreach a,$(ASSETS),$(word 2,$(subst =, ,$(a))))
+	@mkdir -p $(dir $@)
+	python3 api/embed.py $@ $(ASSETS)
+
+$(B)/gen/assets.o: $(B)/gen/assets.c
+	$(CC) $(CFLAGS) -c $< -o $@
 
 $(B)/%.o: %.c
 	@mkdir -p $(dir $@)

@@ -57,6 +57,7 @@ typedef struct req {
 } req;
 
 static const char *const allow[R_COUNT] = {
+    [R_ROOT] = "GET, HEAD",             [R_OPENAPI] = "GET, HEAD",
     [R_HEALTHZ] = "GET, HEAD",          [R_READYZ] = "GET, HEAD",     [R_METRICS] = "GET, HEAD",
     [R_OPTIMIZERS] = "GET, HEAD",       [R_SESSIONS] = "GET, HEAD, POST",
     [R_SESSION] = "GET, HEAD, PUT, PATCH, DELETE", [R_STEP] = "POST", [R_PARAMS] = "GET, HEAD",
@@ -108,6 +109,20 @@ static enum MHD_Result send_body(req *r, int status, const char *ctype, char *bo
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     r->status = status;
     enum MHD_Result ret = MHD_queue_response(r->conn, (unsigned)status, resp);
+    MHD_destroy_response(resp);
+    return ret;
+}
+
+/* Serves a compiled-in file (no copy: MHD reads the static bytes). */
+static enum MHD_Result send_static(req *r, const char *ctype, const unsigned char *data, size_t len)
+{
+    struct MHD_Response *resp = MHD_create_response_from_buffer(len, (void *)data, MHD_RESPMEM_PERSISTENT);
+    if (!resp)
+        return MHD_NO;
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
+    r->status = 200;
+    enum MHD_Result ret = MHD_queue_response(r->conn, 200, resp);
     MHD_destroy_response(resp);
     return ret;
 }
@@ -758,6 +773,10 @@ static enum MHD_Result dispatch(req *r, const char *method)
     }
     case R_OPTIMIZERS:
         return get_optimizers(r);
+    case R_ROOT:
+        return send_static(r, "text/html; charset=utf-8", asset_dashboard, asset_dashboard_len);
+    case R_OPENAPI:
+        return send_static(r, "application/json", asset_openapi, asset_openapi_len);
     case R_SESSIONS:
         return get ? list_sessions(r) : create_session(r, JOB_CREATE);
     case R_SESSION:

@@ -162,6 +162,7 @@ typedef enum api_route {
     R_READYZ,
     R_METRICS,
     R_OPTIMIZERS,
+    R_OPENAPI,
     R_SESSIONS,
     R_SESSION,
     R_STEP,
@@ -188,6 +189,10 @@ typedef struct metrics {
 } metrics;
 
 const char *route_template(api_route r);
+
+/* The files compiled into the daemon (build/gen/assets.c, from api/embed.py). */
+extern const unsigned char asset_dashboard[], asset_openapi[];
+extern const size_t asset_dashboard_len, asset_openapi_len;
 
 /* ---- route.c ---------------------------------------------------------- */
 

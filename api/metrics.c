@@ -17,6 +17,7 @@ static const char *templates[R_COUNT] = {
     [R_READYZ] = "/readyz",
     [R_METRICS] = "/metrics",
     [R_OPTIMIZERS] = "/v1/optimizers",
+    [R_OPENAPI] = "/v1/openapi.json",
     [R_SESSIONS] = "/v1/sessions",
     [R_SESSION] = "/v1/sessions/{name}",
     [R_STEP] = "/v1/sessions/{name}/step",

@@ -25,7 +25,9 @@ api_route route_parse(const char *url, char name[STORE_NAME_MAX + 1], int *name_
     static const struct {
         const char *path;
         api_route route;
-    } fixed[] = {{"/healthz", R_HEALTHZ},
+    } fixed[] = {{"/", R_ROOT},
+                 {"/v1/openapi.json", R_OPENAPI},
+                 {"/healthz", R_HEALTHZ},
                  {"/readyz", R_READYZ},
                  {"/metrics", R_METRICS},
                  {"/v1/optimizers", R_OPTIMIZERS},
