@@ -77,9 +77,9 @@ unit: deps $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; (cd tests && ../$$t); done
 
 e2e: all
-	python3 tests/e2e/run.py
+	OPTD_BIN=$(B)/optd python3 tests/e2e/run.py
 
-test: unit
+test: unit e2e
 
 asan:
 	$(MAKE) SAN=1 test

@@ -30,7 +30,26 @@ struct api_server {
     atomic_int stopping;
     atomic_uint active; /* requests between first callback and completion */
     atomic_ullong next_id;
+    /* Slow-head watchdog: every open connection, and a thread that cuts those
+     * whose request head is overdue. */
+    pthread_mutex_t conns_mu;
+    struct conn_track *conns; /* guarded by conns_mu */
+    pthread_t watchdog;
+    int watchdog_on;
+    pthread_cond_t watchdog_cv; /* signalled to stop, with conns_mu */
 };
+
+/* What the watchdog knows of a connection. A fresh connection and a request
+ * whose line has arrived must complete their head within header_timeout;
+ * while a request is served, or between keep-alive requests, MHD's own idle
+ * timeout applies. */
+enum { CONN_FRESH, CONN_HEAD, CONN_BUSY, CONN_IDLE };
+typedef struct conn_track {
+    int fd;
+    int state;          /* guarded by conns_mu */
+    uint64_t since_us;  /* when state began */
+    struct conn_track *prev, *next;
+} conn_track;
 
 typedef struct req {
     api_server *srv;
@@ -206,10 +225,20 @@ static optd_err parse_json(req *r, char *msg, size_t msglen)
         snprintf(msg, msglen, "the body is not valid UTF-8");
         return OPTD_E_BAD_JSON;
     }
-    r->json = cJSON_ParseWithLength(r->body ? r->body : "", r->len);
-    if (!r->json) {
+    /* The body is NUL-terminated (on_request keeps it so); the parse must
+     * end at its last byte, bar white space. */
+    const char *body = r->body ? r->body : "", *end = NULL;
+    r->json = cJSON_ParseWithOpts(body, &end, 0);
+    while (r->json && end < body + r->len && strchr(" \t\r\n", *end) && *end)
+        end++;
+    if (!r->json || end != body + r->len) {
         snprintf(msg, msglen, "the body is not valid JSON");
         return OPTD_E_BAD_JSON;
+    }
+    /* cJSON cuts a string at an escaped NUL; no string of this API may hold one. */
+    if (memmem(body, r->len, "\\u0000", 6)) {
+        snprintf(msg, msglen, "strings must not contain NUL (\\u0000)");
+        return OPTD_E_INVALID;
     }
     if (!cJSON_IsObject(r->json)) {
         snprintf(msg, msglen, "the body must be a JSON object");
@@ -275,7 +304,7 @@ static enum MHD_Result finish_job(req *r)
     }
     sbuf b = {0};
     sbuf_printf(&b, "{\"step\":%s", etag);
-    if (!j->replayed) {
+    if (j->has_meta) {
         sbuf_puts(&b, ",\"lr\":");
         sbuf_num(&b, j->lr, 0);
         sbuf_puts(&b, ",\"grad_norm\":");
@@ -808,11 +837,11 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
     api_server *srv = r->srv;
     if (atomic_load(&srv->stopping))
         return snprintf(msg, msglen, "the server is shutting down; retry"), OPTD_E_UNAVAILABLE;
+    /* Every /v1 request needs the token, even to learn a path is unknown. */
+    if (strncmp(r->path, "/v1", 3) == 0 && (r->path[3] == '/' || r->path[3] == '\0') && !authorized(r))
+        return OPTD_E_UNAUTHORIZED;
     if (r->route == R_NONE)
         return snprintf(msg, msglen, "no such path"), OPTD_E_NOT_FOUND;
-    int v1 = r->route >= R_OPTIMIZERS;
-    if (v1 && !authorized(r))
-        return OPTD_E_UNAUTHORIZED;
     if (!method_allowed(r->route, method))
         return snprintf(msg, msglen, "%s is not allowed here; allowed: %s", method, allow[r->route]),
                OPTD_E_METHOD_NOT_ALLOWED;
@@ -845,6 +874,88 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
     return OPTD_OK;
 }
 
+static void conn_state(api_server *srv, struct MHD_Connection *conn, int state)
+{
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    conn_track *t = ci ? ci->socket_context : NULL;
+    if (!t)
+        return;
+    pthread_mutex_lock(&srv->conns_mu);
+    t->state = state;
+    t->since_us = mono_us();
+    pthread_mutex_unlock(&srv->conns_mu);
+}
+
+static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
+                          enum MHD_ConnectionNotificationCode toe)
+{
+    api_server *srv = cls;
+    conn_track *t = *socket_context;
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+        const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+        t = calloc(1, sizeof *t);
+        if (!t || !ci) {
+            free(t);
+            return;
+        }
+        t->fd = ci->connect_fd;
+        t->since_us = mono_us();
+        pthread_mutex_lock(&srv->conns_mu);
+        t->next = srv->conns;
+        if (srv->conns)
+            srv->conns->prev = t;
+        srv->conns = t;
+        pthread_mutex_unlock(&srv->conns_mu);
+        *socket_context = t;
+    } else if (t) {
+        pthread_mutex_lock(&srv->conns_mu);
+        if (t->prev)
+            t->prev->next = t->next;
+        else
+            srv->conns = t->next;
+        if (t->next)
+            t->next->prev = t->prev;
+        pthread_mutex_unlock(&srv->conns_mu);
+        free(t);
+        *socket_context = NULL;
+    }
+}
+
+/* Called by MHD once a request line has arrived: its head is now due. */
+static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
+{
+    (void)uri;
+    conn_state(cls, conn, CONN_HEAD);
+    return NULL;
+}
+
+/* Shuts down (MHD then closes) connections whose head is overdue: a client
+ * trickling one byte a second never trips MHD's idle timeout. */
+static void *watchdog_main(void *arg)
+{
+    api_server *srv = arg;
+    uint64_t limit = (uint64_t)srv->cfg.header_timeout * 1000000u;
+    pthread_mutex_lock(&srv->conns_mu);
+    while (srv->watchdog_on) {
+        uint64_t now = mono_us();
+        for (conn_track *t = srv->conns; t; t = t->next)
+            if ((t->state == CONN_FRESH || t->state == CONN_HEAD) && now - t->since_us > limit) {
+                shutdown(t->fd, SHUT_RDWR);
+                t->state = CONN_IDLE; /* once is enough */
+            }
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 250000000;
+        if (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        pthread_cond_timedwait(&srv->watchdog_cv, &srv->conns_mu, &ts);
+    }
+    pthread_mutex_unlock(&srv->conns_mu);
+    return NULL;
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
                                   const char *version, const char *upload, size_t *upload_size, void **con_cls)
 {
@@ -857,6 +968,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             return MHD_NO;
         *con_cls = r;
         atomic_fetch_add(&srv->active, 1);
+        conn_state(srv, conn, CONN_BUSY);
         r->srv = srv;
         r->conn = conn;
         r->t0 = mono_us();
@@ -913,6 +1025,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     api_server *srv = cls;
     req *r = *con_cls;
     (void)conn;
+    conn_state(srv, conn, CONN_IDLE);
     if (!r)
         return;
     int status = r->status ? r->status : (toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? 200 : 499);
@@ -995,6 +1108,8 @@ optd_err api_start(const api_config *cfg, store *st, api_server **out, char *err
     srv->cfg = *cfg;
     srv->st = st;
     srv->listen_fd = -1;
+    pthread_mutex_init(&srv->conns_mu, NULL);
+    pthread_cond_init(&srv->watchdog_cv, NULL);
     if (cfg->token && !(srv->token = strdup(cfg->token)))
         goto done;
     rc = writer_start(st, &srv->m, cfg->idempotency_window, cfg->history_steps, cfg->cache_bytes, &srv->w);
@@ -1018,6 +1133,8 @@ optd_err api_start(const api_config *cfg, store *st, api_server **out, char *err
         {MHD_OPTION_CONNECTION_TIMEOUT, cfg->connection_timeout, NULL},
         {MHD_OPTION_CONNECTION_MEMORY_LIMIT, 64 * 1024, NULL},
         {MHD_OPTION_NOTIFY_COMPLETED, (intptr_t)on_completed, srv},
+        {MHD_OPTION_NOTIFY_CONNECTION, (intptr_t)on_connection, srv},
+        {MHD_OPTION_URI_LOG_CALLBACK, (intptr_t)on_uri, srv},
         {MHD_OPTION_UNESCAPE_CALLBACK, (intptr_t)unescape, NULL},
         {cfg->threads > 1 ? MHD_OPTION_THREAD_POOL_SIZE : MHD_OPTION_END, cfg->threads, NULL},
         {MHD_OPTION_END, 0, NULL},
@@ -1027,13 +1144,22 @@ optd_err api_start(const api_config *cfg, store *st, api_server **out, char *err
         snprintf(err, errlen, "cannot start the HTTP server on %s:%u", cfg->listen_host, cfg->listen_port);
         goto done;
     }
+    srv->watchdog_on = 1;
+    if (pthread_create(&srv->watchdog, NULL, watchdog_main, srv) != 0) {
+        srv->watchdog_on = 0;
+        MHD_stop_daemon(srv->mhd);
+        snprintf(err, errlen, "cannot start a thread");
+        goto done;
+    }
     rc = OPTD_OK;
 done:
     if (rc && srv) {
         writer_free(srv->w);
-        if (srv->listen_fd >= 0)
+        if (srv->listen_fd >= 0 && !srv->mhd)
             close(srv->listen_fd);
         free(srv->token);
+        pthread_mutex_destroy(&srv->conns_mu);
+        pthread_cond_destroy(&srv->watchdog_cv);
         free(srv);
         srv = NULL;
     }
@@ -1058,8 +1184,15 @@ void api_stop(api_server *srv)
     for (int i = 0; i < 1000 && atomic_load(&srv->active) > 0; i++)
         usleep(10000);
     writer_stop(srv->w);
+    pthread_mutex_lock(&srv->conns_mu);
+    srv->watchdog_on = 0;
+    pthread_cond_signal(&srv->watchdog_cv);
+    pthread_mutex_unlock(&srv->conns_mu);
+    pthread_join(srv->watchdog, NULL);
     MHD_stop_daemon(srv->mhd);
     writer_free(srv->w);
     free(srv->token);
+    pthread_mutex_destroy(&srv->conns_mu);
+    pthread_cond_destroy(&srv->watchdog_cv);
     free(srv);
 }

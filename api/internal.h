@@ -245,6 +245,7 @@ typedef struct job {
     size_t out_len;
     sbuf out_json;          /* CREATE/PUT_STATE/PATCH: the session object */
     bool created;           /* PUT_STATE: 201 rather than 200 */
+    bool has_meta;          /* STEP: lr, grad_norm and contributors are known */
     double lr;              /* STEP: the lr the step used */
     double grad_norm;       /* STEP: before clipping */
     uint32_t contributors;  /* STEP: of the round applied */

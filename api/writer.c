@@ -17,6 +17,9 @@
  * bytes: older keys still block a second application but replay the step
  * number only. */
 #define REPLY_BUDGET ((size_t)16 << 20)
+/* A saved reply starts with lr and grad_norm (doubles) and contributors (a
+ * uint32, padded), then holds the params. */
+#define REPLY_HEAD 24
 
 /* A job is queued, running in a group, parked in a round, waiting for its
  * group's outcome (releasing) or done. */
@@ -225,6 +228,8 @@ static optd_err apply_step(writer *w, sess *s, void *grad, uint32_t contributors
             optim_scale(s->dtype, s->n, grad, coef);
     }
     optim_step(s->info, &hp, s->dtype, s->n, &s->st, grad, &stats);
+    if (!stats.finite)
+        return OPTD_E_NON_FINITE; /* the caller drops s: its state is spoilt */
     if (grad_norm < 0)
         grad_norm = sqrt(stats.grad_sq);
     sess_pack(s);
@@ -244,6 +249,17 @@ static optd_err apply_step(writer *w, sess *s, void *grad, uint32_t contributors
     return rc;
 }
 
+/* A step whose result overflowed the dtype is refused: s's memory holds the
+ * spoilt result, so forget it; the next use reloads the state this group's
+ * transaction holds, as if the step had never run. */
+static optd_err overflowed(writer *w, sess *s, char *msg, size_t msglen)
+{
+    snprintf(msg, msglen, "the step would make params or optimizer state non-finite in %s; nothing changed",
+             s->dtype == OPTIM_F64 ? "float64" : "float32");
+    cache_drop(w, s);
+    return OPTD_E_NON_FINITE;
+}
+
 /* Fills j's reply from an applied step and remembers its key. */
 static optd_err finish_step(writer *w, sess *s, job *j, const applied *a, uint32_t contributors)
 {
@@ -253,10 +269,21 @@ static optd_err finish_step(writer *w, sess *s, job *j, const applied *a, uint32
     j->lr = a->lr;
     j->grad_norm = a->grad_norm;
     j->contributors = contributors;
+    j->has_meta = true;
     if (j->idem_key) {
+        /* The saved reply: its numbers, then the params, as a replay needs. */
         uint64_t keep = vec ? REPLY_BUDGET / vec : w->idem_window;
-        rc = store_idem_put(w->st, s->row.id, j->idem_key, a->step, j->digest, s->st.params, vec, w->idem_window,
-                            keep < 1 ? 1 : keep);
+        unsigned char *reply = malloc(REPLY_HEAD + vec);
+        if (!reply)
+            return OPTD_E_NOMEM;
+        memcpy(reply, &a->lr, 8);
+        memcpy(reply + 8, &a->grad_norm, 8);
+        memcpy(reply + 16, &contributors, 4);
+        memset(reply + 20, 0, 4);
+        memcpy(reply + REPLY_HEAD, s->st.params, vec);
+        rc = store_idem_put(w->st, s->row.id, j->idem_key, a->step, j->digest, reply, REPLY_HEAD + vec,
+                            w->idem_window, keep < 1 ? 1 : keep);
+        free(reply);
     }
     if (rc == OPTD_OK && j->want_params)
         rc = copy_out(j, s->st.params, vec);
@@ -284,6 +311,7 @@ static optd_err round_apply(writer *w, sess *s)
         free(mean);
     }
     uint32_t count = r->count;
+    char msg[256] = "";
     for (job *j = r->waiters, *next; j; j = next) {
         next = j->next_waiter;
         j->rc = rc ? rc : finish_step(w, s, j, &a, count);
@@ -292,6 +320,13 @@ static optd_err round_apply(writer *w, sess *s)
         release_later(w, j);
     }
     round_free(w, s);
+    if (rc == OPTD_E_NON_FINITE) {
+        overflowed(w, s, msg, sizeof msg);
+        for (job *j = w->release; j; j = j->next_done)
+            if (j->rc == OPTD_E_NON_FINITE)
+                snprintf(j->msg, sizeof j->msg, "%s", msg);
+        return OPTD_OK; /* a refusal, not a storage fault */
+    }
     return rc;
 }
 
@@ -365,10 +400,17 @@ static optd_err run_step(writer *w, job *j)
                 rc = OPTD_E_IDEMPOTENCY_MISMATCH;
                 snprintf(j->msg, sizeof j->msg, "Idempotency-Key was used for step %llu with another gradient",
                          (unsigned long long)rec.step);
-            } else if (j->want_params && rec.reply) {
-                j->out_params = rec.reply;
-                j->out_len = rec.reply_len;
-                rec.reply = NULL;
+            } else if (rec.reply && rec.reply_len >= REPLY_HEAD) {
+                memcpy(&j->lr, rec.reply, 8);
+                memcpy(&j->grad_norm, (unsigned char *)rec.reply + 8, 8);
+                memcpy(&j->contributors, (unsigned char *)rec.reply + 16, 4);
+                j->has_meta = true;
+                if (j->want_params) {
+                    j->out_len = rec.reply_len - REPLY_HEAD;
+                    memmove(rec.reply, (unsigned char *)rec.reply + REPLY_HEAD, j->out_len);
+                    j->out_params = rec.reply;
+                    rec.reply = NULL;
+                }
             }
             free(rec.reply);
             return rc;
@@ -386,6 +428,8 @@ static optd_err run_step(writer *w, job *j)
         return round_join(w, s, j);
     applied a;
     rc = apply_step(w, s, j->grad, 1, j->has_loss, j->loss, &a);
+    if (rc == OPTD_E_NON_FINITE)
+        return overflowed(w, s, j->msg, sizeof j->msg);
     return rc ? rc : finish_step(w, s, j, &a, 1);
 }
 
@@ -564,10 +608,12 @@ static void run_group(writer *w, job *group)
     for (; j && !fault; j = next) {
         next = j->next;
         j->state = JS_QUEUED;
-        j->rc = run(w, j);
-        fault = is_fault(j->rc);
-        if (j->state == JS_QUEUED) /* else parked, or released by its round */
+        optd_err jrc = run(w, j);
+        fault = is_fault(jrc);
+        if (j->state == JS_QUEUED) { /* else parked, or released by its round with its own rc */
+            j->rc = jrc;
             release_later(w, j);
+        }
     }
     for (; j; j = next) { /* not run: the group failed before them */
         next = j->next;

@@ -130,6 +130,7 @@ typedef struct optim_stats {
     double grad_sq;   /* of the gradient as given */
     double update_sq; /* of new params - old params */
     double param_sq;  /* of the new params */
+    bool finite;      /* whether every new param and buffer element is finite */
 } optim_stats;
 
 /* Applies one step with gradient grad (n elements of dtype, not modified) to

@@ -378,7 +378,7 @@ static void test_reference_case(void **state)
     for (size_t t = 0; t < c->steps; t++) {
         const unsigned char *g = (const unsigned char *)c->grads + t * n * es;
         memcpy(c->grad_copy, g, n * es);
-        optim_stats stats = {-1, -1, -1};
+        optim_stats stats = {-1, -1, -1, false};
         for (size_t i = 0; i < n; i++)
             before[i] = c->dtype == OPTIM_F64 ? ((double *)c->params)[i] : ((float *)c->params)[i];
         optim_step(info, &hp, c->dtype, n, &st, c->grad_copy, t % 2 ? &stats : NULL);
@@ -391,6 +391,8 @@ static void test_reference_case(void **state)
                 uq += (pv - before[i]) * (pv - before[i]);
                 pq += pv * pv;
             }
+            if (!stats.finite)
+                fail_msg("%s: step %zu says its finite result is not finite", c->name, t + 1);
             if (fabs(stats.grad_sq - gq) > 1e-12 * gq || fabs(stats.update_sq - uq) > 1e-12 * uq ||
                 fabs(stats.param_sq - pq) > 1e-12 * pq)
                 fail_msg("%s: step %zu stats (%g, %g, %g), want (%g, %g, %g)", c->name, t + 1, stats.grad_sq,

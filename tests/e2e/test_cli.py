@@ -1,0 +1,76 @@
+"""Command line: --help, flags from the environment, bad flags."""
+
+import http.client
+import os
+import subprocess
+import time
+import unittest
+
+from optd_e2e import Daemon, free_port, optd_bin
+
+
+class CliTests(unittest.TestCase):
+
+    def test_help_lists_flags_and_exits_zero(self):
+        p = subprocess.run([optd_bin(), "--help"], stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+        self.assertEqual(p.returncode, 0, p)
+        text = (p.stdout + p.stderr).decode()
+        for flag in ("--listen", "--db", "--token-file", "--max-body", "--threads", "--sync"):
+            self.assertIn(flag, text, "--help does not mention %s" % flag)
+
+    def test_unknown_flag_exits_nonzero(self):
+        p = subprocess.run([optd_bin(), "--no-such-flag"], stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+        self.assertNotEqual(p.returncode, 0, p)
+        self.assertTrue(p.stderr.strip(), "no message on stderr")
+
+    def test_flags_from_environment(self):
+        d = Daemon()
+        port = free_port()
+        db = os.path.join(d.tmp, "env.db")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OPTD_")}
+        env.update(OPTD_LISTEN="127.0.0.1:%d" % port, OPTD_DB=db)
+        p = None
+        try:
+            p = subprocess.Popen([optd_bin()], cwd=d.tmp, env=env, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            ok = False
+            deadline = time.time() + 10
+            while time.time() < deadline and p.poll() is None:
+                try:
+                    c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                    c.request("GET", "/healthz")
+                    ok = c.getresponse().status == 200
+                    c.close()
+                    if ok:
+                        break
+                except OSError:
+                    time.sleep(0.05)
+            self.assertTrue(ok, "optd did not listen on OPTD_LISTEN")
+            self.assertTrue(os.path.exists(db), "optd did not open OPTD_DB")
+            self.assertFalse(os.path.exists(os.path.join(d.tmp, "optd.db")))
+        finally:
+            if p is not None:
+                p.terminate()
+                p.wait(10)
+            d.cleanup()
+
+    def test_sync_normal_and_threads_are_accepted(self):
+        d = Daemon(["--sync", "normal", "--threads", "2"])
+        try:
+            d.start()
+            d.create("x", "sgd", params=[1.0])
+            self.assertEqual(d.step("x", [1.0]).json["step"], 1)
+        finally:
+            d.cleanup()
+
+    def test_busy_port_exits_nonzero(self):
+        d = Daemon()
+        try:
+            d.start()
+            p = subprocess.run([optd_bin(), "--listen", "127.0.0.1:%d" % d.port, "--db",
+                                os.path.join(d.tmp, "second.db")],
+                               stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+            self.assertNotEqual(p.returncode, 0)
+            self.assertTrue(d.alive())
+        finally:
+            d.cleanup()
