@@ -42,7 +42,7 @@ ASSETS  := asset_dashboard=api/assets/dashboard.html asset_openapi=api/openapi.j
 LIB_OBJ := $(LIB_SRC:%.c=$(B)/%.o) $(B)/gen/assets.o
 
 # Unit tests: tests/test_<module>.c, each linked with the library objects.
-UNIT_TESTS := test_optim test_store test_config
+UNIT_TESTS := test_optim test_store test_config test_codec
 UNIT_BINS  := $(UNIT_TESTS:%=$(B)/tests/%)
 
 .PHONY: all run test unit e2e asan bench fuzz fmt clean deps
@@ -102,3 +102,9 @@ fmt:
 	clang-format -i $(LIB_SRC) $(DAEMON_SRC) $(wildcard */*.h) $(wildcard tests/*.c)
 
 -include $(shell find build -name '*.d' 2>/dev/null)
+
+# training-test: worker rounds, lr schedules and clipping against torch
+# reference data (tests/training/gen_reference.py), forks, validation, and the
+# rounds/s figure (writes tests/training/ROUNDS.md).
+training-test: all
+	python3 tests/training/run.py

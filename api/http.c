@@ -731,6 +731,17 @@ static enum MHD_Result post_step(req *r)
         if (weight && (parse_number(weight, &j->weight) || !(j->weight > 0)))
             return send_err(r, OPTD_E_INVALID, "Optd-Weight must be a finite number > 0", -1);
     } else {
+        step_fields f;
+        r->grad = malloc(bytes ? bytes : 1);
+        if (!r->grad)
+            return send_err(r, OPTD_E_NOMEM, NULL, -1);
+        j->grad = r->grad;
+        if (step_body_fast(r->body ? r->body : "", r->len, j->dtype, j->size, r->grad, &f)) {
+            j->has_loss = f.has_loss;
+            j->loss = f.loss;
+            j->weight = f.weight;
+            goto decoded;
+        }
         rc = parse_json(r, msg, sizeof msg);
         if (rc)
             return send_err(r, rc, msg, -1);
@@ -744,13 +755,9 @@ static enum MHD_Result post_step(req *r)
             snprintf(msg, sizeof msg, "grad has %zu elements; the session has %zu", n, j->size);
             return send_err(r, OPTD_E_SIZE_MISMATCH, msg, -1);
         }
-        r->grad = malloc(bytes ? bytes : 1);
-        if (!r->grad)
-            return send_err(r, OPTD_E_NOMEM, NULL, -1);
         rc = json_to_vec(g, r->grad, n, j->dtype, msg, sizeof msg);
         if (rc)
             return send_err(r, rc, msg, -1);
-        j->grad = r->grad;
         const cJSON *loss = cJSON_GetObjectItemCaseSensitive(r->json, "loss");
         const cJSON *weight = cJSON_GetObjectItemCaseSensitive(r->json, "weight");
         if (loss && !cJSON_IsNull(loss)) {
@@ -767,6 +774,7 @@ static enum MHD_Result post_step(req *r)
             j->weight = weight->valuedouble;
         }
     }
+decoded:
     j->digest = digest64(j->grad, bytes);
     j->want_params = !r->minimal;
     j->kind = JOB_STEP;
@@ -784,7 +792,10 @@ static enum MHD_Result dispatch(req *r, const char *method)
         return send_json(r, 200, &b, NULL);
     }
     case R_READYZ: {
-        if (atomic_load(&srv->stopping) || !store_writable(srv->st))
+        /* The writer's own outcome answers without touching the database;
+         * only after a failure does a probe (which takes the write lock)
+         * tell whether the fault has cleared. */
+        if (atomic_load(&srv->stopping) || (!writer_healthy(srv->w) && !store_writable(srv->st)))
             return send_err(r, OPTD_E_UNAVAILABLE, "the database is not writable", -1);
         sbuf b = {0};
         sbuf_puts(&b, "{\"status\":\"ready\"}");

@@ -48,6 +48,19 @@ uint64_t digest64(const void *p, size_t n);
  * the array's length). Returns OPTD_OK, OPTD_E_BAD_REQUEST (an element is not
  * a number) or OPTD_E_NON_FINITE (not finite in dtype); msg says which. */
 optd_err json_to_vec(const cJSON *arr, void *out, size_t n, optim_dtype dtype, char *msg, size_t msglen);
+/* The fields of a step body besides the gradient. */
+typedef struct step_fields {
+    int has_loss;
+    double loss;
+    double weight; /* 1 when absent */
+} step_fields;
+
+/* The fast path of the step decoder for the common body {"grad": [...]}
+ * with optional "loss" and "weight": reads the n numbers straight into grad
+ * (n elements of dtype), exactly as strtod/strtof would. Returns 1 when the
+ * body was of that shape and valid, 0 otherwise (the caller then parses it
+ * with cJSON, which also words the error). */
+int step_body_fast(const char *body, size_t len, optim_dtype dtype, size_t n, void *grad, step_fields *out);
 /* Whether n elements of dtype are all finite; *bad gets the first index that is not. */
 bool vec_finite(const void *x, size_t n, optim_dtype dtype, size_t *bad);
 
@@ -267,6 +280,8 @@ optd_err writer_start(store *st, metrics *m, uint64_t idem_window, uint64_t hist
 /* Queues j; j->on_done runs on the writer thread once j's outcome is committed
  * (or failed). Returns OPTD_E_UNAVAILABLE when the writer is stopping. */
 optd_err writer_submit(writer *w, job *j);
+/* Whether the writer's last transaction committed. */
+int writer_healthy(writer *w);
 /* Runs the jobs already queued and stops the thread; later submits fail
  * with OPTD_E_UNAVAILABLE. */
 void writer_stop(writer *w);

@@ -45,6 +45,7 @@ struct writer {
     metrics *m;
     uint64_t idem_window, history_steps;
     wround rounds; /* sentinel of the rounds in progress */
+    atomic_int healthy; /* the last transaction committed */
     job *release; /* jobs to complete once the group's outcome is known */
     size_t cache_bytes, cached;
     pthread_t thread;
@@ -641,6 +642,7 @@ static void run_group(writer *w, job *group)
     }
     if (fault)
         atomic_fetch_add(&w->m->commit_failures, 1);
+    atomic_store(&w->healthy, !fault);
     cache_trim(w);
     job *list = w->release;
     w->release = NULL;
@@ -718,6 +720,7 @@ optd_err writer_start(store *st, metrics *m, uint64_t idem_window, uint64_t hist
     w->cache_bytes = cache_bytes;
     w->lru.lru_next = w->lru.lru_prev = &w->lru;
     w->rounds.next = w->rounds.prev = &w->rounds;
+    atomic_store(&w->healthy, 1);
     pthread_mutex_init(&w->mu, NULL);
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
@@ -732,6 +735,8 @@ optd_err writer_start(store *st, metrics *m, uint64_t idem_window, uint64_t hist
     *out = w;
     return OPTD_OK;
 }
+
+int writer_healthy(writer *w) { return atomic_load(&w->healthy); }
 
 optd_err writer_submit(writer *w, job *j)
 {
