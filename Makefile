@@ -79,7 +79,7 @@ unit: deps $(UNIT_BINS)
 e2e: all
 	OPTD_BIN=$(B)/optd python3 tests/e2e/run.py
 
-test: unit e2e
+test: unit e2e training-test
 
 asan:
 	$(MAKE) SAN=1 test
@@ -106,5 +106,86 @@ fmt:
 # training-test: worker rounds, lr schedules and clipping against torch
 # reference data (tests/training/gen_reference.py), forks, validation, and the
 # rounds/s figure (writes tests/training/ROUNDS.md).
+.PHONY: training-test
 training-test: all
-	python3 tests/training/run.py
+	OPTD_BIN=$(B)/optd python3 tests/training/run.py
+
+# ---- Breaking it on purpose: tests/crash, tests/faults, tests/fuzz ----------
+# faults: the part that `make test` runs (about 2 minutes): the fuzz corpus
+# replayed, storage faults, hostile input, memory (scaled down), SIGTERM under
+# load and a 5-round crash test. crash: the long crash soak (CRASH_ROUNDS
+# kill -9 rounds per sync mode). soak: the full-size memory test. fuzz:
+# libFuzzer on the request decoders for FUZZ_SECONDS per target (clang with
+# its runtimes, installed when root); what it finds lands in tests/fuzz/regress.
+.PHONY: faults crash soak fuzz
+CRASH_ROUNDS ?= 50
+FUZZ_SECONDS ?= 60
+FUZZ_CC      ?= clang
+BREAK_ENV     = OPTD_BIN=$(B)/optd EIO_SHIM=$(B)/tests/eio_shim.so
+
+# LD_PRELOAD library that fails pwrite/fsync/pread with EIO on demand.
+$(B)/tests/eio_shim.so: tests/faults/eio_shim.c
+	@mkdir -p $(dir $@)
+	$(CC) -D_GNU_SOURCE -std=c11 -Wall -Wextra -Werror -O2 -g -fPIC -shared -o $@ $< -ldl
+
+# The fuzz target in a plain program that replays inputs (no libFuzzer).
+$(B)/tests/fuzz_replay: $(B)/tests/fuzz/replay.o $(B)/tests/fuzz/fuzz_decode.o $(LIB_OBJ)
+	$(CC) $(LDFLAGS) -o $@ $^ $(PKG_LIBS) $(LDLIBS)
+
+# Every part runs even when one fails, so one bug does not hide the others.
+faults: all $(B)/tests/eio_shim.so $(B)/tests/fuzz_replay
+	@rc=0; \
+	$(B)/tests/fuzz_replay tests/fuzz/corpus/decode tests/fuzz/regress || rc=1; \
+	$(BREAK_ENV) python3 tests/faults/faults_test.py || rc=1; \
+	$(BREAK_ENV) python3 tests/faults/hostile_test.py || rc=1; \
+	$(BREAK_ENV) python3 tests/faults/memory_test.py --steps 10000 --cycles 1000 || rc=1; \
+	$(BREAK_ENV) python3 tests/crash/sigterm_test.py --rounds 2 || rc=1; \
+	$(BREAK_ENV) python3 tests/crash/crash_test.py --rounds 5 || rc=1; \
+	exit $$rc
+
+crash: all
+	$(BREAK_ENV) python3 tests/crash/crash_test.py --rounds $(CRASH_ROUNDS)
+	$(BREAK_ENV) python3 tests/crash/sigterm_test.py --rounds 10
+
+soak: all
+	$(BREAK_ENV) python3 tests/faults/memory_test.py --steps 100000 --cycles 10000
+
+# Fuzz builds: every library object again with clang, coverage and sanitizers.
+FUZZ_B     := build/fuzz
+FUZZ_FLAGS := -D_GNU_SOURCE -I. -std=c11 -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined \
+              -fno-sanitize-recover=undefined
+FUZZ_OBJ   := $(LIB_SRC:%.c=$(FUZZ_B)/%.o) $(FUZZ_B)/gen/assets.o
+$(FUZZ_B)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer-no-link -MMD -MP $(PKG_CFLAGS) -c $< -o $@
+$(FUZZ_B)/gen/assets.o: build/gen/assets.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) -c $< -o $@
+$(FUZZ_B)/fuzz_decode: tests/fuzz/fuzz_decode.c $(FUZZ_OBJ)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer $(PKG_CFLAGS) -o $@ $^ $(PKG_LIBS) $(LDLIBS)
+
+fuzz: deps
+	@sh tests/fuzz/install-clang.sh $(FUZZ_CC)
+	$(MAKE) build/gen/assets.c $(FUZZ_B)/fuzz_decode
+	sh tests/fuzz/run.sh $(FUZZ_B)/fuzz_decode $(FUZZ_SECONDS) $(FUZZ_B)/decode tests/fuzz/corpus/decode \
+	    tests/fuzz/decode.dict
+
+# ---- Ecosystem: tests/ecosystem ----------------------------------------------
+# ecosystem: the Python client (clients/python) and its torch optimizer against
+# torch.optim, api/openapi.json against the served routes, the container root
+# fs (deploy/build-image-rootfs.sh) run as the image would, the Kubernetes
+# manifests, three shards behind HAProxy (deploy/haproxy.cfg), the curl
+# cookbook. Installs its Debian packages when root (tests/ecosystem/install-deps.sh).
+.PHONY: ecosystem
+ecosystem: all
+	sh tests/ecosystem/install-deps.sh
+	OPTD_BIN=$(B)/optd /usr/bin/python3 tests/ecosystem/run.py
+
+# dashboard-test: the dashboard page in headless Chromium (installed with
+# apt-get when root; without it the browser tests are skipped) and /history.
+.PHONY: dashboard-test
+dashboard-test: all
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "chromium is missing (apt-get install chromium as root): the browser tests will be skipped"; fi; fi
+	OPTD_BIN=$(B)/optd python3 tests/dashboard/run.py

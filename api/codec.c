@@ -181,6 +181,10 @@ static int fmt_num(char *out, size_t len, double v, int f32)
 
 void sbuf_num(sbuf *b, double v, int f32)
 {
+    if (!isfinite(f32 ? (float)v : v)) { /* JSON has no inf or NaN */
+        sbuf_put(b, "null", 4);
+        return;
+    }
     char tmp[40];
     int n = fmt_num(tmp, sizeof tmp, v, f32);
     sbuf_put(b, tmp, (size_t)n);

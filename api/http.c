@@ -775,7 +775,8 @@ static enum MHD_Result post_step(req *r)
         }
     }
 decoded:
-    j->digest = digest64(j->grad, bytes);
+    /* A retry must be the same request: same gradient and same weight. */
+    j->digest = digest64(j->grad, bytes) ^ (digest64(&j->weight, sizeof j->weight) * 31);
     j->want_params = !r->minimal;
     j->kind = JOB_STEP;
     return submit(r);
@@ -1192,9 +1193,13 @@ void api_stop(api_server *srv)
      * requests in flight (some suspended on it) finish and are answered.
      * Whatever is still queued after that is run by writer_stop, which
      * resumes its connections before MHD closes them. */
-    for (int i = 0; i < 1000 && atomic_load(&srv->active) > 0; i++)
+    for (int i = 0; i < 1000 && atomic_load(&srv->active) > writer_parked(srv->w); i++)
         usleep(10000);
+    /* Rounds that have not filled cannot fill now: writer_stop fails them
+     * with 503, and their replies get a moment to leave. */
     writer_stop(srv->w);
+    for (int i = 0; i < 200 && atomic_load(&srv->active) > 0; i++)
+        usleep(10000);
     pthread_mutex_lock(&srv->conns_mu);
     srv->watchdog_on = 0;
     pthread_cond_signal(&srv->watchdog_cv);

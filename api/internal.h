@@ -29,7 +29,7 @@ void sbuf_printf(sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2,
 /* Appends s as a JSON string literal, quotes included. */
 void sbuf_json_str(sbuf *b, const char *s);
 /* Appends the shortest decimal that reads back as exactly v (as a float when
- * f32). v must be finite. */
+ * f32); null when v is not finite (JSON has no inf). */
 void sbuf_num(sbuf *b, double v, int f32);
 /* Appends a JSON array of n elements of dtype. */
 void sbuf_vec(sbuf *b, const void *x, size_t n, optim_dtype dtype);
@@ -282,6 +282,8 @@ optd_err writer_start(store *st, metrics *m, uint64_t idem_window, uint64_t hist
 optd_err writer_submit(writer *w, job *j);
 /* Whether the writer's last transaction committed. */
 int writer_healthy(writer *w);
+/* How many jobs wait in worker rounds. */
+unsigned writer_parked(writer *w);
 /* Runs the jobs already queued and stops the thread; later submits fail
  * with OPTD_E_UNAVAILABLE. */
 void writer_stop(writer *w);

@@ -46,6 +46,7 @@ struct writer {
     uint64_t idem_window, history_steps;
     wround rounds; /* sentinel of the rounds in progress */
     atomic_int healthy; /* the last transaction committed */
+    atomic_uint parked; /* jobs waiting in rounds */
     job *release; /* jobs to complete once the group's outcome is known */
     size_t cache_bytes, cached;
     pthread_t thread;
@@ -174,12 +175,13 @@ static void release_later(writer *w, job *j)
 static void round_free(writer *w, sess *s)
 {
     wround *r = s->rnd;
+    for (job *j = r->waiters; j; j = j->next_waiter)
+        atomic_fetch_sub(&w->parked, 1);
     r->prev->next = r->next;
     r->next->prev = r->prev;
     free(r->sum);
     free(r);
     s->rnd = NULL;
-    (void)w;
 }
 
 /* Fails every job waiting on s's round at once (nothing of it was written). */
@@ -373,6 +375,7 @@ static optd_err round_join(writer *w, sess *s, job *j)
     }
 park:
     j->state = JS_PARKED;
+    atomic_fetch_add(&w->parked, 1);
     j->next_waiter = r->waiters;
     r->waiters = j;
     /* The request thread lends the gradient only until j completes; the
@@ -454,8 +457,12 @@ static optd_err run_create(writer *w, job *j)
         if (rc == OPTD_OK) {
             j->newsess->row.created_ms = old->row.created_ms;
             rc = store_session_delete(w->st, j->name);
-            if (old->rnd)
+            if (old->rnd) {
+                /* Its waiters are stragglers now: the 412 names the new step. */
+                for (job *o = old->rnd->waiters; o; o = o->next_waiter)
+                    o->step = j->newsess->row.step;
                 round_fail(w, old, OPTD_E_STEP_MISMATCH, "the session was replaced by a checkpoint");
+            }
             cache_drop(w, old);
         } else if (rc == OPTD_E_NOT_FOUND) {
             rc = OPTD_OK;
@@ -737,6 +744,8 @@ optd_err writer_start(store *st, metrics *m, uint64_t idem_window, uint64_t hist
 }
 
 int writer_healthy(writer *w) { return atomic_load(&w->healthy); }
+
+unsigned writer_parked(writer *w) { return atomic_load(&w->parked); }
 
 optd_err writer_submit(writer *w, job *j)
 {

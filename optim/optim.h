@@ -125,7 +125,8 @@ size_t optim_elem_size(optim_dtype dtype);
 void optim_state_init(const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n,
                       optim_state *st);
 
-/* Sums of squares gathered during a step, in double. */
+/* Sums of squares gathered during a step, in double (so they may be
+ * infinite for float64 values past 1e154). */
 typedef struct optim_stats {
     double grad_sq;   /* of the gradient as given */
     double update_sq; /* of new params - old params */
