@@ -285,10 +285,12 @@ static enum MHD_Result finish_job(req *r)
     case JOB_CREATE:
         return send_json(r, 201, &j->out_json, "0");
     case JOB_FORK:
-        return send_json(r, 201, &j->out_json, NULL);
+        step_str(j->step, etag);
+        return send_json(r, 201, &j->out_json, etag);
     case JOB_PUT_STATE:
     case JOB_PATCH:
-        return send_json(r, j->created ? 201 : 200, &j->out_json, NULL);
+        step_str(j->step, etag);
+        return send_json(r, j->created ? 201 : 200, &j->out_json, etag);
     case JOB_DELETE:
         return send_body(r, 204, NULL, strdup(""), 0, NULL);
     case JOB_STEP:
@@ -645,11 +647,9 @@ static enum MHD_Result create_session(req *r, job_kind kind)
     char msg[256] = "";
     optd_err rc = parse_json(r, msg, sizeof msg);
     if (rc == OPTD_OK && kind == JOB_PUT_STATE) {
-        const cJSON *name = cJSON_GetObjectItemCaseSensitive(r->json, "name");
-        if (name && (!cJSON_IsString(name) || strcmp(name->valuestring, r->name) != 0))
-            rc = OPTD_E_INVALID, snprintf(msg, sizeof msg, "the body's name differs from the path's");
-        else
-            rc = sess_from_checkpoint(r->name, r->json, &r->job.newsess, msg, sizeof msg);
+        /* The path names the session: a checkpoint restores under any name
+         * (its own "name" member is only a record of where it came from). */
+        rc = sess_from_checkpoint(r->name, r->json, &r->job.newsess, msg, sizeof msg);
     } else if (rc == OPTD_OK) {
         rc = session_from_body(r, &r->job.newsess, msg, sizeof msg);
     }
@@ -865,8 +865,10 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
     const char *cl = header(r, MHD_HTTP_HEADER_CONTENT_LENGTH);
     const char *te = header(r, MHD_HTTP_HEADER_TRANSFER_ENCODING);
     int has_body = (cl && strtoull(cl, NULL, 10) > 0) || te;
+    const char *ct = header(r, MHD_HTTP_HEADER_CONTENT_TYPE);
+    if (ct && media_is(ct, "application/octet-stream") && r->route == R_STEP)
+        r->binary = 1; /* even when empty: then it is a gradient of the wrong size */
     if (has_body && strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0 && strcmp(method, "DELETE") != 0) {
-        const char *ct = header(r, MHD_HTTP_HEADER_CONTENT_TYPE);
         if (ct && media_is(ct, "application/octet-stream"))
             r->binary = 1;
         else if (ct && !media_is(ct, "application/json"))

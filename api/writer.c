@@ -444,6 +444,7 @@ static optd_err insert_new(writer *w, job *j, sess *s)
         return rc;
     cache_put(w, s);
     touch(s, s->row.updated_ms);
+    j->step = s->row.step;
     sess_to_json(&j->out_json, &s->row);
     return OPTD_OK;
 }
@@ -537,8 +538,10 @@ static optd_err run_patch(writer *w, job *j)
     /* Fewer workers may complete the round in progress. */
     if (rc == OPTD_OK && s->rnd && s->rnd->count >= s->tr.workers)
         rc = round_apply(w, s);
-    if (rc == OPTD_OK)
+    if (rc == OPTD_OK) {
+        j->step = s->row.step;
         sess_to_json(&j->out_json, &s->row);
+    }
     return rc;
 }
 
