@@ -387,14 +387,9 @@ static enum MHD_Result list_sessions(req *r)
 {
     const char *limit_s = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "limit");
     const char *after = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "after");
-    long limit = 100;
-    if (limit_s) {
-        char *end;
-        errno = 0;
-        limit = strtol(limit_s, &end, 10);
-        if (errno || end == limit_s || *end || limit < 1 || limit > 1000)
-            return send_err(r, OPTD_E_BAD_REQUEST, "limit must be an integer from 1 to 1000", -1);
-    }
+    uint64_t limit = 100;
+    if (limit_s && (parse_uint(limit_s, 1000, &limit) || limit < 1))
+        return send_err(r, OPTD_E_BAD_REQUEST, "limit must be an integer from 1 to 1000", -1);
     store_session *rows = NULL;
     size_t n = 0;
     int more = 0;
@@ -480,10 +475,10 @@ static enum MHD_Result get_history(req *r)
 {
     const char *after_s = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "after");
     const char *limit_s = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "limit");
-    double after = 0, limit = 1000;
-    if (after_s && (parse_number(after_s, &after) || after < 0 || after != floor(after) || after > 9e15))
+    uint64_t after = 0, limit = 1000;
+    if (after_s && parse_uint(after_s, INT64_MAX, &after))
         return send_err(r, OPTD_E_BAD_REQUEST, "after must be a step number", -1);
-    if (limit_s && (parse_number(limit_s, &limit) || limit < 1 || limit > 10000 || limit != floor(limit)))
+    if (limit_s && (parse_uint(limit_s, 10000, &limit) || limit < 1))
         return send_err(r, OPTD_E_BAD_REQUEST, "limit must be an integer from 1 to 10000", -1);
     store_session row = {0};
     optd_err rc = store_read_session(r->srv->st, r->name, &row, NULL, NULL);
@@ -492,7 +487,7 @@ static enum MHD_Result get_history(req *r)
     store_history *h = NULL;
     size_t n = 0;
     int more = 0;
-    rc = store_read_history(r->srv->st, row.id, (uint64_t)after, (int)limit, &h, &n, &more);
+    rc = store_read_history(r->srv->st, row.id, after, (int)limit, &h, &n, &more);
     store_session_clear(&row);
     if (rc)
         return send_err(r, rc, NULL, -1);
@@ -500,7 +495,7 @@ static enum MHD_Result get_history(req *r)
     sbuf_puts(&b, "{\"history\":[");
     for (size_t i = 0; i < n; i++) {
         char t[32];
-        rfc3339(h[i].time_ms, t);
+        rfc3339_ms(h[i].time_ms, t);
         sbuf_printf(&b, "%s{\"step\":%llu,\"time\":\"%s\",\"lr\":", i ? "," : "", (unsigned long long)h[i].step, t);
         sbuf_num(&b, h[i].lr, 0);
         sbuf_puts(&b, ",\"grad_norm\":");

@@ -40,6 +40,8 @@ void sbuf_free(sbuf *b);
 bool utf8_valid(const char *s, size_t n);
 /* Writes t (Unix milliseconds) as RFC 3339 UTC ("2026-11-24T10:00:00Z"). */
 void rfc3339(int64_t ms, char out[32]);
+/* The same with milliseconds ("2026-11-24T10:00:00.123Z"), for the history. */
+void rfc3339_ms(int64_t ms, char out[32]);
 int64_t now_ms(void);
 /* A 64-bit digest of n bytes (not cryptographic: tells retries apart). */
 uint64_t digest64(const void *p, size_t n);
@@ -222,6 +224,9 @@ int parse_if_match(const char *v, int64_t *out);
 size_t url_unescape(char *s);
 /* Parses a whole string as a finite number; returns 0, or -1 when it is not one. */
 int parse_number(const char *v, double *out);
+/* Parses a whole string of decimal digits (no sign, space or exponent) no
+ * greater than max; returns 0, or -1 when it is not one. */
+int parse_uint(const char *v, uint64_t max, uint64_t *out);
 void histogram_observe(histogram *h, uint64_t us);
 void metrics_count_request(metrics *m, api_route r, int status);
 /* Appends the Prometheus text exposition of m (sessions: the current count). */

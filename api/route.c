@@ -125,3 +125,17 @@ int parse_number(const char *v, double *out)
     *out = d;
     return 0;
 }
+
+int parse_uint(const char *v, uint64_t max, uint64_t *out)
+{
+    uint64_t n = 0;
+    if (!*v)
+        return -1;
+    for (; *v; v++) {
+        if (*v < '0' || *v > '9' || n > (max - (uint64_t)(*v - '0')) / 10)
+            return -1;
+        n = n * 10 + (uint64_t)(*v - '0');
+    }
+    *out = n;
+    return 0;
+}

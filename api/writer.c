@@ -33,8 +33,7 @@ typedef struct wround {
     double *sum;          /* n elements */
     double wsum;
     uint32_t count;       /* contributions counted (retries are not) */
-    double loss_sum;
-    uint32_t n_loss;
+    double loss_sum, loss_w; /* of the contributions that gave a loss */
     uint64_t deadline_us; /* mono_us of the timeout */
     job *waiters;
     struct wround *next, *prev; /* writer.rounds */
@@ -310,7 +309,7 @@ static optd_err round_apply(writer *w, sess *s)
             else
                 ((float *)mean)[i] = (float)v;
         }
-        rc = apply_step(w, s, mean, r->count, r->n_loss > 0, r->n_loss ? r->loss_sum / r->n_loss : 0, &a);
+        rc = apply_step(w, s, mean, r->count, r->loss_w > 0, r->loss_w > 0 ? r->loss_sum / r->loss_w : 0, &a);
         free(mean);
     }
     uint32_t count = r->count;
@@ -369,9 +368,9 @@ static optd_err round_join(writer *w, sess *s, job *j)
         r->sum[i] += j->weight * (s->dtype == OPTIM_F64 ? ((double *)j->grad)[i] : ((float *)j->grad)[i]);
     r->wsum += j->weight;
     r->count++;
-    if (j->has_loss) {
-        r->loss_sum += j->loss;
-        r->n_loss++;
+    if (j->has_loss) { /* the round's loss is weighted like its gradient */
+        r->loss_sum += j->weight * j->loss;
+        r->loss_w += j->weight;
     }
 park:
     j->state = JS_PARKED;
