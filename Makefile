@@ -79,7 +79,7 @@ unit: deps $(UNIT_BINS)
 e2e: all
 	OPTD_BIN=$(B)/optd python3 tests/e2e/run.py
 
-test: unit e2e training-test ecosystem dashboard-test
+test: unit e2e training-test ecosystem dashboard-test faults
 
 asan:
 	$(MAKE) SAN=1 test

@@ -160,6 +160,8 @@ static int fmt_f32_fast(char *out, float f)
 static int fmt_num(char *out, size_t len, double v, int f32)
 {
     int n = 0;
+    if (!isfinite(f32 ? (float)v : v)) /* JSON has no inf or NaN */
+        return (int)(memcpy(out, "null", 5), 4);
     if (f32) {
         float f = (float)v;
         if ((n = fmt_f32_fast(out, f)) > 0)
@@ -181,10 +183,6 @@ static int fmt_num(char *out, size_t len, double v, int f32)
 
 void sbuf_num(sbuf *b, double v, int f32)
 {
-    if (!isfinite(f32 ? (float)v : v)) { /* JSON has no inf or NaN */
-        sbuf_put(b, "null", 4);
-        return;
-    }
     char tmp[40];
     int n = fmt_num(tmp, sizeof tmp, v, f32);
     sbuf_put(b, tmp, (size_t)n);
@@ -518,4 +516,58 @@ int step_body_fast(const char *body, size_t len, optim_dtype dtype, size_t n, vo
         return 0;
     *out = f;
     return 1;
+}
+
+/* Length of the JSON number at p (RFC 8259 grammar), or 0 when none is there. */
+static size_t json_number_len(const char *p, const char *end)
+{
+    const char *s = p;
+    if (p < end && *p == '-')
+        p++;
+    if (p >= end || !isdigit((unsigned char)*p))
+        return 0;
+    if (*p == '0')
+        p++;
+    else
+        while (p < end && isdigit((unsigned char)*p))
+            p++;
+    if (p < end && *p == '.') {
+        if (++p >= end || !isdigit((unsigned char)*p))
+            return 0;
+        while (p < end && isdigit((unsigned char)*p))
+            p++;
+    }
+    if (p < end && (*p == 'e' || *p == 'E')) {
+        if (++p < end && (*p == '+' || *p == '-'))
+            p++;
+        if (p >= end || !isdigit((unsigned char)*p))
+            return 0;
+        while (p < end && isdigit((unsigned char)*p))
+            p++;
+    }
+    /* A number ends where a structural character or white space begins. */
+    if (p < end && !strchr(",]} \t\r\n", *p))
+        return 0;
+    return (size_t)(p - s);
+}
+
+bool json_numbers_strict(const char *s, size_t n)
+{
+    const char *p = s, *end = s + n;
+    while (p < end) {
+        if (*p == '"') { /* skip a string, escapes included */
+            for (p++; p < end && *p != '"'; p++)
+                if (*p == '\\')
+                    p++;
+            p++;
+        } else if (*p == '-' || isdigit((unsigned char)*p)) {
+            size_t len = json_number_len(p, end);
+            if (!len)
+                return false;
+            p += len;
+        } else {
+            p++;
+        }
+    }
+    return true;
 }

@@ -34,6 +34,7 @@ struct api_server {
      * whose request head is overdue. */
     pthread_mutex_t conns_mu;
     struct conn_track *conns; /* guarded by conns_mu */
+    unsigned nconns;          /* guarded by conns_mu */
     pthread_t watchdog;
     int watchdog_on;
     pthread_cond_t watchdog_cv; /* signalled to stop, with conns_mu */
@@ -231,7 +232,7 @@ static optd_err parse_json(req *r, char *msg, size_t msglen)
     r->json = cJSON_ParseWithOpts(body, &end, 0);
     while (r->json && end < body + r->len && strchr(" \t\r\n", *end) && *end)
         end++;
-    if (!r->json || end != body + r->len) {
+    if (!r->json || end != body + r->len || !json_numbers_strict(body, r->len)) {
         snprintf(msg, msglen, "the body is not valid JSON");
         return OPTD_E_BAD_JSON;
     }
@@ -611,6 +612,8 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
         if (fill)
             return snprintf(msg, msglen, "fill goes with size, not params"), OPTD_E_INVALID;
         rc = sess_new(r->name, info, &hp, &tr, dtype, n, NULL, 0, out);
+        if (rc == OPTD_E_BAD_HYPERPARAM)
+            snprintf(msg, msglen, "initial_accumulator_value is not a finite %s", dt ? dt->valuestring : "float32");
         if (rc == OPTD_OK && (rc = json_to_vec(params, (*out)->st.params, n, dtype, msg, msglen)) != OPTD_OK) {
             sess_free(*out);
             *out = NULL;
@@ -634,7 +637,10 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
             return snprintf(msg, msglen, "fill is not a finite %s", dt ? dt->valuestring : "float32"),
                    OPTD_E_NON_FINITE;
     }
-    return sess_new(r->name, info, &hp, &tr, dtype, (size_t)n, NULL, f, out);
+    rc = sess_new(r->name, info, &hp, &tr, dtype, (size_t)n, NULL, f, out);
+    if (rc == OPTD_E_BAD_HYPERPARAM)
+        snprintf(msg, msglen, "initial_accumulator_value is not a finite %s", dt ? dt->valuestring : "float32");
+    return rc;
 }
 
 static enum MHD_Result create_session(req *r, job_kind kind)
@@ -837,6 +843,21 @@ static enum MHD_Result dispatch(req *r, const char *method)
     }
 }
 
+/* Counts the Content-Length headers that differ from the first. */
+typedef struct lengths {
+    const char *first;
+    int conflicts;
+} lengths;
+
+static enum MHD_Result other_length(void *cls, enum MHD_ValueKind kind, const char *key, const char *value)
+{
+    lengths *l = cls;
+    (void)kind;
+    if (strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH) == 0 && strcmp(value, l->first) != 0)
+        l->conflicts++;
+    return MHD_YES;
+}
+
 /* The checks made on the first callback, before any of the body is read.
  * Returns OPTD_OK to go on reading, else the error to answer with. */
 static optd_err early_checks(req *r, const char *method, char *msg, size_t msglen)
@@ -859,6 +880,11 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
     }
     const char *cl = header(r, MHD_HTTP_HEADER_CONTENT_LENGTH);
     const char *te = header(r, MHD_HTTP_HEADER_TRANSFER_ENCODING);
+    /* Two lengths that disagree would let a proxy and optd read different
+     * bodies (request smuggling): refuse the request. */
+    lengths l = {cl, 0};
+    if (cl && (MHD_get_connection_values(r->conn, MHD_HEADER_KIND, other_length, &l), l.conflicts))
+        return snprintf(msg, msglen, "the request has conflicting Content-Length headers"), OPTD_E_BAD_REQUEST;
     int has_body = (cl && strtoull(cl, NULL, 10) > 0) || te;
     const char *ct = header(r, MHD_HTTP_HEADER_CONTENT_TYPE);
     if (ct && media_is(ct, "application/octet-stream") && r->route == R_STEP)
@@ -914,6 +940,13 @@ static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_
         if (srv->conns)
             srv->conns->prev = t;
         srv->conns = t;
+        /* Past --max-connections a new connection is closed at once, so it
+         * is refused rather than left waiting in the listen queue; MHD's own
+         * limit sits a little higher to keep accepting (and closing). */
+        if (++srv->nconns > srv->cfg.max_connections) {
+            shutdown(t->fd, SHUT_RDWR);
+            t->state = CONN_IDLE;
+        }
         pthread_mutex_unlock(&srv->conns_mu);
         *socket_context = t;
     } else if (t) {
@@ -924,6 +957,7 @@ static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_
             srv->conns = t->next;
         if (t->next)
             t->next->prev = t->prev;
+        srv->nconns--;
         pthread_mutex_unlock(&srv->conns_mu);
         free(t);
         *socket_context = NULL;
@@ -1138,7 +1172,7 @@ optd_err api_start(const api_config *cfg, store *st, api_server **out, char *err
         flags |= MHD_USE_IPv6;
     struct MHD_OptionItem opts[] = {
         {MHD_OPTION_LISTEN_SOCKET, srv->listen_fd, NULL},
-        {MHD_OPTION_CONNECTION_LIMIT, cfg->max_connections, NULL},
+        {MHD_OPTION_CONNECTION_LIMIT, cfg->max_connections + 64, NULL},
         {MHD_OPTION_CONNECTION_TIMEOUT, cfg->connection_timeout, NULL},
         {MHD_OPTION_CONNECTION_MEMORY_LIMIT, 64 * 1024, NULL},
         {MHD_OPTION_NOTIFY_COMPLETED, (intptr_t)on_completed, srv},

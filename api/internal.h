@@ -36,6 +36,9 @@ void sbuf_vec(sbuf *b, const void *x, size_t n, optim_dtype dtype);
 /* Frees the buffer; safe on a zeroed one. */
 void sbuf_free(sbuf *b);
 
+/* Whether every number outside the strings of the JSON text s (n bytes) has
+ * RFC 8259's form: cJSON reads whatever strtod reads (01, 1., .5, 0x1p3). */
+bool json_numbers_strict(const char *s, size_t n);
 /* Whether the n bytes at s are valid UTF-8. */
 bool utf8_valid(const char *s, size_t n);
 /* Writes t (Unix milliseconds) as RFC 3339 UTC ("2026-11-24T10:00:00Z"). */

@@ -127,11 +127,23 @@ optd_err sess_write_config(sess *s)
     return OPTD_OK;
 }
 
+/* Whether the values hp puts into a fresh state (adagrad's
+ * initial_accumulator_value) are finite in dtype: 1e39 is a fine double but
+ * not a float32. */
+static int fits_dtype(const optim_info *info, const optim_hparams *hp, optim_dtype dtype)
+{
+    return info->kind != OPTIM_ADAGRAD || dtype == OPTIM_F64 || isfinite((float)hp->initial_accumulator_value);
+}
+
 optd_err sess_new(const char *name, const optim_info *info, const optim_hparams *hp, const training *tr,
                   optim_dtype dtype, size_t n, const void *init, double fill, sess **out)
 {
-    optd_err rc = OPTD_E_NOMEM;
-    sess *s = calloc(1, sizeof *s);
+    optd_err rc = OPTD_E_BAD_HYPERPARAM;
+    sess *s = NULL;
+    if (!fits_dtype(info, hp, dtype))
+        goto done;
+    rc = OPTD_E_NOMEM;
+    s = calloc(1, sizeof *s);
     if (!s)
         goto done;
     s->info = info;
@@ -247,6 +259,8 @@ done:
 
 optd_err sess_set_hparams(sess *s, const optim_hparams *hp)
 {
+    if (!fits_dtype(s->info, hp, s->dtype))
+        return OPTD_E_BAD_HYPERPARAM;
     sess old = *s;
     s->hp = *hp;
     size_t len = layout(s, NULL);
@@ -414,6 +428,8 @@ optd_err sess_from_checkpoint(const char *name, const cJSON *obj, sess **out, ch
         goto done;
     }
     rc = sess_new(name, info, &hp, &tr, dtype, n, NULL, 0, &s);
+    if (rc == OPTD_E_BAD_HYPERPARAM)
+        snprintf(msg, msglen, "initial_accumulator_value is not a finite %s", dtype == OPTIM_F64 ? "float64" : "float32");
     if (rc)
         goto done;
     rc = read_vec(params, "params", n, dtype, s->st.params, msg, msglen);

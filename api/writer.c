@@ -494,6 +494,9 @@ static optd_err apply_settings(sess *s, const cJSON *body, char *msg, size_t msg
     training old = s->tr;
     s->tr = tr;
     rc = sess_set_hparams(s, &hp);
+    if (rc == OPTD_E_BAD_HYPERPARAM)
+        snprintf(msg, msglen, "initial_accumulator_value is not a finite %s",
+                 s->dtype == OPTIM_F64 ? "float64" : "float32");
     if (rc)
         s->tr = old;
     return rc;

@@ -166,12 +166,15 @@ struct store {
 
     pthread_mutex_t probe_mu; /* guards probe */
     int probe_init;           /* probe_mu is initialised */
-    sqlite3 *probe;           /* store_writable's own connection */
+    sqlite3 *probe;           /* store_writable's own connection; NULL after a failed reopen */
+    char *path;               /* the database, for reopening the probe */
     /* Set when a write transaction failed or was rolled back, cleared by the
      * next commit that succeeds: while set, store_writable makes a real write
      * rather than trust a lock that costs no I/O. */
     atomic_int write_failed;
 };
+
+static optd_err probe_open(store *st, char *err, size_t errlen);
 
 /* --- Helpers. ------------------------------------------------------------ */
 
@@ -517,6 +520,9 @@ static optd_err quick_check(sqlite3 *db, const char *path, char *err, size_t err
         t = sqlite3_column_text(q, 0);
         if (!t || strcmp((const char *)t, "ok") != 0) {
             seterr(err, errlen, "%s is corrupt: %s", path, t ? (const char *)t : "quick_check failed");
+            /* quick_check's findings span lines; the message is one. */
+            for (char *c = err; err && *c; c++)
+                if (*c == '\n') *c = ' ';
             rc = OPTD_E_INVALID;
         }
     } else if ((src & 0xff) == SQLITE_CORRUPT || (src & 0xff) == SQLITE_NOTADB) {
@@ -532,15 +538,41 @@ static optd_err quick_check(sqlite3 *db, const char *path, char *err, size_t err
 }
 
 /* Decides about an existing file before anything may write to it: a
- * read-only connection reads the header and runs quick_check. */
+ * read-only connection reads the header and runs quick_check. With no -wal
+ * beside the file, the main file holds every commit, so it is opened
+ * immutable: a plain read-only open of a WAL-mode file leaves an empty -wal
+ * and -shm beside it, and the file may be another application's. With a
+ * -wal (ours after a crash, say) the WAL must be read, so the open is plain. */
 static optd_err check_existing(const char *path, int busy_ms, char *err, size_t errlen)
 {
     sqlite3 *db = NULL;
+    struct stat sb;
     header h;
     optd_err rc;
+    char *name = NULL, *uri = NULL, *o;
+    const char *p;
+    size_t n = strlen(path);
 
-    rc = conn_open(path, SQLITE_OPEN_READONLY, busy_ms, &db, err, errlen);
-    if (rc) goto done;
+    rc = OPTD_E_NOMEM;
+    name = malloc(n + 5);
+    uri = malloc(3 * n + 32);
+    if (!name || !uri) goto done;
+    memcpy(name, path, n);
+    memcpy(name + n, "-wal", 5);
+    /* file:///abs or file:rel, with the characters a URI gives meaning to
+     * escaped. */
+    o = uri + sprintf(uri, "file:%s", path[0] == '/' ? "//" : "");
+    for (p = path; *p; p++) {
+        if (*p == '%' || *p == '?' || *p == '#') o += sprintf(o, "%%%02X", (unsigned char)*p);
+        else *o++ = *p;
+    }
+    strcpy(o, "?immutable=1");
+    if (stat(name, &sb) == 0) rc = conn_open(path, SQLITE_OPEN_READONLY, busy_ms, &db, err, errlen);
+    else rc = conn_open(uri, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI, busy_ms, &db, err, errlen);
+    if (rc) {
+        seterr(err, errlen, "cannot open %s", path);
+        goto done;
+    }
     rc = header_read(db, path, &h, err, errlen);
     if (rc) goto done;
     rc = header_judge(&h, path, err, errlen);
@@ -548,6 +580,8 @@ static optd_err check_existing(const char *path, int busy_ms, char *err, size_t 
     rc = quick_check(db, path, err, errlen);
 done:
     if (db) conn_close(db);
+    free(name);
+    free(uri);
     return rc;
 }
 
@@ -791,7 +825,12 @@ optd_err store_open(const char *path, const store_options *opt, store **out, cha
     if (rc) goto done;
     rc = readers_open(st, path, &o, err, errlen);
     if (rc) goto done;
-    rc = conn_open(path, SQLITE_OPEN_READWRITE, PROBE_TIMEOUT_MS, &st->probe, err, errlen);
+    st->path = strdup(path);
+    if (!st->path) {
+        rc = OPTD_E_NOMEM;
+        goto done;
+    }
+    rc = probe_open(st, err, errlen);
 done:
     if (rc) {
         if (rc == OPTD_E_NOMEM && err && !*err) seterr(err, errlen, "out of memory opening %s", path);
@@ -799,6 +838,22 @@ done:
         return rc;
     }
     *out = st;
+    return OPTD_OK;
+}
+
+/* Opens the probe connection and opens its WAL now, with a read
+ * transaction, while the file can be written: see store_writable. */
+static optd_err probe_open(store *st, char *err, size_t errlen)
+{
+    optd_err rc = conn_open(st->path, SQLITE_OPEN_READWRITE, PROBE_TIMEOUT_MS, &st->probe, err, errlen);
+
+    if (rc) return rc;
+    if (sqlite3_exec(st->probe, "SELECT count(*) FROM sqlite_master", NULL, NULL, NULL) != SQLITE_OK) {
+        seterr(err, errlen, "cannot read %s: %s", st->path, sqlite3_errmsg(st->probe));
+        conn_close(st->probe);
+        st->probe = NULL;
+        return OPTD_E_UNAVAILABLE;
+    }
     return OPTD_OK;
 }
 
@@ -824,6 +879,7 @@ void store_close(store *st)
         pthread_mutex_destroy(&st->pool_mu);
     }
     if (st->probe_init) pthread_mutex_destroy(&st->probe_mu);
+    free(st->path);
     free(st);
 }
 
@@ -843,6 +899,10 @@ int store_writable(store *st)
 
     if (!st) return 0;
     pthread_mutex_lock(&st->probe_mu);
+    if (!st->probe && probe_open(st, NULL, 0) != OPTD_OK) {
+        pthread_mutex_unlock(&st->probe_mu);
+        return 0;
+    }
     ok = sqlite3_exec(st->probe, "BEGIN IMMEDIATE", NULL, NULL, NULL) == SQLITE_OK;
     if (ok && atomic_load(&st->write_failed)) {
         snprintf(text, sizeof text, "PRAGMA application_id = %d", STORE_APPLICATION_ID);
@@ -854,6 +914,13 @@ int store_writable(store *st)
         /* Nothing was written, so a failed ROLLBACK loses nothing; it does
          * mean the probe cannot be trusted this time. */
         if (sqlite3_exec(st->probe, "ROLLBACK", NULL, NULL, NULL) != SQLITE_OK) ok = 0;
+    }
+    if (!ok) {
+        /* A connection that first opened the WAL while the file could not be
+         * written keeps a read-only handle on it for good (SQLITE_READONLY
+         * ever after), so a failed probe starts afresh next time. */
+        conn_close(st->probe);
+        st->probe = NULL;
     }
     pthread_mutex_unlock(&st->probe_mu);
     return ok;
@@ -873,6 +940,25 @@ optd_err store_begin(store *st)
     return OPTD_E_UNAVAILABLE;
 }
 
+/* A COMMIT whose fsync failed has written its frames to the WAL, commit
+ * mark included: SQLite forgets them (the next transaction writes over the
+ * same slots), but a crash before that next transaction lets recovery replay
+ * them, bringing back writes that were refused as "nothing changed". So a
+ * failed commit is followed at once by one that changes nothing (the
+ * application id, rewritten as it is): its frame takes the first slot, and
+ * the refused transaction's frames after it no longer continue the WAL's
+ * checksum chain, so recovery stops before them. Should this commit fail
+ * too, it is a no-op either way. Writer thread only, outside a transaction. */
+static void wal_tail_cover(store *st)
+{
+    char text[96];
+
+    if (!sqlite3_get_autocommit(st->db)) return;
+    snprintf(text, sizeof text, "BEGIN IMMEDIATE; PRAGMA application_id = %d; COMMIT", STORE_APPLICATION_ID);
+    if (sqlite3_exec(st->db, text, NULL, NULL, NULL) != SQLITE_OK && !sqlite3_get_autocommit(st->db))
+        (void)sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
+}
+
 optd_err store_commit(store *st)
 {
     sqlite3_stmt *q = st->q[Q_COMMIT];
@@ -888,6 +974,7 @@ optd_err store_commit(store *st)
     /* SQLite may already have rolled back (disk full, I/O error) or may keep
      * the transaction open for a retry (busy); either way it is over for us. */
     store_rollback(st);
+    wal_tail_cover(st);
     return OPTD_E_UNAVAILABLE;
 }
 

@@ -1,0 +1,253 @@
+/* fuzz_decode: libFuzzer target for the request decoders of api/, without the
+ * HTTP server. The first byte of an input picks what the rest feeds (its low
+ * two bits, so seeds can start with an ASCII digit):
+ *   0, 1  a request body: utf8_valid, cJSON, then hparams_from_json for every
+ *         optimizer, training_fields_from_json, sess_from_checkpoint and
+ *         json_to_vec on "grad"/"params"
+ *   2     a URL path: url_unescape, route_parse, name_valid
+ *   3     a header value: parse_if_match, parse_number
+ * Beyond "does not crash" (ASan, UBSan) it checks properties that must hold
+ * for every input, and abort()s when one does not:
+ *   - hyperparameters that decode re-encode (hparams_to_json) to JSON that
+ *     decodes to the same encoding;
+ *   - a checkpoint that decodes re-encodes (sess_state_to_json) to one that
+ *     decodes to the same blob bit for bit, at the same step;
+ *   - every message written is NUL-terminated within its buffer;
+ *   - a route's session name obeys the name rule when name_valid says so.
+ * Built with clang -fsanitize=fuzzer by `make fuzz`; tests/fuzz/replay.c
+ * links the same function into a plain program that replays the corpus and
+ * the regression inputs in `make test`. */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api/internal.h"
+
+#define MAX_ELEMENTS ((size_t)1 << 20)
+
+static void fail(const char *what, const char *detail)
+{
+    fprintf(stderr, "fuzz_decode: property broken: %s%s%s\n", what, detail ? ": " : "", detail ? detail : "");
+    abort();
+}
+
+static void check_msg(const char *msg, size_t cap)
+{
+    if (!memchr(msg, '\0', cap))
+        fail("message not terminated", NULL);
+}
+
+/* hparams_to_json of (info, hp, tr) as a malloc'd string; NULL when out of memory. */
+static char *hp_text(const optim_info *info, const optim_hparams *hp, const training *tr)
+{
+    sbuf b = {0};
+    hparams_to_json(&b, info, hp, tr);
+    if (b.oom) {
+        sbuf_free(&b);
+        return NULL;
+    }
+    return b.p;
+}
+
+static void fuzz_hparams(const cJSON *obj)
+{
+    const cJSON *hps = cJSON_GetObjectItemCaseSensitive(obj, "hyperparams");
+    if (!hps)
+        hps = obj;
+    for (size_t k = 0; k < OPTIM_KIND_COUNT; k++) {
+        const optim_info *info = optim_at(k);
+        optim_hparams hp;
+        training tr;
+        char msg[256];
+        memset(msg, 'x', sizeof msg);
+        optim_defaults(info, &hp);
+        training_defaults(&tr);
+        optd_err rc = hparams_from_json(info, hps, &hp, &tr, msg, sizeof msg);
+        if (rc) {
+            check_msg(msg, sizeof msg);
+            continue;
+        }
+        /* Round trip: what decoded encodes to text that decodes the same. */
+        char *t1 = hp_text(info, &hp, &tr);
+        if (!t1)
+            continue;
+        cJSON *again = cJSON_Parse(t1);
+        if (!again)
+            fail("hparams_to_json wrote JSON that does not parse", t1);
+        optim_hparams hp2;
+        training tr2;
+        optim_defaults(info, &hp2);
+        training_defaults(&tr2);
+        if (hparams_from_json(info, again, &hp2, &tr2, msg, sizeof msg) != OPTD_OK)
+            fail("hyperparameters that decoded do not decode again after hparams_to_json", msg);
+        char *t2 = hp_text(info, &hp2, &tr2);
+        if (t2 && strcmp(t1, t2) != 0) {
+            fprintf(stderr, "%s\n%s\n", t1, t2);
+            fail("hyperparameters change over a round trip", info->name);
+        }
+        free(t2);
+        free(t1);
+        cJSON_Delete(again);
+    }
+    training tr;
+    char msg[256];
+    training_defaults(&tr);
+    if (training_fields_from_json(obj, &tr, msg, sizeof msg) != OPTD_OK)
+        check_msg(msg, sizeof msg);
+}
+
+static void fuzz_checkpoint(const cJSON *obj)
+{
+    sess *s = NULL, *s2 = NULL;
+    char msg[256];
+    memset(msg, 'x', sizeof msg);
+    optd_err rc = sess_from_checkpoint("fz", obj, &s, msg, sizeof msg);
+    if (rc) {
+        check_msg(msg, sizeof msg);
+        if (s)
+            fail("sess_from_checkpoint failed but returned a session", NULL);
+        return;
+    }
+    sbuf b = {0};
+    sess_state_to_json(&b, s);
+    if (!b.oom) {
+        cJSON *again = cJSON_Parse(b.p);
+        if (!again)
+            fail("sess_state_to_json wrote JSON that does not parse", b.p);
+        if (sess_from_checkpoint("fz", again, &s2, msg, sizeof msg) != OPTD_OK)
+            fail("a checkpoint that decoded does not decode again after sess_state_to_json", msg);
+        if (s2->blob_len != s->blob_len || memcmp(s2->blob, s->blob, s->blob_len) != 0)
+            fail("a checkpoint's state changes over a round trip", b.p);
+        if (s2->row.step != s->row.step || s2->n != s->n || s2->dtype != s->dtype || s2->info != s->info)
+            fail("a checkpoint's step, size, dtype or optimizer changes over a round trip", b.p);
+        cJSON_Delete(again);
+    }
+    sbuf_free(&b);
+    sess_free(s2);
+    sess_free(s);
+}
+
+static void fuzz_vectors(const cJSON *obj)
+{
+    static const char *const keys[] = {"grad", "params"};
+    for (size_t i = 0; i < 2; i++) {
+        const cJSON *arr = cJSON_GetObjectItemCaseSensitive(obj, keys[i]);
+        if (!cJSON_IsArray(arr))
+            continue;
+        size_t n = (size_t)cJSON_GetArraySize(arr);
+        if (n > MAX_ELEMENTS)
+            continue;
+        for (int dt = 0; dt < 2; dt++) {
+            optim_dtype dtype = dt ? OPTIM_F64 : OPTIM_F32;
+            void *out = malloc(n * optim_elem_size(dtype) + 1);
+            char msg[128];
+            size_t bad;
+            if (!out)
+                return;
+            memset(msg, 'x', sizeof msg);
+            optd_err rc = json_to_vec(arr, out, n, dtype, msg, sizeof msg);
+            if (rc)
+                check_msg(msg, sizeof msg);
+            else if (!vec_finite(out, n, dtype, &bad))
+                fail("json_to_vec accepted a value that is not finite", keys[i]);
+            free(out);
+        }
+    }
+}
+
+static void fuzz_body(const uint8_t *data, size_t size)
+{
+    utf8_valid((const char *)data, size);
+    /* As http.c does: a NUL-terminated copy, parsed with its length. */
+    char *body = malloc(size + 1);
+    if (!body)
+        return;
+    memcpy(body, data, size);
+    body[size] = '\0';
+    cJSON *obj = cJSON_ParseWithLength(body, size);
+    if (obj && cJSON_IsObject(obj)) {
+        fuzz_hparams(obj);
+        fuzz_checkpoint(obj);
+        fuzz_vectors(obj);
+    }
+    cJSON_Delete(obj);
+    free(body);
+}
+
+static int name_char(char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
+           c == '-';
+}
+
+static void fuzz_route(const uint8_t *data, size_t size)
+{
+    char *url = malloc(size + 1);
+    if (!url)
+        return;
+    memcpy(url, data, size);
+    url[size] = '\0'; /* MHD hands over C strings: an embedded NUL ends it */
+    size_t before = strlen(url);
+    size_t after = url_unescape(url);
+    if (after > before || after != strlen(url))
+        fail("url_unescape grew the string or returned a wrong length", NULL);
+    char name[STORE_NAME_MAX + 1];
+    int ok = -1;
+    memset(name, 'x', sizeof name);
+    api_route r = route_parse(url, name, &ok);
+    if (r >= R_COUNT)
+        fail("route_parse returned no route", url);
+    if (!memchr(name, '\0', sizeof name))
+        fail("route_parse left the name unterminated", url);
+    if (ok) {
+        size_t n = strlen(name);
+        if (n == 0 || n > STORE_NAME_MAX || !name_char(name[0]) || name[0] == '.' || name[0] == '_' ||
+            name[0] == '-')
+            fail("route_parse accepted a bad name", name);
+        for (size_t i = 0; i < n; i++)
+            if (!name_char(name[i]))
+                fail("route_parse accepted a bad name", name);
+    }
+    if (name_valid(url) && (strchr(url, '/') || strlen(url) > STORE_NAME_MAX))
+        fail("name_valid accepted a string with '/' or over 128 characters", url);
+    free(url);
+}
+
+static void fuzz_header(const uint8_t *data, size_t size)
+{
+    char *v = malloc(size + 1);
+    if (!v)
+        return;
+    memcpy(v, data, size);
+    v[size] = '\0';
+    int64_t step = -2;
+    if (parse_if_match(v, &step) == 0 && step < -1)
+        fail("parse_if_match succeeded with a negative step", v);
+    double d = 0;
+    if (parse_number(v, &d) == 0 && !isfinite(d))
+        fail("parse_number accepted a value that is not finite", v);
+    free(v);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    if (size < 1)
+        return 0;
+    switch (data[0] & 3) {
+    case 0:
+    case 1:
+        fuzz_body(data + 1, size - 1);
+        break;
+    case 2:
+        fuzz_route(data + 1, size - 1);
+        break;
+    case 3:
+        fuzz_header(data + 1, size - 1);
+        break;
+    }
+    return 0;
+}
