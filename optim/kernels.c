@@ -9,10 +9,13 @@
 #include "optim.h"
 
 #if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
-#define KERNEL static __attribute__((target_clones("avx2", "default")))
+#define CLONES __attribute__((target_clones("avx2", "default")))
 #else
-#define KERNEL static
+#define CLONES
 #endif
+#define KERNEL static CLONES
+/* Statistics only: their sums may be reassociated (see block_stats). */
+#define STATS_KERNEL static CLONES __attribute__((optimize("associative-math", "no-signed-zeros", "no-trapping-math")))
 
 #define T float
 #define SFX f32
