@@ -240,7 +240,7 @@ static optd_err apply_step(writer *w, sess *s, void *grad, uint32_t contributors
     out->step = s->row.step;
     out->lr = hp.lr;
     out->grad_norm = grad_norm;
-    optd_err rc = store_session_update(w->st, &s->row, s->blob, s->blob_len);
+    optd_err rc = store_session_step(w->st, s->row.id, s->row.step, s->row.updated_ms, s->blob, s->blob_len);
     if (rc == OPTD_OK) {
         store_history h = {s->row.step, s->row.updated_ms, hp.lr, grad_norm, sqrt(stats.update_sq),
                            sqrt(stats.param_sq), contributors, has_loss, loss};

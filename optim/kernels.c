@@ -4,6 +4,7 @@
  * picked at load time on machines that have it; no -ffast-math, so every
  * result is the IEEE result of the same operations. */
 #include <math.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "optim.h"
@@ -18,21 +19,29 @@
 #define STATS_KERNEL static CLONES __attribute__((optimize("associative-math", "no-signed-zeros", "no-trapping-math")))
 
 #define T float
+#define U uint32_t
+#define EXP_MASK 0x7f800000u
 #define SFX f32
 #define sqrt_t sqrtf
 #define abs_t fabsf
 #include "kernels.inc"
 #undef T
+#undef U
+#undef EXP_MASK
 #undef SFX
 #undef sqrt_t
 #undef abs_t
 
 #define T double
+#define U uint64_t
+#define EXP_MASK 0x7ff0000000000000u
 #define SFX f64
 #define sqrt_t sqrt
 #define abs_t fabs
 #include "kernels.inc"
 #undef T
+#undef U
+#undef EXP_MASK
 #undef SFX
 #undef sqrt_t
 #undef abs_t

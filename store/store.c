@@ -6,6 +6,7 @@
 
 #include <assert.h>
 #include <errno.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -91,6 +92,7 @@ enum {
     Q_SESSION_INSERT,
     Q_STATE_INSERT,
     Q_SESSION_UPDATE,
+    Q_SESSION_STEP,
     Q_STATE_UPDATE,
     Q_SESSION_ID,
     Q_SESSION_DELETE,
@@ -128,6 +130,7 @@ static const char *const sql[Q_END] = {
                          " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     [Q_STATE_INSERT] = "INSERT INTO state(session_id, data) VALUES (?1, ?2)",
     [Q_SESSION_UPDATE] = "UPDATE sessions SET step = ?2, config = ?3, updated_ms = ?4 WHERE id = ?1",
+    [Q_SESSION_STEP] = "UPDATE sessions SET step = ?2, updated_ms = ?3 WHERE id = ?1",
     [Q_STATE_UPDATE] = "UPDATE state SET data = ?2 WHERE session_id = ?1",
     [Q_SESSION_ID] = "SELECT id FROM sessions WHERE name = ?1",
     [Q_SESSION_DELETE] = "DELETE FROM sessions WHERE id = ?1",
@@ -168,6 +171,18 @@ struct store {
     int probe_init;           /* probe_mu is initialised */
     sqlite3 *probe;           /* store_writable's own connection; NULL after a failed reopen */
     char *path;               /* the database, for reopening the probe */
+    /* The checkpointer: a thread with its own connection that copies the WAL
+     * back into the database (PASSIVE, so the writer never waits for it),
+     * woken by the writer's WAL hook. The writer never checkpoints itself:
+     * with auto-checkpoint a 12 MB step would also copy 12 MB and fsync the
+     * database inside its own commit. */
+    sqlite3 *ckpt_db;
+    pthread_t ckpt_thread;
+    pthread_mutex_t ckpt_mu;
+    pthread_cond_t ckpt_cv;
+    int ckpt_init;    /* ckpt_mu, ckpt_cv and the thread exist */
+    int ckpt_wanted;  /* guarded by ckpt_mu */
+    int ckpt_stop;    /* guarded by ckpt_mu */
     /* Set when a write transaction failed or was rolled back, cleared by the
      * next commit that succeeds: while set, store_writable makes a real write
      * rather than trust a lock that costs no I/O. */
@@ -640,6 +655,65 @@ static optd_err prepare_all(sqlite3 *db, sqlite3_stmt **q, int n, const char *pa
     return OPTD_OK;
 }
 
+/* WAL pages (of the default 4 KiB) past which the checkpointer is woken:
+ * about 16 MiB, so small steps share a checkpoint. */
+#define CKPT_PAGES 4096
+
+static int wal_hook(void *ctx, sqlite3 *db, const char *name, int pages)
+{
+    store *st = ctx;
+    (void)db;
+    (void)name;
+    if (pages >= CKPT_PAGES) {
+        pthread_mutex_lock(&st->ckpt_mu);
+        st->ckpt_wanted = 1;
+        pthread_cond_signal(&st->ckpt_cv);
+        pthread_mutex_unlock(&st->ckpt_mu);
+    }
+    return SQLITE_OK;
+}
+
+static void *ckpt_main(void *arg)
+{
+    store *st = arg;
+    pthread_mutex_lock(&st->ckpt_mu);
+    for (;;) {
+        while (!st->ckpt_wanted && !st->ckpt_stop)
+            pthread_cond_wait(&st->ckpt_cv, &st->ckpt_mu);
+        if (st->ckpt_stop)
+            break;
+        st->ckpt_wanted = 0;
+        pthread_mutex_unlock(&st->ckpt_mu);
+        /* A failure (disk full, EIO) leaves the WAL as it is: the data is
+         * safe there, and the next wake-up tries again. */
+        (void)sqlite3_wal_checkpoint_v2(st->ckpt_db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+        pthread_mutex_lock(&st->ckpt_mu);
+    }
+    pthread_mutex_unlock(&st->ckpt_mu);
+    return NULL;
+}
+
+/* Starts the checkpointer and hands checkpoints over from the writer. */
+static optd_err ckpt_open(store *st, const store_options *o, char *err, size_t errlen)
+{
+    optd_err rc = conn_open(st->path, SQLITE_OPEN_READWRITE, o->busy_timeout_ms, &st->ckpt_db, err, errlen);
+    if (rc) return rc;
+    if (pthread_mutex_init(&st->ckpt_mu, NULL) != 0) return OPTD_E_NOMEM;
+    if (pthread_cond_init(&st->ckpt_cv, NULL) != 0) {
+        pthread_mutex_destroy(&st->ckpt_mu);
+        return OPTD_E_NOMEM;
+    }
+    if (pthread_create(&st->ckpt_thread, NULL, ckpt_main, st) != 0) {
+        pthread_cond_destroy(&st->ckpt_cv);
+        pthread_mutex_destroy(&st->ckpt_mu);
+        return OPTD_E_NOMEM;
+    }
+    st->ckpt_init = 1;
+    (void)sqlite3_wal_autocheckpoint(st->db, 0);
+    sqlite3_wal_hook(st->db, wal_hook, st);
+    return OPTD_OK;
+}
+
 /* Opens the write connection: WAL, durability, schema, statements. */
 static optd_err writer_open(store *st, const char *path, const store_options *o, int create, char *err,
                             size_t errlen)
@@ -831,6 +905,8 @@ optd_err store_open(const char *path, const store_options *opt, store **out, cha
         goto done;
     }
     rc = probe_open(st, err, errlen);
+    if (rc) goto done;
+    rc = ckpt_open(st, &o, err, errlen);
 done:
     if (rc) {
         if (rc == OPTD_E_NOMEM && err && !*err) seterr(err, errlen, "out of memory opening %s", path);
@@ -864,6 +940,17 @@ void store_close(store *st)
     int i, j;
 
     if (!st) return;
+    if (st->ckpt_init) {
+        pthread_mutex_lock(&st->ckpt_mu);
+        st->ckpt_stop = 1;
+        pthread_cond_signal(&st->ckpt_cv);
+        pthread_mutex_unlock(&st->ckpt_mu);
+        pthread_join(st->ckpt_thread, NULL);
+        pthread_cond_destroy(&st->ckpt_cv);
+        pthread_mutex_destroy(&st->ckpt_mu);
+    }
+    if (st->db) sqlite3_wal_hook(st->db, NULL, NULL);
+    if (st->ckpt_db) conn_close(st->ckpt_db);
     for (i = 0; i < st->nreaders; i++) {
         for (j = 0; j < Q_READ_END; j++) (void)sqlite3_finalize(st->readers[i].q[j]);
         conn_close(st->readers[i].db);
@@ -1076,6 +1163,49 @@ optd_err store_session_update(store *st, const store_session *s, const void *sta
         if (rc == OPTD_OK && sqlite3_changes(st->db) == 0) rc = OPTD_E_INTERNAL;
     }
 done:
+    return tx_leave(st, own, rc);
+}
+
+/* The step path: the row's step and time, and the state overwritten in place
+ * with incremental blob I/O when its size is unchanged (no new overflow
+ * pages allocated and old ones freed, as a whole-value UPDATE does; for a
+ * 12 MB state that halves the pages a commit writes). Returns as
+ * store_session_update. */
+optd_err store_session_step(store *st, int64_t id, uint64_t step, int64_t updated_ms, const void *state,
+                            size_t len)
+{
+    sqlite3_stmt *q = st->q[Q_SESSION_STEP];
+    sqlite3_blob *blob = NULL;
+    optd_err rc;
+    int own, src;
+
+    if (step > INT64_MAX || !state || len > INT_MAX) return OPTD_E_INVALID;
+    rc = tx_enter(st, &own);
+    if (rc) return rc;
+    src = sqlite3_bind_int64(q, 1, id);
+    if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 2, (int64_t)step);
+    if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 3, updated_ms);
+    rc = run(q, src);
+    if (rc) goto done;
+    if (sqlite3_changes(st->db) == 0) {
+        rc = OPTD_E_NOT_FOUND;
+        goto done;
+    }
+    src = sqlite3_blob_open(st->db, "main", "state", "data", id, 1, &blob);
+    if (src == SQLITE_OK && sqlite3_blob_bytes(blob) == (int)len) {
+        rc = from_sqlite(sqlite3_blob_write(blob, state, (int)len, 0));
+    } else if (src == SQLITE_OK || src == SQLITE_ERROR) {
+        /* Another size (or a zero-length value, which has no blob): rewrite it. */
+        q = st->q[Q_STATE_UPDATE];
+        src = sqlite3_bind_int64(q, 1, id);
+        if (src == SQLITE_OK) src = bind_bytes(q, 2, state, len);
+        rc = run(q, src);
+        if (rc == OPTD_OK && sqlite3_changes(st->db) == 0) rc = OPTD_E_INTERNAL;
+    } else {
+        rc = from_sqlite(src);
+    }
+done:
+    if (blob) (void)sqlite3_blob_close(blob);
     return tx_leave(st, own, rc);
 }
 

@@ -75,6 +75,10 @@ optd_err store_session_load(store *st, const char *name, store_session *out, voi
 /* Writes step, config, updated_ms (by s->id) and, when state is non-NULL,
  * the state blob. */
 optd_err store_session_update(store *st, const store_session *s, const void *state, size_t len);
+/* The step path: writes step and updated_ms of session id and its state blob
+ * (in place when its size is unchanged). */
+optd_err store_session_step(store *st, int64_t id, uint64_t step, int64_t updated_ms, const void *state,
+                            size_t len);
 /* Deletes a session, its state and its keys. OPTD_E_NOT_FOUND when absent. */
 optd_err store_session_delete(store *st, const char *name);
 

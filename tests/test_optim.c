@@ -1085,11 +1085,40 @@ static void test_steps_with_statistics_equal_steps_without_over_many_blocks(void
     }
 }
 
+/* The statistics' finiteness flag speaks of elements, not of sums: params
+ * at FLT_MAX are finite (their squares overflow any float sum), and one
+ * overflowing element among thousands is seen. */
+static void test_statistics_call_huge_finite_values_finite_and_overflow_not(void **unused)
+{
+    (void)unused;
+    enum { N = 3000 };
+    const optim_info *info = optim_find("sgd");
+    optim_hparams hp;
+    optim_defaults(info, &hp);
+    hp.lr = 1;
+    static float p[N], g[N];
+    for (size_t i = 0; i < N; i++) {
+        p[i] = 3.4e38f;
+        g[i] = 0;
+    }
+    optim_state st;
+    memset(&st, 0, sizeof st);
+    st.params = p;
+    optim_state_init(info, &hp, OPTIM_F32, N, &st);
+    optim_stats stats;
+    optim_step(info, &hp, OPTIM_F32, N, &st, g, &stats);
+    assert_true(stats.finite);
+    g[2500] = -3.4e38f; /* p - lr * g overflows at one element */
+    optim_step(info, &hp, OPTIM_F32, N, &st, g, &stats);
+    assert_false(stats.finite);
+}
+
 int main(void)
 {
     const struct CMUnitTest table_tests[] = {
         cmocka_unit_test(test_every_optimizer_is_found_by_name_in_kind_order),
         cmocka_unit_test(test_steps_with_statistics_equal_steps_without_over_many_blocks),
+        cmocka_unit_test(test_statistics_call_huge_finite_values_finite_and_overflow_not),
         cmocka_unit_test(test_an_unknown_optimizer_name_is_not_found),
         cmocka_unit_test(test_an_unknown_hyperparameter_name_is_not_found),
         cmocka_unit_test(test_sgd_defaults_match_the_api_table),
