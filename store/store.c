@@ -733,6 +733,15 @@ static optd_err writer_open(store *st, const char *path, const store_options *o,
         return OPTD_E_UNAVAILABLE;
     }
 
+    /* A new database gets 16 KiB pages (before WAL and the first table fix
+     * the size): measured with bench/sqlite_ceiling on this machine, group
+     * commits of 32 12 KB states ran 1.4x and a 12 MB state 1.7x faster than
+     * with the default 4 KiB; 64 KiB pages help big states more but halve
+     * small ones. Existing files keep theirs. */
+    if (create) {
+        rc = exec_sql(st->db, "PRAGMA page_size = 16384", path, err, errlen);
+        if (rc) return rc;
+    }
     /* journal_mode answers with the mode in force, which is not WAL when the
      * switch was refused (e.g. a filesystem without shared memory). */
     src = sqlite3_prepare_v2(st->db, "PRAGMA journal_mode = WAL", -1, &q, NULL);
