@@ -71,6 +71,9 @@ src=$(mktemp -d "${TMPDIR:-/tmp}/optd-image-src.XXXXXX")
 trap '[ "${KEEP_BUILD:-0}" = 1 ] || rm -rf "$src"' EXIT
 # COPY . . (without the host's build tree and git metadata)
 (cd "$repo" && tar --exclude=./build --exclude=./.git -cf - .) | (cd "$src" && tar -xf -)
+# The image's build, whatever make this script runs under (make asan exports
+# SAN=1, which would build elsewhere): a clean environment for make.
+unset SAN B MAKEFLAGS MAKELEVEL MFLAGS CFLAGS LDFLAGS
 ${MAKE:-make} -C "$src" clean >/dev/null
 ${MAKE:-make} -C "$src" -j"$(nproc 2>/dev/null || echo 2)" build/optd
 strip "$src/build/optd"
