@@ -175,17 +175,15 @@ fuzz: deps
 # torch.optim, api/openapi.json against the served routes, the container root
 # fs (deploy/build-image-rootfs.sh) run as the image would, the Kubernetes
 # manifests, three shards behind HAProxy (deploy/haproxy.cfg), the curl
-# cookbook. Installs its Debian packages when root (tests/ecosystem/install-deps.sh).
+# cookbook. Installs its Debian packages when root (deploy/install-deps.sh ecosystem).
 .PHONY: ecosystem
 ecosystem: all
-	sh tests/ecosystem/install-deps.sh
+	sh deploy/install-deps.sh --optional ecosystem
 	OPTD_BIN=$(B)/optd /usr/bin/python3 tests/ecosystem/run.py
 
 # dashboard-test: the dashboard page in headless Chromium (installed with
 # apt-get when root; without it the browser tests are skipped) and /history.
 .PHONY: dashboard-test
 dashboard-test: all
-	@if ! command -v chromium >/dev/null 2>&1; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
-	  else echo "chromium is missing (apt-get install chromium as root): the browser tests will be skipped"; fi; fi
+	@sh deploy/install-deps.sh --optional dashboard
 	OPTD_BIN=$(B)/optd python3 tests/dashboard/run.py

@@ -1,6 +1,7 @@
-"""Shared harness for the dashboard and history tests: starts the real optd
-binary on a free loopback port with a fresh database, talks HTTP to it
-(http.client) and runs headless Chromium on the dashboard. Standard library
+"""Shared harness for the dashboard and history tests: the real optd binary
+on a free loopback port with a fresh database (the Daemon of
+tests/lib/optdtest.py), HTTP to it (http.client) and headless Chromium on the
+dashboard. Standard library
 only; Chromium comes from Debian (`apt-get install chromium`)."""
 
 import http.client
@@ -8,96 +9,28 @@ import json
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "lib"))
+import optdtest  # noqa: E402
+from optdtest import pack  # noqa: E402,F401 (the tests import it from here)
 
 
-def optd_bin():
-    path = os.environ.get("OPTD_BIN", "build/optd")
-    return path if os.path.isabs(path) else os.path.join(REPO, path)
+class Daemon(optdtest.Daemon):
+    """One optd process on a fresh database in a temp dir, and a kept-alive
+    connection to it."""
 
-
-def free_port():
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-class Reply:
-    def __init__(self, status, headers, body):
-        self.status, self.headers, self.body = status, headers, body
-
-    def header(self, name):
-        return self.headers.get(name.lower())
-
-    @property
-    def json(self):
-        def constant(c):
-            raise ValueError("%s is not JSON" % c)
-        return json.loads(self.body.decode("utf-8"), parse_constant=constant)
-
-    def __repr__(self):
-        return "%d %r" % (self.status, self.body[:300])
-
-
-class Daemon:
-    """One optd process on a fresh database in a temp dir."""
+    tmp_prefix = "optd-dash-"
 
     def __init__(self, args=(), env=None, token=None):
-        self.args = list(args)
-        self.env = dict(env or {})
+        super().__init__(args, env)
         self.token = token  # sent as Authorization: Bearer by default
-        self.tmp = tempfile.mkdtemp(prefix="optd-dash-")
-        self.db = os.path.join(self.tmp, "optd.db")
-        self.log_path = os.path.join(self.tmp, "optd.log")
-        self.proc = None
-        self.port = None
         self._conn = None
-
-    def start(self, timeout=15.0):
-        if not os.path.exists(optd_bin()):
-            raise AssertionError("%s does not exist (run make)" % optd_bin())
-        for _ in range(3):  # the free port may be taken meanwhile
-            self.port = free_port()
-            env = {k: v for k, v in os.environ.items() if not k.startswith("OPTD_") or k == "OPTD_BIN"}
-            env.update(self.env)
-            cmd = [optd_bin(), "--listen", "127.0.0.1:%d" % self.port, "--db", self.db] + self.args
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                             stderr=subprocess.STDOUT, env=env)
-            deadline = time.time() + timeout
-            while time.time() < deadline and self.proc.poll() is None:
-                try:
-                    c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                    c.request("GET", "/healthz")
-                    ok = c.getresponse().status == 200
-                    c.close()
-                    if ok:
-                        return self
-                except OSError:
-                    pass
-                time.sleep(0.03)
-            if self.proc.poll() is None:
-                self.stop()
-                raise AssertionError("optd did not answer /healthz: " + self.log())
-            if "in use" not in self.log().lower():
-                break
-        raise AssertionError("optd exited during start-up: " + self.log())
-
-    def log(self):
-        try:
-            with open(self.log_path, "rb") as f:
-                return f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
 
     def close(self):
         """Closes this handle's connection (the process keeps running)."""
@@ -105,24 +38,18 @@ class Daemon:
             self._conn.close()
             self._conn = None
 
-    def stop(self):
+    def stop(self, *args, **kw):
         self.close()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        return super().stop(*args, **kw)
 
     def cleanup(self):
-        self.stop()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.close()
+        super().cleanup()
 
     def client(self):
         """A handle on the same daemon with its own connection, for another
         thread (http.client connections are not thread-safe)."""
-        c = Daemon.__new__(Daemon)
+        c = self.__class__.__new__(self.__class__)
         c.__dict__.update(self.__dict__)
         c._conn = None
         return c
@@ -147,7 +74,7 @@ class Daemon:
                 self._conn.request(method, path, body=body, headers=hdrs)
                 r = self._conn.getresponse()
                 data = r.read()
-                return Reply(r.status, {k.lower(): v for k, v in r.getheaders()}, data)
+                return optdtest.Reply(method, path, r.status, r.reason, r.getheaders(), data)
             except (http.client.HTTPException, OSError):
                 self._conn.close()
                 self._conn = None
@@ -169,10 +96,6 @@ class Daemon:
             if page["next"] is None:
                 return rows
             after = page["next"]
-
-
-def pack(dtype, values):
-    return struct.pack("<%d%s" % (len(values), "f" if dtype == "float32" else "d"), *values)
 
 
 # -- Chromium -------------------------------------------------------------

@@ -12,50 +12,10 @@ non-zero when anything failed."""
 
 import os
 import sys
-import time
-import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def main(argv):
-    sys.path.insert(0, HERE)
-    names = [a for a in argv if not a.startswith("-")]
-    loader = unittest.TestLoader()
-    suite = loader.loadTestsFromNames(names) if names else loader.discover(HERE, pattern="test_*.py",
-                                                                           top_level_dir=HERE)
-    ids = {t.id() for t in _iter(suite)}  # before run(), which drops them
-    started = time.time()
-    result = unittest.TextTestRunner(stream=sys.stdout, verbosity=1 if "-q" in argv else 2).run(suite)
-    sys.stdout.flush()
-    sys.stderr.flush()
-
-    # A test counts once however many of its subtests failed; an error in a
-    # class fixture counts as one failure of its own.
-    failed = {_owner(t).id() for t, _ in result.failures + result.errors}
-    failed |= {_owner(t).id() for t in result.unexpectedSuccesses}
-    skipped = len({_owner(t).id() for t, _ in result.skipped} - failed)
-    passed = max(result.testsRun - len(failed & ids) - skipped - len(result.expectedFailures), 0)
-    line = "%d passed, %d failed" % (passed, len(failed))
-    if skipped:
-        line += ", %d skipped" % skipped
-    print("(%.1f s)" % (time.time() - started))
-    print(line)
-    sys.stdout.flush()
-    return 1 if failed or not result.testsRun else 0
-
-
-def _owner(test):
-    return getattr(test, "test_case", test)
-
-
-def _iter(suite):
-    for t in suite:
-        if isinstance(t, unittest.TestSuite):
-            yield from _iter(t)
-        else:
-            yield t
-
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "lib"))
+import optdtest  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(optdtest.main(sys.argv[1:], HERE))

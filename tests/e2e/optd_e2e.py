@@ -1,196 +1,37 @@
-"""Shared harness for optd's end-to-end tests: starts the real binary on a free
-loopback port with a fresh database, speaks raw HTTP to it (http.client, so
-statuses and headers are exactly visible) and checks replies against
-/work/shared/API.md. Standard library only."""
+"""Shared harness for optd's end-to-end tests: the real binary on a free
+loopback port with a fresh database (the Daemon of tests/lib/optdtest.py),
+raw HTTP to it (http.client, so statuses and headers are exactly visible) and
+checks of replies against /work/shared/API.md. Standard library only."""
 
-import http.client
 import json
 import os
 import re
 import signal
 import socket
-import struct
-import subprocess
-import tempfile
-import time
+import sys
 import unittest
-import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "lib"))
+import optdtest  # noqa: E402
+from optdtest import f32, free_port, optd_bin, pack, unpack, uniq  # noqa: E402,F401 (the tests import them from here)
 
 
-def optd_bin():
-    path = os.environ.get("OPTD_BIN", "build/optd")
-    if not os.path.isabs(path):
-        path = os.path.join(REPO, path)
-    return path
+class Daemon(optdtest.Daemon):
+    """One optd process on a database in a temp dir that survives restarts of
+    the process (stop/kill then start again), with raw HTTP helpers."""
 
-
-def free_port():
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def f32(x):
-    """The float32 nearest to x, as a Python float (exact)."""
-    return struct.unpack("<f", struct.pack("<f", x))[0]
-
-
-def pack(dtype, values):
-    return struct.pack("<%d%s" % (len(values), "f" if dtype == "float32" else "d"), *values)
-
-
-def unpack(dtype, data):
-    w = 4 if dtype == "float32" else 8
-    assert len(data) % w == 0, "binary body of %d bytes is not a whole number of %s" % (len(data), dtype)
-    return list(struct.unpack("<%d%s" % (len(data) // w, "f" if dtype == "float32" else "d"), data))
-
-
-def uniq(prefix="s"):
-    return "%s-%s" % (prefix, uuid.uuid4().hex[:12])
-
-
-class Resp:
-    """A finished HTTP exchange."""
-
-    def __init__(self, method, path, status, reason, headers, body):
-        self.method, self.path = method, path
-        self.status, self.reason = status, reason
-        self.headers = headers  # list of (name, value)
-        self.body = body
-
-    def header(self, name):
-        name = name.lower()
-        for k, v in self.headers:
-            if k.lower() == name:
-                return v
-        return None
-
-    @property
-    def content_type(self):
-        return (self.header("Content-Type") or "").split(";")[0].strip().lower()
-
-    @property
-    def json(self):
-        """The body parsed as strict JSON (no NaN/Infinity); AssertionError if it is not."""
-        def constant(c):
-            raise ValueError("%s is not JSON" % c)
-        try:
-            return json.loads(self.body.decode("utf-8"), parse_constant=constant)
-        except Exception as e:  # noqa: BLE001
-            raise AssertionError("%s %s -> %d: body is not JSON (%s): %r"
-                                 % (self.method, self.path, self.status, e, self.body[:300]))
-
-    def __repr__(self):
-        return "%s %s -> %d %s %r" % (self.method, self.path, self.status,
-                                      dict(self.headers), self.body[:400])
-
-
-class Daemon:
-    """One optd process. The database lives in a temp dir that survives
-    restarts of the process (stop/kill then start again)."""
+    tmp_prefix = "optd-e2e-"
 
     def __init__(self, args=(), env=None, token=None, db=None):
-        self.args = list(args)
-        self.env = dict(env or {})
+        super().__init__(args, env, db)
         self.token = token  # sent by default as Authorization: Bearer
-        self.tmp = tempfile.mkdtemp(prefix="optd-e2e-")
-        self.db = db or os.path.join(self.tmp, "optd.db")
-        self.proc = None
-        self.port = None
-        self.log_path = None
-        self.starts = 0
-        self.expected_exit = False
-
-    # -- process control --------------------------------------------------
-    def start(self, timeout=15.0):
-        last_err = None
-        for _ in range(3):  # retry if the picked port was grabbed meanwhile
-            self.port = free_port()
-            self.starts += 1
-            self.log_path = os.path.join(self.tmp, "optd-%d.log" % self.starts)
-            env = dict(os.environ)
-            for k in list(env):
-                if k.startswith("OPTD_") and k != "OPTD_BIN":
-                    del env[k]
-            env.update(self.env)
-            cmd = [optd_bin(), "--listen", "127.0.0.1:%d" % self.port, "--db", self.db] + self.args
-            if not os.path.exists(cmd[0]):
-                raise AssertionError("daemon binary %s does not exist (run make)" % cmd[0])
-            with open(self.log_path, "wb") as log:
-                self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                             stderr=subprocess.STDOUT, env=env)
-            self.expected_exit = False
-            deadline = time.time() + timeout
-            while time.time() < deadline:
-                if self.proc.poll() is not None:
-                    last_err = "optd exited with %s during start-up: %s" % (self.proc.returncode, self.log())
-                    break
-                try:
-                    c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                    c.request("GET", "/healthz")
-                    r = c.getresponse()
-                    r.read()
-                    c.close()
-                    if r.status == 200:
-                        return self
-                except OSError:
-                    pass
-                time.sleep(0.03)
-            else:
-                self.kill()
-                raise AssertionError("optd did not answer /healthz within %.0f s: %s" % (timeout, self.log()))
-            if "in use" not in last_err.lower() and "bind" not in last_err.lower():
-                break
-        raise AssertionError(last_err)
-
-    def log(self):
-        try:
-            with open(self.log_path, "rb") as f:
-                return f.read()[-3000:].decode("utf-8", "replace")
-        except OSError:
-            return ""
-
-    def alive(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self):
-        """kill -9 and reap."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.expected_exit = True
-            self.proc.kill()
-            self.proc.wait(10)
 
     def terminate(self, sig=signal.SIGTERM, timeout=10.0):
         """Sends sig and waits up to timeout; returns the exit status (None if it hung, then kills)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.expected_exit = True
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            return None
-
-    def restart(self):
-        self.kill()
-        return self.start()
-
-    def cleanup(self):
-        self.kill()
-        import shutil
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        return self.stop(sig, timeout)
 
     # -- HTTP -------------------------------------------------------------
-    def conn(self, timeout=30):
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-
     def request(self, method, path, body=None, json_body=None, headers=None, auth=True,
                 conn=None, timeout=30):
         """One request. json_body is serialised with Content-Type application/json
@@ -211,16 +52,7 @@ class Daemon:
                     del hdrs[existing]
             if v is not None:
                 hdrs[k] = v
-        own = conn is None
-        c = conn or self.conn(timeout)
-        try:
-            c.request(method, path, body=body, headers=hdrs)
-            r = c.getresponse()
-            data = r.read()
-            return Resp(method, path, r.status, r.reason, r.getheaders(), data)
-        finally:
-            if own:
-                c.close()
+        return optdtest.request(self.port, method, path, body, hdrs, timeout, conn)
 
     def get(self, path, **kw):
         return self.request("GET", path, **kw)

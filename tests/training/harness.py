@@ -1,84 +1,36 @@
-"""Harness for the training-feature tests: starts build/optd (env OPTD_BIN)
-on a free loopback port with a temp --db per test class, and talks HTTP to it
-with http.client (keep-alive, statuses and headers exactly visible). Standard
-library only."""
+"""Harness for the training-feature tests: build/optd (env OPTD_BIN) on a
+free loopback port with a temp --db per test class (the Daemon of
+tests/lib/optdtest.py), and HTTP to it with http.client (keep-alive, statuses
+and headers exactly visible). Standard library only."""
 
 import http.client
 import json
 import os
-import shutil
-import socket
-import struct
-import subprocess
-import tempfile
+import sys
 import threading
 import time
 import unittest
-import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-
-
-def optd_bin():
-    path = os.environ.get("OPTD_BIN", "build/optd")
-    return path if os.path.isabs(path) else os.path.join(REPO, path)
-
-
-def free_port():
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def f32(x):
-    """The float32 nearest to x, as a Python float (exact)."""
-    return struct.unpack("<f", struct.pack("<f", x))[0]
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "lib"))
+import optdtest  # noqa: E402
+from optdtest import f32  # noqa: E402,F401 (the tests import it from here)
 
 
 def uniq(prefix="s"):
-    return "%s-%s" % (prefix, uuid.uuid4().hex[:10])
+    return optdtest.uniq(prefix, 10)
 
 
 def rel_err(got, ref, floor):
     return abs(got - ref) / max(abs(ref), floor)
 
 
-class Resp:
-    def __init__(self, status, headers, body):
-        self.status, self.headers, self.body = status, headers, body
-
-    def header(self, name):
-        name = name.lower()
-        for k, v in self.headers:
-            if k.lower() == name:
-                return v
-        return None
+class Resp(optdtest.Reply):
+    """A reply; json is None for an empty body."""
 
     @property
     def json(self):
-        """The body as strict JSON (NaN, Infinity and inf are not JSON)."""
-        if not self.body:
-            return None
-
-        def constant(c):
-            raise ValueError("%s is not JSON" % c)
-        try:
-            return json.loads(self.body.decode("utf-8"), parse_constant=constant)
-        except ValueError as e:
-            raise AssertionError("reply %d is not JSON (%s): %r" % (self.status, e, self.body[:300]))
-
-    @property
-    def code(self):
-        try:
-            return self.json["error"]["code"]
-        except Exception:  # noqa: BLE001
-            return None
-
-    def __repr__(self):
-        return "<%d %r>" % (self.status, self.body[:300])
+        return super().json if self.body else None
 
 
 class Client:
@@ -105,7 +57,7 @@ class Client:
                 self.c.request(method, path, body=body, headers=hdrs)
                 r = self.c.getresponse()
                 data = r.read()
-                resp = Resp(r.status, r.getheaders(), data)
+                resp = Resp(method, path, r.status, r.reason, r.getheaders(), data)
                 if (r.getheader("Connection") or "").lower() == "close":
                     self.close()
                 return resp
@@ -130,61 +82,9 @@ class Client:
         return self.request("DELETE", path, **kw)
 
 
-class Daemon:
-    def __init__(self, args=()):
-        self.args = list(args)
-        self.tmp = tempfile.mkdtemp(prefix="optd-training-")
-        self.db = os.path.join(self.tmp, "optd.db")
-        self.proc = None
-        self.port = None
-
-    def start(self, timeout=15.0):
-        exe = optd_bin()
-        if not os.path.exists(exe):
-            raise AssertionError("%s does not exist (run make)" % exe)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OPTD_")}
-        for _ in range(3):
-            self.port = free_port()
-            self.log_path = os.path.join(self.tmp, "optd.log")
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(
-                    [exe, "--listen", "127.0.0.1:%d" % self.port, "--db", self.db,
-                     "--log-level", "quiet"] + self.args,
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
-            deadline = time.time() + timeout
-            while time.time() < deadline and self.proc.poll() is None:
-                try:
-                    c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                    c.request("GET", "/healthz")
-                    r = c.getresponse()
-                    r.read()
-                    c.close()
-                    if r.status == 200:
-                        return self
-                except OSError:
-                    time.sleep(0.02)
-            self.stop()
-        raise AssertionError("optd did not start: %s" % self.log())
-
-    def log(self):
-        try:
-            with open(self.log_path, "rb") as f:
-                return f.read()[-2000:].decode("utf-8", "replace")
-        except OSError:
-            return ""
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def cleanup(self):
-        self.stop()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+class Daemon(optdtest.Daemon):
+    tmp_prefix = "optd-training-"
+    default_args = ("--log-level", "quiet")
 
     def client(self, timeout=30):
         return Client(self.port, timeout)
