@@ -93,7 +93,7 @@ $(B)/bench/kernels: $(B)/bench/kernels.o $(B)/optim/optim.o $(B)/optim/kernels.o
 $(B)/bench/loadgen $(B)/bench/mhd_ceiling $(B)/bench/sqlite_ceiling: $(B)/bench/%: $(B)/bench/%.o
 	$(CC) $(LDFLAGS) -o $(B)/bench/$* $^ $(PKG_LIBS) $(LDLIBS)
 bench: all $(BENCH_BINS)
-	sh bench/install-deps.sh && /usr/bin/python3 bench/run.py --build $(B)
+	sh deploy/install-deps.sh bench && /usr/bin/python3 bench/run.py --build $(B)
 
 clean:
 	rm -rf build

@@ -9,6 +9,8 @@
 #              example, haproxy for the sharding test, pip/setuptools/wheel to
 #              install the client package offline, PyYAML for the manifests
 #   dashboard  chromium, for the dashboard tests in a headless browser
+#   bench      torch and numpy (the torch.optim comparison) and Flask (the
+#              Python reference service) for make bench
 #
 # As root it installs what is missing. Otherwise it names it and exits 1, or
 # with --optional exits 0: the tests that need a missing package are skipped.
@@ -29,8 +31,9 @@ for group in "$@"; do
     build) full="$full build-essential pkg-config libmicrohttpd-dev libcjson-dev libsqlite3-dev libcmocka-dev python3 curl" ;;
     ecosystem) lean="$lean python3 python3-numpy python3-torch python3-sklearn python3-matplotlib python3-yaml python3-pip python3-setuptools python3-wheel haproxy curl binutils" ;;
     dashboard) full="$full chromium" ;;
+    bench) lean="$lean python3-torch python3-numpy python3-flask" ;;
     *)
-        echo "install-deps.sh: no group '$group' (build, ecosystem, dashboard)" >&2
+        echo "install-deps.sh: no group '$group' (build, ecosystem, dashboard, bench)" >&2
         exit 2
         ;;
     esac
