@@ -542,13 +542,12 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
 {
     const cJSON *o = r->json;
     const cJSON *name = cJSON_GetObjectItemCaseSensitive(o, "name");
-    const cJSON *opt = cJSON_GetObjectItemCaseSensitive(o, "optimizer");
-    const cJSON *dt = cJSON_GetObjectItemCaseSensitive(o, "dtype");
     const cJSON *params = cJSON_GetObjectItemCaseSensitive(o, "params");
     const cJSON *size = cJSON_GetObjectItemCaseSensitive(o, "size");
     const cJSON *fill = cJSON_GetObjectItemCaseSensitive(o, "fill");
     const cJSON *from = cJSON_GetObjectItemCaseSensitive(o, "from");
-    optim_dtype dtype = OPTIM_F32;
+    const optim_info *info;
+    optim_dtype dtype;
     optim_hparams hp;
     training tr;
     optd_err rc;
@@ -570,7 +569,8 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
         /* A fork: the writer copies the source as it is when the job runs. */
         if (!cJSON_IsString(from))
             return snprintf(msg, msglen, "from must be a session name"), OPTD_E_BAD_REQUEST;
-        if (params || size || fill || opt || dt)
+        if (params || size || fill || cJSON_GetObjectItemCaseSensitive(o, "optimizer") ||
+            cJSON_GetObjectItemCaseSensitive(o, "dtype"))
             return snprintf(msg, msglen, "a fork takes only name, from, hyperparams and session fields"),
                    OPTD_E_INVALID;
         if (!name_valid(from->valuestring))
@@ -581,24 +581,7 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
         *out = NULL;
         return OPTD_OK;
     }
-    if (!opt)
-        return snprintf(msg, msglen, "optimizer is required"), OPTD_E_INVALID;
-    if (!cJSON_IsString(opt))
-        return snprintf(msg, msglen, "optimizer must be a string"), OPTD_E_BAD_REQUEST;
-    const optim_info *info = optim_find(opt->valuestring);
-    if (!info)
-        return snprintf(msg, msglen, "unknown optimizer '%.64s'", opt->valuestring), OPTD_E_UNKNOWN_OPTIMIZER;
-    if (dt && !cJSON_IsString(dt))
-        return snprintf(msg, msglen, "dtype must be a string"), OPTD_E_BAD_REQUEST;
-    if (dt && strcmp(dt->valuestring, "float64") == 0)
-        dtype = OPTIM_F64;
-    else if (dt && strcmp(dt->valuestring, "float32") != 0)
-        return snprintf(msg, msglen, "dtype must be \"float32\" or \"float64\""), OPTD_E_INVALID;
-    optim_defaults(info, &hp);
-    training_defaults(&tr);
-    rc = hparams_from_json(info, cJSON_GetObjectItemCaseSensitive(o, "hyperparams"), &hp, &tr, msg, msglen);
-    if (!rc)
-        rc = training_fields_from_json(o, &tr, msg, msglen);
+    rc = sess_config_from_json(o, &info, &dtype, &hp, &tr, msg, msglen);
     if (rc)
         return rc;
     if (params && size)
@@ -613,7 +596,7 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
             return snprintf(msg, msglen, "fill goes with size, not params"), OPTD_E_INVALID;
         rc = sess_new(r->name, info, &hp, &tr, dtype, n, NULL, 0, out);
         if (rc == OPTD_E_BAD_HYPERPARAM)
-            snprintf(msg, msglen, "initial_accumulator_value is not a finite %s", dt ? dt->valuestring : "float32");
+            snprintf(msg, msglen, "initial_accumulator_value is not a finite %s", dtype == OPTIM_F64 ? "float64" : "float32");
         if (rc == OPTD_OK && (rc = json_to_vec(params, (*out)->st.params, n, dtype, msg, msglen)) != OPTD_OK) {
             sess_free(*out);
             *out = NULL;
@@ -634,12 +617,12 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
             return snprintf(msg, msglen, "fill must be a number"), OPTD_E_BAD_REQUEST;
         f = fill->valuedouble;
         if (!isfinite(dtype == OPTIM_F32 ? (float)f : f))
-            return snprintf(msg, msglen, "fill is not a finite %s", dt ? dt->valuestring : "float32"),
+            return snprintf(msg, msglen, "fill is not a finite %s", dtype == OPTIM_F64 ? "float64" : "float32"),
                    OPTD_E_NON_FINITE;
     }
     rc = sess_new(r->name, info, &hp, &tr, dtype, (size_t)n, NULL, f, out);
     if (rc == OPTD_E_BAD_HYPERPARAM)
-        snprintf(msg, msglen, "initial_accumulator_value is not a finite %s", dt ? dt->valuestring : "float32");
+        snprintf(msg, msglen, "initial_accumulator_value is not a finite %s", dtype == OPTIM_F64 ? "float64" : "float32");
     return rc;
 }
 

@@ -164,6 +164,13 @@ optd_err hparams_from_json(const optim_info *info, const cJSON *obj, optim_hpara
 /* Appends {"lr": ..., ...} with every hyperparameter of info. */
 void hparams_to_json(sbuf *b, const optim_info *info, const optim_hparams *hp, const training *tr);
 
+/* Reads what a session is made of from a create body or a checkpoint: its
+ * optimizer (required), dtype (float32 by default), hyperparams onto the
+ * defaults and the session fields (workers, ...). Returns OPTD_OK,
+ * OPTD_E_INVALID, OPTD_E_UNKNOWN_OPTIMIZER, OPTD_E_BAD_REQUEST or
+ * OPTD_E_BAD_HYPERPARAM with msg. */
+optd_err sess_config_from_json(const cJSON *o, const optim_info **info, optim_dtype *dtype, optim_hparams *hp,
+                               training *tr, char *msg, size_t msglen);
 /* Appends the session's public JSON object (API.md "GET /v1/sessions/{name}"). */
 void sess_to_json(sbuf *b, const store_session *row);
 /* Appends the full checkpoint object (GET .../state). */

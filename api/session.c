@@ -362,48 +362,42 @@ static optd_err read_vec(const cJSON *arr, const char *what, size_t n, optim_dty
     return json_to_vec(arr, out, n, dtype, msg, msglen);
 }
 
+optd_err sess_config_from_json(const cJSON *o, const optim_info **info, optim_dtype *dtype, optim_hparams *hp,
+                               training *tr, char *msg, size_t msglen)
+{
+    const cJSON *opt = cJSON_GetObjectItemCaseSensitive(o, "optimizer");
+    const cJSON *dt = cJSON_GetObjectItemCaseSensitive(o, "dtype");
+    optd_err rc;
+    if (!opt)
+        return snprintf(msg, msglen, "optimizer is required"), OPTD_E_INVALID;
+    if (!cJSON_IsString(opt))
+        return snprintf(msg, msglen, "optimizer must be a string"), OPTD_E_BAD_REQUEST;
+    if (!(*info = optim_find(opt->valuestring)))
+        return snprintf(msg, msglen, "unknown optimizer '%.64s'", opt->valuestring), OPTD_E_UNKNOWN_OPTIMIZER;
+    if (dt && !cJSON_IsString(dt))
+        return snprintf(msg, msglen, "dtype must be a string"), OPTD_E_BAD_REQUEST;
+    *dtype = dt && strcmp(dt->valuestring, "float64") == 0 ? OPTIM_F64 : OPTIM_F32;
+    if (dt && *dtype == OPTIM_F32 && strcmp(dt->valuestring, "float32") != 0)
+        return snprintf(msg, msglen, "dtype must be \"float32\" or \"float64\""), OPTD_E_INVALID;
+    optim_defaults(*info, hp);
+    training_defaults(tr);
+    rc = hparams_from_json(*info, cJSON_GetObjectItemCaseSensitive(o, "hyperparams"), hp, tr, msg, msglen);
+    return rc ? rc : training_fields_from_json(o, tr, msg, msglen);
+}
+
 optd_err sess_from_checkpoint(const char *name, const cJSON *obj, sess **out, char *msg, size_t msglen)
 {
     optd_err rc;
     sess *s = NULL;
-    const cJSON *opt = cJSON_GetObjectItemCaseSensitive(obj, "optimizer");
-    const cJSON *dt = cJSON_GetObjectItemCaseSensitive(obj, "dtype");
     const cJSON *params = cJSON_GetObjectItemCaseSensitive(obj, "params");
     const cJSON *state = cJSON_GetObjectItemCaseSensitive(obj, "state");
     const cJSON *step = cJSON_GetObjectItemCaseSensitive(obj, "step");
-    optim_dtype dtype = OPTIM_F32;
+    const optim_info *info;
+    optim_dtype dtype;
     optim_hparams hp;
     training tr;
 
-    rc = OPTD_E_BAD_REQUEST;
-    if (!cJSON_IsString(opt)) {
-        snprintf(msg, msglen, "optimizer must be a string");
-        goto done;
-    }
-    const optim_info *info = optim_find(opt->valuestring);
-    if (!info) {
-        snprintf(msg, msglen, "unknown optimizer '%.64s'", opt->valuestring);
-        rc = OPTD_E_UNKNOWN_OPTIMIZER;
-        goto done;
-    }
-    if (dt) {
-        if (!cJSON_IsString(dt)) {
-            snprintf(msg, msglen, "dtype must be \"float32\" or \"float64\"");
-            goto done;
-        }
-        if (strcmp(dt->valuestring, "float64") == 0) {
-            dtype = OPTIM_F64;
-        } else if (strcmp(dt->valuestring, "float32") != 0) {
-            snprintf(msg, msglen, "dtype must be \"float32\" or \"float64\"");
-            rc = OPTD_E_INVALID;
-            goto done;
-        }
-    }
-    optim_defaults(info, &hp);
-    training_defaults(&tr);
-    rc = hparams_from_json(info, cJSON_GetObjectItemCaseSensitive(obj, "hyperparams"), &hp, &tr, msg, msglen);
-    if (!rc)
-        rc = training_fields_from_json(obj, &tr, msg, msglen);
+    rc = sess_config_from_json(obj, &info, &dtype, &hp, &tr, msg, msglen);
     if (rc)
         goto done;
     rc = OPTD_E_BAD_REQUEST;
