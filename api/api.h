@@ -17,24 +17,23 @@ typedef struct api_server api_server;
 /* Called once per finished request with a complete log line (no newline). */
 typedef void (*api_log_fn)(void *ctx, const char *line);
 
+/* Every setting of the service; the daemon fills all of them (its config
+ * table holds the defaults). */
 typedef struct api_config {
     const char *listen_host;      /* "127.0.0.1", "0.0.0.0", "::1"; borrowed for api_start only */
     uint16_t listen_port;         /* 0 picks a free port (see api_port) */
     const char *token;            /* bearer token or NULL for none; copied */
-    size_t max_body;              /* bytes; default 64 MiB */
-    unsigned threads;             /* request threads; default 4 */
-    unsigned max_connections;     /* default 1024 */
-    unsigned connection_timeout;  /* idle seconds before a connection is closed; default 60 */
-    unsigned header_timeout;      /* seconds a request head may take from its first byte; default 30 */
-    uint64_t idempotency_window;  /* steps a key is remembered; default 10000 */
-    uint64_t history_steps;       /* history rows kept per session; default 100000 */
-    size_t cache_bytes;           /* session state kept in memory by the writer; default 256 MiB */
+    size_t max_body;              /* bytes */
+    unsigned threads;             /* request threads */
+    unsigned max_connections;     /* past it new connections are closed */
+    unsigned connection_timeout;  /* idle seconds before a connection is closed */
+    unsigned header_timeout;      /* seconds a request head may take from its first byte */
+    uint64_t idempotency_window;  /* steps a key is remembered */
+    uint64_t history_steps;       /* history rows kept per session */
+    size_t cache_bytes;           /* bytes of session state the writer keeps in memory */
     api_log_fn log;               /* may be NULL */
     void *log_ctx;
 } api_config;
-
-/* Fills cfg with the defaults above. */
-void api_config_defaults(api_config *cfg);
 
 /* Starts serving with st (borrowed; the caller closes it after api_stop).
  * Returns OPTD_OK, or OPTD_E_UNAVAILABLE with a sentence in err when the

@@ -249,21 +249,16 @@ bool utf8_valid(const char *str, size_t n)
     return true;
 }
 
-void rfc3339(int64_t ms, char out[32])
-{
-    time_t t = (time_t)(ms / 1000);
-    struct tm tm;
-    gmtime_r(&t, &tm);
-    strftime(out, 32, "%Y-%m-%dT%H:%M:%SZ", &tm);
-}
-
-void rfc3339_ms(int64_t ms, char out[32])
+void rfc3339(int64_t ms, int with_ms, char out[32])
 {
     time_t t = (time_t)(ms / 1000);
     struct tm tm;
     gmtime_r(&t, &tm);
     size_t n = strftime(out, 32, "%Y-%m-%dT%H:%M:%S", &tm);
-    snprintf(out + n, 32 - n, ".%03dZ", (int)(ms % 1000));
+    if (with_ms)
+        snprintf(out + n, 32 - n, ".%03dZ", (int)(ms % 1000));
+    else
+        snprintf(out + n, 32 - n, "Z");
 }
 
 int64_t now_ms(void)

@@ -496,7 +496,7 @@ static enum MHD_Result get_history(req *r)
     sbuf_puts(&b, "{\"history\":[");
     for (size_t i = 0; i < n; i++) {
         char t[32];
-        rfc3339_ms(h[i].time_ms, t);
+        rfc3339(h[i].time_ms, 1, t);
         sbuf_printf(&b, "%s{\"step\":%llu,\"time\":\"%s\",\"lr\":", i ? "," : "", (unsigned long long)h[i].step, t);
         sbuf_num(&b, h[i].lr, 0);
         sbuf_puts(&b, ",\"grad_norm\":");
@@ -1083,21 +1083,6 @@ static size_t unescape(void *cls, struct MHD_Connection *c, char *s)
 }
 
 /* ---- Lifecycle -------------------------------------------------------- */
-
-void api_config_defaults(api_config *cfg)
-{
-    memset(cfg, 0, sizeof *cfg);
-    cfg->listen_host = "127.0.0.1";
-    cfg->listen_port = 8080;
-    cfg->max_body = (size_t)64 << 20;
-    cfg->threads = 4;
-    cfg->max_connections = 1024;
-    cfg->connection_timeout = 60;
-    cfg->header_timeout = 30;
-    cfg->idempotency_window = 10000;
-    cfg->history_steps = 100000;
-    cfg->cache_bytes = (size_t)256 << 20;
-}
 
 static int listen_on(const char *host, uint16_t port, int *family, char *err, size_t errlen)
 {

@@ -41,10 +41,9 @@ void sbuf_free(sbuf *b);
 bool json_numbers_strict(const char *s, size_t n);
 /* Whether the n bytes at s are valid UTF-8. */
 bool utf8_valid(const char *s, size_t n);
-/* Writes t (Unix milliseconds) as RFC 3339 UTC ("2026-11-24T10:00:00Z"). */
-void rfc3339(int64_t ms, char out[32]);
-/* The same with milliseconds ("2026-11-24T10:00:00.123Z"), for the history. */
-void rfc3339_ms(int64_t ms, char out[32]);
+/* Writes ms (Unix milliseconds) as RFC 3339 UTC: "2026-11-24T10:00:00Z", or
+ * with_ms "2026-11-24T10:00:00.123Z" (the history's). */
+void rfc3339(int64_t ms, int with_ms, char out[32]);
 int64_t now_ms(void);
 /* A 64-bit digest of n bytes (not cryptographic: tells retries apart). */
 uint64_t digest64(const void *p, size_t n);
@@ -281,7 +280,6 @@ typedef struct job {
     /* Completion. */
     void (*on_done)(struct job *j, void *ctx);
     void *done_ctx;
-    uint64_t enqueued_us;
     int state;              /* writer.c: queued, parked in a round, or done */
     struct job *next;       /* the queue, then the group */
     struct job *next_waiter; /* the jobs of one worker round */

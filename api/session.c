@@ -319,8 +319,8 @@ static void head_to_json(sbuf *b, const store_session *row)
 void sess_to_json(sbuf *b, const store_session *row)
 {
     char c[32], u[32];
-    rfc3339(row->created_ms, c);
-    rfc3339(row->updated_ms, u);
+    rfc3339(row->created_ms, 0, c);
+    rfc3339(row->updated_ms, 0, u);
     head_to_json(b, row);
     sbuf_printf(b, ",\"created_at\":\"%s\",\"updated_at\":\"%s\"}", c, u);
 }

@@ -756,7 +756,6 @@ optd_err writer_submit(writer *w, job *j)
 {
     optd_err rc = OPTD_OK;
     j->next = NULL;
-    j->enqueued_us = mono_us();
     pthread_mutex_lock(&w->mu);
     if (w->stopping) {
         rc = OPTD_E_UNAVAILABLE;

@@ -52,7 +52,7 @@ static int setup_signals(sigset_t *set) {
 int main(int argc, char **argv) {
     daemon_config cfg;
     store_options sopt;
-    api_config acfg;
+    api_config acfg = {0};
     store *st = NULL;
     api_server *srv = NULL;
     sigset_t set;
@@ -94,7 +94,6 @@ int main(int argc, char **argv) {
         return 1;
     }
 
-    api_config_defaults(&acfg);
     acfg.listen_host = cfg.listen_host;
     acfg.listen_port = cfg.listen_port;
     acfg.token = cfg.token[0] ? cfg.token : NULL;
