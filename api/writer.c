@@ -36,6 +36,7 @@ typedef struct wround {
     double loss_sum, loss_w; /* of the contributions that gave a loss */
     uint64_t deadline_us; /* mono_us of the timeout */
     job *waiters;
+    unsigned nwaiters;    /* jobs on waiters, for the parked count */
     struct wround *next, *prev; /* writer.rounds */
 } wround;
 
@@ -174,8 +175,9 @@ static void release_later(writer *w, job *j)
 static void round_free(writer *w, sess *s)
 {
     wround *r = s->rnd;
-    for (job *j = r->waiters; j; j = j->next_waiter)
-        atomic_fetch_sub(&w->parked, 1);
+    /* Not a walk of r->waiters: round_fail has completed them already, and a
+     * completed job may be freed by its request thread at any moment. */
+    atomic_fetch_sub(&w->parked, r->nwaiters);
     r->prev->next = r->next;
     r->next->prev = r->prev;
     free(r->sum);
@@ -375,6 +377,7 @@ static optd_err round_join(writer *w, sess *s, job *j)
 park:
     j->state = JS_PARKED;
     atomic_fetch_add(&w->parked, 1);
+    r->nwaiters++;
     j->next_waiter = r->waiters;
     r->waiters = j;
     /* The request thread lends the gradient only until j completes; the
