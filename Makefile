@@ -58,7 +58,7 @@ $(B)/gen/assets.c: api/embed.py $(foreach a,$(ASSETS),$(word 2,$(subst =, ,$(a))
 $(B)/gen/assets.o: $(B)/gen/assets.c
 	$(CC) $(CFLAGS) -c $< -o $@
 
-$(B)/%.o: %.c
+$(B)/%.o: %.c | deps
 	@mkdir -p $(dir $@)
 	$(CC) $(BASE) $(PKG_CFLAGS) $(CFLAGS) -c $< -o $@
 

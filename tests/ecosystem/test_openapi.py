@@ -19,6 +19,12 @@ METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 # Training features (API.md "Training features"): a daemon without them yet
 # gives 404 there; the test of those is skipped rather than failed.
 TRAINING_PATHS = {"/v1/sessions/{name}/history", "/"}
+# Endpoints API.md names that are not served yet, each with the issue that
+# serves it. They are documented in openapi.json when served, not before;
+# the check below fails as soon as one is documented, so this
+# list cannot go stale.
+PENDING = {("POST", "/v1/backups"): "issue 17 (online backups)",
+           ("GET", "/v1/backups"): "issue 17 (online backups)"}
 UNDOCUMENTED = [
     "/v1", "/v1/", "/v2/sessions", "/v1/session", "/v1/sessions/", "/sessions", "/health",
     "/v1/healthz", "/v1/metrics", "/v1/optimizers/adam", "/v1/optimizer", "/openapi.json",
@@ -209,6 +215,11 @@ class DocumentTests(unittest.TestCase):
         for method, path in found:
             path = re.sub(r"\.\.\.$", "", path).rstrip("/") or "/"
             with self.subTest(endpoint="%s %s" % (method, path)):
+                if (method, path) in PENDING:
+                    documented = method.lower() in self.doc["paths"].get(path, {})
+                    self.assertFalse(documented, "%s %s is documented now: drop it from PENDING (%s)"
+                                     % (method, path, PENDING[(method, path)]))
+                    continue
                 self.assertIn(path, self.doc["paths"])
                 self.assertIn(method.lower(), self.doc["paths"][path])
         for header in ("If-Match", "Idempotency-Key", "Prefer", "Accept", "Optd-Loss"):
