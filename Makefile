@@ -79,7 +79,15 @@ unit: deps $(UNIT_BINS)
 e2e: all
 	OPTD_BIN=$(B)/optd python3 tests/e2e/run.py
 
-test: unit e2e training-test ecosystem dashboard-test faults
+test: unit e2e training-test ecosystem dashboard-test faults sustained
+
+# sustained: three loads of 20 s each against fresh daemons (tests/soak):
+# the -wal file stays bounded and is given back when idle, and the writer's
+# CPU per step stays flat. soak runs them for 200 s each and also watches
+# RSS, descriptors and the database size.
+.PHONY: sustained
+sustained: all $(B)/bench/loadgen
+	OPTD_BIN=$(B)/optd OPTD_BUILD=$(B) python3 tests/soak/sustained.py --seconds 20
 
 asan:
 	$(MAKE) SAN=1 test
@@ -119,6 +127,7 @@ training-test: all
 # its runtimes, installed when root); what it finds lands in tests/fuzz/regress.
 .PHONY: faults crash soak fuzz
 CRASH_ROUNDS ?= 50
+SOAK_SECONDS ?= 200
 FUZZ_SECONDS ?= 60
 FUZZ_CC      ?= clang
 BREAK_ENV     = OPTD_BIN=$(B)/optd EIO_SHIM=$(B)/tests/eio_shim.so
@@ -137,6 +146,7 @@ faults: all $(B)/tests/eio_shim.so $(B)/tests/fuzz_replay
 	@rc=0; \
 	$(B)/tests/fuzz_replay tests/fuzz/corpus/decode tests/fuzz/regress || rc=1; \
 	$(BREAK_ENV) python3 tests/faults/faults_test.py || rc=1; \
+	$(BREAK_ENV) python3 tests/faults/storage_test.py || rc=1; \
 	$(BREAK_ENV) python3 tests/faults/hostile_test.py || rc=1; \
 	$(BREAK_ENV) python3 tests/faults/memory_test.py --steps 10000 --cycles 1000 || rc=1; \
 	$(BREAK_ENV) python3 tests/crash/sigterm_test.py --rounds 2 || rc=1; \
@@ -147,8 +157,9 @@ crash: all
 	$(BREAK_ENV) python3 tests/crash/crash_test.py --rounds $(CRASH_ROUNDS)
 	$(BREAK_ENV) python3 tests/crash/sigterm_test.py --rounds 10
 
-soak: all
+soak: all $(B)/bench/loadgen
 	$(BREAK_ENV) python3 tests/faults/memory_test.py --steps 100000 --cycles 10000
+	OPTD_BIN=$(B)/optd OPTD_BUILD=$(B) python3 tests/soak/sustained.py --seconds $(SOAK_SECONDS) --soak
 
 # Fuzz builds: every library object again with clang, coverage and sanitizers.
 FUZZ_B     := build/fuzz

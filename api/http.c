@@ -791,8 +791,10 @@ static enum MHD_Result dispatch(req *r, const char *method)
     case R_METRICS: {
         uint64_t n = 0;
         sbuf b = {0};
+        store_stats ss;
         store_read_count(srv->st, &n);
-        metrics_render(&b, &srv->m, n);
+        store_stats_get(srv->st, &ss);
+        metrics_render(&b, &srv->m, n, &ss);
         if (b.oom)
             return send_err(r, OPTD_E_NOMEM, NULL, -1);
         char *p = b.p;

@@ -239,7 +239,7 @@ int parse_uint(const char *v, uint64_t max, uint64_t *out);
 void histogram_observe(histogram *h, uint64_t us);
 void metrics_count_request(metrics *m, api_route r, int status);
 /* Appends the Prometheus text exposition of m (sessions: the current count). */
-void metrics_render(sbuf *b, metrics *m, uint64_t sessions);
+void metrics_render(sbuf *b, metrics *m, uint64_t sessions, const store_stats *ss);
 
 /* ---- writer.c --------------------------------------------------------- */
 

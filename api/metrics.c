@@ -1,7 +1,9 @@
 /* Prometheus metrics: requests by route and status, step and commit latency
  * histograms, steps by optimizer, and the session count. Counters are atomics
  * updated by the request threads and the writer; rendering reads them. */
+#include <stddef.h>
 #include <stdio.h>
+#include <string.h>
 
 #include "api/internal.h"
 
@@ -60,7 +62,39 @@ static void render_histogram(sbuf *b, const char *name, const char *help, histog
                 (unsigned long long)atomic_load(&h->count));
 }
 
-void metrics_render(sbuf *b, metrics *m, uint64_t sessions)
+/* The store's files and checkpoints, one gauge or counter each. */
+static void render_store(sbuf *b, const store_stats *ss)
+{
+    static const struct {
+        const char *name, *type, *help;
+        size_t off;
+    } rows[] = {
+        {"optd_db_bytes", "gauge", "Size of the database file.", offsetof(store_stats, db_bytes)},
+        {"optd_db_wal_bytes", "gauge", "Size of the -wal file.", offsetof(store_stats, wal_bytes)},
+        {"optd_db_wal_frames", "gauge", "Frames in the WAL since it last started over.",
+         offsetof(store_stats, wal_frames)},
+        {"optd_db_checkpoint_lag_frames", "gauge", "WAL frames not yet copied into the database.",
+         offsetof(store_stats, ckpt_lag_frames)},
+        {"optd_db_checkpoints_total", "counter", "Checkpoints that ran to their end.",
+         offsetof(store_stats, ckpt_runs)},
+        {"optd_db_checkpoint_busy_total", "counter", "Checkpoints a reader kept from finishing.",
+         offsetof(store_stats, ckpt_busy)},
+        {"optd_db_checkpoint_failures_total", "counter", "Checkpoints that failed (I/O error, disk full).",
+         offsetof(store_stats, ckpt_failures)},
+        {"optd_db_wal_resets_total", "counter", "Times the WAL started over from its first byte.",
+         offsetof(store_stats, wal_resets)},
+        {"optd_db_wal_refusals_total", "counter", "Write transactions refused at the WAL limit (--max-wal).",
+         offsetof(store_stats, wal_refusals)},
+    };
+    for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
+        uint64_t v;
+        memcpy(&v, (const char *)ss + rows[i].off, sizeof v);
+        sbuf_printf(b, "# HELP %s %s\n# TYPE %s %s\n%s %llu\n", rows[i].name, rows[i].help, rows[i].name,
+                    rows[i].type, rows[i].name, (unsigned long long)v);
+    }
+}
+
+void metrics_render(sbuf *b, metrics *m, uint64_t sessions, const store_stats *ss)
 {
     sbuf_puts(b, "# HELP optd_http_requests_total HTTP requests by route and status.\n"
                  "# TYPE optd_http_requests_total counter\n");
@@ -88,4 +122,5 @@ void metrics_render(sbuf *b, metrics *m, uint64_t sessions)
                 "# HELP optd_sessions Sessions in the database.\n# TYPE optd_sessions gauge\noptd_sessions %llu\n",
                 (unsigned long long)atomic_load(&m->commits), (unsigned long long)atomic_load(&m->commit_failures),
                 (unsigned long long)sessions);
+    render_store(b, ss);
 }

@@ -747,6 +747,8 @@ optd_err writer_start(store *st, metrics *m, uint64_t idem_window, uint64_t hist
         free(w);
         return OPTD_E_UNAVAILABLE;
     }
+    /* Named so that tests and operators can find its CPU time in /proc. */
+    (void)pthread_setname_np(w->thread, "optd-writer");
     *out = w;
     return OPTD_OK;
 }

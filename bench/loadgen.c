@@ -10,6 +10,9 @@
  *                [--create] [--prefix NAME] [--optimizer adam]
  * --create makes the sessions first (POST /v1/sessions, float32, N params);
  * --create-only makes them and exits, printing {"created": S}.
+ * --churn: each connection instead loops create (PUT), one step, DELETE of
+ * a session of its own; one cycle counts as one request (ok when all three
+ * succeed), for the create/delete side of a sustained load.
  * Prints one JSON object: ok, all_ok (with the warm-up), errors, seconds, steps_per_s, p50_ms, p90_ms,
  * p99_ms, max_ms, req_bytes, resp_bytes (per request, mean). Exit 1 when no
  * request succeeded. */
@@ -37,9 +40,10 @@ typedef struct opts {
     double seconds, warmup;
     int create, create_only;
     const char *prefix, *optimizer;
+    int churn;
 } opts;
 
-static opts O = {"127.0.0.1", 0, 32, 32, 1000, 0, 5, 1, 0, 0, "bench", "adam"};
+static opts O = {"127.0.0.1", 0, 32, 32, 1000, 0, 5, 1, 0, 0, "bench", "adam", 0};
 
 /* Shared, read-only once threads start. */
 static char *body_json, *body_bin;
@@ -249,6 +253,38 @@ typedef struct worker {
     double resp_bytes;
 } worker;
 
+/* One --churn cycle on fd: PUT a session of its own, step it, DELETE it.
+ * Returns 200 when all three did what they should, else the first status
+ * that did not (or -1). */
+static int churn_cycle(worker *w, long k, int *fd, rbuf *r, char *err, size_t errlen)
+{
+    char name[160], head[1024], body[256];
+    size_t rb;
+    int bl, hl, st;
+    snprintf(name, sizeof name, "%schurn%d-%ld", O.prefix, w->id, k);
+    bl = snprintf(body, sizeof body, "{\"optimizer\":\"%s\",\"size\":%ld,\"fill\":0.5}", O.optimizer, O.size);
+    hl = snprintf(head, sizeof head,
+                  "PUT /v1/sessions/%s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                  "Content-Length: %d\r\n\r\n",
+                  name, O.host, O.port, bl);
+    st = roundtrip(fd, r, head, (size_t)hl, body, (size_t)bl, &rb, err, errlen);
+    if (st != 201)
+        return st;
+    const char *b = O.binary ? body_bin : body_json;
+    size_t blen = O.binary ? body_bin_len : body_json_len;
+    hl = snprintf(head, sizeof head,
+                  "POST /v1/sessions/%s/step HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: %s\r\n"
+                  "Content-Length: %zu\r\n\r\n",
+                  name, O.host, O.port, O.binary ? "application/octet-stream" : "application/json", blen);
+    st = roundtrip(fd, r, head, (size_t)hl, b, blen, &rb, err, errlen);
+    if (st != 200)
+        return st;
+    hl = snprintf(head, sizeof head, "DELETE /v1/sessions/%s HTTP/1.1\r\nHost: %s:%d\r\n\r\n", name, O.host,
+                  O.port);
+    st = roundtrip(fd, r, head, (size_t)hl, "", 0, &rb, err, errlen);
+    return st == 204 ? 200 : st;
+}
+
 static void *run_worker(void *arg)
 {
     worker *w = arg;
@@ -274,13 +310,14 @@ static void *run_worker(void *arg)
     int fd = -1;
     rbuf r = {0};
     char err[256];
-    for (;;) {
+    for (long k = 0;; k++) {
         double t0 = now_ns();
         if (t0 >= t_end)
             break;
         size_t rb = 0;
         err[0] = 0;
-        int st = roundtrip(&fd, &r, req, (size_t)hl, body, bodylen, &rb, err, sizeof err);
+        int st = O.churn ? churn_cycle(w, k, &fd, &r, err, sizeof err)
+                         : roundtrip(&fd, &r, req, (size_t)hl, body, bodylen, &rb, err, sizeof err);
         double t1 = now_ns();
         if (st == 200)
             w->all_ok++;
@@ -376,6 +413,10 @@ int main(int argc, char **argv)
 {
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--churn")) {
+            O.churn = 1;
+            continue;
+        }
         if (!strcmp(a, "--create") || !strcmp(a, "--create-only")) {
             O.create = 1;
             O.create_only = !strcmp(a, "--create-only");

@@ -29,7 +29,8 @@
     XX(UNAVAILABLE, "unavailable", 503, "storage is unavailable; safe to retry")    \
     XX(ROUND_TIMEOUT, "round_timeout", 503,                                          \
        "the round did not gather min_workers contributions in time; nothing changed") \
-    XX(NOMEM, "unavailable", 503, "out of memory; safe to retry")
+    XX(NOMEM, "unavailable", 503, "out of memory; safe to retry")                   \
+    XX(BUSY, "unavailable", 503, "the database is held by another process")
 
 typedef enum optd_err {
 #define OPTD_ERR_ENUM(name, code, status, msg) OPTD_E_##name,

@@ -67,6 +67,9 @@ static const opt_def options[] = {
      "request threads (and database read connections)"},
     {"sync", "OPTD_SYNC", "full|normal", "full", K_CHOICE, 0, 0, 1, FIELD(sync), sync_names,
      "SQLite synchronous mode; normal may lose the last commits on power loss"},
+    {"max-wal", "OPTD_MAX_WAL", "BYTES", "1G", K_BYTES, MIB, BYTES_MAX, 1, FIELD(max_wal), NULL,
+     "-wal file size past which writes are refused (503, logged) until\n"
+     "      checkpoints catch up; they restart it at 64M in normal running"},
     {"idempotency-window", "OPTD_IDEMPOTENCY_WINDOW", "N", "10000", K_UINT, 1, 1000000000, 1,
      FIELD(idempotency_window), NULL, "steps of a session an Idempotency-Key is remembered for"},
     {"history-steps", "OPTD_HISTORY_STEPS", "N", "100000", K_UINT, 0, 1000000000, 1, FIELD(history_steps), NULL,

@@ -33,6 +33,7 @@ typedef struct daemon_config {
     size_t max_body;                   /* bytes */
     unsigned threads;                  /* request threads, also the store's readers */
     daemon_sync sync;
+    uint64_t max_wal;                  /* bytes of -wal past which writes are refused */
     uint64_t idempotency_window;       /* steps an Idempotency-Key is remembered */
     uint64_t history_steps;            /* history rows kept per session */
     unsigned max_connections;

@@ -89,6 +89,10 @@ int main(int argc, char **argv) {
     sopt.sync_full = cfg.sync == DAEMON_SYNC_FULL;
     sopt.busy_timeout_ms = 5000;
     sopt.readers = (int)cfg.threads;
+    sopt.wal_max_bytes = cfg.max_wal;
+    /* Storage failures are errors: logged at every level. */
+    sopt.log = log_line;
+    sopt.log_ctx = NULL;
     if (store_open(cfg.db, &sopt, &st, err, sizeof err) != OPTD_OK) {
         fprintf(stderr, "optd: %s\n", err);
         return 1;

@@ -13,7 +13,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <sqlite3.h>
 
@@ -130,7 +135,10 @@ static const char *const sql[Q_END] = {
                          " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     [Q_STATE_INSERT] = "INSERT INTO state(session_id, data) VALUES (?1, ?2)",
     [Q_SESSION_UPDATE] = "UPDATE sessions SET step = ?2, config = ?3, updated_ms = ?4 WHERE id = ?1",
-    [Q_SESSION_STEP] = "UPDATE sessions SET step = ?2, updated_ms = ?3 WHERE id = ?1",
+    /* Guarded on the step it moves from: should the row have moved under us
+     * (only another process could, and store_open's lock keeps one out),
+     * the update changes nothing and the step is refused, not applied on top. */
+    [Q_SESSION_STEP] = "UPDATE sessions SET step = ?2, updated_ms = ?3 WHERE id = ?1 AND step = ?2 - 1",
     [Q_STATE_UPDATE] = "UPDATE state SET data = ?2 WHERE session_id = ?1",
     [Q_SESSION_ID] = "SELECT id FROM sessions WHERE name = ?1",
     [Q_SESSION_DELETE] = "DELETE FROM sessions WHERE id = ?1",
@@ -172,17 +180,44 @@ struct store {
     sqlite3 *probe;           /* store_writable's own connection; NULL after a failed reopen */
     char *path;               /* the database, for reopening the probe */
     /* The checkpointer: a thread with its own connection that copies the WAL
-     * back into the database (PASSIVE, so the writer never waits for it),
-     * woken by the writer's WAL hook. The writer never checkpoints itself:
-     * with auto-checkpoint a 12 MB step would also copy 12 MB and fsync the
-     * database inside its own commit. */
+     * back into the database, woken by the writer's WAL hook and by a tick.
+     * The writer never checkpoints itself: with auto-checkpoint a 12 MB step
+     * would also copy 12 MB and fsync the database inside its own commit.
+     * See "The checkpointer" below for what it does when. */
     sqlite3 *ckpt_db;
     pthread_t ckpt_thread;
     pthread_mutex_t ckpt_mu;
-    pthread_cond_t ckpt_cv;
-    int ckpt_init;    /* ckpt_mu, ckpt_cv and the thread exist */
+    pthread_cond_t ckpt_cv;  /* wakes the checkpointer */
+    pthread_cond_t gate_cv;  /* the gate opened, or a transaction ended */
+    int ckpt_init;    /* ckpt_mu, ckpt_cv, gate_cv and the thread exist */
     int ckpt_wanted;  /* guarded by ckpt_mu */
     int ckpt_stop;    /* guarded by ckpt_mu */
+    /* The gate, guarded by ckpt_mu: while gate_closed the writer begins no
+     * transaction, so a RESTART or TRUNCATE checkpoint never waits in
+     * SQLite's busy handler for the write lock (its sleeps are coarse) and
+     * the writer never waits in its own. tx_active: the writer is inside a
+     * transaction. urgent_req counts requests for an urgent checkpoint,
+     * urgent_done the last one served. */
+    int gate_closed, tx_active;
+    uint64_t urgent_req, urgent_done;
+    int page_size;                 /* bytes; a WAL frame is page_size + 24 */
+    uint64_t wal_max;              /* bytes: refuse to begin past it */
+    atomic_uint_fast64_t wal_frames;  /* frames in the WAL after the last commit (WAL hook) */
+    atomic_uint_fast64_t ckpt_done;   /* of those, copied by the last checkpoint */
+    atomic_uint_fast64_t last_commit_us; /* CLOCK_MONOTONIC of the last commit */
+    atomic_uint_fast64_t n_ckpt, n_busy, n_fail, n_reset, n_refused;
+    /* Free bytes a write must find on the filesystem before store_writable
+     * trusts it again: twice the last failed transaction (its WAL frames,
+     * then their copy into the database). 0: no failure pending. */
+    atomic_uint_fast64_t need_bytes;
+    uint64_t tx_bytes;             /* writer only: bytes of state the open transaction writes */
+    int lock_fd;                   /* the exclusive lock (flock) on the database, or -1 */
+    void (*log)(void *, const char *);
+    void *log_ctx;
+    pthread_mutex_t log_mu;        /* guards the rate limit below */
+    int log_init;
+    uint64_t log_last_us[4];       /* per kind of failure: the last line written */
+    unsigned log_dropped[4];       /* lines suppressed since */
     /* Set when a write transaction failed or was rolled back, cleared by the
      * next commit that succeeds: while set, store_writable makes a real write
      * rather than trust a lock that costs no I/O. */
@@ -190,6 +225,7 @@ struct store {
 };
 
 static optd_err probe_open(store *st, char *err, size_t errlen);
+static void rollback_tx(store *st);
 
 /* --- Helpers. ------------------------------------------------------------ */
 
@@ -201,6 +237,48 @@ static void seterr(char *err, size_t errlen, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(err, errlen, fmt, ap);
     va_end(ap);
+}
+
+/* Kinds of failure the log rate-limits separately. */
+enum { LOG_TX, LOG_CKPT, LOG_LIMIT, LOG_KINDS };
+#define LOG_EVERY_US 1000000u
+
+static uint64_t mono_now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+/* Reports a storage failure through the caller's log: at most one line a
+ * second per kind, saying how many were held back since, so a failing disk
+ * under load is visible without drowning the log. */
+static void store_logf(store *st, int kind, const char *fmt, ...)
+{
+    char line[512];
+    va_list ap;
+    uint64_t now = mono_now_us();
+    unsigned dropped;
+    int n;
+
+    if (!st->log || !st->log_init) return;
+    pthread_mutex_lock(&st->log_mu);
+    if (st->log_last_us[kind] && now - st->log_last_us[kind] < LOG_EVERY_US) {
+        st->log_dropped[kind]++;
+        pthread_mutex_unlock(&st->log_mu);
+        return;
+    }
+    st->log_last_us[kind] = now;
+    dropped = st->log_dropped[kind];
+    st->log_dropped[kind] = 0;
+    pthread_mutex_unlock(&st->log_mu);
+    n = snprintf(line, sizeof line, "store: ");
+    va_start(ap, fmt);
+    n += vsnprintf(line + n, sizeof line - (size_t)n, fmt, ap);
+    va_end(ap);
+    if (dropped && n > 0 && (size_t)n < sizeof line)
+        snprintf(line + n, sizeof line - (size_t)n, " (%u more like it in the last second)", dropped);
+    st->log(st->log_ctx, line);
 }
 
 /* Maps an SQLite result code (extended codes are on) to ours. A unique or
@@ -655,16 +733,79 @@ static optd_err prepare_all(sqlite3 *db, sqlite3_stmt **q, int n, const char *pa
     return OPTD_OK;
 }
 
-/* WAL pages (of the default 4 KiB) past which the checkpointer is woken:
- * about 16 MiB, so small steps share a checkpoint. */
-#define CKPT_PAGES 4096
+/* --- The checkpointer. ------------------------------------------------------
+ *
+ * SQLite appends every commit to the -wal file; a checkpoint copies the
+ * newest version of each page back into the database, and only once every
+ * frame is copied and no reader needs the old ones can the next commit start
+ * the WAL over from its first byte. A writer that commits back to back never
+ * leaves such a moment by itself, so the WAL would grow without end. Hence:
+ *
+ * - PASSIVE, in the background, once CKPT_PASSIVE_BYTES of frames wait:
+ *   the bulk copy, while the writer goes on.
+ * - RESTART past the soft limit (wal_soft, at most CKPT_SOFT_BYTES): the
+ *   gate stops the writer between two transactions, the checkpoint copies
+ *   what PASSIVE could not (the frames of the last commits) and waits for
+ *   readers (theirs are short: no read transaction spans network I/O), and
+ *   the next commit starts the WAL over. journal_size_limit then trims the
+ *   file to the soft limit, so it is overwritten rather than grown.
+ * - TRUNCATE once the daemon has been idle for CKPT_IDLE_US: the -wal file
+ *   goes back to 0 bytes.
+ * - Past wal_max (the hard limit) store_begin asks for a TRUNCATE, waits for
+ *   that attempt and, when the WAL is still over, refuses the transaction
+ *   (OPTD_E_UNAVAILABLE, logged): a reader stuck on an old snapshot or a
+ *   database file that cannot grow must not let the WAL fill the disk.
+ *
+ * Every outcome is checked: busy and failed checkpoints are counted, and
+ * failures logged with SQLite's message. */
+#define CKPT_PASSIVE_BYTES ((uint64_t)8 << 20)
+#define CKPT_SOFT_BYTES ((uint64_t)64 << 20)
+#define CKPT_SOFT_MIN ((uint64_t)1 << 20)
+#define CKPT_IDLE_US 2000000u
+#define CKPT_TICK_MS 250
+/* How long a RESTART or TRUNCATE waits for readers to move on. */
+#define CKPT_BUSY_MS 1000
+
+static uint64_t frame_bytes(const store *st) { return (uint64_t)st->page_size + 24; }
+
+/* The soft limit: CKPT_SOFT_BYTES, or an eighth of the free space when the
+ * filesystem is small, so a small disk restarts the WAL sooner. */
+static uint64_t wal_soft(const store *st, uint64_t wal_file)
+{
+    struct statvfs sv;
+    uint64_t soft = CKPT_SOFT_BYTES, room;
+
+    if (statvfs(st->path, &sv) == 0) {
+        room = ((uint64_t)sv.f_bavail * sv.f_frsize + wal_file) / 8;
+        if (room < soft) soft = room;
+    }
+    return soft < CKPT_SOFT_MIN ? CKPT_SOFT_MIN : soft;
+}
+
+static uint64_t file_bytes(const char *path, const char *suffix)
+{
+    char name[4096];
+    struct stat sb;
+
+    if (snprintf(name, sizeof name, "%s%s", path, suffix) >= (int)sizeof name) return 0;
+    return stat(name, &sb) == 0 ? (uint64_t)sb.st_size : 0;
+}
 
 static int wal_hook(void *ctx, sqlite3 *db, const char *name, int pages)
 {
     store *st = ctx;
+    uint64_t frames = (uint64_t)(pages > 0 ? pages : 0);
     (void)db;
     (void)name;
-    if (pages >= CKPT_PAGES) {
+    /* Fewer frames than last time: the WAL started over, nothing of it is
+     * copied yet. */
+    if (frames < atomic_load(&st->wal_frames)) {
+        atomic_store(&st->ckpt_done, 0);
+        atomic_fetch_add(&st->n_reset, 1);
+    }
+    atomic_store(&st->wal_frames, frames);
+    atomic_store(&st->last_commit_us, mono_now_us());
+    if ((frames - atomic_load(&st->ckpt_done)) * frame_bytes(st) >= CKPT_PASSIVE_BYTES) {
         pthread_mutex_lock(&st->ckpt_mu);
         st->ckpt_wanted = 1;
         pthread_cond_signal(&st->ckpt_cv);
@@ -673,41 +814,190 @@ static int wal_hook(void *ctx, sqlite3 *db, const char *name, int pages)
     return SQLITE_OK;
 }
 
+/* Closes the gate once the writer's transaction in progress (if any) ends. */
+static void gate_close(store *st)
+{
+    pthread_mutex_lock(&st->ckpt_mu);
+    st->gate_closed = 1;
+    while (st->tx_active) pthread_cond_wait(&st->gate_cv, &st->ckpt_mu);
+    pthread_mutex_unlock(&st->ckpt_mu);
+}
+
+static void gate_open(store *st)
+{
+    pthread_mutex_lock(&st->ckpt_mu);
+    st->gate_closed = 0;
+    pthread_cond_broadcast(&st->gate_cv);
+    pthread_mutex_unlock(&st->ckpt_mu);
+}
+
+static const char *mode_name(int mode)
+{
+    return mode == SQLITE_CHECKPOINT_PASSIVE ? "PASSIVE" : mode == SQLITE_CHECKPOINT_RESTART ? "RESTART" : "TRUNCATE";
+}
+
+/* One checkpoint in mode; RESTART and TRUNCATE run behind the gate.
+ * Returns 1 when it ran to its end (for RESTART and TRUNCATE: the WAL starts
+ * over), 0 when busy or failed (counted, and failures logged). */
+static int ckpt_once(store *st, int mode)
+{
+    int nlog = -1, nckpt = -1, src, done;
+
+    if (mode != SQLITE_CHECKPOINT_PASSIVE) gate_close(st);
+    src = sqlite3_wal_checkpoint_v2(st->ckpt_db, NULL, mode, &nlog, &nckpt);
+    if (src == SQLITE_OK && nlog >= 0 && nckpt >= 0) {
+        done = nckpt == nlog;
+        if (mode == SQLITE_CHECKPOINT_PASSIVE) {
+            atomic_store(&st->ckpt_done, (uint64_t)nckpt);
+        } else {
+            /* The next commit starts the WAL over (TRUNCATE: it is empty now). */
+            atomic_store(&st->wal_frames, 0);
+            atomic_store(&st->ckpt_done, 0);
+            atomic_fetch_add(&st->n_reset, 1);
+        }
+        atomic_fetch_add(&st->n_ckpt, 1);
+    } else if ((src & 0xff) == SQLITE_BUSY || (src & 0xff) == SQLITE_LOCKED) {
+        /* A reader (or, for PASSIVE, nothing worse than a concurrent
+         * checkpoint) was in the way; the frames copied so far stay copied. */
+        done = 0;
+        if (nckpt >= 0 && mode == SQLITE_CHECKPOINT_PASSIVE) atomic_store(&st->ckpt_done, (uint64_t)nckpt);
+        atomic_fetch_add(&st->n_busy, 1);
+        store_logf(st, LOG_CKPT, "%s checkpoint of %s busy (a reader holds an old snapshot); %d of %d frames copied",
+                   mode_name(mode), st->path, nckpt, nlog);
+    } else {
+        done = 0;
+        atomic_fetch_add(&st->n_fail, 1);
+        if (src == SQLITE_OK)
+            store_logf(st, LOG_CKPT, "%s checkpoint of %s did nothing: the connection is not in WAL mode",
+                       mode_name(mode), st->path);
+        else
+            store_logf(st, LOG_CKPT, "%s checkpoint of %s failed: %s (SQLite code %d)", mode_name(mode), st->path,
+                       sqlite3_errmsg(st->ckpt_db), src);
+    }
+    if (mode != SQLITE_CHECKPOINT_PASSIVE) gate_open(st);
+    return done;
+}
+
+/* Decides what the WAL needs now (see the top of this section). */
+static void ckpt_run(store *st, int urgent)
+{
+    uint64_t fb = frame_bytes(st), frames = atomic_load(&st->wal_frames);
+    uint64_t used = frames * fb, lag = (frames - atomic_load(&st->ckpt_done)) * fb;
+    uint64_t file = file_bytes(st->path, "-wal");
+    int idle = mono_now_us() - atomic_load(&st->last_commit_us) >= CKPT_IDLE_US;
+
+    if (urgent || used >= st->wal_max) {
+        (void)ckpt_once(st, SQLITE_CHECKPOINT_PASSIVE);
+        (void)ckpt_once(st, SQLITE_CHECKPOINT_TRUNCATE);
+        return;
+    }
+    if (lag >= CKPT_PASSIVE_BYTES) (void)ckpt_once(st, SQLITE_CHECKPOINT_PASSIVE);
+    if (used >= wal_soft(st, file)) (void)ckpt_once(st, SQLITE_CHECKPOINT_RESTART);
+    else if (idle && file > 0) {
+        if (lag > 0) (void)ckpt_once(st, SQLITE_CHECKPOINT_PASSIVE);
+        (void)ckpt_once(st, SQLITE_CHECKPOINT_TRUNCATE);
+    }
+}
+
 static void *ckpt_main(void *arg)
 {
     store *st = arg;
+    struct timespec ts;
+    uint64_t urgent;
+
     pthread_mutex_lock(&st->ckpt_mu);
     for (;;) {
-        while (!st->ckpt_wanted && !st->ckpt_stop)
-            pthread_cond_wait(&st->ckpt_cv, &st->ckpt_mu);
-        if (st->ckpt_stop)
-            break;
+        if (!st->ckpt_wanted && !st->ckpt_stop) {
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            ts.tv_nsec += CKPT_TICK_MS * 1000000L;
+            if (ts.tv_nsec >= 1000000000L) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000L;
+            }
+            (void)pthread_cond_timedwait(&st->ckpt_cv, &st->ckpt_mu, &ts);
+        }
+        if (st->ckpt_stop) break;
+        urgent = st->urgent_req;
         st->ckpt_wanted = 0;
         pthread_mutex_unlock(&st->ckpt_mu);
-        /* A failure (disk full, EIO) leaves the WAL as it is: the data is
-         * safe there, and the next wake-up tries again. */
-        (void)sqlite3_wal_checkpoint_v2(st->ckpt_db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+        ckpt_run(st, urgent > st->urgent_done);
         pthread_mutex_lock(&st->ckpt_mu);
+        st->urgent_done = urgent;
+        pthread_cond_broadcast(&st->gate_cv);
     }
     pthread_mutex_unlock(&st->ckpt_mu);
     return NULL;
 }
 
-/* Starts the checkpointer and hands checkpoints over from the writer. */
+/* The writer's side of the hard limit: called by store_begin outside any
+ * transaction. Past wal_max it asks for an urgent checkpoint and waits for
+ * that attempt to finish. Returns OPTD_OK or OPTD_E_UNAVAILABLE (logged). */
+static optd_err wal_admit(store *st)
+{
+    uint64_t used = atomic_load(&st->wal_frames) * frame_bytes(st), req;
+
+    if (!st->ckpt_init || used < st->wal_max) return OPTD_OK;
+    pthread_mutex_lock(&st->ckpt_mu);
+    req = ++st->urgent_req;
+    st->ckpt_wanted = 1;
+    pthread_cond_signal(&st->ckpt_cv);
+    while (st->urgent_done < req && !st->ckpt_stop) pthread_cond_wait(&st->gate_cv, &st->ckpt_mu);
+    pthread_mutex_unlock(&st->ckpt_mu);
+    used = atomic_load(&st->wal_frames) * frame_bytes(st);
+    if (used < st->wal_max) return OPTD_OK;
+    atomic_fetch_add(&st->n_refused, 1);
+    store_logf(st, LOG_LIMIT,
+               "refusing writes: the WAL of %s holds %llu MiB, over its limit of %llu MiB, and cannot be"
+               " checkpointed (see the checkpoint messages); writes resume once it can",
+               st->path, (unsigned long long)(used >> 20), (unsigned long long)(st->wal_max >> 20));
+    return OPTD_E_UNAVAILABLE;
+}
+
+/* Starts the checkpointer and hands checkpoints over from the writer. Its
+ * connection reads the schema once: a connection that never read the
+ * database has not opened the WAL, and a checkpoint on it silently does
+ * nothing (rc OK, -1 frames). */
 static optd_err ckpt_open(store *st, const store_options *o, char *err, size_t errlen)
 {
-    optd_err rc = conn_open(st->path, SQLITE_OPEN_READWRITE, o->busy_timeout_ms, &st->ckpt_db, err, errlen);
+    pthread_condattr_t ca;
+    char text[64];
+    int ok;
+    optd_err rc = conn_open(st->path, SQLITE_OPEN_READWRITE, CKPT_BUSY_MS, &st->ckpt_db, err, errlen);
+    (void)o;
+    if (rc) return rc;
+    if (sqlite3_exec(st->ckpt_db, "SELECT count(*) FROM sqlite_master", NULL, NULL, NULL) != SQLITE_OK) {
+        seterr(err, errlen, "cannot read %s: %s", st->path, sqlite3_errmsg(st->ckpt_db));
+        return OPTD_E_UNAVAILABLE;
+    }
+    /* The RESTART that the writer's next commit follows trims the -wal file
+     * to this size instead of leaving it at its high-water mark. */
+    snprintf(text, sizeof text, "PRAGMA journal_size_limit = %llu", (unsigned long long)CKPT_SOFT_BYTES);
+    rc = exec_sql(st->db, text, st->path, err, errlen);
     if (rc) return rc;
     if (pthread_mutex_init(&st->ckpt_mu, NULL) != 0) return OPTD_E_NOMEM;
-    if (pthread_cond_init(&st->ckpt_cv, NULL) != 0) {
+    /* ckpt_cv waits with CLOCK_MONOTONIC deadlines. */
+    ok = pthread_condattr_init(&ca) == 0;
+    if (ok) {
+        ok = pthread_condattr_setclock(&ca, CLOCK_MONOTONIC) == 0 && pthread_cond_init(&st->ckpt_cv, &ca) == 0;
+        pthread_condattr_destroy(&ca);
+    }
+    if (!ok) {
         pthread_mutex_destroy(&st->ckpt_mu);
         return OPTD_E_NOMEM;
     }
-    if (pthread_create(&st->ckpt_thread, NULL, ckpt_main, st) != 0) {
+    if (pthread_cond_init(&st->gate_cv, NULL) != 0) {
         pthread_cond_destroy(&st->ckpt_cv);
         pthread_mutex_destroy(&st->ckpt_mu);
         return OPTD_E_NOMEM;
     }
+    atomic_store(&st->last_commit_us, mono_now_us());
+    if (pthread_create(&st->ckpt_thread, NULL, ckpt_main, st) != 0) {
+        pthread_cond_destroy(&st->gate_cv);
+        pthread_cond_destroy(&st->ckpt_cv);
+        pthread_mutex_destroy(&st->ckpt_mu);
+        return OPTD_E_NOMEM;
+    }
+    (void)pthread_setname_np(st->ckpt_thread, "optd-ckpt");
     st->ckpt_init = 1;
     (void)sqlite3_wal_autocheckpoint(st->db, 0);
     sqlite3_wal_hook(st->db, wal_hook, st);
@@ -764,6 +1054,15 @@ static optd_err writer_open(store *st, const char *path, const store_options *o,
     if (rc) return rc;
     rc = migrate(st->db, path, err, errlen);
     if (rc) return rc;
+    /* The WAL's frame size follows the page size, which the file fixes. */
+    src = sqlite3_prepare_v2(st->db, "PRAGMA page_size", -1, &q, NULL);
+    if (src == SQLITE_OK) src = sqlite3_step(q);
+    st->page_size = src == SQLITE_ROW ? sqlite3_column_int(q, 0) : 0;
+    (void)sqlite3_finalize(q);
+    if (st->page_size <= 0) {
+        seterr(err, errlen, "cannot read the page size of %s: %s", path, sqlite3_errmsg(st->db));
+        return OPTD_E_UNAVAILABLE;
+    }
     return prepare_all(st->db, st->q, Q_END, path, err, errlen);
 }
 
@@ -835,6 +1134,38 @@ void store_session_clear(store_session *s)
     memset(s, 0, sizeof *s);
 }
 
+/* Takes the process's exclusive lock on the database file, creating the file
+ * (empty, mode 0600: SQLite gives the -wal and -shm files the database's
+ * mode) when it is absent. The lock is flock(2) on a descriptor of our own,
+ * which SQLite's POSIX record locks neither see nor disturb; the descriptor
+ * stays open until store_close has closed every connection, because closing
+ * any descriptor of a file drops the process's record locks on it. */
+static optd_err lock_open(store *st, const char *path, char *err, size_t errlen)
+{
+    char ebuf[128];
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+
+    if (fd < 0 && (errno == EACCES || errno == EPERM || errno == EROFS))
+        fd = open(path, O_RDONLY | O_CLOEXEC); /* the writer's open says why it cannot write */
+    if (fd < 0) {
+        seterr(err, errlen, "cannot open %s: %s", path, strerror_r(errno, ebuf, sizeof ebuf));
+        return OPTD_E_UNAVAILABLE;
+    }
+    st->lock_fd = fd;
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        if (errno == EWOULDBLOCK) {
+            seterr(err, errlen,
+                   "%s is in use by another process (another optd?): one daemon per database; stop it or"
+                   " choose another --db",
+                   path);
+            return OPTD_E_BUSY;
+        }
+        seterr(err, errlen, "cannot lock %s: %s", path, strerror_r(errno, ebuf, sizeof ebuf));
+        return OPTD_E_UNAVAILABLE;
+    }
+    return OPTD_OK;
+}
+
 /* Options: NULL or an all-zero struct mean every default (so sync_full is 1
  * then, not 0); otherwise sync_full is taken as given and a busy timeout or a
  * reader count <= 0 means its default. Returns OPTD_OK, OPTD_E_INVALID (more
@@ -842,7 +1173,7 @@ void store_session_clear(store_session *s)
  * file), OPTD_E_UNAVAILABLE, OPTD_E_NOMEM. */
 optd_err store_open(const char *path, const store_options *opt, store **out, char *err, size_t errlen)
 {
-    store_options o = {1, DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_READERS};
+    store_options o = {1, DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_READERS, 0, NULL, NULL};
     store *st = NULL;
     struct stat sb;
     char ebuf[128];
@@ -861,33 +1192,48 @@ optd_err store_open(const char *path, const store_options *opt, store **out, cha
         if (opt->busy_timeout_ms > 0) o.busy_timeout_ms = opt->busy_timeout_ms;
         if (opt->readers > 0) o.readers = opt->readers;
     }
+
     if (o.readers > MAX_READERS) {
         seterr(err, errlen, "%d read connections asked for; at most %d", o.readers, MAX_READERS);
         return OPTD_E_INVALID;
     }
+    st = calloc(1, sizeof *st);
+    if (!st) return OPTD_E_NOMEM;
+    st->lock_fd = -1;
+    st->log = opt ? opt->log : NULL;
+    st->log_ctx = opt ? opt->log_ctx : NULL;
+    st->wal_max = opt && opt->wal_max_bytes ? opt->wal_max_bytes : STORE_WAL_MAX;
+    atomic_init(&st->write_failed, 0);
+    if (pthread_mutex_init(&st->log_mu, NULL) != 0) {
+        free(st);
+        return OPTD_E_NOMEM;
+    }
+    st->log_init = 1;
 
     /* Absent or empty: ours to create. Anything else is checked first, on a
-     * connection that cannot write. */
+     * connection that cannot write, once the lock says no other process
+     * has it open. */
     if (stat(path, &sb) != 0) {
         if (errno != ENOENT) {
             seterr(err, errlen, "cannot open %s: %s", path, strerror_r(errno, ebuf, sizeof ebuf));
-            return OPTD_E_UNAVAILABLE;
+            rc = OPTD_E_UNAVAILABLE;
+            goto done;
         }
         create = 1;
     } else if (!S_ISREG(sb.st_mode)) {
         seterr(err, errlen, "%s is not an optd database (not a regular file)", path);
-        return OPTD_E_INVALID;
+        rc = OPTD_E_INVALID;
+        goto done;
     } else {
         create = sb.st_size == 0;
     }
+    rc = lock_open(st, path, err, errlen);
+    if (rc) goto done;
     if (!create) {
         rc = check_existing(path, o.busy_timeout_ms, err, errlen);
-        if (rc) return rc;
+        if (rc) goto done;
     }
 
-    st = calloc(1, sizeof *st);
-    if (!st) return OPTD_E_NOMEM;
-    atomic_init(&st->write_failed, 0);
     if (pthread_mutex_init(&st->pool_mu, NULL) != 0) {
         rc = OPTD_E_NOMEM;
         goto done;
@@ -955,8 +1301,10 @@ void store_close(store *st)
         pthread_cond_signal(&st->ckpt_cv);
         pthread_mutex_unlock(&st->ckpt_mu);
         pthread_join(st->ckpt_thread, NULL);
+        pthread_cond_destroy(&st->gate_cv);
         pthread_cond_destroy(&st->ckpt_cv);
         pthread_mutex_destroy(&st->ckpt_mu);
+        st->ckpt_init = 0;
     }
     if (st->db) sqlite3_wal_hook(st->db, NULL, NULL);
     if (st->ckpt_db) conn_close(st->ckpt_db);
@@ -975,8 +1323,27 @@ void store_close(store *st)
         pthread_mutex_destroy(&st->pool_mu);
     }
     if (st->probe_init) pthread_mutex_destroy(&st->probe_mu);
+    if (st->log_init) pthread_mutex_destroy(&st->log_mu);
+    /* Last: closing it drops the process's locks on the file (see lock_open). */
+    if (st->lock_fd >= 0) (void)close(st->lock_fd);
     free(st->path);
     free(st);
+}
+
+void store_stats_get(store *st, store_stats *out)
+{
+    uint64_t frames = atomic_load(&st->wal_frames), done = atomic_load(&st->ckpt_done);
+
+    memset(out, 0, sizeof *out);
+    out->db_bytes = file_bytes(st->path, "");
+    out->wal_bytes = file_bytes(st->path, "-wal");
+    out->wal_frames = frames;
+    out->ckpt_lag_frames = frames > done ? frames - done : 0;
+    out->ckpt_runs = atomic_load(&st->n_ckpt);
+    out->ckpt_busy = atomic_load(&st->n_busy);
+    out->ckpt_failures = atomic_load(&st->n_fail);
+    out->wal_resets = atomic_load(&st->n_reset);
+    out->wal_refusals = atomic_load(&st->n_refused);
 }
 
 /* Takes and drops the write lock on the probe connection. That does no I/O
@@ -984,16 +1351,26 @@ void store_close(store *st)
  * PROBE_TIMEOUT_MS. A disk that is full, read-only or failing shows only in
  * a real write, so after a write of the writer failed (write_failed) the
  * probe also rewrites the application id (the same value: nothing changes)
- * and commits; its success clears the flag, so readiness comes back by
- * itself once the storage works again, even when no client writes. The
- * probe is its own connection because the write connection belongs to the
- * writer thread. */
+ * and commits. That one page fits where the failed transaction did not (in
+ * the slack of a -wal file, say), so it clears the flag only when the
+ * filesystem also has room for twice the failed transaction (need_bytes):
+ * readiness comes back by itself once the storage works again, even when no
+ * client writes, and not while every real write would still fail. A WAL
+ * over its hard limit is not writable either. The probe is its own
+ * connection because the write connection belongs to the writer thread. */
 int store_writable(store *st)
 {
     char text[64];
+    struct statvfs sv;
+    uint64_t need;
     int ok;
 
     if (!st) return 0;
+    if (atomic_load(&st->wal_frames) * frame_bytes(st) >= st->wal_max) return 0;
+    need = atomic_load(&st->need_bytes);
+    if (need && atomic_load(&st->write_failed) && statvfs(st->path, &sv) == 0 &&
+        (uint64_t)sv.f_bavail * sv.f_frsize < need)
+        return 0;
     pthread_mutex_lock(&st->probe_mu);
     if (!st->probe && probe_open(st, NULL, 0) != OPTD_OK) {
         pthread_mutex_unlock(&st->probe_mu);
@@ -1022,16 +1399,40 @@ int store_writable(store *st)
     return ok;
 }
 
-/* Nesting is a caller bug (asserted); every failure is OPTD_E_UNAVAILABLE. */
+/* The writer enters (on) or leaves (off) a transaction; entering waits while
+ * the checkpointer's gate is closed. */
+static void tx_mark(store *st, int on)
+{
+    if (!st->ckpt_init) return;
+    pthread_mutex_lock(&st->ckpt_mu);
+    if (on) {
+        while (st->gate_closed) pthread_cond_wait(&st->gate_cv, &st->ckpt_mu);
+    } else {
+        pthread_cond_broadcast(&st->gate_cv);
+    }
+    st->tx_active = on;
+    pthread_mutex_unlock(&st->ckpt_mu);
+}
+
+/* Nesting is a caller bug (asserted); every failure is OPTD_E_UNAVAILABLE
+ * (logged), including a WAL over its hard limit that cannot be checkpointed. */
 optd_err store_begin(store *st)
 {
     sqlite3_stmt *q = st->q[Q_BEGIN];
     int src;
 
     assert(sqlite3_get_autocommit(st->db));
+    if (wal_admit(st) != OPTD_OK) {
+        atomic_store(&st->write_failed, 1);
+        return OPTD_E_UNAVAILABLE;
+    }
+    tx_mark(st, 1);
+    st->tx_bytes = 0;
     src = sqlite3_step(q);
     stmt_done(q);
     if (src == SQLITE_DONE) return OPTD_OK;
+    store_logf(st, LOG_TX, "BEGIN on %s failed: %s (SQLite code %d)", st->path, sqlite3_errmsg(st->db), src);
+    tx_mark(st, 0);
     atomic_store(&st->write_failed, 1);
     return OPTD_E_UNAVAILABLE;
 }
@@ -1064,31 +1465,53 @@ optd_err store_commit(store *st)
     stmt_done(q);
     if (src == SQLITE_DONE) {
         atomic_store(&st->write_failed, 0);
+        atomic_store(&st->need_bytes, 0);
+        tx_mark(st, 0);
         return OPTD_OK;
     }
-    atomic_store(&st->write_failed, 1);
+    store_logf(st, LOG_TX, "COMMIT of %llu bytes of state to %s failed: %s (SQLite code %d); nothing of it was kept",
+               (unsigned long long)st->tx_bytes, st->path, sqlite3_errmsg(st->db), src);
     /* SQLite may already have rolled back (disk full, I/O error) or may keep
      * the transaction open for a retry (busy); either way it is over for us. */
-    store_rollback(st);
+    rollback_tx(st);
     wal_tail_cover(st);
+    tx_mark(st, 0);
     return OPTD_E_UNAVAILABLE;
 }
 
+/* The writer gives up its transaction after a failure: logged with the
+ * last SQLite error on the connection, which is the failure's cause. */
 void store_rollback(store *st)
+{
+    int src = sqlite3_errcode(st->db);
+
+    if (src != SQLITE_OK && src != SQLITE_DONE && src != SQLITE_ROW)
+        store_logf(st, LOG_TX, "a transaction writing %llu bytes of state to %s failed: %s (SQLite code %d)",
+                   (unsigned long long)st->tx_bytes, st->path, sqlite3_errmsg(st->db), sqlite3_extended_errcode(st->db));
+    rollback_tx(st);
+    tx_mark(st, 0);
+}
+
+/* ROLLBACK of the writer's transaction, if one is open. */
+static void rollback_tx(store *st)
 {
     sqlite3_stmt *q = st->q[Q_ROLLBACK];
     int src;
 
     /* A rollback means a write failed or was given up: let the next
-     * store_writable check with a real write. */
+     * store_writable check with a real write, and with room for this one. */
     atomic_store(&st->write_failed, 1);
-    if (sqlite3_get_autocommit(st->db)) return; /* none open, or SQLite ended it */
-    src = sqlite3_step(q);
-    stmt_done(q);
-    /* A failed ROLLBACK (an I/O error) leaves the transaction open; the next
-     * store_begin then fails with OPTD_E_UNAVAILABLE and the writer retries,
-     * which is all that can be done here. */
-    (void)src;
+    if (st->tx_bytes) atomic_store(&st->need_bytes, 2 * st->tx_bytes + ((uint64_t)1 << 20));
+    if (!sqlite3_get_autocommit(st->db)) {
+        src = sqlite3_step(q);
+        stmt_done(q);
+        /* A failed ROLLBACK (an I/O error) leaves the transaction open; the
+         * next store_begin then fails with OPTD_E_UNAVAILABLE and the writer
+         * retries, which is all that can be done here. */
+        if (src != SQLITE_DONE)
+            store_logf(st, LOG_TX, "ROLLBACK on %s failed: %s (SQLite code %d)", st->path, sqlite3_errmsg(st->db),
+                       src);
+    }
 }
 
 /* Returns OPTD_OK, OPTD_E_ALREADY_EXISTS (nothing written, a caller's
@@ -1122,6 +1545,7 @@ optd_err store_session_insert(store *st, store_session *s, const void *state, si
     q = st->q[Q_STATE_INSERT];
     src = sqlite3_bind_int64(q, 1, id);
     if (src == SQLITE_OK) src = bind_bytes(q, 2, state ? state : "", len);
+    st->tx_bytes += len;
     rc = run(q, src);
 done:
     rc = tx_leave(st, own, rc);
@@ -1165,6 +1589,7 @@ optd_err store_session_update(store *st, const store_session *s, const void *sta
     }
 
     if (state) {
+        st->tx_bytes += len;
         q = st->q[Q_STATE_UPDATE];
         src = sqlite3_bind_int64(q, 1, s->id);
         if (src == SQLITE_OK) src = bind_bytes(q, 2, state, len);
@@ -1173,6 +1598,27 @@ optd_err store_session_update(store *st, const store_session *s, const void *sta
     }
 done:
     return tx_leave(st, own, rc);
+}
+
+/* Why a guarded step update changed nothing: the session is gone
+ * (OPTD_E_NOT_FOUND), or its stored step is not step - 1, which means the
+ * cached copy is stale (OPTD_E_UNAVAILABLE, logged: the writer drops its
+ * cache and the client may retry on the stored state). */
+static optd_err step_moved(store *st, int64_t id, uint64_t step)
+{
+    sqlite3_stmt *q = NULL;
+    int64_t stored = -1;
+    int src = sqlite3_prepare_v2(st->db, "SELECT step FROM sessions WHERE id = ?1", -1, &q, NULL);
+
+    if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 1, id);
+    if (src == SQLITE_OK) src = sqlite3_step(q);
+    if (src == SQLITE_ROW) stored = sqlite3_column_int64(q, 0);
+    (void)sqlite3_finalize(q);
+    if (src == SQLITE_DONE) return OPTD_E_NOT_FOUND;
+    if (src != SQLITE_ROW) return from_sqlite(src) ? from_sqlite(src) : OPTD_E_INTERNAL;
+    store_logf(st, LOG_TX, "session %lld of %s is at step %lld, not %llu as the writer's copy says: refusing the step",
+               (long long)id, st->path, (long long)stored, (unsigned long long)(step - 1));
+    return OPTD_E_UNAVAILABLE;
 }
 
 /* The step path: the row's step and time, and the state overwritten in place
@@ -1188,16 +1634,17 @@ optd_err store_session_step(store *st, int64_t id, uint64_t step, int64_t update
     optd_err rc;
     int own, src;
 
-    if (step > INT64_MAX || !state || len > INT_MAX) return OPTD_E_INVALID;
+    if (step == 0 || step > INT64_MAX || !state || len > INT_MAX) return OPTD_E_INVALID;
     rc = tx_enter(st, &own);
     if (rc) return rc;
+    st->tx_bytes += len;
     src = sqlite3_bind_int64(q, 1, id);
     if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 2, (int64_t)step);
     if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 3, updated_ms);
     rc = run(q, src);
     if (rc) goto done;
     if (sqlite3_changes(st->db) == 0) {
-        rc = OPTD_E_NOT_FOUND;
+        rc = step_moved(st, id, step);
         goto done;
     }
     src = sqlite3_blob_open(st->db, "main", "state", "data", id, 1, &blob);

@@ -24,7 +24,34 @@ typedef struct store_options {
     int sync_full;        /* 1: synchronous=FULL (default), 0: NORMAL */
     int busy_timeout_ms;  /* how long a locked database is waited for (default 5000) */
     int readers;          /* read connections in the pool (default 4) */
+    /* WAL bytes past which writes are refused (OPTD_E_UNAVAILABLE, logged)
+     * until the checkpointer has copied it back: the guard against a disk
+     * that fills while checkpoints cannot make progress. 0: STORE_WAL_MAX. */
+    uint64_t wal_max_bytes;
+    /* Where storage failures are reported, one line each, rate-limited;
+     * NULL reports nothing. Called from the writer and checkpointer threads. */
+    void (*log)(void *ctx, const char *line);
+    void *log_ctx;
 } store_options;
+
+/* The default of store_options.wal_max_bytes. */
+#define STORE_WAL_MAX ((uint64_t)1 << 30)
+
+/* What the store reports about its files and its checkpoints. Plain data. */
+typedef struct store_stats {
+    uint64_t db_bytes;        /* size of the database file */
+    uint64_t wal_bytes;       /* size of the -wal file */
+    uint64_t wal_frames;      /* frames the WAL holds since it last started over */
+    uint64_t ckpt_lag_frames; /* of those, frames not yet copied into the database */
+    uint64_t ckpt_runs;       /* checkpoints that ran to their end */
+    uint64_t ckpt_busy;       /* checkpoints that could not finish (a reader or the writer in the way) */
+    uint64_t ckpt_failures;   /* checkpoints that failed (I/O error, disk full, ...) */
+    uint64_t wal_resets;      /* times the WAL was started over (RESTART or TRUNCATE) */
+    uint64_t wal_refusals;    /* write transactions refused at the WAL limit */
+} store_stats;
+
+/* A snapshot of st's figures; any thread. */
+void store_stats_get(store *st, store_stats *out);
 
 /* A session's row. Plain data; config is owned by the struct (free it with
  * store_session_clear). */
@@ -42,18 +69,23 @@ typedef struct store_session {
 /* Frees what s owns and zeroes it; safe on a zeroed struct. */
 void store_session_clear(store_session *s);
 
-/* Opens (creating when absent) the database at path. A file that is not an
+/* Opens (creating when absent, mode 0600) the database at path and holds an
+ * exclusive lock on it until store_close, so a second process (another optd)
+ * cannot open it: that one gets OPTD_E_BUSY. A file that is not an
  * optd database (another application's SQLite file, or not SQLite at all), a
  * corrupt one, or one made by a newer optd is refused and left unchanged; an
  * older schema is upgraded. On failure writes a sentence into err.
  * Returns OPTD_OK, OPTD_E_INVALID (foreign, corrupt or too new: do not retry),
- * OPTD_E_UNAVAILABLE (cannot open or write), OPTD_E_NOMEM.
+ * OPTD_E_BUSY (another process has it open), OPTD_E_UNAVAILABLE (cannot open
+ * or write), OPTD_E_NOMEM.
  * The caller closes *out with store_close. */
 optd_err store_open(const char *path, const store_options *opt, store **out, char *err, size_t errlen);
 /* Closes every connection (checkpointing the WAL); store_close(NULL) does nothing. */
 void store_close(store *st);
 
-/* Whether the database can be written right now (a cheap probe for /readyz). */
+/* Whether the database can be written right now (a cheap probe for /readyz):
+ * after a failed write it stays 0 until a write of the failed one's size is
+ * known to fit (see store.c). */
 int store_writable(store *st);
 
 /* --- Writer thread only. ------------------------------------------------ */

@@ -778,7 +778,7 @@ static void test_an_older_schema_is_upgraded(void **state)
 static void test_a_lock_held_elsewhere_makes_writes_unavailable_and_writable_false(void **state)
 {
     fixture *f = *state;
-    store_options opt = {1, 50, 2};
+    store_options opt = {1, 50, 2, 0, NULL, NULL};
     store_session s = make_session("late", 0), got;
     sqlite3 *other = NULL;
 
@@ -811,7 +811,7 @@ static void test_a_lock_held_elsewhere_makes_writes_unavailable_and_writable_fal
 static void test_bad_arguments_are_invalid(void **state)
 {
     fixture *f = *state;
-    store_options too_many = {1, 50, 100000};
+    store_options too_many = {1, 50, 100000, 0, NULL, NULL};
     store_session s = make_session("x", 0);
     char err[128] = "";
 
@@ -829,6 +829,32 @@ static void test_bad_arguments_are_invalid(void **state)
     assert_int_equal(store_session_insert(f->st, &s, "", 0), OPTD_E_INVALID);
     assert_int_equal(store_idem_put(f->st, 1, NULL, 1, 1, NULL, 0, 1, 1), OPTD_E_INVALID);
     assert_int_equal(store_idem_put(f->st, 1, "k", 1, 1, NULL, 3, 1, 1), OPTD_E_INVALID);
+}
+
+/* A step moves the stored step by one: a stale copy (the stored step is
+ * not the one before) is refused and changes nothing, so two writers can
+ * never overwrite each other's steps. */
+static void test_a_step_guards_on_the_stored_step(void **state)
+{
+    fixture *f = *state;
+    store_session row = {0};
+    void *blob = NULL;
+    size_t len = 0;
+
+    open_store(f, NULL);
+    insert(f, "g");
+    assert_int_equal(store_session_load(f->st, "g", &row, NULL, NULL), OPTD_OK);
+    assert_int_equal(store_session_step(f->st, row.id, 1, 1, "def", 3), OPTD_OK);
+    assert_int_equal(store_session_step(f->st, row.id, 1, 2, "xyz", 3), OPTD_E_UNAVAILABLE);
+    assert_int_equal(store_session_step(f->st, row.id, 3, 2, "xyz", 3), OPTD_E_UNAVAILABLE);
+    assert_int_equal(store_session_step(f->st, row.id + 100, 1, 2, "xyz", 3), OPTD_E_NOT_FOUND);
+    store_session_clear(&row);
+    assert_int_equal(store_session_load(f->st, "g", &row, &blob, &len), OPTD_OK);
+    assert_int_equal(row.step, 1);
+    assert_int_equal(len, 3);
+    assert_memory_equal(blob, "def", 3);
+    free(blob);
+    store_session_clear(&row);
 }
 
 int main(void)
@@ -860,6 +886,7 @@ int main(void)
         T(test_an_older_schema_is_upgraded),
         T(test_a_lock_held_elsewhere_makes_writes_unavailable_and_writable_false),
         T(test_bad_arguments_are_invalid),
+        T(test_a_step_guards_on_the_stored_step),
 #undef T
     };
 
