@@ -891,9 +891,15 @@ static void ckpt_run(store *st, int urgent)
         (void)ckpt_once(st, SQLITE_CHECKPOINT_TRUNCATE);
         return;
     }
+    /* Past the soft limit straight to RESTART: a PASSIVE first would let the
+     * writer append for as long as it copies. The copy is of each page's
+     * newest version, so it costs the pages the WAL touches, not its size. */
+    if (used >= wal_soft(st, file)) {
+        (void)ckpt_once(st, SQLITE_CHECKPOINT_RESTART);
+        return;
+    }
     if (lag >= CKPT_PASSIVE_BYTES) (void)ckpt_once(st, SQLITE_CHECKPOINT_PASSIVE);
-    if (used >= wal_soft(st, file)) (void)ckpt_once(st, SQLITE_CHECKPOINT_RESTART);
-    else if (idle && file > 0) {
+    if (idle && file > 0) {
         if (lag > 0) (void)ckpt_once(st, SQLITE_CHECKPOINT_PASSIVE);
         (void)ckpt_once(st, SQLITE_CHECKPOINT_TRUNCATE);
     }

@@ -190,7 +190,7 @@ def run_load(name, seconds, soak, extra_args):
             return problems, figures
         load_rows = [r for r in rows if r["t"] <= t_stop]
         wal_peak = max(r["wal"] for r in rows)
-        w = max(seconds / 6.0, 3.0)
+        w = max(seconds / 6.0, 5.0)
         t0 = t_start + warm
         t1 = t_stop
         first, n_first = window_cost(load_rows, t0, t0 + w)
