@@ -81,6 +81,9 @@ static const opt_def options[] = {
      "MiB of session state kept in memory"},
     {"log-level", "OPTD_LOG", "quiet|info", "info", K_CHOICE, 0, 0, 1, FIELD(log_level), log_names,
      "info logs one line per request to stderr; quiet logs errors only"},
+    {"log-file", "OPTD_LOG_FILE", "PATH", NULL, K_PATH, 0, 0, 1, FIELD(log_file), NULL,
+     "append the log to this file (mode 0600) instead of stderr; SIGHUP\n"
+     "      reopens it, for log rotation"},
 };
 
 #define N_OPTIONS (sizeof options / sizeof options[0])
@@ -445,5 +448,6 @@ void daemon_config_usage(FILE *f, const char *prog) {
     fprintf(f, "  --help\n      print this and exit\n");
     fprintf(f, "  --version\n      print the version and exit\n");
     fprintf(f, "\nSIGTERM or SIGINT finishes the requests in flight, closes the database\n"
-               "and exits 0. Exit status 1: cannot start; 2: bad flags.\n");
+               "and exits 0. SIGHUP reopens --log-file (and is otherwise ignored).\n"
+               "Exit status 1: cannot start; 2: bad flags.\n");
 }
