@@ -74,6 +74,7 @@ typedef struct req {
     void *grad;    /* decoded gradient, when not the body itself */
     char idem[256];
     int minimal, want_binary;
+    int close; /* answer with Connection: close (the framing is not to be trusted) */
 } req;
 
 static const char *const allow[R_COUNT] = {
@@ -125,7 +126,7 @@ static enum MHD_Result send_body(req *r, int status, const char *ctype, char *bo
     }
     if (r->job_state == 2 && r->job.replayed && r->job.rc == OPTD_OK)
         MHD_add_response_header(resp, "Idempotent-Replayed", "true");
-    if (atomic_load(&r->srv->stopping))
+    if (atomic_load(&r->srv->stopping) || r->close)
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     r->status = status;
     enum MHD_Result ret = MHD_queue_response(r->conn, (unsigned)status, resp);
@@ -828,19 +829,58 @@ static enum MHD_Result dispatch(req *r, const char *method)
     }
 }
 
-/* Counts the Content-Length headers that differ from the first. */
+/* Counts the Content-Length headers that differ from the first, and the
+ * Transfer-Encoding headers and those of them that are not just "chunked". */
 typedef struct lengths {
     const char *first;
     int conflicts;
+    int codings, unchunked;
 } lengths;
 
 static enum MHD_Result other_length(void *cls, enum MHD_ValueKind kind, const char *key, const char *value)
 {
     lengths *l = cls;
     (void)kind;
-    if (strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH) == 0 && strcmp(value, l->first) != 0)
+    if (strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH) == 0 && l->first && strcmp(value, l->first) != 0)
         l->conflicts++;
+    if (strcasecmp(key, MHD_HTTP_HEADER_TRANSFER_ENCODING) == 0) {
+        size_t n;
+        l->codings++;
+        while (*value == ' ' || *value == '\t')
+            value++;
+        n = strlen(value);
+        while (n && (value[n - 1] == ' ' || value[n - 1] == '\t'))
+            n--;
+        if (n != 7 || strncasecmp(value, "chunked", 7) != 0)
+            l->unchunked++;
+    }
     return MHD_YES;
+}
+
+/* Request framing (RFC 9112 section 6): a body is delimited by one
+ * Content-Length or by "Transfer-Encoding: chunked" alone. Anything else
+ * could make a proxy in front and optd read different requests out of one
+ * stream (request smuggling), or leave optd waiting for a body whose end it
+ * cannot find; such a request is refused and, since where the next request
+ * starts is unknown, its connection closed (r->close). Returns OPTD_OK or
+ * OPTD_E_BAD_REQUEST with the reason in msg. */
+static optd_err framing_checks(req *r, const char *version, char *msg, size_t msglen)
+{
+    lengths l = {header(r, MHD_HTTP_HEADER_CONTENT_LENGTH), 0, 0, 0};
+    MHD_get_connection_values(r->conn, MHD_HEADER_KIND, other_length, &l);
+    if (l.conflicts)
+        snprintf(msg, msglen, "the request has conflicting Content-Length headers");
+    else if (l.codings && l.first)
+        snprintf(msg, msglen, "the request has both Transfer-Encoding and Content-Length; send one");
+    else if (l.codings && strcmp(version, MHD_HTTP_VERSION_1_0) == 0)
+        snprintf(msg, msglen, "HTTP/1.0 has no Transfer-Encoding; send Content-Length");
+    else if (l.codings > 1 || l.unchunked)
+        snprintf(msg, msglen, "the only Transfer-Encoding accepted is chunked, once; send Content-Length or "
+                              "Transfer-Encoding: chunked");
+    else
+        return OPTD_OK;
+    r->close = 1;
+    return OPTD_E_BAD_REQUEST;
 }
 
 /* The checks made on the first callback, before any of the body is read.
@@ -865,11 +905,6 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
     }
     const char *cl = header(r, MHD_HTTP_HEADER_CONTENT_LENGTH);
     const char *te = header(r, MHD_HTTP_HEADER_TRANSFER_ENCODING);
-    /* Two lengths that disagree would let a proxy and optd read different
-     * bodies (request smuggling): refuse the request. */
-    lengths l = {cl, 0};
-    if (cl && (MHD_get_connection_values(r->conn, MHD_HEADER_KIND, other_length, &l), l.conflicts))
-        return snprintf(msg, msglen, "the request has conflicting Content-Length headers"), OPTD_E_BAD_REQUEST;
     int has_body = (cl && strtoull(cl, NULL, 10) > 0) || te;
     const char *ct = header(r, MHD_HTTP_HEADER_CONTENT_TYPE);
     if (ct && media_is(ct, "application/octet-stream") && r->route == R_STEP)
@@ -989,7 +1024,6 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 {
     api_server *srv = cls;
     req *r = *con_cls;
-    (void)version;
     if (!r) {
         r = calloc(1, sizeof *r);
         if (!r)
@@ -1005,7 +1039,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         snprintf(r->path, sizeof r->path, "%s", url);
         r->route = route_parse(url, r->name, &r->name_ok);
         char msg[256] = "";
-        optd_err rc = early_checks(r, method, msg, sizeof msg);
+        optd_err rc = framing_checks(r, version, msg, sizeof msg);
+        if (rc == OPTD_OK)
+            rc = early_checks(r, method, msg, sizeof msg);
         if (rc)
             return send_err(r, rc, msg, -1);
         return MHD_YES;
