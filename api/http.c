@@ -27,6 +27,7 @@ struct api_server {
     struct MHD_Daemon *mhd;
     int listen_fd;
     uint16_t port;
+    int host_check; /* loopback listener without a token: Host must be a loopback name */
     atomic_int stopping;
     atomic_uint active; /* requests between first callback and completion */
     atomic_ullong next_id;
@@ -883,6 +884,80 @@ static optd_err framing_checks(req *r, const char *version, char *msg, size_t ms
     return OPTD_E_BAD_REQUEST;
 }
 
+/* Whether h, a Host header value, names the loopback interface: localhost,
+ * an address of 127.0.0.0/8 or [::1] (or [::ffff:127.x.x.x]), each with an
+ * optional :port. A name that merely starts so ("127.0.0.1.evil.example",
+ * "localhost.evil.example") is not one. */
+static int host_is_loopback(const char *h)
+{
+    char buf[64];
+    const char *port;
+    size_t n;
+    if (h[0] == '[') {
+        struct in6_addr a6;
+        const char *end = strchr(h, ']');
+        n = end ? (size_t)(end - h - 1) : 0;
+        if (!end || n == 0 || n >= sizeof buf)
+            return 0;
+        memcpy(buf, h + 1, n);
+        buf[n] = '\0';
+        if (inet_pton(AF_INET6, buf, &a6) != 1 ||
+            !(IN6_IS_ADDR_LOOPBACK(&a6) || (IN6_IS_ADDR_V4MAPPED(&a6) && a6.s6_addr[12] == 127)))
+            return 0;
+        port = end + 1;
+    } else {
+        struct in_addr a4;
+        n = strcspn(h, ":");
+        if (n == 0 || n >= sizeof buf)
+            return 0;
+        memcpy(buf, h, n);
+        buf[n] = '\0';
+        port = h + n;
+        if (buf[n - 1] == '.') /* the absolute form, "localhost." */
+            buf[n - 1] = '\0';
+        if (strcasecmp(buf, "localhost") != 0 &&
+            !(inet_pton(AF_INET, buf, &a4) == 1 && (ntohl(a4.s_addr) >> 24) == 127))
+            return 0;
+    }
+    if (*port == '\0')
+        return 1;
+    n = strspn(port + 1, "0123456789");
+    return port[0] == ':' && n <= 5 && port[1 + n] == '\0';
+}
+
+static enum MHD_Result count_host(void *cls, enum MHD_ValueKind kind, const char *key, const char *value)
+{
+    (void)kind;
+    (void)value;
+    if (strcasecmp(key, MHD_HTTP_HEADER_HOST) == 0)
+        ++*(int *)cls;
+    return MHD_YES;
+}
+
+/* The Host header (RFC 9112 section 3.2): one on every HTTP/1.1 request.
+ * On a loopback listener without a token it must also name the loopback
+ * interface: a web page whose own name an attacker has made resolve to
+ * 127.0.0.1 (DNS rebinding) would otherwise drive the API from a browser on
+ * this machine, and its requests carry that name as their Host. HTTP/1.0
+ * requests may lack it (old probes do; browsers always send one). Returns
+ * OPTD_OK, OPTD_E_BAD_REQUEST or OPTD_E_FORBIDDEN with the reason in msg. */
+static optd_err host_checks(req *r, const char *version, char *msg, size_t msglen)
+{
+    const char *h = header(r, MHD_HTTP_HEADER_HOST);
+    int hosts = 0;
+    MHD_get_connection_values(r->conn, MHD_HEADER_KIND, count_host, &hosts);
+    if (hosts > 1)
+        return snprintf(msg, msglen, "the request has %d Host headers; send one", hosts), OPTD_E_BAD_REQUEST;
+    if (!h && strcmp(version, MHD_HTTP_VERSION_1_0) != 0)
+        return snprintf(msg, msglen, "an HTTP/1.1 request needs a Host header"), OPTD_E_BAD_REQUEST;
+    if (h && r->srv->host_check && !host_is_loopback(h))
+        return snprintf(msg, msglen, "this daemon listens on a loopback address without a token, so it answers "
+                                     "only requests whose Host is localhost, 127.x.x.x or [::1] (a defence "
+                                     "against DNS rebinding); configure a token to serve other names"),
+               OPTD_E_FORBIDDEN;
+    return OPTD_OK;
+}
+
 /* The checks made on the first callback, before any of the body is read.
  * Returns OPTD_OK to go on reading, else the error to answer with. */
 static optd_err early_checks(req *r, const char *method, char *msg, size_t msglen)
@@ -1041,6 +1116,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         char msg[256] = "";
         optd_err rc = framing_checks(r, version, msg, sizeof msg);
         if (rc == OPTD_OK)
+            rc = host_checks(r, version, msg, sizeof msg);
+        if (rc == OPTD_OK)
             rc = early_checks(r, method, msg, sizeof msg);
         if (rc)
             return send_err(r, rc, msg, -1);
@@ -1147,6 +1224,18 @@ static int listen_on(const char *host, uint16_t port, int *family, char *err, si
     return fd;
 }
 
+/* Whether sa, the bound address, is on the loopback interface only. */
+static int listens_on_loopback(const struct sockaddr_storage *sa)
+{
+    if (sa->ss_family == AF_INET)
+        return (ntohl(((const struct sockaddr_in *)sa)->sin_addr.s_addr) >> 24) == 127;
+    if (sa->ss_family == AF_INET6) {
+        const struct in6_addr *a6 = &((const struct sockaddr_in6 *)sa)->sin6_addr;
+        return IN6_IS_ADDR_LOOPBACK(a6) || (IN6_IS_ADDR_V4MAPPED(a6) && a6->s6_addr[12] == 127);
+    }
+    return 0;
+}
+
 optd_err api_start(const api_config *cfg, store *st, api_server **out, char *err, size_t errlen)
 {
     optd_err rc = OPTD_E_NOMEM;
@@ -1173,6 +1262,7 @@ optd_err api_start(const api_config *cfg, store *st, api_server **out, char *err
     getsockname(srv->listen_fd, (struct sockaddr *)&sa, &salen);
     srv->port = ntohs(family == AF_INET6 ? ((struct sockaddr_in6 *)&sa)->sin6_port
                                          : ((struct sockaddr_in *)&sa)->sin_port);
+    srv->host_check = !srv->token && listens_on_loopback(&sa);
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO | MHD_ALLOW_SUSPEND_RESUME;
     if (family == AF_INET6)
         flags |= MHD_USE_IPv6;

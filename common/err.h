@@ -11,6 +11,8 @@
     XX(BAD_JSON, "bad_json", 400, "the body is not valid JSON")                      \
     XX(BAD_REQUEST, "bad_request", 400, "the request is malformed")                  \
     XX(UNAUTHORIZED, "unauthorized", 401, "a valid bearer token is required")       \
+    XX(FORBIDDEN, "forbidden", 403,                                                  \
+       "without a token this daemon answers only Host localhost, 127.x.x.x or [::1]") \
     XX(NOT_FOUND, "not_found", 404, "no such session or path")                       \
     XX(METHOD_NOT_ALLOWED, "method_not_allowed", 405, "method not allowed here")    \
     XX(ALREADY_EXISTS, "already_exists", 409, "a session with this name exists")    \

@@ -259,7 +259,7 @@ class RoundTests(DaemonTest):
         ga, gb = [4.0, 4.0, -4.0, 1.0], [2.0, 2.0, 2.0, 2.0]
         body = json.dumps({"grad": ga}).encode()
         s = socket.create_connection(("127.0.0.1", self.d.port))
-        s.sendall(b"POST /v1/sessions/%s/step HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/sessions/%s/step HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Idempotency-Key: kdead\r\nIf-Match: \"0\"\r\nContent-Length: %d\r\n\r\n"
                   % (name.encode(), len(body)) + body)
         self.wait_parked(name, 0, 0.2)
