@@ -9,6 +9,7 @@
 #include <math.h>
 #include <microhttpd.h>
 #include <netdb.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,7 +36,7 @@ struct api_server {
      * whose request head is overdue. */
     pthread_mutex_t conns_mu;
     struct conn_track *conns; /* guarded by conns_mu */
-    unsigned nconns;          /* guarded by conns_mu */
+    unsigned nconns;          /* guarded by conns_mu; parked ones are not counted */
     pthread_t watchdog;
     int watchdog_on;
     pthread_cond_t watchdog_cv; /* signalled to stop, with conns_mu */
@@ -44,8 +45,10 @@ struct api_server {
 /* What the watchdog knows of a connection. A fresh connection and a request
  * whose line has arrived must complete their head within header_timeout;
  * while a request is served, or between keep-alive requests, MHD's own idle
- * timeout applies. */
-enum { CONN_FRESH, CONN_HEAD, CONN_BUSY, CONN_IDLE };
+ * timeout applies. A parked connection holds a step waiting in a worker
+ * round: it does not count against --max-connections (the writer caps how
+ * many wait), so waiting contributors never lock other clients out. */
+enum { CONN_FRESH, CONN_HEAD, CONN_BUSY, CONN_IDLE, CONN_PARKED };
 typedef struct conn_track {
     int fd;
     int state;          /* guarded by conns_mu */
@@ -56,6 +59,7 @@ typedef struct conn_track {
 typedef struct req {
     api_server *srv;
     struct MHD_Connection *conn;
+    conn_track *track; /* the connection's, NULL if its tracking failed; lives longer than r */
     api_route route;
     char name[STORE_NAME_MAX + 1];
     int name_ok;
@@ -252,10 +256,51 @@ static optd_err parse_json(req *r, char *msg, size_t msglen)
 
 /* ---- Writer jobs ------------------------------------------------------ */
 
+/* Moves r's connection in or out of the parked state (see CONN_PARKED). */
+static void conn_park(req *r, int parked)
+{
+    api_server *srv = r->srv;
+    conn_track *t = r->track;
+    if (!t)
+        return;
+    pthread_mutex_lock(&srv->conns_mu);
+    if (parked && t->state != CONN_PARKED) {
+        t->state = CONN_PARKED;
+        srv->nconns--;
+    } else if (!parked && t->state == CONN_PARKED) {
+        t->state = CONN_BUSY;
+        srv->nconns++; /* may pass the limit a moment: it is being answered */
+    }
+    pthread_mutex_unlock(&srv->conns_mu);
+}
+
+static void job_parked(job *j, void *ctx)
+{
+    (void)j;
+    conn_park(ctx, 1);
+}
+
+/* Whether the client of a waiting contribution has closed its connection.
+ * A suspended connection is not polled by MHD, so without this a client
+ * that hung up would keep its connection until its round filled. From here
+ * a client that only shut down its sending side looks the same (the FIN is
+ * all there is to see) and is taken as gone too; HTTP clients (curl,
+ * browsers, Python's) do not half-close while they wait for a reply. */
+static bool client_gone(job *j, void *ctx)
+{
+    req *r = ctx;
+    (void)j;
+    if (!r->track)
+        return false;
+    struct pollfd p = {.fd = r->track->fd, .events = POLLRDHUP};
+    return poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
+}
+
 static void job_done(job *j, void *ctx)
 {
     req *r = ctx;
     (void)j;
+    conn_park(r, 0);
     r->job_state = 2;
     MHD_resume_connection(r->conn);
 }
@@ -263,6 +308,8 @@ static void job_done(job *j, void *ctx)
 static enum MHD_Result submit(req *r)
 {
     r->job.on_done = job_done;
+    r->job.on_park = job_parked;
+    r->job.client_gone = client_gone;
     r->job.done_ctx = r;
     snprintf(r->job.name, sizeof r->job.name, "%s", r->name);
     r->job_state = 1;
@@ -280,6 +327,8 @@ static enum MHD_Result finish_job(req *r)
 {
     job *j = &r->job;
     char etag[24];
+    if (j->withdrawn)
+        return MHD_NO; /* its client is gone: close the connection */
     if (j->kind == JOB_STEP)
         histogram_observe(&r->srv->m.step_latency, mono_us() - r->t0);
     if (j->rc)
@@ -795,6 +844,7 @@ static enum MHD_Result dispatch(req *r, const char *method)
         sbuf b = {0};
         store_read_count(srv->st, &n);
         metrics_render(&b, &srv->m, n);
+        metrics_render_rounds(&b, writer_parked(srv->w), writer_withdrawn(srv->w));
         if (b.oom)
             return send_err(r, OPTD_E_NOMEM, NULL, -1);
         char *p = b.p;
@@ -1004,16 +1054,20 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
     return OPTD_OK;
 }
 
-static void conn_state(api_server *srv, struct MHD_Connection *conn, int state)
+/* Sets the state of conn's tracking and returns it (NULL when untracked). */
+static conn_track *conn_state(api_server *srv, struct MHD_Connection *conn, int state)
 {
     const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
     conn_track *t = ci ? ci->socket_context : NULL;
     if (!t)
-        return;
+        return NULL;
     pthread_mutex_lock(&srv->conns_mu);
+    if (t->state == CONN_PARKED)
+        srv->nconns++; /* counted again (conn_park is the way in and out, this a safety net) */
     t->state = state;
     t->since_us = mono_us();
     pthread_mutex_unlock(&srv->conns_mu);
+    return t;
 }
 
 static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
@@ -1052,7 +1106,8 @@ static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_
             srv->conns = t->next;
         if (t->next)
             t->next->prev = t->prev;
-        srv->nconns--;
+        if (t->state != CONN_PARKED)
+            srv->nconns--;
         pthread_mutex_unlock(&srv->conns_mu);
         free(t);
         *socket_context = NULL;
@@ -1105,7 +1160,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             return MHD_NO;
         *con_cls = r;
         atomic_fetch_add(&srv->active, 1);
-        conn_state(srv, conn, CONN_BUSY);
+        r->track = conn_state(srv, conn, CONN_BUSY);
         r->srv = srv;
         r->conn = conn;
         r->t0 = mono_us();
@@ -1253,6 +1308,7 @@ optd_err api_start(const api_config *cfg, store *st, api_server **out, char *err
     rc = writer_start(st, &srv->m, cfg->idempotency_window, cfg->history_steps, cfg->cache_bytes, &srv->w);
     if (rc)
         goto done;
+    writer_set_max_parked(srv->w, cfg->max_connections);
     rc = OPTD_E_UNAVAILABLE;
     srv->listen_fd = listen_on(cfg->listen_host, cfg->listen_port, &family, err, errlen);
     if (srv->listen_fd < 0)
@@ -1268,7 +1324,9 @@ optd_err api_start(const api_config *cfg, store *st, api_server **out, char *err
         flags |= MHD_USE_IPv6;
     struct MHD_OptionItem opts[] = {
         {MHD_OPTION_LISTEN_SOCKET, srv->listen_fd, NULL},
-        {MHD_OPTION_CONNECTION_LIMIT, cfg->max_connections + 64, NULL},
+        /* Served connections, as many parked in worker rounds, and some
+         * being refused (closed at once by on_connection). */
+        {MHD_OPTION_CONNECTION_LIMIT, 2 * cfg->max_connections + 64, NULL},
         {MHD_OPTION_CONNECTION_TIMEOUT, cfg->connection_timeout, NULL},
         {MHD_OPTION_CONNECTION_MEMORY_LIMIT, 64 * 1024, NULL},
         {MHD_OPTION_NOTIFY_COMPLETED, (intptr_t)on_completed, srv},
