@@ -72,7 +72,8 @@ static const opt_def options[] = {
     {"history-steps", "OPTD_HISTORY_STEPS", "N", "100000", K_UINT, 0, 1000000000, 1, FIELD(history_steps), NULL,
      "history rows kept per session"},
     {"max-connections", "OPTD_MAX_CONNECTIONS", "N", "1024", K_UINT, 1, 1000000, 1, FIELD(max_connections), NULL,
-     "connections served at once; more are refused"},
+     "connections served at once; more are refused (steps waiting in\n"
+     "      worker rounds do not count: as many again may wait)"},
     {"connection-timeout", "OPTD_CONNECTION_TIMEOUT", "SECONDS", "60", K_UINT, 1, 86400, 1,
      FIELD(connection_timeout), NULL, "an idle connection is closed after this long"},
     {"header-timeout", "OPTD_HEADER_TIMEOUT", "SECONDS", "30", K_UINT, 1, 3600, 1, FIELD(header_timeout), NULL,
