@@ -9,6 +9,7 @@
 #include <math.h>
 #include <microhttpd.h>
 #include <netdb.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,6 +28,7 @@ struct api_server {
     struct MHD_Daemon *mhd;
     int listen_fd;
     uint16_t port;
+    int host_check; /* loopback listener without a token: Host must be a loopback name */
     atomic_int stopping;
     atomic_uint active; /* requests between first callback and completion */
     atomic_ullong next_id;
@@ -34,7 +36,7 @@ struct api_server {
      * whose request head is overdue. */
     pthread_mutex_t conns_mu;
     struct conn_track *conns; /* guarded by conns_mu */
-    unsigned nconns;          /* guarded by conns_mu */
+    unsigned nconns;          /* guarded by conns_mu; parked ones are not counted */
     pthread_t watchdog;
     int watchdog_on;
     pthread_cond_t watchdog_cv; /* signalled to stop, with conns_mu */
@@ -43,8 +45,10 @@ struct api_server {
 /* What the watchdog knows of a connection. A fresh connection and a request
  * whose line has arrived must complete their head within header_timeout;
  * while a request is served, or between keep-alive requests, MHD's own idle
- * timeout applies. */
-enum { CONN_FRESH, CONN_HEAD, CONN_BUSY, CONN_IDLE };
+ * timeout applies. A parked connection holds a step waiting in a worker
+ * round: it does not count against --max-connections (the writer caps how
+ * many wait), so waiting contributors never lock other clients out. */
+enum { CONN_FRESH, CONN_HEAD, CONN_BUSY, CONN_IDLE, CONN_PARKED };
 typedef struct conn_track {
     int fd;
     int state;          /* guarded by conns_mu */
@@ -55,6 +59,7 @@ typedef struct conn_track {
 typedef struct req {
     api_server *srv;
     struct MHD_Connection *conn;
+    conn_track *track; /* the connection's, NULL if its tracking failed; lives longer than r */
     api_route route;
     char name[STORE_NAME_MAX + 1];
     int name_ok;
@@ -74,6 +79,7 @@ typedef struct req {
     void *grad;    /* decoded gradient, when not the body itself */
     char idem[256];
     int minimal, want_binary;
+    int close; /* answer with Connection: close (the framing is not to be trusted) */
 } req;
 
 static const char *const allow[R_COUNT] = {
@@ -125,7 +131,7 @@ static enum MHD_Result send_body(req *r, int status, const char *ctype, char *bo
     }
     if (r->job_state == 2 && r->job.replayed && r->job.rc == OPTD_OK)
         MHD_add_response_header(resp, "Idempotent-Replayed", "true");
-    if (atomic_load(&r->srv->stopping))
+    if (atomic_load(&r->srv->stopping) || r->close)
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     r->status = status;
     enum MHD_Result ret = MHD_queue_response(r->conn, (unsigned)status, resp);
@@ -250,10 +256,51 @@ static optd_err parse_json(req *r, char *msg, size_t msglen)
 
 /* ---- Writer jobs ------------------------------------------------------ */
 
+/* Moves r's connection in or out of the parked state (see CONN_PARKED). */
+static void conn_park(req *r, int parked)
+{
+    api_server *srv = r->srv;
+    conn_track *t = r->track;
+    if (!t)
+        return;
+    pthread_mutex_lock(&srv->conns_mu);
+    if (parked && t->state != CONN_PARKED) {
+        t->state = CONN_PARKED;
+        srv->nconns--;
+    } else if (!parked && t->state == CONN_PARKED) {
+        t->state = CONN_BUSY;
+        srv->nconns++; /* may pass the limit a moment: it is being answered */
+    }
+    pthread_mutex_unlock(&srv->conns_mu);
+}
+
+static void job_parked(job *j, void *ctx)
+{
+    (void)j;
+    conn_park(ctx, 1);
+}
+
+/* Whether the client of a waiting contribution has closed its connection.
+ * A suspended connection is not polled by MHD, so without this a client
+ * that hung up would keep its connection until its round filled. From here
+ * a client that only shut down its sending side looks the same (the FIN is
+ * all there is to see) and is taken as gone too; HTTP clients (curl,
+ * browsers, Python's) do not half-close while they wait for a reply. */
+static bool client_gone(job *j, void *ctx)
+{
+    req *r = ctx;
+    (void)j;
+    if (!r->track)
+        return false;
+    struct pollfd p = {.fd = r->track->fd, .events = POLLRDHUP};
+    return poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
+}
+
 static void job_done(job *j, void *ctx)
 {
     req *r = ctx;
     (void)j;
+    conn_park(r, 0);
     r->job_state = 2;
     MHD_resume_connection(r->conn);
 }
@@ -261,6 +308,8 @@ static void job_done(job *j, void *ctx)
 static enum MHD_Result submit(req *r)
 {
     r->job.on_done = job_done;
+    r->job.on_park = job_parked;
+    r->job.client_gone = client_gone;
     r->job.done_ctx = r;
     snprintf(r->job.name, sizeof r->job.name, "%s", r->name);
     r->job_state = 1;
@@ -278,6 +327,8 @@ static enum MHD_Result finish_job(req *r)
 {
     job *j = &r->job;
     char etag[24];
+    if (j->withdrawn)
+        return MHD_NO; /* its client is gone: close the connection */
     if (j->kind == JOB_STEP)
         histogram_observe(&r->srv->m.step_latency, mono_us() - r->t0);
     if (j->rc)
@@ -795,6 +846,7 @@ static enum MHD_Result dispatch(req *r, const char *method)
         store_read_count(srv->st, &n);
         store_stats_get(srv->st, &ss);
         metrics_render(&b, &srv->m, n, &ss);
+        metrics_render_rounds(&b, writer_parked(srv->w), writer_withdrawn(srv->w));
         if (b.oom)
             return send_err(r, OPTD_E_NOMEM, NULL, -1);
         char *p = b.p;
@@ -830,19 +882,132 @@ static enum MHD_Result dispatch(req *r, const char *method)
     }
 }
 
-/* Counts the Content-Length headers that differ from the first. */
+/* Counts the Content-Length headers that differ from the first, and the
+ * Transfer-Encoding headers and those of them that are not just "chunked". */
 typedef struct lengths {
     const char *first;
     int conflicts;
+    int codings, unchunked;
 } lengths;
 
 static enum MHD_Result other_length(void *cls, enum MHD_ValueKind kind, const char *key, const char *value)
 {
     lengths *l = cls;
     (void)kind;
-    if (strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH) == 0 && strcmp(value, l->first) != 0)
+    if (strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH) == 0 && l->first && strcmp(value, l->first) != 0)
         l->conflicts++;
+    if (strcasecmp(key, MHD_HTTP_HEADER_TRANSFER_ENCODING) == 0) {
+        size_t n;
+        l->codings++;
+        while (*value == ' ' || *value == '\t')
+            value++;
+        n = strlen(value);
+        while (n && (value[n - 1] == ' ' || value[n - 1] == '\t'))
+            n--;
+        if (n != 7 || strncasecmp(value, "chunked", 7) != 0)
+            l->unchunked++;
+    }
     return MHD_YES;
+}
+
+/* Request framing (RFC 9112 section 6): a body is delimited by one
+ * Content-Length or by "Transfer-Encoding: chunked" alone. Anything else
+ * could make a proxy in front and optd read different requests out of one
+ * stream (request smuggling), or leave optd waiting for a body whose end it
+ * cannot find; such a request is refused and, since where the next request
+ * starts is unknown, its connection closed (r->close). Returns OPTD_OK or
+ * OPTD_E_BAD_REQUEST with the reason in msg. */
+static optd_err framing_checks(req *r, const char *version, char *msg, size_t msglen)
+{
+    lengths l = {header(r, MHD_HTTP_HEADER_CONTENT_LENGTH), 0, 0, 0};
+    MHD_get_connection_values(r->conn, MHD_HEADER_KIND, other_length, &l);
+    if (l.conflicts)
+        snprintf(msg, msglen, "the request has conflicting Content-Length headers");
+    else if (l.codings && l.first)
+        snprintf(msg, msglen, "the request has both Transfer-Encoding and Content-Length; send one");
+    else if (l.codings && strcmp(version, MHD_HTTP_VERSION_1_0) == 0)
+        snprintf(msg, msglen, "HTTP/1.0 has no Transfer-Encoding; send Content-Length");
+    else if (l.codings > 1 || l.unchunked)
+        snprintf(msg, msglen, "the only Transfer-Encoding accepted is chunked, once; send Content-Length or "
+                              "Transfer-Encoding: chunked");
+    else
+        return OPTD_OK;
+    r->close = 1;
+    return OPTD_E_BAD_REQUEST;
+}
+
+/* Whether h, a Host header value, names the loopback interface: localhost,
+ * an address of 127.0.0.0/8 or [::1] (or [::ffff:127.x.x.x]), each with an
+ * optional :port. A name that merely starts so ("127.0.0.1.evil.example",
+ * "localhost.evil.example") is not one. */
+static int host_is_loopback(const char *h)
+{
+    char buf[64];
+    const char *port;
+    size_t n;
+    if (h[0] == '[') {
+        struct in6_addr a6;
+        const char *end = strchr(h, ']');
+        n = end ? (size_t)(end - h - 1) : 0;
+        if (!end || n == 0 || n >= sizeof buf)
+            return 0;
+        memcpy(buf, h + 1, n);
+        buf[n] = '\0';
+        if (inet_pton(AF_INET6, buf, &a6) != 1 ||
+            !(IN6_IS_ADDR_LOOPBACK(&a6) || (IN6_IS_ADDR_V4MAPPED(&a6) && a6.s6_addr[12] == 127)))
+            return 0;
+        port = end + 1;
+    } else {
+        struct in_addr a4;
+        n = strcspn(h, ":");
+        if (n == 0 || n >= sizeof buf)
+            return 0;
+        memcpy(buf, h, n);
+        buf[n] = '\0';
+        port = h + n;
+        if (buf[n - 1] == '.') /* the absolute form, "localhost." */
+            buf[n - 1] = '\0';
+        if (strcasecmp(buf, "localhost") != 0 &&
+            !(inet_pton(AF_INET, buf, &a4) == 1 && (ntohl(a4.s_addr) >> 24) == 127))
+            return 0;
+    }
+    if (*port == '\0')
+        return 1;
+    n = strspn(port + 1, "0123456789");
+    return port[0] == ':' && n <= 5 && port[1 + n] == '\0';
+}
+
+static enum MHD_Result count_host(void *cls, enum MHD_ValueKind kind, const char *key, const char *value)
+{
+    (void)kind;
+    (void)value;
+    if (strcasecmp(key, MHD_HTTP_HEADER_HOST) == 0)
+        ++*(int *)cls;
+    return MHD_YES;
+}
+
+/* The Host header (RFC 9112 section 3.2): one on every HTTP/1.1 request.
+ * On a loopback listener without a token it must also name the loopback
+ * interface: a web page whose own name an attacker has made resolve to
+ * 127.0.0.1 (DNS rebinding) would otherwise drive the API from a browser on
+ * this machine, and its requests carry that name as their Host. HTTP/1.0
+ * requests may lack it (old probes do; browsers always send one). Returns
+ * OPTD_OK, OPTD_E_BAD_REQUEST or OPTD_E_FORBIDDEN with the reason in msg. */
+static optd_err host_checks(req *r, const char *version, char *msg, size_t msglen)
+{
+    const char *h = header(r, MHD_HTTP_HEADER_HOST);
+    int hosts = 0;
+    MHD_get_connection_values(r->conn, MHD_HEADER_KIND, count_host, &hosts);
+    if (hosts > 1)
+        return snprintf(msg, msglen, "the request has %d Host headers; send one", hosts), OPTD_E_BAD_REQUEST;
+    if (!h && strcmp(version, MHD_HTTP_VERSION_1_0) != 0)
+        return snprintf(msg, msglen, "an HTTP/1.1 request needs a Host header"), OPTD_E_BAD_REQUEST;
+    if (h && r->srv->host_check && !host_is_loopback(h))
+        return snprintf(msg, msglen, "this daemon listens on a loopback address without a token, so it answers "
+                                     "only requests whose Host is localhost, 127.x.x.x or [::1] (a defence "
+                                     "against DNS rebinding); configure a token to serve other names"),
+               OPTD_E_FORBIDDEN;
+    return OPTD_OK;
 }
 
 /* The checks made on the first callback, before any of the body is read.
@@ -867,11 +1032,6 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
     }
     const char *cl = header(r, MHD_HTTP_HEADER_CONTENT_LENGTH);
     const char *te = header(r, MHD_HTTP_HEADER_TRANSFER_ENCODING);
-    /* Two lengths that disagree would let a proxy and optd read different
-     * bodies (request smuggling): refuse the request. */
-    lengths l = {cl, 0};
-    if (cl && (MHD_get_connection_values(r->conn, MHD_HEADER_KIND, other_length, &l), l.conflicts))
-        return snprintf(msg, msglen, "the request has conflicting Content-Length headers"), OPTD_E_BAD_REQUEST;
     int has_body = (cl && strtoull(cl, NULL, 10) > 0) || te;
     const char *ct = header(r, MHD_HTTP_HEADER_CONTENT_TYPE);
     if (ct && media_is(ct, "application/octet-stream") && r->route == R_STEP)
@@ -896,16 +1056,20 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
     return OPTD_OK;
 }
 
-static void conn_state(api_server *srv, struct MHD_Connection *conn, int state)
+/* Sets the state of conn's tracking and returns it (NULL when untracked). */
+static conn_track *conn_state(api_server *srv, struct MHD_Connection *conn, int state)
 {
     const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
     conn_track *t = ci ? ci->socket_context : NULL;
     if (!t)
-        return;
+        return NULL;
     pthread_mutex_lock(&srv->conns_mu);
+    if (t->state == CONN_PARKED)
+        srv->nconns++; /* counted again (conn_park is the way in and out, this a safety net) */
     t->state = state;
     t->since_us = mono_us();
     pthread_mutex_unlock(&srv->conns_mu);
+    return t;
 }
 
 static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
@@ -944,7 +1108,8 @@ static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_
             srv->conns = t->next;
         if (t->next)
             t->next->prev = t->prev;
-        srv->nconns--;
+        if (t->state != CONN_PARKED)
+            srv->nconns--;
         pthread_mutex_unlock(&srv->conns_mu);
         free(t);
         *socket_context = NULL;
@@ -991,14 +1156,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 {
     api_server *srv = cls;
     req *r = *con_cls;
-    (void)version;
     if (!r) {
         r = calloc(1, sizeof *r);
         if (!r)
             return MHD_NO;
         *con_cls = r;
         atomic_fetch_add(&srv->active, 1);
-        conn_state(srv, conn, CONN_BUSY);
+        r->track = conn_state(srv, conn, CONN_BUSY);
         r->srv = srv;
         r->conn = conn;
         r->t0 = mono_us();
@@ -1007,7 +1171,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         snprintf(r->path, sizeof r->path, "%s", url);
         r->route = route_parse(url, r->name, &r->name_ok);
         char msg[256] = "";
-        optd_err rc = early_checks(r, method, msg, sizeof msg);
+        optd_err rc = framing_checks(r, version, msg, sizeof msg);
+        if (rc == OPTD_OK)
+            rc = host_checks(r, version, msg, sizeof msg);
+        if (rc == OPTD_OK)
+            rc = early_checks(r, method, msg, sizeof msg);
         if (rc)
             return send_err(r, rc, msg, -1);
         return MHD_YES;
@@ -1113,6 +1281,18 @@ static int listen_on(const char *host, uint16_t port, int *family, char *err, si
     return fd;
 }
 
+/* Whether sa, the bound address, is on the loopback interface only. */
+static int listens_on_loopback(const struct sockaddr_storage *sa)
+{
+    if (sa->ss_family == AF_INET)
+        return (ntohl(((const struct sockaddr_in *)sa)->sin_addr.s_addr) >> 24) == 127;
+    if (sa->ss_family == AF_INET6) {
+        const struct in6_addr *a6 = &((const struct sockaddr_in6 *)sa)->sin6_addr;
+        return IN6_IS_ADDR_LOOPBACK(a6) || (IN6_IS_ADDR_V4MAPPED(a6) && a6->s6_addr[12] == 127);
+    }
+    return 0;
+}
+
 optd_err api_start(const api_config *cfg, store *st, api_server **out, char *err, size_t errlen)
 {
     optd_err rc = OPTD_E_NOMEM;
@@ -1130,6 +1310,7 @@ optd_err api_start(const api_config *cfg, store *st, api_server **out, char *err
     rc = writer_start(st, &srv->m, cfg->idempotency_window, cfg->history_steps, cfg->cache_bytes, &srv->w);
     if (rc)
         goto done;
+    writer_set_max_parked(srv->w, cfg->max_connections);
     rc = OPTD_E_UNAVAILABLE;
     srv->listen_fd = listen_on(cfg->listen_host, cfg->listen_port, &family, err, errlen);
     if (srv->listen_fd < 0)
@@ -1139,12 +1320,15 @@ optd_err api_start(const api_config *cfg, store *st, api_server **out, char *err
     getsockname(srv->listen_fd, (struct sockaddr *)&sa, &salen);
     srv->port = ntohs(family == AF_INET6 ? ((struct sockaddr_in6 *)&sa)->sin6_port
                                          : ((struct sockaddr_in *)&sa)->sin_port);
+    srv->host_check = !srv->token && listens_on_loopback(&sa);
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO | MHD_ALLOW_SUSPEND_RESUME;
     if (family == AF_INET6)
         flags |= MHD_USE_IPv6;
     struct MHD_OptionItem opts[] = {
         {MHD_OPTION_LISTEN_SOCKET, srv->listen_fd, NULL},
-        {MHD_OPTION_CONNECTION_LIMIT, cfg->max_connections + 64, NULL},
+        /* Served connections, as many parked in worker rounds, and some
+         * being refused (closed at once by on_connection). */
+        {MHD_OPTION_CONNECTION_LIMIT, 2 * cfg->max_connections + 64, NULL},
         {MHD_OPTION_CONNECTION_TIMEOUT, cfg->connection_timeout, NULL},
         {MHD_OPTION_CONNECTION_MEMORY_LIMIT, 64 * 1024, NULL},
         {MHD_OPTION_NOTIFY_COMPLETED, (intptr_t)on_completed, srv},

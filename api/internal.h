@@ -240,6 +240,9 @@ void histogram_observe(histogram *h, uint64_t us);
 void metrics_count_request(metrics *m, api_route r, int status);
 /* Appends the Prometheus text exposition of m (sessions: the current count). */
 void metrics_render(sbuf *b, metrics *m, uint64_t sessions, const store_stats *ss);
+/* Appends the gauge of contributions waiting in worker rounds and the
+ * count of those withdrawn because their clients hung up. */
+void metrics_render_rounds(sbuf *b, unsigned waiting, uint64_t withdrawn);
 
 /* ---- writer.c --------------------------------------------------------- */
 
@@ -280,6 +283,12 @@ typedef struct job {
     /* Completion. */
     void (*on_done)(struct job *j, void *ctx);
     void *done_ctx;
+    /* STEP, optional (NULL for none): called with done_ctx on the writer
+     * thread when j starts waiting in a worker round, and while it waits
+     * to ask whether its client has hung up (then j is withdrawn). */
+    void (*on_park)(struct job *j, void *ctx);
+    bool (*client_gone)(struct job *j, void *ctx);
+    bool withdrawn;         /* STEP: taken out of its round, its client gone: no reply to send */
     int state;              /* writer.c: queued, parked in a round, or done */
     struct job *next;       /* the queue, then the group */
     struct job *next_waiter; /* the jobs of one worker round */
@@ -297,6 +306,12 @@ optd_err writer_submit(writer *w, job *j);
 int writer_healthy(writer *w);
 /* How many jobs wait in worker rounds. */
 unsigned writer_parked(writer *w);
+/* Caps the jobs waiting in worker rounds (0, the default, is no cap): past
+ * it a contribution that would wait is refused with 503. Call before the
+ * first submit. */
+void writer_set_max_parked(writer *w, unsigned max_parked);
+/* How many jobs were withdrawn from worker rounds because their clients hung up. */
+uint64_t writer_withdrawn(writer *w);
 /* Runs the jobs already queued and stops the thread; later submits fail
  * with OPTD_E_UNAVAILABLE. */
 void writer_stop(writer *w);

@@ -124,3 +124,14 @@ void metrics_render(sbuf *b, metrics *m, uint64_t sessions, const store_stats *s
                 (unsigned long long)sessions);
     render_store(b, ss);
 }
+
+void metrics_render_rounds(sbuf *b, unsigned waiting, uint64_t withdrawn)
+{
+    sbuf_printf(b,
+                "# HELP optd_round_contributions_waiting Step requests waiting for their worker round to fill.\n"
+                "# TYPE optd_round_contributions_waiting gauge\noptd_round_contributions_waiting %u\n"
+                "# HELP optd_round_contributions_withdrawn_total Contributions withdrawn from their round because "
+                "the client hung up.\n# TYPE optd_round_contributions_withdrawn_total counter\n"
+                "optd_round_contributions_withdrawn_total %llu\n",
+                waiting, (unsigned long long)withdrawn);
+}

@@ -20,6 +20,9 @@
 /* A saved reply starts with lr and grad_norm (doubles) and contributors (a
  * uint32, padded), then holds the params. */
 #define REPLY_HEAD 24
+/* How often, in microseconds, the writer asks whether the clients of the
+ * contributions waiting in rounds are still there. */
+#define PROBE_US 200000
 
 /* A job is queued, running in a group, parked in a round, waiting for its
  * group's outcome (releasing) or done. */
@@ -27,16 +30,17 @@ enum { JS_QUEUED, JS_PARKED, JS_RELEASING, JS_DONE };
 
 /* A worker round in progress: the weighted sum of its contributions (in
  * double, so the mean does not depend on arrival order beyond rounding) and
- * the jobs waiting for it. Lives in memory only, as API.md allows. */
+ * the jobs waiting for it, one per contribution, in arrival order (a retry
+ * takes the place of the job it retries). Lives in memory only, as API.md
+ * allows. */
 typedef struct wround {
     sess *s;
     double *sum;          /* n elements */
     double wsum;
-    uint32_t count;       /* contributions counted (retries are not) */
+    uint32_t count;       /* contributions, each one job on waiters */
     double loss_sum, loss_w; /* of the contributions that gave a loss */
     uint64_t deadline_us; /* mono_us of the timeout */
-    job *waiters;
-    unsigned nwaiters;    /* jobs on waiters, for the parked count */
+    job *waiters, *last;  /* last: where the next contribution goes */
     struct wround *next, *prev; /* writer.rounds */
 } wround;
 
@@ -47,6 +51,9 @@ struct writer {
     wround rounds; /* sentinel of the rounds in progress */
     atomic_int healthy; /* the last transaction committed */
     atomic_uint parked; /* jobs waiting in rounds */
+    atomic_ullong withdrawn; /* jobs taken out of rounds, their clients gone */
+    unsigned max_parked; /* 0: no cap; set before the first submit */
+    uint64_t probe_at;   /* mono_us of the next look for hung-up contributors */
     job *release; /* jobs to complete once the group's outcome is known */
     size_t cache_bytes, cached;
     pthread_t thread;
@@ -177,7 +184,7 @@ static void round_free(writer *w, sess *s)
     wround *r = s->rnd;
     /* Not a walk of r->waiters: round_fail has completed them already, and a
      * completed job may be freed by its request thread at any moment. */
-    atomic_fetch_sub(&w->parked, r->nwaiters);
+    atomic_fetch_sub(&w->parked, r->count);
     r->prev->next = r->next;
     r->next->prev = r->prev;
     free(r->sum);
@@ -334,23 +341,126 @@ static optd_err round_apply(writer *w, sess *s)
     return rc;
 }
 
+/* Adds j's contribution to r's sums. */
+static void round_add(wround *r, const sess *s, const job *j)
+{
+    for (size_t i = 0; i < s->n; i++)
+        r->sum[i] += j->weight * (s->dtype == OPTIM_F64 ? ((double *)j->grad)[i] : ((float *)j->grad)[i]);
+    r->wsum += j->weight;
+    r->count++;
+    if (j->has_loss) { /* the round's loss is weighted like its gradient */
+        r->loss_sum += j->weight * j->loss;
+        r->loss_w += j->weight;
+    }
+}
+
+/* Sums r's waiting contributions again, in arrival order, after one left
+ * or was replaced (a subtraction would not undo an addition exactly). Every
+ * waiter is parked, so its request thread still lends it its gradient. */
+static void round_resum(wround *r)
+{
+    const sess *s = r->s;
+    memset(r->sum, 0, (s->n ? s->n : 1) * sizeof(double));
+    r->wsum = r->loss_sum = r->loss_w = 0;
+    r->count = 0;
+    r->last = NULL;
+    for (job *j = r->waiters; j; j = j->next_waiter) {
+        round_add(r, s, j);
+        r->last = j;
+    }
+}
+
+/* Puts j on r's waiters, last, until the round is applied or fails. */
+static void park(writer *w, wround *r, job *j)
+{
+    j->state = JS_PARKED;
+    j->next_waiter = NULL;
+    if (r->last)
+        r->last->next_waiter = j;
+    else
+        r->waiters = j;
+    r->last = j;
+    atomic_fetch_add(&w->parked, 1);
+    if (j->on_park)
+        j->on_park(j, j->done_ctx);
+}
+
+/* A retry (same Idempotency-Key) of contribution o, still waiting in r:
+ * j takes o's place, so the round counts it once and the reply goes to the
+ * request that is most likely still read. o is answered at once: its
+ * client has probably given up on it, and if not, it learns why. */
+static optd_err round_replace(wround *r, job **at, job *j)
+{
+    job *o = *at;
+    if (o->digest != j->digest) {
+        snprintf(j->msg, sizeof j->msg, "Idempotency-Key was used with another gradient");
+        return OPTD_E_IDEMPOTENCY_MISMATCH;
+    }
+    j->state = JS_PARKED;
+    j->next_waiter = o->next_waiter;
+    *at = j;
+    if (r->last == o)
+        r->last = j;
+    if (j->on_park)
+        j->on_park(j, j->done_ctx);
+    round_resum(r); /* the same gradient and weight, but maybe another loss */
+    o->rc = OPTD_E_SUPERSEDED;
+    snprintf(o->msg, sizeof o->msg, "a retry with the same Idempotency-Key took this contribution's place in the "
+             "round; the retry gets the round's reply");
+    complete(o); /* parked stays: j is parked in o's stead */
+    return OPTD_OK;
+}
+
+/* Withdraws from the rounds in progress the contributions whose clients
+ * have hung up, so that they neither hold a connection until the round
+ * fills nor count in a round nobody waits for; a retry with the same
+ * Idempotency-Key contributes anew. Rounds left empty are dropped (their
+ * timeout starts again with the next contribution). Nothing of a round is
+ * in the database, so this needs no transaction. */
+static void rounds_probe(writer *w)
+{
+    for (wround *r = w->rounds.next, *next; r != &w->rounds; r = next) {
+        int left = 0;
+        next = r->next;
+        for (job **pp = &r->waiters; *pp;) {
+            job *j = *pp;
+            if (!j->client_gone || !j->client_gone(j, j->done_ctx)) {
+                pp = &j->next_waiter;
+                continue;
+            }
+            *pp = j->next_waiter;
+            left++;
+            atomic_fetch_sub(&w->parked, 1);
+            atomic_fetch_add(&w->withdrawn, 1);
+            j->withdrawn = true;
+            j->rc = OPTD_E_UNAVAILABLE;
+            snprintf(j->msg, sizeof j->msg, "the client hung up; its contribution was withdrawn from the round");
+            complete(j);
+        }
+        if (!left)
+            continue;
+        round_resum(r); /* recounts too */
+        if (!r->waiters)
+            round_free(w, r->s);
+    }
+}
+
 /* Adds j's gradient to s's round (making one when none is open) and parks
  * j until the round is applied. */
 static optd_err round_join(writer *w, sess *s, job *j)
 {
     wround *r = s->rnd;
     if (j->idem_key && r) {
-        /* A retry of a contribution still waiting joins without counting. */
-        for (job *o = r->waiters; o; o = o->next_waiter) {
-            if (o->idem_key && strcmp(o->idem_key, j->idem_key) == 0) {
-                if (o->digest != j->digest) {
-                    snprintf(j->msg, sizeof j->msg, "Idempotency-Key was used with another gradient");
-                    return OPTD_E_IDEMPOTENCY_MISMATCH;
-                }
-                j->replayed = true;
-                goto park;
-            }
-        }
+        for (job **pp = &r->waiters; *pp; pp = &(*pp)->next_waiter)
+            if ((*pp)->idem_key && strcmp((*pp)->idem_key, j->idem_key) == 0)
+                return round_replace(r, pp, j);
+    }
+    /* Each waiting contribution holds a connection: past the cap, one that
+     * would wait is refused rather than let waiting ones crowd out others. */
+    if (w->max_parked && atomic_load(&w->parked) >= w->max_parked && (r ? r->count : 0) + 1 < s->tr.workers) {
+        snprintf(j->msg, sizeof j->msg, "%u contributions already wait in worker rounds, the most this daemon "
+                 "holds (--max-connections); retry later", w->max_parked);
+        return OPTD_E_ROUNDS_FULL; /* a refusal: not a storage fault that fails the group */
     }
     if (!r) {
         r = calloc(1, sizeof *r);
@@ -366,22 +476,10 @@ static optd_err round_join(writer *w, sess *s, job *j)
         w->rounds.prev = r;
         s->rnd = r;
     }
-    for (size_t i = 0; i < s->n; i++)
-        r->sum[i] += j->weight * (s->dtype == OPTIM_F64 ? ((double *)j->grad)[i] : ((float *)j->grad)[i]);
-    r->wsum += j->weight;
-    r->count++;
-    if (j->has_loss) { /* the round's loss is weighted like its gradient */
-        r->loss_sum += j->weight * j->loss;
-        r->loss_w += j->weight;
-    }
-park:
-    j->state = JS_PARKED;
-    atomic_fetch_add(&w->parked, 1);
-    r->nwaiters++;
-    j->next_waiter = r->waiters;
-    r->waiters = j;
-    /* The request thread lends the gradient only until j completes; the
-     * round keeps its own sum. */
+    round_add(r, s, j);
+    /* The request thread lends the gradient until j completes: the round
+     * keeps its own sum, and sums again from the waiters when one leaves. */
+    park(w, r, j);
     return r->count >= s->tr.workers ? round_apply(w, s) : OPTD_OK;
 }
 
@@ -675,13 +773,16 @@ static void run_group(writer *w, job *group)
     }
 }
 
-/* The earliest round deadline, or 0 when no round is open. */
+/* The earliest round deadline or probe for hung-up contributors, or 0
+ * when no round is open. */
 static uint64_t next_deadline(writer *w)
 {
     uint64_t dl = 0;
     for (wround *r = w->rounds.next; r != &w->rounds; r = r->next)
         if (!dl || r->deadline_us < dl)
             dl = r->deadline_us;
+    if (dl && w->probe_at < dl)
+        dl = w->probe_at ? w->probe_at : 1; /* 0 would mean no round */
     return dl;
 }
 
@@ -712,6 +813,10 @@ static void *writer_main(void *arg)
         pthread_mutex_unlock(&w->mu);
         if (group || any_expired(w, mono_us()))
             run_group(w, group);
+        if (w->rounds.next != &w->rounds && mono_us() >= w->probe_at) {
+            rounds_probe(w);
+            w->probe_at = mono_us() + PROBE_US;
+        }
         pthread_mutex_lock(&w->mu);
     }
     pthread_mutex_unlock(&w->mu);
@@ -756,6 +861,10 @@ optd_err writer_start(store *st, metrics *m, uint64_t idem_window, uint64_t hist
 int writer_healthy(writer *w) { return atomic_load(&w->healthy); }
 
 unsigned writer_parked(writer *w) { return atomic_load(&w->parked); }
+
+void writer_set_max_parked(writer *w, unsigned max_parked) { w->max_parked = max_parked; }
+
+uint64_t writer_withdrawn(writer *w) { return atomic_load(&w->withdrawn); }
 
 optd_err writer_submit(writer *w, job *j)
 {

@@ -75,7 +75,8 @@ static const opt_def options[] = {
     {"history-steps", "OPTD_HISTORY_STEPS", "N", "100000", K_UINT, 0, 1000000000, 1, FIELD(history_steps), NULL,
      "history rows kept per session"},
     {"max-connections", "OPTD_MAX_CONNECTIONS", "N", "1024", K_UINT, 1, 1000000, 1, FIELD(max_connections), NULL,
-     "connections served at once; more are refused"},
+     "connections served at once; more are refused (steps waiting in\n"
+     "      worker rounds do not count: as many again may wait)"},
     {"connection-timeout", "OPTD_CONNECTION_TIMEOUT", "SECONDS", "60", K_UINT, 1, 86400, 1,
      FIELD(connection_timeout), NULL, "an idle connection is closed after this long"},
     {"header-timeout", "OPTD_HEADER_TIMEOUT", "SECONDS", "30", K_UINT, 1, 3600, 1, FIELD(header_timeout), NULL,
@@ -84,6 +85,9 @@ static const opt_def options[] = {
      "MiB of session state kept in memory"},
     {"log-level", "OPTD_LOG", "quiet|info", "info", K_CHOICE, 0, 0, 1, FIELD(log_level), log_names,
      "info logs one line per request to stderr; quiet logs errors only"},
+    {"log-file", "OPTD_LOG_FILE", "PATH", NULL, K_PATH, 0, 0, 1, FIELD(log_file), NULL,
+     "append the log to this file (mode 0600) instead of stderr; SIGHUP\n"
+     "      reopens it, for log rotation"},
 };
 
 #define N_OPTIONS (sizeof options / sizeof options[0])
@@ -448,5 +452,6 @@ void daemon_config_usage(FILE *f, const char *prog) {
     fprintf(f, "  --help\n      print this and exit\n");
     fprintf(f, "  --version\n      print the version and exit\n");
     fprintf(f, "\nSIGTERM or SIGINT finishes the requests in flight, closes the database\n"
-               "and exits 0. Exit status 1: cannot start; 2: bad flags.\n");
+               "and exits 0. SIGHUP reopens --log-file (and is otherwise ignored).\n"
+               "Exit status 1: cannot start; 2: bad flags.\n");
 }

@@ -29,6 +29,7 @@ typedef struct daemon_config {
     char listen_host[DAEMON_HOST_MAX]; /* "127.0.0.1", "::1" (no brackets), "0.0.0.0", a name */
     uint16_t listen_port;              /* 0 lets the kernel pick one */
     char db[DAEMON_PATH_MAX];          /* database file */
+    char log_file[DAEMON_PATH_MAX];    /* log file; "" logs to stderr */
     char token[DAEMON_TOKEN_MAX];      /* bearer token; "" when none is configured */
     size_t max_body;                   /* bytes */
     unsigned threads;                  /* request threads, also the store's readers */

@@ -1,15 +1,17 @@
 /* daemon/main: the optd process. Parses flags and environment, opens the
  * store, starts the HTTP API, then waits in sigwait() for SIGTERM or SIGINT
  * and shuts down in order: api_stop (finishes requests in flight), then
- * store_close. Exit status: 0 after a clean shutdown or --help/--version,
+ * store_close. SIGHUP reopens --log-file and never stops the daemon. Exit status: 0 after a clean shutdown or --help/--version,
  * 1 when the store or the API cannot start, 2 for bad flags. */
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "api/api.h"
 #include "daemon/config.h"
@@ -32,9 +34,25 @@ static void log_line(void *ctx, const char *line) {
     fprintf(stderr, "%s.%03ldZ %s\n", stamp, ts.tv_nsec / 1000000L, line);
 }
 
-/* Blocks SIGTERM and SIGINT in the calling thread, so in every thread it
- * starts afterwards (they inherit the mask): only sigwait() in main sees
- * them. SIGPIPE is ignored so a client that hangs up mid-reply costs an
+/* Opens path for appending (created mode 0600: request lines name sessions)
+ * and makes it the process's stderr, where every thread's log lines go.
+ * dup2 swaps fd 2 in one step, so a line written meanwhile lands whole in
+ * the old file or in the new one. Returns 0 or an errno value; on failure
+ * stderr is left as it was. */
+static int log_file_open(const char *path) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    int rc = 0;
+    if (fd < 0)
+        return errno;
+    if (dup2(fd, STDERR_FILENO) < 0)
+        rc = errno;
+    close(fd);
+    return rc;
+}
+
+/* Blocks SIGTERM, SIGINT and SIGHUP in the calling thread, so in every
+ * thread it starts afterwards (they inherit the mask): only sigwait() in
+ * main sees them, and SIGHUP, whose default action kills, cannot. SIGPIPE is ignored so a client that hangs up mid-reply costs an
  * EPIPE, not the process. Returns 0 or an errno value. */
 static int setup_signals(sigset_t *set) {
     struct sigaction ign;
@@ -46,7 +64,28 @@ static int setup_signals(sigset_t *set) {
     sigemptyset(set);
     sigaddset(set, SIGTERM);
     sigaddset(set, SIGINT);
+    sigaddset(set, SIGHUP);
     return pthread_sigmask(SIG_BLOCK, set, NULL);
+}
+
+/* SIGHUP: reopens the log file (logrotate has renamed it); without one
+ * there is nothing to do. A failure keeps logging to the old file. */
+static void on_sighup(const daemon_config *cfg, int quiet) {
+    char line[DAEMON_PATH_MAX + 96];
+    int rc;
+    if (!cfg->log_file[0]) {
+        if (!quiet)
+            log_line(NULL, "SIGHUP: no --log-file to reopen; going on");
+        return;
+    }
+    rc = log_file_open(cfg->log_file);
+    if (rc != 0)
+        snprintf(line, sizeof line, "SIGHUP: cannot reopen the log file %s: %s; still logging to the old one",
+                 cfg->log_file, strerror(rc));
+    else
+        snprintf(line, sizeof line, "SIGHUP: reopened the log file %s", cfg->log_file);
+    if (rc != 0 || !quiet)
+        log_line(NULL, line);
 }
 
 int main(int argc, char **argv) {
@@ -83,6 +122,10 @@ int main(int argc, char **argv) {
     rc = setup_signals(&set);
     if (rc != 0) {
         fprintf(stderr, "optd: cannot set up signals: %s\n", strerror(rc));
+        return 1;
+    }
+    if (cfg.log_file[0] && (rc = log_file_open(cfg.log_file)) != 0) {
+        fprintf(stderr, "optd: cannot open the log file %s: %s\n", cfg.log_file, strerror(rc));
         return 1;
     }
 
@@ -125,13 +168,16 @@ int main(int argc, char **argv) {
 
     for (;;) {
         rc = sigwait(&set, &sig);
-        if (rc == 0)
-            break;
-        if (rc != EINTR) {
+        if (rc == EINTR)
+            continue;
+        if (rc != 0) {
             fprintf(stderr, "optd: sigwait: %s\n", strerror(rc));
             status = 1;
             break;
         }
+        if (sig != SIGHUP)
+            break;
+        on_sighup(&cfg, quiet);
     }
 
     if (!quiet) {

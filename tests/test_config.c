@@ -74,6 +74,7 @@ static void test_defaults_are_the_documented_ones(void **state) {
     assert_int_equal(cfg.header_timeout, 30);
     assert_int_equal(cfg.cache_bytes, (size_t)256 << 20);
     assert_int_equal(cfg.log_level, DAEMON_LOG_INFO);
+    assert_string_equal(cfg.log_file, "");
     assert_false(cfg.show_help);
     assert_false(cfg.show_version);
 }
@@ -111,6 +112,7 @@ static void check_conn_timeout(const daemon_config *c) { assert_int_equal(c->con
 static void check_header_timeout(const daemon_config *c) { assert_int_equal(c->header_timeout, 3); }
 static void check_cache(const daemon_config *c) { assert_int_equal(c->cache_bytes, (size_t)3 << 20); }
 static void check_log(const daemon_config *c) { assert_int_equal(c->log_level, DAEMON_LOG_QUIET); }
+static void check_log_file(const daemon_config *c) { assert_string_equal(c->log_file, "/var/log/optd.log"); }
 
 static const setting_case settings[] = {
     {"listen", "OPTD_LISTEN", "0.0.0.0:9001", "127.0.0.1:1", check_listen},
@@ -125,6 +127,7 @@ static const setting_case settings[] = {
     {"header-timeout", "OPTD_HEADER_TIMEOUT", "3", "5", check_header_timeout},
     {"cache-mb", "OPTD_CACHE_MB", "3", "5", check_cache},
     {"log-level", "OPTD_LOG", "quiet", "info", check_log},
+    {"log-file", "OPTD_LOG_FILE", "/var/log/optd.log", "other.log", check_log_file},
 };
 #define N_SETTINGS (sizeof settings / sizeof settings[0])
 
@@ -537,6 +540,7 @@ static void test_usage_lists_every_flag_variable_and_default(void **state) {
         "OPTD_MAX_CONNECTIONS", "1024",              "--connection-timeout", "OPTD_CONNECTION_TIMEOUT",
         "--header-timeout",  "OPTD_HEADER_TIMEOUT",  "--cache-mb",     "OPTD_CACHE_MB",
         "256",               "--log-level",          "OPTD_LOG",       "quiet|info",
+        "--log-file",        "OPTD_LOG_FILE",        "SIGHUP",
         "--help",            "--version",
     };
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++)

@@ -97,7 +97,7 @@ def one_round(rnd, rng, rep, sync):
         partial = []
         for i in range(N_PARTIAL):
             s = socket.create_connection(("127.0.0.1", d.port))
-            s.sendall(("POST /v1/sessions/part-%d/step HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream"
+            s.sendall(("POST /v1/sessions/part-%d/step HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream"
                        "\r\nContent-Length: %d\r\n\r\n" % (i, len(body))).encode() + body[:len(body) // 2])
             partial.append(s)
         time.sleep(0.05)

@@ -355,33 +355,33 @@ def t_lengths():
 
 def t_content_length_lies():
     t0 = time.time()
-    st, data = raw(b"POST /v1/sessions/v2/step HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    st, data = raw(b"POST /v1/sessions/v2/step HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                    b"Content-Length: 99999999999\r\n\r\n{\"grad\":[1,1]}", timeout=5)
     dt = time.time() - t0
     check(st == 413, "Content-Length 99999999999 with a small body: %r", data[:200])
     check(dt < 2, "413 took %.1f s", dt)
-    st, data = raw(b"POST /v1/sessions/v2/step HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    st, data = raw(b"POST /v1/sessions/v2/step HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                    b"Content-Length: 18446744073709551617\r\n\r\n{}", timeout=5)
     check(st in (400, 413), "Content-Length past 2^64: %r", data[:200])
     for cl in (b"-5", b"abc", b"1, 2", b" 12 x"):
-        st, data = raw(b"POST /v1/sessions/v2/step HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        st, data = raw(b"POST /v1/sessions/v2/step HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                        b"Content-Length: " + cl + b"\r\n\r\n{\"grad\":[1,1]}", timeout=5)
         check(st in (400, 413, None), "Content-Length %r: %r", cl, data[:200])
-    st, data = raw(b"POST /v1/sessions/v2/step HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    st, data = raw(b"POST /v1/sessions/v2/step HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                    b"Content-Length: 14\r\nContent-Length: 15\r\n\r\n{\"grad\":[1,1]}", timeout=5)
     check(st in (400, 413, None), "two different Content-Lengths answered %r",
           data[:12])
     # A real body over --max-body, streamed: 413 without the daemon keeping it.
     body = b"[" + b"1," * (MAX_BODY) + b"1]"
-    st, data = raw(b"POST /v1/sessions/v2/step HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    st, data = raw(b"POST /v1/sessions/v2/step HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                    b"Content-Length: %d\r\n\r\n" % len(body) + body, timeout=10)
     check(st == 413, "a %d-byte body over --max-body: %r", len(body), data[:200])
     # Chunked with an absurd chunk size, and chunked past --max-body.
-    st, data = raw(b"POST /v1/sessions/v2/step HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    st, data = raw(b"POST /v1/sessions/v2/step HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                    b"Transfer-Encoding: chunked\r\n\r\nFFFFFFFFFFFFFFFF\r\n{\"grad\":[1,1]}\r\n0\r\n\r\n", timeout=5)
     check(st in (400, 413, None), "chunk size 2^64-1: %r", data[:200])
     chunks = b"".join(b"%x\r\n%s\r\n" % (65536, b" " * 65536) for _ in range(MAX_BODY // 65536 + 2))
-    st, data = raw(b"POST /v1/sessions/v2/step HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    st, data = raw(b"POST /v1/sessions/v2/step HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                    b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n", timeout=10)
     check(st == 413, "chunked body over --max-body: %r", data[:200])
     return "413 in %.0f ms" % (dt * 1000)
@@ -392,16 +392,16 @@ def t_garbage_requests():
     for name, data in [
         ("garbage line", b"GARBAGE\r\n\r\n"),
         ("binary zeros", b"\x00" * 1000),
-        ("NUL in path", b"GET /v1/sessions/v\x002 HTTP/1.1\r\nHost: x\r\n\r\n"),
-        ("unknown method", b"FOO /v1/sessions HTTP/1.1\r\nHost: x\r\n\r\n"),
-        ("HTTP/9.9", b"GET /healthz HTTP/9.9\r\nHost: x\r\n\r\n"),
-        ("70 KB header", b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n"),
-        ("5000 headers", b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 5000 + b"\r\n"),
-        ("70 KB URL", b"GET /v1/sessions/" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"),
-        ("header without colon", b"GET /healthz HTTP/1.1\r\nHost: x\r\nNoColon\r\n\r\n"),
-        ("CL and chunked", b"POST /v1/sessions/v2/step HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        ("NUL in path", b"GET /v1/sessions/v\x002 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
+        ("unknown method", b"FOO /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
+        ("HTTP/9.9", b"GET /healthz HTTP/9.9\r\nHost: 127.0.0.1\r\n\r\n"),
+        ("70 KB header", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n"),
+        ("5000 headers", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-A: b\r\n" * 5000 + b"\r\n"),
+        ("70 KB URL", b"GET /v1/sessions/" + b"a" * 70000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
+        ("header without colon", b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nNoColon\r\n\r\n"),
+        ("CL and chunked", b"POST /v1/sessions/v2/step HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                            b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
-        ("bare LF", b"GET /healthz HTTP/1.1\nHost: x\n\n"),
+        ("bare LF", b"GET /healthz HTTP/1.1\nHost: 127.0.0.1\n\n"),
     ]:
         try:
             st, out = raw(data, timeout=5)
@@ -412,7 +412,7 @@ def t_garbage_requests():
               "%s: answered %r", name, st)
     # 100 pipelined requests in one write are all answered, in order.
     s = socket.create_connection(("127.0.0.1", D.port), timeout=10)
-    s.sendall(b"".join(b"GET /v1/sessions/v2 HTTP/1.1\r\nHost: x\r\n\r\n" for _ in range(100)))
+    s.sendall(b"".join(b"GET /v1/sessions/v2 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" for _ in range(100)))
     got = b""
     deadline = time.time() + 10
     while got.count(b"HTTP/1.1 200") < 100 and time.time() < deadline:
@@ -495,7 +495,7 @@ def t_names():
 
 def t_slow_client():
     s = socket.create_connection(("127.0.0.1", D.port), timeout=30)
-    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 40 + b"\r\n\r\n"
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 40 + b"\r\n\r\n"
     t0 = time.time()
     closed_at = None
     sent = 0
@@ -602,7 +602,7 @@ def t_idle_flood():
         extra_ok = 0
         for _ in range(5):
             try:
-                st, _data = raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", timeout=1.0)
+                st, _data = raw(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", timeout=1.0)
                 extra_ok += st == 200
             except OSError:
                 pass
@@ -638,7 +638,7 @@ def t_idle_flood():
 def t_idle_timeout():
     """An idle kept-alive connection is closed after --connection-timeout."""
     s = socket.create_connection(("127.0.0.1", D.port), timeout=15)
-    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     data = s.recv(4096)
     check(data.startswith(b"HTTP/1.1 200"), "first request: %r", data[:50])
     t0 = time.time()
