@@ -309,7 +309,7 @@ static void run_backup(ops *s, op *o)
     pthread_mutex_unlock(&s->backup_mu);
     if (rc) {
         o->rc = rc == OPTD_E_NOMEM ? OPTD_E_NOMEM : OPTD_E_UNAVAILABLE;
-        snprintf(o->msg, sizeof o->msg, "the backup failed, nothing else is affected: %s", err);
+        snprintf(o->msg, sizeof o->msg, "the backup failed, nothing else is affected: %.900s", err);
         logf_(s, "backup failed: %s", err);
         return;
     }
@@ -376,7 +376,8 @@ optd_err ops_list_backups(ops *s, sbuf *out, char *msg, size_t msglen)
     if (d)
         closedir(d);
     if (rc == OPTD_OK) {
-        qsort(names, n, sizeof *names, by_name);
+        if (n > 1) /* (qsort's base must not be NULL, even for 0 items) */
+            qsort(names, n, sizeof *names, by_name);
         sbuf_puts(out, "{\"backups\":[");
         for (size_t i = 0; i < n; i++) {
             char path[PATH_BUF];
@@ -631,7 +632,8 @@ static void run_list(ops *s, op *o)
     /* Every shard lists in byte order of name, so the merge is the order
      * one daemon holding them all would give; past the first limit names
      * lies the next page, which starts after the last one shown. */
-    qsort(ents, nent, sizeof *ents, entry_cmp);
+    if (nent > 1)
+        qsort(ents, nent, sizeof *ents, entry_cmp);
     size_t shown = nent < o->limit ? nent : o->limit;
     more |= nent > shown;
     sbuf_puts(&o->out, "{\"sessions\":[");
