@@ -7,7 +7,7 @@ ifeq ($(origin CC),default)
 CC      := gcc
 endif
 CFLAGS  ?= -O2 -g
-PKGS    := libmicrohttpd libcjson sqlite3
+PKGS    := libmicrohttpd libcjson sqlite3 libcurl
 # -fno-math-errno lets gcc vectorize sqrt without changing any result;
 # never -ffast-math: results must match torch's order of operations.
 WARN    := -std=c11 -Wall -Wextra -Wshadow -Wpointer-arith -Wstrict-prototypes -Werror
@@ -33,7 +33,7 @@ PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 COMMON_SRC := common/err.c
 OPTIM_SRC  := optim/optim.c optim/kernels.c
 STORE_SRC  := store/store.c
-API_SRC    := api/route.c api/training.c api/codec.c api/session.c api/writer.c api/metrics.c api/http.c
+API_SRC    := api/route.c api/training.c api/codec.c api/session.c api/writer.c api/metrics.c api/http.c api/ops.c
 DAEMON_SRC := daemon/main.c daemon/config.c
 
 LIB_SRC := $(COMMON_SRC) $(OPTIM_SRC) $(STORE_SRC) $(API_SRC)

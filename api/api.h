@@ -33,6 +33,8 @@ typedef struct api_config {
     size_t cache_bytes;           /* bytes of session state the writer keeps in memory */
     api_log_fn log;               /* may be NULL */
     void *log_ctx;
+    const char *backup_dir;       /* where POST /v1/backups writes; NULL: backups are off; copied */
+    const char *peers;            /* the other shards, comma-separated base URLs, or NULL; copied */
 } api_config;
 
 /* Starts serving with st (borrowed; the caller closes it after api_stop).

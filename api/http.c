@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -40,6 +41,8 @@ struct api_server {
     pthread_t watchdog;
     int watchdog_on;
     pthread_cond_t watchdog_cv; /* signalled to stop, with conns_mu */
+    ops *ops;           /* backups and the cluster-wide listing (ops.c) */
+    char instance[24];  /* Optd-Instance: tells this daemon from its peers */
 };
 
 /* What the watchdog knows of a connection. A fresh connection and a request
@@ -80,6 +83,9 @@ typedef struct req {
     char idem[256];
     int minimal, want_binary;
     int close; /* answer with Connection: close (the framing is not to be trusted) */
+    /* An operation handed to ops.c (job_state as for a job). */
+    op op;
+    int is_op;
 } req;
 
 static const char *const allow[R_COUNT] = {
@@ -88,6 +94,7 @@ static const char *const allow[R_COUNT] = {
     [R_OPTIMIZERS] = "GET, HEAD",       [R_SESSIONS] = "GET, HEAD, POST",
     [R_SESSION] = "GET, HEAD, PUT, PATCH, DELETE", [R_STEP] = "POST", [R_PARAMS] = "GET, HEAD",
     [R_STATE] = "GET, HEAD, PUT",       [R_HISTORY] = "GET, HEAD",
+    [R_BACKUPS] = "GET, HEAD, POST",
 };
 
 /* ---- Routing ---------------------------------------------------------- */
@@ -122,6 +129,7 @@ static enum MHD_Result send_body(req *r, int status, const char *ctype, char *bo
     char rid[24];
     snprintf(rid, sizeof rid, "%016llx", (unsigned long long)r->id);
     MHD_add_response_header(resp, "X-Request-Id", rid);
+    MHD_add_response_header(resp, "Optd-Instance", r->srv->instance);
     if (status == 405 && r->route < R_COUNT && allow[r->route])
         MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, allow[r->route]);
     if (status == 201 && r->name[0]) {
@@ -435,8 +443,15 @@ static enum MHD_Result get_optimizers(req *r)
     return send_json(r, 200, &b, NULL);
 }
 
+static enum MHD_Result list_cluster(req *r);
+
 static enum MHD_Result list_sessions(req *r)
 {
+    const char *scope = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "scope");
+    if (scope && strcmp(scope, "cluster") == 0)
+        return list_cluster(r);
+    if (scope && strcmp(scope, "local") != 0)
+        return send_err(r, OPTD_E_BAD_REQUEST, "scope must be local (this daemon) or cluster (every --peers shard)", -1);
     const char *limit_s = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "limit");
     const char *after = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "after");
     uint64_t limit = 100;
@@ -819,6 +834,86 @@ decoded:
     return submit(r);
 }
 
+/* ---- Operations off the request threads (ops.c) ----------------------- */
+
+static void op_done(op *o, void *ctx)
+{
+    req *r = ctx;
+    (void)o;
+    r->job_state = 2;
+    MHD_resume_connection(r->conn);
+}
+
+static enum MHD_Result submit_op(req *r)
+{
+    r->is_op = 1;
+    r->op.on_done = op_done;
+    r->op.done_ctx = r;
+    r->job_state = 1;
+    MHD_suspend_connection(r->conn);
+    optd_err rc = ops_submit(r->srv->ops, &r->op);
+    if (rc != OPTD_OK) {
+        r->op.rc = rc;
+        snprintf(r->op.msg, sizeof r->op.msg, "the server is shutting down or out of threads; retry");
+        r->job_state = 2;
+        MHD_resume_connection(r->conn);
+    }
+    return MHD_YES;
+}
+
+static enum MHD_Result finish_op(req *r)
+{
+    if (r->op.rc)
+        return send_err(r, r->op.rc, r->op.msg, -1);
+    return send_json(r, r->op.status, &r->op.out, NULL);
+}
+
+/* GET /v1/sessions?scope=cluster: this daemon's page merged with its peers'. */
+static enum MHD_Result list_cluster(req *r)
+{
+    const char *limit_s = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "limit");
+    const char *after = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "after");
+    uint64_t limit = 100;
+    if (limit_s && (parse_uint(limit_s, 1000, &limit) || limit < 1))
+        return send_err(r, OPTD_E_BAD_REQUEST, "limit must be an integer from 1 to 1000", -1);
+    if (after && strlen(after) >= sizeof r->op.after)
+        return send_err(r, OPTD_E_BAD_REQUEST, "after is longer than any session name", -1);
+    r->op.kind = OP_LIST_CLUSTER;
+    r->op.limit = (unsigned)limit;
+    snprintf(r->op.after, sizeof r->op.after, "%s", after ? after : "");
+    return submit_op(r);
+}
+
+/* POST /v1/backups takes no fields: an empty body or {}. */
+static enum MHD_Result post_backup(req *r)
+{
+    char msg[256] = "";
+    if (r->len) {
+        optd_err rc = parse_json(r, msg, sizeof msg);
+        if (rc)
+            return send_err(r, rc, msg, -1);
+        if (r->json->child) {
+            snprintf(msg, sizeof msg, "unknown field '%.64s': POST /v1/backups takes no fields",
+                     r->json->child->string);
+            return send_err(r, OPTD_E_INVALID, msg, -1);
+        }
+    }
+    r->op.kind = OP_BACKUP;
+    return submit_op(r);
+}
+
+static enum MHD_Result get_backups(req *r)
+{
+    char msg[512] = "";
+    sbuf b = {0};
+    optd_err rc = ops_list_backups(r->srv->ops, &b, msg, sizeof msg);
+    if (rc) {
+        sbuf_free(&b);
+        return send_err(r, rc, msg, -1);
+    }
+    return send_json(r, 200, &b, NULL);
+}
+
 static enum MHD_Result dispatch(req *r, const char *method)
 {
     api_server *srv = r->srv;
@@ -860,6 +955,8 @@ static enum MHD_Result dispatch(req *r, const char *method)
         return send_static(r, "application/json", asset_openapi, asset_openapi_len);
     case R_SESSIONS:
         return get ? list_sessions(r) : create_session(r, JOB_CREATE);
+    case R_BACKUPS:
+        return get ? get_backups(r) : post_backup(r);
     case R_SESSION:
         if (get)
             return get_session(r);
@@ -1207,7 +1304,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         return MHD_YES;
     }
     if (r->job_state == 2)
-        return finish_job(r);
+        return r->is_op ? finish_op(r) : finish_job(r);
     if (r->job_state == 1)
         return MHD_YES;
     if (r->too_large) {
@@ -1237,6 +1334,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     sess_free(r->job.newsess);
     free(r->job.out_params);
     sbuf_free(&r->job.out_json);
+    sbuf_free(&r->op.out);
     cJSON_Delete(r->json);
     free(r->grad);
     free(r->body);
@@ -1293,6 +1391,19 @@ static int listens_on_loopback(const struct sockaddr_storage *sa)
     return 0;
 }
 
+/* Names this daemon (random, so a restart is a new instance) and starts
+ * the operations that run off the request threads. */
+static optd_err start_ops(api_server *srv, char *err, size_t errlen)
+{
+    uint64_t id = 0;
+    if (getrandom(&id, sizeof id, 0) != (ssize_t)sizeof id)
+        id = (uint64_t)now_ms() ^ ((uint64_t)getpid() << 40) ^ mono_us();
+    snprintf(srv->instance, sizeof srv->instance, "%016llx", (unsigned long long)id);
+    ops_config oc = {srv->st, srv->cfg.backup_dir, srv->cfg.peers, srv->token, srv->instance, srv->cfg.log,
+                     srv->cfg.log_ctx};
+    return ops_start(&oc, &srv->ops, err, errlen);
+}
+
 optd_err api_start(const api_config *cfg, store *st, api_server **out, char *err, size_t errlen)
 {
     optd_err rc = OPTD_E_NOMEM;
@@ -1311,6 +1422,9 @@ optd_err api_start(const api_config *cfg, store *st, api_server **out, char *err
     if (rc)
         goto done;
     writer_set_max_parked(srv->w, cfg->max_connections);
+    rc = start_ops(srv, err, errlen);
+    if (rc)
+        goto done;
     rc = OPTD_E_UNAVAILABLE;
     srv->listen_fd = listen_on(cfg->listen_host, cfg->listen_port, &family, err, errlen);
     if (srv->listen_fd < 0)
@@ -1353,6 +1467,7 @@ optd_err api_start(const api_config *cfg, store *st, api_server **out, char *err
     rc = OPTD_OK;
 done:
     if (rc && srv) {
+        ops_free(srv->ops);
         writer_free(srv->w);
         if (srv->listen_fd >= 0 && !srv->mhd)
             close(srv->listen_fd);
@@ -1376,6 +1491,9 @@ void api_stop(api_server *srv)
     MHD_socket fd = MHD_quiesce_daemon(srv->mhd);
     if (fd != MHD_INVALID_SOCKET)
         close(fd);
+    /* Backups in progress give up (their requests get 503) and listings
+     * finish: every operation has resumed its connection after this. */
+    ops_stop(srv->ops);
     /* New requests are refused now; the writer keeps running so that the
      * requests in flight (some suspended on it) finish and are answered.
      * Whatever is still queued after that is run by writer_stop, which
@@ -1393,6 +1511,7 @@ void api_stop(api_server *srv)
     pthread_mutex_unlock(&srv->conns_mu);
     pthread_join(srv->watchdog, NULL);
     MHD_stop_daemon(srv->mhd);
+    ops_free(srv->ops);
     writer_free(srv->w);
     free(srv->token);
     pthread_mutex_destroy(&srv->conns_mu);

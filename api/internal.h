@@ -188,6 +188,7 @@ typedef enum api_route {
     R_OPTIMIZERS,
     R_OPENAPI,
     R_SESSIONS,
+    R_BACKUPS, /* before R_SESSION: the routes from R_SESSION on name a session */
     R_SESSION,
     R_STEP,
     R_PARAMS,
@@ -319,5 +320,56 @@ void writer_stop(writer *w);
 void writer_free(writer *w);
 
 uint64_t mono_us(void);
+
+/* ---- ops.c ------------------------------------------------------------ */
+
+/* Operations that must not hold a request thread (MHD serves many
+ * connections on each): an online backup (seconds for a large database)
+ * and the cluster-wide listing (waits for the peers). Each runs on a thread
+ * of its own while the request's connection is suspended. */
+typedef enum op_kind { OP_BACKUP, OP_LIST_CLUSTER } op_kind;
+
+/* One operation, filled by a request thread, which owns it; it must stay
+ * alive until on_done has run. */
+typedef struct op {
+    op_kind kind;
+    /* Inputs (OP_LIST_CLUSTER). */
+    char after[1024];       /* "" for the first page */
+    unsigned limit;
+    /* Results. */
+    optd_err rc;            /* OPTD_OK: status and out hold the reply */
+    char msg[1024];
+    int status;
+    sbuf out;               /* the JSON reply; the owner frees it */
+    /* Completion: runs on the op's thread. */
+    void (*on_done)(struct op *o, void *ctx);
+    void *done_ctx;
+} op;
+
+typedef struct ops ops;
+
+/* What ops needs; the strings are copied. */
+typedef struct ops_config {
+    store *st;              /* borrowed for the life of ops */
+    const char *backup_dir; /* NULL or "": backups are off */
+    const char *peers;      /* comma-separated base URLs, or NULL */
+    const char *token;      /* sent to the peers as a bearer token; may be NULL */
+    const char *instance;   /* this daemon's Optd-Instance, to know itself among the peers */
+    api_log_fn log;         /* may be NULL */
+    void *log_ctx;
+} ops_config;
+
+optd_err ops_start(const ops_config *cfg, ops **out, char *err, size_t errlen);
+/* Runs o on a thread of its own; o->on_done runs there when it is done.
+ * OPTD_E_UNAVAILABLE when stopping or no thread can be made (on_done is
+ * then not called). */
+optd_err ops_submit(ops *s, op *o);
+/* Appends the GET /v1/backups reply. */
+optd_err ops_list_backups(ops *s, sbuf *out, char *msg, size_t msglen);
+/* Cancels backups in progress and waits until every op has completed.
+ * Later submits fail. ops_stop(NULL) does nothing. */
+void ops_stop(ops *s);
+/* Frees stopped ops; ops_free(NULL) does nothing. */
+void ops_free(ops *s);
 
 #endif

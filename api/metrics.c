@@ -26,6 +26,7 @@ static const char *templates[R_COUNT] = {
     [R_PARAMS] = "/v1/sessions/{name}/params",
     [R_STATE] = "/v1/sessions/{name}/state",
     [R_HISTORY] = "/v1/sessions/{name}/history",
+    [R_BACKUPS] = "/v1/backups",
 };
 
 const char *route_template(api_route r) { return r < R_COUNT ? templates[r] : "unknown"; }

@@ -31,7 +31,8 @@ api_route route_parse(const char *url, char name[STORE_NAME_MAX + 1], int *name_
                  {"/readyz", R_READYZ},
                  {"/metrics", R_METRICS},
                  {"/v1/optimizers", R_OPTIMIZERS},
-                 {"/v1/sessions", R_SESSIONS}};
+                 {"/v1/sessions", R_SESSIONS},
+                 {"/v1/backups", R_BACKUPS}};
     name[0] = '\0';
     *name_ok = 0;
     for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)

@@ -19,7 +19,8 @@ typedef enum opt_kind {
     K_TOKEN,      /* the token itself (environment only) */
     K_UINT,       /* a decimal number, times scale */
     K_BYTES,      /* a decimal number with an optional K, M or G (1024-based) */
-    K_CHOICE      /* one of choices[]; its index into an enum field */
+    K_CHOICE,     /* one of choices[]; its index into an enum field */
+    K_URLS        /* comma-separated http:// or https:// base URLs into a char array */
 } opt_kind;
 
 typedef struct opt_def {
@@ -88,6 +89,12 @@ static const opt_def options[] = {
     {"log-file", "OPTD_LOG_FILE", "PATH", NULL, K_PATH, 0, 0, 1, FIELD(log_file), NULL,
      "append the log to this file (mode 0600) instead of stderr; SIGHUP\n"
      "      reopens it, for log rotation"},
+    {"backup-dir", "OPTD_BACKUP_DIR", "DIR", NULL, K_PATH, 0, 0, 1, FIELD(backup_dir), NULL,
+     "directory POST /v1/backups writes online backups into (made when\n"
+     "      absent); without it backups are off"},
+    {"peers", "OPTD_PEERS", "URL,URL,...", NULL, K_URLS, 0, 0, 1, FIELD(peers), NULL,
+     "the other shards (http://HOST:PORT each) that GET /v1/sessions?scope=cluster\n"
+     "      lists with this one; the daemon's own URL may be among them"},
 };
 
 #define N_OPTIONS (sizeof options / sizeof options[0])
@@ -305,6 +312,39 @@ static optd_err read_token_file(daemon_config *c, const char *path, char *why, s
     return OPTD_OK;
 }
 
+/* Whether s is a list of base URLs, "http://HOST[:PORT][/]" or https, comma
+ * separated (empty items allowed, so a trailing comma is harmless). */
+static int urls_ok(const char *s, char *why, size_t whylen) {
+    int n = 0;
+    while (*s) {
+        const char *end = strchr(s, ',');
+        size_t len = end ? (size_t)(end - s) : strlen(s);
+        size_t scheme = strncmp(s, "http://", 7) == 0 ? 7 : strncmp(s, "https://", 8) == 0 ? 8 : 0;
+        if (len) {
+            const char *host = s + scheme;
+            size_t hl = len - scheme;
+            while (hl && host[hl - 1] == '/')
+                hl--;
+            int ok = scheme && hl > 0 && !memchr(host, '/', hl) && !memchr(host, '?', hl) && !memchr(host, '@', hl);
+            for (size_t i = 0; ok && i < hl; i++)
+                ok = isalnum((unsigned char)host[i]) || strchr(".-:[]", host[i]);
+            if (!ok) {
+                snprintf(why, whylen, "'%.*s' is not a base URL like http://10.0.0.2:8080", (int)len, s);
+                return 0;
+            }
+            n++;
+        }
+        s += len + (end ? 1 : 0);
+        if (!end)
+            break;
+    }
+    if (!n) {
+        snprintf(why, whylen, "no URL given");
+        return 0;
+    }
+    return 1;
+}
+
 /* Parses value s for option o into c. Returns OPTD_OK, or an error with the
  * reason (without the option's name) in why. */
 static optd_err apply(daemon_config *c, const opt_def *o, const char *s, char *why, size_t whylen) {
@@ -336,6 +376,15 @@ static optd_err apply(daemon_config *c, const opt_def *o, const char *s, char *w
         if (parse_number(o, s, &v, why, whylen))
             return OPTD_E_INVALID;
         set_uint(c, o, v * o->scale);
+        return OPTD_OK;
+    case K_URLS:
+        if (n >= o->size) {
+            snprintf(why, whylen, "the list is over %zu bytes", o->size - 1);
+            return OPTD_E_INVALID;
+        }
+        if (!urls_ok(s, why, whylen))
+            return OPTD_E_INVALID;
+        memcpy((char *)c + o->offset, s, n + 1);
         return OPTD_OK;
     case K_CHOICE:
         for (unsigned i = 0; o->choices[i]; i++) {

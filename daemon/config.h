@@ -42,6 +42,8 @@ typedef struct daemon_config {
     unsigned header_timeout;           /* seconds a request head may take from its first byte */
     size_t cache_bytes;                /* bytes of session state the writer caches (--cache-mb) */
     daemon_log_level log_level;
+    char backup_dir[DAEMON_PATH_MAX];  /* where POST /v1/backups writes; "" when backups are off */
+    char peers[DAEMON_PATH_MAX];       /* the other shards' base URLs, comma-separated; "" for none */
     int show_help;                     /* --help was given: print usage, exit 0 */
     int show_version;                  /* --version was given: print the version, exit 0 */
 } daemon_config;

@@ -154,6 +154,8 @@ int main(int argc, char **argv) {
     acfg.cache_bytes = cfg.cache_bytes;
     acfg.log = quiet ? NULL : log_line;
     acfg.log_ctx = NULL;
+    acfg.backup_dir = cfg.backup_dir[0] ? cfg.backup_dir : NULL;
+    acfg.peers = cfg.peers[0] ? cfg.peers : NULL;
     if (api_start(&acfg, st, &srv, err, sizeof err) != OPTD_OK) {
         fprintf(stderr, "optd: %s\n", err);
         store_close(st);

@@ -22,8 +22,8 @@
 # Environment: MAKE (default make), KEEP_BUILD=1 keeps the temporary build tree.
 set -eu
 
-BUILD_PKGS="build-essential pkg-config libmicrohttpd-dev libcjson-dev libsqlite3-dev python3"
-RUNTIME_PKGS="libmicrohttpd12 libcjson1 libsqlite3-0"
+BUILD_PKGS="build-essential pkg-config libmicrohttpd-dev libcjson-dev libsqlite3-dev libcurl4-openssl-dev python3"
+RUNTIME_PKGS="libmicrohttpd12 libcjson1 libsqlite3-0 libcurl4"
 OPTD_UID=10001
 OPTD_GID=10001
 # The Dockerfile's ENV, one KEY=VALUE a line.
@@ -83,6 +83,7 @@ install_pkgs $RUNTIME_PKGS
 mkdir -p "$dest/usr/local/bin" "$dest/etc" "$dest/data" "$dest/tmp" "$dest/dev"
 chmod 1777 "$dest/tmp"
 install -m 0755 "$src/build/optd" "$dest/usr/local/bin/optd"
+install -m 0755 "$repo/deploy/healthcheck.sh" "$dest/usr/local/bin/optd-healthcheck"
 
 printf 'root:x:0:0:root:/root:/bin/bash\noptd:x:%d:%d::/data:/usr/sbin/nologin\n' \
     "$OPTD_UID" "$OPTD_GID" >"$dest/etc/passwd"

@@ -7,8 +7,10 @@
 #   ecosystem  what tests/ecosystem uses: torch, scikit-learn (its bundled
 #              digits data) and matplotlib for the client's torch optimizer and
 #              example, haproxy for the sharding test, pip/setuptools/wheel to
-#              install the client package offline, PyYAML for the manifests
-#   dashboard  chromium, for the dashboard tests in a headless browser
+#              install the client package offline, PyYAML for the manifests,
+#              podman, runc and debootstrap for the container image
+#   dashboard  chromium, for the dashboard tests in a headless browser, and
+#              haproxy for the one behind a router
 #   bench      torch and numpy (the torch.optim comparison) and Flask (the
 #              Python reference service) for make bench
 #
@@ -28,9 +30,12 @@ full=""
 lean=""
 for group in "$@"; do
     case "$group" in
-    build) full="$full build-essential pkg-config libmicrohttpd-dev libcjson-dev libsqlite3-dev libcmocka-dev python3 curl" ;;
-    ecosystem) lean="$lean python3 python3-numpy python3-torch python3-sklearn python3-matplotlib python3-yaml python3-pip python3-setuptools python3-wheel haproxy curl binutils" ;;
-    dashboard) full="$full chromium" ;;
+    build) full="$full build-essential pkg-config libmicrohttpd-dev libcjson-dev libsqlite3-dev libcmocka-dev libcurl4-openssl-dev python3 curl" ;;
+    ecosystem)
+        lean="$lean python3 python3-numpy python3-torch python3-sklearn python3-matplotlib python3-yaml python3-pip python3-setuptools python3-wheel haproxy curl binutils"
+        full="$full podman runc debootstrap"
+        ;;
+    dashboard) full="$full chromium haproxy" ;;
     bench) lean="$lean python3-torch python3-numpy python3-flask" ;;
     *)
         echo "install-deps.sh: no group '$group' (build, ecosystem, dashboard, bench)" >&2

@@ -161,4 +161,27 @@ optd_err store_read_history(store *st, int64_t session_id, uint64_t after, int l
 /* Number of sessions. */
 optd_err store_read_count(store *st, uint64_t *out);
 
+/* --- Online backup (any thread). --------------------------------------- */
+
+/* What a backup holds. Plain data. */
+typedef struct store_backup_info {
+    uint64_t bytes;        /* size of the backup file */
+    uint64_t sessions;     /* sessions in the snapshot */
+    uint64_t step_commits; /* their steps, summed: every step committed in the snapshot */
+} store_backup_info;
+
+/* Writes a consistent snapshot of the whole database, as of the last commit
+ * when it starts, into a new file dest (a complete optd database: open it
+ * with store_open to serve exactly that state). Pages are copied with
+ * SQLite's online backup API from a read transaction of its own connection,
+ * so the writer is never locked out meanwhile; the file is written as
+ * dest.tmp, synced and renamed, so dest never exists half-written. *cancel
+ * (may be NULL) is polled between chunks: once non-zero the backup stops.
+ * Returns OPTD_OK, OPTD_E_INVALID (no dest), OPTD_E_ALREADY_EXISTS (dest
+ * exists), OPTD_E_UNAVAILABLE (the database cannot be read, dest cannot be
+ * written: disk full, I/O error, permissions; or cancelled), OPTD_E_NOMEM,
+ * with a sentence in err. On failure no file is left at dest or dest.tmp. */
+optd_err store_backup(store *st, const char *dest, const _Atomic int *cancel, store_backup_info *out, char *err,
+                      size_t errlen);
+
 #endif

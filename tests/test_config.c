@@ -113,6 +113,10 @@ static void check_header_timeout(const daemon_config *c) { assert_int_equal(c->h
 static void check_cache(const daemon_config *c) { assert_int_equal(c->cache_bytes, (size_t)3 << 20); }
 static void check_log(const daemon_config *c) { assert_int_equal(c->log_level, DAEMON_LOG_QUIET); }
 static void check_log_file(const daemon_config *c) { assert_string_equal(c->log_file, "/var/log/optd.log"); }
+static void check_backup_dir(const daemon_config *c) { assert_string_equal(c->backup_dir, "/backups"); }
+static void check_peers(const daemon_config *c) {
+    assert_string_equal(c->peers, "http://optd-0.optd:8080,https://[::1]:9/");
+}
 
 static const setting_case settings[] = {
     {"listen", "OPTD_LISTEN", "0.0.0.0:9001", "127.0.0.1:1", check_listen},
@@ -128,6 +132,8 @@ static const setting_case settings[] = {
     {"cache-mb", "OPTD_CACHE_MB", "3", "5", check_cache},
     {"log-level", "OPTD_LOG", "quiet", "info", check_log},
     {"log-file", "OPTD_LOG_FILE", "/var/log/optd.log", "other.log", check_log_file},
+    {"backup-dir", "OPTD_BACKUP_DIR", "/backups", "/b2", check_backup_dir},
+    {"peers", "OPTD_PEERS", "http://optd-0.optd:8080,https://[::1]:9/", "http://x:1", check_peers},
 };
 #define N_SETTINGS (sizeof settings / sizeof settings[0])
 
@@ -548,6 +554,21 @@ static void test_usage_lists_every_flag_variable_and_default(void **state) {
     free(text);
 }
 
+static void test_peers_must_be_base_urls(void **state) {
+    (void)state;
+    static const char *const bad[] = {"optd-0:8080", "ftp://x", "http://", "http://a/v1", "http://u@h:1",
+                                      "http://h?x", ",", "http://a,b:1"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char *argv[] = {"optd", "--peers", (char *)bad[i], NULL};
+        if (parse(NULL, 3, argv) != OPTD_E_INVALID)
+            fail_msg("--peers %s was accepted", bad[i]);
+        assert_contains(err, "--peers");
+    }
+    assert_int_equal(parse(NULL, NO_ARGS), OPTD_OK);
+    assert_string_equal(cfg.peers, "");
+    assert_string_equal(cfg.backup_dir, "");
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_defaults_are_the_documented_ones),
@@ -558,6 +579,7 @@ int main(void) {
         cmocka_unit_test(test_each_flag_beats_its_variable),
         cmocka_unit_test(test_a_flag_beats_a_bad_variable),
         cmocka_unit_test(test_the_last_of_a_repeated_flag_wins),
+        cmocka_unit_test(test_peers_must_be_base_urls),
         cmocka_unit_test(test_an_equals_value_may_contain_equals_and_start_with_dashes),
         cmocka_unit_test(test_max_body_takes_k_m_g_suffixes_in_powers_of_1024),
         cmocka_unit_test(test_cache_mb_is_stored_in_bytes),

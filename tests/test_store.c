@@ -857,6 +857,71 @@ static void test_a_step_guards_on_the_stored_step(void **state)
     store_session_clear(&row);
 }
 
+static void test_a_backup_is_the_last_commit_and_opens_as_a_database(void **state)
+{
+    fixture *f = *state;
+    store_session a = make_session("kept", 3), b = make_session("uncommitted", 5), got;
+    store_backup_info info = {0, 0, 0};
+    char dest[160], err[256];
+    store *bk = NULL;
+    void *blob = NULL;
+    size_t len = 0, n = 0;
+    store_session *rows = NULL;
+    int more = 0;
+
+    open_store(f, NULL);
+    assert_int_equal(store_session_insert(f->st, &a, "abc", 3), OPTD_OK);
+    /* A transaction in progress is not in the snapshot. */
+    assert_int_equal(store_begin(f->st), OPTD_OK);
+    assert_int_equal(store_session_insert(f->st, &b, "xyz", 3), OPTD_OK);
+    snprintf(dest, sizeof dest, "%s/backup.db", f->dir);
+    assert_int_equal(store_backup(f->st, dest, NULL, &info, err, sizeof err), OPTD_OK);
+    assert_int_equal(store_commit(f->st), OPTD_OK);
+    assert_int_equal(info.sessions, 1);
+    assert_int_equal(info.step_commits, 3);
+    assert_true(info.bytes > 0);
+    assert_int_equal(access(dest, F_OK), 0);
+
+    assert_int_equal(store_open(dest, NULL, &bk, err, sizeof err), OPTD_OK);
+    assert_int_equal(store_read_list(bk, NULL, 10, &rows, &n, &more), OPTD_OK);
+    assert_int_equal(n, 1);
+    assert_string_equal(rows[0].name, "kept");
+    store_session_clear(&rows[0]);
+    free(rows);
+    assert_int_equal(store_read_session(bk, "kept", &got, &blob, &len), OPTD_OK);
+    assert_int_equal(got.step, 3);
+    assert_int_equal(len, 3);
+    assert_memory_equal(blob, "abc", 3);
+    free(blob);
+    store_session_clear(&got);
+    store_close(bk);
+}
+
+static void test_a_backup_never_replaces_a_file_nor_leaves_one_when_cancelled(void **state)
+{
+    fixture *f = *state;
+    store_session a = make_session("a", 1);
+    store_backup_info info = {0, 0, 0};
+    char dest[160], tmp[170], err[256];
+    _Atomic int cancel = 1;
+
+    open_store(f, NULL);
+    assert_int_equal(store_session_insert(f->st, &a, "s", 1), OPTD_OK);
+    snprintf(dest, sizeof dest, "%s/backup.db", f->dir);
+    snprintf(tmp, sizeof tmp, "%s.tmp", dest);
+    assert_int_equal(store_backup(f->st, dest, &cancel, &info, err, sizeof err), OPTD_E_UNAVAILABLE);
+    assert_non_null(strstr(err, "cancelled"));
+    assert_int_not_equal(access(dest, F_OK), 0);
+    assert_int_not_equal(access(tmp, F_OK), 0);
+    spit(dest, "mine", 4);
+    assert_int_equal(store_backup(f->st, dest, NULL, &info, err, sizeof err), OPTD_E_ALREADY_EXISTS);
+    size_t len = 0;
+    unsigned char *kept = slurp(dest, &len);
+    assert_int_equal(len, 4);
+    assert_memory_equal(kept, "mine", 4);
+    free(kept);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -887,6 +952,8 @@ int main(void)
         T(test_a_lock_held_elsewhere_makes_writes_unavailable_and_writable_false),
         T(test_bad_arguments_are_invalid),
         T(test_a_step_guards_on_the_stored_step),
+        T(test_a_backup_is_the_last_commit_and_opens_as_a_database),
+        T(test_a_backup_never_replaces_a_file_nor_leaves_one_when_cancelled),
 #undef T
     };
 

@@ -21,7 +21,7 @@ import optd
 
 DOCKERFILE = os.path.join(REPO, "deploy", "Dockerfile")
 SCRIPT = os.path.join(REPO, "deploy", "build-image-rootfs.sh")
-RUNTIME_PKGS = {"libmicrohttpd12", "libcjson1", "libsqlite3-0"}
+RUNTIME_PKGS = {"libmicrohttpd12", "libcjson1", "libsqlite3-0", "libcurl4"}
 BASE_PKGS = {"libc6"}  # in debian:bookworm-slim already
 
 
@@ -83,10 +83,16 @@ class DockerfileTests(unittest.TestCase):
         build, runtime = self.stages
         self.assertTrue(build["name"])
         self.assertTrue(any(w == "RUN" and "make" in a and "build/optd" in a for w, a in build["ins"]))
-        self.assertTrue({"libmicrohttpd-dev", "libcjson-dev", "libsqlite3-dev", "pkg-config"} <= apt_installs(build))
+        self.assertTrue({"libmicrohttpd-dev", "libcjson-dev", "libsqlite3-dev", "libcurl4-openssl-dev",
+                         "pkg-config"} <= apt_installs(build))
         self.assertEqual(apt_installs(runtime), RUNTIME_PKGS)  # runtime libraries only
         copies = [a for w, a in runtime["ins"] if w == "COPY"]
-        self.assertEqual(copies, ["--from=%s /src/build/optd /usr/local/bin/optd" % build["name"]])
+        self.assertEqual(copies, ["deploy/healthcheck.sh /usr/local/bin/optd-healthcheck",
+                                  "--from=%s /src/build/optd /usr/local/bin/optd" % build["name"]])
+        # the build stage copies the sources only, never the whole context
+        for w, a in build["ins"]:
+            if w == "COPY":
+                self.assertNotRegex(a, r"^\.\s", "COPY . . sends everything, .git and databases included")
 
     def test_runtime_settings(self):
         runtime = self.stages[1]
@@ -97,7 +103,9 @@ class DockerfileTests(unittest.TestCase):
         user = ins["USER"].split(":")[0]
         self.assertNotIn(user, ("root", "0"))
         self.assertIn("useradd", ins["RUN"])
-        self.assertIn("/healthz", ins["HEALTHCHECK"])
+        self.assertEqual(healthcheck_cmd(self.stages), ["/usr/local/bin/optd-healthcheck"])
+        with open(os.path.join(REPO, "deploy", "healthcheck.sh")) as f:
+            self.assertIn("GET /healthz", f.read())
         self.assertEqual(json.loads(ins["ENTRYPOINT"]), ["/usr/local/bin/optd"])
         self.assertEqual(ins.get("STOPSIGNAL"), "SIGTERM")
 
@@ -113,6 +121,40 @@ class DockerfileTests(unittest.TestCase):
         self.assertEqual(dict(l.split("=", 1) for l in m.group(1).split()), env_of(runtime))
         uid = re.search(r"--uid (\d+)", dict(runtime["ins"])["RUN"]).group(1)
         self.assertIn("OPTD_UID=%s" % uid, script)
+
+
+class DockerignoreTests(unittest.TestCase):
+    """What .dockerignore lets into the build context: the sources the build
+    stage copies and the healthcheck; never .git, build/ or database files."""
+
+    def included(self, path):
+        import fnmatch
+        with open(os.path.join(REPO, ".dockerignore")) as f:
+            pats = [l.strip() for l in f if l.strip() and not l.startswith("#")]
+        keep = True
+        for p in pats:  # the last matching pattern decides (Docker's rule)
+            neg = p.startswith("!")
+            p = p.lstrip("!").rstrip("/")
+            parts = path.split("/")
+            hit = any(fnmatch.fnmatch("/".join(parts[:i]), p) for i in range(1, len(parts) + 1))
+            if p.startswith("**/"):
+                hit = hit or any(fnmatch.fnmatch(x, p[3:]) for x in parts)
+            if hit:
+                keep = neg
+        return keep
+
+    def test_context(self):
+        for path in ("Makefile", "api/http.c", "api/assets/dashboard.html", "store/store.c", "daemon/main.c",
+                     "optim/kernels.c", "common/err.h", "deploy/healthcheck.sh"):
+            self.assertTrue(self.included(path), path)
+        for path in (".git", ".git/HEAD", "build/optd", "optd.db", "optd.db-wal", "api/optd.db", "tests/e2e/run.py",
+                     "bench/run.py", "deploy/k8s/router.yaml"):
+            self.assertFalse(self.included(path), path)
+        stages = parse_dockerfile()
+        for w, a in stages[0]["ins"] + stages[1]["ins"]:
+            if w == "COPY" and not a.startswith("--from"):
+                for src in a.split()[:-1]:
+                    self.assertTrue(self.included(src.rstrip("/")), "COPY %s is kept out by .dockerignore" % src)
 
 
 def healthcheck_cmd(stages):
@@ -205,8 +247,9 @@ class RootfsTests(unittest.TestCase):
             if self.chroot:
                 hc_cmd = [self.chroot, "--userspec=%d:%d" % (self.uid, self.uid), self.root, "/usr/bin/env"] + \
                          ["%s=%s" % kv for kv in sorted(env.items())] + hc
-            else:
-                hc_cmd = ["env"] + ["%s=%s" % kv for kv in sorted(env.items())] + hc
+            else:  # the host's other optd processes are not this container's
+                hc_cmd = ["env", "OPTD_HEALTHCHECK_PROC=/nonexistent"] + ["%s=%s" % kv for kv in sorted(env.items())] + \
+                         [os.path.join(self.root, hc[0].lstrip("/"))] + hc[1:]
             r = subprocess.run(hc_cmd, capture_output=True, text=True, timeout=10, env={"PATH": "/usr/bin:/bin"})
             self.assertEqual(r.returncode, 0, "HEALTHCHECK failed: %s" % r.stderr)
             proc.send_signal(signal.SIGTERM)  # STOPSIGNAL

@@ -4,10 +4,12 @@ Service it names, the router (its ConfigMap holds deploy/haproxy.cfg, its
 shard addresses match the StatefulSet's pods) and the kustomization. Static:
 no cluster needed. deploy/haproxy.cfg itself is checked with haproxy -c."""
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 import unittest
 
 from harness import REPO, have
@@ -57,13 +59,22 @@ class ManifestTests(unittest.TestCase):
             self.assertEqual(labels[k], v)
         for k, v in svc["spec"]["selector"].items():
             self.assertEqual(labels[k], v)
-        claims = spec["volumeClaimTemplates"]
-        self.assertEqual(len(claims), 1)
-        self.assertEqual(claims[0]["spec"]["accessModes"], ["ReadWriteOnce"])
+        claims = {c["metadata"]["name"]: c for c in spec["volumeClaimTemplates"]}
+        self.assertEqual(sorted(claims), ["backups", "data"])
+        for claim in claims.values():
+            self.assertEqual(claim["spec"]["accessModes"], ["ReadWriteOnce"])
         (c,) = spec["template"]["spec"]["containers"]
         mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-        self.assertEqual(mounts[claims[0]["metadata"]["name"]], "/data")
+        self.assertEqual(mounts["data"], "/data")
         env = {e["name"]: e.get("value") for e in c["env"]}
+        # backups on a volume of their own
+        self.assertEqual(env["OPTD_BACKUP_DIR"], mounts["backups"])
+        self.assertFalse(env["OPTD_BACKUP_DIR"].startswith("/data"))
+        # every shard among the peers, by the StatefulSet's stable names
+        replicas = spec["replicas"]
+        self.assertEqual(env["OPTD_PEERS"].split(","),
+                         ["http://%s-%d.%s:8080" % (sts["metadata"]["name"], i, spec["serviceName"])
+                          for i in range(replicas)])
         image_env = env_of(parse_dockerfile()[1])
         for k, v in image_env.items():
             self.assertEqual(env[k], v)
@@ -94,14 +105,83 @@ class ManifestTests(unittest.TestCase):
         self.assertEqual(len(servers), replicas, "one hash server per StatefulSet replica")
         self.assertIn("nbsrv(shards) lt %d" % replicas, cfg)
         svc = sts["spec"]["serviceName"]
+        # The container's command makes the shards' names fully qualified
+        # from the pod's resolv.conf: run it with a fake one and a fake
+        # haproxy that prints the environment it was given.
+        got = run_router_command(c, "search team-a.svc.k8s.example.org svc.k8s.example.org k8s.example.org\n"
+                                    "nameserver 10.96.0.10\noptions ndots:5\n")
         for i, (srv, var) in enumerate(servers):
             self.assertEqual(srv, "optd-%d" % i)
-            self.assertEqual(env[var], "optd-%d.%s.$(POD_NAMESPACE).svc.cluster.local:8080" % (i, svc))
+            self.assertEqual(got[var], "optd-%d.%s.team-a.svc.k8s.example.org:8080" % (i, svc))
+        self.assertEqual(got["OPTD_ROUTER_BIND"], env["OPTD_ROUTER_BIND"])
+        self.assertEqual(got["ARGS"], "-W -db -f /usr/local/etc/haproxy/haproxy.cfg")
+        with self.assertRaises(AssertionError):
+            run_router_command(c, "nameserver 10.96.0.10\n")  # no search domain: refuses to start
         router_svc = self.docs[("Service", "optd-router")]
         labels = dep["spec"]["template"]["metadata"]["labels"]
         for k, v in router_svc["spec"]["selector"].items():
             self.assertEqual(labels[k], v)
         self.assertEqual(c["readinessProbe"]["httpGet"]["path"], "/router-healthz")
+
+
+    def test_no_cluster_domain_is_written(self):
+        for name in sorted(os.listdir(K8S)) + ["../haproxy.cfg"]:
+            with open(os.path.join(K8S, name)) as f:
+                self.assertNotIn("cluster.local", f.read(), name)
+
+    def test_router_timeouts_outlast_the_longest_round(self):
+        """A worker round's contribution waits up to round_timeout, whose
+        largest allowed value the OpenAPI document states: the router must
+        wait longer on both sides."""
+        with open(os.path.join(REPO, "api", "openapi.json")) as f:
+            doc = json.load(f)
+        longest = max(v["maximum"] for v in _find(doc, "round_timeout") if isinstance(v, dict) and "maximum" in v)
+        self.assertGreaterEqual(longest, 86400 * 7)
+        with open(CFG) as f:
+            cfg = f.read()
+        for side in ("server", "client"):
+            m = re.search(r"^\s*timeout %s (\d+)(us|ms|s|m|h|d)?\s*$" % side, cfg, re.M)
+            self.assertTrue(m, "no timeout %s" % side)
+            seconds = int(m.group(1)) * {"us": 1e-6, "ms": 1e-3, None: 1e-3, "s": 1, "m": 60, "h": 3600,
+                                         "d": 86400}[m.group(2)]
+            self.assertGreater(seconds, longest, "timeout %s" % side)
+            self.assertLess(seconds * 1000, 2 ** 31, "HAProxy's largest timeout")
+
+
+def _find(node, key):
+    """Every value of key anywhere in a JSON tree."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                yield v
+            yield from _find(v, key)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _find(v, key)
+
+
+def run_router_command(container, resolv_conf):
+    """Runs the router container's command with resolv_conf as its
+    /etc/resolv.conf and a haproxy that prints its environment; that
+    environment (and ARGS, haproxy's arguments) as a dict."""
+    tmp = tempfile.mkdtemp(prefix="optd-router-")
+    try:
+        rc = os.path.join(tmp, "resolv.conf")
+        with open(rc, "w") as f:
+            f.write(resolv_conf)
+        fake = os.path.join(tmp, "haproxy")
+        with open(fake, "w") as f:
+            f.write('#!/bin/sh\necho "ARGS=$*"\nenv\n')
+        os.chmod(fake, 0o755)
+        env = {"PATH": tmp + ":/usr/bin:/bin", "RESOLV_CONF": rc}
+        env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+        cmd = container["command"] + container.get("args", [])
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=10)
+        if r.returncode != 0:
+            raise AssertionError("router command failed: %s" % r.stderr)
+        return dict(l.split("=", 1) for l in r.stdout.splitlines() if "=" in l)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @unittest.skipUnless(shutil.which("haproxy"), "needs haproxy")
@@ -123,6 +203,9 @@ class HaproxyConfigTests(unittest.TestCase):
         self.assertRegex(shards, r"\n\s*hash-type consistent\b")
         self.assertRegex(shards, r"\n\s*balance hash var\(txn\.session\)")
         self.assertNotRegex(shards, r"\bcheck\b")  # never fail a session over to another shard
-        self.assertNotIn("redispatch", cfg)
+        self.assertNotIn("redispatch", shards)
+        defaults = re.search(r"^defaults\s*$(.*?)(?=^\S|\Z)", cfg, re.M | re.S).group(1)
+        self.assertNotIn("redispatch", defaults)
+        self.assertIn("option redispatch", backend(cfg, "any"))  # names no session: any shard will do
         ids = re.findall(r"\bid (\d+)\b", shards)
         self.assertEqual(len(ids), len(set(ids)))
