@@ -137,7 +137,8 @@ static int rb_skip(int fd, rbuf *r, size_t n)
 static int rb_line(int fd, rbuf *r, char *out, size_t outlen)
 {
     for (;;) {
-        char *nl = memchr(r->b + r->off, '\n', r->len - r->off);
+        /* Nothing read yet: no buffer either (memchr must not see NULL). */
+        char *nl = r->len > r->off ? memchr(r->b + r->off, '\n', r->len - r->off) : NULL;
         if (nl) {
             size_t k = (size_t)(nl - (r->b + r->off));
             size_t c = k && nl[-1] == '\r' ? k - 1 : k;
