@@ -536,6 +536,27 @@ static enum MHD_Result get_state(req *r)
     return send_json(r, 200, &b, etag);
 }
 
+/* The fields of a create body (API.md Sessions, Training features), less
+ * the session fields of training.c, which every such list adds. */
+static const char *const create_fields[] = {"name", "optimizer", "dtype", "hyperparams", "params",
+                                            "size", "fill", "from"};
+/* The fields a PATCH may carry, besides the session fields. */
+static const char *const patch_fields[] = {"hyperparams"};
+
+/* Checks the top-level members of o against own[0..n) plus the session
+ * fields (workers, min_workers, round_timeout). */
+static optd_err check_fields(const cJSON *o, const char *where, const char *const *own, size_t n, int hint,
+                             char *msg, size_t msglen)
+{
+    const char *names[16];
+    size_t k = 0;
+    for (size_t i = 0; i < n && k < 12; i++)
+        names[k++] = own[i];
+    for (size_t i = 0; i < TRAINING_N_FIELDS; i++)
+        names[k++] = training_fields[i];
+    return body_fields_known(o, where, names, k, hint, msg, msglen);
+}
+
 /* Builds a new session from a create body (POST /v1/sessions or PUT
  * /v1/sessions/{name}). */
 static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
@@ -552,6 +573,10 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
     training tr;
     optd_err rc;
 
+    rc = check_fields(o, "a create body", create_fields, sizeof create_fields / sizeof *create_fields, HINT_INSIDE,
+                      msg, msglen);
+    if (rc)
+        return rc;
     if (name && !cJSON_IsString(name))
         return snprintf(msg, msglen, "name must be a string"), OPTD_E_BAD_REQUEST;
     if (r->route == R_SESSION) {
@@ -649,16 +674,14 @@ static enum MHD_Result patch_session(req *r)
     optd_err rc = parse_json(r, msg, sizeof msg);
     if (rc)
         return send_err(r, rc, msg, -1);
-    static const char *const changeable[] = {"hyperparams", "workers", "min_workers", "round_timeout"};
-    for (const cJSON *e = r->json->child; e; e = e->next) {
-        size_t k = 0;
-        while (k < 4 && strcmp(e->string, changeable[k]) != 0)
-            k++;
-        if (k < 4)
-            continue;
-        snprintf(msg, sizeof msg, "'%.64s' cannot be changed by PATCH (hyperparams, workers, min_workers and "
-                 "round_timeout can)", e->string);
-        return send_err(r, OPTD_E_INVALID, msg, -1);
+    rc = check_fields(r->json, "a PATCH body", patch_fields, 1, HINT_INSIDE, msg, sizeof msg);
+    if (rc) {
+        /* A field of the session that cannot change gets its own sentence. */
+        for (size_t k = 0; k < sizeof create_fields / sizeof *create_fields; k++)
+            if (cJSON_GetObjectItemCaseSensitive(r->json, create_fields[k]) && strcmp(create_fields[k], "hyperparams"))
+                snprintf(msg, sizeof msg, "\"%s\" cannot be changed by PATCH (hyperparams, workers, min_workers "
+                         "and round_timeout can)", create_fields[k]);
+        return send_err(r, rc, msg, -1);
     }
     const cJSON *hp = cJSON_GetObjectItemCaseSensitive(r->json, "hyperparams");
     if (hp && !cJSON_IsObject(hp))
@@ -729,9 +752,13 @@ static enum MHD_Result post_step(req *r)
         rc = parse_json(r, msg, sizeof msg);
         if (rc)
             return send_err(r, rc, msg, -1);
+        static const char *const step_names[] = {"grad", "loss", "weight"};
+        rc = body_fields_known(r->json, "a step body", step_names, 3, HINT_PATCH, msg, sizeof msg);
+        if (rc)
+            return send_err(r, rc, msg, -1);
         const cJSON *g = cJSON_GetObjectItemCaseSensitive(r->json, "grad");
         if (!g)
-            return send_err(r, OPTD_E_INVALID, "grad is required", -1);
+            return send_err(r, OPTD_E_INVALID, "grad is required: {\"grad\": [...]} with one number per element", -1);
         if (!cJSON_IsArray(g))
             return send_err(r, OPTD_E_BAD_REQUEST, "grad must be an array of numbers", -1);
         size_t n = (size_t)cJSON_GetArraySize(g);

@@ -68,6 +68,30 @@ int step_body_fast(const char *body, size_t len, optim_dtype dtype, size_t n, vo
 /* Whether n elements of dtype are all finite; *bad gets the first index that is not. */
 bool vec_finite(const void *x, size_t n, optim_dtype dtype, size_t *bad);
 
+/* ---- strict.c --------------------------------------------------------- */
+
+/* The name of names[0..n) nearest to s (a typo away, case ignored), or NULL. */
+const char *name_nearest(const char *s, const char *const *names, size_t n);
+/* Writes names[0..n) as "a, b, c" into out. */
+void names_join(char *out, size_t outlen, const char *const *names, size_t n);
+/* Writes 'unknown <what> "<name>" in <where>; did you mean "x"? (valid: ...)'. */
+void unknown_name_msg(char *msg, size_t msglen, const char *what, const char *name, const char *where,
+                      const char *const *names, size_t n);
+/* OPTD_OK when every member of object o (may be NULL) is one of names;
+ * else OPTD_E_UNKNOWN_FIELD with msg naming the first that is not (also in
+ * *bad when bad is non-NULL). where names the object ("the body"). */
+optd_err fields_known(const cJSON *o, const char *where, const char *const *names, size_t n, const cJSON **bad,
+                      char *msg, size_t msglen);
+/* Whether name is a hyperparameter of some optimizer (or lr_schedule,
+ * max_grad_norm): a client that put it beside "hyperparams" meant inside. */
+int hparam_name_anywhere(const char *name);
+/* fields_known for a request body, where a hyperparameter given as a field
+ * (beside "hyperparams") is told where it goes: inside "hyperparams"
+ * (HINT_INSIDE) or in a PATCH (HINT_PATCH). */
+enum { HINT_INSIDE, HINT_PATCH };
+optd_err body_fields_known(const cJSON *o, const char *where, const char *const *names, size_t n, int hp_hint,
+                           char *msg, size_t msglen);
+
 /* ---- training.c ------------------------------------------------------- */
 
 typedef enum sched_type {
@@ -110,6 +134,9 @@ optd_err training_hparam_from_json(const cJSON *e, training *tr, int *handled, c
 void training_hparams_to_json(sbuf *b, const training *tr);
 /* Reads workers, min_workers and round_timeout from object o onto *tr. */
 optd_err training_fields_from_json(const cJSON *o, training *tr, char *msg, size_t msglen);
+/* The session fields beside hyperparams (workers, min_workers, round_timeout). */
+extern const char *const training_fields[];
+#define TRAINING_N_FIELDS 3
 void training_fields_to_json(sbuf *b, const training *tr);
 
 /* ---- session.c -------------------------------------------------------- */

@@ -37,6 +37,31 @@ void sess_free(sess *s)
     free(s);
 }
 
+#define HP_NAMES_MAX 16 /* more than any optimizer has */
+
+/* The 422 for a name in "hyperparams" that info does not take: the nearest
+ * of its names, or where a session field goes. */
+static optd_err unknown_hparam(const optim_info *info, const char *name, char *msg, size_t msglen)
+{
+    const char *names[HP_NAMES_MAX + 2];
+    size_t n = 0;
+    for (size_t i = 0; i < info->n_hps && n < HP_NAMES_MAX; i++)
+        names[n++] = info->hps[i].name;
+    names[n++] = "lr_schedule";
+    names[n++] = "max_grad_norm";
+    for (size_t k = 0; k < TRAINING_N_FIELDS; k++) {
+        if (strcmp(name, training_fields[k]) == 0) {
+            snprintf(msg, msglen, "\"%s\" is a session field, not a hyperparameter: put it beside \"hyperparams\", "
+                     "at the top level of the body", name);
+            return OPTD_E_UNKNOWN_FIELD;
+        }
+    }
+    char where[64];
+    snprintf(where, sizeof where, "the hyperparams of %s", info->name);
+    unknown_name_msg(msg, msglen, "hyperparameter", name, where, names, n);
+    return OPTD_E_UNKNOWN_FIELD;
+}
+
 optd_err hparams_from_json(const optim_info *info, const cJSON *obj, optim_hparams *hp, training *tr, char *msg,
                            size_t msglen)
 {
@@ -53,10 +78,8 @@ optd_err hparams_from_json(const optim_info *info, const cJSON *obj, optim_hpara
             continue;
         }
         const optim_hp_desc *d = optim_hp_find(info, e->string);
-        if (!d) {
-            snprintf(msg, msglen, "%s has no hyperparameter '%.64s'", info->name, e->string);
-            return OPTD_E_BAD_HYPERPARAM;
-        }
+        if (!d)
+            return unknown_hparam(info, e->string, msg, msglen);
         switch (d->type) {
         case OPTIM_HP_BOOL:
             if (!cJSON_IsBool(e))
@@ -372,13 +395,19 @@ optd_err sess_config_from_json(const cJSON *o, const optim_info **info, optim_dt
         return snprintf(msg, msglen, "optimizer is required"), OPTD_E_INVALID;
     if (!cJSON_IsString(opt))
         return snprintf(msg, msglen, "optimizer must be a string"), OPTD_E_BAD_REQUEST;
-    if (!(*info = optim_find(opt->valuestring)))
-        return snprintf(msg, msglen, "unknown optimizer '%.64s'", opt->valuestring), OPTD_E_UNKNOWN_OPTIMIZER;
+    if (!(*info = optim_find(opt->valuestring))) {
+        const char *names[OPTIM_KIND_COUNT];
+        for (size_t k = 0; k < OPTIM_KIND_COUNT; k++)
+            names[k] = optim_at(k)->name;
+        unknown_name_msg(msg, msglen, "optimizer", opt->valuestring, "\"optimizer\"", names, OPTIM_KIND_COUNT);
+        return OPTD_E_UNKNOWN_OPTIMIZER;
+    }
     if (dt && !cJSON_IsString(dt))
         return snprintf(msg, msglen, "dtype must be a string"), OPTD_E_BAD_REQUEST;
     *dtype = dt && strcmp(dt->valuestring, "float64") == 0 ? OPTIM_F64 : OPTIM_F32;
     if (dt && *dtype == OPTIM_F32 && strcmp(dt->valuestring, "float32") != 0)
-        return snprintf(msg, msglen, "dtype must be \"float32\" or \"float64\""), OPTD_E_INVALID;
+        return snprintf(msg, msglen, "dtype \"%.32s\" is not a session dtype: use \"float32\" (the default) or "
+                        "\"float64\"", dt->valuestring), OPTD_E_INVALID;
     optim_defaults(*info, hp);
     training_defaults(tr);
     rc = hparams_from_json(*info, cJSON_GetObjectItemCaseSensitive(o, "hyperparams"), hp, tr, msg, msglen);
@@ -397,6 +426,12 @@ optd_err sess_from_checkpoint(const char *name, const cJSON *obj, sess **out, ch
     optim_hparams hp;
     training tr;
 
+    /* Every field GET .../state writes, and nothing else. */
+    static const char *const fields[] = {"name", "optimizer", "dtype", "size", "step", "hyperparams", "params",
+                                         "state", "workers", "min_workers", "round_timeout", "min_workers_auto"};
+    rc = body_fields_known(obj, "a checkpoint", fields, sizeof fields / sizeof *fields, HINT_INSIDE, msg, msglen);
+    if (rc)
+        goto done;
     rc = sess_config_from_json(obj, &info, &dtype, &hp, &tr, msg, msglen);
     if (rc)
         goto done;
@@ -445,7 +480,20 @@ optd_err sess_from_checkpoint(const char *name, const cJSON *obj, sess **out, ch
         size_t i = 0;
         while (i < info->n_buffers && strcmp(info->buffers[i], e->string) != 0)
             i++;
-        if (i == info->n_buffers || !s->st.buf[i]) {
+        if (i == info->n_buffers) {
+            const char *names[OPTIM_MAX_BUFFERS + 1];
+            size_t k = 0;
+            for (; k < info->n_buffers; k++)
+                names[k] = info->buffers[k];
+            if (info->scalar)
+                names[k++] = info->scalar;
+            char where[48];
+            snprintf(where, sizeof where, "the state of %s", info->name);
+            unknown_name_msg(msg, msglen, "state buffer", e->string, where, names, k);
+            rc = OPTD_E_UNKNOWN_FIELD;
+            goto done;
+        }
+        if (!s->st.buf[i]) {
             snprintf(msg, msglen, "state.%.64s is not a buffer of this %s configuration", e->string, info->name);
             rc = OPTD_E_INVALID;
             goto done;

@@ -178,6 +178,9 @@ class StepTests(DaemonCase):
             (lambda: self.c.step(uniq(), [1.0]), optd.NotFound, 404, "not_found"),
             (lambda: list(self.c.list(page_size=0)), optd.BadRequest, 400, "bad_request"),
             (lambda: s.patch(dtype="float64"), optd.Invalid, 422, None),
+            # a hyperparameter given as a keyword field is not silently dropped (issue 15)
+            (lambda: self.c.create(uniq(), "adam", size=1, lr=0.05), optd.UnknownField, 422, "unknown_field"),
+            (lambda: s.step([1, 2, 3], los=1.0), optd.UnknownField, 422, "unknown_field"),
         ]
         if np is not None:
             cases.append((lambda: s.step(np.array([np.nan, 0, 0], dtype=np.float32)), optd.NonFinite, 422, "non_finite"))
