@@ -52,6 +52,9 @@ typedef struct conn_track {
     struct conn_track *prev, *next;
 } conn_track;
 
+/* The longest client X-Request-Id kept (longer ones are replaced by ours). */
+#define REQUEST_ID_MAX 128
+
 typedef struct req {
     api_server *srv;
     struct MHD_Connection *conn;
@@ -74,6 +77,7 @@ typedef struct req {
     void *grad;    /* decoded gradient, when not the body itself */
     char idem[256];
     int minimal, want_binary;
+    char rid[REQUEST_ID_MAX + 1]; /* X-Request-Id: the client's, else ours */
 } req;
 
 static const char *const allow[R_COUNT] = {
@@ -113,9 +117,9 @@ static enum MHD_Result send_body(req *r, int status, const char *ctype, char *bo
         snprintf(etag, sizeof etag, "\"%s\"", etag_step);
         MHD_add_response_header(resp, MHD_HTTP_HEADER_ETAG, etag);
     }
-    char rid[24];
-    snprintf(rid, sizeof rid, "%016llx", (unsigned long long)r->id);
-    MHD_add_response_header(resp, "X-Request-Id", rid);
+    MHD_add_response_header(resp, "X-Request-Id", r->rid);
+    if (status == 401)
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer");
     if (status == 405 && r->route < R_COUNT && allow[r->route])
         MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, allow[r->route]);
     if (status == 201 && r->name[0]) {
@@ -156,7 +160,14 @@ static enum MHD_Result send_json(req *r, int status, sbuf *b, const char *etag_s
         if (b->oom)
             return MHD_NO;
     }
-    char *p = b->p ? b->p : strdup("");
+    /* A JSON reply ends with a newline, so a shell prompt starts on a line
+     * of its own after curl. */
+    sbuf_put(b, "\n", 1);
+    if (b->oom) {
+        sbuf_free(b);
+        return MHD_NO;
+    }
+    char *p = b->p;
     size_t len = b->len;
     memset(b, 0, sizeof *b);
     return send_body(r, status, "application/json", p, len, etag_step);
@@ -222,8 +233,13 @@ static optd_err parse_json(req *r, char *msg, size_t msglen)
         snprintf(msg, msglen, "this endpoint takes application/json");
         return OPTD_E_UNSUPPORTED_MEDIA_TYPE;
     }
+    /* A binary body sent without its Content-Type reads as broken JSON:
+     * say which header it needs. */
+    const char *hint = !header(r, MHD_HTTP_HEADER_CONTENT_TYPE) && (r->route == R_STEP || r->route == R_STATE)
+                           ? "; a binary body needs the header Content-Type: application/octet-stream"
+                           : "";
     if (!utf8_valid(r->body ? r->body : "", r->len)) {
-        snprintf(msg, msglen, "the body is not valid UTF-8");
+        snprintf(msg, msglen, "the body is not valid UTF-8%s", hint);
         return OPTD_E_BAD_JSON;
     }
     /* The body is NUL-terminated (on_request keeps it so); the parse must
@@ -233,7 +249,7 @@ static optd_err parse_json(req *r, char *msg, size_t msglen)
     while (r->json && end < body + r->len && strchr(" \t\r\n", *end) && *end)
         end++;
     if (!r->json || end != body + r->len || !json_numbers_strict(body, r->len)) {
-        snprintf(msg, msglen, "the body is not valid JSON");
+        snprintf(msg, msglen, "the body is not valid JSON%s", hint);
         return OPTD_E_BAD_JSON;
     }
     /* cJSON cuts a string at an escaped NUL; no string of this API may hold one. */
@@ -870,6 +886,59 @@ static enum MHD_Result other_length(void *cls, enum MHD_ValueKind kind, const ch
     return MHD_YES;
 }
 
+/* The query parameters each route takes (API.md): any other is a 400. */
+static const char *const *route_query(api_route route, size_t *n)
+{
+    static const char *const list[] = {"limit", "after"};
+    *n = route == R_SESSIONS || route == R_HISTORY ? 2 : 0;
+    return list;
+}
+
+typedef struct query_check {
+    const char *const *names;
+    size_t n;
+    char *msg;
+    size_t msglen;
+    int bad;
+} query_check;
+
+static enum MHD_Result check_query_arg(void *cls, enum MHD_ValueKind kind, const char *key, const char *value)
+{
+    query_check *q = cls;
+    (void)kind;
+    (void)value;
+    for (size_t i = 0; i < q->n; i++)
+        if (strcmp(key, q->names[i]) == 0)
+            return MHD_YES;
+    if (q->n) {
+        unknown_name_msg(q->msg, q->msglen, "query parameter", key, "this path's query", q->names, q->n);
+    } else {
+        snprintf(q->msg, q->msglen, "unknown query parameter \"%.64s\": this path takes none", key);
+    }
+    q->bad = 1;
+    return MHD_NO;
+}
+
+/* The checks of API.md's Conventions that need only the request head:
+ * unknown query parameters (400) and a Content-Encoding (415: bodies are
+ * taken as sent, uncompressed). */
+static optd_err convention_checks(req *r, char *msg, size_t msglen)
+{
+    query_check q = {NULL, 0, msg, msglen, 0};
+    q.names = route_query(r->route, &q.n);
+    if (r->route != R_ROOT) { /* a web page may carry what it likes */
+        MHD_get_connection_values(r->conn, MHD_GET_ARGUMENT_KIND, check_query_arg, &q);
+        if (q.bad)
+            return OPTD_E_BAD_REQUEST;
+    }
+    const char *ce = header(r, MHD_HTTP_HEADER_CONTENT_ENCODING);
+    if (ce && strcasecmp(ce, "identity") != 0)
+        return snprintf(msg, msglen, "Content-Encoding %.40s is not supported: send the body uncompressed "
+                        "(without Content-Encoding)", ce),
+               OPTD_E_UNSUPPORTED_MEDIA_TYPE;
+    return OPTD_OK;
+}
+
 /* The checks made on the first callback, before any of the body is read.
  * Returns OPTD_OK to go on reading, else the error to answer with. */
 static optd_err early_checks(req *r, const char *method, char *msg, size_t msglen)
@@ -879,12 +948,18 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
         return snprintf(msg, msglen, "the server is shutting down; retry"), OPTD_E_UNAVAILABLE;
     /* Every /v1 request needs the token, even to learn a path is unknown. */
     if (strncmp(r->path, "/v1", 3) == 0 && (r->path[3] == '/' || r->path[3] == '\0') && !authorized(r))
-        return OPTD_E_UNAUTHORIZED;
+        return snprintf(msg, msglen, "%s: send the header \"Authorization: Bearer <token>\" with the daemon's token",
+                        header(r, MHD_HTTP_HEADER_AUTHORIZATION) ? "the bearer token is wrong"
+                                                                 : "this daemon needs a bearer token"),
+               OPTD_E_UNAUTHORIZED;
     if (r->route == R_NONE)
         return snprintf(msg, msglen, "no such path"), OPTD_E_NOT_FOUND;
     if (!method_allowed(r->route, method))
         return snprintf(msg, msglen, "%s is not allowed here; allowed: %s", method, allow[r->route]),
                OPTD_E_METHOD_NOT_ALLOWED;
+    optd_err rc = convention_checks(r, msg, msglen);
+    if (rc)
+        return rc;
     if (r->route >= R_SESSION && !r->name_ok) {
         if (r->route == R_SESSION && strcmp(method, "PUT") == 0)
             return snprintf(msg, msglen, "a session name matches [A-Za-z0-9][A-Za-z0-9._-]{0,127}"), OPTD_E_INVALID;
@@ -905,8 +980,11 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
         if (ct && media_is(ct, "application/octet-stream"))
             r->binary = 1;
         else if (ct && !media_is(ct, "application/json"))
-            return snprintf(msg, msglen, "Content-Type %.60s is not supported; use application/json%s", ct,
-                            r->route == R_STEP ? " or application/octet-stream" : ""),
+            return snprintf(msg, msglen, "Content-Type %.60s is not supported; use application/json%s%s", ct,
+                            r->route == R_STEP || r->route == R_STATE ? " or application/octet-stream" : "",
+                            media_is(ct, "application/x-www-form-urlencoded")
+                                ? " (curl's -d sends this type: add -H 'Content-Type: application/json')"
+                                : ""),
                    OPTD_E_UNSUPPORTED_MEDIA_TYPE;
         if (r->binary && r->route != R_STEP)
             return snprintf(msg, msglen, "only steps take application/octet-stream"), OPTD_E_UNSUPPORTED_MEDIA_TYPE;
@@ -1011,6 +1089,22 @@ static void *watchdog_main(void *arg)
     return NULL;
 }
 
+/* Keeps the client's X-Request-Id when it is 1 to REQUEST_ID_MAX visible
+ * ASCII characters (a tracing system's id goes through unchanged), else
+ * makes one. */
+static void request_id(req *r)
+{
+    const char *v = header(r, "X-Request-Id");
+    size_t n = v ? strlen(v) : 0;
+    int ok = n > 0 && n <= REQUEST_ID_MAX;
+    for (size_t i = 0; ok && i < n; i++)
+        ok = v[i] > 0x20 && v[i] < 0x7f;
+    if (ok)
+        memcpy(r->rid, v, n + 1);
+    else
+        snprintf(r->rid, sizeof r->rid, "%016llx", (unsigned long long)r->id);
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
                                   const char *version, const char *upload, size_t *upload_size, void **con_cls)
 {
@@ -1028,6 +1122,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         r->conn = conn;
         r->t0 = mono_us();
         r->id = atomic_fetch_add(&srv->next_id, 1) + 1;
+        request_id(r);
         snprintf(r->method, sizeof r->method, "%s", method);
         snprintf(r->path, sizeof r->path, "%s", url);
         r->route = route_parse(url, r->name, &r->name_ok);
@@ -1087,8 +1182,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     metrics_count_request(&srv->m, r->route, status);
     if (srv->cfg.log) {
         char line[320];
-        snprintf(line, sizeof line, "%s %s %d %.3fms rid=%016llx", r->method, r->path, status,
-                 (double)(mono_us() - r->t0) / 1000.0, (unsigned long long)r->id);
+        snprintf(line, sizeof line, "%s %s %d %.3fms rid=%s", r->method, r->path, status,
+                 (double)(mono_us() - r->t0) / 1000.0, r->rid);
         srv->cfg.log(srv->cfg.log_ctx, line);
     }
     sess_free(r->job.newsess);
