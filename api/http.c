@@ -667,10 +667,23 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
     return rc;
 }
 
+/* Reads If-Match into r->job.if_match for a conditional PATCH, DELETE or
+ * PUT .../state ("*" asks for nothing more than an existing session, which
+ * those find anyway). */
+static optd_err conditional(req *r, char *msg, size_t msglen)
+{
+    if (parse_if_match(header(r, MHD_HTTP_HEADER_IF_MATCH), &r->job.if_match) == 0)
+        return OPTD_OK;
+    snprintf(msg, msglen, "If-Match must be a step in quotes, e.g. \"12\" (the ETag of GET /v1/sessions/%s)", r->name);
+    return OPTD_E_BAD_REQUEST;
+}
+
 static enum MHD_Result create_session(req *r, job_kind kind)
 {
     char msg[256] = "";
-    optd_err rc = parse_json(r, msg, sizeof msg);
+    optd_err rc = kind == JOB_PUT_STATE ? conditional(r, msg, sizeof msg) : OPTD_OK;
+    if (rc == OPTD_OK)
+        rc = parse_json(r, msg, sizeof msg);
     if (rc == OPTD_OK && kind == JOB_PUT_STATE) {
         /* The path names the session: a checkpoint restores under any name
          * (its own "name" member is only a record of where it came from). */
@@ -687,7 +700,9 @@ static enum MHD_Result create_session(req *r, job_kind kind)
 static enum MHD_Result patch_session(req *r)
 {
     char msg[256] = "";
-    optd_err rc = parse_json(r, msg, sizeof msg);
+    optd_err rc = conditional(r, msg, sizeof msg);
+    if (rc == OPTD_OK)
+        rc = parse_json(r, msg, sizeof msg);
     if (rc)
         return send_err(r, rc, msg, -1);
     rc = check_fields(r->json, "a PATCH body", patch_fields, 1, HINT_INSIDE, msg, sizeof msg);
@@ -857,6 +872,9 @@ static enum MHD_Result dispatch(req *r, const char *method)
         if (strcmp(method, "PATCH") == 0)
             return patch_session(r);
         r->job.kind = JOB_DELETE;
+        char msg[256];
+        if (conditional(r, msg, sizeof msg))
+            return send_err(r, OPTD_E_BAD_REQUEST, msg, -1);
         return submit(r);
     case R_STEP:
         return post_step(r);
