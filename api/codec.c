@@ -340,7 +340,7 @@ bool vec_finite(const void *x, size_t n, optim_dtype dtype, size_t *bad)
  * rounded from that double unless the double sits exactly on a float
  * midpoint, where double rounding could err; everything else goes to
  * strtod/strtof. Returns the end of the number, or NULL if none is there. */
-static const char *scan_number(const char *s, const char *end, optim_dtype dtype, double *out)
+const char *scan_number(const char *s, const char *end, optim_dtype dtype, double *out)
 {
     const char *p = s;
     uint64_t mant = 0;

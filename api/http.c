@@ -27,6 +27,7 @@ struct api_server {
     struct MHD_Daemon *mhd;
     int listen_fd;
     uint16_t port;
+    size_t state_body_max; /* the largest checkpoint body (checkpoint_max_bytes) */
     atomic_int stopping;
     atomic_uint active; /* requests between first callback and completion */
     atomic_ullong next_id;
@@ -74,6 +75,7 @@ typedef struct req {
     job job;
     int job_state; /* 0 none, 1 queued, 2 done */
     cJSON *json;   /* the parsed body, when the job borrows from it */
+    jbody *jb;     /* a body decoded as it arrives (create, PUT .../state), or NULL */
     void *grad;    /* decoded gradient, when not the body itself */
     char idem[256];
     int minimal, want_binary;
@@ -226,42 +228,31 @@ static int authorized(req *r)
     return diff == 0;
 }
 
-/* Parses the body as a JSON object into r->json. */
+/* The sentence a bad_json message ends with when the body may be binary
+ * data sent without its Content-Type. */
+static const char *binary_hint(req *r)
+{
+    return !header(r, MHD_HTTP_HEADER_CONTENT_TYPE) && (r->route == R_STEP || r->route == R_STATE)
+               ? "; a binary body needs the header Content-Type: application/octet-stream"
+               : "";
+}
+
+/* Parses the body as a JSON object into r->json: the streamed body's
+ * skeleton when it was decoded as it arrived (r->jb), else the buffer. */
 static optd_err parse_json(req *r, char *msg, size_t msglen)
 {
     if (r->binary) {
         snprintf(msg, msglen, "this endpoint takes application/json");
         return OPTD_E_UNSUPPORTED_MEDIA_TYPE;
     }
-    /* A binary body sent without its Content-Type reads as broken JSON:
-     * say which header it needs. */
-    const char *hint = !header(r, MHD_HTTP_HEADER_CONTENT_TYPE) && (r->route == R_STEP || r->route == R_STATE)
-                           ? "; a binary body needs the header Content-Type: application/octet-stream"
-                           : "";
-    if (!utf8_valid(r->body ? r->body : "", r->len)) {
-        snprintf(msg, msglen, "the body is not valid UTF-8%s", hint);
-        return OPTD_E_BAD_JSON;
+    if (r->jb) {
+        optd_err rc = jbody_finish(r->jb, &r->json, msg, msglen);
+        if (rc == OPTD_E_BAD_JSON && strlen(msg) + strlen(binary_hint(r)) < msglen)
+            strcat(msg, binary_hint(r));
+        return rc;
     }
-    /* The body is NUL-terminated (on_request keeps it so); the parse must
-     * end at its last byte, bar white space. */
-    const char *body = r->body ? r->body : "", *end = NULL;
-    r->json = cJSON_ParseWithOpts(body, &end, 0);
-    while (r->json && end < body + r->len && strchr(" \t\r\n", *end) && *end)
-        end++;
-    if (!r->json || end != body + r->len || !json_numbers_strict(body, r->len)) {
-        snprintf(msg, msglen, "the body is not valid JSON%s", hint);
-        return OPTD_E_BAD_JSON;
-    }
-    /* cJSON cuts a string at an escaped NUL; no string of this API may hold one. */
-    if (memmem(body, r->len, "\\u0000", 6)) {
-        snprintf(msg, msglen, "strings must not contain NUL (\\u0000)");
-        return OPTD_E_INVALID;
-    }
-    if (!cJSON_IsObject(r->json)) {
-        snprintf(msg, msglen, "the body must be a JSON object");
-        return OPTD_E_BAD_REQUEST;
-    }
-    return OPTD_OK;
+    /* on_request keeps the body NUL-terminated. */
+    return json_parse_object(r->body ? r->body : "", r->len, binary_hint(r), &r->json, msg, msglen);
 }
 
 /* ---- Writer jobs ------------------------------------------------------ */
@@ -630,20 +621,19 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
     if (params) {
         if (!cJSON_IsArray(params))
             return snprintf(msg, msglen, "params must be an array of numbers"), OPTD_E_BAD_REQUEST;
-        size_t n = (size_t)cJSON_GetArraySize(params);
+        /* Decoded as the body arrived, in the body's dtype. */
+        jvec *v = jbody_vec(r->jb, "params", 0);
+        size_t n = v ? v->n : 0;
         if (n == 0 || n > API_MAX_ELEMENTS)
             return snprintf(msg, msglen, "params must have 1 to %zu elements", API_MAX_ELEMENTS), OPTD_E_INVALID;
         if (fill)
             return snprintf(msg, msglen, "fill goes with size, not params"), OPTD_E_INVALID;
-        rc = sess_new(r->name, info, &hp, &tr, dtype, n, NULL, 0, out);
+        if (v->dtype != dtype)
+            return OPTD_E_INTERNAL;
+        rc = sess_adopt(r->name, info, &hp, &tr, dtype, n, &v->data, out);
         if (rc == OPTD_E_BAD_HYPERPARAM)
             snprintf(msg, msglen, "initial_accumulator_value is not a finite %s", dtype == OPTIM_F64 ? "float64" : "float32");
-        if (rc == OPTD_OK && (rc = json_to_vec(params, (*out)->st.params, n, dtype, msg, msglen)) != OPTD_OK) {
-            sess_free(*out);
-            *out = NULL;
-        }
-        if (*out)
-            sess_pack(*out);
+        jvec_release(v);
         return rc;
     }
     if (!size)
@@ -687,7 +677,7 @@ static enum MHD_Result create_session(req *r, job_kind kind)
     if (rc == OPTD_OK && kind == JOB_PUT_STATE) {
         /* The path names the session: a checkpoint restores under any name
          * (its own "name" member is only a record of where it came from). */
-        rc = sess_from_checkpoint(r->name, r->json, &r->job.newsess, msg, sizeof msg);
+        rc = sess_from_checkpoint(r->name, r->json, r->jb, &r->job.newsess, msg, sizeof msg);
     } else if (rc == OPTD_OK) {
         rc = session_from_body(r, &r->job.newsess, msg, sizeof msg);
     }
@@ -780,6 +770,15 @@ static enum MHD_Result post_step(req *r)
             j->weight = f.weight;
             goto decoded;
         }
+        /* Any other shape: the same streaming decoder as a create, fed the
+         * whole body, reads grad into r->grad; only the rest becomes a tree. */
+        jbody *jb = malloc(sizeof *jb);
+        if (!jb)
+            return send_err(r, OPTD_E_NOMEM, NULL, -1);
+        jbody_init(jb, JB_GRAD, r->len + 1, SIZE_MAX);
+        jbody_set_dtype(jb, j->dtype, r->grad, j->size);
+        jbody_feed(jb, r->body ? r->body : "", r->len);
+        r->jb = jb; /* freed with r */
         rc = parse_json(r, msg, sizeof msg);
         if (rc)
             return send_err(r, rc, msg, -1);
@@ -792,14 +791,12 @@ static enum MHD_Result post_step(req *r)
             return send_err(r, OPTD_E_INVALID, "grad is required: {\"grad\": [...]} with one number per element", -1);
         if (!cJSON_IsArray(g))
             return send_err(r, OPTD_E_BAD_REQUEST, "grad must be an array of numbers", -1);
-        size_t n = (size_t)cJSON_GetArraySize(g);
+        jvec *v = jbody_vec(jb, "grad", 0);
+        size_t n = v ? v->n : 0;
         if (n != j->size) {
             snprintf(msg, sizeof msg, "grad has %zu elements; the session has %zu", n, j->size);
             return send_err(r, OPTD_E_SIZE_MISMATCH, msg, -1);
         }
-        rc = json_to_vec(g, r->grad, n, j->dtype, msg, sizeof msg);
-        if (rc)
-            return send_err(r, rc, msg, -1);
         const cJSON *loss = cJSON_GetObjectItemCaseSensitive(r->json, "loss");
         const cJSON *weight = cJSON_GetObjectItemCaseSensitive(r->json, "weight");
         if (loss && !cJSON_IsNull(loss)) {
@@ -902,6 +899,35 @@ static enum MHD_Result other_length(void *cls, enum MHD_ValueKind kind, const ch
     if (strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH) == 0 && strcmp(value, l->first) != 0)
         l->conflicts++;
     return MHD_YES;
+}
+
+/* The largest body r may send: --max-body, except that PUT .../state takes
+ * whatever GET .../state writes for the largest session the daemon holds
+ * (API.md Steps: a checkpoint round-trips with the default flags). */
+static size_t body_limit(const req *r)
+{
+    if (r->route == R_STATE && strcmp(r->method, "PUT") == 0 && r->srv->state_body_max > r->srv->cfg.max_body)
+        return r->srv->state_body_max;
+    return r->srv->cfg.max_body;
+}
+
+/* Creates and PUT .../state decode their JSON bodies as they arrive, so
+ * memory follows the vectors' elements, not a tree of their text. */
+static optd_err body_setup(req *r, const char *method)
+{
+    unsigned paths = 0;
+    if (r->binary)
+        return OPTD_OK;
+    if ((r->route == R_SESSIONS && strcmp(method, "POST") == 0) || (r->route == R_SESSION && strcmp(method, "PUT") == 0))
+        paths = JB_PARAMS;
+    else if (r->route == R_STATE && strcmp(method, "PUT") == 0)
+        paths = JB_PARAMS | JB_STATE;
+    if (!paths)
+        return OPTD_OK;
+    if (!(r->jb = malloc(sizeof *r->jb)))
+        return OPTD_E_NOMEM;
+    jbody_init(r->jb, paths, JB_SKELETON_MAX, API_MAX_SESSION_BYTES);
+    return OPTD_OK;
 }
 
 /* The query parameters each route takes (API.md): any other is a 400. */
@@ -1011,8 +1037,8 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
         char *end;
         errno = 0;
         unsigned long long n = strtoull(cl, &end, 10);
-        if (errno == ERANGE || n > srv->cfg.max_body)
-            return snprintf(msg, msglen, "the body is over the %zu-byte limit", srv->cfg.max_body), OPTD_E_TOO_LARGE;
+        if (errno == ERANGE || n > body_limit(r))
+            return snprintf(msg, msglen, "the body is over the %zu-byte limit", body_limit(r)), OPTD_E_TOO_LARGE;
     }
     return OPTD_OK;
 }
@@ -1146,6 +1172,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         r->route = route_parse(url, r->name, &r->name_ok);
         char msg[256] = "";
         optd_err rc = early_checks(r, method, msg, sizeof msg);
+        if (rc == OPTD_OK)
+            rc = body_setup(r, method);
         if (rc)
             return send_err(r, rc, msg, -1);
         return MHD_YES;
@@ -1155,16 +1183,21 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     if (*upload_size) {
         size_t n = *upload_size;
         *upload_size = 0;
-        if (r->too_large || r->len + n > srv->cfg.max_body) {
+        if (r->too_large || r->len + n > body_limit(r)) {
             r->too_large = 1; /* keep draining, never buffer past the limit */
+            return MHD_YES;
+        }
+        if (r->jb) { /* decoded as it arrives: nothing is buffered */
+            jbody_feed(r->jb, upload, n);
+            r->len += n;
             return MHD_YES;
         }
         if (r->len + n + 1 > r->cap) {
             size_t cap = r->cap ? r->cap : 4096;
             while (cap < r->len + n + 1)
                 cap *= 2;
-            if (cap > srv->cfg.max_body + 1)
-                cap = srv->cfg.max_body + 1;
+            if (cap > body_limit(r) + 1)
+                cap = body_limit(r) + 1;
             char *p = realloc(r->body, cap);
             if (!p)
                 return MHD_NO;
@@ -1182,7 +1215,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         return MHD_YES;
     if (r->too_large) {
         char msg[96];
-        snprintf(msg, sizeof msg, "the body is over the %zu-byte limit", srv->cfg.max_body);
+        snprintf(msg, sizeof msg, "the body is over the %zu-byte limit", body_limit(r));
         return send_err(r, OPTD_E_TOO_LARGE, msg, -1);
     }
     return dispatch(r, method);
@@ -1208,6 +1241,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     free(r->job.out_params);
     sbuf_free(&r->job.out_json);
     cJSON_Delete(r->json);
+    jbody_free(r->jb);
+    free(r->jb);
     free(r->grad);
     free(r->body);
     free(r);
@@ -1260,6 +1295,7 @@ optd_err api_start(const api_config *cfg, store *st, api_server **out, char *err
         goto done;
     srv->cfg = *cfg;
     srv->st = st;
+    srv->state_body_max = checkpoint_max_bytes(API_MAX_SESSION_BYTES);
     srv->listen_fd = -1;
     pthread_mutex_init(&srv->conns_mu, NULL);
     pthread_cond_init(&srv->watchdog_cv, NULL);
