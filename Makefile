@@ -33,7 +33,7 @@ PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 COMMON_SRC := common/err.c
 OPTIM_SRC  := optim/optim.c optim/kernels.c
 STORE_SRC  := store/store.c
-API_SRC    := api/route.c api/strict.c api/training.c api/codec.c api/jbody.c api/session.c api/writer.c api/metrics.c api/http.c
+API_SRC    := api/route.c api/strict.c api/training.c api/codec.c api/jbody.c api/safetensors.c api/session.c api/writer.c api/metrics.c api/http.c
 DAEMON_SRC := daemon/main.c daemon/config.c
 
 LIB_SRC := $(COMMON_SRC) $(OPTIM_SRC) $(STORE_SRC) $(API_SRC)

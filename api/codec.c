@@ -206,6 +206,21 @@ void sbuf_vec(sbuf *b, const void *x, size_t n, optim_dtype dtype)
     b->len = (size_t)(p - b->p);
 }
 
+void sbuf_vec_items(sbuf *b, const void *x, size_t from, size_t n, optim_dtype dtype)
+{
+    if (grow(b, n * 26))
+        return;
+    char *p = b->p + b->len;
+    for (size_t i = from; i < from + n; i++) {
+        if (i)
+            *p++ = ',';
+        double v = dtype == OPTIM_F64 ? ((const double *)x)[i] : ((const float *)x)[i];
+        p += fmt_num(p, 26, v, dtype == OPTIM_F32);
+    }
+    *p = '\0';
+    b->len = (size_t)(p - b->p);
+}
+
 void sbuf_free(sbuf *b)
 {
     free(b->p);

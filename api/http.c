@@ -76,6 +76,7 @@ typedef struct req {
     int job_state; /* 0 none, 1 queued, 2 done */
     cJSON *json;   /* the parsed body, when the job borrows from it */
     jbody *jb;     /* a body decoded as it arrives (create, PUT .../state), or NULL */
+    st_reader *st; /* a binary checkpoint read as it arrives, or NULL */
     void *grad;    /* decoded gradient, when not the body itself */
     char idem[256];
     int minimal, want_binary;
@@ -104,6 +105,8 @@ static int method_allowed(api_route route, const char *method)
 
 /* ---- Replies ---------------------------------------------------------- */
 
+static enum MHD_Result queue(req *r, int status, struct MHD_Response *resp, const char *ctype, const char *etag_step);
+
 /* Queues a reply whose body (malloc'd, len bytes) MHD frees once sent. */
 static enum MHD_Result send_body(req *r, int status, const char *ctype, char *body, size_t len, const char *etag_step)
 {
@@ -112,6 +115,13 @@ static enum MHD_Result send_body(req *r, int status, const char *ctype, char *bo
         free(body);
         return MHD_NO;
     }
+    return queue(r, status, resp, ctype, etag_step);
+}
+
+/* Adds the headers every reply carries and queues resp (and drops our
+ * reference to it). */
+static enum MHD_Result queue(req *r, int status, struct MHD_Response *resp, const char *ctype, const char *etag_step)
+{
     if (ctype)
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
     if (etag_step) {
@@ -529,6 +539,114 @@ static enum MHD_Result get_history(req *r)
     return send_json(r, 200, &b, NULL);
 }
 
+/* A checkpoint sent as it is written: the session's blob is the only copy
+ * of its state in memory, whatever its size (API.md Binary checkpoints). */
+typedef struct ckpt_stream {
+    sess *s;       /* owned */
+    int binary;    /* safetensors, else JSON */
+    sbuf pend;     /* bytes written and not yet sent, from off */
+    size_t off;
+    int vec;       /* JSON: -1 params, then buffer indices; n_buffers: done */
+    size_t elem;   /* the next element of that vector */
+    int done;      /* everything is in pend */
+} ckpt_stream;
+
+#define CKPT_PIECE 8192 /* elements formatted at a time */
+
+/* Writes the next piece of the JSON checkpoint into cs->pend, in exactly
+ * the form sess_state_to_json writes at once. */
+static void ckpt_more_json(ckpt_stream *cs)
+{
+    const sess *s = cs->s;
+    const optim_info *info = s->info;
+    if (cs->vec < -1) {
+        sess_head_to_json(&cs->pend, s);
+        cs->pend.len--; /* reopen the object */
+        sbuf_puts(&cs->pend, ",\"params\":[");
+        cs->vec = -1;
+        cs->elem = 0;
+        return;
+    }
+    const void *x = cs->vec < 0 ? s->st.params : s->st.buf[cs->vec];
+    if (cs->elem < s->n) {
+        size_t k = s->n - cs->elem < CKPT_PIECE ? s->n - cs->elem : CKPT_PIECE;
+        if (cs->elem)
+            sbuf_put(&cs->pend, ",", 1);
+        sbuf_vec_items(&cs->pend, (const char *)x + cs->elem * optim_elem_size(s->dtype), 0, k, s->dtype);
+        cs->elem += k;
+        return;
+    }
+    sbuf_put(&cs->pend, "]", 1);
+    int first = cs->vec < 0;
+    int next = cs->vec + 1;
+    while (next < (int)info->n_buffers && !s->st.buf[next])
+        next++;
+    if (first)
+        sbuf_puts(&cs->pend, ",\"state\":{");
+    if (next < (int)info->n_buffers) {
+        sbuf_printf(&cs->pend, "%s\"%s\":[", first ? "" : ",", info->buffers[next]);
+        cs->vec = next;
+        cs->elem = 0;
+        return;
+    }
+    if (info->scalar) {
+        int any = 0;
+        for (size_t i = 0; i < info->n_buffers; i++)
+            any |= s->st.buf[i] != NULL;
+        sbuf_printf(&cs->pend, "%s\"%s\":", any ? "," : "", info->scalar);
+        sbuf_num(&cs->pend, s->st.scalar, 0);
+    }
+    sbuf_puts(&cs->pend, "}}\n");
+    cs->done = 1;
+}
+
+static ssize_t ckpt_read(void *cls, uint64_t pos, char *buf, size_t max)
+{
+    ckpt_stream *cs = cls;
+    (void)pos;
+    if (cs->binary) {
+        /* pend holds the header; then the blob itself. */
+        size_t hl = cs->pend.len, total = hl + st_data_len(cs->s);
+        if (cs->off >= total)
+            return MHD_CONTENT_READER_END_OF_STREAM;
+        size_t k = 0;
+        if (cs->off < hl) {
+            k = hl - cs->off < max ? hl - cs->off : max;
+            memcpy(buf, cs->pend.p + cs->off, k);
+        } else {
+            size_t at = cs->off - hl;
+            k = total - cs->off < max ? total - cs->off : max;
+            memcpy(buf, cs->s->blob + at, k);
+        }
+        cs->off += k;
+        return (ssize_t)k;
+    }
+    while (cs->pend.len - cs->off < max && !cs->done && !cs->pend.oom) {
+        if (cs->off > 0) { /* drop what was sent */
+            memmove(cs->pend.p, cs->pend.p + cs->off, cs->pend.len - cs->off);
+            cs->pend.len -= cs->off;
+            cs->off = 0;
+        }
+        ckpt_more_json(cs);
+    }
+    if (cs->pend.oom)
+        return MHD_CONTENT_READER_END_WITH_ERROR;
+    size_t k = cs->pend.len - cs->off < max ? cs->pend.len - cs->off : max;
+    if (k == 0)
+        return MHD_CONTENT_READER_END_OF_STREAM;
+    memcpy(buf, cs->pend.p + cs->off, k);
+    cs->off += k;
+    return (ssize_t)k;
+}
+
+static void ckpt_free(void *cls)
+{
+    ckpt_stream *cs = cls;
+    sess_free(cs->s);
+    sbuf_free(&cs->pend);
+    free(cs);
+}
+
 static enum MHD_Result get_state(req *r)
 {
     sess *s = NULL;
@@ -537,10 +655,30 @@ static enum MHD_Result get_state(req *r)
         return send_err(r, rc, NULL, -1);
     char etag[24];
     step_str(s->row.step, etag);
-    sbuf b = {0};
-    sess_state_to_json(&b, s);
-    sess_free(s);
-    return send_json(r, 200, &b, etag);
+    ckpt_stream *cs = calloc(1, sizeof *cs);
+    if (!cs) {
+        sess_free(s);
+        return send_err(r, OPTD_E_NOMEM, NULL, -1);
+    }
+    cs->s = s;
+    cs->vec = -2;
+    cs->binary = accepts_binary(r);
+    if (cs->binary && st_header(s, &cs->pend) != OPTD_OK) {
+        ckpt_free(cs);
+        return send_err(r, OPTD_E_NOMEM, NULL, -1);
+    }
+    uint64_t size = cs->binary ? cs->pend.len + st_data_len(s) : MHD_SIZE_UNKNOWN;
+    struct MHD_Response *resp = MHD_create_response_from_callback(size, 64 * 1024, ckpt_read, cs, ckpt_free);
+    if (!resp) {
+        ckpt_free(cs);
+        return MHD_NO;
+    }
+    if (cs->binary) {
+        char cd[200];
+        snprintf(cd, sizeof cd, "attachment; filename=\"%s.safetensors\"", r->name);
+        MHD_add_response_header(resp, "Content-Disposition", cd);
+    }
+    return queue(r, 200, resp, cs->binary ? "application/octet-stream" : "application/json", etag);
 }
 
 /* The fields of a create body (API.md Sessions, Training features), less
@@ -672,6 +810,13 @@ static enum MHD_Result create_session(req *r, job_kind kind)
 {
     char msg[256] = "";
     optd_err rc = kind == JOB_PUT_STATE ? conditional(r, msg, sizeof msg) : OPTD_OK;
+    if (rc == OPTD_OK && r->st) {
+        rc = st_reader_finish(r->st, &r->job.newsess, msg, sizeof msg);
+        if (rc)
+            return send_err(r, rc, msg, -1);
+        r->job.kind = JOB_PUT_STATE;
+        return submit(r);
+    }
     if (rc == OPTD_OK)
         rc = parse_json(r, msg, sizeof msg);
     if (rc == OPTD_OK && kind == JOB_PUT_STATE) {
@@ -916,6 +1061,8 @@ static size_t body_limit(const req *r)
 static optd_err body_setup(req *r, const char *method)
 {
     unsigned paths = 0;
+    if (r->binary && r->route == R_STATE)
+        return (r->st = st_reader_new(r->name)) ? OPTD_OK : OPTD_E_NOMEM;
     if (r->binary)
         return OPTD_OK;
     if ((r->route == R_SESSIONS && strcmp(method, "POST") == 0) || (r->route == R_SESSION && strcmp(method, "PUT") == 0))
@@ -1030,8 +1177,9 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
                                 ? " (curl's -d sends this type: add -H 'Content-Type: application/json')"
                                 : ""),
                    OPTD_E_UNSUPPORTED_MEDIA_TYPE;
-        if (r->binary && r->route != R_STEP)
-            return snprintf(msg, msglen, "only steps take application/octet-stream"), OPTD_E_UNSUPPORTED_MEDIA_TYPE;
+        if (r->binary && r->route != R_STEP && !(r->route == R_STATE && strcmp(method, "PUT") == 0))
+            return snprintf(msg, msglen, "only steps and PUT .../state take application/octet-stream"),
+                   OPTD_E_UNSUPPORTED_MEDIA_TYPE;
     }
     if (cl) {
         char *end;
@@ -1187,8 +1335,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             r->too_large = 1; /* keep draining, never buffer past the limit */
             return MHD_YES;
         }
-        if (r->jb) { /* decoded as it arrives: nothing is buffered */
-            jbody_feed(r->jb, upload, n);
+        if (r->jb || r->st) { /* decoded as it arrives: nothing is buffered */
+            if (r->jb)
+                jbody_feed(r->jb, upload, n);
+            else
+                st_reader_feed(r->st, upload, n);
             r->len += n;
             return MHD_YES;
         }
@@ -1243,6 +1394,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     cJSON_Delete(r->json);
     jbody_free(r->jb);
     free(r->jb);
+    st_reader_free(r->st);
     free(r->grad);
     free(r->body);
     free(r);

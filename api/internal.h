@@ -294,6 +294,29 @@ optd_err sess_config_from_json(const cJSON *o, const optim_info **info, optim_dt
 void sess_to_json(sbuf *b, const store_session *row);
 /* Appends the full checkpoint object (GET .../state). */
 void sess_state_to_json(sbuf *b, const sess *s);
+/* Appends the checkpoint's fields other than params and state, as a whole
+ * object (the start of sess_state_to_json, closed). */
+void sess_head_to_json(sbuf *b, const sess *s);
+/* Appends a vector's elements [from, from + n) of dtype, comma-separated,
+ * without brackets (a JSON array written in pieces). */
+void sbuf_vec_items(sbuf *b, const void *x, size_t from, size_t n, optim_dtype dtype);
+
+/* ---- safetensors.c ---------------------------------------------------- */
+
+/* Appends the 8-byte length and the header of s's safetensors checkpoint;
+ * the file's data that follows is the first st_data_len(s) bytes of s->blob
+ * (params, then each used buffer). */
+optd_err st_header(const sess *s, sbuf *out);
+size_t st_data_len(const sess *s);
+/* A safetensors checkpoint read as it arrives, its tensors copied straight
+ * into the session it describes (one copy of the state in memory). */
+typedef struct st_reader st_reader;
+st_reader *st_reader_new(const char *name);
+void st_reader_feed(st_reader *r, const void *data, size_t n);
+/* After the last byte: the session (caller frees) validated like a JSON
+ * checkpoint, or the error with msg. */
+optd_err st_reader_finish(st_reader *r, sess **out, char *msg, size_t msglen);
+void st_reader_free(st_reader *r);
 /* Builds a session named name from a checkpoint: obj is its JSON (the
  * skeleton of a streamed body, each vector left as []) and jb holds its
  * vectors (released as they are copied). Validated like a create: sizes,

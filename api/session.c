@@ -370,6 +370,12 @@ void sess_to_json(sbuf *b, const store_session *row)
     sbuf_printf(b, ",\"created_at\":\"%s\",\"updated_at\":\"%s\"}", c, u);
 }
 
+void sess_head_to_json(sbuf *b, const sess *s)
+{
+    head_to_json(b, &s->row);
+    sbuf_put(b, "}", 1);
+}
+
 void sess_state_to_json(sbuf *b, const sess *s)
 {
     head_to_json(b, &s->row);
