@@ -16,6 +16,7 @@ from .errors import (AlreadyExists, BadHyperparam, BadRequest, Conflict, Connect
                      OptdError, RoundTimeout, SizeMismatch, StepMismatch, TooLarge,
                      Unauthorized, UnknownField, UnknownOptimizer, Unavailable, UnsupportedMediaType)
 from .sharded import ShardedClient, list_all
+from . import safetensors
 
 __version__ = "0.1.0"
 
@@ -24,5 +25,5 @@ __all__ = [
     "OptdError", "BadRequest", "Unauthorized", "NotFound", "MethodNotAllowed", "Conflict",
     "AlreadyExists", "StepMismatch", "TooLarge", "UnsupportedMediaType", "Invalid",
     "SizeMismatch", "NonFinite", "UnknownOptimizer", "BadHyperparam", "UnknownField", "IdempotencyMismatch",
-    "Unavailable", "RoundTimeout", "ConnectionFailed",
+    "Unavailable", "RoundTimeout", "ConnectionFailed", "safetensors",
 ]
