@@ -1,6 +1,6 @@
 # optd: one non-recursive Makefile. `make` builds build/optd, `make test` runs
 # every test, `make asan` runs them again under ASan+UBSan, `make run` starts
-# the daemon on its defaults. Missing Debian packages are installed by
+# the daemon (on its defaults, or with ARGS="--flag value ..."). Missing Debian packages are installed by
 # deploy/install-deps.sh (as root) or named in a clear message.
 
 ifeq ($(origin CC),default)
@@ -70,8 +70,11 @@ $(B)/tests/%: $(B)/tests/%.o $(LIB_OBJ)
 	$(CC) $(LDFLAGS) -o $@ $^ $(PKG_LIBS) -lcmocka $(LDLIBS)
 $(B)/tests/test_config: $(B)/daemon/config.o
 
+# make run ARGS="--listen 127.0.0.1:9000 --db /tmp/x.db": flags for the daemon
+# (the OPTD_* environment variables work too).
+ARGS ?=
 run: all
-	./$(B)/optd
+	./$(B)/optd $(ARGS)
 
 unit: deps $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; (cd tests && ../$$t); done
