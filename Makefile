@@ -178,7 +178,10 @@ fuzz: deps
 # torch.optim, api/openapi.json against the served routes, the container root
 # fs (deploy/build-image-rootfs.sh) run as the image would, the Kubernetes
 # manifests, three shards behind HAProxy (deploy/haproxy.cfg), the curl
-# cookbook. Installs its Debian packages when root (deploy/install-deps.sh ecosystem).
+# cookbook and README's commands, TypeScript types from the served OpenAPI
+# document checked by tsc (openapi-typescript and typescript from the npm
+# registry, installed once into build/ts; skipped without npm). Installs its
+# Debian packages when root (deploy/install-deps.sh ecosystem).
 .PHONY: ecosystem
 ecosystem: all
 	sh deploy/install-deps.sh --optional ecosystem

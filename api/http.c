@@ -155,12 +155,8 @@ static enum MHD_Result send_static(req *r, const char *ctype, const unsigned cha
     struct MHD_Response *resp = MHD_create_response_from_buffer(len, (void *)data, MHD_RESPMEM_PERSISTENT);
     if (!resp)
         return MHD_NO;
-    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
-    r->status = 200;
-    enum MHD_Result ret = MHD_queue_response(r->conn, 200, resp);
-    MHD_destroy_response(resp);
-    return ret;
+    return queue(r, 200, resp, ctype, NULL);
 }
 
 static enum MHD_Result send_json(req *r, int status, sbuf *b, const char *etag_step)
