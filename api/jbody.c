@@ -137,7 +137,20 @@ static int put_number(jbody *jb, jvec *v, const char *s, size_t len)
     return 0;
 }
 
-static int is_num_char(char c) { return isdigit((unsigned char)c) || c == '-' || c == '+' || c == '.' || c == 'e' || c == 'E'; }
+/* The bytes of one element's token: a number, or a word (true, nan, ...). */
+static int is_num_char(char c) { return isalnum((unsigned char)c) || c == '-' || c == '+' || c == '.'; }
+
+/* One whole element token: a number, else the error for what it is. */
+static int put_token(jbody *jb, jvec *v, const char *s, size_t len)
+{
+    if (isdigit((unsigned char)s[0]) || s[0] == '-')
+        return put_number(jb, v, s, len);
+    char label[80];
+    vec_label(v, label, sizeof label);
+    if ((len == 4 && (memcmp(s, "true", 4) == 0 || memcmp(s, "null", 4) == 0)) || (len == 5 && memcmp(s, "false", 5) == 0))
+        return fail(jb, OPTD_E_BAD_REQUEST, "%s must be an array of numbers; element %zu is not a number", label, v->n);
+    return fail(jb, OPTD_E_BAD_JSON, "the body is not valid JSON (in %s)", label);
+}
 
 /* Starts a vector for member key (in_state: under "state"). */
 static int vec_open(jbody *jb, const char *key, int in_state)
@@ -184,7 +197,7 @@ static const char *vec_feed(jbody *jb, const char *p, const char *end)
                 return end;
             }
             jb->num[jb->numlen] = '\0';
-            put_number(jb, v, jb->num, jb->numlen);
+            put_token(jb, v, jb->num, jb->numlen);
             jb->numlen = 0;
             jb->vstate = V_COMMA_OR_END;
             continue;
@@ -209,7 +222,7 @@ static const char *vec_feed(jbody *jb, const char *p, const char *end)
             jb->cur = NULL;
             return p + 1;
         }
-        if (c == '-' || isdigit((unsigned char)c)) {
+        if (is_num_char(c)) {
             const char *q = p;
             while (q < end && is_num_char(*q))
                 q++;
@@ -222,14 +235,14 @@ static const char *vec_feed(jbody *jb, const char *p, const char *end)
                 jb->numlen = (size_t)(q - p);
                 return end;
             }
-            put_number(jb, v, p, (size_t)(q - p));
+            put_token(jb, v, p, (size_t)(q - p));
             jb->vstate = V_COMMA_OR_END;
             p = q;
             continue;
         }
         char label[80];
         vec_label(v, label, sizeof label);
-        if (strchr("\"[{tfn", c))
+        if (strchr("\"[{", c))
             fail(jb, OPTD_E_BAD_REQUEST, "%s must be an array of numbers; element %zu is not a number", label, v->n);
         else
             fail(jb, OPTD_E_BAD_JSON, "the body is not valid JSON (in %s)", label);

@@ -292,7 +292,8 @@ static void test_bad_streamed_bodies_are_refused_with_the_right_code(void **unus
         {"{\"params\":[1,\"2\"]}", OPTD_E_BAD_REQUEST},  {"{\"params\":[1,[2]]}", OPTD_E_BAD_REQUEST},
         {"{\"params\":[1,null]}", OPTD_E_BAD_REQUEST},    {"{\"params\":[1e39],\"dtype\":\"float32\"}", OPTD_E_NON_FINITE},
         {"{\"params\":[1],\"params\":[2]}", OPTD_E_BAD_REQUEST}, {"{\"params\":[1]} x", OPTD_E_BAD_JSON},
-        {"[1,2]", OPTD_E_BAD_REQUEST},                   {"{\"params\":[1e999],\"dtype\":\"float64\"}", OPTD_E_NON_FINITE},
+        {"[1,2]", OPTD_E_BAD_REQUEST},                   {"{\"params\":[1,nan]}", OPTD_E_BAD_JSON},
+        {"{\"params\":[true]}", OPTD_E_BAD_REQUEST},      {"{\"params\":[nulls]}", OPTD_E_BAD_JSON},                   {"{\"params\":[1e999],\"dtype\":\"float64\"}", OPTD_E_NON_FINITE},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         for (size_t piece = 1; piece <= 4; piece += 3) {
