@@ -274,7 +274,7 @@ static int is_vector_key(const jbody *jb, int *in_state)
  * vectors still to come. */
 static void member_done(jbody *jb)
 {
-    if (jb->key1_bad)
+    if (jb->key1_bad || !jb->skel.p || jb->skel.oom || jb->val_start >= jb->skel.len)
         return;
     const char *s = jb->skel.p + jb->val_start, *e = jb->skel.p + jb->skel.len - 1;
     while (s < e && isspace((unsigned char)*s))

@@ -526,6 +526,11 @@ optd_err ckpt_begin(const char *name, const cJSON *obj, size_t n, void **take, s
             continue;
         }
         void *dst;
+        if (strcmp(e->string, "params") == 0) {
+            snprintf(msg, msglen, "\"params\" is not a state buffer: the params go at the top of the checkpoint");
+            rc = OPTD_E_UNKNOWN_FIELD;
+            goto done;
+        }
         if ((rc = ckpt_target(s, e->string, &dst, msg, msglen)) != OPTD_OK)
             goto done;
         if (!cJSON_IsArray(e)) {

@@ -84,8 +84,15 @@ class StartupTests(unittest.TestCase):
         d = Daemon(args, env)
         self.addCleanup(d.cleanup)
         d.start()
-        with open(d.log_path) as f:
-            return [ln for ln in f.read().splitlines() if "listening" in ln][0]
+        # The line is printed once the server runs, which may be just after
+        # it first answers: wait for it (bounded).
+        for _ in range(200):
+            with open(d.log_path) as f:
+                lines = [ln for ln in f.read().splitlines() if "listening" in ln]
+            if lines:
+                return lines[0]
+            time.sleep(0.05)
+        self.fail("no startup line in %s" % d.log())
 
     def test_startup_line_says_sync_mode_and_token(self):
         line = self.start_line([])

@@ -96,7 +96,8 @@ class StrictBodyTests(DaemonTest):
                                  (dict(st, stat=st["state"]), "stat", "state"),
                                  (dict(st, state=dict(st["state"], exp_avgs=[0, 0])), "exp_avgs", "exp_avg"),
                                  (dict(st, hyperparams=dict(st["hyperparams"], momentum=0.9)), "momentum",
-                                  "momentum_decay")):
+                                  "momentum_decay"),
+                                 (dict(st, state=dict(st["state"], params=[9, 9])), "params", None)):
             with self.subTest(field=field):
                 before = self.snapshot(b)
                 self.rejected(self.d.request("PUT", "/v1/sessions/%s/state" % b, json_body=bad), field, near)
