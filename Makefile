@@ -1,6 +1,6 @@
 # optd: one non-recursive Makefile. `make` builds build/optd, `make test` runs
 # every test, `make asan` runs them again under ASan+UBSan, `make run` starts
-# the daemon on its defaults. Missing Debian packages are installed by
+# the daemon (on its defaults, or with ARGS="--flag value ..."). Missing Debian packages are installed by
 # deploy/install-deps.sh (as root) or named in a clear message.
 
 ifeq ($(origin CC),default)
@@ -33,7 +33,7 @@ PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 COMMON_SRC := common/err.c
 OPTIM_SRC  := optim/optim.c optim/kernels.c
 STORE_SRC  := store/store.c
-API_SRC    := api/route.c api/training.c api/codec.c api/session.c api/writer.c api/metrics.c api/http.c api/ops.c
+API_SRC    := api/route.c api/strict.c api/training.c api/codec.c api/jbody.c api/safetensors.c api/session.c api/writer.c api/metrics.c api/http.c api/ops.c
 DAEMON_SRC := daemon/main.c daemon/config.c
 
 LIB_SRC := $(COMMON_SRC) $(OPTIM_SRC) $(STORE_SRC) $(API_SRC)
@@ -70,8 +70,11 @@ $(B)/tests/%: $(B)/tests/%.o $(LIB_OBJ)
 	$(CC) $(LDFLAGS) -o $@ $^ $(PKG_LIBS) -lcmocka $(LDLIBS)
 $(B)/tests/test_config: $(B)/daemon/config.o
 
+# make run ARGS="--listen 127.0.0.1:9000 --db /tmp/x.db": flags for the daemon
+# (the OPTD_* environment variables work too).
+ARGS ?=
 run: all
-	./$(B)/optd
+	./$(B)/optd $(ARGS)
 
 unit: deps $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; (cd tests && ../$$t); done
@@ -186,7 +189,10 @@ fuzz: deps
 # torch.optim, api/openapi.json against the served routes, the container root
 # fs (deploy/build-image-rootfs.sh) run as the image would, the Kubernetes
 # manifests, three shards behind HAProxy (deploy/haproxy.cfg), the curl
-# cookbook. Installs its Debian packages when root (deploy/install-deps.sh ecosystem).
+# cookbook and README's commands, TypeScript types from the served OpenAPI
+# document checked by tsc (openapi-typescript and typescript from the npm
+# registry, installed once into build/ts; skipped without npm). Installs its
+# Debian packages when root (deploy/install-deps.sh ecosystem).
 .PHONY: ecosystem
 ecosystem: all
 	sh deploy/install-deps.sh --optional ecosystem

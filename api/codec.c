@@ -206,6 +206,21 @@ void sbuf_vec(sbuf *b, const void *x, size_t n, optim_dtype dtype)
     b->len = (size_t)(p - b->p);
 }
 
+void sbuf_vec_items(sbuf *b, const void *x, size_t from, size_t n, optim_dtype dtype)
+{
+    if (grow(b, n * 26))
+        return;
+    char *p = b->p + b->len;
+    for (size_t i = from; i < from + n; i++) {
+        if (i)
+            *p++ = ',';
+        double v = dtype == OPTIM_F64 ? ((const double *)x)[i] : ((const float *)x)[i];
+        p += fmt_num(p, 26, v, dtype == OPTIM_F32);
+    }
+    *p = '\0';
+    b->len = (size_t)(p - b->p);
+}
+
 void sbuf_free(sbuf *b)
 {
     free(b->p);
@@ -340,7 +355,7 @@ bool vec_finite(const void *x, size_t n, optim_dtype dtype, size_t *bad)
  * rounded from that double unless the double sits exactly on a float
  * midpoint, where double rounding could err; everything else goes to
  * strtod/strtof. Returns the end of the number, or NULL if none is there. */
-static const char *scan_number(const char *s, const char *end, optim_dtype dtype, double *out)
+const char *scan_number(const char *s, const char *end, optim_dtype dtype, double *out)
 {
     const char *p = s;
     uint64_t mant = 0;

@@ -30,6 +30,7 @@ struct api_server {
     int listen_fd;
     uint16_t port;
     int host_check; /* loopback listener without a token: Host must be a loopback name */
+    size_t state_body_max; /* the largest checkpoint body (checkpoint_max_bytes) */
     atomic_int stopping;
     atomic_uint active; /* requests between first callback and completion */
     atomic_ullong next_id;
@@ -59,6 +60,9 @@ typedef struct conn_track {
     struct conn_track *prev, *next;
 } conn_track;
 
+/* The longest client X-Request-Id kept (longer ones are replaced by ours). */
+#define REQUEST_ID_MAX 128
+
 typedef struct req {
     api_server *srv;
     struct MHD_Connection *conn;
@@ -79,6 +83,8 @@ typedef struct req {
     job job;
     int job_state; /* 0 none, 1 queued, 2 done */
     cJSON *json;   /* the parsed body, when the job borrows from it */
+    jbody *jb;     /* a body decoded as it arrives (create, PUT .../state), or NULL */
+    st_reader *st; /* a binary checkpoint read as it arrives, or NULL */
     void *grad;    /* decoded gradient, when not the body itself */
     char idem[256];
     int minimal, want_binary;
@@ -86,6 +92,7 @@ typedef struct req {
     /* An operation handed to ops.c (job_state as for a job). */
     op op;
     int is_op;
+    char rid[REQUEST_ID_MAX + 1]; /* X-Request-Id: the client's, else ours */
 } req;
 
 static const char *const allow[R_COUNT] = {
@@ -111,6 +118,8 @@ static int method_allowed(api_route route, const char *method)
 
 /* ---- Replies ---------------------------------------------------------- */
 
+static enum MHD_Result queue(req *r, int status, struct MHD_Response *resp, const char *ctype, const char *etag_step);
+
 /* Queues a reply whose body (malloc'd, len bytes) MHD frees once sent. */
 static enum MHD_Result send_body(req *r, int status, const char *ctype, char *body, size_t len, const char *etag_step)
 {
@@ -119,6 +128,13 @@ static enum MHD_Result send_body(req *r, int status, const char *ctype, char *bo
         free(body);
         return MHD_NO;
     }
+    return queue(r, status, resp, ctype, etag_step);
+}
+
+/* Adds the headers every reply carries and queues resp (and drops our
+ * reference to it). */
+static enum MHD_Result queue(req *r, int status, struct MHD_Response *resp, const char *ctype, const char *etag_step)
+{
     if (ctype)
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
     if (etag_step) {
@@ -126,10 +142,10 @@ static enum MHD_Result send_body(req *r, int status, const char *ctype, char *bo
         snprintf(etag, sizeof etag, "\"%s\"", etag_step);
         MHD_add_response_header(resp, MHD_HTTP_HEADER_ETAG, etag);
     }
-    char rid[24];
-    snprintf(rid, sizeof rid, "%016llx", (unsigned long long)r->id);
-    MHD_add_response_header(resp, "X-Request-Id", rid);
+    MHD_add_response_header(resp, "X-Request-Id", r->rid);
     MHD_add_response_header(resp, "Optd-Instance", r->srv->instance);
+    if (status == 401)
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer");
     if (status == 405 && r->route < R_COUNT && allow[r->route])
         MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, allow[r->route]);
     if (status == 201 && r->name[0]) {
@@ -153,12 +169,8 @@ static enum MHD_Result send_static(req *r, const char *ctype, const unsigned cha
     struct MHD_Response *resp = MHD_create_response_from_buffer(len, (void *)data, MHD_RESPMEM_PERSISTENT);
     if (!resp)
         return MHD_NO;
-    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
-    r->status = 200;
-    enum MHD_Result ret = MHD_queue_response(r->conn, 200, resp);
-    MHD_destroy_response(resp);
-    return ret;
+    return queue(r, 200, resp, ctype, NULL);
 }
 
 static enum MHD_Result send_json(req *r, int status, sbuf *b, const char *etag_step)
@@ -170,7 +182,14 @@ static enum MHD_Result send_json(req *r, int status, sbuf *b, const char *etag_s
         if (b->oom)
             return MHD_NO;
     }
-    char *p = b->p ? b->p : strdup("");
+    /* A JSON reply ends with a newline, so a shell prompt starts on a line
+     * of its own after curl. */
+    sbuf_put(b, "\n", 1);
+    if (b->oom) {
+        sbuf_free(b);
+        return MHD_NO;
+    }
+    char *p = b->p;
     size_t len = b->len;
     memset(b, 0, sizeof *b);
     return send_body(r, status, "application/json", p, len, etag_step);
@@ -229,37 +248,31 @@ static int authorized(req *r)
     return diff == 0;
 }
 
-/* Parses the body as a JSON object into r->json. */
+/* The sentence a bad_json message ends with when the body may be binary
+ * data sent without its Content-Type. */
+static const char *binary_hint(req *r)
+{
+    return !header(r, MHD_HTTP_HEADER_CONTENT_TYPE) && (r->route == R_STEP || r->route == R_STATE)
+               ? "; a binary body needs the header Content-Type: application/octet-stream"
+               : "";
+}
+
+/* Parses the body as a JSON object into r->json: the streamed body's
+ * skeleton when it was decoded as it arrived (r->jb), else the buffer. */
 static optd_err parse_json(req *r, char *msg, size_t msglen)
 {
     if (r->binary) {
         snprintf(msg, msglen, "this endpoint takes application/json");
         return OPTD_E_UNSUPPORTED_MEDIA_TYPE;
     }
-    if (!utf8_valid(r->body ? r->body : "", r->len)) {
-        snprintf(msg, msglen, "the body is not valid UTF-8");
-        return OPTD_E_BAD_JSON;
+    if (r->jb) {
+        optd_err rc = jbody_finish(r->jb, &r->json, msg, msglen);
+        if (rc == OPTD_E_BAD_JSON && strlen(msg) + strlen(binary_hint(r)) < msglen)
+            strcat(msg, binary_hint(r));
+        return rc;
     }
-    /* The body is NUL-terminated (on_request keeps it so); the parse must
-     * end at its last byte, bar white space. */
-    const char *body = r->body ? r->body : "", *end = NULL;
-    r->json = cJSON_ParseWithOpts(body, &end, 0);
-    while (r->json && end < body + r->len && strchr(" \t\r\n", *end) && *end)
-        end++;
-    if (!r->json || end != body + r->len || !json_numbers_strict(body, r->len)) {
-        snprintf(msg, msglen, "the body is not valid JSON");
-        return OPTD_E_BAD_JSON;
-    }
-    /* cJSON cuts a string at an escaped NUL; no string of this API may hold one. */
-    if (memmem(body, r->len, "\\u0000", 6)) {
-        snprintf(msg, msglen, "strings must not contain NUL (\\u0000)");
-        return OPTD_E_INVALID;
-    }
-    if (!cJSON_IsObject(r->json)) {
-        snprintf(msg, msglen, "the body must be a JSON object");
-        return OPTD_E_BAD_REQUEST;
-    }
-    return OPTD_OK;
+    /* on_request keeps the body NUL-terminated. */
+    return json_parse_object(r->body ? r->body : "", r->len, binary_hint(r), &r->json, msg, msglen);
 }
 
 /* ---- Writer jobs ------------------------------------------------------ */
@@ -588,6 +601,114 @@ static enum MHD_Result get_history(req *r)
     return send_json(r, 200, &b, NULL);
 }
 
+/* A checkpoint sent as it is written: the session's blob is the only copy
+ * of its state in memory, whatever its size (API.md Binary checkpoints). */
+typedef struct ckpt_stream {
+    sess *s;       /* owned */
+    int binary;    /* safetensors, else JSON */
+    sbuf pend;     /* bytes written and not yet sent, from off */
+    size_t off;
+    int vec;       /* JSON: -1 params, then buffer indices; n_buffers: done */
+    size_t elem;   /* the next element of that vector */
+    int done;      /* everything is in pend */
+} ckpt_stream;
+
+#define CKPT_PIECE 8192 /* elements formatted at a time */
+
+/* Writes the next piece of the JSON checkpoint into cs->pend, in exactly
+ * the form sess_state_to_json writes at once. */
+static void ckpt_more_json(ckpt_stream *cs)
+{
+    const sess *s = cs->s;
+    const optim_info *info = s->info;
+    if (cs->vec < -1) {
+        sess_head_to_json(&cs->pend, s);
+        cs->pend.len--; /* reopen the object */
+        sbuf_puts(&cs->pend, ",\"params\":[");
+        cs->vec = -1;
+        cs->elem = 0;
+        return;
+    }
+    const void *x = cs->vec < 0 ? s->st.params : s->st.buf[cs->vec];
+    if (cs->elem < s->n) {
+        size_t k = s->n - cs->elem < CKPT_PIECE ? s->n - cs->elem : CKPT_PIECE;
+        if (cs->elem)
+            sbuf_put(&cs->pend, ",", 1);
+        sbuf_vec_items(&cs->pend, (const char *)x + cs->elem * optim_elem_size(s->dtype), 0, k, s->dtype);
+        cs->elem += k;
+        return;
+    }
+    sbuf_put(&cs->pend, "]", 1);
+    int first = cs->vec < 0;
+    int next = cs->vec + 1;
+    while (next < (int)info->n_buffers && !s->st.buf[next])
+        next++;
+    if (first)
+        sbuf_puts(&cs->pend, ",\"state\":{");
+    if (next < (int)info->n_buffers) {
+        sbuf_printf(&cs->pend, "%s\"%s\":[", first ? "" : ",", info->buffers[next]);
+        cs->vec = next;
+        cs->elem = 0;
+        return;
+    }
+    if (info->scalar) {
+        int any = 0;
+        for (size_t i = 0; i < info->n_buffers; i++)
+            any |= s->st.buf[i] != NULL;
+        sbuf_printf(&cs->pend, "%s\"%s\":", any ? "," : "", info->scalar);
+        sbuf_num(&cs->pend, s->st.scalar, 0);
+    }
+    sbuf_puts(&cs->pend, "}}\n");
+    cs->done = 1;
+}
+
+static ssize_t ckpt_read(void *cls, uint64_t pos, char *buf, size_t max)
+{
+    ckpt_stream *cs = cls;
+    (void)pos;
+    if (cs->binary) {
+        /* pend holds the header; then the blob itself. */
+        size_t hl = cs->pend.len, total = hl + st_data_len(cs->s);
+        if (cs->off >= total)
+            return MHD_CONTENT_READER_END_OF_STREAM;
+        size_t k = 0;
+        if (cs->off < hl) {
+            k = hl - cs->off < max ? hl - cs->off : max;
+            memcpy(buf, cs->pend.p + cs->off, k);
+        } else {
+            size_t at = cs->off - hl;
+            k = total - cs->off < max ? total - cs->off : max;
+            memcpy(buf, cs->s->blob + at, k);
+        }
+        cs->off += k;
+        return (ssize_t)k;
+    }
+    while (cs->pend.len - cs->off < max && !cs->done && !cs->pend.oom) {
+        if (cs->off > 0) { /* drop what was sent */
+            memmove(cs->pend.p, cs->pend.p + cs->off, cs->pend.len - cs->off);
+            cs->pend.len -= cs->off;
+            cs->off = 0;
+        }
+        ckpt_more_json(cs);
+    }
+    if (cs->pend.oom)
+        return MHD_CONTENT_READER_END_WITH_ERROR;
+    size_t k = cs->pend.len - cs->off < max ? cs->pend.len - cs->off : max;
+    if (k == 0)
+        return MHD_CONTENT_READER_END_OF_STREAM;
+    memcpy(buf, cs->pend.p + cs->off, k);
+    cs->off += k;
+    return (ssize_t)k;
+}
+
+static void ckpt_free(void *cls)
+{
+    ckpt_stream *cs = cls;
+    sess_free(cs->s);
+    sbuf_free(&cs->pend);
+    free(cs);
+}
+
 static enum MHD_Result get_state(req *r)
 {
     sess *s = NULL;
@@ -596,10 +717,51 @@ static enum MHD_Result get_state(req *r)
         return send_err(r, rc, NULL, -1);
     char etag[24];
     step_str(s->row.step, etag);
-    sbuf b = {0};
-    sess_state_to_json(&b, s);
-    sess_free(s);
-    return send_json(r, 200, &b, etag);
+    ckpt_stream *cs = calloc(1, sizeof *cs);
+    if (!cs) {
+        sess_free(s);
+        return send_err(r, OPTD_E_NOMEM, NULL, -1);
+    }
+    cs->s = s;
+    cs->vec = -2;
+    cs->binary = accepts_binary(r);
+    if (cs->binary && st_header(s, &cs->pend) != OPTD_OK) {
+        ckpt_free(cs);
+        return send_err(r, OPTD_E_NOMEM, NULL, -1);
+    }
+    uint64_t size = cs->binary ? cs->pend.len + st_data_len(s) : MHD_SIZE_UNKNOWN;
+    struct MHD_Response *resp = MHD_create_response_from_callback(size, 64 * 1024, ckpt_read, cs, ckpt_free);
+    if (!resp) {
+        ckpt_free(cs);
+        return MHD_NO;
+    }
+    if (cs->binary) {
+        char cd[200];
+        snprintf(cd, sizeof cd, "attachment; filename=\"%s.safetensors\"", r->name);
+        MHD_add_response_header(resp, "Content-Disposition", cd);
+    }
+    return queue(r, 200, resp, cs->binary ? "application/octet-stream" : "application/json", etag);
+}
+
+/* The fields of a create body (API.md Sessions, Training features), less
+ * the session fields of training.c, which every such list adds. */
+static const char *const create_fields[] = {"name", "optimizer", "dtype", "hyperparams", "params",
+                                            "size", "fill", "from"};
+/* The fields a PATCH may carry, besides the session fields. */
+static const char *const patch_fields[] = {"hyperparams"};
+
+/* Checks the top-level members of o against own[0..n) plus the session
+ * fields (workers, min_workers, round_timeout). */
+static optd_err check_fields(const cJSON *o, const char *where, const char *const *own, size_t n, int hint,
+                             char *msg, size_t msglen)
+{
+    const char *names[16];
+    size_t k = 0;
+    for (size_t i = 0; i < n && k < 12; i++)
+        names[k++] = own[i];
+    for (size_t i = 0; i < TRAINING_N_FIELDS; i++)
+        names[k++] = training_fields[i];
+    return body_fields_known(o, where, names, k, hint, msg, msglen);
 }
 
 /* Builds a new session from a create body (POST /v1/sessions or PUT
@@ -618,6 +780,10 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
     training tr;
     optd_err rc;
 
+    rc = check_fields(o, "a create body", create_fields, sizeof create_fields / sizeof *create_fields, HINT_INSIDE,
+                      msg, msglen);
+    if (rc)
+        return rc;
     if (name && !cJSON_IsString(name))
         return snprintf(msg, msglen, "name must be a string"), OPTD_E_BAD_REQUEST;
     if (r->route == R_SESSION) {
@@ -655,20 +821,19 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
     if (params) {
         if (!cJSON_IsArray(params))
             return snprintf(msg, msglen, "params must be an array of numbers"), OPTD_E_BAD_REQUEST;
-        size_t n = (size_t)cJSON_GetArraySize(params);
+        /* Decoded as the body arrived, in the body's dtype. */
+        jvec *v = jbody_vec(r->jb, "params", 0);
+        size_t n = v ? v->n : 0;
         if (n == 0 || n > API_MAX_ELEMENTS)
             return snprintf(msg, msglen, "params must have 1 to %zu elements", API_MAX_ELEMENTS), OPTD_E_INVALID;
         if (fill)
             return snprintf(msg, msglen, "fill goes with size, not params"), OPTD_E_INVALID;
-        rc = sess_new(r->name, info, &hp, &tr, dtype, n, NULL, 0, out);
+        if (v->dtype != dtype)
+            return OPTD_E_INTERNAL;
+        rc = sess_adopt(r->name, info, &hp, &tr, dtype, n, &v->data, out);
         if (rc == OPTD_E_BAD_HYPERPARAM)
             snprintf(msg, msglen, "initial_accumulator_value is not a finite %s", dtype == OPTIM_F64 ? "float64" : "float32");
-        if (rc == OPTD_OK && (rc = json_to_vec(params, (*out)->st.params, n, dtype, msg, msglen)) != OPTD_OK) {
-            sess_free(*out);
-            *out = NULL;
-        }
-        if (*out)
-            sess_pack(*out);
+        jvec_release(v);
         return rc;
     }
     if (!size)
@@ -692,14 +857,34 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
     return rc;
 }
 
+/* Reads If-Match into r->job.if_match for a conditional PATCH, DELETE or
+ * PUT .../state ("*" asks for nothing more than an existing session, which
+ * those find anyway). */
+static optd_err conditional(req *r, char *msg, size_t msglen)
+{
+    if (parse_if_match(header(r, MHD_HTTP_HEADER_IF_MATCH), &r->job.if_match) == 0)
+        return OPTD_OK;
+    snprintf(msg, msglen, "If-Match must be a step in quotes, e.g. \"12\" (the ETag of GET /v1/sessions/%s)", r->name);
+    return OPTD_E_BAD_REQUEST;
+}
+
 static enum MHD_Result create_session(req *r, job_kind kind)
 {
     char msg[256] = "";
-    optd_err rc = parse_json(r, msg, sizeof msg);
+    optd_err rc = kind == JOB_PUT_STATE ? conditional(r, msg, sizeof msg) : OPTD_OK;
+    if (rc == OPTD_OK && r->st) {
+        rc = st_reader_finish(r->st, &r->job.newsess, msg, sizeof msg);
+        if (rc)
+            return send_err(r, rc, msg, -1);
+        r->job.kind = JOB_PUT_STATE;
+        return submit(r);
+    }
+    if (rc == OPTD_OK)
+        rc = parse_json(r, msg, sizeof msg);
     if (rc == OPTD_OK && kind == JOB_PUT_STATE) {
         /* The path names the session: a checkpoint restores under any name
          * (its own "name" member is only a record of where it came from). */
-        rc = sess_from_checkpoint(r->name, r->json, &r->job.newsess, msg, sizeof msg);
+        rc = sess_from_checkpoint(r->name, r->json, r->jb, &r->job.newsess, msg, sizeof msg);
     } else if (rc == OPTD_OK) {
         rc = session_from_body(r, &r->job.newsess, msg, sizeof msg);
     }
@@ -712,19 +897,19 @@ static enum MHD_Result create_session(req *r, job_kind kind)
 static enum MHD_Result patch_session(req *r)
 {
     char msg[256] = "";
-    optd_err rc = parse_json(r, msg, sizeof msg);
+    optd_err rc = conditional(r, msg, sizeof msg);
+    if (rc == OPTD_OK)
+        rc = parse_json(r, msg, sizeof msg);
     if (rc)
         return send_err(r, rc, msg, -1);
-    static const char *const changeable[] = {"hyperparams", "workers", "min_workers", "round_timeout"};
-    for (const cJSON *e = r->json->child; e; e = e->next) {
-        size_t k = 0;
-        while (k < 4 && strcmp(e->string, changeable[k]) != 0)
-            k++;
-        if (k < 4)
-            continue;
-        snprintf(msg, sizeof msg, "'%.64s' cannot be changed by PATCH (hyperparams, workers, min_workers and "
-                 "round_timeout can)", e->string);
-        return send_err(r, OPTD_E_INVALID, msg, -1);
+    rc = check_fields(r->json, "a PATCH body", patch_fields, 1, HINT_INSIDE, msg, sizeof msg);
+    if (rc) {
+        /* A field of the session that cannot change gets its own sentence. */
+        for (size_t k = 0; k < sizeof create_fields / sizeof *create_fields; k++)
+            if (cJSON_GetObjectItemCaseSensitive(r->json, create_fields[k]) && strcmp(create_fields[k], "hyperparams"))
+                snprintf(msg, sizeof msg, "\"%s\" cannot be changed by PATCH (hyperparams, workers, min_workers "
+                         "and round_timeout can)", create_fields[k]);
+        return send_err(r, rc, msg, -1);
     }
     const cJSON *hp = cJSON_GetObjectItemCaseSensitive(r->json, "hyperparams");
     if (hp && !cJSON_IsObject(hp))
@@ -792,22 +977,33 @@ static enum MHD_Result post_step(req *r)
             j->weight = f.weight;
             goto decoded;
         }
+        /* Any other shape: the same streaming decoder as a create, fed the
+         * whole body, reads grad into r->grad; only the rest becomes a tree. */
+        jbody *jb = malloc(sizeof *jb);
+        if (!jb)
+            return send_err(r, OPTD_E_NOMEM, NULL, -1);
+        jbody_init(jb, JB_GRAD, r->len + 1, SIZE_MAX);
+        jbody_set_dtype(jb, j->dtype, r->grad, j->size);
+        jbody_feed(jb, r->body ? r->body : "", r->len);
+        r->jb = jb; /* freed with r */
         rc = parse_json(r, msg, sizeof msg);
+        if (rc)
+            return send_err(r, rc, msg, -1);
+        static const char *const step_names[] = {"grad", "loss", "weight"};
+        rc = body_fields_known(r->json, "a step body", step_names, 3, HINT_PATCH, msg, sizeof msg);
         if (rc)
             return send_err(r, rc, msg, -1);
         const cJSON *g = cJSON_GetObjectItemCaseSensitive(r->json, "grad");
         if (!g)
-            return send_err(r, OPTD_E_INVALID, "grad is required", -1);
+            return send_err(r, OPTD_E_INVALID, "grad is required: {\"grad\": [...]} with one number per element", -1);
         if (!cJSON_IsArray(g))
             return send_err(r, OPTD_E_BAD_REQUEST, "grad must be an array of numbers", -1);
-        size_t n = (size_t)cJSON_GetArraySize(g);
+        jvec *v = jbody_vec(jb, "grad", 0);
+        size_t n = v ? v->n : 0;
         if (n != j->size) {
             snprintf(msg, sizeof msg, "grad has %zu elements; the session has %zu", n, j->size);
             return send_err(r, OPTD_E_SIZE_MISMATCH, msg, -1);
         }
-        rc = json_to_vec(g, r->grad, n, j->dtype, msg, sizeof msg);
-        if (rc)
-            return send_err(r, rc, msg, -1);
         const cJSON *loss = cJSON_GetObjectItemCaseSensitive(r->json, "loss");
         const cJSON *weight = cJSON_GetObjectItemCaseSensitive(r->json, "weight");
         if (loss && !cJSON_IsNull(loss)) {
@@ -965,6 +1161,9 @@ static enum MHD_Result dispatch(req *r, const char *method)
         if (strcmp(method, "PATCH") == 0)
             return patch_session(r);
         r->job.kind = JOB_DELETE;
+        char msg[256];
+        if (conditional(r, msg, sizeof msg))
+            return send_err(r, OPTD_E_BAD_REQUEST, msg, -1);
         return submit(r);
     case R_STEP:
         return post_step(r);
@@ -1107,6 +1306,90 @@ static optd_err host_checks(req *r, const char *version, char *msg, size_t msgle
     return OPTD_OK;
 }
 
+/* The largest body r may send: --max-body, except that PUT .../state takes
+ * whatever GET .../state writes for the largest session the daemon holds
+ * (API.md Steps: a checkpoint round-trips with the default flags). */
+static size_t body_limit(const req *r)
+{
+    if (r->route == R_STATE && strcmp(r->method, "PUT") == 0 && r->srv->state_body_max > r->srv->cfg.max_body)
+        return r->srv->state_body_max;
+    return r->srv->cfg.max_body;
+}
+
+/* Creates and PUT .../state decode their JSON bodies as they arrive, so
+ * memory follows the vectors' elements, not a tree of their text. */
+static optd_err body_setup(req *r, const char *method)
+{
+    unsigned paths = 0;
+    if (r->binary && r->route == R_STATE)
+        return (r->st = st_reader_new(r->name)) ? OPTD_OK : OPTD_E_NOMEM;
+    if (r->binary)
+        return OPTD_OK;
+    if ((r->route == R_SESSIONS && strcmp(method, "POST") == 0) || (r->route == R_SESSION && strcmp(method, "PUT") == 0))
+        paths = JB_PARAMS;
+    else if (r->route == R_STATE && strcmp(method, "PUT") == 0)
+        paths = JB_PARAMS | JB_STATE;
+    if (!paths)
+        return OPTD_OK;
+    if (!(r->jb = malloc(sizeof *r->jb)))
+        return OPTD_E_NOMEM;
+    jbody_init(r->jb, paths, JB_SKELETON_MAX, API_MAX_SESSION_BYTES);
+    return OPTD_OK;
+}
+
+/* The query parameters each route takes (API.md): any other is a 400. */
+static const char *const *route_query(api_route route, size_t *n)
+{
+    static const char *const list[] = {"limit", "after", "scope"};
+    *n = route == R_SESSIONS ? 3 : route == R_HISTORY ? 2 : 0;
+    return list;
+}
+
+typedef struct query_check {
+    const char *const *names;
+    size_t n;
+    char *msg;
+    size_t msglen;
+    int bad;
+} query_check;
+
+static enum MHD_Result check_query_arg(void *cls, enum MHD_ValueKind kind, const char *key, const char *value)
+{
+    query_check *q = cls;
+    (void)kind;
+    (void)value;
+    for (size_t i = 0; i < q->n; i++)
+        if (strcmp(key, q->names[i]) == 0)
+            return MHD_YES;
+    if (q->n) {
+        unknown_name_msg(q->msg, q->msglen, "query parameter", key, "this path's query", q->names, q->n);
+    } else {
+        snprintf(q->msg, q->msglen, "unknown query parameter \"%.64s\": this path takes none", key);
+    }
+    q->bad = 1;
+    return MHD_NO;
+}
+
+/* The checks of API.md's Conventions that need only the request head:
+ * unknown query parameters (400) and a Content-Encoding (415: bodies are
+ * taken as sent, uncompressed). */
+static optd_err convention_checks(req *r, char *msg, size_t msglen)
+{
+    query_check q = {NULL, 0, msg, msglen, 0};
+    q.names = route_query(r->route, &q.n);
+    if (r->route != R_ROOT) { /* a web page may carry what it likes */
+        MHD_get_connection_values(r->conn, MHD_GET_ARGUMENT_KIND, check_query_arg, &q);
+        if (q.bad)
+            return OPTD_E_BAD_REQUEST;
+    }
+    const char *ce = header(r, MHD_HTTP_HEADER_CONTENT_ENCODING);
+    if (ce && strcasecmp(ce, "identity") != 0)
+        return snprintf(msg, msglen, "Content-Encoding %.40s is not supported: send the body uncompressed "
+                        "(without Content-Encoding)", ce),
+               OPTD_E_UNSUPPORTED_MEDIA_TYPE;
+    return OPTD_OK;
+}
+
 /* The checks made on the first callback, before any of the body is read.
  * Returns OPTD_OK to go on reading, else the error to answer with. */
 static optd_err early_checks(req *r, const char *method, char *msg, size_t msglen)
@@ -1116,12 +1399,18 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
         return snprintf(msg, msglen, "the server is shutting down; retry"), OPTD_E_UNAVAILABLE;
     /* Every /v1 request needs the token, even to learn a path is unknown. */
     if (strncmp(r->path, "/v1", 3) == 0 && (r->path[3] == '/' || r->path[3] == '\0') && !authorized(r))
-        return OPTD_E_UNAUTHORIZED;
+        return snprintf(msg, msglen, "%s: send the header \"Authorization: Bearer <token>\" with the daemon's token",
+                        header(r, MHD_HTTP_HEADER_AUTHORIZATION) ? "the bearer token is wrong"
+                                                                 : "this daemon needs a bearer token"),
+               OPTD_E_UNAUTHORIZED;
     if (r->route == R_NONE)
         return snprintf(msg, msglen, "no such path"), OPTD_E_NOT_FOUND;
     if (!method_allowed(r->route, method))
         return snprintf(msg, msglen, "%s is not allowed here; allowed: %s", method, allow[r->route]),
                OPTD_E_METHOD_NOT_ALLOWED;
+    optd_err rc = convention_checks(r, msg, msglen);
+    if (rc)
+        return rc;
     if (r->route >= R_SESSION && !r->name_ok) {
         if (r->route == R_SESSION && strcmp(method, "PUT") == 0)
             return snprintf(msg, msglen, "a session name matches [A-Za-z0-9][A-Za-z0-9._-]{0,127}"), OPTD_E_INVALID;
@@ -1137,18 +1426,22 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
         if (ct && media_is(ct, "application/octet-stream"))
             r->binary = 1;
         else if (ct && !media_is(ct, "application/json"))
-            return snprintf(msg, msglen, "Content-Type %.60s is not supported; use application/json%s", ct,
-                            r->route == R_STEP ? " or application/octet-stream" : ""),
+            return snprintf(msg, msglen, "Content-Type %.60s is not supported; use application/json%s%s", ct,
+                            r->route == R_STEP || r->route == R_STATE ? " or application/octet-stream" : "",
+                            media_is(ct, "application/x-www-form-urlencoded")
+                                ? " (curl's -d sends this type: add -H 'Content-Type: application/json')"
+                                : ""),
                    OPTD_E_UNSUPPORTED_MEDIA_TYPE;
-        if (r->binary && r->route != R_STEP)
-            return snprintf(msg, msglen, "only steps take application/octet-stream"), OPTD_E_UNSUPPORTED_MEDIA_TYPE;
+        if (r->binary && r->route != R_STEP && !(r->route == R_STATE && strcmp(method, "PUT") == 0))
+            return snprintf(msg, msglen, "only steps and PUT .../state take application/octet-stream"),
+                   OPTD_E_UNSUPPORTED_MEDIA_TYPE;
     }
     if (cl) {
         char *end;
         errno = 0;
         unsigned long long n = strtoull(cl, &end, 10);
-        if (errno == ERANGE || n > srv->cfg.max_body)
-            return snprintf(msg, msglen, "the body is over the %zu-byte limit", srv->cfg.max_body), OPTD_E_TOO_LARGE;
+        if (errno == ERANGE || n > body_limit(r))
+            return snprintf(msg, msglen, "the body is over the %zu-byte limit", body_limit(r)), OPTD_E_TOO_LARGE;
     }
     return OPTD_OK;
 }
@@ -1248,6 +1541,22 @@ static void *watchdog_main(void *arg)
     return NULL;
 }
 
+/* Keeps the client's X-Request-Id when it is 1 to REQUEST_ID_MAX visible
+ * ASCII characters (a tracing system's id goes through unchanged), else
+ * makes one. */
+static void request_id(req *r)
+{
+    const char *v = header(r, "X-Request-Id");
+    size_t n = v ? strlen(v) : 0;
+    int ok = n > 0 && n <= REQUEST_ID_MAX;
+    for (size_t i = 0; ok && i < n; i++)
+        ok = v[i] > 0x20 && v[i] < 0x7f;
+    if (ok)
+        memcpy(r->rid, v, n + 1);
+    else
+        snprintf(r->rid, sizeof r->rid, "%016llx", (unsigned long long)r->id);
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
                                   const char *version, const char *upload, size_t *upload_size, void **con_cls)
 {
@@ -1264,6 +1573,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         r->conn = conn;
         r->t0 = mono_us();
         r->id = atomic_fetch_add(&srv->next_id, 1) + 1;
+        request_id(r);
         snprintf(r->method, sizeof r->method, "%s", method);
         snprintf(r->path, sizeof r->path, "%s", url);
         r->route = route_parse(url, r->name, &r->name_ok);
@@ -1273,6 +1583,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             rc = host_checks(r, version, msg, sizeof msg);
         if (rc == OPTD_OK)
             rc = early_checks(r, method, msg, sizeof msg);
+        if (rc == OPTD_OK)
+            rc = body_setup(r, method);
         if (rc)
             return send_err(r, rc, msg, -1);
         return MHD_YES;
@@ -1282,16 +1594,24 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     if (*upload_size) {
         size_t n = *upload_size;
         *upload_size = 0;
-        if (r->too_large || r->len + n > srv->cfg.max_body) {
+        if (r->too_large || r->len + n > body_limit(r)) {
             r->too_large = 1; /* keep draining, never buffer past the limit */
+            return MHD_YES;
+        }
+        if (r->jb || r->st) { /* decoded as it arrives: nothing is buffered */
+            if (r->jb)
+                jbody_feed(r->jb, upload, n);
+            else
+                st_reader_feed(r->st, upload, n);
+            r->len += n;
             return MHD_YES;
         }
         if (r->len + n + 1 > r->cap) {
             size_t cap = r->cap ? r->cap : 4096;
             while (cap < r->len + n + 1)
                 cap *= 2;
-            if (cap > srv->cfg.max_body + 1)
-                cap = srv->cfg.max_body + 1;
+            if (cap > body_limit(r) + 1)
+                cap = body_limit(r) + 1;
             char *p = realloc(r->body, cap);
             if (!p)
                 return MHD_NO;
@@ -1309,7 +1629,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         return MHD_YES;
     if (r->too_large) {
         char msg[96];
-        snprintf(msg, sizeof msg, "the body is over the %zu-byte limit", srv->cfg.max_body);
+        snprintf(msg, sizeof msg, "the body is over the %zu-byte limit", body_limit(r));
         return send_err(r, OPTD_E_TOO_LARGE, msg, -1);
     }
     return dispatch(r, method);
@@ -1327,8 +1647,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     metrics_count_request(&srv->m, r->route, status);
     if (srv->cfg.log) {
         char line[320];
-        snprintf(line, sizeof line, "%s %s %d %.3fms rid=%016llx", r->method, r->path, status,
-                 (double)(mono_us() - r->t0) / 1000.0, (unsigned long long)r->id);
+        snprintf(line, sizeof line, "%s %s %d %.3fms rid=%s", r->method, r->path, status,
+                 (double)(mono_us() - r->t0) / 1000.0, r->rid);
         srv->cfg.log(srv->cfg.log_ctx, line);
     }
     sess_free(r->job.newsess);
@@ -1336,6 +1656,9 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     sbuf_free(&r->job.out_json);
     sbuf_free(&r->op.out);
     cJSON_Delete(r->json);
+    jbody_free(r->jb);
+    free(r->jb);
+    st_reader_free(r->st);
     free(r->grad);
     free(r->body);
     free(r);
@@ -1413,6 +1736,7 @@ optd_err api_start(const api_config *cfg, store *st, api_server **out, char *err
         goto done;
     srv->cfg = *cfg;
     srv->st = st;
+    srv->state_body_max = checkpoint_max_bytes(API_MAX_SESSION_BYTES);
     srv->listen_fd = -1;
     pthread_mutex_init(&srv->conns_mu, NULL);
     pthread_cond_init(&srv->watchdog_cv, NULL);

@@ -67,6 +67,112 @@ typedef struct step_fields {
 int step_body_fast(const char *body, size_t len, optim_dtype dtype, size_t n, void *grad, step_fields *out);
 /* Whether n elements of dtype are all finite; *bad gets the first index that is not. */
 bool vec_finite(const void *x, size_t n, optim_dtype dtype, size_t *bad);
+/* Reads the JSON number (RFC 8259 grammar) at s, before end, as dtype would
+ * round it (exactly as strtod/strtof); the end of the number, or NULL. The
+ * byte at the returned end, if any, must not continue a number. */
+const char *scan_number(const char *s, const char *end, optim_dtype dtype, double *out);
+
+/* ---- jbody.c ---------------------------------------------------------- */
+
+#define JB_MAX_VECS 8
+#define JB_DEPTH 64
+#define JB_KEY_MAX 64
+
+/* Which members of a body are vectors: "params", "grad", each member of "state". */
+enum { JB_PARAMS = 1, JB_GRAD = 2, JB_STATE = 4 };
+
+/* One vector of a body. data holds n elements of dtype (owned, unless
+ * borrowed: the caller's buffer of cap elements, n then counting past it). */
+typedef struct jvec {
+    char key[JB_KEY_MAX];
+    int in_state; /* a member of "state" */
+    optim_dtype dtype;
+    int raw;      /* the dtype was unknown while it arrived: its text is in text */
+    int borrowed;
+    void *data;
+    size_t n, cap;
+    sbuf text;
+} jvec;
+
+/* A JSON body decoded as it arrives (jbody.c): vectors into typed arrays,
+ * the rest kept as text. Plain state: jbody_init, jbody_feed any number of
+ * times, jbody_finish, jbody_free. */
+typedef struct jbody {
+    unsigned paths;
+    size_t skel_max;  /* bytes of non-vector text kept at most (413 past it) */
+    size_t bytes_max; /* bytes of vectors decoded at most (413 past it) */
+    size_t bytes, max_elems, size_hint;
+    int dtype_known, dtype_seen;
+    optim_dtype dtype;
+    void *dest;       /* grad: decoded straight into the caller's buffer */
+    size_t dest_n;
+    sbuf skel;        /* the body with each vector left as [] */
+    int depth, phase, in_str, esc, capturing;
+    char stack[JB_DEPTH];
+    char key1[JB_KEY_MAX], key2[JB_KEY_MAX], keyx[JB_KEY_MAX];
+    size_t key1_len, key2_len, keyx_len;
+    int key1_bad, key2_bad, keyx_bad;
+    char *keybuf;
+    size_t *keylen;
+    int *keybad;
+    size_t val_start; /* in skel: where the current member's value began */
+    jvec *cur;        /* the vector being read */
+    int vstate;
+    char num[64];     /* a number cut between two pieces */
+    size_t numlen;
+    jvec vecs[JB_MAX_VECS];
+    size_t nvecs;
+    optd_err rc;      /* the first error; the rest of the body is ignored */
+    char msg[256];
+} jbody;
+
+void jbody_init(jbody *jb, unsigned paths, size_t skel_max, size_t bytes_max);
+/* Fixes the dtype of the vectors (a step's, known from its session); grad
+ * then goes into dest (dest_n elements). Call before the first feed. */
+void jbody_set_dtype(jbody *jb, optim_dtype dtype, void *dest, size_t dest_n);
+/* Takes the next n bytes of the body. An error is kept for jbody_finish. */
+void jbody_feed(jbody *jb, const char *p, size_t n);
+/* After the last byte: parses the skeleton into *out (the caller deletes
+ * it, even on failure) and decodes the vectors kept as text (in the body's
+ * "dtype", float32 by default). Returns OPTD_OK or the error with msg:
+ * OPTD_E_BAD_JSON, OPTD_E_BAD_REQUEST (an element is not a number),
+ * OPTD_E_NON_FINITE, OPTD_E_INVALID (too many elements), OPTD_E_TOO_LARGE,
+ * OPTD_E_NOMEM. */
+optd_err jbody_finish(jbody *jb, cJSON **out, char *msg, size_t msglen);
+/* The vector of member key ("params"; in_state: of "state"), or NULL. */
+jvec *jbody_vec(jbody *jb, const char *key, int in_state);
+/* Frees v's data now (the rest of the body is kept). */
+void jvec_release(jvec *v);
+void jbody_free(jbody *jb);
+/* Parses text (len bytes, NUL-terminated) as one JSON object, as RFC 8259
+ * and this API require (UTF-8, strict numbers, no NUL in strings); hint is
+ * appended to a bad_json message. *out is set even on some failures: the
+ * caller deletes it. */
+optd_err json_parse_object(const char *text, size_t len, const char *hint, cJSON **out, char *msg, size_t msglen);
+
+/* ---- strict.c --------------------------------------------------------- */
+
+/* The name of names[0..n) nearest to s (a typo away, case ignored), or NULL. */
+const char *name_nearest(const char *s, const char *const *names, size_t n);
+/* Writes names[0..n) as "a, b, c" into out. */
+void names_join(char *out, size_t outlen, const char *const *names, size_t n);
+/* Writes 'unknown <what> "<name>" in <where>; did you mean "x"? (valid: ...)'. */
+void unknown_name_msg(char *msg, size_t msglen, const char *what, const char *name, const char *where,
+                      const char *const *names, size_t n);
+/* OPTD_OK when every member of object o (may be NULL) is one of names;
+ * else OPTD_E_UNKNOWN_FIELD with msg naming the first that is not (also in
+ * *bad when bad is non-NULL). where names the object ("the body"). */
+optd_err fields_known(const cJSON *o, const char *where, const char *const *names, size_t n, const cJSON **bad,
+                      char *msg, size_t msglen);
+/* Whether name is a hyperparameter of some optimizer (or lr_schedule,
+ * max_grad_norm): a client that put it beside "hyperparams" meant inside. */
+int hparam_name_anywhere(const char *name);
+/* fields_known for a request body, where a hyperparameter given as a field
+ * (beside "hyperparams") is told where it goes: inside "hyperparams"
+ * (HINT_INSIDE) or in a PATCH (HINT_PATCH). */
+enum { HINT_INSIDE, HINT_PATCH };
+optd_err body_fields_known(const cJSON *o, const char *where, const char *const *names, size_t n, int hp_hint,
+                           char *msg, size_t msglen);
 
 /* ---- training.c ------------------------------------------------------- */
 
@@ -110,11 +216,20 @@ optd_err training_hparam_from_json(const cJSON *e, training *tr, int *handled, c
 void training_hparams_to_json(sbuf *b, const training *tr);
 /* Reads workers, min_workers and round_timeout from object o onto *tr. */
 optd_err training_fields_from_json(const cJSON *o, training *tr, char *msg, size_t msglen);
+/* The session fields beside hyperparams (workers, min_workers, round_timeout). */
+extern const char *const training_fields[];
+#define TRAINING_N_FIELDS 3
 void training_fields_to_json(sbuf *b, const training *tr);
 
 /* ---- session.c -------------------------------------------------------- */
 
 #define API_MAX_ELEMENTS ((size_t)1 << 28)
+/* The most bytes of state (params, buffers, scalar) one session holds:
+ * SQLite's default SQLITE_MAX_LENGTH, the largest value it stores. The body
+ * limit of PUT .../state derives from it (checkpoint_max_bytes). */
+#define API_MAX_SESSION_BYTES ((size_t)1000000000)
+/* The most bytes of a body's fields other than its vectors (jbody.c). */
+#define JB_SKELETON_MAX ((size_t)1 << 20)
 
 /* A session in memory: its row, decoded configuration and state. blob holds
  * params, then each used buffer in optim_info order, then the scalar state
@@ -141,6 +256,11 @@ void sess_free(sess *s);
  * from init when non-NULL, else filled with fill. */
 optd_err sess_new(const char *name, const optim_info *info, const optim_hparams *hp, const training *tr,
                   optim_dtype dtype, size_t n, const void *init, double fill, sess **out);
+/* sess_new whose params are *params (a malloc'd vector of n elements of
+ * dtype), taken over: the blob grows out of it, so the session is never
+ * held twice. *params is NULL after success; on failure it is left. */
+optd_err sess_adopt(const char *name, const optim_info *info, const optim_hparams *hp, const training *tr,
+                    optim_dtype dtype, size_t n, void **params, sess **out);
 /* A copy of src named name (a fork): params, state, step and settings. */
 optd_err sess_copy(const sess *src, const char *name, sess **out);
 /* Rebuilds a session from its stored row and state blob (both taken over on
@@ -174,8 +294,49 @@ optd_err sess_config_from_json(const cJSON *o, const optim_info **info, optim_dt
 void sess_to_json(sbuf *b, const store_session *row);
 /* Appends the full checkpoint object (GET .../state). */
 void sess_state_to_json(sbuf *b, const sess *s);
-/* Builds a session from a checkpoint object (PUT .../state) named name. */
-optd_err sess_from_checkpoint(const char *name, const cJSON *obj, sess **out, char *msg, size_t msglen);
+/* Appends the checkpoint's fields other than params and state, as a whole
+ * object (the start of sess_state_to_json, closed). */
+void sess_head_to_json(sbuf *b, const sess *s);
+/* Appends a vector's elements [from, from + n) of dtype, comma-separated,
+ * without brackets (a JSON array written in pieces). */
+void sbuf_vec_items(sbuf *b, const void *x, size_t from, size_t n, optim_dtype dtype);
+
+/* ---- safetensors.c ---------------------------------------------------- */
+
+/* Appends the 8-byte length and the header of s's safetensors checkpoint;
+ * the file's data that follows is the first st_data_len(s) bytes of s->blob
+ * (params, then each used buffer). */
+optd_err st_header(const sess *s, sbuf *out);
+size_t st_data_len(const sess *s);
+/* A safetensors checkpoint read as it arrives, its tensors copied straight
+ * into the session it describes (one copy of the state in memory). */
+typedef struct st_reader st_reader;
+st_reader *st_reader_new(const char *name);
+void st_reader_feed(st_reader *r, const void *data, size_t n);
+/* After the last byte: the session (caller frees) validated like a JSON
+ * checkpoint, or the error with msg. */
+optd_err st_reader_finish(st_reader *r, sess **out, char *msg, size_t msglen);
+void st_reader_free(st_reader *r);
+/* Builds a session named name from a checkpoint: obj is its JSON (the
+ * skeleton of a streamed body, each vector left as []) and jb holds its
+ * vectors (released as they are copied). Validated like a create: sizes,
+ * finiteness, each buffer's domain. */
+optd_err sess_from_checkpoint(const char *name, const cJSON *obj, jbody *jb, sess **out, char *msg, size_t msglen);
+/* The steps of building a session from a checkpoint, shared by the JSON
+ * and safetensors forms: ckpt_begin makes a fresh session of n elements
+ * from the checkpoint's fields (strictly checked; no vectors read);
+ * ckpt_target gives where the vector named key ("params" or a buffer) goes
+ * (OPTD_E_UNKNOWN_FIELD or OPTD_E_INVALID when s has no such); ckpt_finish,
+ * once the vectors are in (present: ckpt_buffer_bit of each buffer given),
+ * checks they are all there and in their domains. */
+optd_err ckpt_begin(const char *name, const cJSON *obj, size_t n, void **take, sess **out, char *msg, size_t msglen);
+optd_err ckpt_target(sess *s, const char *key, void **dst, char *msg, size_t msglen);
+unsigned ckpt_buffer_bit(const sess *s, const char *key);
+optd_err ckpt_finish(sess *s, unsigned present, char *msg, size_t msglen);
+/* The largest body GET .../state can write (JSON or safetensors) for a
+ * session of session_bytes bytes of state, with room for a client that
+ * re-serializes it with spaces: what PUT .../state must accept. */
+size_t checkpoint_max_bytes(size_t session_bytes);
 
 /* ---- metrics.c -------------------------------------------------------- */
 

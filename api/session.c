@@ -37,6 +37,31 @@ void sess_free(sess *s)
     free(s);
 }
 
+#define HP_NAMES_MAX 16 /* more than any optimizer has */
+
+/* The 422 for a name in "hyperparams" that info does not take: the nearest
+ * of its names, or where a session field goes. */
+static optd_err unknown_hparam(const optim_info *info, const char *name, char *msg, size_t msglen)
+{
+    const char *names[HP_NAMES_MAX + 2];
+    size_t n = 0;
+    for (size_t i = 0; i < info->n_hps && n < HP_NAMES_MAX; i++)
+        names[n++] = info->hps[i].name;
+    names[n++] = "lr_schedule";
+    names[n++] = "max_grad_norm";
+    for (size_t k = 0; k < TRAINING_N_FIELDS; k++) {
+        if (strcmp(name, training_fields[k]) == 0) {
+            snprintf(msg, msglen, "\"%s\" is a session field, not a hyperparameter: put it beside \"hyperparams\", "
+                     "at the top level of the body", name);
+            return OPTD_E_UNKNOWN_FIELD;
+        }
+    }
+    char where[64];
+    snprintf(where, sizeof where, "the hyperparams of %s", info->name);
+    unknown_name_msg(msg, msglen, "hyperparameter", name, where, names, n);
+    return OPTD_E_UNKNOWN_FIELD;
+}
+
 optd_err hparams_from_json(const optim_info *info, const cJSON *obj, optim_hparams *hp, training *tr, char *msg,
                            size_t msglen)
 {
@@ -53,10 +78,8 @@ optd_err hparams_from_json(const optim_info *info, const cJSON *obj, optim_hpara
             continue;
         }
         const optim_hp_desc *d = optim_hp_find(info, e->string);
-        if (!d) {
-            snprintf(msg, msglen, "%s has no hyperparameter '%.64s'", info->name, e->string);
-            return OPTD_E_BAD_HYPERPARAM;
-        }
+        if (!d)
+            return unknown_hparam(info, e->string, msg, msglen);
         switch (d->type) {
         case OPTIM_HP_BOOL:
             if (!cJSON_IsBool(e))
@@ -135,8 +158,26 @@ static int fits_dtype(const optim_info *info, const optim_hparams *hp, optim_dty
     return info->kind != OPTIM_ADAGRAD || dtype == OPTIM_F64 || isfinite((float)hp->initial_accumulator_value);
 }
 
+static optd_err make(const char *name, const optim_info *info, const optim_hparams *hp, const training *tr,
+                     optim_dtype dtype, size_t n, void **take, const void *init, double fill, sess **out);
+
 optd_err sess_new(const char *name, const optim_info *info, const optim_hparams *hp, const training *tr,
                   optim_dtype dtype, size_t n, const void *init, double fill, sess **out)
+{
+    return make(name, info, hp, tr, dtype, n, NULL, init, fill, out);
+}
+
+optd_err sess_adopt(const char *name, const optim_info *info, const optim_hparams *hp, const training *tr,
+                    optim_dtype dtype, size_t n, void **params, sess **out)
+{
+    return make(name, info, hp, tr, dtype, n, params, NULL, 0, out);
+}
+
+/* sess_new, or with take (a malloc'd vector of n params) sess_adopt: the
+ * blob grows out of that vector (params come first in it), so a large
+ * session is never held twice. */
+static optd_err make(const char *name, const optim_info *info, const optim_hparams *hp, const training *tr,
+                     optim_dtype dtype, size_t n, void **take, const void *init, double fill, sess **out)
 {
     optd_err rc = OPTD_E_BAD_HYPERPARAM;
     sess *s = NULL;
@@ -152,12 +193,16 @@ optd_err sess_new(const char *name, const optim_info *info, const optim_hparams 
     s->dtype = dtype;
     s->n = n;
     s->blob_len = layout(s, NULL);
-    s->blob = malloc(s->blob_len);
+    s->blob = take ? realloc(*take, s->blob_len) : malloc(s->blob_len);
     if (!s->blob)
         goto done;
+    if (take)
+        *take = NULL;
     layout(s, s->blob);
     optim_state_init(info, hp, dtype, n, &s->st);
-    if (init) {
+    if (take) {
+        /* the params are in place already */
+    } else if (init) {
         memcpy(s->st.params, init, n * optim_elem_size(dtype));
     } else {
         for (size_t i = 0; i < n; i++) {
@@ -325,6 +370,12 @@ void sess_to_json(sbuf *b, const store_session *row)
     sbuf_printf(b, ",\"created_at\":\"%s\",\"updated_at\":\"%s\"}", c, u);
 }
 
+void sess_head_to_json(sbuf *b, const sess *s)
+{
+    head_to_json(b, &s->row);
+    sbuf_put(b, "}", 1);
+}
+
 void sess_state_to_json(sbuf *b, const sess *s)
 {
     head_to_json(b, &s->row);
@@ -346,22 +397,6 @@ void sess_state_to_json(sbuf *b, const sess *s)
     sbuf_puts(b, "}}");
 }
 
-/* Reads a JSON array of exactly n numbers of dtype into out. */
-static optd_err read_vec(const cJSON *arr, const char *what, size_t n, optim_dtype dtype, void *out, char *msg,
-                         size_t msglen)
-{
-    if (!cJSON_IsArray(arr)) {
-        snprintf(msg, msglen, "%s must be an array of numbers", what);
-        return OPTD_E_BAD_REQUEST;
-    }
-    size_t len = (size_t)cJSON_GetArraySize(arr);
-    if (len != n) {
-        snprintf(msg, msglen, "%s has %zu elements; the session has %zu", what, len, n);
-        return OPTD_E_SIZE_MISMATCH;
-    }
-    return json_to_vec(arr, out, n, dtype, msg, msglen);
-}
-
 optd_err sess_config_from_json(const cJSON *o, const optim_info **info, optim_dtype *dtype, optim_hparams *hp,
                                training *tr, char *msg, size_t msglen)
 {
@@ -372,31 +407,80 @@ optd_err sess_config_from_json(const cJSON *o, const optim_info **info, optim_dt
         return snprintf(msg, msglen, "optimizer is required"), OPTD_E_INVALID;
     if (!cJSON_IsString(opt))
         return snprintf(msg, msglen, "optimizer must be a string"), OPTD_E_BAD_REQUEST;
-    if (!(*info = optim_find(opt->valuestring)))
-        return snprintf(msg, msglen, "unknown optimizer '%.64s'", opt->valuestring), OPTD_E_UNKNOWN_OPTIMIZER;
+    if (!(*info = optim_find(opt->valuestring))) {
+        const char *names[OPTIM_KIND_COUNT];
+        for (size_t k = 0; k < OPTIM_KIND_COUNT; k++)
+            names[k] = optim_at(k)->name;
+        unknown_name_msg(msg, msglen, "optimizer", opt->valuestring, "\"optimizer\"", names, OPTIM_KIND_COUNT);
+        return OPTD_E_UNKNOWN_OPTIMIZER;
+    }
     if (dt && !cJSON_IsString(dt))
         return snprintf(msg, msglen, "dtype must be a string"), OPTD_E_BAD_REQUEST;
     *dtype = dt && strcmp(dt->valuestring, "float64") == 0 ? OPTIM_F64 : OPTIM_F32;
     if (dt && *dtype == OPTIM_F32 && strcmp(dt->valuestring, "float32") != 0)
-        return snprintf(msg, msglen, "dtype must be \"float32\" or \"float64\""), OPTD_E_INVALID;
+        return snprintf(msg, msglen, "dtype \"%.32s\" is not a session dtype: use \"float32\" (the default) or "
+                        "\"float64\"", dt->valuestring), OPTD_E_INVALID;
     optim_defaults(*info, hp);
     training_defaults(tr);
     rc = hparams_from_json(*info, cJSON_GetObjectItemCaseSensitive(o, "hyperparams"), hp, tr, msg, msglen);
     return rc ? rc : training_fields_from_json(o, tr, msg, msglen);
 }
 
-optd_err sess_from_checkpoint(const char *name, const cJSON *obj, sess **out, char *msg, size_t msglen)
+size_t checkpoint_max_bytes(size_t session_bytes)
+{
+    /* A float32 prints in at most 15 characters ("-1.17549435e-38") and a
+     * float64 in 24, each with a comma and maybe a space after it: at most
+     * 17 bytes per 4 of state. The rest (names, hyperparameters) and a
+     * safetensors header fit in a mebibyte. */
+    size_t per4 = 17, head = (size_t)1 << 20;
+    if (session_bytes > (SIZE_MAX - head) / per4 * 4)
+        return SIZE_MAX;
+    return session_bytes / 4 * per4 + per4 + head;
+}
+
+/* Checks what a checkpoint's state must be for later steps to be finite:
+ * every used buffer finite (the decoder checked) and in its domain, the
+ * scalar in its range. */
+static optd_err state_check(const sess *s, char *msg, size_t msglen)
+{
+    for (size_t i = 0; i < s->info->n_buffers; i++) {
+        if (!s->st.buf[i] || !optim_buffer_nonneg(s->info, i))
+            continue;
+        for (size_t k = 0; k < s->n; k++) {
+            double v = s->dtype == OPTIM_F64 ? ((const double *)s->st.buf[i])[k] : ((const float *)s->st.buf[i])[k];
+            if (v < 0 || !isfinite(v)) {
+                snprintf(msg, msglen, "state.%s element %zu is %g: %s is never negative (it is a sum or average "
+                         "of squares, or a maximum of absolute values)", s->info->buffers[i], k, v,
+                         s->info->buffers[i]);
+                return OPTD_E_INVALID;
+            }
+        }
+    }
+    if (!optim_scalar_valid(s->info, s->st.scalar)) {
+        snprintf(msg, msglen, "state.%s is %g: it must be in [0, 1]", s->info->scalar, s->st.scalar);
+        return OPTD_E_INVALID;
+    }
+    return OPTD_OK;
+}
+
+optd_err ckpt_begin(const char *name, const cJSON *obj, size_t n, void **take, sess **out, char *msg, size_t msglen)
 {
     optd_err rc;
     sess *s = NULL;
-    const cJSON *params = cJSON_GetObjectItemCaseSensitive(obj, "params");
-    const cJSON *state = cJSON_GetObjectItemCaseSensitive(obj, "state");
     const cJSON *step = cJSON_GetObjectItemCaseSensitive(obj, "step");
+    const cJSON *size = cJSON_GetObjectItemCaseSensitive(obj, "size");
+    const cJSON *state = cJSON_GetObjectItemCaseSensitive(obj, "state");
     const optim_info *info;
     optim_dtype dtype;
     optim_hparams hp;
     training tr;
 
+    /* Every field GET .../state writes, and nothing else. */
+    static const char *const fields[] = {"name", "optimizer", "dtype", "size", "step", "hyperparams", "params",
+                                         "state", "workers", "min_workers", "round_timeout", "min_workers_auto"};
+    rc = body_fields_known(obj, "a checkpoint", fields, sizeof fields / sizeof *fields, HINT_INSIDE, msg, msglen);
+    if (rc)
+        goto done;
     rc = sess_config_from_json(obj, &info, &dtype, &hp, &tr, msg, msglen);
     if (rc)
         goto done;
@@ -406,32 +490,31 @@ optd_err sess_from_checkpoint(const char *name, const cJSON *obj, sess **out, ch
         snprintf(msg, msglen, "step must be a non-negative integer");
         goto done;
     }
-    if (!cJSON_IsArray(params) || cJSON_GetArraySize(params) < 1) {
-        snprintf(msg, msglen, "params must be a non-empty array of numbers");
-        rc = cJSON_IsArray(params) ? OPTD_E_INVALID : OPTD_E_BAD_REQUEST;
+    if (size && !cJSON_IsNumber(size)) {
+        snprintf(msg, msglen, "size must be an integer");
         goto done;
     }
     if (state && !cJSON_IsObject(state)) {
         snprintf(msg, msglen, "state must be an object");
         goto done;
     }
-    size_t n = (size_t)cJSON_GetArraySize(params);
-    if (n > API_MAX_ELEMENTS) {
-        snprintf(msg, msglen, "params has more than %zu elements", API_MAX_ELEMENTS);
-        rc = OPTD_E_INVALID;
+    rc = OPTD_E_INVALID;
+    if (n < 1 || n > API_MAX_ELEMENTS) {
+        snprintf(msg, msglen, "params must have 1 to %zu elements", API_MAX_ELEMENTS);
         goto done;
     }
-    rc = sess_new(name, info, &hp, &tr, dtype, n, NULL, 0, &s);
-    if (rc == OPTD_E_BAD_HYPERPARAM)
-        snprintf(msg, msglen, "initial_accumulator_value is not a finite %s", dtype == OPTIM_F64 ? "float64" : "float32");
-    if (rc)
+    if (size && size->valuedouble != (double)n) {
+        snprintf(msg, msglen, "size is %g but params has %zu elements", size->valuedouble, n);
+        rc = OPTD_E_SIZE_MISMATCH;
         goto done;
-    rc = read_vec(params, "params", n, dtype, s->st.params, msg, msglen);
+    }
+    rc = take ? sess_adopt(name, info, &hp, &tr, dtype, n, take, &s) : sess_new(name, info, &hp, &tr, dtype, n, NULL, 0, &s);
+    if (rc == OPTD_E_BAD_HYPERPARAM)
+        snprintf(msg, msglen, "initial_accumulator_value is not a finite %s", dtype_name(dtype));
     if (rc)
         goto done;
     s->st.step = s->row.step = step ? (uint64_t)step->valuedouble : 0;
-    /* Every member of state must be a buffer this configuration uses (or the
-     * scalar); a used buffer may be missing only before the first step. */
+    /* The scalar state, and every name under state a known buffer or scalar. */
     for (const cJSON *e = state ? state->child : NULL; e; e = e->next) {
         if (info->scalar && strcmp(e->string, info->scalar) == 0) {
             if (!cJSON_IsNumber(e) || !isfinite(e->valuedouble)) {
@@ -442,30 +525,128 @@ optd_err sess_from_checkpoint(const char *name, const cJSON *obj, sess **out, ch
             s->st.scalar = e->valuedouble;
             continue;
         }
-        size_t i = 0;
-        while (i < info->n_buffers && strcmp(info->buffers[i], e->string) != 0)
-            i++;
-        if (i == info->n_buffers || !s->st.buf[i]) {
-            snprintf(msg, msglen, "state.%.64s is not a buffer of this %s configuration", e->string, info->name);
-            rc = OPTD_E_INVALID;
+        void *dst;
+        if (strcmp(e->string, "params") == 0) {
+            snprintf(msg, msglen, "\"params\" is not a state buffer: the params go at the top of the checkpoint");
+            rc = OPTD_E_UNKNOWN_FIELD;
             goto done;
         }
-        char what[80];
-        snprintf(what, sizeof what, "state.%s", info->buffers[i]);
-        rc = read_vec(e, what, n, dtype, s->st.buf[i], msg, msglen);
-        if (rc)
+        if ((rc = ckpt_target(s, e->string, &dst, msg, msglen)) != OPTD_OK)
             goto done;
-    }
-    for (size_t i = 0; i < info->n_buffers && s->row.step > 0; i++) {
-        if (s->st.buf[i] && !cJSON_GetObjectItemCaseSensitive(state, info->buffers[i])) {
-            snprintf(msg, msglen, "state.%s is missing (the checkpoint is past step 0)", info->buffers[i]);
-            rc = OPTD_E_INVALID;
+        if (!cJSON_IsArray(e)) {
+            snprintf(msg, msglen, "state.%s must be an array of numbers", e->string);
+            rc = OPTD_E_BAD_REQUEST;
             goto done;
         }
     }
-    sess_pack(s);
     rc = OPTD_OK;
 done:
+    if (rc) {
+        sess_free(s);
+        s = NULL;
+    }
+    *out = s;
+    return rc;
+}
+
+optd_err ckpt_target(sess *s, const char *key, void **dst, char *msg, size_t msglen)
+{
+    const optim_info *info = s->info;
+    if (strcmp(key, "params") == 0) {
+        *dst = s->st.params;
+        return OPTD_OK;
+    }
+    size_t i = 0;
+    while (i < info->n_buffers && strcmp(info->buffers[i], key) != 0)
+        i++;
+    if (i == info->n_buffers) {
+        const char *names[OPTIM_MAX_BUFFERS + 1];
+        size_t k = 0;
+        for (; k < info->n_buffers; k++)
+            names[k] = info->buffers[k];
+        if (info->scalar)
+            names[k++] = info->scalar;
+        char where[48];
+        snprintf(where, sizeof where, "the state of %s", info->name);
+        unknown_name_msg(msg, msglen, "state buffer", key, where, names, k);
+        return OPTD_E_UNKNOWN_FIELD;
+    }
+    if (!s->st.buf[i]) {
+        snprintf(msg, msglen, "state.%.64s is not a buffer of this %s configuration", key, info->name);
+        return OPTD_E_INVALID;
+    }
+    *dst = s->st.buf[i];
+    return OPTD_OK;
+}
+
+optd_err ckpt_finish(sess *s, unsigned present, char *msg, size_t msglen)
+{
+    /* A used buffer may be missing only before the first step (it then
+     * starts as a fresh one would). */
+    for (size_t i = 0; i < s->info->n_buffers && s->row.step > 0; i++) {
+        if (s->st.buf[i] && !(present & (1u << i))) {
+            snprintf(msg, msglen, "state.%s is missing (the checkpoint is past step 0)", s->info->buffers[i]);
+            return OPTD_E_INVALID;
+        }
+    }
+    optd_err rc = state_check(s, msg, msglen);
+    if (rc == OPTD_OK)
+        sess_pack(s);
+    return rc;
+}
+
+unsigned ckpt_buffer_bit(const sess *s, const char *key)
+{
+    for (size_t i = 0; i < s->info->n_buffers; i++)
+        if (strcmp(s->info->buffers[i], key) == 0)
+            return 1u << i;
+    return 0;
+}
+
+optd_err sess_from_checkpoint(const char *name, const cJSON *obj, jbody *jb, sess **out, char *msg, size_t msglen)
+{
+    const cJSON *params = cJSON_GetObjectItemCaseSensitive(obj, "params");
+    jvec *pv = jbody_vec(jb, "params", 0);
+    sess *s = NULL;
+    unsigned present = 0;
+    optd_err rc;
+    *out = NULL;
+    if (!cJSON_IsArray(params) || !pv) {
+        snprintf(msg, msglen, "params must be a non-empty array of numbers");
+        return params ? OPTD_E_BAD_REQUEST : OPTD_E_INVALID;
+    }
+    /* The params vector becomes the session's blob when it is of the
+     * session's dtype (it is, unless the checkpoint's dtype is bad). */
+    rc = ckpt_begin(name, obj, pv->n, pv->borrowed ? NULL : &pv->data, &s, msg, msglen);
+    if (rc)
+        return rc;
+    if (!pv->data) /* adopted */
+        jvec_release(pv);
+    size_t vec = s->n * optim_elem_size(s->dtype);
+    for (size_t i = 0; i < jb->nvecs; i++) {
+        jvec *v = &jb->vecs[i];
+        void *dst;
+        char label[80];
+        snprintf(label, sizeof label, "%s%s", v->in_state ? "state." : "", v->key);
+        if (!v->data && !v->n && v->cap == 0 && v->key[0] == '\0')
+            continue; /* the params, adopted above */
+        if ((rc = ckpt_target(s, v->key, &dst, msg, msglen)) != OPTD_OK)
+            break;
+        if (v->n != s->n) {
+            snprintf(msg, msglen, "%s has %zu elements; the session has %zu", label, v->n, s->n);
+            rc = OPTD_E_SIZE_MISMATCH;
+            break;
+        }
+        if (v->dtype != s->dtype) {
+            rc = OPTD_E_INTERNAL;
+            break;
+        }
+        memcpy(dst, v->data, vec);
+        present |= ckpt_buffer_bit(s, v->key);
+        jvec_release(v); /* one copy at a time */
+    }
+    if (rc == OPTD_OK)
+        rc = ckpt_finish(s, present, msg, msglen);
     if (rc) {
         sess_free(s);
         s = NULL;

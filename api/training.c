@@ -13,6 +13,8 @@ static const char *const sched_names[] = {
     [SCHED_EXPONENTIAL] = "exponential", [SCHED_COSINE] = "cosine", [SCHED_LINEAR] = "linear",
 };
 
+const char *const training_fields[TRAINING_N_FIELDS] = {"workers", "min_workers", "round_timeout"};
+
 void training_defaults(training *tr)
 {
     memset(tr, 0, sizeof *tr);
@@ -95,8 +97,9 @@ static optd_err schedule_from_json(const cJSON *o, schedule *out, char *msg, siz
         if (strcmp(type->valuestring, sched_names[k]) == 0)
             s.type = (sched_type)k;
     if (s.type == SCHED_NONE) {
-        snprintf(msg, msglen, "lr_schedule.type '%.32s' is not one of step, multistep, exponential, cosine, linear",
-                 type->valuestring);
+        const char *near = name_nearest(type->valuestring, sched_names + SCHED_STEP, SCHED_LINEAR);
+        snprintf(msg, msglen, "lr_schedule.type \"%.32s\" is not one of step, multistep, exponential, cosine, linear%s%s%s",
+                 type->valuestring, near ? "; did you mean \"" : "", near ? near : "", near ? "\"?" : "");
         return OPTD_E_BAD_HYPERPARAM;
     }
     static const char *const allowed[][5] = {
@@ -106,15 +109,16 @@ static optd_err schedule_from_json(const cJSON *o, schedule *out, char *msg, siz
         [SCHED_COSINE] = {"T_max", "eta_min"},
         [SCHED_LINEAR] = {"start_factor", "end_factor", "total_iters"},
     };
-    for (const cJSON *e = o->child; e; e = e->next) {
-        int ok = strcmp(e->string, "type") == 0 || strcmp(e->string, "warmup_steps") == 0;
-        for (int k = 0; k < 5 && allowed[s.type][k]; k++)
-            ok |= strcmp(e->string, allowed[s.type][k]) == 0;
-        if (!ok) {
-            snprintf(msg, msglen, "lr_schedule of type %s has no field '%.32s'", sched_names[s.type], e->string);
-            return OPTD_E_BAD_HYPERPARAM;
-        }
-    }
+    const char *valid[7] = {"type"};
+    size_t nvalid = 1;
+    for (int k = 0; k < 5 && allowed[s.type][k]; k++)
+        valid[nvalid++] = allowed[s.type][k];
+    valid[nvalid++] = "warmup_steps";
+    char where[48];
+    snprintf(where, sizeof where, "an lr_schedule of type %s", sched_names[s.type]);
+    rc = fields_known(o, where, valid, nvalid, NULL, msg, msglen);
+    if (rc)
+        return rc;
     s.gamma = 0.1;
     s.start_factor = 1.0 / 3;
     s.end_factor = 1.0;

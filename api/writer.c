@@ -483,6 +483,19 @@ static optd_err round_join(writer *w, sess *s, job *j)
     return r->count >= s->tr.workers ? round_apply(w, s) : OPTD_OK;
 }
 
+/* API.md: If-Match makes PATCH, DELETE and PUT .../state conditional as it
+ * does a step. OPTD_E_STEP_MISMATCH (j->step the current one) when it names
+ * another step than s's; -1 is no condition. */
+static optd_err check_if_match(job *j, const sess *s)
+{
+    if (j->if_match < 0 || (uint64_t)j->if_match == s->row.step)
+        return OPTD_OK;
+    j->step = s->row.step;
+    snprintf(j->msg, sizeof j->msg, "If-Match names step %lld but the session is at step %llu; nothing changed",
+             (long long)j->if_match, (unsigned long long)s->row.step);
+    return OPTD_E_STEP_MISMATCH;
+}
+
 static optd_err run_step(writer *w, job *j)
 {
     sess *s;
@@ -555,6 +568,13 @@ static optd_err run_create(writer *w, job *j)
     optd_err rc = OPTD_OK;
     if (j->kind == JOB_PUT_STATE) {
         rc = lookup(w, j->name, &old);
+        if (rc == OPTD_OK && (rc = check_if_match(j, old)) != OPTD_OK)
+            return rc;
+        if (rc == OPTD_E_NOT_FOUND && j->if_match >= 0) {
+            snprintf(j->msg, sizeof j->msg, "no session named '%s' to match If-Match; without If-Match the PUT "
+                     "creates it", j->name);
+            return rc;
+        }
         if (rc == OPTD_OK) {
             j->newsess->row.created_ms = old->row.created_ms;
             rc = store_session_delete(w->st, j->name);
@@ -631,6 +651,8 @@ static optd_err run_patch(writer *w, job *j)
     optd_err rc = lookup(w, j->name, &s);
     if (rc)
         return rc;
+    if ((rc = check_if_match(j, s)) != OPTD_OK)
+        return rc;
     size_t before = s->blob_len;
     rc = apply_settings(s, j->patch, j->msg, sizeof j->msg);
     if (rc)
@@ -651,7 +673,12 @@ static optd_err run_patch(writer *w, job *j)
 static optd_err run_delete(writer *w, job *j)
 {
     sess *s = cache_get(w, j->name);
-    optd_err rc = store_session_delete(w->st, j->name);
+    optd_err rc = OPTD_OK;
+    if (j->if_match >= 0 && (rc = lookup(w, j->name, &s)) == OPTD_OK)
+        rc = check_if_match(j, s);
+    if (rc)
+        return rc;
+    rc = store_session_delete(w->st, j->name);
     if (rc == OPTD_OK && s) {
         if (s->rnd)
             round_fail(w, s, OPTD_E_NOT_FOUND, "the session was deleted");

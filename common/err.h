@@ -27,6 +27,7 @@
     XX(NON_FINITE, "non_finite", 422, "a value is NaN, infinite or out of range")   \
     XX(UNKNOWN_OPTIMIZER, "unknown_optimizer", 422, "no such optimizer")            \
     XX(BAD_HYPERPARAM, "bad_hyperparam", 422, "a hyperparameter is out of range")   \
+    XX(UNKNOWN_FIELD, "unknown_field", 422, "the body has a field this request does not take") \
     XX(IDEMPOTENCY_MISMATCH, "idempotency_mismatch", 422,                            \
        "this Idempotency-Key was used with a different request")                    \
     XX(INTERNAL, "internal", 500, "internal error")                                  \

@@ -164,8 +164,9 @@ int main(int argc, char **argv) {
 
     /* IPv6 addresses go in brackets in a URL. */
     int v6 = strchr(cfg.listen_host, ':') != NULL;
-    printf("optd listening on http://%s%s%s:%u (db %s)\n", v6 ? "[" : "", cfg.listen_host, v6 ? "]" : "",
-           (unsigned)api_port(srv), cfg.db);
+    printf("optd listening on http://%s%s%s:%u (db %s, sync %s, %s)\n", v6 ? "[" : "", cfg.listen_host,
+           v6 ? "]" : "", (unsigned)api_port(srv), cfg.db, cfg.sync == DAEMON_SYNC_FULL ? "full" : "normal",
+           cfg.token[0] ? "bearer token required" : "no token: requests need no auth");
     fflush(stdout);
 
     for (;;) {

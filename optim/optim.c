@@ -184,4 +184,25 @@ bool optim_buffer_used(const optim_info *info, const optim_hparams *hp, size_t i
     }
 }
 
+bool optim_buffer_nonneg(const optim_info *info, size_t i)
+{
+    /* Sums and running averages of squares, and Adamax's infinity norm: the
+     * update divides by their square root (or by them), so a negative value
+     * makes every later step NaN. */
+    static const char *const nonneg[] = {"exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg", "acc_delta",
+                                         "exp_inf"};
+    if (i >= info->n_buffers)
+        return false;
+    for (size_t k = 0; k < sizeof nonneg / sizeof nonneg[0]; k++)
+        if (strcmp(info->buffers[i], nonneg[k]) == 0)
+            return true;
+    return false;
+}
+
+bool optim_scalar_valid(const optim_info *info, double v)
+{
+    /* NAdam's mu_product is a product of momentum factors, each in [0, 1). */
+    return !info->scalar || (isfinite(v) && v >= 0 && v <= 1);
+}
+
 size_t optim_elem_size(optim_dtype dtype) { return dtype == OPTIM_F64 ? 8 : 4; }

@@ -116,6 +116,14 @@ int optim_validate(const optim_info *info, const optim_hparams *hp, char *msg, s
 /* Whether buffer i of info is used by the configuration hp. */
 bool optim_buffer_used(const optim_info *info, const optim_hparams *hp, size_t i);
 
+/* Whether buffer i of info can never hold a negative value (exp_avg_sq,
+ * max_exp_avg_sq, sum, square_avg, acc_delta, exp_inf): a state with one
+ * makes every later step non-finite. */
+bool optim_buffer_nonneg(const optim_info *info, size_t i);
+/* Whether v is a value info's scalar state can take (mu_product: [0, 1]);
+ * true when info has none. */
+bool optim_scalar_valid(const optim_info *info, double v);
+
 /* Bytes per element of a dtype (4 or 8). */
 size_t optim_elem_size(optim_dtype dtype);
 

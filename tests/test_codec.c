@@ -219,6 +219,95 @@ static void test_the_fast_decoder_leaves_other_bodies_to_cjson(void **unused)
     assert_true(f.weight == 3);
 }
 
+/* Decodes body fed in pieces of `piece` bytes; returns the error code. */
+static optd_err decode_in_pieces(const char *body, size_t piece, unsigned paths, jbody *jb, cJSON **tree)
+{
+    char msg[256];
+    size_t len = strlen(body);
+    jbody_init(jb, paths, 1 << 16, (size_t)1 << 30);
+    for (size_t off = 0; off < len; off += piece)
+        jbody_feed(jb, body + off, len - off < piece ? len - off : piece);
+    return jbody_finish(jb, tree, msg, sizeof msg);
+}
+
+static void test_streamed_bodies_decode_the_same_whatever_the_pieces(void **unused)
+{
+    (void)unused;
+    const char *body = "{ \"name\" : \"a\\\"b\", \"hyperparams\": {\"betas\": [0.9, 0.999], \"lr\": 1e-3},"
+                       " \"dtype\":\"float64\", \"params\" : [ 0.1, -2.5e-3 ,3 , 1.7976931348623157e308,"
+                       "4.9e-324 ], \"state\": {\"exp_avg\": [1,2,3,4,5], \"mu_product\": 0.5}}";
+    const double want[] = {0.1, -2.5e-3, 3, 1.7976931348623157e308, 4.9e-324};
+    for (size_t piece = 1; piece <= strlen(body); piece++) {
+        jbody jb;
+        cJSON *tree = NULL;
+        assert_int_equal(decode_in_pieces(body, piece, JB_PARAMS | JB_STATE, &jb, &tree), OPTD_OK);
+        jvec *p = jbody_vec(&jb, "params", 0), *e = jbody_vec(&jb, "exp_avg", 1);
+        assert_non_null(p);
+        assert_non_null(e);
+        assert_int_equal(p->dtype, OPTIM_F64);
+        assert_int_equal(p->n, 5);
+        assert_int_equal(e->n, 5);
+        assert_memory_equal(p->data, want, sizeof want);
+        assert_true(((double *)e->data)[4] == 5.0);
+        /* The rest is a tree with each vector left as []. */
+        assert_string_equal(cJSON_GetObjectItem(tree, "name")->valuestring, "a\"b");
+        assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(tree, "params")), 0);
+        assert_true(cJSON_GetObjectItem(cJSON_GetObjectItem(tree, "state"), "mu_product")->valuedouble == 0.5);
+        assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(cJSON_GetObjectItem(tree, "hyperparams"), "betas")), 2);
+        cJSON_Delete(tree);
+        jbody_free(&jb);
+    }
+}
+
+static void test_a_dtype_after_the_vector_decodes_it_exactly_in_that_dtype(void **unused)
+{
+    (void)unused;
+    /* 16777217 is not a float32: as float64 it must survive whole. */
+    jbody jb;
+    cJSON *tree = NULL;
+    assert_int_equal(decode_in_pieces("{\"params\":[16777217, 0.1],\"dtype\":\"float64\"}", 3, JB_PARAMS, &jb, &tree),
+                     OPTD_OK);
+    jvec *p = jbody_vec(&jb, "params", 0);
+    assert_int_equal(p->dtype, OPTIM_F64);
+    assert_true(((double *)p->data)[0] == 16777217.0 && ((double *)p->data)[1] == 0.1);
+    cJSON_Delete(tree);
+    jbody_free(&jb);
+    assert_int_equal(decode_in_pieces("{\"params\":[0.1]}", 2, JB_PARAMS, &jb, &tree), OPTD_OK);
+    p = jbody_vec(&jb, "params", 0);
+    assert_int_equal(p->dtype, OPTIM_F32);
+    assert_true(((float *)p->data)[0] == 0.1f);
+    cJSON_Delete(tree);
+    jbody_free(&jb);
+}
+
+static void test_bad_streamed_bodies_are_refused_with_the_right_code(void **unused)
+{
+    (void)unused;
+    static const struct {
+        const char *body;
+        optd_err rc;
+    } cases[] = {
+        {"{\"params\":[1,2", OPTD_E_BAD_JSON},           {"{\"params\":[1,,2]}", OPTD_E_BAD_JSON},
+        {"{\"params\":[01]}", OPTD_E_BAD_JSON},          {"{\"params\":[1.]}", OPTD_E_BAD_JSON},
+        {"{\"params\":[1,\"2\"]}", OPTD_E_BAD_REQUEST},  {"{\"params\":[1,[2]]}", OPTD_E_BAD_REQUEST},
+        {"{\"params\":[1,null]}", OPTD_E_BAD_REQUEST},    {"{\"params\":[1e39],\"dtype\":\"float32\"}", OPTD_E_NON_FINITE},
+        {"{\"params\":[1],\"params\":[2]}", OPTD_E_BAD_REQUEST}, {"{\"params\":[1]} x", OPTD_E_BAD_JSON},
+        {"[1,2]", OPTD_E_BAD_REQUEST},                   {"{\"params\":[1,nan]}", OPTD_E_BAD_JSON},
+        {"{\"params\":[true]}", OPTD_E_BAD_REQUEST},      {"{\"params\":[nulls]}", OPTD_E_BAD_JSON},                   {"{\"params\":[1e999],\"dtype\":\"float64\"}", OPTD_E_NON_FINITE},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        for (size_t piece = 1; piece <= 4; piece += 3) {
+            jbody jb;
+            cJSON *tree = NULL;
+            optd_err rc = decode_in_pieces(cases[i].body, piece, JB_PARAMS, &jb, &tree);
+            if (rc != cases[i].rc)
+                fail_msg("%s in pieces of %zu: %d, wanted %d", cases[i].body, piece, rc, cases[i].rc);
+            cJSON_Delete(tree);
+            jbody_free(&jb);
+        }
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -228,6 +317,9 @@ int main(void)
         cmocka_unit_test(test_float64_printing_reads_back_exactly),
         cmocka_unit_test(test_the_fast_decoder_agrees_with_strtof_and_strtod_bit_for_bit),
         cmocka_unit_test(test_the_fast_decoder_leaves_other_bodies_to_cjson),
+        cmocka_unit_test(test_streamed_bodies_decode_the_same_whatever_the_pieces),
+        cmocka_unit_test(test_a_dtype_after_the_vector_decodes_it_exactly_in_that_dtype),
+        cmocka_unit_test(test_bad_streamed_bodies_are_refused_with_the_right_code),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -74,3 +74,60 @@ class CliTests(unittest.TestCase):
             self.assertTrue(d.alive())
         finally:
             d.cleanup()
+
+
+class StartupTests(unittest.TestCase):
+    """The startup line says where, which sync mode and whether a token is
+    needed; `make run ARGS=...` passes flags to the daemon (issue 15)."""
+
+    def start_line(self, args, env=None):
+        d = Daemon(args, env)
+        self.addCleanup(d.cleanup)
+        d.start()
+        # The line is printed once the server runs, which may be just after
+        # it first answers: wait for it (bounded).
+        for _ in range(200):
+            with open(d.log_path) as f:
+                lines = [ln for ln in f.read().splitlines() if "listening" in ln]
+            if lines:
+                return lines[0]
+            time.sleep(0.05)
+        self.fail("no startup line in %s" % d.log())
+
+    def test_startup_line_says_sync_mode_and_token(self):
+        line = self.start_line([])
+        self.assertIn("sync full", line)
+        self.assertIn("no token", line)
+        line = self.start_line(["--sync", "normal"], {"OPTD_TOKEN": "t0k"})
+        self.assertIn("sync normal", line)
+        self.assertIn("token required", line)
+        self.assertNotIn("t0k", line)
+
+    def test_make_run_passes_args(self):
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        d = Daemon()
+        self.addCleanup(d.cleanup)
+        port = free_port()
+        b = os.path.dirname(optd_bin())  # the build tree of OPTD_BIN (build, build/asan)
+        tree = ["SAN=1"] if os.path.basename(b) == "asan" else ["B=" + os.path.relpath(b, repo)]
+        p = subprocess.Popen(["make", "-s", "run"] + tree + [
+                              "ARGS=--listen 127.0.0.1:%d --db %s --sync normal" % (port, os.path.join(d.tmp, "r.db"))],
+                             cwd=repo, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        try:
+            deadline = time.time() + 60
+            ok = False
+            while time.time() < deadline and p.poll() is None and not ok:
+                try:
+                    c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                    c.request("GET", "/healthz")
+                    ok = c.getresponse().status == 200
+                    c.close()
+                except OSError:
+                    time.sleep(0.1)
+            self.assertTrue(ok, "make run ARGS=... did not serve on port %d" % port)
+        finally:
+            os.killpg(p.pid, 15)
+            out = p.communicate(timeout=20)[0].decode()
+        self.assertIn("127.0.0.1:%d" % port, out)
+        self.assertIn("sync normal", out)

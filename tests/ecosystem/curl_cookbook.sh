@@ -67,6 +67,16 @@ out=$(curl -s -X PUT $OPTD/v1/sessions/run-1-copy/state -H 'Content-Type: applic
   --data-binary @run-1.ckpt.json)
 J=$out py 'j["name"] == "run-1-copy" and j["step"] == 2' "restore under another name"
 
+# --- A binary checkpoint (safetensors)
+curl -s $OPTD/v1/sessions/run-1/state -H 'Accept: application/octet-stream' -o run-1.safetensors
+out=$(curl -s -w ' %{http_code}\n' -X PUT $OPTD/v1/sessions/run-1-copy/state \
+  -H 'Content-Type: application/octet-stream' --data-binary @run-1.safetensors)
+expect "binary restore" "$out" ' 200$'
+J=${out% 200} py 'j["name"] == "run-1-copy" and j["step"] == 2' "binary restore body"
+out=$(python3 -c 'import json, struct; f = open("run-1.safetensors", "rb"); print(f.read(struct.unpack("<Q", f.read(8))[0]).decode())')
+J=$out py 'j["__metadata__"]["optimizer"] == "adam" and j["params"]["dtype"] == "F32" and j["params"]["shape"] == [3] and set(j) == {"__metadata__", "params", "exp_avg", "exp_avg_sq"}' "safetensors header"
+[ "$(curl -s $OPTD/v1/sessions/run-1-copy/params)" = "$json_params" ] || fail "binary restore params differ"
+
 # --- A conditional step (If-Match)
 step=$(curl -sI $OPTD/v1/sessions/run-1 | tr -d '\r' | sed -n 's/^[Ee][Tt][Aa][Gg]: //p')
 [ "$step" = '"2"' ] || fail "ETag from HEAD is $step"
@@ -94,7 +104,7 @@ expect "replay header" "$out" '[Ii]dempotent-[Rr]eplayed: true'
 J=$(curl -s $OPTD/v1/sessions/run-1) py 'j["step"] == 4' "applied once"
 out=$(curl -s -w ' %{http_code}' -X POST $OPTD/v1/sessions/run-1/step -H 'Content-Type: application/json' \
   -H "Idempotency-Key: $key" -d '{"grad":[9,9,9]}')
-expect "same key, other gradient" "$out" 'idempotency_mismatch.* 422$'
+expect "same key, other gradient" "$(printf '%s' "$out" | tr -d '\n')" 'idempotency_mismatch.* 422$'
 
 # --- Change, list, delete
 out=$(curl -s -X PATCH $OPTD/v1/sessions/run-1 -H 'Content-Type: application/json' \
@@ -106,5 +116,38 @@ out=$(curl -s "$OPTD/v1/sessions?limit=2&after=run-1-copy")
 J=$out py '[s["name"] for s in j["sessions"]] == ["run-2"] and j["next"] is None' "list page 2"
 out=$(curl -s -o /dev/null -w '%{http_code}\n' -X DELETE $OPTD/v1/sessions/run-2)
 [ "$out" = 204 ] || fail "DELETE printed $out"
+
+# --- History, optimizers, health and metrics
+out=$(curl -s "$OPTD/v1/sessions/run-1/history?limit=2")
+J=$out py '[h["step"] for h in j["history"]] == [3, 4] and j["next"] is None and all(k in j["history"][0] for k in ("time", "lr", "grad_norm", "update_norm", "param_norm", "contributors", "loss"))' "history"
+out=$(curl -s $OPTD/v1/optimizers | python3 -c 'import json, sys; print([o["name"] for o in json.load(sys.stdin)["optimizers"]])')
+expect "optimizers" "$out" "^\['sgd', 'momentum', 'nag', 'adagrad', 'adadelta', 'rmsprop', 'adam', 'adamax', 'adamw', 'nadam'\]$"
+out=$(curl -s $OPTD/healthz)
+[ "$out" = '{"status":"ok"}' ] || fail "healthz printed $out"
+out=$(curl -s $OPTD/metrics | grep '^optd_steps_total')
+expect "metrics" "$out" 'optd_steps_total\{optimizer="adam"\} [0-9]+'
+
+# --- When a request is wrong
+out=$(curl -s -X POST $OPTD/v1/sessions -H 'Content-Type: application/json' \
+  -d '{"name":"e3","optimizer":"adam","lr":0.01,"size":3}')
+J=$out py 'j["error"]["code"] == "unknown_field" and "\"lr\"" in j["error"]["message"] and "hyperparams" in j["error"]["message"]' "lr beside hyperparams"
+out=$(curl -s -X POST $OPTD/v1/sessions -H 'Content-Type: application/json' \
+  -d '{"name":"e3","optimizer":"adam","hyperparams":{"beta1":0.8},"size":3}')
+J=$out py 'j["error"]["code"] == "unknown_field" and "did you mean \"betas\"?" in j["error"]["message"]' "beta1"
+[ "$(curl -s -o /dev/null -w '%{http_code}' $OPTD/v1/sessions/e3)" = 404 ] || fail "e3 was created"
+
+# --- README "Training features": a round of two workers, then the history
+out=$(curl -s -X POST $OPTD/v1/sessions -H 'Content-Type: application/json' -d '{"name":"dp","optimizer":"sgd",
+  "hyperparams":{"lr":0.1,"max_grad_norm":1.0,"lr_schedule":{"type":"step","step_size":100,"gamma":0.5}},
+  "workers":2,"round_timeout":30,"size":3}')
+J=$out py 'j["workers"] == 2 and j["hyperparams"]["max_grad_norm"] == 1.0' "create dp"
+for w in 1 2; do
+  curl -s -X POST $OPTD/v1/sessions/dp/step -H 'Content-Type: application/json' \
+    -d "{\"grad\":[0.$w,-0.2,0.3],\"weight\":32,\"loss\":0.7$w}" > round-$w.json &
+done; wait
+out=$(cat round-1.json round-2.json)
+J="[$(cat round-1.json),$(cat round-2.json)]" py 'j[0] == j[1] and j[0]["step"] == 1 and j[0]["contributors"] == 2' "the round's replies: $out"
+out=$(curl -s "$OPTD/v1/sessions/dp/history?limit=100")
+J=$out py 'len(j["history"]) == 1 and j["history"][0]["contributors"] == 2 and abs(j["history"][0]["loss"] - 0.715) < 1e-12' "dp history"
 
 echo "cookbook ok"

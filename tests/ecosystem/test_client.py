@@ -16,7 +16,7 @@ import time
 import unittest
 import uuid
 
-from harness import CLIENT_DIR, SYSTEM_PYTHON, Daemon, DaemonCase, is_unimplemented
+from harness import CLIENT_DIR, SYSTEM_PYTHON, Daemon, DaemonCase, have, is_unimplemented
 from flaky_proxy import FlakyProxy
 
 import optd
@@ -178,6 +178,9 @@ class StepTests(DaemonCase):
             (lambda: self.c.step(uniq(), [1.0]), optd.NotFound, 404, "not_found"),
             (lambda: list(self.c.list(page_size=0)), optd.BadRequest, 400, "bad_request"),
             (lambda: s.patch(dtype="float64"), optd.Invalid, 422, None),
+            # a hyperparameter given as a keyword field is not silently dropped (issue 15)
+            (lambda: self.c.create(uniq(), "adam", size=1, lr=0.05), optd.UnknownField, 422, "unknown_field"),
+            (lambda: s.step([1, 2, 3], los=1.0), optd.UnknownField, 422, "unknown_field"),
         ]
         if np is not None:
             cases.append((lambda: s.step(np.array([np.nan, 0, 0], dtype=np.float32)), optd.NonFinite, 422, "non_finite"))
@@ -210,6 +213,54 @@ class StepTests(DaemonCase):
             self.assertEqual(tuple(ra), tuple(rb))
         self.c.restore(b_name, ck)  # replace: back to step 3
         self.assertEqual(b.refresh().current_step, 3)
+
+    def test_checkpoint_to_a_safetensors_file_and_back(self):
+        a = self.c.create(uniq(), "adam", params=[0.3, -0.2, 0.1, 4.0], dtype="float32",
+                          hyperparams={"lr": 0.01, "amsgrad": True})
+        for k in range(3):
+            a.step([0.1 * k, -0.2, 0.3, 1.0])
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        path = os.path.join(d, "a.safetensors")
+        self.assertEqual(a.checkpoint(path), path)
+        ck = a.checkpoint()
+        # numpy alone (optd.safetensors) reads the tensors and the metadata
+        meta, tensors = optd.safetensors.load(path)
+        self.assertEqual(sorted(tensors), ["exp_avg", "exp_avg_sq", "max_exp_avg_sq", "params"])
+        m = optd.safetensors.metadata_values(meta)
+        self.assertEqual((m["optimizer"], m["dtype"], m["step"]), ("adam", "float32", 3))
+        self.assertEqual(m["hyperparams"], ck["hyperparams"])
+        if np is not None:
+            self.assertEqual(tensors["params"].dtype, np.float32)
+            self.assertEqual(tensors["params"].tolist(), [float(np.float32(x)) for x in ck["params"]])
+            self.assertEqual(tensors["exp_avg_sq"].tolist(), [float(np.float32(x)) for x in ck["state"]["exp_avg_sq"]])
+        # restore under another name: continues exactly as the original
+        b = self.c.session(uniq()).restore(path)
+        self.assertEqual(b.refresh().current_step, 3)
+        for k in range(3):
+            self.assertEqual(tuple(a.step([0.5, 0.1 * k, -0.4, 0.0])), tuple(b.step([0.5, 0.1 * k, -0.4, 0.0])))
+        # JSON files too, and If-Match guards a replace
+        jpath = os.path.join(d, "a.json")
+        a.checkpoint(jpath)
+        with self.assertRaises(optd.StepMismatch):
+            b.restore(jpath, if_match=0)
+        b.restore(jpath, if_match=6)
+        self.assertEqual(b.refresh().current_step, 6)
+        self.assertEqual(b.checkpoint()["state"], a.checkpoint()["state"])
+
+    @unittest.skipUnless(have("safetensors"), "the safetensors package is not installed")
+    def test_checkpoint_files_load_with_the_safetensors_package(self):
+        import safetensors.numpy
+        a = self.c.create(uniq(), "nadam", params=[0.3, -0.2], dtype="float64")
+        a.step([0.1, 0.2])
+        path = os.path.join(tempfile.mkdtemp(), "a.safetensors")
+        a.checkpoint(path)
+        t = safetensors.numpy.load_file(path)
+        self.assertEqual(sorted(t), ["exp_avg", "exp_avg_sq", "params"])
+        self.assertEqual(t["params"].tolist(), a.params().params)
+        from safetensors import safe_open
+        with safe_open(path, "np") as f:
+            self.assertEqual(f.metadata()["optimizer"], "nadam")
 
     def test_threads_share_a_client(self):
         s = self.c.create(uniq(), "sgd", size=4)

@@ -8,6 +8,7 @@ documented schemas; and GET /v1/openapi.json, once served, is the file."""
 import json
 import os
 import re
+import struct
 import unittest
 import uuid
 
@@ -154,7 +155,7 @@ class DocumentTests(unittest.TestCase):
                     self.assertRegex(code, r"^[1-5]\d\d$")
                     r = resolve(d, r)
                     self.assertIn("description", r)
-                    if int(code) >= 400:  # errors are the Error schema
+                    if int(code) >= 400 and m != "head":  # errors are the Error schema (a HEAD has no body)
                         self.assertEqual(r["content"]["application/json"]["schema"], {"$ref": "#/components/schemas/Error"})
                 params = [resolve(d, p) for p in d["paths"][path].get("parameters", []) + op.get("parameters", [])]
                 declared = {p["name"] for p in params if p["in"] == "path"}
@@ -185,8 +186,6 @@ class DocumentTests(unittest.TestCase):
             if kind == "securitySchemes":
                 continue
             for name in comps:
-                if (kind, name) == ("responses", "MethodNotAllowed"):
-                    continue  # what any undocumented method gets; no operation lists it
                 self.assertIn("#/components/%s/%s" % (kind, name), refs, "unused component")
 
     def test_examples_validate(self):
@@ -226,8 +225,9 @@ class DocumentTests(unittest.TestCase):
         for code in ("bad_json", "bad_request", "unauthorized", "not_found", "method_not_allowed",
                      "already_exists", "step_mismatch", "too_large", "unsupported_media_type", "invalid",
                      "size_mismatch", "non_finite", "unknown_optimizer", "bad_hyperparam",
-                     "idempotency_mismatch", "unavailable", "round_timeout"):
-            self.assertIn(code, json.dumps(self.doc["components"]["responses"]), code)
+                     "idempotency_mismatch", "unavailable", "round_timeout", "unknown_field"):
+            where = self.doc["components"]["responses"] if code != "method_not_allowed" else self.doc["info"]
+            self.assertIn(code, json.dumps(where), code)
 
 
 class RouteTests(DaemonCase):
@@ -370,3 +370,107 @@ class RouteTests(DaemonCase):
             self.fail("GET /v1/openapi.json differs from api/openapi.json (%d vs %d bytes as JSON): "
                       "a binary built before the file last changed? (make)"
                       % (len(json.dumps(served)), len(json.dumps(load_doc()))))
+
+
+class ReplyValidationTests(DaemonCase):
+    """Real replies of every route, successes and errors, JSON and binary,
+    GET and HEAD, validated against the document: the status is documented
+    for the operation, so is the Content-Type, a JSON body matches its
+    schema, and the documented ETag/Location headers are there."""
+
+    def check(self, method, template, url, body=None, headers=None, want=None):
+        doc = self.doc
+        st, hd, data = raw(self.port, method, url, body, headers)
+        where = "%s %s -> %d" % (method, url, st)
+        if want is not None:
+            self.assertEqual(st, want, "%s: %r" % (where, data[:300]))
+        op = doc["paths"][template].get(method.lower())
+        self.assertIsNotNone(op, "%s %s is not documented" % (method, template))
+        self.assertIn(str(st), op["responses"], "%s: status not documented" % where)
+        resp = resolve(doc, op["responses"][str(st)])
+        ctype = (hd.get("content-type") or "").split(";")[0].strip()
+        if method == "HEAD":
+            self.assertEqual(data, b"", where)
+        elif data:
+            self.assertIn("content", resp, "%s: a body, but none documented" % where)
+            self.assertIn(ctype, resp["content"], "%s: Content-Type %s not documented" % (where, ctype))
+            schema = resolve(doc, resp["content"][ctype].get("schema", {}))
+            if ctype == "application/json":
+                self.assertTrue(data.endswith(b"\n"), where)
+                try:
+                    validate(doc, schema, json.loads(data), where)
+                except SchemaError as e:
+                    self.fail(str(e))
+            elif ctype == "application/octet-stream":
+                self.assertEqual((schema.get("type"), schema.get("format")), ("string", "binary"), where)
+        for h in resp.get("headers", {}):
+            if h in ("ETag", "Location"):
+                self.assertIn(h.lower(), hd, "%s lacks %s" % (where, h))
+                validate(doc, resolve(doc, resp["headers"][h])["schema"], hd[h.lower()], h)
+        self.assertTrue(hd.get("x-request-id"), where)
+        return st, hd, data
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.doc = load_doc()
+        cls.port = cls.d.port
+
+    def test_every_route_replies_as_documented(self):
+        J = {"Content-Type": "application/json"}
+        B = {"Content-Type": "application/octet-stream"}
+        A = {"Accept": "application/octet-stream"}
+        n = "v-%s" % uuid.uuid4().hex[:8]
+        S, N, ST, P, SP, H = ("/v1/sessions", "/v1/sessions/{name}", "/v1/sessions/{name}/step",
+                              "/v1/sessions/{name}/params", "/v1/sessions/{name}/state", "/v1/sessions/{name}/history")
+        u = lambda t, name=n: t.replace("{name}", name)  # noqa: E731
+        enc = lambda o: json.dumps(o).encode()  # noqa: E731
+        for path in ("/healthz", "/readyz", "/metrics", "/", "/v1/optimizers", "/v1/openapi.json", S):
+            for m in ("GET", "HEAD"):
+                with self.subTest(method=m, path=path):
+                    self.check(m, path, path, want=200)
+        self.check("GET", S, S + "?limit=0", want=400)
+        self.check("GET", S, S + "?limt=5", want=400)
+        self.check("GET", "/v1/optimizers", "/v1/optimizers?x=1", want=400)
+        self.check("POST", S, S, enc({"name": n, "optimizer": "adam", "params": [0.5, -1.0, 2.0]}), J, 201)
+        self.check("POST", S, S, enc({"name": n + "-f", "from": n, "hyperparams": {"lr": 0.1}}), J, 201)
+        self.check("POST", S, S, b"{", J, 400)
+        self.check("POST", S, S, enc({"name": n + "-x", "optimizer": "adam", "lr": 0.1, "size": 2}), J, 422)
+        self.check("POST", S, S, enc({"name": n, "optimizer": "adam", "size": 2}), J, 409)
+        self.check("POST", S, S, b"x", {"Content-Type": "text/plain"}, 415)
+        self.check("POST", S, S, b"x", dict(J, **{"Content-Encoding": "gzip"}), 415)
+        self.check("POST", S, S, enc({"name": n + "-y", "from": "nope-" + n}), J, 404)
+        for m in ("GET", "HEAD"):
+            self.check(m, N, u(N), want=200)
+            self.check(m, N, u(N, "nope-" + n), want=404)
+        self.check("PUT", N, u(N, n + "-p"), enc({"optimizer": "sgd", "size": 3}), J, 201)
+        self.check("PUT", N, u(N, n + "-p"), enc({"optimizer": "sgd", "size": 3}), J, 409)
+        self.check("PATCH", N, u(N), enc({"hyperparams": {"lr": 0.002}}), J, 200)
+        self.check("PATCH", N, u(N), enc({"hyperparams": {"lr": 0.002}}), dict(J, **{"If-Match": '"7"'}), 412)
+        self.check("PATCH", N, u(N), enc({"hyperparam": {"lr": 0.002}}), J, 422)
+        self.check("POST", ST, u(ST), enc({"grad": [0.1, 0.2, 0.3]}), J, 200)
+        self.check("POST", ST, u(ST), struct.pack("<3f", 0.1, 0.2, 0.3), dict(B, **A), 200)
+        self.check("POST", ST, u(ST), enc({"grad": [0.1, 0.2, 0.3]}), dict(J, Prefer="return=minimal"), 200)
+        self.check("POST", ST, u(ST), enc({"grad": [0.1]}), J, 422)
+        self.check("POST", ST, u(ST), enc({"grad": [0.1, 0.2, 0.3], "los": 1}), J, 422)
+        self.check("POST", ST, u(ST), enc({"grad": [0.1, 0.2, 0.3]}), dict(J, **{"If-Match": '"0"'}), 412)
+        self.check("POST", ST, u(ST, "nope-" + n), enc({"grad": [0.1]}), J, 404)
+        for m in ("GET", "HEAD"):
+            self.check(m, P, u(P), want=200)
+            self.check(m, P, u(P), headers=A, want=200)
+            self.check(m, SP, u(SP), want=200)
+            self.check(m, SP, u(SP), headers=A, want=200)
+            self.check(m, H, u(H), want=200)
+        self.check("GET", H, u(H) + "?limit=0", want=400)
+        _, _, ck = self.check("GET", SP, u(SP), want=200)
+        _, _, ckb = self.check("GET", SP, u(SP), headers=A, want=200)
+        self.check("PUT", SP, u(SP, n + "-c"), ck, J, 201)
+        self.check("PUT", SP, u(SP, n + "-c"), ckb, B, 200)
+        self.check("PUT", SP, u(SP, n + "-c"), ck, dict(J, **{"If-Match": '"0"'}), 412)
+        bad = json.loads(ck)
+        bad["state"]["exp_avg_sq"] = [-1, 2, 3]
+        self.check("PUT", SP, u(SP, n + "-d"), enc(bad), J, 422)
+        self.check("PUT", SP, u(SP, n + "-d"), ckb[:-2], B, 400)
+        self.check("DELETE", N, u(N), headers={"If-Match": '"0"'}, want=412)
+        self.check("DELETE", N, u(N), want=204)
+        self.check("DELETE", N, u(N), want=404)

@@ -2,15 +2,17 @@
  * HTTP server. The first byte of an input picks what the rest feeds (its low
  * two bits, so seeds can start with an ASCII digit):
  *   0, 1  a request body: utf8_valid, cJSON, then hparams_from_json for every
- *         optimizer, training_fields_from_json, sess_from_checkpoint and
- *         json_to_vec on "grad"/"params"
+ *         optimizer, training_fields_from_json, json_to_vec on
+ *         "grad"/"params", and the streaming checkpoint decoder (jbody,
+ *         sess_from_checkpoint, safetensors)
  *   2     a URL path: url_unescape, route_parse, name_valid
  *   3     a header value: parse_if_match, parse_number
  * Beyond "does not crash" (ASan, UBSan) it checks properties that must hold
  * for every input, and abort()s when one does not:
  *   - hyperparameters that decode re-encode (hparams_to_json) to JSON that
  *     decodes to the same encoding;
- *   - a checkpoint that decodes re-encodes (sess_state_to_json) to one that
+ *   - a checkpoint body decodes the same whole or fed in pieces, and one that
+ *     decodes re-encodes (sess_state_to_json, and as safetensors) to one that
  *     decodes to the same blob bit for bit, at the same step;
  *   - every message written is NUL-terminated within its buffer;
  *   - a route's session name obeys the name rule when name_valid says so.
@@ -98,33 +100,73 @@ static void fuzz_hparams(const cJSON *obj)
         check_msg(msg, sizeof msg);
 }
 
-static void fuzz_checkpoint(const cJSON *obj)
+/* A checkpoint body through the streaming decoder (fed in pieces of
+ * `piece` bytes) and sess_from_checkpoint, as PUT .../state does. */
+static optd_err decode_checkpoint(const char *text, size_t len, size_t piece, sess **out, char *msg, size_t msglen)
 {
-    sess *s = NULL, *s2 = NULL;
+    jbody jb;
+    cJSON *tree = NULL;
+    jbody_init(&jb, JB_PARAMS | JB_STATE, (size_t)1 << 20, (size_t)1 << 28);
+    for (size_t off = 0; off < len; off += piece)
+        jbody_feed(&jb, text + off, len - off < piece ? len - off : piece);
+    optd_err rc = jbody_finish(&jb, &tree, msg, msglen);
+    if (rc == OPTD_OK)
+        rc = sess_from_checkpoint("fz", tree, &jb, out, msg, msglen);
+    cJSON_Delete(tree);
+    jbody_free(&jb);
+    return rc;
+}
+
+static void same_session(const sess *a, const sess *b, const char *what, const char *text)
+{
+    if (b->blob_len != a->blob_len || memcmp(b->blob, a->blob, a->blob_len) != 0)
+        fail(what, text);
+    if (b->row.step != a->row.step || b->n != a->n || b->dtype != a->dtype || b->info != a->info)
+        fail(what, text);
+}
+
+static void fuzz_checkpoint(const char *body, size_t size)
+{
+    sess *s = NULL, *s2 = NULL, *s3 = NULL;
     char msg[256];
     memset(msg, 'x', sizeof msg);
-    optd_err rc = sess_from_checkpoint("fz", obj, &s, msg, sizeof msg);
+    optd_err rc = decode_checkpoint(body, size, size ? size : 1, &s, msg, sizeof msg);
+    /* However the body is cut into pieces, the outcome is the same. */
+    optd_err rc1 = decode_checkpoint(body, size, 1 + size % 5, &s2, msg, sizeof msg);
+    if (rc1 != rc)
+        fail("a checkpoint decodes differently when fed in pieces", body);
     if (rc) {
         check_msg(msg, sizeof msg);
-        if (s)
+        if (s || s2)
             fail("sess_from_checkpoint failed but returned a session", NULL);
         return;
     }
+    same_session(s, s2, "a checkpoint decodes to another state when fed in pieces", body);
+    sess_free(s2);
+    s2 = NULL;
     sbuf b = {0};
     sess_state_to_json(&b, s);
     if (!b.oom) {
-        cJSON *again = cJSON_Parse(b.p);
-        if (!again)
-            fail("sess_state_to_json wrote JSON that does not parse", b.p);
-        if (sess_from_checkpoint("fz", again, &s2, msg, sizeof msg) != OPTD_OK)
+        if (decode_checkpoint(b.p, b.len, 7, &s2, msg, sizeof msg) != OPTD_OK)
             fail("a checkpoint that decoded does not decode again after sess_state_to_json", msg);
-        if (s2->blob_len != s->blob_len || memcmp(s2->blob, s->blob, s->blob_len) != 0)
-            fail("a checkpoint's state changes over a round trip", b.p);
-        if (s2->row.step != s->row.step || s2->n != s->n || s2->dtype != s->dtype || s2->info != s->info)
-            fail("a checkpoint's step, size, dtype or optimizer changes over a round trip", b.p);
-        cJSON_Delete(again);
+        same_session(s, s2, "a checkpoint's state, step, size, dtype or optimizer changes over a round trip", b.p);
     }
     sbuf_free(&b);
+    /* And through its safetensors form. */
+    sbuf h = {0};
+    if (st_header(s, &h) == OPTD_OK) {
+        st_reader *r = st_reader_new("fz");
+        if (r) {
+            st_reader_feed(r, h.p, h.len);
+            st_reader_feed(r, s->blob, st_data_len(s));
+            if (st_reader_finish(r, &s3, msg, sizeof msg) != OPTD_OK)
+                fail("a checkpoint's safetensors form does not decode", msg);
+            same_session(s, s3, "a checkpoint changes over a safetensors round trip", h.p + 8);
+            st_reader_free(r);
+        }
+    }
+    sbuf_free(&h);
+    sess_free(s3);
     sess_free(s2);
     sess_free(s);
 }
@@ -169,9 +211,9 @@ static void fuzz_body(const uint8_t *data, size_t size)
     cJSON *obj = cJSON_ParseWithLength(body, size);
     if (obj && cJSON_IsObject(obj)) {
         fuzz_hparams(obj);
-        fuzz_checkpoint(obj);
         fuzz_vectors(obj);
     }
+    fuzz_checkpoint(body, size);
     cJSON_Delete(obj);
     free(body);
 }

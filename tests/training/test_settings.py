@@ -35,7 +35,13 @@ BAD_SCHEDULES = [  # (label, lr_schedule) -> 422 bad_hyperparam
     ("linear total_iters 0", {"type": "linear", "total_iters": 0}),
     ("warmup_steps -1", {"type": "exponential", "gamma": 0.9, "warmup_steps": -1}),
     ("warmup_steps not whole", {"type": "exponential", "gamma": 0.9, "warmup_steps": 1.5}),
+]
+
+# A field an lr_schedule of that type does not take: 422 unknown_field
+# (API.md Conventions: strict request bodies).
+UNKNOWN_SCHEDULE_FIELDS = [
     ("field of another type", {"type": "exponential", "gamma": 0.9, "T_max": 10}),
+    ("misspelt field", {"type": "step", "step_size": 10, "gama": 0.5}),
 ]
 
 WRONG_TYPES = [  # (label, hyperparams) -> 400 bad_request
@@ -114,6 +120,11 @@ class SettingsTests(DaemonTest):
                 r = self.api.post("/v1/sessions", {"name": uniq("bad"), "optimizer": "sgd", "size": 2,
                                                    "hyperparams": {"lr_schedule": sched}})
                 self.assertError(r, 422, "bad_hyperparam")
+        for label, sched in UNKNOWN_SCHEDULE_FIELDS:
+            with self.subTest(label):
+                r = self.api.post("/v1/sessions", {"name": uniq("bad"), "optimizer": "sgd", "size": 2,
+                                                   "hyperparams": {"lr_schedule": sched}})
+                self.assertError(r, 422, "unknown_field")
 
     def test_bad_max_grad_norm(self):
         for v in (0, -1, 0.0):
@@ -144,6 +155,10 @@ class SettingsTests(DaemonTest):
                 # a valid lr beside the bad schedule must not be applied either
                 self.assertError(self.api.patch(path, {"hyperparams": {"lr": 0.01, "lr_schedule": sched}}),
                                  422, "bad_hyperparam")
+        for label, sched in UNKNOWN_SCHEDULE_FIELDS:
+            with self.subTest(label):
+                self.assertError(self.api.patch(path, {"hyperparams": {"lr": 0.01, "lr_schedule": sched}}),
+                                 422, "unknown_field")
         for label, hp in WRONG_TYPES:
             with self.subTest(label):
                 self.assertError(self.api.patch(path, {"hyperparams": hp}), 400, "bad_request")

@@ -14,8 +14,9 @@ from .client import Client, ParamsResult, Session, StepResult
 from .errors import (AlreadyExists, BadHyperparam, BadRequest, Conflict, ConnectionFailed,
                      IdempotencyMismatch, Invalid, MethodNotAllowed, NonFinite, NotFound,
                      OptdError, RoundTimeout, SizeMismatch, StepMismatch, TooLarge,
-                     Unauthorized, UnknownOptimizer, Unavailable, UnsupportedMediaType)
+                     Unauthorized, UnknownField, UnknownOptimizer, Unavailable, UnsupportedMediaType)
 from .sharded import ShardedClient, list_all
+from . import safetensors
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,6 @@ __all__ = [
     "Client", "Session", "StepResult", "ParamsResult", "ShardedClient", "list_all",
     "OptdError", "BadRequest", "Unauthorized", "NotFound", "MethodNotAllowed", "Conflict",
     "AlreadyExists", "StepMismatch", "TooLarge", "UnsupportedMediaType", "Invalid",
-    "SizeMismatch", "NonFinite", "UnknownOptimizer", "BadHyperparam", "IdempotencyMismatch",
-    "Unavailable", "RoundTimeout", "ConnectionFailed",
+    "SizeMismatch", "NonFinite", "UnknownOptimizer", "BadHyperparam", "UnknownField", "IdempotencyMismatch",
+    "Unavailable", "RoundTimeout", "ConnectionFailed", "safetensors",
 ]

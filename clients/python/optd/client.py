@@ -503,18 +503,42 @@ class Client:
         data = self.request("GET", path).json()
         return StepResult(data.get("step"), _as_dtype(data.get("params"), self._cached_dtype(name)), data)
 
-    def checkpoint(self, name):
-        """GET /v1/sessions/{name}/state -> the full checkpoint as a dict."""
-        return self.request("GET", self._path(name, "/state")).json()
+    def checkpoint(self, name, path=None):
+        """GET /v1/sessions/{name}/state. Without ``path``: the full
+        checkpoint as a dict. With ``path``: writes it to that file, a
+        safetensors file (tensor ``params`` and one per state buffer in the
+        session's dtype, the rest in ``__metadata__``; read it with
+        :func:`optd.safetensors.load`, numpy or the ``safetensors`` package),
+        or JSON when ``path`` ends in ``.json``; returns ``path``."""
+        if path is None:
+            return self.request("GET", self._path(name, "/state")).json()
+        as_json = os.fsdecode(path).endswith(".json")
+        r = self.request("GET", self._path(name, "/state"), headers=None if as_json else {"Accept": BINARY})
+        tmp = "%s.tmp-%s" % (os.fsdecode(path), uuid.uuid4().hex[:8])
+        with open(tmp, "wb") as f:  # whole or not at all
+            f.write(r.body)
+        os.replace(tmp, path)
+        return path
 
-    def restore(self, name, checkpoint):
+    def restore(self, name, checkpoint, if_match=None):
         """PUT /v1/sessions/{name}/state: creates or replaces ``name`` from a
-        checkpoint (a dict from :meth:`checkpoint`, possibly of another
-        session: its ``name`` is replaced). Returns the reply as a dict."""
+        checkpoint: a dict from :meth:`checkpoint` (possibly of another
+        session: its ``name`` is replaced), or the path of a file
+        :meth:`checkpoint` wrote (safetensors, or JSON for ``.json``).
+        ``if_match=n`` replaces only a session still at step ``n``
+        (:class:`StepMismatch` otherwise). Returns the reply as a dict."""
+        headers = {"If-Match": '"%d"' % int(if_match)} if if_match is not None else {}
+        self._forget(name)
+        if isinstance(checkpoint, (str, bytes, os.PathLike)):
+            with open(checkpoint, "rb") as f:
+                data = f.read()
+            ctype = JSON if os.fsdecode(checkpoint).endswith(".json") else BINARY
+            headers["Content-Type"] = ctype
+            r = self.request("PUT", self._path(name, "/state"), body=data, headers=headers)
+            return r.json()
         body = dict(checkpoint)
         body["name"] = name
-        self._forget(name)
-        r = self.request("PUT", self._path(name, "/state"), json_body=body)
+        r = self.request("PUT", self._path(name, "/state"), json_body=body, headers=headers)
         return r.json()
 
     def history(self, name, after=None, limit=None):
@@ -599,11 +623,13 @@ class Session:
     def params(self, binary=False):
         return self.client.params(self.name, binary=binary)
 
-    def checkpoint(self):
-        return self.client.checkpoint(self.name)
+    def checkpoint(self, path=None):
+        """See :meth:`Client.checkpoint`: a dict, or ``path`` written."""
+        return self.client.checkpoint(self.name, path)
 
-    def restore(self, checkpoint):
-        self.client.restore(self.name, checkpoint)
+    def restore(self, checkpoint, if_match=None):
+        """See :meth:`Client.restore`: from a dict or a file's path."""
+        self.client.restore(self.name, checkpoint, if_match=if_match)
         self.info = None
         return self
 

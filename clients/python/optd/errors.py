@@ -116,6 +116,13 @@ class BadHyperparam(Invalid):
     default_code = "bad_hyperparam"
 
 
+class UnknownField(Invalid):
+    """A field the request does not take (a typo, or a hyperparameter given
+    beside ``hyperparams``): the message names it and the nearest valid one."""
+
+    default_code = "unknown_field"
+
+
 class IdempotencyMismatch(Invalid):
     """A key was reused with a different gradient."""
 
@@ -160,6 +167,7 @@ _BY_CODE = {
     "non_finite": NonFinite,
     "unknown_optimizer": UnknownOptimizer,
     "bad_hyperparam": BadHyperparam,
+    "unknown_field": UnknownField,
     "idempotency_mismatch": IdempotencyMismatch,
     "unavailable": Unavailable,
     "round_timeout": RoundTimeout,

@@ -1,0 +1,362 @@
+/* Binary checkpoints as safetensors files (API.md "Binary checkpoints";
+ * the format: an 8-byte little-endian header length N, N bytes of JSON
+ * header, then the tensors' bytes, each tensor a [begin, end) range of them,
+ * contiguous, no holes). A session's file holds tensor "params" and one per
+ * used state buffer, in the session's dtype, laid out as the session's blob
+ * (so the data is the blob itself, streamed without a copy); the rest of the
+ * checkpoint is __metadata__: each member of the JSON checkpoint as a
+ * string, strings as they are and other values as JSON text. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api/internal.h"
+
+#define ST_HEADER_MAX ((uint64_t)16 << 20)
+
+static const char *st_dtype(optim_dtype d) { return d == OPTIM_F64 ? "F64" : "F32"; }
+
+/* The members whose metadata value is a plain string, not JSON text. */
+static int string_member(const char *k)
+{
+    return strcmp(k, "name") == 0 || strcmp(k, "optimizer") == 0 || strcmp(k, "dtype") == 0;
+}
+
+optd_err st_header(const sess *s, sbuf *out)
+{
+    optd_err rc = OPTD_E_NOMEM;
+    sbuf head = {0}, h = {0};
+    cJSON *obj = NULL;
+    /* The checkpoint's fields, from the one writer of them. */
+    sess_head_to_json(&head, s);
+    if (head.oom || !(obj = cJSON_Parse(head.p)))
+        goto done;
+    sbuf_puts(&h, "{\"__metadata__\":{");
+    const char *sep = "";
+    for (const cJSON *e = obj->child; e; e = e->next) {
+        sbuf_puts(&h, sep);
+        sbuf_json_str(&h, e->string);
+        sbuf_put(&h, ":", 1);
+        if (cJSON_IsString(e)) {
+            sbuf_json_str(&h, e->valuestring);
+        } else {
+            char *txt = cJSON_PrintUnformatted(e);
+            if (!txt)
+                goto done;
+            sbuf_json_str(&h, txt);
+            cJSON_free(txt);
+        }
+        sep = ",";
+    }
+    if (s->info->scalar) {
+        sbuf_puts(&h, ",\"state\":");
+        sbuf b = {0};
+        sbuf_printf(&b, "{\"%s\":", s->info->scalar);
+        sbuf_num(&b, s->st.scalar, 0);
+        sbuf_puts(&b, "}");
+        sbuf_json_str(&h, b.p ? b.p : "{}");
+        int oom = b.oom;
+        sbuf_free(&b);
+        if (oom)
+            goto done;
+    }
+    sbuf_puts(&h, "}");
+    size_t vec = s->n * optim_elem_size(s->dtype), off = 0;
+    sbuf_printf(&h, ",\"params\":{\"dtype\":\"%s\",\"shape\":[%zu],\"data_offsets\":[0,%zu]}", st_dtype(s->dtype),
+                s->n, vec);
+    off = vec;
+    for (size_t i = 0; i < s->info->n_buffers; i++) {
+        if (!s->st.buf[i])
+            continue;
+        sbuf_printf(&h, ",\"%s\":{\"dtype\":\"%s\",\"shape\":[%zu],\"data_offsets\":[%zu,%zu]}", s->info->buffers[i],
+                    st_dtype(s->dtype), s->n, off, off + vec);
+        off += vec;
+    }
+    sbuf_puts(&h, "}");
+    /* Padded with spaces so the tensors start 8-byte aligned, as the
+     * reference writer does. */
+    while ((h.len + 8) % 8)
+        sbuf_put(&h, " ", 1);
+    if (h.oom)
+        goto done;
+    unsigned char len8[8];
+    uint64_t n = h.len;
+    for (int i = 0; i < 8; i++)
+        len8[i] = (unsigned char)(n >> (8 * i));
+    sbuf_put(out, (const char *)len8, 8);
+    sbuf_put(out, h.p, h.len);
+    rc = out->oom ? OPTD_E_NOMEM : OPTD_OK;
+done:
+    cJSON_Delete(obj);
+    sbuf_free(&head);
+    sbuf_free(&h);
+    return rc;
+}
+
+size_t st_data_len(const sess *s) { return s->blob_len - sizeof(double); }
+
+/* ---- Reading --------------------------------------------------------- */
+
+typedef struct st_tensor {
+    char name[JB_KEY_MAX];
+    void *dst;
+    uint64_t begin, end;
+} st_tensor;
+
+struct st_reader {
+    char name[STORE_NAME_MAX + 1]; /* of the session to make */
+    unsigned char len8[8];
+    size_t have8;
+    uint64_t hlen;
+    sbuf header;
+    sess *s; /* made once the header is read */
+    st_tensor t[OPTIM_MAX_BUFFERS + 1];
+    size_t nt;
+    unsigned present;
+    uint64_t data_len, pos, total;
+    optd_err rc;
+    char msg[256];
+};
+
+static void rfail(st_reader *r, optd_err rc, const char *fmt, const char *a, const char *b)
+{
+    if (r->rc)
+        return;
+    r->rc = rc;
+    snprintf(r->msg, sizeof r->msg, fmt, a, b);
+}
+
+st_reader *st_reader_new(const char *name)
+{
+    st_reader *r = calloc(1, sizeof *r);
+    if (r)
+        snprintf(r->name, sizeof r->name, "%s", name);
+    return r;
+}
+
+void st_reader_free(st_reader *r)
+{
+    if (!r)
+        return;
+    sess_free(r->s);
+    sbuf_free(&r->header);
+    free(r);
+}
+
+/* The checkpoint object that __metadata__ stands for, with "params": [] so
+ * that it reads like a JSON checkpoint. */
+static optd_err meta_to_checkpoint(const cJSON *meta, cJSON **out, char *msg, size_t msglen)
+{
+    cJSON *o = cJSON_CreateObject();
+    if (!o)
+        return OPTD_E_NOMEM;
+    *out = o;
+    if (meta && !cJSON_IsObject(meta))
+        return snprintf(msg, msglen, "__metadata__ must be an object of strings"), OPTD_E_BAD_REQUEST;
+    for (const cJSON *e = meta ? meta->child : NULL; e; e = e->next) {
+        if (!cJSON_IsString(e))
+            return snprintf(msg, msglen, "__metadata__.%.64s must be a string (safetensors metadata is strings)",
+                            e->string),
+                   OPTD_E_BAD_REQUEST;
+        if (strcmp(e->string, "format") == 0)
+            continue; /* "pt", "np": what writers note of themselves */
+        cJSON *v = NULL;
+        if (string_member(e->string) && e->valuestring[0] != '"')
+            v = cJSON_CreateString(e->valuestring);
+        else if (!(v = cJSON_Parse(e->valuestring)))
+            return snprintf(msg, msglen, "__metadata__.%.64s is not JSON text", e->string), OPTD_E_BAD_REQUEST;
+        if (!v || !cJSON_AddItemToObject(o, e->string, v)) {
+            cJSON_Delete(v);
+            return OPTD_E_NOMEM;
+        }
+    }
+    if (!cJSON_AddItemToObject(o, "params", cJSON_CreateArray()))
+        return OPTD_E_NOMEM;
+    return OPTD_OK;
+}
+
+/* Reads one tensor's entry: dtype, a shape of one dimension n, offsets. */
+static optd_err tensor_entry(const cJSON *e, const char *dtype, uint64_t *n, uint64_t *begin, uint64_t *end,
+                             char *msg, size_t msglen)
+{
+    const cJSON *dt = cJSON_GetObjectItemCaseSensitive(e, "dtype");
+    const cJSON *shape = cJSON_GetObjectItemCaseSensitive(e, "shape");
+    const cJSON *off = cJSON_GetObjectItemCaseSensitive(e, "data_offsets");
+    if (!cJSON_IsObject(e) || !cJSON_IsString(dt) || !cJSON_IsArray(shape) || !cJSON_IsArray(off) ||
+        cJSON_GetArraySize(off) != 2 || !cJSON_IsNumber(off->child) || !cJSON_IsNumber(off->child->next))
+        return snprintf(msg, msglen, "tensor %.64s needs dtype, shape and data_offsets", e->string),
+               OPTD_E_BAD_REQUEST;
+    if (strcmp(dt->valuestring, dtype) != 0)
+        return snprintf(msg, msglen, "tensor %.64s is %.8s; the session's tensors are %s", e->string, dt->valuestring,
+                        dtype),
+               OPTD_E_INVALID;
+    if (cJSON_GetArraySize(shape) != 1 || !cJSON_IsNumber(shape->child) || shape->child->valuedouble < 0)
+        return snprintf(msg, msglen, "tensor %.64s must have one dimension (the session is a flat vector)", e->string),
+               OPTD_E_INVALID;
+    double b = off->child->valuedouble, d = off->child->next->valuedouble;
+    if (b < 0 || d < b || d > 9007199254740992.0)
+        return snprintf(msg, msglen, "tensor %.64s has bad data_offsets", e->string), OPTD_E_BAD_REQUEST;
+    *n = (uint64_t)shape->child->valuedouble;
+    *begin = (uint64_t)b;
+    *end = (uint64_t)d;
+    return OPTD_OK;
+}
+
+static int by_begin(const void *a, const void *b)
+{
+    const st_tensor *x = a, *y = b;
+    return x->begin < y->begin ? -1 : x->begin > y->begin;
+}
+
+/* The header has arrived: make the session it describes and map each
+ * tensor's byte range into it. */
+static optd_err read_header(st_reader *r)
+{
+    cJSON *hdr = NULL, *ck = NULL;
+    char *msg = r->msg;
+    size_t msglen = sizeof r->msg;
+    optd_err rc = json_parse_object(r->header.p ? r->header.p : "", r->header.len, "", &hdr, msg, msglen);
+    if (rc == OPTD_E_BAD_JSON)
+        snprintf(msg, msglen, "the safetensors header is not valid JSON");
+    if (rc)
+        goto done;
+    const cJSON *params = cJSON_GetObjectItemCaseSensitive(hdr, "params");
+    if ((rc = meta_to_checkpoint(cJSON_GetObjectItemCaseSensitive(hdr, "__metadata__"), &ck, msg, msglen)))
+        goto done;
+    rc = OPTD_E_INVALID;
+    if (!params) {
+        snprintf(msg, msglen, "the file has no tensor \"params\"");
+        goto done;
+    }
+    const cJSON *dt = cJSON_GetObjectItemCaseSensitive(ck, "dtype");
+    const char *dtype = cJSON_IsString(dt) && strcmp(dt->valuestring, "float64") == 0 ? "F64" : "F32";
+    uint64_t n, b, e;
+    if ((rc = tensor_entry(params, dtype, &n, &b, &e, msg, msglen)))
+        goto done;
+    if ((rc = ckpt_begin(r->name, ck, (size_t)n, NULL, &r->s, msg, msglen)))
+        goto done;
+    size_t es = optim_elem_size(r->s->dtype);
+    for (const cJSON *t = hdr->child; t; t = t->next) {
+        if (strcmp(t->string, "__metadata__") == 0)
+            continue;
+        rc = OPTD_E_BAD_REQUEST;
+        for (size_t i = 0; i < r->nt; i++)
+            if (strcmp(r->t[i].name, t->string) == 0) {
+                snprintf(msg, msglen, "tensor %.64s appears twice", t->string);
+                goto done;
+            }
+        uint64_t tn;
+        st_tensor *x = &r->t[r->nt];
+        if ((rc = ckpt_target(r->s, t->string, &x->dst, msg, msglen)))
+            goto done;
+        if ((rc = tensor_entry(t, dtype, &tn, &x->begin, &x->end, msg, msglen)))
+            goto done;
+        if (tn != n || x->end - x->begin != n * es) {
+            snprintf(msg, msglen, "tensor %.64s has %llu elements in %llu bytes; the session has %zu of %zu bytes",
+                     t->string, (unsigned long long)tn, (unsigned long long)(x->end - x->begin), (size_t)n, es);
+            rc = OPTD_E_SIZE_MISMATCH;
+            goto done;
+        }
+        snprintf(x->name, sizeof x->name, "%s", t->string);
+        r->present |= ckpt_buffer_bit(r->s, t->string);
+        r->nt++;
+    }
+    /* The byte buffer is indexed whole, without holes or overlaps. */
+    qsort(r->t, r->nt, sizeof r->t[0], by_begin);
+    uint64_t at = 0;
+    for (size_t i = 0; i < r->nt; i++) {
+        if (r->t[i].begin != at) {
+            snprintf(msg, msglen, "tensor %.64s starts at byte %llu of the data, not %llu: the tensors must cover it "
+                     "without holes or overlaps", r->t[i].name, (unsigned long long)r->t[i].begin,
+                     (unsigned long long)at);
+            rc = OPTD_E_BAD_REQUEST;
+            goto done;
+        }
+        at = r->t[i].end;
+    }
+    r->data_len = at;
+    rc = OPTD_OK;
+done:
+    cJSON_Delete(hdr);
+    cJSON_Delete(ck);
+    return rc;
+}
+
+/* Copies data bytes [r->pos, r->pos + n) into the tensors they belong to. */
+static void put_data(st_reader *r, const unsigned char *p, size_t n)
+{
+    if (r->pos + n > r->data_len) {
+        rfail(r, OPTD_E_BAD_REQUEST, "the file has bytes after its last tensor%s%s", "", "");
+        return;
+    }
+    for (size_t i = 0; i < r->nt && n; i++) {
+        st_tensor *t = &r->t[i];
+        if (r->pos >= t->end)
+            continue;
+        size_t k = (size_t)(t->end - r->pos) < n ? (size_t)(t->end - r->pos) : n;
+        memcpy((unsigned char *)t->dst + (r->pos - t->begin), p, k);
+        r->pos += k;
+        p += k;
+        n -= k;
+    }
+}
+
+void st_reader_feed(st_reader *r, const void *data, size_t n)
+{
+    const unsigned char *p = data;
+    r->total += n;
+    while (n && !r->rc) {
+        if (r->have8 < 8) {
+            size_t k = 8 - r->have8 < n ? 8 - r->have8 : n;
+            memcpy(r->len8 + r->have8, p, k);
+            r->have8 += k, p += k, n -= k;
+            if (r->have8 < 8)
+                return;
+            for (int i = 7; i >= 0; i--)
+                r->hlen = (r->hlen << 8) | r->len8[i];
+            if (r->hlen < 2 || r->hlen > ST_HEADER_MAX)
+                rfail(r, OPTD_E_BAD_REQUEST, "this is not a safetensors file: its header length is %s%s",
+                      r->hlen < 2 ? "too small" : "over 16 MiB", "");
+            continue;
+        }
+        if (r->header.len < r->hlen) {
+            size_t k = r->hlen - r->header.len < n ? (size_t)(r->hlen - r->header.len) : n;
+            sbuf_put(&r->header, (const char *)p, k);
+            p += k, n -= k;
+            if (r->header.oom)
+                rfail(r, OPTD_E_NOMEM, "out of memory; safe to retry%s%s", "", "");
+            else if (r->header.len == r->hlen && (r->rc = read_header(r)) != OPTD_OK)
+                return;
+            continue;
+        }
+        put_data(r, p, n);
+        return;
+    }
+}
+
+optd_err st_reader_finish(st_reader *r, sess **out, char *msg, size_t msglen)
+{
+    *out = NULL;
+    if (!r->rc && (r->have8 < 8 || r->header.len < r->hlen || !r->s))
+        rfail(r, OPTD_E_BAD_REQUEST, "the body is %s: not a whole safetensors file%s",
+              r->total ? "cut short" : "empty", "");
+    if (!r->rc && r->pos != r->data_len)
+        rfail(r, OPTD_E_BAD_REQUEST, "the file ends inside its tensors: it is cut short%s%s", "", "");
+    for (size_t i = 0; i < r->nt && !r->rc; i++) {
+        size_t bad;
+        if (!vec_finite(r->t[i].dst, r->s->n, r->s->dtype, &bad)) {
+            char idx[32];
+            snprintf(idx, sizeof idx, "%zu", bad);
+            rfail(r, OPTD_E_NON_FINITE, "tensor %s element %s is not finite", r->t[i].name, idx);
+        }
+    }
+    if (!r->rc)
+        r->rc = ckpt_finish(r->s, r->present, r->msg, sizeof r->msg);
+    if (r->rc) {
+        snprintf(msg, msglen, "%s", r->msg);
+        return r->rc;
+    }
+    *out = r->s;
+    r->s = NULL;
+    return OPTD_OK;
+}
