@@ -527,6 +527,16 @@ static optd_err run_fork(writer *w, job *j)
     return rc;
 }
 
+/* Which state buffers s uses, one bit each: the blob's layout besides its length. */
+static unsigned buffer_set(const sess *s)
+{
+    unsigned set = 0;
+    for (size_t i = 0; i < OPTIM_MAX_BUFFERS; i++)
+        if (s->st.buf[i])
+            set |= 1u << i;
+    return set;
+}
+
 static optd_err run_patch(writer *w, job *j)
 {
     sess *s;
@@ -534,12 +544,17 @@ static optd_err run_patch(writer *w, job *j)
     if (rc)
         return rc;
     size_t before = s->blob_len;
+    unsigned layout = buffer_set(s);
     rc = apply_settings(s, j->patch, j->msg, sizeof j->msg);
     if (rc)
         return rc;
     w->cached += s->blob_len - before;
     touch(s, now_ms());
-    rc = store_session_update(w->st, &s->row, before != s->blob_len ? s->blob : NULL, s->blob_len);
+    /* The state is rewritten whenever its layout changes, not only its
+     * length: rmsprop trading momentum_buffer for grad_avg keeps the length
+     * but must not leave the stored blob read with the new buffer names. */
+    int relaid = before != s->blob_len || layout != buffer_set(s);
+    rc = store_session_update(w->st, &s->row, relaid ? s->blob : NULL, s->blob_len);
     /* Fewer workers may complete the round in progress. */
     if (rc == OPTD_OK && s->rnd && s->rnd->count >= s->tr.workers)
         rc = round_apply(w, s);
