@@ -298,7 +298,11 @@ static enum MHD_Result finish_job(req *r)
         break;
     }
     step_str(j->step, etag);
-    if (r->want_binary) {
+    /* The replay of a key too old for its params to be kept answers in JSON
+     * with its step and no params: an empty octet-stream body would read as
+     * a vector of no elements. */
+    int params_gone = j->replayed && !j->out_params && !r->minimal;
+    if (r->want_binary && !params_gone) {
         char *p = j->out_params && !r->minimal ? j->out_params : strdup("");
         size_t len = j->out_params && !r->minimal ? j->out_len : 0;
         if (p == j->out_params)
