@@ -598,6 +598,9 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
             return snprintf(msg, msglen, "params must have 1 to %zu elements", API_MAX_ELEMENTS), OPTD_E_INVALID;
         if (fill)
             return snprintf(msg, msglen, "fill goes with size, not params"), OPTD_E_INVALID;
+        rc = sess_check_size(info, &hp, dtype, n, r->srv->cfg.max_session_bytes, msg, msglen);
+        if (rc)
+            return rc;
         rc = sess_new(r->name, info, &hp, &tr, dtype, n, NULL, 0, out);
         if (rc == OPTD_E_BAD_HYPERPARAM)
             snprintf(msg, msglen, "initial_accumulator_value is not a finite %s", dtype == OPTIM_F64 ? "float64" : "float32");
@@ -624,10 +627,32 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
             return snprintf(msg, msglen, "fill is not a finite %s", dtype == OPTIM_F64 ? "float64" : "float32"),
                    OPTD_E_NON_FINITE;
     }
+    /* Before anything is allocated: a 60-byte body may ask for gigabytes. */
+    rc = sess_check_size(info, &hp, dtype, (size_t)n, r->srv->cfg.max_session_bytes, msg, msglen);
+    if (rc)
+        return rc;
     rc = sess_new(r->name, info, &hp, &tr, dtype, (size_t)n, NULL, f, out);
     if (rc == OPTD_E_BAD_HYPERPARAM)
         snprintf(msg, msglen, "initial_accumulator_value is not a finite %s", dtype == OPTIM_F64 ? "float64" : "float32");
     return rc;
+}
+
+/* Refuses a checkpoint whose state is over --max-session-bytes before it is
+ * decoded into a session. A checkpoint that is malformed passes here: the
+ * decoder words that error. */
+static optd_err checkpoint_size(req *r, char *msg, size_t msglen)
+{
+    const cJSON *params = cJSON_GetObjectItemCaseSensitive(r->json, "params");
+    const optim_info *info;
+    optim_dtype dtype;
+    optim_hparams hp;
+    training tr;
+    char ignored[256];
+    if (!cJSON_IsArray(params) || cJSON_GetArraySize(params) < 1 ||
+        sess_config_from_json(r->json, &info, &dtype, &hp, &tr, ignored, sizeof ignored))
+        return OPTD_OK;
+    return sess_check_size(info, &hp, dtype, (size_t)cJSON_GetArraySize(params), r->srv->cfg.max_session_bytes,
+                           msg, msglen);
 }
 
 static enum MHD_Result create_session(req *r, job_kind kind)
@@ -637,7 +662,9 @@ static enum MHD_Result create_session(req *r, job_kind kind)
     if (rc == OPTD_OK && kind == JOB_PUT_STATE) {
         /* The path names the session: a checkpoint restores under any name
          * (its own "name" member is only a record of where it came from). */
-        rc = sess_from_checkpoint(r->name, r->json, &r->job.newsess, msg, sizeof msg);
+        rc = checkpoint_size(r, msg, sizeof msg);
+        if (rc == OPTD_OK)
+            rc = sess_from_checkpoint(r->name, r->json, &r->job.newsess, msg, sizeof msg);
     } else if (rc == OPTD_OK) {
         rc = session_from_body(r, &r->job.newsess, msg, sizeof msg);
     }
@@ -1129,7 +1156,8 @@ optd_err api_start(const api_config *cfg, store *st, api_server **out, char *err
     pthread_cond_init(&srv->watchdog_cv, NULL);
     if (cfg->token && !(srv->token = strdup(cfg->token)))
         goto done;
-    rc = writer_start(st, &srv->m, cfg->idempotency_window, cfg->history_steps, cfg->cache_bytes, &srv->w);
+    rc = writer_start(st, &srv->m, cfg->idempotency_window, cfg->history_steps, cfg->cache_bytes,
+                      cfg->max_session_bytes, &srv->w);
     if (rc)
         goto done;
     rc = OPTD_E_UNAVAILABLE;

@@ -132,7 +132,7 @@ typedef struct sess {
     struct wround *rnd; /* the worker round in progress (writer.c), or NULL */
     /* Writer cache links (writer.c). */
     struct sess *lru_prev, *lru_next, *hnext;
-    int touched; /* modified in the current group commit */
+    int touched; /* in the current group: 0 untouched, -1 loaded, else the part (writer.c) that last changed it */
 } sess;
 
 /* Frees s and everything it owns; sess_free(NULL) does nothing. */
@@ -149,6 +149,14 @@ optd_err sess_from_store(store_session *row, void *blob, size_t blob_len, sess *
 /* Changes the hyperparameters, re-laying the blob when the set of used
  * buffers changes (new buffers start as torch would create them). */
 optd_err sess_set_hparams(sess *s, const optim_hparams *hp);
+/* The bytes of the state blob of n elements of dtype under info and hp
+ * (params, the used buffers, the scalar), computed without allocating; n is
+ * at most API_MAX_ELEMENTS, so it cannot overflow. */
+size_t sess_state_bytes(const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n);
+/* OPTD_OK when that state fits in limit bytes, else OPTD_E_SESSION_TOO_LARGE
+ * with a msg giving the size and the limit. n must be >= 1. */
+optd_err sess_check_size(const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n,
+                         size_t limit, char *msg, size_t msglen);
 /* Copies st.scalar into the blob's last 8 bytes (call after a step). */
 void sess_pack(sess *s);
 /* Writes row.config from hp. */
@@ -288,8 +296,9 @@ typedef struct job {
 
 typedef struct writer writer;
 
+/* max_session_bytes bounds the state of a fork, and of a PATCH that grows one. */
 optd_err writer_start(store *st, metrics *m, uint64_t idem_window, uint64_t history_steps, size_t cache_bytes,
-                      writer **out);
+                      size_t max_session_bytes, writer **out);
 /* Queues j; j->on_done runs on the writer thread once j's outcome is committed
  * (or failed). Returns OPTD_E_UNAVAILABLE when the writer is stopping. */
 optd_err writer_submit(writer *w, job *j);

@@ -26,6 +26,26 @@ static size_t layout(sess *s, unsigned char *blob)
     return off + sizeof(double);
 }
 
+size_t sess_state_bytes(const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n)
+{
+    sess probe = {.info = info, .hp = *hp, .dtype = dtype, .n = n};
+    return layout(&probe, NULL);
+}
+
+optd_err sess_check_size(const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n,
+                         size_t limit, char *msg, size_t msglen)
+{
+    size_t bytes = sess_state_bytes(info, hp, dtype, n);
+    if (bytes <= limit)
+        return OPTD_OK;
+    size_t vectors = (bytes - sizeof(double)) / (n * optim_elem_size(dtype));
+    snprintf(msg, msglen,
+             "the session's state would take %zu bytes (%zu %s elements x %zu vectors: params and %s's buffers), "
+             "over the %zu of --max-session-bytes; use fewer elements, float32 or fewer buffers",
+             bytes, n, dtype_name(dtype), vectors, info->name, limit);
+    return OPTD_E_SESSION_TOO_LARGE;
+}
+
 void sess_pack(sess *s) { memcpy(s->blob + s->blob_len - sizeof(double), &s->st.scalar, sizeof(double)); }
 
 void sess_free(sess *s)

@@ -13,6 +13,8 @@
 #include "api/internal.h"
 
 #define BUCKETS 4096
+/* sess.touched of a session loaded during the group (see lookup). */
+#define TOUCH_LOADED (-1)
 /* Steps whose saved reply is kept for an idempotent replay, per session, in
  * bytes: older keys still block a second application but replay the step
  * number only. */
@@ -44,10 +46,13 @@ struct writer {
     store *st;
     metrics *m;
     uint64_t idem_window, history_steps;
+    size_t max_session_bytes; /* forks and PATCHes past it are refused */
     wround rounds; /* sentinel of the rounds in progress */
     atomic_int healthy; /* the last transaction committed */
     atomic_uint parked; /* jobs waiting in rounds */
     job *release; /* jobs to complete once the group's outcome is known */
+    int part;     /* the part of the group in progress (a job, or an expired round) */
+    int part_dirty; /* the part changed a cached session (touch) */
     size_t cache_bytes, cached;
     pthread_t thread;
     pthread_mutex_t mu;
@@ -144,6 +149,9 @@ static optd_err lookup(writer *w, const char *name, sess **out)
         rc = sess_from_store(&row, blob, len, out);
     if (rc == OPTD_OK) {
         cache_put(w, *out);
+        /* Read inside the group's transaction, so it may hold writes the
+         * group has yet to commit: forgotten if the group fails. */
+        (*out)->touched = TOUCH_LOADED;
     } else {
         store_session_clear(&row);
         free(blob);
@@ -151,9 +159,11 @@ static optd_err lookup(writer *w, const char *name, sess **out)
     return rc;
 }
 
-static void touch(sess *s, int64_t ms)
+/* s changed in memory in the part of the group in progress. */
+static void touch(writer *w, sess *s, int64_t ms)
 {
-    s->touched = 1;
+    s->touched = w->part;
+    w->part_dirty = 1;
     s->row.updated_ms = ms;
 }
 
@@ -238,7 +248,7 @@ static optd_err apply_step(writer *w, sess *s, void *grad, uint32_t contributors
         grad_norm = sqrt(stats.grad_sq);
     sess_pack(s);
     s->row.step = s->st.step;
-    touch(s, now_ms());
+    touch(w, s, now_ms());
     out->step = s->row.step;
     out->lr = hp.lr;
     out->grad_norm = grad_norm;
@@ -316,11 +326,20 @@ static optd_err round_apply(writer *w, sess *s)
     }
     uint32_t count = r->count;
     char msg[256] = "";
-    for (job *j = r->waiters, *next; j; j = next) {
-        next = j->next_waiter;
+    for (job *j = r->waiters; j; j = j->next_waiter) {
         j->rc = rc ? rc : finish_step(w, s, j, &a, count);
         if (j->rc && !rc)
             rc = j->rc;
+    }
+    for (job *j = r->waiters, *next; j; j = next) {
+        next = j->next_waiter;
+        if (rc && !j->rc) {
+            /* Another waiter's reply failed, so the part that applied the
+             * round rolls back: no waiter may report it applied. */
+            j->rc = rc;
+            free(j->out_params);
+            j->out_params = NULL;
+        }
         release_later(w, j);
     }
     round_free(w, s);
@@ -445,7 +464,7 @@ static optd_err insert_new(writer *w, job *j, sess *s)
     if (rc)
         return rc;
     cache_put(w, s);
-    touch(s, s->row.updated_ms);
+    touch(w, s, s->row.updated_ms);
     j->step = s->row.step;
     sess_to_json(&j->out_json, &s->row);
     return OPTD_OK;
@@ -482,21 +501,27 @@ static optd_err run_create(writer *w, job *j)
     return rc;
 }
 
-/* Applies the hyperparams and session fields of body onto s's copies,
- * validating all before changing anything. */
-static optd_err apply_settings(sess *s, const cJSON *body, char *msg, size_t msglen)
+/* Reads the hyperparams and session fields of body onto copies of s's
+ * (*hp, *tr), validating all; s is not changed. */
+static optd_err settings_from_json(const sess *s, const cJSON *body, optim_hparams *hp, training *tr, char *msg,
+                                   size_t msglen)
 {
-    optim_hparams hp = s->hp;
-    training tr = s->tr;
-    optd_err rc = hparams_from_json(s->info, cJSON_GetObjectItemCaseSensitive(body, "hyperparams"), &hp, &tr, msg,
+    *hp = s->hp;
+    *tr = s->tr;
+    optd_err rc = hparams_from_json(s->info, cJSON_GetObjectItemCaseSensitive(body, "hyperparams"), hp, tr, msg,
                                     msglen);
-    if (!rc)
-        rc = training_fields_from_json(body, &tr, msg, msglen);
-    if (rc)
-        return rc;
+    return rc ? rc : training_fields_from_json(body, tr, msg, msglen);
+}
+
+/* Applies settings read by settings_from_json onto s (re-laying its state
+ * when the buffers it uses change). */
+static optd_err apply_settings(sess *s, const optim_hparams *hpp, const training *trp, char *msg, size_t msglen)
+{
+    optim_hparams hp = *hpp;
+    training tr = *trp;
     training old = s->tr;
     s->tr = tr;
-    rc = sess_set_hparams(s, &hp);
+    optd_err rc = sess_set_hparams(s, &hp);
     if (rc == OPTD_E_BAD_HYPERPARAM)
         snprintf(msg, msglen, "initial_accumulator_value is not a finite %s",
                  s->dtype == OPTIM_F64 ? "float64" : "float32");
@@ -517,9 +542,16 @@ static optd_err run_fork(writer *w, job *j)
         return rc;
     if (cache_get(w, j->name))
         return OPTD_E_ALREADY_EXISTS;
-    rc = sess_copy(src, j->name, &s);
+    optim_hparams hp;
+    training tr;
+    rc = settings_from_json(src, j->patch, &hp, &tr, j->msg, sizeof j->msg);
+    /* The fork's state, with its own hyperparams, must fit before it is copied. */
     if (!rc)
-        rc = apply_settings(s, j->patch, j->msg, sizeof j->msg);
+        rc = sess_check_size(src->info, &hp, src->dtype, src->n, w->max_session_bytes, j->msg, sizeof j->msg);
+    if (!rc)
+        rc = sess_copy(src, j->name, &s);
+    if (!rc)
+        rc = apply_settings(s, &hp, &tr, j->msg, sizeof j->msg);
     if (!rc)
         rc = insert_new(w, j, s);
     if (rc)
@@ -545,11 +577,19 @@ static optd_err run_patch(writer *w, job *j)
         return rc;
     size_t before = s->blob_len;
     unsigned layout = buffer_set(s);
-    rc = apply_settings(s, j->patch, j->msg, sizeof j->msg);
+    optim_hparams hp;
+    training tr;
+    rc = settings_from_json(s, j->patch, &hp, &tr, j->msg, sizeof j->msg);
+    /* A PATCH that adds a buffer (amsgrad on) grows the state: it must fit.
+     * One that does not grow it is fine even past a lowered limit. */
+    if (!rc && sess_state_bytes(s->info, &hp, s->dtype, s->n) > before)
+        rc = sess_check_size(s->info, &hp, s->dtype, s->n, w->max_session_bytes, j->msg, sizeof j->msg);
+    if (!rc)
+        rc = apply_settings(s, &hp, &tr, j->msg, sizeof j->msg);
     if (rc)
         return rc;
     w->cached += s->blob_len - before;
-    touch(s, now_ms());
+    touch(w, s, now_ms());
     /* The state is rewritten whenever its layout changes, not only its
      * length: rmsprop trading momentum_buffer for grad_avg keeps the length
      * but must not leave the stored blob read with the new buffer names. */
@@ -595,23 +635,52 @@ static optd_err run(writer *w, job *j)
     return OPTD_E_INTERNAL;
 }
 
-/* Whether rc is a storage failure that poisons the whole transaction (as
- * opposed to a refusal that wrote nothing). */
-static int is_fault(optd_err rc) { return rc == OPTD_E_UNAVAILABLE || rc == OPTD_E_NOMEM || rc == OPTD_E_INTERNAL; }
+/* A group runs in parts, a job or an expired round each, every part in a
+ * savepoint of the group's transaction: a part that fails (a refusal found
+ * after writing, a value too big for SQLite, out of memory) rolls back
+ * alone, and the group's other parts still commit. begin_part opens one. */
+static optd_err begin_part(writer *w)
+{
+    w->part++;
+    w->part_dirty = 0;
+    return store_savepoint(w->st);
+}
+
+/* Ends the part begun last: keeps its writes when rc is OPTD_OK, else undoes
+ * them and forgets the sessions it changed in memory (the next use reloads
+ * them as the transaction now holds them). Returns OPTD_OK, or
+ * OPTD_E_UNAVAILABLE when the group's transaction is lost with it. */
+static optd_err end_part(writer *w, optd_err rc)
+{
+    if (rc == OPTD_OK)
+        return store_release(w->st);
+    optd_err trc = store_rollback_to(w->st);
+    /* Most failed parts are refusals that changed nothing (412, 422). */
+    for (sess *s = w->part_dirty ? w->lru.lru_next : &w->lru, *next; s != &w->lru; s = next) {
+        next = s->lru_next;
+        if (s->touched == w->part)
+            cache_drop(w, s);
+    }
+    return trc;
+}
 
 /* Rounds past their timeout: applied with what arrived when at least
- * min_workers contributed, else failed (nothing changes). */
+ * min_workers contributed, else failed (nothing changes). Each applied
+ * round is a part; returns OPTD_E_UNAVAILABLE when the transaction is lost. */
 static optd_err run_expired(writer *w, uint64_t now)
 {
     optd_err rc = OPTD_OK;
-    for (wround *r = w->rounds.next, *next; r != &w->rounds && !is_fault(rc); r = next) {
+    for (wround *r = w->rounds.next, *next; r != &w->rounds && !rc; r = next) {
         next = r->next;
         if (r->deadline_us > now)
             continue;
-        if (r->count >= training_min_workers(&r->s->tr))
-            rc = round_apply(w, r->s);
-        else
+        if (r->count >= training_min_workers(&r->s->tr)) {
+            rc = begin_part(w);
+            if (!rc)
+                rc = end_part(w, round_apply(w, r->s)); /* its waiters have their outcome */
+        } else {
             round_fail(w, r->s, OPTD_E_ROUND_TIMEOUT, "the round did not gather min_workers contributions in time");
+        }
     }
     return rc;
 }
@@ -632,15 +701,22 @@ static void run_group(writer *w, job *group)
     int began = rc == OPTD_OK, fault = !began;
     job *j = group, *next;
     w->release = NULL;
+    w->part = 0;
     if (!fault) {
         rc = run_expired(w, mono_us());
-        fault = is_fault(rc);
+        fault = rc != OPTD_OK;
     }
     for (; j && !fault; j = next) {
         next = j->next;
         j->state = JS_QUEUED;
+        rc = begin_part(w);
+        if (rc) {
+            fault = 1;
+            break; /* j is released with the jobs not run */
+        }
         optd_err jrc = run(w, j);
-        fault = is_fault(jrc);
+        rc = end_part(w, jrc);
+        fault = rc != OPTD_OK;
         if (j->state == JS_QUEUED) { /* else parked, or released by its round with its own rc */
             j->rc = jrc;
             release_later(w, j);
@@ -678,6 +754,16 @@ static void run_group(writer *w, job *group)
     w->release = NULL;
     for (j = list; j; j = next) {
         next = j->next_done;
+        if (!fault && j->rc == OPTD_E_INTERNAL) {
+            /* A part that failed inconsistently (a session row without its
+             * state) rolled back alone; as before, its client may retry. */
+            j->rc = OPTD_E_UNAVAILABLE;
+        }
+        if (!fault && j->rc) {
+            free(j->out_params); /* a part rolled back: nothing of it is replied */
+            j->out_params = NULL;
+            sbuf_free(&j->out_json);
+        }
         if (fault) {
             j->rc = rc == OPTD_E_NOMEM || j->rc == OPTD_E_NOMEM ? OPTD_E_NOMEM : OPTD_E_UNAVAILABLE;
             j->msg[0] = '\0';
@@ -737,7 +823,7 @@ static void *writer_main(void *arg)
 }
 
 optd_err writer_start(store *st, metrics *m, uint64_t idem_window, uint64_t history_steps, size_t cache_bytes,
-                      writer **out)
+                      size_t max_session_bytes, writer **out)
 {
     writer *w = calloc(1, sizeof *w);
     pthread_condattr_t ca;
@@ -748,6 +834,7 @@ optd_err writer_start(store *st, metrics *m, uint64_t idem_window, uint64_t hist
     w->idem_window = idem_window;
     w->history_steps = history_steps;
     w->cache_bytes = cache_bytes;
+    w->max_session_bytes = max_session_bytes;
     w->lru.lru_next = w->lru.lru_prev = &w->lru;
     w->rounds.next = w->rounds.prev = &w->rounds;
     atomic_store(&w->healthy, 1);

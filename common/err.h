@@ -25,6 +25,8 @@
     XX(BAD_HYPERPARAM, "bad_hyperparam", 422, "a hyperparameter is out of range")   \
     XX(IDEMPOTENCY_MISMATCH, "idempotency_mismatch", 422,                            \
        "this Idempotency-Key was used with a different request")                    \
+    XX(SESSION_TOO_LARGE, "too_large", 422,                                          \
+       "the session's state is over --max-session-bytes")                          \
     XX(INTERNAL, "internal", 500, "internal error")                                  \
     XX(UNAVAILABLE, "unavailable", 503, "storage is unavailable; safe to retry")    \
     XX(ROUND_TIMEOUT, "round_timeout", 503,                                          \

@@ -31,6 +31,7 @@ typedef struct daemon_config {
     char db[DAEMON_PATH_MAX];          /* database file */
     char token[DAEMON_TOKEN_MAX];      /* bearer token; "" when none is configured */
     size_t max_body;                   /* bytes */
+    size_t max_session_bytes;          /* bytes of state one session may have */
     unsigned threads;                  /* request threads, also the store's readers */
     daemon_sync sync;
     uint64_t idempotency_window;       /* steps an Idempotency-Key is remembered */
