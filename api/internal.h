@@ -205,6 +205,7 @@ typedef enum api_route {
 } api_route;
 
 #define LAT_BUCKETS 16
+#define GROUP_BYTES_BUCKETS 11
 
 typedef struct histogram {
     _Atomic uint64_t bucket[LAT_BUCKETS]; /* counts at or below api_latency_bounds[i] */
@@ -218,6 +219,12 @@ typedef struct metrics {
     histogram step_latency;
     histogram commit_latency;
     _Atomic uint64_t commits, commit_failures;
+    /* Steps within the writer's group budget by the commits of heavy groups
+     * (writer.c) they waited for, queued to replied: 0, 1, 2, more. */
+    _Atomic uint64_t heavy_waits[4];
+    /* Bytes of state each group wrote, about (writer.c's job estimates). */
+    _Atomic uint64_t group_bytes_bucket[GROUP_BYTES_BUCKETS];
+    _Atomic uint64_t group_bytes_count, group_bytes_sum;
 } metrics;
 
 const char *route_template(api_route r);
@@ -245,6 +252,8 @@ int parse_number(const char *v, double *out);
  * greater than max; returns 0, or -1 when it is not one. */
 int parse_uint(const char *v, uint64_t max, uint64_t *out);
 void histogram_observe(histogram *h, uint64_t us);
+/* Counts one group of the writer that wrote about bytes of state. */
+void metrics_group_bytes(metrics *m, uint64_t bytes);
 void metrics_count_request(metrics *m, api_route r, int status);
 /* Appends the Prometheus text exposition of m (sessions: the current count). */
 void metrics_render(sbuf *b, metrics *m, uint64_t sessions);
@@ -289,6 +298,8 @@ typedef struct job {
     void (*on_done)(struct job *j, void *ctx);
     void *done_ctx;
     int state;              /* writer.c: queued, parked in a round, or done */
+    uint64_t heavy_seen;    /* writer.c: heavy groups done when it was queued */
+    bool light;             /* writer.c: within the group budget when last taken */
     struct job *next;       /* the queue, then the group */
     struct job *next_waiter; /* the jobs of one worker round */
     struct job *next_done;  /* the jobs to complete after a commit */

@@ -1,7 +1,8 @@
 /* The writer: the one thread that changes the database. Request threads
- * queue jobs; the writer takes every job queued so far, applies them in
- * arrival order inside one transaction (so steps of one session are applied
- * one at a time, in order), commits once for the whole group, and only then
+ * queue jobs; the writer takes the jobs queued so far, up to a budget of
+ * bytes (take_group), applies them in arrival order inside one transaction
+ * (so steps of one session are applied one at a time, in order), each in a
+ * savepoint of its own, commits once for the whole group, and only then
  * completes the jobs, whose replies are therefore always durable. Sessions
  * stay in a bounded in-memory cache so a step costs no read of its state. */
 #include <math.h>
@@ -19,6 +20,14 @@
  * bytes: older keys still block a second application but replay the step
  * number only. */
 #define REPLY_BUDGET ((size_t)16 << 20)
+/* Bytes of state one group writes, about, before the jobs after it wait for
+ * the next group: a small step queued behind a 40 MB one commits on its own
+ * rather than with it. A job larger than this alone (a heavy job) makes a
+ * group of its own with the small ones beside it, and after such a group the
+ * next one takes no heavy job while small ones wait, so a small step waits
+ * for at most one heavy commit. */
+#define GROUP_BYTES ((size_t)32 << 20)
+
 /* A saved reply starts with lr and grad_norm (doubles) and contributors (a
  * uint32, padded), then holds the params. */
 #define REPLY_HEAD 24
@@ -53,12 +62,16 @@ struct writer {
     job *release; /* jobs to complete once the group's outcome is known */
     int part;     /* the part of the group in progress (a job, or an expired round) */
     int part_dirty; /* the part changed a cached session (touch) */
+    int guarded;    /* the part runs in a savepoint */
+    int kept;       /* a part of the group has succeeded: the transaction holds work to keep */
     size_t cache_bytes, cached;
     pthread_t thread;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     job *head, *tail; /* queue, guarded by mu */
     int stopping;     /* guarded by mu */
+    int last_heavy;   /* the last group held a heavy job (writer thread only) */
+    _Atomic uint64_t heavy_done; /* groups with a heavy job finished */
     sess *bucket[BUCKETS];
     sess lru; /* sentinel: lru.lru_next is the most recently used */
 };
@@ -638,12 +651,17 @@ static optd_err run(writer *w, job *j)
 /* A group runs in parts, a job or an expired round each, every part in a
  * savepoint of the group's transaction: a part that fails (a refusal found
  * after writing, a value too big for SQLite, out of memory) rolls back
- * alone, and the group's other parts still commit. begin_part opens one. */
+ * alone, and the group's other parts still commit. begin_part opens one.
+ * Until a part has succeeded there is nothing to keep, so the part goes
+ * without: a savepoint's journal copies every page the part changes (40 MB
+ * for a 1e7-element step, a third of its time), and a failure then rolls
+ * back the whole transaction and begins another. */
 static optd_err begin_part(writer *w)
 {
     w->part++;
     w->part_dirty = 0;
-    return store_savepoint(w->st);
+    w->guarded = w->kept;
+    return w->guarded ? store_savepoint(w->st) : OPTD_OK;
 }
 
 /* Ends the part begun last: keeps its writes when rc is OPTD_OK, else undoes
@@ -652,9 +670,17 @@ static optd_err begin_part(writer *w)
  * OPTD_E_UNAVAILABLE when the group's transaction is lost with it. */
 static optd_err end_part(writer *w, optd_err rc)
 {
-    if (rc == OPTD_OK)
-        return store_release(w->st);
-    optd_err trc = store_rollback_to(w->st);
+    if (rc == OPTD_OK) {
+        w->kept = 1;
+        return w->guarded ? store_release(w->st) : OPTD_OK;
+    }
+    optd_err trc;
+    if (w->guarded) {
+        trc = store_rollback_to(w->st);
+    } else {
+        store_rollback(w->st);
+        trc = store_begin(w->st);
+    }
     /* Most failed parts are refusals that changed nothing (412, 422). */
     for (sess *s = w->part_dirty ? w->lru.lru_next : &w->lru, *next; s != &w->lru; s = next) {
         next = s->lru_next;
@@ -702,6 +728,7 @@ static void run_group(writer *w, job *group)
     job *j = group, *next;
     w->release = NULL;
     w->part = 0;
+    w->kept = 0;
     if (!fault) {
         rc = run_expired(w, mono_us());
         fault = rc != OPTD_OK;
@@ -748,6 +775,9 @@ static void run_group(writer *w, job *group)
     }
     if (fault)
         atomic_fetch_add(&w->m->commit_failures, 1);
+    if (w->last_heavy) /* take_group's verdict on this group */
+        atomic_fetch_add(&w->heavy_done, 1);
+    uint64_t heavy_done = atomic_load(&w->heavy_done);
     atomic_store(&w->healthy, !fault);
     cache_trim(w);
     job *list = w->release;
@@ -772,8 +802,146 @@ static void run_group(writer *w, job *group)
             j->out_params = NULL;
             sbuf_free(&j->out_json);
         }
+        if (j->kind == JOB_STEP && j->light) {
+            uint64_t waited = heavy_done - j->heavy_seen;
+            atomic_fetch_add(&w->m->heavy_waits[waited < 3 ? waited : 3], 1);
+        }
         complete(j);
     }
+}
+
+/* The cached session named name, not moved in the LRU; NULL when absent. */
+static const sess *cache_peek(const writer *w, const char *name)
+{
+    for (const sess *s = w->bucket[hash(name)]; s; s = s->hnext)
+        if (strcmp(s->row.name, name) == 0)
+            return s;
+    return NULL;
+}
+
+/* About the bytes job j writes: its session's state, and a keyed step's
+ * saved reply. A session not in the cache counts as large as its size
+ * allows. */
+static size_t job_bytes(const writer *w, const job *j)
+{
+    const sess *s;
+    size_t vec;
+    switch (j->kind) {
+    case JOB_CREATE:
+    case JOB_PUT_STATE:
+        return j->newsess ? j->newsess->blob_len : 0;
+    case JOB_FORK:
+        s = cache_peek(w, j->from);
+        return s ? s->blob_len : 0;
+    case JOB_PATCH:
+        s = cache_peek(w, j->name);
+        return s ? s->blob_len : 0;
+    case JOB_DELETE:
+        return 0;
+    case JOB_STEP:
+        s = cache_peek(w, j->name);
+        vec = j->size * optim_elem_size(j->dtype);
+        return (s ? s->blob_len : vec * (1 + OPTIM_MAX_BUFFERS)) + (j->idem_key ? vec : 0);
+    }
+    return 0;
+}
+
+/* A set of session names (of the jobs left for a later group): a bitmap of
+ * their hashes, checked exactly against the list of left jobs on a hit. */
+typedef struct name_set {
+    unsigned char bits[BUCKETS / 8];
+} name_set;
+
+static void name_set_add(name_set *ns, const char *name)
+{
+    unsigned h = hash(name);
+    ns->bits[h / 8] |= (unsigned char)(1u << (h % 8));
+}
+
+static int is_left(const name_set *ns, const job *left, const char *name)
+{
+    unsigned h = hash(name);
+    if (!(ns->bits[h / 8] & (1u << (h % 8))))
+        return 0;
+    for (const job *j = left; j; j = j->next)
+        if (strcmp(j->name, name) == 0 || (j->kind == JOB_FORK && strcmp(j->from, name) == 0))
+            return 1;
+    return 0;
+}
+
+/* Whether a job of list names a session that j names too (as the session
+ * or a fork's source): then they must keep their order. */
+static int shares_session(const job *list, const job *j)
+{
+    for (const job *x = list; x; x = x->next) {
+        if (strcmp(x->name, j->name) == 0 || (j->kind == JOB_FORK && strcmp(x->name, j->from) == 0) ||
+            (x->kind == JOB_FORK && strcmp(x->from, j->name) == 0))
+            return 1;
+    }
+    return 0;
+}
+
+/* Takes the next group off the queue (mu held): in arrival order, the jobs
+ * that fit in GROUP_BYTES, and one heavy job unless the last group had one;
+ * the rest stay queued, in order, for the next group. A job whose session
+ * (or fork source) has a job left behind stays too, so each session's jobs
+ * keep their order. When nothing fits, the first job goes alone. */
+static job *take_group(writer *w)
+{
+    name_set left_names = {{0}};
+    job *group = NULL, *gtail = NULL, *left = NULL, *ltail = NULL;
+    size_t light = 0;
+    int heavy = 0;
+    for (job *j = w->head, *next; j; j = next) {
+        next = j->next;
+        j->next = NULL;
+        size_t e = job_bytes(w, j);
+        j->light = e <= GROUP_BYTES;
+        int take = !is_left(&left_names, left, j->name) &&
+                   !(j->kind == JOB_FORK && is_left(&left_names, left, j->from));
+        if (take && e <= GROUP_BYTES)
+            take = light + e <= GROUP_BYTES;
+        else if (take)
+            take = !heavy && !w->last_heavy;
+        if (take && e > GROUP_BYTES && !shares_session(group, j)) {
+            /* First in its group, where it needs no savepoint (begin_part). */
+            j->next = group;
+            group = j;
+            gtail = gtail ? gtail : j;
+            heavy = 1;
+        } else if (take) {
+            *(gtail ? &gtail->next : &group) = j;
+            gtail = j;
+            if (e <= GROUP_BYTES)
+                light += e;
+            else
+                heavy = 1;
+        } else {
+            *(ltail ? &ltail->next : &left) = j;
+            ltail = j;
+            name_set_add(&left_names, j->name);
+            if (j->kind == JOB_FORK)
+                name_set_add(&left_names, j->from);
+        }
+    }
+    if (!group && left) { /* only heavy jobs wait, after a heavy group */
+        group = left;
+        left = left->next;
+        group->next = NULL;
+        heavy = 1;
+        if (!left)
+            ltail = NULL;
+    }
+    w->head = left;
+    w->tail = ltail;
+    w->last_heavy = heavy;
+    if (group) {
+        size_t bytes = 0;
+        for (const job *j = group; j; j = j->next)
+            bytes += job_bytes(w, j);
+        metrics_group_bytes(w->m, bytes);
+    }
+    return group;
 }
 
 /* The earliest round deadline, or 0 when no round is open. */
@@ -808,8 +976,7 @@ static void *writer_main(void *arg)
         }
         if (!w->head && w->stopping)
             break;
-        job *group = w->head;
-        w->head = w->tail = NULL;
+        job *group = take_group(w);
         pthread_mutex_unlock(&w->mu);
         if (group || any_expired(w, mono_us()))
             run_group(w, group);
@@ -861,6 +1028,7 @@ optd_err writer_submit(writer *w, job *j)
 {
     optd_err rc = OPTD_OK;
     j->next = NULL;
+    j->heavy_seen = atomic_load(&w->heavy_done);
     pthread_mutex_lock(&w->mu);
     if (w->stopping) {
         rc = OPTD_E_UNAVAILABLE;
