@@ -24,6 +24,7 @@ typedef struct api_config {
     uint16_t listen_port;         /* 0 picks a free port (see api_port) */
     const char *token;            /* bearer token or NULL for none; copied */
     size_t max_body;              /* bytes */
+    size_t max_session_bytes;     /* largest state (params and buffers) of one session */
     unsigned threads;             /* request threads */
     unsigned max_connections;     /* past it new connections are closed */
     unsigned connection_timeout;  /* idle seconds before a connection is closed */

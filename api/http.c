@@ -370,7 +370,11 @@ static enum MHD_Result finish_job(req *r)
         break;
     }
     step_str(j->step, etag);
-    if (r->want_binary) {
+    /* The replay of a key too old for its params to be kept answers in JSON
+     * with its step and no params: an empty octet-stream body would read as
+     * a vector of no elements. */
+    int params_gone = j->replayed && !j->out_params && !r->minimal;
+    if (r->want_binary && !params_gone) {
         char *p = j->out_params && !r->minimal ? j->out_params : strdup("");
         size_t len = j->out_params && !r->minimal ? j->out_len : 0;
         if (p == j->out_params)
@@ -830,6 +834,9 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
             return snprintf(msg, msglen, "fill goes with size, not params"), OPTD_E_INVALID;
         if (v->dtype != dtype)
             return OPTD_E_INTERNAL;
+        rc = sess_check_size(info, &hp, dtype, n, r->srv->cfg.max_session_bytes, msg, msglen);
+        if (rc)
+            return rc;
         rc = sess_adopt(r->name, info, &hp, &tr, dtype, n, &v->data, out);
         if (rc == OPTD_E_BAD_HYPERPARAM)
             snprintf(msg, msglen, "initial_accumulator_value is not a finite %s", dtype == OPTIM_F64 ? "float64" : "float32");
@@ -851,6 +858,10 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
             return snprintf(msg, msglen, "fill is not a finite %s", dtype == OPTIM_F64 ? "float64" : "float32"),
                    OPTD_E_NON_FINITE;
     }
+    /* Before anything is allocated: a 60-byte body may ask for gigabytes. */
+    rc = sess_check_size(info, &hp, dtype, (size_t)n, r->srv->cfg.max_session_bytes, msg, msglen);
+    if (rc)
+        return rc;
     rc = sess_new(r->name, info, &hp, &tr, dtype, (size_t)n, NULL, f, out);
     if (rc == OPTD_E_BAD_HYPERPARAM)
         snprintf(msg, msglen, "initial_accumulator_value is not a finite %s", dtype == OPTIM_F64 ? "float64" : "float32");
@@ -884,7 +895,7 @@ static enum MHD_Result create_session(req *r, job_kind kind)
     if (rc == OPTD_OK && kind == JOB_PUT_STATE) {
         /* The path names the session: a checkpoint restores under any name
          * (its own "name" member is only a record of where it came from). */
-        rc = sess_from_checkpoint(r->name, r->json, r->jb, &r->job.newsess, msg, sizeof msg);
+        rc = sess_from_checkpoint(r->name, r->json, r->jb, r->srv->cfg.max_session_bytes, &r->job.newsess, msg, sizeof msg);
     } else if (rc == OPTD_OK) {
         rc = session_from_body(r, &r->job.newsess, msg, sizeof msg);
     }
@@ -1322,7 +1333,7 @@ static optd_err body_setup(req *r, const char *method)
 {
     unsigned paths = 0;
     if (r->binary && r->route == R_STATE)
-        return (r->st = st_reader_new(r->name)) ? OPTD_OK : OPTD_E_NOMEM;
+        return (r->st = st_reader_new(r->name, r->srv->cfg.max_session_bytes)) ? OPTD_OK : OPTD_E_NOMEM;
     if (r->binary)
         return OPTD_OK;
     if ((r->route == R_SESSIONS && strcmp(method, "POST") == 0) || (r->route == R_SESSION && strcmp(method, "PUT") == 0))
@@ -1333,7 +1344,7 @@ static optd_err body_setup(req *r, const char *method)
         return OPTD_OK;
     if (!(r->jb = malloc(sizeof *r->jb)))
         return OPTD_E_NOMEM;
-    jbody_init(r->jb, paths, JB_SKELETON_MAX, API_MAX_SESSION_BYTES);
+    jbody_init(r->jb, paths, JB_SKELETON_MAX, r->srv->cfg.max_session_bytes);
     return OPTD_OK;
 }
 
@@ -1736,13 +1747,14 @@ optd_err api_start(const api_config *cfg, store *st, api_server **out, char *err
         goto done;
     srv->cfg = *cfg;
     srv->st = st;
-    srv->state_body_max = checkpoint_max_bytes(API_MAX_SESSION_BYTES);
+    srv->state_body_max = checkpoint_max_bytes(cfg->max_session_bytes);
     srv->listen_fd = -1;
     pthread_mutex_init(&srv->conns_mu, NULL);
     pthread_cond_init(&srv->watchdog_cv, NULL);
     if (cfg->token && !(srv->token = strdup(cfg->token)))
         goto done;
-    rc = writer_start(st, &srv->m, cfg->idempotency_window, cfg->history_steps, cfg->cache_bytes, &srv->w);
+    rc = writer_start(st, &srv->m, cfg->idempotency_window, cfg->history_steps, cfg->cache_bytes,
+                      cfg->max_session_bytes, &srv->w);
     if (rc)
         goto done;
     writer_set_max_parked(srv->w, cfg->max_connections);

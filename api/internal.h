@@ -247,7 +247,7 @@ typedef struct sess {
     struct wround *rnd; /* the worker round in progress (writer.c), or NULL */
     /* Writer cache links (writer.c). */
     struct sess *lru_prev, *lru_next, *hnext;
-    int touched; /* modified in the current group commit */
+    int touched; /* in the current group: 0 untouched, -1 loaded, else the part (writer.c) that last changed it */
 } sess;
 
 /* Frees s and everything it owns; sess_free(NULL) does nothing. */
@@ -269,6 +269,14 @@ optd_err sess_from_store(store_session *row, void *blob, size_t blob_len, sess *
 /* Changes the hyperparameters, re-laying the blob when the set of used
  * buffers changes (new buffers start as torch would create them). */
 optd_err sess_set_hparams(sess *s, const optim_hparams *hp);
+/* The bytes of the state blob of n elements of dtype under info and hp
+ * (params, the used buffers, the scalar), computed without allocating; n is
+ * at most API_MAX_ELEMENTS, so it cannot overflow. */
+size_t sess_state_bytes(const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n);
+/* OPTD_OK when that state fits in limit bytes, else OPTD_E_SESSION_TOO_LARGE
+ * with a msg giving the size and the limit. n must be >= 1. */
+optd_err sess_check_size(const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n,
+                         size_t limit, char *msg, size_t msglen);
 /* Copies st.scalar into the blob's last 8 bytes (call after a step). */
 void sess_pack(sess *s);
 /* Writes row.config from hp. */
@@ -311,7 +319,8 @@ size_t st_data_len(const sess *s);
 /* A safetensors checkpoint read as it arrives, its tensors copied straight
  * into the session it describes (one copy of the state in memory). */
 typedef struct st_reader st_reader;
-st_reader *st_reader_new(const char *name);
+/* max_bytes: --max-session-bytes, checked before the tensors are read. */
+st_reader *st_reader_new(const char *name, size_t max_bytes);
 void st_reader_feed(st_reader *r, const void *data, size_t n);
 /* After the last byte: the session (caller frees) validated like a JSON
  * checkpoint, or the error with msg. */
@@ -321,7 +330,8 @@ void st_reader_free(st_reader *r);
  * skeleton of a streamed body, each vector left as []) and jb holds its
  * vectors (released as they are copied). Validated like a create: sizes,
  * finiteness, each buffer's domain. */
-optd_err sess_from_checkpoint(const char *name, const cJSON *obj, jbody *jb, sess **out, char *msg, size_t msglen);
+optd_err sess_from_checkpoint(const char *name, const cJSON *obj, jbody *jb, size_t max_bytes, sess **out, char *msg,
+                              size_t msglen);
 /* The steps of building a session from a checkpoint, shared by the JSON
  * and safetensors forms: ckpt_begin makes a fresh session of n elements
  * from the checkpoint's fields (strictly checked; no vectors read);
@@ -329,7 +339,9 @@ optd_err sess_from_checkpoint(const char *name, const cJSON *obj, jbody *jb, ses
  * (OPTD_E_UNKNOWN_FIELD or OPTD_E_INVALID when s has no such); ckpt_finish,
  * once the vectors are in (present: ckpt_buffer_bit of each buffer given),
  * checks they are all there and in their domains. */
-optd_err ckpt_begin(const char *name, const cJSON *obj, size_t n, void **take, sess **out, char *msg, size_t msglen);
+/* max_bytes: --max-session-bytes (422 too_large past it, before allocating). */
+optd_err ckpt_begin(const char *name, const cJSON *obj, size_t n, size_t max_bytes, void **take, sess **out, char *msg,
+                    size_t msglen);
 optd_err ckpt_target(sess *s, const char *key, void **dst, char *msg, size_t msglen);
 unsigned ckpt_buffer_bit(const sess *s, const char *key);
 optd_err ckpt_finish(sess *s, unsigned present, char *msg, size_t msglen);
@@ -359,6 +371,7 @@ typedef enum api_route {
 } api_route;
 
 #define LAT_BUCKETS 16
+#define GROUP_BYTES_BUCKETS 11
 
 typedef struct histogram {
     _Atomic uint64_t bucket[LAT_BUCKETS]; /* counts at or below api_latency_bounds[i] */
@@ -372,6 +385,12 @@ typedef struct metrics {
     histogram step_latency;
     histogram commit_latency;
     _Atomic uint64_t commits, commit_failures;
+    /* Steps within the writer's group budget by the commits of heavy groups
+     * (writer.c) they waited for, queued to replied: 0, 1, 2, more. */
+    _Atomic uint64_t heavy_waits[4];
+    /* Bytes of state each group wrote, about (writer.c's job estimates). */
+    _Atomic uint64_t group_bytes_bucket[GROUP_BYTES_BUCKETS];
+    _Atomic uint64_t group_bytes_count, group_bytes_sum;
 } metrics;
 
 const char *route_template(api_route r);
@@ -399,6 +418,8 @@ int parse_number(const char *v, double *out);
  * greater than max; returns 0, or -1 when it is not one. */
 int parse_uint(const char *v, uint64_t max, uint64_t *out);
 void histogram_observe(histogram *h, uint64_t us);
+/* Counts one group of the writer that wrote about bytes of state. */
+void metrics_group_bytes(metrics *m, uint64_t bytes);
 void metrics_count_request(metrics *m, api_route r, int status);
 /* Appends the Prometheus text exposition of m (sessions: the current count). */
 void metrics_render(sbuf *b, metrics *m, uint64_t sessions, const store_stats *ss);
@@ -452,6 +473,8 @@ typedef struct job {
     bool (*client_gone)(struct job *j, void *ctx);
     bool withdrawn;         /* STEP: taken out of its round, its client gone: no reply to send */
     int state;              /* writer.c: queued, parked in a round, or done */
+    uint64_t heavy_seen;    /* writer.c: heavy groups done when it was queued */
+    bool light;             /* writer.c: within the group budget when last taken */
     struct job *next;       /* the queue, then the group */
     struct job *next_waiter; /* the jobs of one worker round */
     struct job *next_done;  /* the jobs to complete after a commit */
@@ -459,8 +482,9 @@ typedef struct job {
 
 typedef struct writer writer;
 
+/* max_session_bytes bounds the state of a fork, and of a PATCH that grows one. */
 optd_err writer_start(store *st, metrics *m, uint64_t idem_window, uint64_t history_steps, size_t cache_bytes,
-                      writer **out);
+                      size_t max_session_bytes, writer **out);
 /* Queues j; j->on_done runs on the writer thread once j's outcome is committed
  * (or failed). Returns OPTD_E_UNAVAILABLE when the writer is stopping. */
 optd_err writer_submit(writer *w, job *j);

@@ -121,8 +121,16 @@ static int put_number(jbody *jb, jvec *v, const char *s, size_t len)
         size_t cap = v->cap ? v->cap * 2 : 1024;
         if (cap > jb->max_elems)
             cap = jb->max_elems;
+        /* Grown up to what the limit leaves, not past it: a vector that fits
+         * must not be refused for the slack of a doubling. bytes_max is
+         * --max-session-bytes, so past it the session is too large (422). */
         if (jb->bytes + (cap - v->cap) * es > jb->bytes_max)
-            return fail(jb, OPTD_E_TOO_LARGE, "the body's vectors are over %zu bytes", jb->bytes_max);
+            cap = v->cap + (jb->bytes_max > jb->bytes ? (jb->bytes_max - jb->bytes) / es : 0);
+        if (cap <= v->cap)
+            return fail(jb, OPTD_E_SESSION_TOO_LARGE,
+                        "the body's vectors are over %zu bytes (--max-session-bytes): the session would be too "
+                        "large; use fewer elements, float32 or fewer buffers",
+                        jb->bytes_max);
         void *p = realloc(v->data, cap * es);
         if (!p)
             return fail(jb, OPTD_E_NOMEM, "out of memory; safe to retry");

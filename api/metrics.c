@@ -12,6 +12,9 @@ static const uint64_t bounds_us[LAT_BUCKETS - 1] = {
     100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 500000, 1000000, 2500000, 10000000,
 };
 
+/* Upper bounds of the group-bytes buckets, MiB (the last is +Inf). */
+static const uint64_t group_bounds_mib[GROUP_BYTES_BUCKETS - 1] = {1, 4, 16, 32, 64, 128, 256, 512, 1024, 4096};
+
 static const char *templates[R_COUNT] = {
     [R_NONE] = "unknown",
     [R_ROOT] = "/",
@@ -39,6 +42,16 @@ void histogram_observe(histogram *h, uint64_t us)
     atomic_fetch_add(&h->bucket[i], 1);
     atomic_fetch_add(&h->count, 1);
     atomic_fetch_add(&h->sum_us, us);
+}
+
+void metrics_group_bytes(metrics *m, uint64_t bytes)
+{
+    size_t i = 0;
+    while (i < GROUP_BYTES_BUCKETS - 1 && bytes > group_bounds_mib[i] << 20)
+        i++;
+    atomic_fetch_add(&m->group_bytes_bucket[i], 1);
+    atomic_fetch_add(&m->group_bytes_count, 1);
+    atomic_fetch_add(&m->group_bytes_sum, bytes);
 }
 
 void metrics_count_request(metrics *m, api_route r, int status)
@@ -115,6 +128,26 @@ void metrics_render(sbuf *b, metrics *m, uint64_t sessions, const store_stats *s
     render_histogram(b, "optd_step_duration_seconds", "Step request latency, decode to reply.", &m->step_latency);
     render_histogram(b, "optd_db_commit_duration_seconds", "SQLite COMMIT latency of one group of writes.",
                      &m->commit_latency);
+    uint64_t cum = 0;
+    sbuf_puts(b, "# HELP optd_writer_group_bytes State bytes one group of writes commits (about).\n"
+                 "# TYPE optd_writer_group_bytes histogram\n");
+    for (size_t i = 0; i < GROUP_BYTES_BUCKETS; i++) {
+        cum += atomic_load(&m->group_bytes_bucket[i]);
+        if (i < GROUP_BYTES_BUCKETS - 1)
+            sbuf_printf(b, "optd_writer_group_bytes_bucket{le=\"%llu\"} %llu\n",
+                        (unsigned long long)(group_bounds_mib[i] << 20), (unsigned long long)cum);
+        else
+            sbuf_printf(b, "optd_writer_group_bytes_bucket{le=\"+Inf\"} %llu\n", (unsigned long long)cum);
+    }
+    sbuf_printf(b, "optd_writer_group_bytes_sum %llu\noptd_writer_group_bytes_count %llu\n",
+                (unsigned long long)atomic_load(&m->group_bytes_sum),
+                (unsigned long long)atomic_load(&m->group_bytes_count));
+    sbuf_puts(b, "# HELP optd_step_heavy_waits_total Steps within the writer's group budget, by how many commits "
+                 "of a larger step (one past the budget) they waited for, queued to reply.\n"
+                 "# TYPE optd_step_heavy_waits_total counter\n");
+    for (int i = 0; i < 4; i++)
+        sbuf_printf(b, "optd_step_heavy_waits_total{commits=\"%d%s\"} %llu\n", i, i == 3 ? "+" : "",
+                    (unsigned long long)atomic_load(&m->heavy_waits[i]));
     sbuf_printf(b,
                 "# HELP optd_db_commits_total Group commits.\n# TYPE optd_db_commits_total counter\n"
                 "optd_db_commits_total %llu\n"

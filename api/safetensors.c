@@ -105,6 +105,7 @@ typedef struct st_tensor {
 
 struct st_reader {
     char name[STORE_NAME_MAX + 1]; /* of the session to make */
+    size_t max_bytes;              /* --max-session-bytes */
     unsigned char len8[8];
     size_t have8;
     uint64_t hlen;
@@ -126,11 +127,13 @@ static void rfail(st_reader *r, optd_err rc, const char *fmt, const char *a, con
     snprintf(r->msg, sizeof r->msg, fmt, a, b);
 }
 
-st_reader *st_reader_new(const char *name)
+st_reader *st_reader_new(const char *name, size_t max_bytes)
 {
     st_reader *r = calloc(1, sizeof *r);
-    if (r)
+    if (r) {
         snprintf(r->name, sizeof r->name, "%s", name);
+        r->max_bytes = max_bytes;
+    }
     return r;
 }
 
@@ -233,7 +236,7 @@ static optd_err read_header(st_reader *r)
     uint64_t n, b, e;
     if ((rc = tensor_entry(params, dtype, &n, &b, &e, msg, msglen)))
         goto done;
-    if ((rc = ckpt_begin(r->name, ck, (size_t)n, NULL, &r->s, msg, msglen)))
+    if ((rc = ckpt_begin(r->name, ck, (size_t)n, r->max_bytes, NULL, &r->s, msg, msglen)))
         goto done;
     size_t es = optim_elem_size(r->s->dtype);
     for (const cJSON *t = hdr->child; t; t = t->next) {

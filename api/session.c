@@ -26,6 +26,26 @@ static size_t layout(sess *s, unsigned char *blob)
     return off + sizeof(double);
 }
 
+size_t sess_state_bytes(const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n)
+{
+    sess probe = {.info = info, .hp = *hp, .dtype = dtype, .n = n};
+    return layout(&probe, NULL);
+}
+
+optd_err sess_check_size(const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n,
+                         size_t limit, char *msg, size_t msglen)
+{
+    size_t bytes = sess_state_bytes(info, hp, dtype, n);
+    if (bytes <= limit)
+        return OPTD_OK;
+    size_t vectors = (bytes - sizeof(double)) / (n * optim_elem_size(dtype));
+    snprintf(msg, msglen,
+             "the session's state would take %zu bytes (%zu %s elements x %zu vectors: params and %s's buffers), "
+             "over the %zu of --max-session-bytes; use fewer elements, float32 or fewer buffers",
+             bytes, n, dtype_name(dtype), vectors, info->name, limit);
+    return OPTD_E_SESSION_TOO_LARGE;
+}
+
 void sess_pack(sess *s) { memcpy(s->blob + s->blob_len - sizeof(double), &s->st.scalar, sizeof(double)); }
 
 void sess_free(sess *s)
@@ -463,7 +483,8 @@ static optd_err state_check(const sess *s, char *msg, size_t msglen)
     return OPTD_OK;
 }
 
-optd_err ckpt_begin(const char *name, const cJSON *obj, size_t n, void **take, sess **out, char *msg, size_t msglen)
+optd_err ckpt_begin(const char *name, const cJSON *obj, size_t n, size_t max_bytes, void **take, sess **out, char *msg,
+                    size_t msglen)
 {
     optd_err rc;
     sess *s = NULL;
@@ -508,6 +529,9 @@ optd_err ckpt_begin(const char *name, const cJSON *obj, size_t n, void **take, s
         rc = OPTD_E_SIZE_MISMATCH;
         goto done;
     }
+    rc = sess_check_size(info, &hp, dtype, n, max_bytes, msg, msglen);
+    if (rc)
+        goto done;
     rc = take ? sess_adopt(name, info, &hp, &tr, dtype, n, take, &s) : sess_new(name, info, &hp, &tr, dtype, n, NULL, 0, &s);
     if (rc == OPTD_E_BAD_HYPERPARAM)
         snprintf(msg, msglen, "initial_accumulator_value is not a finite %s", dtype_name(dtype));
@@ -603,7 +627,8 @@ unsigned ckpt_buffer_bit(const sess *s, const char *key)
     return 0;
 }
 
-optd_err sess_from_checkpoint(const char *name, const cJSON *obj, jbody *jb, sess **out, char *msg, size_t msglen)
+optd_err sess_from_checkpoint(const char *name, const cJSON *obj, jbody *jb, size_t max_bytes, sess **out, char *msg,
+                              size_t msglen)
 {
     const cJSON *params = cJSON_GetObjectItemCaseSensitive(obj, "params");
     jvec *pv = jbody_vec(jb, "params", 0);
@@ -617,7 +642,7 @@ optd_err sess_from_checkpoint(const char *name, const cJSON *obj, jbody *jb, ses
     }
     /* The params vector becomes the session's blob when it is of the
      * session's dtype (it is, unless the checkpoint's dtype is bad). */
-    rc = ckpt_begin(name, obj, pv->n, pv->borrowed ? NULL : &pv->data, &s, msg, msglen);
+    rc = ckpt_begin(name, obj, pv->n, max_bytes, pv->borrowed ? NULL : &pv->data, &s, msg, msglen);
     if (rc)
         return rc;
     if (!pv->data) /* adopted */

@@ -1,7 +1,8 @@
 /* The writer: the one thread that changes the database. Request threads
- * queue jobs; the writer takes every job queued so far, applies them in
- * arrival order inside one transaction (so steps of one session are applied
- * one at a time, in order), commits once for the whole group, and only then
+ * queue jobs; the writer takes the jobs queued so far, up to a budget of
+ * bytes (take_group), applies them in arrival order inside one transaction
+ * (so steps of one session are applied one at a time, in order), each in a
+ * savepoint of its own, commits once for the whole group, and only then
  * completes the jobs, whose replies are therefore always durable. Sessions
  * stay in a bounded in-memory cache so a step costs no read of its state. */
 #include <math.h>
@@ -13,10 +14,20 @@
 #include "api/internal.h"
 
 #define BUCKETS 4096
+/* sess.touched of a session loaded during the group (see lookup). */
+#define TOUCH_LOADED (-1)
 /* Steps whose saved reply is kept for an idempotent replay, per session, in
  * bytes: older keys still block a second application but replay the step
  * number only. */
 #define REPLY_BUDGET ((size_t)16 << 20)
+/* Bytes of state one group writes, about, before the jobs after it wait for
+ * the next group: a small step queued behind a 40 MB one commits on its own
+ * rather than with it. A job larger than this alone (a heavy job) makes a
+ * group of its own with the small ones beside it, and after such a group the
+ * next one takes no heavy job while small ones wait, so a small step waits
+ * for at most one heavy commit. */
+#define GROUP_BYTES ((size_t)32 << 20)
+
 /* A saved reply starts with lr and grad_norm (doubles) and contributors (a
  * uint32, padded), then holds the params. */
 #define REPLY_HEAD 24
@@ -48,6 +59,7 @@ struct writer {
     store *st;
     metrics *m;
     uint64_t idem_window, history_steps;
+    size_t max_session_bytes; /* forks and PATCHes past it are refused */
     wround rounds; /* sentinel of the rounds in progress */
     atomic_int healthy; /* the last transaction committed */
     atomic_uint parked; /* jobs waiting in rounds */
@@ -55,12 +67,18 @@ struct writer {
     unsigned max_parked; /* 0: no cap; set before the first submit */
     uint64_t probe_at;   /* mono_us of the next look for hung-up contributors */
     job *release; /* jobs to complete once the group's outcome is known */
+    int part;     /* the part of the group in progress (a job, or an expired round) */
+    int part_dirty; /* the part changed a cached session (touch) */
+    int guarded;    /* the part runs in a savepoint */
+    int kept;       /* a part of the group has succeeded: the transaction holds work to keep */
     size_t cache_bytes, cached;
     pthread_t thread;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     job *head, *tail; /* queue, guarded by mu */
     int stopping;     /* guarded by mu */
+    int last_heavy;   /* the last group held a heavy job (writer thread only) */
+    _Atomic uint64_t heavy_done; /* groups with a heavy job finished */
     sess *bucket[BUCKETS];
     sess lru; /* sentinel: lru.lru_next is the most recently used */
 };
@@ -151,6 +169,9 @@ static optd_err lookup(writer *w, const char *name, sess **out)
         rc = sess_from_store(&row, blob, len, out);
     if (rc == OPTD_OK) {
         cache_put(w, *out);
+        /* Read inside the group's transaction, so it may hold writes the
+         * group has yet to commit: forgotten if the group fails. */
+        (*out)->touched = TOUCH_LOADED;
     } else {
         store_session_clear(&row);
         free(blob);
@@ -158,9 +179,11 @@ static optd_err lookup(writer *w, const char *name, sess **out)
     return rc;
 }
 
-static void touch(sess *s, int64_t ms)
+/* s changed in memory in the part of the group in progress. */
+static void touch(writer *w, sess *s, int64_t ms)
 {
-    s->touched = 1;
+    s->touched = w->part;
+    w->part_dirty = 1;
     s->row.updated_ms = ms;
 }
 
@@ -245,7 +268,7 @@ static optd_err apply_step(writer *w, sess *s, void *grad, uint32_t contributors
         grad_norm = sqrt(stats.grad_sq);
     sess_pack(s);
     s->row.step = s->st.step;
-    touch(s, now_ms());
+    touch(w, s, now_ms());
     out->step = s->row.step;
     out->lr = hp.lr;
     out->grad_norm = grad_norm;
@@ -323,11 +346,20 @@ static optd_err round_apply(writer *w, sess *s)
     }
     uint32_t count = r->count;
     char msg[256] = "";
-    for (job *j = r->waiters, *next; j; j = next) {
-        next = j->next_waiter;
+    for (job *j = r->waiters; j; j = j->next_waiter) {
         j->rc = rc ? rc : finish_step(w, s, j, &a, count);
         if (j->rc && !rc)
             rc = j->rc;
+    }
+    for (job *j = r->waiters, *next; j; j = next) {
+        next = j->next_waiter;
+        if (rc && !j->rc) {
+            /* Another waiter's reply failed, so the part that applied the
+             * round rolls back: no waiter may report it applied. */
+            j->rc = rc;
+            free(j->out_params);
+            j->out_params = NULL;
+        }
         release_later(w, j);
     }
     round_free(w, s);
@@ -556,7 +588,7 @@ static optd_err insert_new(writer *w, job *j, sess *s)
     if (rc)
         return rc;
     cache_put(w, s);
-    touch(s, s->row.updated_ms);
+    touch(w, s, s->row.updated_ms);
     j->step = s->row.step;
     sess_to_json(&j->out_json, &s->row);
     return OPTD_OK;
@@ -600,21 +632,27 @@ static optd_err run_create(writer *w, job *j)
     return rc;
 }
 
-/* Applies the hyperparams and session fields of body onto s's copies,
- * validating all before changing anything. */
-static optd_err apply_settings(sess *s, const cJSON *body, char *msg, size_t msglen)
+/* Reads the hyperparams and session fields of body onto copies of s's
+ * (*hp, *tr), validating all; s is not changed. */
+static optd_err settings_from_json(const sess *s, const cJSON *body, optim_hparams *hp, training *tr, char *msg,
+                                   size_t msglen)
 {
-    optim_hparams hp = s->hp;
-    training tr = s->tr;
-    optd_err rc = hparams_from_json(s->info, cJSON_GetObjectItemCaseSensitive(body, "hyperparams"), &hp, &tr, msg,
+    *hp = s->hp;
+    *tr = s->tr;
+    optd_err rc = hparams_from_json(s->info, cJSON_GetObjectItemCaseSensitive(body, "hyperparams"), hp, tr, msg,
                                     msglen);
-    if (!rc)
-        rc = training_fields_from_json(body, &tr, msg, msglen);
-    if (rc)
-        return rc;
+    return rc ? rc : training_fields_from_json(body, tr, msg, msglen);
+}
+
+/* Applies settings read by settings_from_json onto s (re-laying its state
+ * when the buffers it uses change). */
+static optd_err apply_settings(sess *s, const optim_hparams *hpp, const training *trp, char *msg, size_t msglen)
+{
+    optim_hparams hp = *hpp;
+    training tr = *trp;
     training old = s->tr;
     s->tr = tr;
-    rc = sess_set_hparams(s, &hp);
+    optd_err rc = sess_set_hparams(s, &hp);
     if (rc == OPTD_E_BAD_HYPERPARAM)
         snprintf(msg, msglen, "initial_accumulator_value is not a finite %s",
                  s->dtype == OPTIM_F64 ? "float64" : "float32");
@@ -635,14 +673,31 @@ static optd_err run_fork(writer *w, job *j)
         return rc;
     if (cache_get(w, j->name))
         return OPTD_E_ALREADY_EXISTS;
-    rc = sess_copy(src, j->name, &s);
+    optim_hparams hp;
+    training tr;
+    rc = settings_from_json(src, j->patch, &hp, &tr, j->msg, sizeof j->msg);
+    /* The fork's state, with its own hyperparams, must fit before it is copied. */
     if (!rc)
-        rc = apply_settings(s, j->patch, j->msg, sizeof j->msg);
+        rc = sess_check_size(src->info, &hp, src->dtype, src->n, w->max_session_bytes, j->msg, sizeof j->msg);
+    if (!rc)
+        rc = sess_copy(src, j->name, &s);
+    if (!rc)
+        rc = apply_settings(s, &hp, &tr, j->msg, sizeof j->msg);
     if (!rc)
         rc = insert_new(w, j, s);
     if (rc)
         sess_free(s);
     return rc;
+}
+
+/* Which state buffers s uses, one bit each: the blob's layout besides its length. */
+static unsigned buffer_set(const sess *s)
+{
+    unsigned set = 0;
+    for (size_t i = 0; i < OPTIM_MAX_BUFFERS; i++)
+        if (s->st.buf[i])
+            set |= 1u << i;
+    return set;
 }
 
 static optd_err run_patch(writer *w, job *j)
@@ -654,12 +709,25 @@ static optd_err run_patch(writer *w, job *j)
     if ((rc = check_if_match(j, s)) != OPTD_OK)
         return rc;
     size_t before = s->blob_len;
-    rc = apply_settings(s, j->patch, j->msg, sizeof j->msg);
+    unsigned layout = buffer_set(s);
+    optim_hparams hp;
+    training tr;
+    rc = settings_from_json(s, j->patch, &hp, &tr, j->msg, sizeof j->msg);
+    /* A PATCH that adds a buffer (amsgrad on) grows the state: it must fit.
+     * One that does not grow it is fine even past a lowered limit. */
+    if (!rc && sess_state_bytes(s->info, &hp, s->dtype, s->n) > before)
+        rc = sess_check_size(s->info, &hp, s->dtype, s->n, w->max_session_bytes, j->msg, sizeof j->msg);
+    if (!rc)
+        rc = apply_settings(s, &hp, &tr, j->msg, sizeof j->msg);
     if (rc)
         return rc;
     w->cached += s->blob_len - before;
-    touch(s, now_ms());
-    rc = store_session_update(w->st, &s->row, before != s->blob_len ? s->blob : NULL, s->blob_len);
+    touch(w, s, now_ms());
+    /* The state is rewritten whenever its layout changes, not only its
+     * length: rmsprop trading momentum_buffer for grad_avg keeps the length
+     * but must not leave the stored blob read with the new buffer names. */
+    int relaid = before != s->blob_len || layout != buffer_set(s);
+    rc = store_session_update(w->st, &s->row, relaid ? s->blob : NULL, s->blob_len);
     /* Fewer workers may complete the round in progress. */
     if (rc == OPTD_OK && s->rnd && s->rnd->count >= s->tr.workers)
         rc = round_apply(w, s);
@@ -705,23 +773,65 @@ static optd_err run(writer *w, job *j)
     return OPTD_E_INTERNAL;
 }
 
-/* Whether rc is a storage failure that poisons the whole transaction (as
- * opposed to a refusal that wrote nothing). */
-static int is_fault(optd_err rc) { return rc == OPTD_E_UNAVAILABLE || rc == OPTD_E_NOMEM || rc == OPTD_E_INTERNAL; }
+/* A group runs in parts, a job or an expired round each, every part in a
+ * savepoint of the group's transaction: a part that fails (a refusal found
+ * after writing, a value too big for SQLite, out of memory) rolls back
+ * alone, and the group's other parts still commit. begin_part opens one.
+ * Until a part has succeeded there is nothing to keep, so the part goes
+ * without: a savepoint's journal copies every page the part changes (40 MB
+ * for a 1e7-element step, a third of its time), and a failure then rolls
+ * back the whole transaction and begins another. */
+static optd_err begin_part(writer *w)
+{
+    w->part++;
+    w->part_dirty = 0;
+    w->guarded = w->kept;
+    return w->guarded ? store_savepoint(w->st) : OPTD_OK;
+}
+
+/* Ends the part begun last: keeps its writes when rc is OPTD_OK, else undoes
+ * them and forgets the sessions it changed in memory (the next use reloads
+ * them as the transaction now holds them). Returns OPTD_OK, or
+ * OPTD_E_UNAVAILABLE when the group's transaction is lost with it. */
+static optd_err end_part(writer *w, optd_err rc)
+{
+    if (rc == OPTD_OK) {
+        w->kept = 1;
+        return w->guarded ? store_release(w->st) : OPTD_OK;
+    }
+    optd_err trc;
+    if (w->guarded) {
+        trc = store_rollback_to(w->st);
+    } else {
+        store_rollback(w->st);
+        trc = store_begin(w->st);
+    }
+    /* Most failed parts are refusals that changed nothing (412, 422). */
+    for (sess *s = w->part_dirty ? w->lru.lru_next : &w->lru, *next; s != &w->lru; s = next) {
+        next = s->lru_next;
+        if (s->touched == w->part)
+            cache_drop(w, s);
+    }
+    return trc;
+}
 
 /* Rounds past their timeout: applied with what arrived when at least
- * min_workers contributed, else failed (nothing changes). */
+ * min_workers contributed, else failed (nothing changes). Each applied
+ * round is a part; returns OPTD_E_UNAVAILABLE when the transaction is lost. */
 static optd_err run_expired(writer *w, uint64_t now)
 {
     optd_err rc = OPTD_OK;
-    for (wround *r = w->rounds.next, *next; r != &w->rounds && !is_fault(rc); r = next) {
+    for (wround *r = w->rounds.next, *next; r != &w->rounds && !rc; r = next) {
         next = r->next;
         if (r->deadline_us > now)
             continue;
-        if (r->count >= training_min_workers(&r->s->tr))
-            rc = round_apply(w, r->s);
-        else
+        if (r->count >= training_min_workers(&r->s->tr)) {
+            rc = begin_part(w);
+            if (!rc)
+                rc = end_part(w, round_apply(w, r->s)); /* its waiters have their outcome */
+        } else {
             round_fail(w, r->s, OPTD_E_ROUND_TIMEOUT, "the round did not gather min_workers contributions in time");
+        }
     }
     return rc;
 }
@@ -742,15 +852,23 @@ static void run_group(writer *w, job *group)
     int began = rc == OPTD_OK, fault = !began;
     job *j = group, *next;
     w->release = NULL;
+    w->part = 0;
+    w->kept = 0;
     if (!fault) {
         rc = run_expired(w, mono_us());
-        fault = is_fault(rc);
+        fault = rc != OPTD_OK;
     }
     for (; j && !fault; j = next) {
         next = j->next;
         j->state = JS_QUEUED;
+        rc = begin_part(w);
+        if (rc) {
+            fault = 1;
+            break; /* j is released with the jobs not run */
+        }
         optd_err jrc = run(w, j);
-        fault = is_fault(jrc);
+        rc = end_part(w, jrc);
+        fault = rc != OPTD_OK;
         if (j->state == JS_QUEUED) { /* else parked, or released by its round with its own rc */
             j->rc = jrc;
             release_later(w, j);
@@ -782,12 +900,25 @@ static void run_group(writer *w, job *group)
     }
     if (fault)
         atomic_fetch_add(&w->m->commit_failures, 1);
+    if (w->last_heavy) /* take_group's verdict on this group */
+        atomic_fetch_add(&w->heavy_done, 1);
+    uint64_t heavy_done = atomic_load(&w->heavy_done);
     atomic_store(&w->healthy, !fault);
     cache_trim(w);
     job *list = w->release;
     w->release = NULL;
     for (j = list; j; j = next) {
         next = j->next_done;
+        if (!fault && j->rc == OPTD_E_INTERNAL) {
+            /* A part that failed inconsistently (a session row without its
+             * state) rolled back alone; as before, its client may retry. */
+            j->rc = OPTD_E_UNAVAILABLE;
+        }
+        if (!fault && j->rc) {
+            free(j->out_params); /* a part rolled back: nothing of it is replied */
+            j->out_params = NULL;
+            sbuf_free(&j->out_json);
+        }
         if (fault) {
             j->rc = rc == OPTD_E_NOMEM || j->rc == OPTD_E_NOMEM ? OPTD_E_NOMEM : OPTD_E_UNAVAILABLE;
             j->msg[0] = '\0';
@@ -796,8 +927,146 @@ static void run_group(writer *w, job *group)
             j->out_params = NULL;
             sbuf_free(&j->out_json);
         }
+        if (j->kind == JOB_STEP && j->light) {
+            uint64_t waited = heavy_done - j->heavy_seen;
+            atomic_fetch_add(&w->m->heavy_waits[waited < 3 ? waited : 3], 1);
+        }
         complete(j);
     }
+}
+
+/* The cached session named name, not moved in the LRU; NULL when absent. */
+static const sess *cache_peek(const writer *w, const char *name)
+{
+    for (const sess *s = w->bucket[hash(name)]; s; s = s->hnext)
+        if (strcmp(s->row.name, name) == 0)
+            return s;
+    return NULL;
+}
+
+/* About the bytes job j writes: its session's state, and a keyed step's
+ * saved reply. A session not in the cache counts as large as its size
+ * allows. */
+static size_t job_bytes(const writer *w, const job *j)
+{
+    const sess *s;
+    size_t vec;
+    switch (j->kind) {
+    case JOB_CREATE:
+    case JOB_PUT_STATE:
+        return j->newsess ? j->newsess->blob_len : 0;
+    case JOB_FORK:
+        s = cache_peek(w, j->from);
+        return s ? s->blob_len : 0;
+    case JOB_PATCH:
+        s = cache_peek(w, j->name);
+        return s ? s->blob_len : 0;
+    case JOB_DELETE:
+        return 0;
+    case JOB_STEP:
+        s = cache_peek(w, j->name);
+        vec = j->size * optim_elem_size(j->dtype);
+        return (s ? s->blob_len : vec * (1 + OPTIM_MAX_BUFFERS)) + (j->idem_key ? vec : 0);
+    }
+    return 0;
+}
+
+/* A set of session names (of the jobs left for a later group): a bitmap of
+ * their hashes, checked exactly against the list of left jobs on a hit. */
+typedef struct name_set {
+    unsigned char bits[BUCKETS / 8];
+} name_set;
+
+static void name_set_add(name_set *ns, const char *name)
+{
+    unsigned h = hash(name);
+    ns->bits[h / 8] |= (unsigned char)(1u << (h % 8));
+}
+
+static int is_left(const name_set *ns, const job *left, const char *name)
+{
+    unsigned h = hash(name);
+    if (!(ns->bits[h / 8] & (1u << (h % 8))))
+        return 0;
+    for (const job *j = left; j; j = j->next)
+        if (strcmp(j->name, name) == 0 || (j->kind == JOB_FORK && strcmp(j->from, name) == 0))
+            return 1;
+    return 0;
+}
+
+/* Whether a job of list names a session that j names too (as the session
+ * or a fork's source): then they must keep their order. */
+static int shares_session(const job *list, const job *j)
+{
+    for (const job *x = list; x; x = x->next) {
+        if (strcmp(x->name, j->name) == 0 || (j->kind == JOB_FORK && strcmp(x->name, j->from) == 0) ||
+            (x->kind == JOB_FORK && strcmp(x->from, j->name) == 0))
+            return 1;
+    }
+    return 0;
+}
+
+/* Takes the next group off the queue (mu held): in arrival order, the jobs
+ * that fit in GROUP_BYTES, and one heavy job unless the last group had one;
+ * the rest stay queued, in order, for the next group. A job whose session
+ * (or fork source) has a job left behind stays too, so each session's jobs
+ * keep their order. When nothing fits, the first job goes alone. */
+static job *take_group(writer *w)
+{
+    name_set left_names = {{0}};
+    job *group = NULL, *gtail = NULL, *left = NULL, *ltail = NULL;
+    size_t light = 0;
+    int heavy = 0;
+    for (job *j = w->head, *next; j; j = next) {
+        next = j->next;
+        j->next = NULL;
+        size_t e = job_bytes(w, j);
+        j->light = e <= GROUP_BYTES;
+        int take = !is_left(&left_names, left, j->name) &&
+                   !(j->kind == JOB_FORK && is_left(&left_names, left, j->from));
+        if (take && e <= GROUP_BYTES)
+            take = light + e <= GROUP_BYTES;
+        else if (take)
+            take = !heavy && !w->last_heavy;
+        if (take && e > GROUP_BYTES && !shares_session(group, j)) {
+            /* First in its group, where it needs no savepoint (begin_part). */
+            j->next = group;
+            group = j;
+            gtail = gtail ? gtail : j;
+            heavy = 1;
+        } else if (take) {
+            *(gtail ? &gtail->next : &group) = j;
+            gtail = j;
+            if (e <= GROUP_BYTES)
+                light += e;
+            else
+                heavy = 1;
+        } else {
+            *(ltail ? &ltail->next : &left) = j;
+            ltail = j;
+            name_set_add(&left_names, j->name);
+            if (j->kind == JOB_FORK)
+                name_set_add(&left_names, j->from);
+        }
+    }
+    if (!group && left) { /* only heavy jobs wait, after a heavy group */
+        group = left;
+        left = left->next;
+        group->next = NULL;
+        heavy = 1;
+        if (!left)
+            ltail = NULL;
+    }
+    w->head = left;
+    w->tail = ltail;
+    w->last_heavy = heavy;
+    if (group) {
+        size_t bytes = 0;
+        for (const job *j = group; j; j = j->next)
+            bytes += job_bytes(w, j);
+        metrics_group_bytes(w->m, bytes);
+    }
+    return group;
 }
 
 /* The earliest round deadline or probe for hung-up contributors, or 0
@@ -835,8 +1104,7 @@ static void *writer_main(void *arg)
         }
         if (!w->head && w->stopping)
             break;
-        job *group = w->head;
-        w->head = w->tail = NULL;
+        job *group = take_group(w);
         pthread_mutex_unlock(&w->mu);
         if (group || any_expired(w, mono_us()))
             run_group(w, group);
@@ -854,7 +1122,7 @@ static void *writer_main(void *arg)
 }
 
 optd_err writer_start(store *st, metrics *m, uint64_t idem_window, uint64_t history_steps, size_t cache_bytes,
-                      writer **out)
+                      size_t max_session_bytes, writer **out)
 {
     writer *w = calloc(1, sizeof *w);
     pthread_condattr_t ca;
@@ -865,6 +1133,7 @@ optd_err writer_start(store *st, metrics *m, uint64_t idem_window, uint64_t hist
     w->idem_window = idem_window;
     w->history_steps = history_steps;
     w->cache_bytes = cache_bytes;
+    w->max_session_bytes = max_session_bytes;
     w->lru.lru_next = w->lru.lru_prev = &w->lru;
     w->rounds.next = w->rounds.prev = &w->rounds;
     atomic_store(&w->healthy, 1);
@@ -897,6 +1166,7 @@ optd_err writer_submit(writer *w, job *j)
 {
     optd_err rc = OPTD_OK;
     j->next = NULL;
+    j->heavy_seen = atomic_load(&w->heavy_done);
     pthread_mutex_lock(&w->mu);
     if (w->stopping) {
         rc = OPTD_E_UNAVAILABLE;

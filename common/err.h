@@ -30,6 +30,8 @@
     XX(UNKNOWN_FIELD, "unknown_field", 422, "the body has a field this request does not take") \
     XX(IDEMPOTENCY_MISMATCH, "idempotency_mismatch", 422,                            \
        "this Idempotency-Key was used with a different request")                    \
+    XX(SESSION_TOO_LARGE, "too_large", 422,                                          \
+       "the session's state is too large to store (see --max-session-bytes)")      \
     XX(INTERNAL, "internal", 500, "internal error")                                  \
     XX(UNAVAILABLE, "unavailable", 503, "storage is unavailable; safe to retry")    \
     XX(ROUND_TIMEOUT, "round_timeout", 503,                                          \

@@ -43,6 +43,10 @@ typedef struct opt_def {
 #define MIB ((uint64_t)1 << 20)
 #define TIB ((uint64_t)1 << 40)
 #define BYTES_MAX ((uint64_t)SIZE_MAX < TIB ? (uint64_t)SIZE_MAX : TIB)
+/* The largest session state the store can hold: SQLite refuses a value (and
+ * a row) over 1e9 bytes, and the state is one value. 900 MiB leaves room for
+ * the row around it. */
+#define SESSION_BYTES_MAX (900 * MIB)
 
 /* Indexed by daemon_sync and daemon_log_level. */
 static const char *const sync_names[] = {"full", "normal", NULL};
@@ -64,6 +68,11 @@ static const opt_def options[] = {
      "the bearer token itself; a token file wins over it"},
     {"max-body", "OPTD_MAX_BODY", "BYTES", "64M", K_BYTES, 1, BYTES_MAX, 1, FIELD(max_body), NULL,
      "largest request body; K, M, G suffixes are powers of 1024"},
+    {"max-session-bytes", "OPTD_MAX_SESSION_BYTES", "BYTES", "512M", K_BYTES, KIB, SESSION_BYTES_MAX, 1,
+     FIELD(max_session_bytes), NULL,
+     "largest state of one session (params and optimizer buffers); a create,\n"
+     "      PUT .../state or fork past it is 422 too_large; at most 900M (SQLite\n"
+     "      stores values up to 1e9 bytes)"},
     {"threads", "OPTD_THREADS", "N", "4", K_UINT, 1, 1024, 1, FIELD(threads), NULL,
      "request threads (and database read connections)"},
     {"sync", "OPTD_SYNC", "full|normal", "full", K_CHOICE, 0, 0, 1, FIELD(sync), sync_names,

@@ -32,6 +32,7 @@ typedef struct daemon_config {
     char log_file[DAEMON_PATH_MAX];    /* log file; "" logs to stderr */
     char token[DAEMON_TOKEN_MAX];      /* bearer token; "" when none is configured */
     size_t max_body;                   /* bytes */
+    size_t max_session_bytes;          /* bytes of state one session may have */
     unsigned threads;                  /* request threads, also the store's readers */
     daemon_sync sync;
     uint64_t max_wal;                  /* bytes of -wal past which writes are refused */

@@ -145,6 +145,7 @@ int main(int argc, char **argv) {
     acfg.listen_port = cfg.listen_port;
     acfg.token = cfg.token[0] ? cfg.token : NULL;
     acfg.max_body = cfg.max_body;
+    acfg.max_session_bytes = cfg.max_session_bytes;
     acfg.threads = cfg.threads;
     acfg.max_connections = cfg.max_connections;
     acfg.connection_timeout = cfg.connection_timeout;

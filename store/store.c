@@ -111,6 +111,9 @@ enum {
     Q_HISTORY_PUT,
     Q_HISTORY_PRUNE,
     Q_HISTORY_DELETE_ALL,
+    Q_SAVEPOINT, /* a job's savepoint inside the group's transaction */
+    Q_SAVEPOINT_RELEASE,
+    Q_SAVEPOINT_ROLLBACK,
     Q_END
 };
 
@@ -157,6 +160,9 @@ static const char *const sql[Q_END] = {
                       " param_norm, contributors, loss) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     [Q_HISTORY_PRUNE] = "DELETE FROM history WHERE session_id = ?1 AND step <= ?2",
     [Q_HISTORY_DELETE_ALL] = "DELETE FROM history WHERE session_id = ?1",
+    [Q_SAVEPOINT] = "SAVEPOINT optd_job",
+    [Q_SAVEPOINT_RELEASE] = "RELEASE optd_job",
+    [Q_SAVEPOINT_ROLLBACK] = "ROLLBACK TO optd_job",
 };
 
 /* A read-only connection of the pool with its own copies of the reads. */
@@ -293,6 +299,9 @@ static optd_err from_sqlite(int src)
 {
     if (src == SQLITE_OK || src == SQLITE_ROW || src == SQLITE_DONE) return OPTD_OK;
     if (src == SQLITE_CONSTRAINT_UNIQUE || src == SQLITE_CONSTRAINT_PRIMARYKEY) return OPTD_E_ALREADY_EXISTS;
+    /* A value past SQLite's length limit: a refusal of that value (nothing
+     * was written), not a fault of the storage. */
+    if (src == SQLITE_TOOBIG) return OPTD_E_SESSION_TOO_LARGE;
     switch (src & 0xff) {
     case SQLITE_NOMEM: return OPTD_E_NOMEM;
     case SQLITE_BUSY:
@@ -1519,6 +1528,40 @@ static void rollback_tx(store *st)
             store_logf(st, LOG_TX, "ROLLBACK on %s failed: %s (SQLite code %d)", st->path, sqlite3_errmsg(st->db),
                        src);
     }
+}
+
+/* Runs one of the savepoint statements; any failure ends the group. */
+static optd_err savepoint_run(store *st, int which)
+{
+    sqlite3_stmt *q = st->q[which];
+    int src = sqlite3_step(q);
+
+    stmt_done(q);
+    if (src == SQLITE_DONE) return OPTD_OK;
+    atomic_store(&st->write_failed, 1);
+    return OPTD_E_UNAVAILABLE;
+}
+
+optd_err store_savepoint(store *st)
+{
+    assert(!sqlite3_get_autocommit(st->db));
+    return savepoint_run(st, Q_SAVEPOINT);
+}
+
+optd_err store_release(store *st) { return savepoint_run(st, Q_SAVEPOINT_RELEASE); }
+
+/* After a disk-full, I/O or out-of-memory error SQLite may have rolled back
+ * the whole transaction by itself: then there is no savepoint to return to
+ * and the caller's group has failed. ROLLBACK TO leaves the savepoint open;
+ * RELEASE closes it. */
+optd_err store_rollback_to(store *st)
+{
+    if (sqlite3_get_autocommit(st->db)) {
+        atomic_store(&st->write_failed, 1);
+        return OPTD_E_UNAVAILABLE;
+    }
+    optd_err rc = savepoint_run(st, Q_SAVEPOINT_ROLLBACK);
+    return rc ? rc : savepoint_run(st, Q_SAVEPOINT_RELEASE);
 }
 
 /* Returns OPTD_OK, OPTD_E_ALREADY_EXISTS (nothing written, a caller's

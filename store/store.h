@@ -97,6 +97,21 @@ optd_err store_begin(store *st);
 optd_err store_commit(store *st);
 void store_rollback(store *st);
 
+/* A savepoint inside the transaction (one at a time): what a job does
+ * between store_savepoint and store_release commits with the group, and
+ * store_rollback_to undoes it alone, so one job's failure is not its
+ * group's. Each returns OPTD_OK or OPTD_E_UNAVAILABLE; store_rollback_to
+ * returns OPTD_E_UNAVAILABLE also when SQLite has already rolled back the
+ * whole transaction (after disk full, I/O errors, out of memory), and the
+ * transaction is then over. */
+optd_err store_savepoint(store *st);
+optd_err store_release(store *st);
+optd_err store_rollback_to(store *st);
+
+/* The write functions below return OPTD_E_SESSION_TOO_LARGE for a value
+ * past SQLite's length limit (nothing of that statement is written; roll
+ * back to the job's savepoint for the rest). */
+
 /* Inserts a session and its state blob; sets s->id. OPTD_E_ALREADY_EXISTS
  * when the name is taken. */
 optd_err store_session_insert(store *st, store_session *s, const void *state, size_t len);

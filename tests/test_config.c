@@ -65,6 +65,7 @@ static void test_defaults_are_the_documented_ones(void **state) {
     assert_string_equal(cfg.db, "./optd.db");
     assert_string_equal(cfg.token, "");
     assert_int_equal(cfg.max_body, 67108864);
+    assert_int_equal(cfg.max_session_bytes, (size_t)512 << 20);
     assert_int_equal(cfg.threads, 4);
     assert_int_equal(cfg.sync, DAEMON_SYNC_FULL);
     assert_int_equal(cfg.idempotency_window, 10000);
@@ -103,6 +104,7 @@ static void check_listen(const daemon_config *c) {
 }
 static void check_db(const daemon_config *c) { assert_string_equal(c->db, "/var/lib/optd/x.db"); }
 static void check_max_body(const daemon_config *c) { assert_int_equal(c->max_body, 1000); }
+static void check_max_session(const daemon_config *c) { assert_int_equal(c->max_session_bytes, (size_t)3 << 20); }
 static void check_threads(const daemon_config *c) { assert_int_equal(c->threads, 16); }
 static void check_sync(const daemon_config *c) { assert_int_equal(c->sync, DAEMON_SYNC_NORMAL); }
 static void check_idem(const daemon_config *c) { assert_int_equal(c->idempotency_window, 5); }
@@ -122,6 +124,7 @@ static const setting_case settings[] = {
     {"listen", "OPTD_LISTEN", "0.0.0.0:9001", "127.0.0.1:1", check_listen},
     {"db", "OPTD_DB", "/var/lib/optd/x.db", "other.db", check_db},
     {"max-body", "OPTD_MAX_BODY", "1000", "1K", check_max_body},
+    {"max-session-bytes", "OPTD_MAX_SESSION_BYTES", "3M", "2048", check_max_session},
     {"threads", "OPTD_THREADS", "16", "2", check_threads},
     {"sync", "OPTD_SYNC", "normal", "full", check_sync},
     {"idempotency-window", "OPTD_IDEMPOTENCY_WINDOW", "5", "6", check_idem},
@@ -262,6 +265,9 @@ static void test_bad_numbers_are_rejected_naming_the_flag(void **state) {
         {"header-timeout", "3601"},
         {"cache-mb", "1048577"},
         {"cache-mb", "1M"},
+        {"max-session-bytes", "901M"}, /* past what SQLite stores in one value */
+        {"max-session-bytes", "1G"},
+        {"max-session-bytes", "1023"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char flag[64];
@@ -528,6 +534,14 @@ static void test_errors_fit_a_small_buffer_and_a_null_one(void **state) {
     assert_int_equal(daemon_config_parse(ARGS("--bogus"), NULL, &cfg, NULL, 0), OPTD_E_INVALID);
 }
 
+static void test_max_session_bytes_takes_its_maximum_and_no_more(void **state) {
+    (void)state;
+    assert_int_equal(parse(NULL, ARGS("--max-session-bytes", "900M")), OPTD_OK);
+    assert_int_equal(cfg.max_session_bytes, (size_t)900 << 20);
+    assert_int_equal(parse(NULL, ARGS("--max-session-bytes", "943718401")), OPTD_E_INVALID);
+    assert_contains(err, "943718400");
+}
+
 static void test_usage_lists_every_flag_variable_and_default(void **state) {
     (void)state;
     char *text = NULL;
@@ -540,6 +554,7 @@ static void test_usage_lists_every_flag_variable_and_default(void **state) {
         "--listen",          "OPTD_LISTEN",          "127.0.0.1:8080", "--db",
         "OPTD_DB",           "./optd.db",            "--token-file",   "OPTD_TOKEN_FILE",
         "OPTD_TOKEN=",       "--max-body",           "OPTD_MAX_BODY",  "64M",
+        "--max-session-bytes", "OPTD_MAX_SESSION_BYTES", "512M", "at most 900M",
         "--threads",         "OPTD_THREADS",         "--sync",         "OPTD_SYNC",
         "full|normal",       "--idempotency-window", "OPTD_IDEMPOTENCY_WINDOW", "10000",
         "--history-steps",   "OPTD_HISTORY_STEPS",   "100000",         "--max-connections",
@@ -583,6 +598,7 @@ int main(void) {
         cmocka_unit_test(test_an_equals_value_may_contain_equals_and_start_with_dashes),
         cmocka_unit_test(test_max_body_takes_k_m_g_suffixes_in_powers_of_1024),
         cmocka_unit_test(test_cache_mb_is_stored_in_bytes),
+        cmocka_unit_test(test_max_session_bytes_takes_its_maximum_and_no_more),
         cmocka_unit_test(test_bad_numbers_are_rejected_naming_the_flag),
         cmocka_unit_test(test_a_bad_variable_is_rejected_naming_it_and_its_flag),
         cmocka_unit_test(test_sync_accepts_only_full_and_normal),

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -592,6 +593,78 @@ static void test_rollback_leaves_nothing_behind(void **state)
     assert_int_equal(store_commit(f->st), OPTD_OK);
 }
 
+static void test_a_savepoint_rolls_back_one_job_and_the_group_commits_the_rest(void **state)
+{
+    fixture *f = *state;
+    store_session kept = make_session("kept", 0), undone = make_session("undone", 0), got;
+    unsigned char big[4096], old[4096];
+    void *blob = NULL;
+    size_t len = 0;
+
+    open_store(f, NULL);
+    memset(old, 1, sizeof old);
+    assert_int_equal(store_session_insert(f->st, &kept, old, sizeof old), OPTD_OK);
+
+    assert_int_equal(store_begin(f->st), OPTD_OK);
+    /* Job 1: a step of "kept", kept. */
+    assert_int_equal(store_savepoint(f->st), OPTD_OK);
+    memset(big, 2, sizeof big);
+    assert_int_equal(store_session_step(f->st, kept.id, 1, 5, big, sizeof big), OPTD_OK);
+    assert_int_equal(store_release(f->st), OPTD_OK);
+    /* Job 2: a create and a second step (in place) of "kept", undone. */
+    assert_int_equal(store_savepoint(f->st), OPTD_OK);
+    assert_int_equal(store_session_insert(f->st, &undone, "u", 1), OPTD_OK);
+    memset(big, 3, sizeof big);
+    assert_int_equal(store_session_step(f->st, kept.id, 2, 6, big, sizeof big), OPTD_OK);
+    assert_int_equal(store_rollback_to(f->st), OPTD_OK);
+    /* Job 3 sees job 1's step, not job 2's. */
+    assert_int_equal(store_savepoint(f->st), OPTD_OK);
+    assert_int_equal(store_session_load(f->st, "kept", &got, &blob, &len), OPTD_OK);
+    assert_int_equal(got.step, 1);
+    assert_int_equal(len, sizeof big);
+    assert_int_equal(((unsigned char *)blob)[100], 2);
+    store_session_clear(&got);
+    free(blob);
+    assert_int_equal(store_release(f->st), OPTD_OK);
+    assert_int_equal(store_commit(f->st), OPTD_OK);
+
+    assert_int_equal(store_read_session(f->st, "undone", &got, NULL, NULL), OPTD_E_NOT_FOUND);
+    assert_int_equal(store_read_session(f->st, "kept", &got, &blob, &len), OPTD_OK);
+    assert_int_equal(got.step, 1);
+    assert_int_equal(((unsigned char *)blob)[len - 1], 2);
+    store_session_clear(&got);
+    free(blob);
+}
+
+static void test_a_value_past_sqlites_limit_is_too_large_and_the_transaction_goes_on(void **state)
+{
+    fixture *f = *state;
+    store_session huge = make_session("huge", 0), small = make_session("small", 0), got;
+    size_t n = (size_t)1000000000 + 1; /* SQLite's default SQLITE_MAX_LENGTH, plus one */
+    /* Address space only: pages never touched cost nothing, and SQLite
+     * refuses the length before reading any of it. */
+    void *p = mmap(NULL, n, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+
+    assert_true(p != MAP_FAILED);
+    open_store(f, NULL);
+    /* On its own: refused, and nothing of it stays. */
+    assert_int_equal(store_session_insert(f->st, &huge, p, n), OPTD_E_SESSION_TOO_LARGE);
+    assert_int_equal(store_read_session(f->st, "huge", &got, NULL, NULL), OPTD_E_NOT_FOUND);
+    /* In a group: the job rolls back to its savepoint, the group commits. */
+    assert_int_equal(store_begin(f->st), OPTD_OK);
+    assert_int_equal(store_savepoint(f->st), OPTD_OK);
+    assert_int_equal(store_session_insert(f->st, &huge, p, n), OPTD_E_SESSION_TOO_LARGE);
+    assert_int_equal(store_rollback_to(f->st), OPTD_OK);
+    assert_int_equal(store_savepoint(f->st), OPTD_OK);
+    assert_int_equal(store_session_insert(f->st, &small, "s", 1), OPTD_OK);
+    assert_int_equal(store_release(f->st), OPTD_OK);
+    assert_int_equal(store_commit(f->st), OPTD_OK);
+    assert_int_equal(store_read_session(f->st, "huge", &got, NULL, NULL), OPTD_E_NOT_FOUND);
+    assert_int_equal(store_read_session(f->st, "small", &got, NULL, NULL), OPTD_OK);
+    store_session_clear(&got);
+    munmap(p, n);
+}
+
 static void test_reopen_sees_committed_data(void **state)
 {
     fixture *f = *state;
@@ -940,6 +1013,8 @@ int main(void)
         T(test_idem_put_drops_replies_older_than_the_reply_window),
         T(test_delete_removes_the_sessions_state_and_keys),
         T(test_rollback_leaves_nothing_behind),
+        T(test_a_savepoint_rolls_back_one_job_and_the_group_commits_the_rest),
+        T(test_a_value_past_sqlites_limit_is_too_large_and_the_transaction_goes_on),
         T(test_reopen_sees_committed_data),
         T(test_readers_see_committed_data_but_not_the_open_transaction),
         T(test_a_text_file_is_refused_and_left_unchanged),

@@ -111,7 +111,7 @@ static optd_err decode_checkpoint(const char *text, size_t len, size_t piece, se
         jbody_feed(&jb, text + off, len - off < piece ? len - off : piece);
     optd_err rc = jbody_finish(&jb, &tree, msg, msglen);
     if (rc == OPTD_OK)
-        rc = sess_from_checkpoint("fz", tree, &jb, out, msg, msglen);
+        rc = sess_from_checkpoint("fz", tree, &jb, (size_t)1 << 30, out, msg, msglen);
     cJSON_Delete(tree);
     jbody_free(&jb);
     return rc;
@@ -155,7 +155,7 @@ static void fuzz_checkpoint(const char *body, size_t size)
     /* And through its safetensors form. */
     sbuf h = {0};
     if (st_header(s, &h) == OPTD_OK) {
-        st_reader *r = st_reader_new("fz");
+        st_reader *r = st_reader_new("fz", (size_t)1 << 30);
         if (r) {
             st_reader_feed(r, h.p, h.len);
             st_reader_feed(r, s->blob, st_data_len(s));
