@@ -29,16 +29,22 @@ DEPS_OK := $(shell pkg-config --exists $(PKGS) cmocka 2>/dev/null && echo yes)
 # Deferred (=) so a build that just installed the packages sees them.
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+# engine/ is the core: no JSON, no HTTP. It is compiled with sqlite3's flags
+# only (cJSON.h is not on its path), and with microhttpd.h's include guard
+# predefined (it sits in /usr/include), so a use of either fails the build.
+ENGINE_PKG_CFLAGS = $(shell pkg-config --cflags sqlite3 2>/dev/null) -DMHD_MICROHTTPD_H -DcJSON__h
 
-COMMON_SRC := common/err.c
+COMMON_SRC := common/err.c common/util.c common/names.c
 OPTIM_SRC  := optim/optim.c optim/kernels.c
 STORE_SRC  := store/store.c
-API_SRC    := api/route.c api/strict.c api/training.c api/codec.c api/jbody.c api/safetensors.c api/session.c api/writer.c api/metrics.c api/http.c api/ops.c
+ENGINE_SRC := engine/training.c engine/settings.c engine/session.c engine/stats.c engine/writer.c
+HTTP_SRC   := http/route.c http/strict.c http/codec.c http/settings.c http/jbody.c http/checkpoint.c \
+              http/safetensors.c http/metrics.c http/http.c http/ops.c
 DAEMON_SRC := daemon/main.c daemon/config.c
 
-LIB_SRC := $(COMMON_SRC) $(OPTIM_SRC) $(STORE_SRC) $(API_SRC)
+LIB_SRC := $(COMMON_SRC) $(OPTIM_SRC) $(STORE_SRC) $(ENGINE_SRC) $(HTTP_SRC)
 # Files served by the daemon, compiled into it (no asset on disk at run time).
-ASSETS  := asset_dashboard=api/assets/dashboard.html asset_openapi=api/openapi.json
+ASSETS  := asset_dashboard=http/assets/dashboard.html asset_openapi=http/openapi.json
 LIB_OBJ := $(LIB_SRC:%.c=$(B)/%.o) $(B)/gen/assets.o
 
 # Unit tests: tests/test_<module>.c, each linked with the library objects.
@@ -51,9 +57,9 @@ all: deps $(B)/optd
 deps:
 	@if [ "$(DEPS_OK)" != yes ]; then sh deploy/install-deps.sh; fi
 
-$(B)/gen/assets.c: api/embed.py $(foreach a,$(ASSETS),$(word 2,$(subst =, ,$(a))))
+$(B)/gen/assets.c: http/embed.py $(foreach a,$(ASSETS),$(word 2,$(subst =, ,$(a))))
 	@mkdir -p $(dir $@)
-	python3 api/embed.py $@ $(ASSETS)
+	python3 http/embed.py $@ $(ASSETS)
 
 $(B)/gen/assets.o: $(B)/gen/assets.c
 	$(CC) $(CFLAGS) -c $< -o $@
@@ -61,6 +67,10 @@ $(B)/gen/assets.o: $(B)/gen/assets.c
 $(B)/%.o: %.c | deps
 	@mkdir -p $(dir $@)
 	$(CC) $(BASE) $(PKG_CFLAGS) $(CFLAGS) -c $< -o $@
+
+$(B)/engine/%.o: engine/%.c | deps
+	@mkdir -p $(dir $@)
+	$(CC) $(BASE) $(ENGINE_PKG_CFLAGS) $(CFLAGS) -c $< -o $@
 
 $(B)/optd: $(LIB_OBJ) $(DAEMON_SRC:%.c=$(B)/%.o)
 	@mkdir -p $(dir $@)
@@ -186,7 +196,7 @@ fuzz: deps
 
 # ---- Ecosystem: tests/ecosystem ----------------------------------------------
 # ecosystem: the Python client (clients/python) and its torch optimizer against
-# torch.optim, api/openapi.json against the served routes, the container root
+# torch.optim, http/openapi.json against the served routes, the container root
 # fs (deploy/build-image-rootfs.sh) run as the image would, the Kubernetes
 # manifests, three shards behind HAProxy (deploy/haproxy.cfg), the curl
 # cookbook and README's commands, TypeScript types from the served OpenAPI

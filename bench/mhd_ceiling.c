@@ -1,5 +1,5 @@
 /* The HTTP ceiling: a minimal libmicrohttpd server, started with the same
- * threading flags as optd's api/http.c (internal polling thread, epoll via
+ * threading flags as optd's http/http.c (internal polling thread, epoll via
  * MHD_USE_AUTO, a pool of 4 threads), that reads each request's body and
  * answers a fixed 20-byte JSON. No parsing, no storage: whatever optd spends
  * beyond this is its own work.

@@ -1,4 +1,4 @@
-/* Error codes shared by store/, api/ and daemon/: one X-macro table gives each
+/* Error codes shared by store/, engine/, http/ and daemon/: one X-macro table gives each
  * error its enum value, its API code string, its HTTP status and its default
  * message. Everything else (enum, lookups) derives from this one table.
  * optim/ has its own two codes and includes nothing of ours. */

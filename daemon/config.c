@@ -163,7 +163,7 @@ static int parse_digits(const char *s, uint64_t *out, const char **end) {
 
 /* Parses a number within [o->min, o->max] (K_BYTES: after its suffix is
  * applied). On failure writes the reason, without the flag, into why. */
-static int parse_number(const opt_def *o, const char *s, uint64_t *out, char *why, size_t whylen) {
+static int parse_flag_number(const opt_def *o, const char *s, uint64_t *out, char *why, size_t whylen) {
     uint64_t v, mult = 1;
     const char *end;
     if (parse_digits(s, &v, &end)) {
@@ -258,7 +258,7 @@ static int parse_listen(daemon_config *c, const opt_def *o, const char *s, char 
         }
         port = colon + 1;
     }
-    if (parse_number(o, port, &v, why, whylen)) {
+    if (parse_flag_number(o, port, &v, why, whylen)) {
         snprintf(why, whylen, "the port in '%s' is not a number in 0..65535", s);
         return -1;
     }
@@ -382,7 +382,7 @@ static optd_err apply(daemon_config *c, const opt_def *o, const char *s, char *w
         return OPTD_OK;
     case K_UINT:
     case K_BYTES:
-        if (parse_number(o, s, &v, why, whylen))
+        if (parse_flag_number(o, s, &v, why, whylen))
             return OPTD_E_INVALID;
         set_uint(c, o, v * o->scale);
         return OPTD_OK;

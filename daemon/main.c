@@ -1,6 +1,6 @@
 /* daemon/main: the optd process. Parses flags and environment, opens the
  * store, starts the HTTP API, then waits in sigwait() for SIGTERM or SIGINT
- * and shuts down in order: api_stop (finishes requests in flight), then
+ * and shuts down in order: http_stop (finishes requests in flight), then
  * store_close. SIGHUP reopens --log-file and never stops the daemon. Exit status: 0 after a clean shutdown or --help/--version,
  * 1 when the store or the API cannot start, 2 for bad flags. */
 #include <errno.h>
@@ -13,7 +13,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "api/api.h"
+#include "http/http.h"
 #include "daemon/config.h"
 #include "store/store.h"
 
@@ -91,9 +91,9 @@ static void on_sighup(const daemon_config *cfg, int quiet) {
 int main(int argc, char **argv) {
     daemon_config cfg;
     store_options sopt;
-    api_config acfg = {0};
+    http_config acfg = {0};
     store *st = NULL;
-    api_server *srv = NULL;
+    http_server *srv = NULL;
     sigset_t set;
     char err[DAEMON_PATH_MAX + 512];
     int sig = 0, rc, status = 0;
@@ -157,7 +157,7 @@ int main(int argc, char **argv) {
     acfg.log_ctx = NULL;
     acfg.backup_dir = cfg.backup_dir[0] ? cfg.backup_dir : NULL;
     acfg.peers = cfg.peers[0] ? cfg.peers : NULL;
-    if (api_start(&acfg, st, &srv, err, sizeof err) != OPTD_OK) {
+    if (http_start(&acfg, st, &srv, err, sizeof err) != OPTD_OK) {
         fprintf(stderr, "optd: %s\n", err);
         store_close(st);
         return 1;
@@ -166,7 +166,7 @@ int main(int argc, char **argv) {
     /* IPv6 addresses go in brackets in a URL. */
     int v6 = strchr(cfg.listen_host, ':') != NULL;
     printf("optd listening on http://%s%s%s:%u (db %s, sync %s, %s)\n", v6 ? "[" : "", cfg.listen_host,
-           v6 ? "]" : "", (unsigned)api_port(srv), cfg.db, cfg.sync == DAEMON_SYNC_FULL ? "full" : "normal",
+           v6 ? "]" : "", (unsigned)http_port(srv), cfg.db, cfg.sync == DAEMON_SYNC_FULL ? "full" : "normal",
            cfg.token[0] ? "bearer token required" : "no token: requests need no auth");
     fflush(stdout);
 
@@ -189,7 +189,7 @@ int main(int argc, char **argv) {
         snprintf(line, sizeof line, "shutting down (%s)", sig == SIGINT ? "SIGINT" : sig == SIGTERM ? "SIGTERM" : "error");
         log_line(NULL, line);
     }
-    api_stop(srv);
+    http_stop(srv);
     store_close(st);
     return status;
 }

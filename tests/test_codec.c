@@ -1,4 +1,4 @@
-/* Tests of api/codec.c: the float printer reads back exactly (and is the
+/* Tests of http/codec.c: the float printer reads back exactly (and is the
  * shortest form), the fast step decoder agrees bit for bit with strtof and
  * strtod, and bodies it does not take are left to the cJSON path. */
 #include <setjmp.h>
@@ -12,7 +12,7 @@
 
 #include <cmocka.h>
 
-#include "api/internal.h"
+#include "http/httpInt.h"
 
 static uint64_t rng = 88172645463325252u;
 static uint64_t next(void)

@@ -144,10 +144,10 @@ class DockerignoreTests(unittest.TestCase):
         return keep
 
     def test_context(self):
-        for path in ("Makefile", "api/http.c", "api/assets/dashboard.html", "store/store.c", "daemon/main.c",
+        for path in ("Makefile", "http/http.c", "http/assets/dashboard.html", "engine/writer.c", "store/store.c", "daemon/main.c",
                      "optim/kernels.c", "common/err.h", "deploy/healthcheck.sh"):
             self.assertTrue(self.included(path), path)
-        for path in (".git", ".git/HEAD", "build/optd", "optd.db", "optd.db-wal", "api/optd.db", "tests/e2e/run.py",
+        for path in (".git", ".git/HEAD", "build/optd", "optd.db", "optd.db-wal", "http/optd.db", "tests/e2e/run.py",
                      "bench/run.py", "deploy/k8s/router.yaml"):
             self.assertFalse(self.included(path), path)
         stages = parse_dockerfile()

@@ -133,7 +133,7 @@ class ManifestTests(unittest.TestCase):
         """A worker round's contribution waits up to round_timeout, whose
         largest allowed value the OpenAPI document states: the router must
         wait longer on both sides."""
-        with open(os.path.join(REPO, "api", "openapi.json")) as f:
+        with open(os.path.join(REPO, "http", "openapi.json")) as f:
             doc = json.load(f)
         longest = max(v["maximum"] for v in _find(doc, "round_timeout") if isinstance(v, dict) and "maximum" in v)
         self.assertGreaterEqual(longest, 86400 * 7)

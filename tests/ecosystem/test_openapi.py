@@ -1,4 +1,4 @@
-"""api/openapi.json against API.md and the daemon: a well-formed OpenAPI 3.1
+"""http/openapi.json against API.md and the daemon: a well-formed OpenAPI 3.1
 document whose every $ref resolves; every endpoint API.md names is in it;
 every documented path and method is served (not 404 "no such path", not
 405); the Allow header of each path lists exactly the documented methods;
@@ -14,7 +14,7 @@ import uuid
 
 from harness import REPO, DaemonCase, raw
 
-DOC_PATH = os.path.join(REPO, "api", "openapi.json")
+DOC_PATH = os.path.join(REPO, "http", "openapi.json")
 API_MD = os.path.join(os.path.dirname(REPO), "shared", "API.md")
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 # Training features (API.md "Training features"): a daemon without them yet

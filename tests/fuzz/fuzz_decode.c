@@ -1,4 +1,4 @@
-/* fuzz_decode: libFuzzer target for the request decoders of api/, without the
+/* fuzz_decode: libFuzzer target for the request decoders of http/, without the
  * HTTP server. The first byte of an input picks what the rest feeds (its low
  * two bits, so seeds can start with an ASCII digit):
  *   0, 1  a request body: utf8_valid, cJSON, then hparams_from_json for every
@@ -25,7 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "api/internal.h"
+#include "http/httpInt.h"
 
 #define MAX_ELEMENTS ((size_t)1 << 20)
 
@@ -53,6 +53,19 @@ static char *hp_text(const optim_info *info, const optim_hparams *hp, const trai
     return b.p;
 }
 
+/* The hyperparameters object hps (and the session fields of body) decoded
+ * as http/ does and applied as the engine does. */
+static optd_err hparams_from_json(const optim_info *info, const cJSON *hps, const cJSON *body, optim_hparams *hp,
+                                  training *tr, char *msg, size_t msglen)
+{
+    engine_settings d;
+    optd_err rc = http_settings_from_json(hps, body, &d);
+    if (rc == OPTD_OK)
+        rc = engine_settings_apply(info, &d, hp, tr, msg, msglen);
+    engine_settings_clear(&d);
+    return rc;
+}
+
 static void fuzz_hparams(const cJSON *obj)
 {
     const cJSON *hps = cJSON_GetObjectItemCaseSensitive(obj, "hyperparams");
@@ -65,8 +78,8 @@ static void fuzz_hparams(const cJSON *obj)
         char msg[256];
         memset(msg, 'x', sizeof msg);
         optim_defaults(info, &hp);
-        training_defaults(&tr);
-        optd_err rc = hparams_from_json(info, hps, &hp, &tr, msg, sizeof msg);
+        engine_training_defaults(&tr);
+        optd_err rc = hparams_from_json(info, hps, NULL, &hp, &tr, msg, sizeof msg);
         if (rc) {
             check_msg(msg, sizeof msg);
             continue;
@@ -81,8 +94,8 @@ static void fuzz_hparams(const cJSON *obj)
         optim_hparams hp2;
         training tr2;
         optim_defaults(info, &hp2);
-        training_defaults(&tr2);
-        if (hparams_from_json(info, again, &hp2, &tr2, msg, sizeof msg) != OPTD_OK)
+        engine_training_defaults(&tr2);
+        if (hparams_from_json(info, again, NULL, &hp2, &tr2, msg, sizeof msg) != OPTD_OK)
             fail("hyperparameters that decoded do not decode again after hparams_to_json", msg);
         char *t2 = hp_text(info, &hp2, &tr2);
         if (t2 && strcmp(t1, t2) != 0) {
@@ -94,9 +107,11 @@ static void fuzz_hparams(const cJSON *obj)
         cJSON_Delete(again);
     }
     training tr;
+    optim_hparams hp;
     char msg[256];
-    training_defaults(&tr);
-    if (training_fields_from_json(obj, &tr, msg, sizeof msg) != OPTD_OK)
+    optim_defaults(optim_at(0), &hp);
+    engine_training_defaults(&tr);
+    if (hparams_from_json(optim_at(0), NULL, obj, &hp, &tr, msg, sizeof msg) != OPTD_OK)
         check_msg(msg, sizeof msg);
 }
 
@@ -142,7 +157,7 @@ static void fuzz_checkpoint(const char *body, size_t size)
         return;
     }
     same_session(s, s2, "a checkpoint decodes to another state when fed in pieces", body);
-    sess_free(s2);
+    engine_sess_free(s2);
     s2 = NULL;
     sbuf b = {0};
     sess_state_to_json(&b, s);
@@ -166,9 +181,9 @@ static void fuzz_checkpoint(const char *body, size_t size)
         }
     }
     sbuf_free(&h);
-    sess_free(s3);
-    sess_free(s2);
-    sess_free(s);
+    engine_sess_free(s3);
+    engine_sess_free(s2);
+    engine_sess_free(s);
 }
 
 static void fuzz_vectors(const cJSON *obj)
@@ -238,8 +253,8 @@ static void fuzz_route(const uint8_t *data, size_t size)
     char name[STORE_NAME_MAX + 1];
     int ok = -1;
     memset(name, 'x', sizeof name);
-    api_route r = route_parse(url, name, &ok);
-    if (r >= R_COUNT)
+    http_route r = route_parse(url, name, &ok);
+    if (r >= HTTP_R_COUNT)
         fail("route_parse returned no route", url);
     if (!memchr(name, '\0', sizeof name))
         fail("route_parse left the name unterminated", url);
@@ -268,7 +283,7 @@ static void fuzz_header(const uint8_t *data, size_t size)
     if (parse_if_match(v, &step) == 0 && step < -1)
         fail("parse_if_match succeeded with a negative step", v);
     double d = 0;
-    if (parse_number(v, &d) == 0 && !isfinite(d))
+    if (http_parse_number(v, &d) == 0 && !isfinite(d))
         fail("parse_number accepted a value that is not finite", v);
     free(v);
 }

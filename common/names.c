@@ -1,13 +1,12 @@
-/* Strict request bodies (API.md Conventions): every member of a request
- * object must be a field the contract defines there, else 422 unknown_field
- * naming it, with the nearest valid name when one is near (an edit distance
- * that tolerates a typo, case ignored) and the list of valid ones. */
+/* Names a client got wrong: the nearest valid one (a typo away, case
+ * ignored) and the message that lists them, shared by the request decoders
+ * (http/) and the settings the engine validates against a session. */
 #include <ctype.h>
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
 
-#include "api/internal.h"
+#include "common/names.h"
 
 /* Damerau-Levenshtein distance (adjacent swaps count one), case ignored,
  * over at most 63 bytes of each string; longer names are never near. */
@@ -38,7 +37,7 @@ static size_t distance(const char *a, const char *b)
     return d[la][lb];
 }
 
-const char *name_nearest(const char *s, const char *const *names, size_t n)
+const char *optd_name_nearest(const char *s, const char *const *names, size_t n)
 {
     const char *best = NULL;
     size_t best_d = (size_t)-1, len = strlen(s);
@@ -60,7 +59,7 @@ const char *name_nearest(const char *s, const char *const *names, size_t n)
     return best && best_d <= limit ? best : NULL;
 }
 
-void names_join(char *out, size_t outlen, const char *const *names, size_t n)
+void optd_names_join(char *out, size_t outlen, const char *const *names, size_t n)
 {
     size_t used = 0;
     if (outlen)
@@ -73,57 +72,13 @@ void names_join(char *out, size_t outlen, const char *const *names, size_t n)
     }
 }
 
-void unknown_name_msg(char *msg, size_t msglen, const char *what, const char *name, const char *where,
+void optd_unknown_name_msg(char *msg, size_t msglen, const char *what, const char *name, const char *where,
                       const char *const *names, size_t n)
 {
     char list[512], near[96] = "";
-    const char *best = name_nearest(name, names, n);
-    names_join(list, sizeof list, names, n);
+    const char *best = optd_name_nearest(name, names, n);
+    optd_names_join(list, sizeof list, names, n);
     if (best)
         snprintf(near, sizeof near, "; did you mean \"%s\"?", best);
     snprintf(msg, msglen, "unknown %s \"%.64s\" in %s%s (valid: %s)", what, name, where, near, list);
-}
-
-optd_err fields_known(const cJSON *o, const char *where, const char *const *names, size_t n, const cJSON **bad,
-                      char *msg, size_t msglen)
-{
-    for (const cJSON *e = o ? o->child : NULL; e; e = e->next) {
-        size_t k = 0;
-        while (k < n && strcmp(e->string, names[k]) != 0)
-            k++;
-        if (k < n)
-            continue;
-        if (bad)
-            *bad = e;
-        unknown_name_msg(msg, msglen, "field", e->string, where, names, n);
-        return OPTD_E_UNKNOWN_FIELD;
-    }
-    return OPTD_OK;
-}
-
-int hparam_name_anywhere(const char *name)
-{
-    if (strcmp(name, "lr_schedule") == 0 || strcmp(name, "max_grad_norm") == 0)
-        return 1;
-    for (size_t k = 0; k < OPTIM_KIND_COUNT; k++)
-        if (optim_hp_find(optim_at(k), name))
-            return 1;
-    return 0;
-}
-
-optd_err body_fields_known(const cJSON *o, const char *where, const char *const *names, size_t n, int hp_hint,
-                           char *msg, size_t msglen)
-{
-    const cJSON *bad = NULL;
-    optd_err rc = fields_known(o, where, names, n, &bad, msg, msglen);
-    if (rc == OPTD_OK || !hparam_name_anywhere(bad->string) || name_nearest(bad->string, names, n))
-        return rc;
-    if (hp_hint == HINT_PATCH)
-        snprintf(msg, msglen, "\"%.64s\" is a hyperparameter, not a field of %s: change it with PATCH "
-                 "/v1/sessions/{name} and the body {\"hyperparams\": {\"%.64s\": ...}}", bad->string, where,
-                 bad->string);
-    else
-        snprintf(msg, msglen, "\"%.64s\" is a hyperparameter, not a field of %s: put it inside \"hyperparams\", "
-                 "as {\"hyperparams\": {\"%.64s\": ...}}", bad->string, where, bad->string);
-    return rc;
 }

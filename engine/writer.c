@@ -6,14 +6,19 @@
  * completes the jobs, whose replies are therefore always durable. Sessions
  * stay in a bounded in-memory cache so a step costs no read of its state. */
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
-#include "api/internal.h"
+#include "common/util.h"
+#include "engine/engineInt.h"
 
 #define BUCKETS 4096
+
+typedef engine_step_req sreq;
+#define REQ(x) ((engine_req *)(x))
 /* sess.touched of a session loaded during the group (see lookup). */
 #define TOUCH_LOADED (-1)
 /* Steps whose saved reply is kept for an idempotent replay, per session, in
@@ -51,13 +56,16 @@ typedef struct wround {
     uint32_t count;       /* contributions, each one job on waiters */
     double loss_sum, loss_w; /* of the contributions that gave a loss */
     uint64_t deadline_us; /* mono_us of the timeout */
-    job *waiters, *last;  /* last: where the next contribution goes */
+    sreq *waiters, *last;  /* last: where the next contribution goes */
     struct wround *next, *prev; /* writer.rounds */
 } wround;
 
-struct writer {
+struct engine {
     store *st;
-    metrics *m;
+    engine_stats *m;
+    engine_codec codec; /* of the sessions it loads */
+    optd_err (*fault)(void *ctx, engine_fault_point p, const char *name);
+    void *fault_ctx;
     uint64_t idem_window, history_steps;
     size_t max_session_bytes; /* forks and PATCHes past it are refused */
     wround rounds; /* sentinel of the rounds in progress */
@@ -66,7 +74,7 @@ struct writer {
     atomic_ullong withdrawn; /* jobs taken out of rounds, their clients gone */
     unsigned max_parked; /* 0: no cap; set before the first submit */
     uint64_t probe_at;   /* mono_us of the next look for hung-up contributors */
-    job *release; /* jobs to complete once the group's outcome is known */
+    engine_req *release; /* jobs to complete once the group's outcome is known */
     int part;     /* the part of the group in progress (a job, or an expired round) */
     int part_dirty; /* the part changed a cached session (touch) */
     int guarded;    /* the part runs in a savepoint */
@@ -75,13 +83,19 @@ struct writer {
     pthread_t thread;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    job *head, *tail; /* queue, guarded by mu */
+    engine_req *head, *tail; /* queue, guarded by mu */
     int stopping;     /* guarded by mu */
     int last_heavy;   /* the last group held a heavy job (writer thread only) */
     _Atomic uint64_t heavy_done; /* groups with a heavy job finished */
     sess *bucket[BUCKETS];
     sess lru; /* sentinel: lru.lru_next is the most recently used */
 };
+
+/* The test's injected failure at point p, or OPTD_OK. */
+static optd_err injected(engine *w, engine_fault_point p, const char *name)
+{
+    return w->fault ? w->fault(w->fault_ctx, p, name) : OPTD_OK;
+}
 
 static unsigned hash(const char *s)
 {
@@ -97,7 +111,7 @@ static void lru_unlink(sess *s)
     s->lru_next->lru_prev = s->lru_prev;
 }
 
-static void lru_front(writer *w, sess *s)
+static void lru_front(engine *w, sess *s)
 {
     s->lru_next = w->lru.lru_next;
     s->lru_prev = &w->lru;
@@ -105,7 +119,7 @@ static void lru_front(writer *w, sess *s)
     w->lru.lru_next = s;
 }
 
-static sess *cache_get(writer *w, const char *name)
+static sess *cache_get(engine *w, const char *name)
 {
     for (sess *s = w->bucket[hash(name)]; s; s = s->hnext) {
         if (strcmp(s->row.name, name) == 0) {
@@ -117,7 +131,7 @@ static sess *cache_get(writer *w, const char *name)
     return NULL;
 }
 
-static void cache_put(writer *w, sess *s)
+static void cache_put(engine *w, sess *s)
 {
     unsigned h = hash(s->row.name);
     s->hnext = w->bucket[h];
@@ -126,10 +140,10 @@ static void cache_put(writer *w, sess *s)
     w->cached += s->blob_len;
 }
 
-static void round_fail(writer *w, sess *s, optd_err rc, const char *msg);
+static void round_fail(engine *w, sess *s, optd_err rc, const char *msg);
 
 /* Forgets s (its worker round, if any, fails with 503: retry is safe). */
-static void cache_drop(writer *w, sess *s)
+static void cache_drop(engine *w, sess *s)
 {
     if (s->rnd)
         round_fail(w, s, OPTD_E_UNAVAILABLE, "the session's round was abandoned; retry the contribution");
@@ -139,12 +153,12 @@ static void cache_drop(writer *w, sess *s)
     *pp = s->hnext;
     lru_unlink(s);
     w->cached -= s->blob_len;
-    sess_free(s);
+    engine_sess_free(s);
 }
 
 /* Evicts least recently used sessions past the budget (never one touched by
  * the group in progress). */
-static void cache_trim(writer *w)
+static void cache_trim(engine *w)
 {
     sess *s = w->lru.lru_prev;
     while (w->cached > w->cache_bytes && s != &w->lru) {
@@ -156,7 +170,7 @@ static void cache_trim(writer *w)
 }
 
 /* The cached session named name, loading it when absent. */
-static optd_err lookup(writer *w, const char *name, sess **out)
+static optd_err lookup(engine *w, const char *name, sess **out)
 {
     store_session row = {0};
     void *blob = NULL;
@@ -166,7 +180,7 @@ static optd_err lookup(writer *w, const char *name, sess **out)
         return OPTD_OK;
     optd_err rc = store_session_load(w->st, name, &row, &blob, &len);
     if (rc == OPTD_OK)
-        rc = sess_from_store(&row, blob, len, out);
+        rc = engine_sess_from_store(&w->codec, &row, blob, len, out);
     if (rc == OPTD_OK) {
         cache_put(w, *out);
         /* Read inside the group's transaction, so it may hold writes the
@@ -180,7 +194,7 @@ static optd_err lookup(writer *w, const char *name, sess **out)
 }
 
 /* s changed in memory in the part of the group in progress. */
-static void touch(writer *w, sess *s, int64_t ms)
+static void touch(engine *w, sess *s, int64_t ms)
 {
     s->touched = w->part;
     w->part_dirty = 1;
@@ -188,21 +202,21 @@ static void touch(writer *w, sess *s, int64_t ms)
 }
 
 /* Runs j's completion now. */
-static void complete(job *j)
+static void complete(engine_req *j)
 {
-    j->state = JS_DONE;
-    j->on_done(j, j->done_ctx);
+    j->state_ = JS_DONE;
+    j->cb(j, j->data);
 }
 
 /* Completes j after the group's commit (or failure). */
-static void release_later(writer *w, job *j)
+static void release_later(engine *w, engine_req *j)
 {
-    j->state = JS_RELEASING;
-    j->next_done = w->release;
+    j->state_ = JS_RELEASING;
+    j->next_done_ = w->release;
     w->release = j;
 }
 
-static void round_free(writer *w, sess *s)
+static void round_free(engine *w, sess *s)
 {
     wround *r = s->rnd;
     /* Not a walk of r->waiters: round_fail has completed them already, and a
@@ -216,18 +230,18 @@ static void round_free(writer *w, sess *s)
 }
 
 /* Fails every job waiting on s's round at once (nothing of it was written). */
-static void round_fail(writer *w, sess *s, optd_err rc, const char *msg)
+static void round_fail(engine *w, sess *s, optd_err rc, const char *msg)
 {
-    for (job *j = s->rnd->waiters, *next; j; j = next) {
-        next = j->next_waiter;
+    for (sreq *j = s->rnd->waiters, *next; j; j = next) {
+        next = j->next_waiter_;
         j->rc = rc;
         snprintf(j->msg, sizeof j->msg, "%s", msg);
-        complete(j);
+        complete(REQ(j));
     }
     round_free(w, s);
 }
 
-static optd_err copy_out(job *j, const void *p, size_t len)
+static optd_err copy_out(sreq *j, const void *p, size_t len)
 {
     j->out_params = malloc(len ? len : 1);
     if (!j->out_params)
@@ -246,13 +260,13 @@ typedef struct applied {
 /* Applies one optimizer step with grad (n elements of the session's dtype,
  * scaled in place when clipping) and records it: state, row and history,
  * all inside the group's transaction. */
-static optd_err apply_step(writer *w, sess *s, void *grad, uint32_t contributors, bool has_loss, double loss,
+static optd_err apply_step(engine *w, sess *s, void *grad, uint32_t contributors, bool has_loss, double loss,
                            applied *out)
 {
     optim_hparams hp = s->hp;
     optim_stats stats;
     double grad_norm = -1;
-    hp.lr = training_lr(&s->tr, s->hp.lr, s->row.step);
+    hp.lr = engine_training_lr(&s->tr, s->hp.lr, s->row.step);
     if (s->tr.clip) {
         /* torch.nn.utils.clip_grad_norm_: the norm comes first, so this is
          * the one extra pass over the gradient. */
@@ -266,9 +280,9 @@ static optd_err apply_step(writer *w, sess *s, void *grad, uint32_t contributors
         return OPTD_E_NON_FINITE; /* the caller drops s: its state is spoilt */
     if (grad_norm < 0)
         grad_norm = sqrt(stats.grad_sq);
-    sess_pack(s);
+    engine_sess_pack(s);
     s->row.step = s->st.step;
-    touch(w, s, now_ms());
+    touch(w, s, optd_now_ms());
     out->step = s->row.step;
     out->lr = hp.lr;
     out->grad_norm = grad_norm;
@@ -279,6 +293,8 @@ static optd_err apply_step(writer *w, sess *s, void *grad, uint32_t contributors
         rc = store_history_put(w->st, s->row.id, &h, w->history_steps);
     }
     if (rc == OPTD_OK)
+        rc = injected(w, ENGINE_FAULT_STEP, s->row.name);
+    if (rc == OPTD_OK)
         atomic_fetch_add(&w->m->steps[s->info->kind], 1);
     return rc;
 }
@@ -286,16 +302,16 @@ static optd_err apply_step(writer *w, sess *s, void *grad, uint32_t contributors
 /* A step whose result overflowed the dtype is refused: s's memory holds the
  * spoilt result, so forget it; the next use reloads the state this group's
  * transaction holds, as if the step had never run. */
-static optd_err overflowed(writer *w, sess *s, char *msg, size_t msglen)
+static optd_err overflowed(engine *w, sess *s, char *msg, size_t msglen)
 {
     snprintf(msg, msglen, "the step would make params or optimizer state non-finite in %s; nothing changed",
-             s->dtype == OPTIM_F64 ? "float64" : "float32");
+             engine_dtype_name(s->dtype));
     cache_drop(w, s);
     return OPTD_E_NON_FINITE;
 }
 
 /* Fills j's reply from an applied step and remembers its key. */
-static optd_err finish_step(writer *w, sess *s, job *j, const applied *a, uint32_t contributors)
+static optd_err finish_step(engine *w, sess *s, sreq *j, const applied *a, uint32_t contributors)
 {
     size_t vec = s->n * optim_elem_size(s->dtype);
     optd_err rc = OPTD_OK;
@@ -326,7 +342,7 @@ static optd_err finish_step(writer *w, sess *s, job *j, const applied *a, uint32
 
 /* Applies s's round with the weighted mean of its contributions; every
  * waiter gets the same reply once the group commits. */
-static optd_err round_apply(writer *w, sess *s)
+static optd_err round_apply(engine *w, sess *s)
 {
     wround *r = s->rnd;
     size_t es = optim_elem_size(s->dtype);
@@ -346,13 +362,13 @@ static optd_err round_apply(writer *w, sess *s)
     }
     uint32_t count = r->count;
     char msg[256] = "";
-    for (job *j = r->waiters; j; j = j->next_waiter) {
+    for (sreq *j = r->waiters; j; j = j->next_waiter_) {
         j->rc = rc ? rc : finish_step(w, s, j, &a, count);
         if (j->rc && !rc)
             rc = j->rc;
     }
-    for (job *j = r->waiters, *next; j; j = next) {
-        next = j->next_waiter;
+    for (sreq *j = r->waiters, *next; j; j = next) {
+        next = j->next_waiter_;
         if (rc && !j->rc) {
             /* Another waiter's reply failed, so the part that applied the
              * round rolls back: no waiter may report it applied. */
@@ -360,12 +376,12 @@ static optd_err round_apply(writer *w, sess *s)
             free(j->out_params);
             j->out_params = NULL;
         }
-        release_later(w, j);
+        release_later(w, REQ(j));
     }
     round_free(w, s);
     if (rc == OPTD_E_NON_FINITE) {
         overflowed(w, s, msg, sizeof msg);
-        for (job *j = w->release; j; j = j->next_done)
+        for (engine_req *j = w->release; j; j = j->next_done_)
             if (j->rc == OPTD_E_NON_FINITE)
                 snprintf(j->msg, sizeof j->msg, "%s", msg);
         return OPTD_OK; /* a refusal, not a storage fault */
@@ -374,7 +390,7 @@ static optd_err round_apply(writer *w, sess *s)
 }
 
 /* Adds j's contribution to r's sums. */
-static void round_add(wround *r, const sess *s, const job *j)
+static void round_add(wround *r, const sess *s, const sreq *j)
 {
     for (size_t i = 0; i < s->n; i++)
         r->sum[i] += j->weight * (s->dtype == OPTIM_F64 ? ((double *)j->grad)[i] : ((float *)j->grad)[i]);
@@ -396,50 +412,50 @@ static void round_resum(wround *r)
     r->wsum = r->loss_sum = r->loss_w = 0;
     r->count = 0;
     r->last = NULL;
-    for (job *j = r->waiters; j; j = j->next_waiter) {
+    for (sreq *j = r->waiters; j; j = j->next_waiter_) {
         round_add(r, s, j);
         r->last = j;
     }
 }
 
 /* Puts j on r's waiters, last, until the round is applied or fails. */
-static void park(writer *w, wround *r, job *j)
+static void park(engine *w, wround *r, sreq *j)
 {
-    j->state = JS_PARKED;
-    j->next_waiter = NULL;
+    j->state_ = JS_PARKED;
+    j->next_waiter_ = NULL;
     if (r->last)
-        r->last->next_waiter = j;
+        r->last->next_waiter_ = j;
     else
         r->waiters = j;
     r->last = j;
     atomic_fetch_add(&w->parked, 1);
     if (j->on_park)
-        j->on_park(j, j->done_ctx);
+        j->on_park(REQ(j), j->data);
 }
 
 /* A retry (same Idempotency-Key) of contribution o, still waiting in r:
  * j takes o's place, so the round counts it once and the reply goes to the
  * request that is most likely still read. o is answered at once: its
  * client has probably given up on it, and if not, it learns why. */
-static optd_err round_replace(wround *r, job **at, job *j)
+static optd_err round_replace(wround *r, sreq **at, sreq *j)
 {
-    job *o = *at;
+    sreq *o = *at;
     if (o->digest != j->digest) {
         snprintf(j->msg, sizeof j->msg, "Idempotency-Key was used with another gradient");
         return OPTD_E_IDEMPOTENCY_MISMATCH;
     }
-    j->state = JS_PARKED;
-    j->next_waiter = o->next_waiter;
+    j->state_ = JS_PARKED;
+    j->next_waiter_ = o->next_waiter_;
     *at = j;
     if (r->last == o)
         r->last = j;
     if (j->on_park)
-        j->on_park(j, j->done_ctx);
+        j->on_park(REQ(j), j->data);
     round_resum(r); /* the same gradient and weight, but maybe another loss */
     o->rc = OPTD_E_SUPERSEDED;
     snprintf(o->msg, sizeof o->msg, "a retry with the same Idempotency-Key took this contribution's place in the "
              "round; the retry gets the round's reply");
-    complete(o); /* parked stays: j is parked in o's stead */
+    complete(REQ(o)); /* parked stays: j is parked in o's stead */
     return OPTD_OK;
 }
 
@@ -449,25 +465,25 @@ static optd_err round_replace(wround *r, job **at, job *j)
  * Idempotency-Key contributes anew. Rounds left empty are dropped (their
  * timeout starts again with the next contribution). Nothing of a round is
  * in the database, so this needs no transaction. */
-static void rounds_probe(writer *w)
+static void rounds_probe(engine *w)
 {
     for (wround *r = w->rounds.next, *next; r != &w->rounds; r = next) {
         int left = 0;
         next = r->next;
-        for (job **pp = &r->waiters; *pp;) {
-            job *j = *pp;
-            if (!j->client_gone || !j->client_gone(j, j->done_ctx)) {
-                pp = &j->next_waiter;
+        for (sreq **pp = &r->waiters; *pp;) {
+            sreq *j = *pp;
+            if (!j->client_gone || !j->client_gone(REQ(j), j->data)) {
+                pp = &j->next_waiter_;
                 continue;
             }
-            *pp = j->next_waiter;
+            *pp = j->next_waiter_;
             left++;
             atomic_fetch_sub(&w->parked, 1);
             atomic_fetch_add(&w->withdrawn, 1);
             j->withdrawn = true;
             j->rc = OPTD_E_UNAVAILABLE;
             snprintf(j->msg, sizeof j->msg, "the client hung up; its contribution was withdrawn from the round");
-            complete(j);
+            complete(REQ(j));
         }
         if (!left)
             continue;
@@ -479,11 +495,11 @@ static void rounds_probe(writer *w)
 
 /* Adds j's gradient to s's round (making one when none is open) and parks
  * j until the round is applied. */
-static optd_err round_join(writer *w, sess *s, job *j)
+static optd_err round_join(engine *w, sess *s, sreq *j)
 {
     wround *r = s->rnd;
     if (j->idem_key && r) {
-        for (job **pp = &r->waiters; *pp; pp = &(*pp)->next_waiter)
+        for (sreq **pp = &r->waiters; *pp; pp = &(*pp)->next_waiter_)
             if ((*pp)->idem_key && strcmp((*pp)->idem_key, j->idem_key) == 0)
                 return round_replace(r, pp, j);
     }
@@ -501,7 +517,7 @@ static optd_err round_join(writer *w, sess *s, job *j)
             return OPTD_E_NOMEM;
         }
         r->s = s;
-        r->deadline_us = mono_us() + (uint64_t)(s->tr.round_timeout * 1e6);
+        r->deadline_us = optd_mono_us() + (uint64_t)(s->tr.round_timeout * 1e6);
         r->next = &w->rounds;
         r->prev = w->rounds.prev;
         w->rounds.prev->next = r;
@@ -518,7 +534,7 @@ static optd_err round_join(writer *w, sess *s, job *j)
 /* API.md: If-Match makes PATCH, DELETE and PUT .../state conditional as it
  * does a step. OPTD_E_STEP_MISMATCH (j->step the current one) when it names
  * another step than s's; -1 is no condition. */
-static optd_err check_if_match(job *j, const sess *s)
+static optd_err check_if_match(engine_req *j, const sess *s)
 {
     if (j->if_match < 0 || (uint64_t)j->if_match == s->row.step)
         return OPTD_OK;
@@ -528,15 +544,14 @@ static optd_err check_if_match(job *j, const sess *s)
     return OPTD_E_STEP_MISMATCH;
 }
 
-static optd_err run_step(writer *w, job *j)
+static optd_err run_step(engine *w, sreq *j)
 {
     sess *s;
     optd_err rc = lookup(w, j->name, &s);
     if (rc)
         return rc;
     if (s->dtype != j->dtype || s->n != j->size) {
-        snprintf(j->msg, sizeof j->msg, "the session now has %zu %s elements", s->n,
-                 s->dtype == OPTIM_F64 ? "float64" : "float32");
+        snprintf(j->msg, sizeof j->msg, "the session now has %zu %s elements", s->n, engine_dtype_name(s->dtype));
         return OPTD_E_SIZE_MISMATCH;
     }
     if (j->idem_key) {
@@ -582,25 +597,39 @@ static optd_err run_step(writer *w, job *j)
     return rc ? rc : finish_step(w, s, j, &a, 1);
 }
 
-static optd_err insert_new(writer *w, job *j, sess *s)
+/* A copy of row for a reply, its config included (the caller clears it). */
+static optd_err row_out(store_session *out, const store_session *row)
+{
+    store_session_clear(out);
+    *out = *row;
+    out->config = row->config ? strdup(row->config) : NULL;
+    if (row->config && !out->config) {
+        memset(out, 0, sizeof *out);
+        return OPTD_E_NOMEM;
+    }
+    return OPTD_OK;
+}
+
+static optd_err insert_new(engine *w, engine_req *j, sess *s, store_session *out)
 {
     optd_err rc = store_session_insert(w->st, &s->row, s->blob, s->blob_len);
+    if (rc == OPTD_OK)
+        rc = injected(w, ENGINE_FAULT_INSERT, s->row.name);
     if (rc)
         return rc;
     cache_put(w, s);
     touch(w, s, s->row.updated_ms);
     j->step = s->row.step;
-    sess_to_json(&j->out_json, &s->row);
-    return OPTD_OK;
+    return row_out(out, &s->row);
 }
 
-static optd_err run_create(writer *w, job *j)
+static optd_err run_create(engine *w, engine_create_req *j)
 {
     sess *old;
     optd_err rc = OPTD_OK;
-    if (j->kind == JOB_PUT_STATE) {
+    if (j->type == ENGINE_REQ_PUT_STATE) {
         rc = lookup(w, j->name, &old);
-        if (rc == OPTD_OK && (rc = check_if_match(j, old)) != OPTD_OK)
+        if (rc == OPTD_OK && (rc = check_if_match(REQ(j), old)) != OPTD_OK)
             return rc;
         if (rc == OPTD_E_NOT_FOUND && j->if_match >= 0) {
             snprintf(j->msg, sizeof j->msg, "no session named '%s' to match If-Match; without If-Match the PUT "
@@ -612,7 +641,7 @@ static optd_err run_create(writer *w, job *j)
             rc = store_session_delete(w->st, j->name);
             if (old->rnd) {
                 /* Its waiters are stragglers now: the 412 names the new step. */
-                for (job *o = old->rnd->waiters; o; o = o->next_waiter)
+                for (sreq *o = old->rnd->waiters; o; o = o->next_waiter_)
                     o->step = j->newsess->row.step;
                 round_fail(w, old, OPTD_E_STEP_MISMATCH, "the session was replaced by a checkpoint");
             }
@@ -626,25 +655,23 @@ static optd_err run_create(writer *w, job *j)
     } else if (cache_get(w, j->name)) {
         return OPTD_E_ALREADY_EXISTS;
     }
-    rc = insert_new(w, j, j->newsess);
+    rc = insert_new(w, REQ(j), j->newsess, &j->row);
     if (rc == OPTD_OK)
         j->newsess = NULL;
     return rc;
 }
 
-/* Reads the hyperparams and session fields of body onto copies of s's
- * (*hp, *tr), validating all; s is not changed. */
-static optd_err settings_from_json(const sess *s, const cJSON *body, optim_hparams *hp, training *tr, char *msg,
-                                   size_t msglen)
+/* Applies d onto copies of s's settings (*hp, *tr), validating all; s is
+ * not changed. */
+static optd_err settings_read(const sess *s, const engine_settings *d, optim_hparams *hp, training *tr, char *msg,
+                              size_t msglen)
 {
     *hp = s->hp;
     *tr = s->tr;
-    optd_err rc = hparams_from_json(s->info, cJSON_GetObjectItemCaseSensitive(body, "hyperparams"), hp, tr, msg,
-                                    msglen);
-    return rc ? rc : training_fields_from_json(body, tr, msg, msglen);
+    return engine_settings_apply(s->info, d, hp, tr, msg, msglen);
 }
 
-/* Applies settings read by settings_from_json onto s (re-laying its state
+/* Applies settings read by settings_read onto s (re-laying its state
  * when the buffers it uses change). */
 static optd_err apply_settings(sess *s, const optim_hparams *hpp, const training *trp, char *msg, size_t msglen)
 {
@@ -652,16 +679,15 @@ static optd_err apply_settings(sess *s, const optim_hparams *hpp, const training
     training tr = *trp;
     training old = s->tr;
     s->tr = tr;
-    optd_err rc = sess_set_hparams(s, &hp);
+    optd_err rc = engine_sess_set_hparams(s, &hp);
     if (rc == OPTD_E_BAD_HYPERPARAM)
-        snprintf(msg, msglen, "initial_accumulator_value is not a finite %s",
-                 s->dtype == OPTIM_F64 ? "float64" : "float32");
+        engine_accumulator_msg(msg, msglen, s->dtype);
     if (rc)
         s->tr = old;
     return rc;
 }
 
-static optd_err run_fork(writer *w, job *j)
+static optd_err run_fork(engine *w, engine_fork_req *j)
 {
     sess *src, *s = NULL;
     optd_err rc = lookup(w, j->from, &src);
@@ -675,18 +701,18 @@ static optd_err run_fork(writer *w, job *j)
         return OPTD_E_ALREADY_EXISTS;
     optim_hparams hp;
     training tr;
-    rc = settings_from_json(src, j->patch, &hp, &tr, j->msg, sizeof j->msg);
+    rc = settings_read(src, &j->settings, &hp, &tr, j->msg, sizeof j->msg);
     /* The fork's state, with its own hyperparams, must fit before it is copied. */
     if (!rc)
-        rc = sess_check_size(src->info, &hp, src->dtype, src->n, w->max_session_bytes, j->msg, sizeof j->msg);
+        rc = engine_sess_check_size(src->info, &hp, src->dtype, src->n, w->max_session_bytes, j->msg, sizeof j->msg);
     if (!rc)
-        rc = sess_copy(src, j->name, &s);
+        rc = engine_sess_copy(src, j->name, &s);
     if (!rc)
         rc = apply_settings(s, &hp, &tr, j->msg, sizeof j->msg);
     if (!rc)
-        rc = insert_new(w, j, s);
+        rc = insert_new(w, REQ(j), s, &j->row);
     if (rc)
-        sess_free(s);
+        engine_sess_free(s);
     return rc;
 }
 
@@ -700,29 +726,29 @@ static unsigned buffer_set(const sess *s)
     return set;
 }
 
-static optd_err run_patch(writer *w, job *j)
+static optd_err run_patch(engine *w, engine_patch_req *j)
 {
     sess *s;
     optd_err rc = lookup(w, j->name, &s);
     if (rc)
         return rc;
-    if ((rc = check_if_match(j, s)) != OPTD_OK)
+    if ((rc = check_if_match(REQ(j), s)) != OPTD_OK)
         return rc;
     size_t before = s->blob_len;
     unsigned layout = buffer_set(s);
     optim_hparams hp;
     training tr;
-    rc = settings_from_json(s, j->patch, &hp, &tr, j->msg, sizeof j->msg);
+    rc = settings_read(s, &j->settings, &hp, &tr, j->msg, sizeof j->msg);
     /* A PATCH that adds a buffer (amsgrad on) grows the state: it must fit.
      * One that does not grow it is fine even past a lowered limit. */
-    if (!rc && sess_state_bytes(s->info, &hp, s->dtype, s->n) > before)
-        rc = sess_check_size(s->info, &hp, s->dtype, s->n, w->max_session_bytes, j->msg, sizeof j->msg);
+    if (!rc && engine_sess_state_bytes(s->info, &hp, s->dtype, s->n) > before)
+        rc = engine_sess_check_size(s->info, &hp, s->dtype, s->n, w->max_session_bytes, j->msg, sizeof j->msg);
     if (!rc)
         rc = apply_settings(s, &hp, &tr, j->msg, sizeof j->msg);
     if (rc)
         return rc;
     w->cached += s->blob_len - before;
-    touch(w, s, now_ms());
+    touch(w, s, optd_now_ms());
     /* The state is rewritten whenever its layout changes, not only its
      * length: rmsprop trading momentum_buffer for grad_avg keeps the length
      * but must not leave the stored blob read with the new buffer names. */
@@ -733,12 +759,12 @@ static optd_err run_patch(writer *w, job *j)
         rc = round_apply(w, s);
     if (rc == OPTD_OK) {
         j->step = s->row.step;
-        sess_to_json(&j->out_json, &s->row);
+        rc = row_out(&j->row, &s->row);
     }
     return rc;
 }
 
-static optd_err run_delete(writer *w, job *j)
+static optd_err run_delete(engine *w, engine_req *j)
 {
     sess *s = cache_get(w, j->name);
     optd_err rc = OPTD_OK;
@@ -755,20 +781,20 @@ static optd_err run_delete(writer *w, job *j)
     return rc;
 }
 
-static optd_err run(writer *w, job *j)
+static optd_err run(engine *w, engine_req *j)
 {
-    switch (j->kind) {
-    case JOB_CREATE:
-    case JOB_PUT_STATE:
-        return run_create(w, j);
-    case JOB_FORK:
-        return run_fork(w, j);
-    case JOB_PATCH:
-        return run_patch(w, j);
-    case JOB_DELETE:
+    switch (j->type) {
+    case ENGINE_REQ_CREATE:
+    case ENGINE_REQ_PUT_STATE:
+        return run_create(w, (engine_create_req *)j);
+    case ENGINE_REQ_FORK:
+        return run_fork(w, (engine_fork_req *)j);
+    case ENGINE_REQ_PATCH:
+        return run_patch(w, (engine_patch_req *)j);
+    case ENGINE_REQ_DELETE:
         return run_delete(w, j);
-    case JOB_STEP:
-        return run_step(w, j);
+    case ENGINE_REQ_STEP:
+        return run_step(w, (sreq *)j);
     }
     return OPTD_E_INTERNAL;
 }
@@ -781,7 +807,7 @@ static optd_err run(writer *w, job *j)
  * without: a savepoint's journal copies every page the part changes (40 MB
  * for a 1e7-element step, a third of its time), and a failure then rolls
  * back the whole transaction and begins another. */
-static optd_err begin_part(writer *w)
+static optd_err begin_part(engine *w)
 {
     w->part++;
     w->part_dirty = 0;
@@ -793,7 +819,7 @@ static optd_err begin_part(writer *w)
  * them and forgets the sessions it changed in memory (the next use reloads
  * them as the transaction now holds them). Returns OPTD_OK, or
  * OPTD_E_UNAVAILABLE when the group's transaction is lost with it. */
-static optd_err end_part(writer *w, optd_err rc)
+static optd_err end_part(engine *w, optd_err rc)
 {
     if (rc == OPTD_OK) {
         w->kept = 1;
@@ -818,14 +844,14 @@ static optd_err end_part(writer *w, optd_err rc)
 /* Rounds past their timeout: applied with what arrived when at least
  * min_workers contributed, else failed (nothing changes). Each applied
  * round is a part; returns OPTD_E_UNAVAILABLE when the transaction is lost. */
-static optd_err run_expired(writer *w, uint64_t now)
+static optd_err run_expired(engine *w, uint64_t now)
 {
     optd_err rc = OPTD_OK;
     for (wround *r = w->rounds.next, *next; r != &w->rounds && !rc; r = next) {
         next = r->next;
         if (r->deadline_us > now)
             continue;
-        if (r->count >= training_min_workers(&r->s->tr)) {
+        if (r->count >= engine_training_min_workers(&r->s->tr)) {
             rc = begin_part(w);
             if (!rc)
                 rc = end_part(w, round_apply(w, r->s)); /* its waiters have their outcome */
@@ -836,7 +862,7 @@ static optd_err run_expired(writer *w, uint64_t now)
     return rc;
 }
 
-static int any_expired(writer *w, uint64_t now)
+static int any_expired(engine *w, uint64_t now)
 {
     for (wround *r = w->rounds.next; r != &w->rounds; r = r->next)
         if (r->deadline_us <= now)
@@ -844,23 +870,53 @@ static int any_expired(writer *w, uint64_t now)
     return 0;
 }
 
+/* Forgets the results of j, whose part (or group) rolled back. */
+static void drop_results(engine_req *j, int fault)
+{
+    store_session *row = NULL;
+    switch (j->type) {
+    case ENGINE_REQ_STEP: {
+        sreq *sj = (sreq *)j;
+        if (fault)
+            sj->replayed = false;
+        free(sj->out_params);
+        sj->out_params = NULL;
+        break;
+    }
+    case ENGINE_REQ_CREATE:
+    case ENGINE_REQ_PUT_STATE:
+        row = &((engine_create_req *)j)->row;
+        break;
+    case ENGINE_REQ_FORK:
+        row = &((engine_fork_req *)j)->row;
+        break;
+    case ENGINE_REQ_PATCH:
+        row = &((engine_patch_req *)j)->row;
+        break;
+    case ENGINE_REQ_DELETE:
+        break;
+    }
+    if (row)
+        store_session_clear(row);
+}
+
 /* Applies one group of jobs (and the rounds that timed out) in one
  * transaction, then completes what the group decided. */
-static void run_group(writer *w, job *group)
+static void run_group(engine *w, engine_req *group)
 {
     optd_err rc = store_begin(w->st);
     int began = rc == OPTD_OK, fault = !began;
-    job *j = group, *next;
+    engine_req *j = group, *next;
     w->release = NULL;
     w->part = 0;
     w->kept = 0;
     if (!fault) {
-        rc = run_expired(w, mono_us());
+        rc = run_expired(w, optd_mono_us());
         fault = rc != OPTD_OK;
     }
     for (; j && !fault; j = next) {
-        next = j->next;
-        j->state = JS_QUEUED;
+        next = j->next_;
+        j->state_ = JS_QUEUED;
         rc = begin_part(w);
         if (rc) {
             fault = 1;
@@ -869,19 +925,23 @@ static void run_group(writer *w, job *group)
         optd_err jrc = run(w, j);
         rc = end_part(w, jrc);
         fault = rc != OPTD_OK;
-        if (j->state == JS_QUEUED) { /* else parked, or released by its round with its own rc */
+        if (j->state_ == JS_QUEUED) { /* else parked, or released by its round with its own rc */
             j->rc = jrc;
             release_later(w, j);
         }
     }
     for (; j; j = next) { /* not run: the group failed before them */
-        next = j->next;
+        next = j->next_;
         release_later(w, j);
     }
     if (!fault) {
-        uint64_t t0 = mono_us();
-        rc = store_commit(w->st);
-        histogram_observe(&w->m->commit_latency, mono_us() - t0);
+        uint64_t t0 = optd_mono_us();
+        rc = injected(w, ENGINE_FAULT_COMMIT, "");
+        if (rc)
+            store_rollback(w->st);
+        else
+            rc = store_commit(w->st);
+        engine_histogram_observe(&w->m->commit_latency, optd_mono_us() - t0);
         atomic_fetch_add(&w->m->commits, 1);
         fault = rc != OPTD_OK;
     } else if (began) {
@@ -905,30 +965,24 @@ static void run_group(writer *w, job *group)
     uint64_t heavy_done = atomic_load(&w->heavy_done);
     atomic_store(&w->healthy, !fault);
     cache_trim(w);
-    job *list = w->release;
+    atomic_store(&w->m->cached_bytes, w->cached);
+    engine_req *list = w->release;
     w->release = NULL;
     for (j = list; j; j = next) {
-        next = j->next_done;
+        next = j->next_done_;
         if (!fault && j->rc == OPTD_E_INTERNAL) {
             /* A part that failed inconsistently (a session row without its
              * state) rolled back alone; as before, its client may retry. */
             j->rc = OPTD_E_UNAVAILABLE;
         }
-        if (!fault && j->rc) {
-            free(j->out_params); /* a part rolled back: nothing of it is replied */
-            j->out_params = NULL;
-            sbuf_free(&j->out_json);
-        }
         if (fault) {
             j->rc = rc == OPTD_E_NOMEM || j->rc == OPTD_E_NOMEM ? OPTD_E_NOMEM : OPTD_E_UNAVAILABLE;
             j->msg[0] = '\0';
-            j->replayed = false;
-            free(j->out_params);
-            j->out_params = NULL;
-            sbuf_free(&j->out_json);
         }
-        if (j->kind == JOB_STEP && j->light) {
-            uint64_t waited = heavy_done - j->heavy_seen;
+        if (fault || j->rc)
+            drop_results(j, fault); /* a part rolled back: nothing of it is replied */
+        if (j->type == ENGINE_REQ_STEP && j->light_) {
+            uint64_t waited = heavy_done - j->heavy_seen_;
             atomic_fetch_add(&w->m->heavy_waits[waited < 3 ? waited : 3], 1);
         }
         complete(j);
@@ -936,7 +990,7 @@ static void run_group(writer *w, job *group)
 }
 
 /* The cached session named name, not moved in the LRU; NULL when absent. */
-static const sess *cache_peek(const writer *w, const char *name)
+static const sess *cache_peek(const engine *w, const char *name)
 {
     for (const sess *s = w->bucket[hash(name)]; s; s = s->hnext)
         if (strcmp(s->row.name, name) == 0)
@@ -947,29 +1001,35 @@ static const sess *cache_peek(const writer *w, const char *name)
 /* About the bytes job j writes: its session's state, and a keyed step's
  * saved reply. A session not in the cache counts as large as its size
  * allows. */
-static size_t job_bytes(const writer *w, const job *j)
+static size_t job_bytes(const engine *w, const engine_req *j)
 {
     const sess *s;
     size_t vec;
-    switch (j->kind) {
-    case JOB_CREATE:
-    case JOB_PUT_STATE:
-        return j->newsess ? j->newsess->blob_len : 0;
-    case JOB_FORK:
-        s = cache_peek(w, j->from);
+    switch (j->type) {
+    case ENGINE_REQ_CREATE:
+    case ENGINE_REQ_PUT_STATE: {
+        const sess *ns = ((const engine_create_req *)j)->newsess;
+        return ns ? ns->blob_len : 0;
+    }
+    case ENGINE_REQ_FORK:
+        s = cache_peek(w, ((const engine_fork_req *)j)->from);
         return s ? s->blob_len : 0;
-    case JOB_PATCH:
+    case ENGINE_REQ_PATCH:
         s = cache_peek(w, j->name);
         return s ? s->blob_len : 0;
-    case JOB_DELETE:
+    case ENGINE_REQ_DELETE:
         return 0;
-    case JOB_STEP:
+    case ENGINE_REQ_STEP: {
+        const sreq *sj = (const sreq *)j;
         s = cache_peek(w, j->name);
-        vec = j->size * optim_elem_size(j->dtype);
-        return (s ? s->blob_len : vec * (1 + OPTIM_MAX_BUFFERS)) + (j->idem_key ? vec : 0);
+        vec = sj->size * optim_elem_size(sj->dtype);
+        return (s ? s->blob_len : vec * (1 + OPTIM_MAX_BUFFERS)) + (sj->idem_key ? vec : 0);
+    }
     }
     return 0;
 }
+
+static const char *fork_from(const engine_req *j) { return ((const engine_fork_req *)j)->from; }
 
 /* A set of session names (of the jobs left for a later group): a bitmap of
  * their hashes, checked exactly against the list of left jobs on a hit. */
@@ -983,24 +1043,24 @@ static void name_set_add(name_set *ns, const char *name)
     ns->bits[h / 8] |= (unsigned char)(1u << (h % 8));
 }
 
-static int is_left(const name_set *ns, const job *left, const char *name)
+static int is_left(const name_set *ns, const engine_req *left, const char *name)
 {
     unsigned h = hash(name);
     if (!(ns->bits[h / 8] & (1u << (h % 8))))
         return 0;
-    for (const job *j = left; j; j = j->next)
-        if (strcmp(j->name, name) == 0 || (j->kind == JOB_FORK && strcmp(j->from, name) == 0))
+    for (const engine_req *j = left; j; j = j->next_)
+        if (strcmp(j->name, name) == 0 || (j->type == ENGINE_REQ_FORK && strcmp(fork_from(j), name) == 0))
             return 1;
     return 0;
 }
 
 /* Whether a job of list names a session that j names too (as the session
  * or a fork's source): then they must keep their order. */
-static int shares_session(const job *list, const job *j)
+static int shares_session(const engine_req *list, const engine_req *j)
 {
-    for (const job *x = list; x; x = x->next) {
-        if (strcmp(x->name, j->name) == 0 || (j->kind == JOB_FORK && strcmp(x->name, j->from) == 0) ||
-            (x->kind == JOB_FORK && strcmp(x->from, j->name) == 0))
+    for (const engine_req *x = list; x; x = x->next_) {
+        if (strcmp(x->name, j->name) == 0 || (j->type == ENGINE_REQ_FORK && strcmp(x->name, fork_from(j)) == 0) ||
+            (x->type == ENGINE_REQ_FORK && strcmp(fork_from(x), j->name) == 0))
             return 1;
     }
     return 0;
@@ -1011,48 +1071,48 @@ static int shares_session(const job *list, const job *j)
  * the rest stay queued, in order, for the next group. A job whose session
  * (or fork source) has a job left behind stays too, so each session's jobs
  * keep their order. When nothing fits, the first job goes alone. */
-static job *take_group(writer *w)
+static engine_req *take_group(engine *w)
 {
     name_set left_names = {{0}};
-    job *group = NULL, *gtail = NULL, *left = NULL, *ltail = NULL;
+    engine_req *group = NULL, *gtail = NULL, *left = NULL, *ltail = NULL;
     size_t light = 0;
     int heavy = 0;
-    for (job *j = w->head, *next; j; j = next) {
-        next = j->next;
-        j->next = NULL;
+    for (engine_req *j = w->head, *next; j; j = next) {
+        next = j->next_;
+        j->next_ = NULL;
         size_t e = job_bytes(w, j);
-        j->light = e <= GROUP_BYTES;
+        j->light_ = e <= GROUP_BYTES;
         int take = !is_left(&left_names, left, j->name) &&
-                   !(j->kind == JOB_FORK && is_left(&left_names, left, j->from));
+                   !(j->type == ENGINE_REQ_FORK && is_left(&left_names, left, fork_from(j)));
         if (take && e <= GROUP_BYTES)
             take = light + e <= GROUP_BYTES;
         else if (take)
             take = !heavy && !w->last_heavy;
         if (take && e > GROUP_BYTES && !shares_session(group, j)) {
             /* First in its group, where it needs no savepoint (begin_part). */
-            j->next = group;
+            j->next_ = group;
             group = j;
             gtail = gtail ? gtail : j;
             heavy = 1;
         } else if (take) {
-            *(gtail ? &gtail->next : &group) = j;
+            *(gtail ? &gtail->next_ : &group) = j;
             gtail = j;
             if (e <= GROUP_BYTES)
                 light += e;
             else
                 heavy = 1;
         } else {
-            *(ltail ? &ltail->next : &left) = j;
+            *(ltail ? &ltail->next_ : &left) = j;
             ltail = j;
             name_set_add(&left_names, j->name);
-            if (j->kind == JOB_FORK)
-                name_set_add(&left_names, j->from);
+            if (j->type == ENGINE_REQ_FORK)
+                name_set_add(&left_names, fork_from(j));
         }
     }
     if (!group && left) { /* only heavy jobs wait, after a heavy group */
         group = left;
-        left = left->next;
-        group->next = NULL;
+        left = left->next_;
+        group->next_ = NULL;
         heavy = 1;
         if (!left)
             ltail = NULL;
@@ -1062,16 +1122,16 @@ static job *take_group(writer *w)
     w->last_heavy = heavy;
     if (group) {
         size_t bytes = 0;
-        for (const job *j = group; j; j = j->next)
+        for (const engine_req *j = group; j; j = j->next_)
             bytes += job_bytes(w, j);
-        metrics_group_bytes(w->m, bytes);
+        engine_stats_group_bytes(w->m, bytes);
     }
     return group;
 }
 
 /* The earliest round deadline or probe for hung-up contributors, or 0
  * when no round is open. */
-static uint64_t next_deadline(writer *w)
+static uint64_t next_deadline(engine *w)
 {
     uint64_t dl = 0;
     for (wround *r = w->rounds.next; r != &w->rounds; r = r->next)
@@ -1084,11 +1144,11 @@ static uint64_t next_deadline(writer *w)
 
 static void *writer_main(void *arg)
 {
-    writer *w = arg;
+    engine *w = arg;
     pthread_mutex_lock(&w->mu);
     for (;;) {
         while (!w->head && !w->stopping) {
-            uint64_t dl = next_deadline(w), now = mono_us();
+            uint64_t dl = next_deadline(w), now = optd_mono_us();
             if (!dl) {
                 pthread_cond_wait(&w->cv, &w->mu);
                 continue;
@@ -1104,13 +1164,13 @@ static void *writer_main(void *arg)
         }
         if (!w->head && w->stopping)
             break;
-        job *group = take_group(w);
+        engine_req *group = take_group(w);
         pthread_mutex_unlock(&w->mu);
-        if (group || any_expired(w, mono_us()))
+        if (group || any_expired(w, optd_mono_us()))
             run_group(w, group);
-        if (w->rounds.next != &w->rounds && mono_us() >= w->probe_at) {
+        if (w->rounds.next != &w->rounds && optd_mono_us() >= w->probe_at) {
             rounds_probe(w);
-            w->probe_at = mono_us() + PROBE_US;
+            w->probe_at = optd_mono_us() + PROBE_US;
         }
         pthread_mutex_lock(&w->mu);
     }
@@ -1121,19 +1181,22 @@ static void *writer_main(void *arg)
     return NULL;
 }
 
-optd_err writer_start(store *st, metrics *m, uint64_t idem_window, uint64_t history_steps, size_t cache_bytes,
-                      size_t max_session_bytes, writer **out)
+optd_err engine_start(const engine_options *opt, engine **out)
 {
-    writer *w = calloc(1, sizeof *w);
+    engine *w = calloc(1, sizeof *w);
     pthread_condattr_t ca;
     if (!w)
         return OPTD_E_NOMEM;
-    w->st = st;
-    w->m = m;
-    w->idem_window = idem_window;
-    w->history_steps = history_steps;
-    w->cache_bytes = cache_bytes;
-    w->max_session_bytes = max_session_bytes;
+    w->st = opt->st;
+    w->m = opt->stats;
+    w->codec = opt->codec;
+    w->idem_window = opt->idem_window;
+    w->history_steps = opt->history_steps;
+    w->cache_bytes = opt->cache_bytes;
+    w->max_session_bytes = opt->max_session_bytes;
+    w->max_parked = opt->max_parked;
+    w->fault = opt->fault;
+    w->fault_ctx = opt->fault_ctx;
     w->lru.lru_next = w->lru.lru_prev = &w->lru;
     w->rounds.next = w->rounds.prev = &w->rounds;
     atomic_store(&w->healthy, 1);
@@ -1154,25 +1217,23 @@ optd_err writer_start(store *st, metrics *m, uint64_t idem_window, uint64_t hist
     return OPTD_OK;
 }
 
-int writer_healthy(writer *w) { return atomic_load(&w->healthy); }
+int engine_healthy(engine *w) { return atomic_load(&w->healthy); }
 
-unsigned writer_parked(writer *w) { return atomic_load(&w->parked); }
+unsigned engine_parked(engine *w) { return atomic_load(&w->parked); }
 
-void writer_set_max_parked(writer *w, unsigned max_parked) { w->max_parked = max_parked; }
+uint64_t engine_withdrawn(engine *w) { return atomic_load(&w->withdrawn); }
 
-uint64_t writer_withdrawn(writer *w) { return atomic_load(&w->withdrawn); }
-
-optd_err writer_submit(writer *w, job *j)
+optd_err engine_submit(engine *w, engine_req *j)
 {
     optd_err rc = OPTD_OK;
-    j->next = NULL;
-    j->heavy_seen = atomic_load(&w->heavy_done);
+    j->next_ = NULL;
+    j->heavy_seen_ = atomic_load(&w->heavy_done);
     pthread_mutex_lock(&w->mu);
     if (w->stopping) {
         rc = OPTD_E_UNAVAILABLE;
     } else {
         if (w->tail)
-            w->tail->next = j;
+            w->tail->next_ = j;
         else
             w->head = j;
         w->tail = j;
@@ -1182,7 +1243,7 @@ optd_err writer_submit(writer *w, job *j)
     return rc;
 }
 
-void writer_stop(writer *w)
+void engine_stop(engine *w)
 {
     if (!w)
         return;
@@ -1195,11 +1256,11 @@ void writer_stop(writer *w)
         pthread_join(w->thread, NULL);
 }
 
-void writer_free(writer *w)
+void engine_free(engine *w)
 {
     if (!w)
         return;
-    writer_stop(w);
+    engine_stop(w);
     while (w->lru.lru_next != &w->lru)
         cache_drop(w, w->lru.lru_next);
     pthread_mutex_destroy(&w->mu);

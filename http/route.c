@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "api/internal.h"
+#include "http/httpInt.h"
 
 int name_valid(const char *s)
 {
@@ -20,19 +20,19 @@ int name_valid(const char *s)
     return 1;
 }
 
-api_route route_parse(const char *url, char name[STORE_NAME_MAX + 1], int *name_ok)
+http_route route_parse(const char *url, char name[STORE_NAME_MAX + 1], int *name_ok)
 {
     static const struct {
         const char *path;
-        api_route route;
-    } fixed[] = {{"/", R_ROOT},
-                 {"/v1/openapi.json", R_OPENAPI},
-                 {"/healthz", R_HEALTHZ},
-                 {"/readyz", R_READYZ},
-                 {"/metrics", R_METRICS},
-                 {"/v1/optimizers", R_OPTIMIZERS},
-                 {"/v1/sessions", R_SESSIONS},
-                 {"/v1/backups", R_BACKUPS}};
+        http_route route;
+    } fixed[] = {{"/", HTTP_R_ROOT},
+                 {"/v1/openapi.json", HTTP_R_OPENAPI},
+                 {"/healthz", HTTP_R_HEALTHZ},
+                 {"/readyz", HTTP_R_READYZ},
+                 {"/metrics", HTTP_R_METRICS},
+                 {"/v1/optimizers", HTTP_R_OPTIMIZERS},
+                 {"/v1/sessions", HTTP_R_SESSIONS},
+                 {"/v1/backups", HTTP_R_BACKUPS}};
     name[0] = '\0';
     *name_ok = 0;
     for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)
@@ -40,25 +40,25 @@ api_route route_parse(const char *url, char name[STORE_NAME_MAX + 1], int *name_
             return fixed[i].route;
     const char *prefix = "/v1/sessions/";
     if (strncmp(url, prefix, strlen(prefix)) != 0)
-        return R_NONE;
+        return HTTP_R_NONE;
     const char *s = url + strlen(prefix), *slash = strchr(s, '/');
     size_t len = slash ? (size_t)(slash - s) : strlen(s);
     if (len == 0 || len > STORE_NAME_MAX)
-        return R_NONE;
+        return HTTP_R_NONE;
     memcpy(name, s, len);
     name[len] = '\0';
     *name_ok = name_valid(name);
     if (!slash)
-        return R_SESSION;
+        return HTTP_R_SESSION;
     if (strcmp(slash, "/step") == 0)
-        return R_STEP;
+        return HTTP_R_STEP;
     if (strcmp(slash, "/params") == 0)
-        return R_PARAMS;
+        return HTTP_R_PARAMS;
     if (strcmp(slash, "/state") == 0)
-        return R_STATE;
+        return HTTP_R_STATE;
     if (strcmp(slash, "/history") == 0)
-        return R_HISTORY;
-    return R_NONE;
+        return HTTP_R_HISTORY;
+    return HTTP_R_NONE;
 }
 
 /* Parses If-Match: "N", W/"N" or N; -1 when absent or "*". */
@@ -116,7 +116,7 @@ size_t url_unescape(char *s)
 }
 
 
-int parse_number(const char *v, double *out)
+int http_parse_number(const char *v, double *out)
 {
     char *end;
     errno = 0;

@@ -1,27 +1,27 @@
-/* api: optd's HTTP service (../shared/API.md) on libmicrohttpd: routing,
- * JSON and binary codecs, auth, metrics, and the writer thread that applies
- * steps in arrival order and commits them in groups. The daemon opens the
- * store, fills an api_config and calls api_start; api_stop finishes the
- * requests in flight. This is the only module that includes <microhttpd.h>
- * and cJSON. */
-#ifndef OPTD_API_H
-#define OPTD_API_H
+/* http: optd's HTTP service (../shared/API.md) on libmicrohttpd: routing,
+ * JSON and binary codecs, auth and metrics, in front of the engine
+ * (engine/engine.h), which applies and commits the writes. The daemon opens
+ * the store, fills an http_config and calls http_start; http_stop finishes
+ * the requests in flight. This is the only module that includes
+ * <microhttpd.h> and cJSON. */
+#ifndef OPTD_HTTP_H
+#define OPTD_HTTP_H
 
 #include <stddef.h>
 #include <stdint.h>
 
 #include "store/store.h"
 
-typedef struct api_server api_server;
+typedef struct http_server http_server;
 
 /* Called once per finished request with a complete log line (no newline). */
-typedef void (*api_log_fn)(void *ctx, const char *line);
+typedef void (*http_log_fn)(void *ctx, const char *line);
 
 /* Every setting of the service; the daemon fills all of them (its config
  * table holds the defaults). */
-typedef struct api_config {
-    const char *listen_host;      /* "127.0.0.1", "0.0.0.0", "::1"; borrowed for api_start only */
-    uint16_t listen_port;         /* 0 picks a free port (see api_port) */
+typedef struct http_config {
+    const char *listen_host;      /* "127.0.0.1", "0.0.0.0", "::1"; borrowed for http_start only */
+    uint16_t listen_port;         /* 0 picks a free port (see http_port) */
     const char *token;            /* bearer token or NULL for none; copied */
     size_t max_body;              /* bytes */
     size_t max_session_bytes;     /* largest state (params and buffers) of one session */
@@ -32,23 +32,23 @@ typedef struct api_config {
     uint64_t idempotency_window;  /* steps a key is remembered */
     uint64_t history_steps;       /* history rows kept per session */
     size_t cache_bytes;           /* bytes of session state the writer keeps in memory */
-    api_log_fn log;               /* may be NULL */
+    http_log_fn log;               /* may be NULL */
     void *log_ctx;
     const char *backup_dir;       /* where POST /v1/backups writes; NULL: backups are off; copied */
     const char *peers;            /* the other shards, comma-separated base URLs, or NULL; copied */
-} api_config;
+} http_config;
 
-/* Starts serving with st (borrowed; the caller closes it after api_stop).
+/* Starts serving with st (borrowed; the caller closes it after http_stop).
  * Returns OPTD_OK, or OPTD_E_UNAVAILABLE with a sentence in err when the
- * address cannot be bound. The caller stops *out with api_stop. */
-optd_err api_start(const api_config *cfg, store *st, api_server **out, char *err, size_t errlen);
+ * address cannot be bound. The caller stops *out with http_stop. */
+optd_err http_start(const http_config *cfg, store *st, http_server **out, char *err, size_t errlen);
 
 /* The port actually bound (useful with listen_port 0). */
-uint16_t api_port(const api_server *srv);
+uint16_t http_port(const http_server *srv);
 
 /* Stops accepting connections, answers requests still arriving with 503,
  * lets the writer finish and commit the steps it holds, and frees srv.
- * api_stop(NULL) does nothing. */
-void api_stop(api_server *srv);
+ * http_stop(NULL) does nothing. */
+void http_stop(http_server *srv);
 
 #endif

@@ -18,13 +18,13 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "api/internal.h"
+#include "http/httpInt.h"
 
-struct api_server {
-    api_config cfg;
+struct http_server {
+    http_config cfg;
     char *token; /* owned; NULL when auth is off */
     store *st;
-    writer *w;
+    engine *w;
     metrics m;
     struct MHD_Daemon *mhd;
     int listen_fd;
@@ -64,10 +64,10 @@ typedef struct conn_track {
 #define REQUEST_ID_MAX 128
 
 typedef struct req {
-    api_server *srv;
+    http_server *srv;
     struct MHD_Connection *conn;
     conn_track *track; /* the connection's, NULL if its tracking failed; lives longer than r */
-    api_route route;
+    http_route route;
     char name[STORE_NAME_MAX + 1];
     int name_ok;
     char method[16];
@@ -79,8 +79,17 @@ typedef struct req {
     size_t len, cap;
     int too_large;
     int binary; /* Content-Type: application/octet-stream */
-    /* A write handed to the writer. */
-    job job;
+    /* A write handed to the engine: one request struct per type, all
+     * starting with ENGINE_REQ_FIELDS (job.base). */
+    union {
+        engine_req base;
+        engine_step_req step;
+        engine_create_req create;
+        engine_fork_req fork;
+        engine_patch_req patch;
+        engine_delete_req del;
+    } job;
+    char from[STORE_NAME_MAX + 1]; /* a create body's "from": a fork */
     int job_state; /* 0 none, 1 queued, 2 done */
     cJSON *json;   /* the parsed body, when the job borrows from it */
     jbody *jb;     /* a body decoded as it arrives (create, PUT .../state), or NULL */
@@ -95,18 +104,18 @@ typedef struct req {
     char rid[REQUEST_ID_MAX + 1]; /* X-Request-Id: the client's, else ours */
 } req;
 
-static const char *const allow[R_COUNT] = {
-    [R_ROOT] = "GET, HEAD",             [R_OPENAPI] = "GET, HEAD",
-    [R_HEALTHZ] = "GET, HEAD",          [R_READYZ] = "GET, HEAD",     [R_METRICS] = "GET, HEAD",
-    [R_OPTIMIZERS] = "GET, HEAD",       [R_SESSIONS] = "GET, HEAD, POST",
-    [R_SESSION] = "GET, HEAD, PUT, PATCH, DELETE", [R_STEP] = "POST", [R_PARAMS] = "GET, HEAD",
-    [R_STATE] = "GET, HEAD, PUT",       [R_HISTORY] = "GET, HEAD",
-    [R_BACKUPS] = "GET, HEAD, POST",
+static const char *const allow[HTTP_R_COUNT] = {
+    [HTTP_R_ROOT] = "GET, HEAD",             [HTTP_R_OPENAPI] = "GET, HEAD",
+    [HTTP_R_HEALTHZ] = "GET, HEAD",          [HTTP_R_READYZ] = "GET, HEAD",     [HTTP_R_METRICS] = "GET, HEAD",
+    [HTTP_R_OPTIMIZERS] = "GET, HEAD",       [HTTP_R_SESSIONS] = "GET, HEAD, POST",
+    [HTTP_R_SESSION] = "GET, HEAD, PUT, PATCH, DELETE", [HTTP_R_STEP] = "POST", [HTTP_R_PARAMS] = "GET, HEAD",
+    [HTTP_R_STATE] = "GET, HEAD, PUT",       [HTTP_R_HISTORY] = "GET, HEAD",
+    [HTTP_R_BACKUPS] = "GET, HEAD, POST",
 };
 
 /* ---- Routing ---------------------------------------------------------- */
 
-static int method_allowed(api_route route, const char *method)
+static int method_allowed(http_route route, const char *method)
 {
     const char *a = allow[route];
     size_t n = strlen(method);
@@ -146,14 +155,14 @@ static enum MHD_Result queue(req *r, int status, struct MHD_Response *resp, cons
     MHD_add_response_header(resp, "Optd-Instance", r->srv->instance);
     if (status == 401)
         MHD_add_response_header(resp, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer");
-    if (status == 405 && r->route < R_COUNT && allow[r->route])
+    if (status == 405 && r->route < HTTP_R_COUNT && allow[r->route])
         MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, allow[r->route]);
     if (status == 201 && r->name[0]) {
         char loc[200];
         snprintf(loc, sizeof loc, "/v1/sessions/%s", r->name);
         MHD_add_response_header(resp, MHD_HTTP_HEADER_LOCATION, loc);
     }
-    if (r->job_state == 2 && r->job.replayed && r->job.rc == OPTD_OK)
+    if (r->job_state == 2 && r->job.base.type == ENGINE_REQ_STEP && r->job.step.replayed && r->job.base.rc == OPTD_OK)
         MHD_add_response_header(resp, "Idempotent-Replayed", "true");
     if (atomic_load(&r->srv->stopping) || r->close)
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
@@ -252,7 +261,7 @@ static int authorized(req *r)
  * data sent without its Content-Type. */
 static const char *binary_hint(req *r)
 {
-    return !header(r, MHD_HTTP_HEADER_CONTENT_TYPE) && (r->route == R_STEP || r->route == R_STATE)
+    return !header(r, MHD_HTTP_HEADER_CONTENT_TYPE) && (r->route == HTTP_R_STEP || r->route == HTTP_R_STATE)
                ? "; a binary body needs the header Content-Type: application/octet-stream"
                : "";
 }
@@ -280,7 +289,7 @@ static optd_err parse_json(req *r, char *msg, size_t msglen)
 /* Moves r's connection in or out of the parked state (see CONN_PARKED). */
 static void conn_park(req *r, int parked)
 {
-    api_server *srv = r->srv;
+    http_server *srv = r->srv;
     conn_track *t = r->track;
     if (!t)
         return;
@@ -295,7 +304,7 @@ static void conn_park(req *r, int parked)
     pthread_mutex_unlock(&srv->conns_mu);
 }
 
-static void job_parked(job *j, void *ctx)
+static void job_parked(engine_req *j, void *ctx)
 {
     (void)j;
     conn_park(ctx, 1);
@@ -307,7 +316,7 @@ static void job_parked(job *j, void *ctx)
  * a client that only shut down its sending side looks the same (the FIN is
  * all there is to see) and is taken as gone too; HTTP clients (curl,
  * browsers, Python's) do not half-close while they wait for a reply. */
-static bool client_gone(job *j, void *ctx)
+static bool client_gone(engine_req *j, void *ctx)
 {
     req *r = ctx;
     (void)j;
@@ -317,7 +326,7 @@ static bool client_gone(job *j, void *ctx)
     return poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
 }
 
-static void job_done(job *j, void *ctx)
+static void job_done(engine_req *j, void *ctx)
 {
     req *r = ctx;
     (void)j;
@@ -328,48 +337,60 @@ static void job_done(job *j, void *ctx)
 
 static enum MHD_Result submit(req *r)
 {
-    r->job.on_done = job_done;
-    r->job.on_park = job_parked;
-    r->job.client_gone = client_gone;
-    r->job.done_ctx = r;
-    snprintf(r->job.name, sizeof r->job.name, "%s", r->name);
+    engine_req *j = &r->job.base;
+    j->cb = job_done;
+    j->data = r;
+    if (j->type == ENGINE_REQ_STEP) {
+        r->job.step.on_park = job_parked;
+        r->job.step.client_gone = client_gone;
+    }
+    snprintf(j->name, sizeof j->name, "%s", r->name);
     r->job_state = 1;
     MHD_suspend_connection(r->conn);
-    if (writer_submit(r->srv->w, &r->job) != OPTD_OK) {
-        r->job.rc = OPTD_E_UNAVAILABLE;
-        snprintf(r->job.msg, sizeof r->job.msg, "the server is shutting down; retry");
+    if (engine_submit(r->srv->w, j) != OPTD_OK) {
+        j->rc = OPTD_E_UNAVAILABLE;
+        snprintf(j->msg, sizeof j->msg, "the server is shutting down; retry");
         r->job_state = 2;
         MHD_resume_connection(r->conn);
     }
     return MHD_YES;
 }
 
+/* The reply of a write whose result is the session's row. */
+static enum MHD_Result send_row(req *r, int status, store_session *row, const char *etag)
+{
+    sbuf b = {0};
+    sess_to_json(&b, row);
+    store_session_clear(row);
+    return send_json(r, status, &b, etag);
+}
+
 static enum MHD_Result finish_job(req *r)
 {
-    job *j = &r->job;
+    engine_req *base = &r->job.base;
+    engine_step_req *j = &r->job.step;
     char etag[24];
-    if (j->withdrawn)
+    if (base->type == ENGINE_REQ_STEP && j->withdrawn)
         return MHD_NO; /* its client is gone: close the connection */
-    if (j->kind == JOB_STEP)
-        histogram_observe(&r->srv->m.step_latency, mono_us() - r->t0);
-    if (j->rc)
-        return send_err(r, j->rc, j->msg, j->rc == OPTD_E_STEP_MISMATCH ? (int64_t)j->step : -1);
-    switch (j->kind) {
-    case JOB_CREATE:
-        return send_json(r, 201, &j->out_json, "0");
-    case JOB_FORK:
-        step_str(j->step, etag);
-        return send_json(r, 201, &j->out_json, etag);
-    case JOB_PUT_STATE:
-    case JOB_PATCH:
-        step_str(j->step, etag);
-        return send_json(r, j->created ? 201 : 200, &j->out_json, etag);
-    case JOB_DELETE:
+    if (base->type == ENGINE_REQ_STEP)
+        engine_histogram_observe(&r->srv->m.step_latency, optd_mono_us() - r->t0);
+    if (base->rc)
+        return send_err(r, base->rc, base->msg, base->rc == OPTD_E_STEP_MISMATCH ? (int64_t)base->step : -1);
+    step_str(base->step, etag);
+    switch (base->type) {
+    case ENGINE_REQ_CREATE:
+        return send_row(r, 201, &r->job.create.row, "0");
+    case ENGINE_REQ_FORK:
+        return send_row(r, 201, &r->job.fork.row, etag);
+    case ENGINE_REQ_PUT_STATE:
+        return send_row(r, r->job.create.created ? 201 : 200, &r->job.create.row, etag);
+    case ENGINE_REQ_PATCH:
+        return send_row(r, 200, &r->job.patch.row, etag);
+    case ENGINE_REQ_DELETE:
         return send_body(r, 204, NULL, strdup(""), 0, NULL);
-    case JOB_STEP:
+    case ENGINE_REQ_STEP:
         break;
     }
-    step_str(j->step, etag);
     /* The replay of a key too old for its params to be kept answers in JSON
      * with its step and no params: an empty octet-stream body would read as
      * a vector of no elements. */
@@ -439,7 +460,7 @@ static enum MHD_Result get_optimizers(req *r)
             }
             sbuf_puts(&b, "}");
         }
-        /* Beyond torch.optim: every optimizer takes these (api/training.c). */
+        /* Beyond torch.optim: every optimizer takes these (engine/training.c). */
         sbuf_puts(&b, ",{\"name\":\"lr_schedule\",\"type\":\"object\",\"default\":null,"
                       "\"schedules\":{\"step\":[\"step_size\",\"gamma\"],\"multistep\":[\"milestones\",\"gamma\"],"
                       "\"exponential\":[\"gamma\"],\"cosine\":[\"T_max\",\"eta_min\"],"
@@ -516,17 +537,7 @@ static enum MHD_Result get_session(req *r)
 /* Reads the committed session named in the path with its state. */
 static optd_err read_full(req *r, sess **out)
 {
-    store_session row = {0};
-    void *blob = NULL;
-    size_t len = 0;
-    optd_err rc = store_read_session(r->srv->st, r->name, &row, &blob, &len);
-    if (rc == OPTD_OK)
-        rc = sess_from_store(&row, blob, len, out);
-    if (rc) {
-        store_session_clear(&row);
-        free(blob);
-    }
-    return rc;
+    return engine_sess_read(r->srv->st, &http_config_codec, r->name, out);
 }
 
 static enum MHD_Result get_params(req *r)
@@ -551,7 +562,7 @@ static enum MHD_Result get_params(req *r)
         sbuf_puts(&b, "}");
         ret = send_json(r, 200, &b, etag);
     }
-    sess_free(s);
+    engine_sess_free(s);
     return ret;
 }
 
@@ -708,7 +719,7 @@ static ssize_t ckpt_read(void *cls, uint64_t pos, char *buf, size_t max)
 static void ckpt_free(void *cls)
 {
     ckpt_stream *cs = cls;
-    sess_free(cs->s);
+    engine_sess_free(cs->s);
     sbuf_free(&cs->pend);
     free(cs);
 }
@@ -723,7 +734,7 @@ static enum MHD_Result get_state(req *r)
     step_str(s->row.step, etag);
     ckpt_stream *cs = calloc(1, sizeof *cs);
     if (!cs) {
-        sess_free(s);
+        engine_sess_free(s);
         return send_err(r, OPTD_E_NOMEM, NULL, -1);
     }
     cs->s = s;
@@ -763,8 +774,8 @@ static optd_err check_fields(const cJSON *o, const char *where, const char *cons
     size_t k = 0;
     for (size_t i = 0; i < n && k < 12; i++)
         names[k++] = own[i];
-    for (size_t i = 0; i < TRAINING_N_FIELDS; i++)
-        names[k++] = training_fields[i];
+    for (size_t i = 0; i < ENGINE_TRAINING_N_FIELDS; i++)
+        names[k++] = engine_training_fields[i];
     return body_fields_known(o, where, names, k, hint, msg, msglen);
 }
 
@@ -790,7 +801,7 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
         return rc;
     if (name && !cJSON_IsString(name))
         return snprintf(msg, msglen, "name must be a string"), OPTD_E_BAD_REQUEST;
-    if (r->route == R_SESSION) {
+    if (r->route == HTTP_R_SESSION) {
         if (name && strcmp(name->valuestring, r->name) != 0)
             return snprintf(msg, msglen, "the body's name differs from the path's"), OPTD_E_INVALID;
     } else {
@@ -812,8 +823,7 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
         if (!name_valid(from->valuestring))
             return snprintf(msg, msglen, "no session named '%.64s' to fork from", from->valuestring),
                    OPTD_E_NOT_FOUND;
-        snprintf(r->job.from, sizeof r->job.from, "%s", from->valuestring);
-        r->job.patch = r->json;
+        snprintf(r->from, sizeof r->from, "%s", from->valuestring);
         *out = NULL;
         return OPTD_OK;
     }
@@ -828,18 +838,18 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
         /* Decoded as the body arrived, in the body's dtype. */
         jvec *v = jbody_vec(r->jb, "params", 0);
         size_t n = v ? v->n : 0;
-        if (n == 0 || n > API_MAX_ELEMENTS)
-            return snprintf(msg, msglen, "params must have 1 to %zu elements", API_MAX_ELEMENTS), OPTD_E_INVALID;
+        if (n == 0 || n > ENGINE_MAX_ELEMENTS)
+            return snprintf(msg, msglen, "params must have 1 to %zu elements", ENGINE_MAX_ELEMENTS), OPTD_E_INVALID;
         if (fill)
             return snprintf(msg, msglen, "fill goes with size, not params"), OPTD_E_INVALID;
         if (v->dtype != dtype)
             return OPTD_E_INTERNAL;
-        rc = sess_check_size(info, &hp, dtype, n, r->srv->cfg.max_session_bytes, msg, msglen);
+        rc = engine_sess_check_size(info, &hp, dtype, n, r->srv->cfg.max_session_bytes, msg, msglen);
         if (rc)
             return rc;
-        rc = sess_adopt(r->name, info, &hp, &tr, dtype, n, &v->data, out);
+        rc = engine_sess_adopt(&http_config_codec, r->name, info, &hp, &tr, dtype, n, &v->data, out);
         if (rc == OPTD_E_BAD_HYPERPARAM)
-            snprintf(msg, msglen, "initial_accumulator_value is not a finite %s", dtype == OPTIM_F64 ? "float64" : "float32");
+            engine_accumulator_msg(msg, msglen, dtype);
         jvec_release(v);
         return rc;
     }
@@ -848,8 +858,8 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
     if (!cJSON_IsNumber(size))
         return snprintf(msg, msglen, "size must be an integer"), OPTD_E_BAD_REQUEST;
     double n = size->valuedouble, f = 0;
-    if (n < 1 || n > (double)API_MAX_ELEMENTS || n != (double)(size_t)n)
-        return snprintf(msg, msglen, "size must be an integer from 1 to %zu", API_MAX_ELEMENTS), OPTD_E_INVALID;
+    if (n < 1 || n > (double)ENGINE_MAX_ELEMENTS || n != (double)(size_t)n)
+        return snprintf(msg, msglen, "size must be an integer from 1 to %zu", ENGINE_MAX_ELEMENTS), OPTD_E_INVALID;
     if (fill) {
         if (!cJSON_IsNumber(fill))
             return snprintf(msg, msglen, "fill must be a number"), OPTD_E_BAD_REQUEST;
@@ -859,49 +869,56 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
                    OPTD_E_NON_FINITE;
     }
     /* Before anything is allocated: a 60-byte body may ask for gigabytes. */
-    rc = sess_check_size(info, &hp, dtype, (size_t)n, r->srv->cfg.max_session_bytes, msg, msglen);
+    rc = engine_sess_check_size(info, &hp, dtype, (size_t)n, r->srv->cfg.max_session_bytes, msg, msglen);
     if (rc)
         return rc;
-    rc = sess_new(r->name, info, &hp, &tr, dtype, (size_t)n, NULL, f, out);
+    rc = engine_sess_new(&http_config_codec, r->name, info, &hp, &tr, dtype, (size_t)n, NULL, f, out);
     if (rc == OPTD_E_BAD_HYPERPARAM)
-        snprintf(msg, msglen, "initial_accumulator_value is not a finite %s", dtype == OPTIM_F64 ? "float64" : "float32");
+        engine_accumulator_msg(msg, msglen, dtype);
     return rc;
 }
 
-/* Reads If-Match into r->job.if_match for a conditional PATCH, DELETE or
+/* Reads If-Match into r->job.base.if_match for a conditional PATCH, DELETE or
  * PUT .../state ("*" asks for nothing more than an existing session, which
  * those find anyway). */
 static optd_err conditional(req *r, char *msg, size_t msglen)
 {
-    if (parse_if_match(header(r, MHD_HTTP_HEADER_IF_MATCH), &r->job.if_match) == 0)
+    if (parse_if_match(header(r, MHD_HTTP_HEADER_IF_MATCH), &r->job.base.if_match) == 0)
         return OPTD_OK;
     snprintf(msg, msglen, "If-Match must be a step in quotes, e.g. \"12\" (the ETag of GET /v1/sessions/%s)", r->name);
     return OPTD_E_BAD_REQUEST;
 }
 
-static enum MHD_Result create_session(req *r, job_kind kind)
+static enum MHD_Result create_session(req *r, engine_req_type kind)
 {
     char msg[256] = "";
-    optd_err rc = kind == JOB_PUT_STATE ? conditional(r, msg, sizeof msg) : OPTD_OK;
+    optd_err rc = kind == ENGINE_REQ_PUT_STATE ? conditional(r, msg, sizeof msg) : OPTD_OK;
     if (rc == OPTD_OK && r->st) {
-        rc = st_reader_finish(r->st, &r->job.newsess, msg, sizeof msg);
+        rc = st_reader_finish(r->st, &r->job.create.newsess, msg, sizeof msg);
         if (rc)
             return send_err(r, rc, msg, -1);
-        r->job.kind = JOB_PUT_STATE;
+        r->job.base.type = ENGINE_REQ_PUT_STATE;
         return submit(r);
     }
     if (rc == OPTD_OK)
         rc = parse_json(r, msg, sizeof msg);
-    if (rc == OPTD_OK && kind == JOB_PUT_STATE) {
+    if (rc == OPTD_OK && kind == ENGINE_REQ_PUT_STATE) {
         /* The path names the session: a checkpoint restores under any name
          * (its own "name" member is only a record of where it came from). */
-        rc = sess_from_checkpoint(r->name, r->json, r->jb, r->srv->cfg.max_session_bytes, &r->job.newsess, msg, sizeof msg);
+        rc = sess_from_checkpoint(r->name, r->json, r->jb, r->srv->cfg.max_session_bytes, &r->job.create.newsess, msg, sizeof msg);
     } else if (rc == OPTD_OK) {
-        rc = session_from_body(r, &r->job.newsess, msg, sizeof msg);
+        rc = session_from_body(r, &r->job.create.newsess, msg, sizeof msg);
     }
+    if (rc == OPTD_OK && kind == ENGINE_REQ_CREATE && r->from[0]) {
+        /* A fork: the engine applies the settings onto the source's. */
+        kind = ENGINE_REQ_FORK;
+        snprintf(r->job.fork.from, sizeof r->job.fork.from, "%s", r->from);
+        rc = http_settings_from_json(cJSON_GetObjectItemCaseSensitive(r->json, "hyperparams"), r->json,
+                                     &r->job.fork.settings);
+    }
+    r->job.base.type = kind;
     if (rc)
         return send_err(r, rc, msg, -1);
-    r->job.kind = kind == JOB_CREATE && r->job.from[0] ? JOB_FORK : kind;
     return submit(r);
 }
 
@@ -925,8 +942,10 @@ static enum MHD_Result patch_session(req *r)
     const cJSON *hp = cJSON_GetObjectItemCaseSensitive(r->json, "hyperparams");
     if (hp && !cJSON_IsObject(hp))
         return send_err(r, OPTD_E_BAD_REQUEST, "hyperparams must be an object", -1);
-    r->job.kind = JOB_PATCH;
-    r->job.patch = r->json;
+    r->job.base.type = ENGINE_REQ_PATCH;
+    rc = http_settings_from_json(hp, r->json, &r->job.patch.settings);
+    if (rc)
+        return send_err(r, rc, NULL, -1);
     return submit(r);
 }
 
@@ -934,7 +953,8 @@ static enum MHD_Result post_step(req *r)
 {
     char msg[256] = "";
     store_session row = {0};
-    job *j = &r->job;
+    engine_step_req *j = &r->job.step;
+    j->type = ENGINE_REQ_STEP;
     optd_err rc = store_read_session(r->srv->st, r->name, &row, NULL, NULL);
     if (rc)
         return send_err(r, rc, NULL, -1);
@@ -971,10 +991,10 @@ static enum MHD_Result post_step(req *r)
         }
         j->grad = r->body; /* malloc'd, so aligned for any element type */
         const char *loss = header(r, "Optd-Loss"), *weight = header(r, "Optd-Weight");
-        if (loss && parse_number(loss, &j->loss))
+        if (loss && http_parse_number(loss, &j->loss))
             return send_err(r, OPTD_E_BAD_REQUEST, "Optd-Loss must be a finite number", -1);
         j->has_loss = loss != NULL;
-        if (weight && (parse_number(weight, &j->weight) || !(j->weight > 0)))
+        if (weight && (http_parse_number(weight, &j->weight) || !(j->weight > 0)))
             return send_err(r, OPTD_E_INVALID, "Optd-Weight must be a finite number > 0", -1);
     } else {
         step_fields f;
@@ -1035,9 +1055,8 @@ decoded:
     /* A retry must be the same request: same gradient and same weight. Only
      * a keyed step is ever compared (a pass over a 1e6 gradient costs 1 ms). */
     if (j->idem_key)
-        j->digest = digest64(j->grad, bytes) ^ (digest64(&j->weight, sizeof j->weight) * 31);
+        j->digest = optd_digest64(j->grad, bytes) ^ (optd_digest64(&j->weight, sizeof j->weight) * 31);
     j->want_params = !r->minimal;
-    j->kind = JOB_STEP;
     return submit(r);
 }
 
@@ -1123,67 +1142,67 @@ static enum MHD_Result get_backups(req *r)
 
 static enum MHD_Result dispatch(req *r, const char *method)
 {
-    api_server *srv = r->srv;
+    http_server *srv = r->srv;
     int get = strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0;
     switch (r->route) {
-    case R_HEALTHZ: {
+    case HTTP_R_HEALTHZ: {
         sbuf b = {0};
         sbuf_puts(&b, "{\"status\":\"ok\"}");
         return send_json(r, 200, &b, NULL);
     }
-    case R_READYZ: {
+    case HTTP_R_READYZ: {
         /* The writer's own outcome answers without touching the database;
          * only after a failure does a probe (which takes the write lock)
          * tell whether the fault has cleared. */
-        if (atomic_load(&srv->stopping) || (!writer_healthy(srv->w) && !store_writable(srv->st)))
+        if (atomic_load(&srv->stopping) || (!engine_healthy(srv->w) && !store_writable(srv->st)))
             return send_err(r, OPTD_E_UNAVAILABLE, "the database is not writable", -1);
         sbuf b = {0};
         sbuf_puts(&b, "{\"status\":\"ready\"}");
         return send_json(r, 200, &b, NULL);
     }
-    case R_METRICS: {
+    case HTTP_R_METRICS: {
         uint64_t n = 0;
         sbuf b = {0};
         store_stats ss;
         store_read_count(srv->st, &n);
         store_stats_get(srv->st, &ss);
         metrics_render(&b, &srv->m, n, &ss);
-        metrics_render_rounds(&b, writer_parked(srv->w), writer_withdrawn(srv->w));
+        metrics_render_rounds(&b, engine_parked(srv->w), engine_withdrawn(srv->w));
         if (b.oom)
             return send_err(r, OPTD_E_NOMEM, NULL, -1);
         char *p = b.p;
         return send_body(r, 200, "text/plain; version=0.0.4; charset=utf-8", p, b.len, NULL);
     }
-    case R_OPTIMIZERS:
+    case HTTP_R_OPTIMIZERS:
         return get_optimizers(r);
-    case R_ROOT:
+    case HTTP_R_ROOT:
         return send_static(r, "text/html; charset=utf-8", asset_dashboard, asset_dashboard_len);
-    case R_OPENAPI:
+    case HTTP_R_OPENAPI:
         return send_static(r, "application/json", asset_openapi, asset_openapi_len);
-    case R_SESSIONS:
-        return get ? list_sessions(r) : create_session(r, JOB_CREATE);
-    case R_BACKUPS:
+    case HTTP_R_SESSIONS:
+        return get ? list_sessions(r) : create_session(r, ENGINE_REQ_CREATE);
+    case HTTP_R_BACKUPS:
         return get ? get_backups(r) : post_backup(r);
-    case R_SESSION:
+    case HTTP_R_SESSION:
         if (get)
             return get_session(r);
         if (strcmp(method, "PUT") == 0)
-            return create_session(r, JOB_CREATE);
+            return create_session(r, ENGINE_REQ_CREATE);
         if (strcmp(method, "PATCH") == 0)
             return patch_session(r);
-        r->job.kind = JOB_DELETE;
+        r->job.base.type = ENGINE_REQ_DELETE;
         char msg[256];
         if (conditional(r, msg, sizeof msg))
             return send_err(r, OPTD_E_BAD_REQUEST, msg, -1);
         return submit(r);
-    case R_STEP:
+    case HTTP_R_STEP:
         return post_step(r);
-    case R_PARAMS:
+    case HTTP_R_PARAMS:
         return get_params(r);
-    case R_HISTORY:
+    case HTTP_R_HISTORY:
         return get_history(r);
-    case R_STATE:
-        return get ? get_state(r) : create_session(r, JOB_PUT_STATE);
+    case HTTP_R_STATE:
+        return get ? get_state(r) : create_session(r, ENGINE_REQ_PUT_STATE);
     default:
         return send_err(r, OPTD_E_NOT_FOUND, "no such path", -1);
     }
@@ -1322,7 +1341,7 @@ static optd_err host_checks(req *r, const char *version, char *msg, size_t msgle
  * (API.md Steps: a checkpoint round-trips with the default flags). */
 static size_t body_limit(const req *r)
 {
-    if (r->route == R_STATE && strcmp(r->method, "PUT") == 0 && r->srv->state_body_max > r->srv->cfg.max_body)
+    if (r->route == HTTP_R_STATE && strcmp(r->method, "PUT") == 0 && r->srv->state_body_max > r->srv->cfg.max_body)
         return r->srv->state_body_max;
     return r->srv->cfg.max_body;
 }
@@ -1332,13 +1351,13 @@ static size_t body_limit(const req *r)
 static optd_err body_setup(req *r, const char *method)
 {
     unsigned paths = 0;
-    if (r->binary && r->route == R_STATE)
+    if (r->binary && r->route == HTTP_R_STATE)
         return (r->st = st_reader_new(r->name, r->srv->cfg.max_session_bytes)) ? OPTD_OK : OPTD_E_NOMEM;
     if (r->binary)
         return OPTD_OK;
-    if ((r->route == R_SESSIONS && strcmp(method, "POST") == 0) || (r->route == R_SESSION && strcmp(method, "PUT") == 0))
+    if ((r->route == HTTP_R_SESSIONS && strcmp(method, "POST") == 0) || (r->route == HTTP_R_SESSION && strcmp(method, "PUT") == 0))
         paths = JB_PARAMS;
-    else if (r->route == R_STATE && strcmp(method, "PUT") == 0)
+    else if (r->route == HTTP_R_STATE && strcmp(method, "PUT") == 0)
         paths = JB_PARAMS | JB_STATE;
     if (!paths)
         return OPTD_OK;
@@ -1349,10 +1368,10 @@ static optd_err body_setup(req *r, const char *method)
 }
 
 /* The query parameters each route takes (API.md): any other is a 400. */
-static const char *const *route_query(api_route route, size_t *n)
+static const char *const *route_query(http_route route, size_t *n)
 {
     static const char *const list[] = {"limit", "after", "scope"};
-    *n = route == R_SESSIONS ? 3 : route == R_HISTORY ? 2 : 0;
+    *n = route == HTTP_R_SESSIONS ? 3 : route == HTTP_R_HISTORY ? 2 : 0;
     return list;
 }
 
@@ -1373,7 +1392,7 @@ static enum MHD_Result check_query_arg(void *cls, enum MHD_ValueKind kind, const
         if (strcmp(key, q->names[i]) == 0)
             return MHD_YES;
     if (q->n) {
-        unknown_name_msg(q->msg, q->msglen, "query parameter", key, "this path's query", q->names, q->n);
+        optd_unknown_name_msg(q->msg, q->msglen, "query parameter", key, "this path's query", q->names, q->n);
     } else {
         snprintf(q->msg, q->msglen, "unknown query parameter \"%.64s\": this path takes none", key);
     }
@@ -1388,7 +1407,7 @@ static optd_err convention_checks(req *r, char *msg, size_t msglen)
 {
     query_check q = {NULL, 0, msg, msglen, 0};
     q.names = route_query(r->route, &q.n);
-    if (r->route != R_ROOT) { /* a web page may carry what it likes */
+    if (r->route != HTTP_R_ROOT) { /* a web page may carry what it likes */
         MHD_get_connection_values(r->conn, MHD_GET_ARGUMENT_KIND, check_query_arg, &q);
         if (q.bad)
             return OPTD_E_BAD_REQUEST;
@@ -1405,7 +1424,7 @@ static optd_err convention_checks(req *r, char *msg, size_t msglen)
  * Returns OPTD_OK to go on reading, else the error to answer with. */
 static optd_err early_checks(req *r, const char *method, char *msg, size_t msglen)
 {
-    api_server *srv = r->srv;
+    http_server *srv = r->srv;
     if (atomic_load(&srv->stopping))
         return snprintf(msg, msglen, "the server is shutting down; retry"), OPTD_E_UNAVAILABLE;
     /* Every /v1 request needs the token, even to learn a path is unknown. */
@@ -1414,7 +1433,7 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
                         header(r, MHD_HTTP_HEADER_AUTHORIZATION) ? "the bearer token is wrong"
                                                                  : "this daemon needs a bearer token"),
                OPTD_E_UNAUTHORIZED;
-    if (r->route == R_NONE)
+    if (r->route == HTTP_R_NONE)
         return snprintf(msg, msglen, "no such path"), OPTD_E_NOT_FOUND;
     if (!method_allowed(r->route, method))
         return snprintf(msg, msglen, "%s is not allowed here; allowed: %s", method, allow[r->route]),
@@ -1422,8 +1441,8 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
     optd_err rc = convention_checks(r, msg, msglen);
     if (rc)
         return rc;
-    if (r->route >= R_SESSION && !r->name_ok) {
-        if (r->route == R_SESSION && strcmp(method, "PUT") == 0)
+    if (r->route >= HTTP_R_SESSION && !r->name_ok) {
+        if (r->route == HTTP_R_SESSION && strcmp(method, "PUT") == 0)
             return snprintf(msg, msglen, "a session name matches [A-Za-z0-9][A-Za-z0-9._-]{0,127}"), OPTD_E_INVALID;
         return snprintf(msg, msglen, "no such session"), OPTD_E_NOT_FOUND;
     }
@@ -1431,19 +1450,19 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
     const char *te = header(r, MHD_HTTP_HEADER_TRANSFER_ENCODING);
     int has_body = (cl && strtoull(cl, NULL, 10) > 0) || te;
     const char *ct = header(r, MHD_HTTP_HEADER_CONTENT_TYPE);
-    if (ct && media_is(ct, "application/octet-stream") && r->route == R_STEP)
+    if (ct && media_is(ct, "application/octet-stream") && r->route == HTTP_R_STEP)
         r->binary = 1; /* even when empty: then it is a gradient of the wrong size */
     if (has_body && strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0 && strcmp(method, "DELETE") != 0) {
         if (ct && media_is(ct, "application/octet-stream"))
             r->binary = 1;
         else if (ct && !media_is(ct, "application/json"))
             return snprintf(msg, msglen, "Content-Type %.60s is not supported; use application/json%s%s", ct,
-                            r->route == R_STEP || r->route == R_STATE ? " or application/octet-stream" : "",
+                            r->route == HTTP_R_STEP || r->route == HTTP_R_STATE ? " or application/octet-stream" : "",
                             media_is(ct, "application/x-www-form-urlencoded")
                                 ? " (curl's -d sends this type: add -H 'Content-Type: application/json')"
                                 : ""),
                    OPTD_E_UNSUPPORTED_MEDIA_TYPE;
-        if (r->binary && r->route != R_STEP && !(r->route == R_STATE && strcmp(method, "PUT") == 0))
+        if (r->binary && r->route != HTTP_R_STEP && !(r->route == HTTP_R_STATE && strcmp(method, "PUT") == 0))
             return snprintf(msg, msglen, "only steps and PUT .../state take application/octet-stream"),
                    OPTD_E_UNSUPPORTED_MEDIA_TYPE;
     }
@@ -1458,7 +1477,7 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
 }
 
 /* Sets the state of conn's tracking and returns it (NULL when untracked). */
-static conn_track *conn_state(api_server *srv, struct MHD_Connection *conn, int state)
+static conn_track *conn_state(http_server *srv, struct MHD_Connection *conn, int state)
 {
     const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
     conn_track *t = ci ? ci->socket_context : NULL;
@@ -1468,7 +1487,7 @@ static conn_track *conn_state(api_server *srv, struct MHD_Connection *conn, int 
     if (t->state == CONN_PARKED)
         srv->nconns++; /* counted again (conn_park is the way in and out, this a safety net) */
     t->state = state;
-    t->since_us = mono_us();
+    t->since_us = optd_mono_us();
     pthread_mutex_unlock(&srv->conns_mu);
     return t;
 }
@@ -1476,7 +1495,7 @@ static conn_track *conn_state(api_server *srv, struct MHD_Connection *conn, int 
 static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
                           enum MHD_ConnectionNotificationCode toe)
 {
-    api_server *srv = cls;
+    http_server *srv = cls;
     conn_track *t = *socket_context;
     if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
         const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
@@ -1486,7 +1505,7 @@ static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_
             return;
         }
         t->fd = ci->connect_fd;
-        t->since_us = mono_us();
+        t->since_us = optd_mono_us();
         pthread_mutex_lock(&srv->conns_mu);
         t->next = srv->conns;
         if (srv->conns)
@@ -1529,11 +1548,11 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
  * trickling one byte a second never trips MHD's idle timeout. */
 static void *watchdog_main(void *arg)
 {
-    api_server *srv = arg;
+    http_server *srv = arg;
     uint64_t limit = (uint64_t)srv->cfg.header_timeout * 1000000u;
     pthread_mutex_lock(&srv->conns_mu);
     while (srv->watchdog_on) {
-        uint64_t now = mono_us();
+        uint64_t now = optd_mono_us();
         for (conn_track *t = srv->conns; t; t = t->next)
             if ((t->state == CONN_FRESH || t->state == CONN_HEAD) && now - t->since_us > limit) {
                 shutdown(t->fd, SHUT_RDWR);
@@ -1571,7 +1590,7 @@ static void request_id(req *r)
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
                                   const char *version, const char *upload, size_t *upload_size, void **con_cls)
 {
-    api_server *srv = cls;
+    http_server *srv = cls;
     req *r = *con_cls;
     if (!r) {
         r = calloc(1, sizeof *r);
@@ -1582,7 +1601,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         r->track = conn_state(srv, conn, CONN_BUSY);
         r->srv = srv;
         r->conn = conn;
-        r->t0 = mono_us();
+        r->t0 = optd_mono_us();
         r->id = atomic_fetch_add(&srv->next_id, 1) + 1;
         request_id(r);
         snprintf(r->method, sizeof r->method, "%s", method);
@@ -1648,7 +1667,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 
 static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls, enum MHD_RequestTerminationCode toe)
 {
-    api_server *srv = cls;
+    http_server *srv = cls;
     req *r = *con_cls;
     (void)conn;
     conn_state(srv, conn, CONN_IDLE);
@@ -1659,12 +1678,29 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     if (srv->cfg.log) {
         char line[320];
         snprintf(line, sizeof line, "%s %s %d %.3fms rid=%s", r->method, r->path, status,
-                 (double)(mono_us() - r->t0) / 1000.0, r->rid);
+                 (double)(optd_mono_us() - r->t0) / 1000.0, r->rid);
         srv->cfg.log(srv->cfg.log_ctx, line);
     }
-    sess_free(r->job.newsess);
-    free(r->job.out_params);
-    sbuf_free(&r->job.out_json);
+    switch (r->job.base.type) {
+    case ENGINE_REQ_CREATE:
+    case ENGINE_REQ_PUT_STATE:
+        engine_sess_free(r->job.create.newsess);
+        store_session_clear(&r->job.create.row);
+        break;
+    case ENGINE_REQ_FORK:
+        engine_settings_clear(&r->job.fork.settings);
+        store_session_clear(&r->job.fork.row);
+        break;
+    case ENGINE_REQ_PATCH:
+        engine_settings_clear(&r->job.patch.settings);
+        store_session_clear(&r->job.patch.row);
+        break;
+    case ENGINE_REQ_STEP:
+        free(r->job.step.out_params);
+        break;
+    case ENGINE_REQ_DELETE:
+        break;
+    }
     sbuf_free(&r->op.out);
     cJSON_Delete(r->json);
     jbody_free(r->jb);
@@ -1727,22 +1763,22 @@ static int listens_on_loopback(const struct sockaddr_storage *sa)
 
 /* Names this daemon (random, so a restart is a new instance) and starts
  * the operations that run off the request threads. */
-static optd_err start_ops(api_server *srv, char *err, size_t errlen)
+static optd_err start_ops(http_server *srv, char *err, size_t errlen)
 {
     uint64_t id = 0;
     if (getrandom(&id, sizeof id, 0) != (ssize_t)sizeof id)
-        id = (uint64_t)now_ms() ^ ((uint64_t)getpid() << 40) ^ mono_us();
+        id = (uint64_t)optd_now_ms() ^ ((uint64_t)getpid() << 40) ^ optd_mono_us();
     snprintf(srv->instance, sizeof srv->instance, "%016llx", (unsigned long long)id);
     ops_config oc = {srv->st, srv->cfg.backup_dir, srv->cfg.peers, srv->token, srv->instance, srv->cfg.log,
                      srv->cfg.log_ctx};
     return ops_start(&oc, &srv->ops, err, errlen);
 }
 
-optd_err api_start(const api_config *cfg, store *st, api_server **out, char *err, size_t errlen)
+optd_err http_start(const http_config *cfg, store *st, http_server **out, char *err, size_t errlen)
 {
     optd_err rc = OPTD_E_NOMEM;
     int family = AF_INET;
-    api_server *srv = calloc(1, sizeof *srv);
+    http_server *srv = calloc(1, sizeof *srv);
     if (!srv)
         goto done;
     srv->cfg = *cfg;
@@ -1753,11 +1789,19 @@ optd_err api_start(const api_config *cfg, store *st, api_server **out, char *err
     pthread_cond_init(&srv->watchdog_cv, NULL);
     if (cfg->token && !(srv->token = strdup(cfg->token)))
         goto done;
-    rc = writer_start(st, &srv->m, cfg->idempotency_window, cfg->history_steps, cfg->cache_bytes,
-                      cfg->max_session_bytes, &srv->w);
+    engine_options eo = {
+        .st = st,
+        .stats = &srv->m.eng,
+        .codec = http_config_codec,
+        .idem_window = cfg->idempotency_window,
+        .history_steps = cfg->history_steps,
+        .cache_bytes = cfg->cache_bytes,
+        .max_session_bytes = cfg->max_session_bytes,
+        .max_parked = cfg->max_connections,
+    };
+    rc = engine_start(&eo, &srv->w);
     if (rc)
         goto done;
-    writer_set_max_parked(srv->w, cfg->max_connections);
     rc = start_ops(srv, err, errlen);
     if (rc)
         goto done;
@@ -1804,7 +1848,7 @@ optd_err api_start(const api_config *cfg, store *st, api_server **out, char *err
 done:
     if (rc && srv) {
         ops_free(srv->ops);
-        writer_free(srv->w);
+        engine_free(srv->w);
         if (srv->listen_fd >= 0 && !srv->mhd)
             close(srv->listen_fd);
         free(srv->token);
@@ -1817,9 +1861,9 @@ done:
     return rc;
 }
 
-uint16_t api_port(const api_server *srv) { return srv->port; }
+uint16_t http_port(const http_server *srv) { return srv->port; }
 
-void api_stop(api_server *srv)
+void http_stop(http_server *srv)
 {
     if (!srv)
         return;
@@ -1834,11 +1878,11 @@ void api_stop(api_server *srv)
      * requests in flight (some suspended on it) finish and are answered.
      * Whatever is still queued after that is run by writer_stop, which
      * resumes its connections before MHD closes them. */
-    for (int i = 0; i < 1000 && atomic_load(&srv->active) > writer_parked(srv->w); i++)
+    for (int i = 0; i < 1000 && atomic_load(&srv->active) > engine_parked(srv->w); i++)
         usleep(10000);
     /* Rounds that have not filled cannot fill now: writer_stop fails them
      * with 503, and their replies get a moment to leave. */
-    writer_stop(srv->w);
+    engine_stop(srv->w);
     for (int i = 0; i < 200 && atomic_load(&srv->active) > 0; i++)
         usleep(10000);
     pthread_mutex_lock(&srv->conns_mu);
@@ -1848,7 +1892,7 @@ void api_stop(api_server *srv)
     pthread_join(srv->watchdog, NULL);
     MHD_stop_daemon(srv->mhd);
     ops_free(srv->ops);
-    writer_free(srv->w);
+    engine_free(srv->w);
     free(srv->token);
     pthread_mutex_destroy(&srv->conns_mu);
     pthread_cond_destroy(&srv->watchdog_cv);

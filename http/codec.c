@@ -10,7 +10,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "api/internal.h"
+#include "http/httpInt.h"
 
 static int grow(sbuf *b, size_t extra)
 {
@@ -274,40 +274,6 @@ void rfc3339(int64_t ms, int with_ms, char out[32])
         snprintf(out + n, 32 - n, ".%03dZ", (int)(ms % 1000));
     else
         snprintf(out + n, 32 - n, "Z");
-}
-
-int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-uint64_t mono_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
-}
-
-/* 64-bit multiply-xorshift over 8-byte words (FNV would be a byte at a time). */
-uint64_t digest64(const void *p, size_t n)
-{
-    const unsigned char *s = p;
-    uint64_t h = 0x9E3779B97F4A7C15u ^ n;
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        uint64_t w;
-        memcpy(&w, s + i, 8);
-        h = (h ^ w) * 0xFF51AFD7ED558CCDu;
-        h ^= h >> 32;
-    }
-    for (; i < n; i++)
-        h = (h ^ s[i]) * 0x100000001B3u;
-    h ^= h >> 33;
-    h *= 0xC4CEB9FE1A85EC53u;
-    h ^= h >> 33;
-    return h;
 }
 
 optd_err json_to_vec(const cJSON *arr, void *out, size_t n, optim_dtype dtype, char *msg, size_t msglen)

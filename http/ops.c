@@ -17,7 +17,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "api/internal.h"
+#include "http/httpInt.h"
 
 /* A peer must connect within PEER_CONNECT_MS and answer whole within
  * PEER_TIMEOUT_MS; past that the listing is a 503 naming it. */
@@ -40,7 +40,7 @@ struct ops {
     struct curl_slist *auth;  /* the Authorization header for the peers, or NULL */
     int curl_init;            /* curl_global_init succeeded */
     char instance[40];
-    api_log_fn log;
+    http_log_fn log;
     void *log_ctx;
     pthread_mutex_t mu;
     pthread_cond_t cv;        /* signalled when running drops */
@@ -276,8 +276,8 @@ static void run_backup(ops *s, op *o)
         return;
     }
     pthread_mutex_lock(&s->backup_mu);
-    int64_t ms = now_ms();
-    uint64_t t0 = mono_us();
+    int64_t ms = optd_now_ms();
+    uint64_t t0 = optd_mono_us();
     rfc3339(ms, 1, created);
     if (mkdir(s->backup_dir, 0700) != 0 && errno != EEXIST) {
         snprintf(err, sizeof err, "cannot make the backup directory %.900s: %s", s->backup_dir, strerror(errno));
@@ -290,7 +290,7 @@ static void run_backup(ops *s, op *o)
         rc = store_backup(s->st, path, &s->cancel, &info, err, sizeof err);
     }
     if (rc == OPTD_OK) {
-        int64_t duration_ms = (int64_t)((mono_us() - t0) / 1000);
+        int64_t duration_ms = (int64_t)((optd_mono_us() - t0) / 1000);
         backup_json(&o->out, s->backup_dir, name, info.bytes, created, &info, duration_ms);
         /* The sidecar keeps what GET /v1/backups reports (reading it back
          * from each file would mean opening gigabytes). */

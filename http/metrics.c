@@ -5,69 +5,41 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "api/internal.h"
+#include "http/httpInt.h"
 
-/* Upper bounds of the latency buckets, microseconds (the last is +Inf). */
-static const uint64_t bounds_us[LAT_BUCKETS - 1] = {
-    100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000, 500000, 1000000, 2500000, 10000000,
+static const char *templates[HTTP_R_COUNT] = {
+    [HTTP_R_NONE] = "unknown",
+    [HTTP_R_ROOT] = "/",
+    [HTTP_R_HEALTHZ] = "/healthz",
+    [HTTP_R_READYZ] = "/readyz",
+    [HTTP_R_METRICS] = "/metrics",
+    [HTTP_R_OPTIMIZERS] = "/v1/optimizers",
+    [HTTP_R_OPENAPI] = "/v1/openapi.json",
+    [HTTP_R_SESSIONS] = "/v1/sessions",
+    [HTTP_R_SESSION] = "/v1/sessions/{name}",
+    [HTTP_R_STEP] = "/v1/sessions/{name}/step",
+    [HTTP_R_PARAMS] = "/v1/sessions/{name}/params",
+    [HTTP_R_STATE] = "/v1/sessions/{name}/state",
+    [HTTP_R_HISTORY] = "/v1/sessions/{name}/history",
+    [HTTP_R_BACKUPS] = "/v1/backups",
 };
 
-/* Upper bounds of the group-bytes buckets, MiB (the last is +Inf). */
-static const uint64_t group_bounds_mib[GROUP_BYTES_BUCKETS - 1] = {1, 4, 16, 32, 64, 128, 256, 512, 1024, 4096};
+const char *route_template(http_route r) { return r < HTTP_R_COUNT ? templates[r] : "unknown"; }
 
-static const char *templates[R_COUNT] = {
-    [R_NONE] = "unknown",
-    [R_ROOT] = "/",
-    [R_HEALTHZ] = "/healthz",
-    [R_READYZ] = "/readyz",
-    [R_METRICS] = "/metrics",
-    [R_OPTIMIZERS] = "/v1/optimizers",
-    [R_OPENAPI] = "/v1/openapi.json",
-    [R_SESSIONS] = "/v1/sessions",
-    [R_SESSION] = "/v1/sessions/{name}",
-    [R_STEP] = "/v1/sessions/{name}/step",
-    [R_PARAMS] = "/v1/sessions/{name}/params",
-    [R_STATE] = "/v1/sessions/{name}/state",
-    [R_HISTORY] = "/v1/sessions/{name}/history",
-    [R_BACKUPS] = "/v1/backups",
-};
-
-const char *route_template(api_route r) { return r < R_COUNT ? templates[r] : "unknown"; }
-
-void histogram_observe(histogram *h, uint64_t us)
+void metrics_count_request(metrics *m, http_route r, int status)
 {
-    size_t i = 0;
-    while (i < LAT_BUCKETS - 1 && us > bounds_us[i])
-        i++;
-    atomic_fetch_add(&h->bucket[i], 1);
-    atomic_fetch_add(&h->count, 1);
-    atomic_fetch_add(&h->sum_us, us);
-}
-
-void metrics_group_bytes(metrics *m, uint64_t bytes)
-{
-    size_t i = 0;
-    while (i < GROUP_BYTES_BUCKETS - 1 && bytes > group_bounds_mib[i] << 20)
-        i++;
-    atomic_fetch_add(&m->group_bytes_bucket[i], 1);
-    atomic_fetch_add(&m->group_bytes_count, 1);
-    atomic_fetch_add(&m->group_bytes_sum, bytes);
-}
-
-void metrics_count_request(metrics *m, api_route r, int status)
-{
-    if (r < R_COUNT && status >= 100 && status < 600)
+    if (r < HTTP_R_COUNT && status >= 100 && status < 600)
         atomic_fetch_add(&m->requests[r][status / 100][status % 100], 1);
 }
 
-static void render_histogram(sbuf *b, const char *name, const char *help, histogram *h)
+static void render_histogram(sbuf *b, const char *name, const char *help, engine_histogram *h)
 {
     uint64_t cum = 0;
     sbuf_printf(b, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
-    for (size_t i = 0; i < LAT_BUCKETS; i++) {
+    for (size_t i = 0; i < ENGINE_LAT_BUCKETS; i++) {
         cum += atomic_load(&h->bucket[i]);
-        if (i < LAT_BUCKETS - 1)
-            sbuf_printf(b, "%s_bucket{le=\"%g\"} %llu\n", name, (double)bounds_us[i] / 1e6,
+        if (i < ENGINE_LAT_BUCKETS - 1)
+            sbuf_printf(b, "%s_bucket{le=\"%g\"} %llu\n", name, (double)engine_latency_bounds_us[i] / 1e6,
                         (unsigned long long)cum);
         else
             sbuf_printf(b, "%s_bucket{le=\"+Inf\"} %llu\n", name, (unsigned long long)cum);
@@ -112,7 +84,7 @@ void metrics_render(sbuf *b, metrics *m, uint64_t sessions, const store_stats *s
 {
     sbuf_puts(b, "# HELP optd_http_requests_total HTTP requests by route and status.\n"
                  "# TYPE optd_http_requests_total counter\n");
-    for (int r = 0; r < R_COUNT; r++)
+    for (int r = 0; r < HTTP_R_COUNT; r++)
         for (int c = 1; c < 6; c++)
             for (int k = 0; k < 100; k++) {
                 uint64_t v = atomic_load(&m->requests[r][c][k]);
@@ -124,37 +96,37 @@ void metrics_render(sbuf *b, metrics *m, uint64_t sessions, const store_stats *s
                  "# TYPE optd_steps_total counter\n");
     for (size_t k = 0; k < OPTIM_KIND_COUNT; k++)
         sbuf_printf(b, "optd_steps_total{optimizer=\"%s\"} %llu\n", optim_at(k)->name,
-                    (unsigned long long)atomic_load(&m->steps[k]));
+                    (unsigned long long)atomic_load(&m->eng.steps[k]));
     render_histogram(b, "optd_step_duration_seconds", "Step request latency, decode to reply.", &m->step_latency);
     render_histogram(b, "optd_db_commit_duration_seconds", "SQLite COMMIT latency of one group of writes.",
-                     &m->commit_latency);
+                     &m->eng.commit_latency);
     uint64_t cum = 0;
     sbuf_puts(b, "# HELP optd_writer_group_bytes State bytes one group of writes commits (about).\n"
                  "# TYPE optd_writer_group_bytes histogram\n");
-    for (size_t i = 0; i < GROUP_BYTES_BUCKETS; i++) {
-        cum += atomic_load(&m->group_bytes_bucket[i]);
-        if (i < GROUP_BYTES_BUCKETS - 1)
+    for (size_t i = 0; i < ENGINE_GROUP_BYTES_BUCKETS; i++) {
+        cum += atomic_load(&m->eng.group_bytes_bucket[i]);
+        if (i < ENGINE_GROUP_BYTES_BUCKETS - 1)
             sbuf_printf(b, "optd_writer_group_bytes_bucket{le=\"%llu\"} %llu\n",
-                        (unsigned long long)(group_bounds_mib[i] << 20), (unsigned long long)cum);
+                        (unsigned long long)(engine_group_bounds_mib[i] << 20), (unsigned long long)cum);
         else
             sbuf_printf(b, "optd_writer_group_bytes_bucket{le=\"+Inf\"} %llu\n", (unsigned long long)cum);
     }
     sbuf_printf(b, "optd_writer_group_bytes_sum %llu\noptd_writer_group_bytes_count %llu\n",
-                (unsigned long long)atomic_load(&m->group_bytes_sum),
-                (unsigned long long)atomic_load(&m->group_bytes_count));
+                (unsigned long long)atomic_load(&m->eng.group_bytes_sum),
+                (unsigned long long)atomic_load(&m->eng.group_bytes_count));
     sbuf_puts(b, "# HELP optd_step_heavy_waits_total Steps within the writer's group budget, by how many commits "
                  "of a larger step (one past the budget) they waited for, queued to reply.\n"
                  "# TYPE optd_step_heavy_waits_total counter\n");
     for (int i = 0; i < 4; i++)
         sbuf_printf(b, "optd_step_heavy_waits_total{commits=\"%d%s\"} %llu\n", i, i == 3 ? "+" : "",
-                    (unsigned long long)atomic_load(&m->heavy_waits[i]));
+                    (unsigned long long)atomic_load(&m->eng.heavy_waits[i]));
     sbuf_printf(b,
                 "# HELP optd_db_commits_total Group commits.\n# TYPE optd_db_commits_total counter\n"
                 "optd_db_commits_total %llu\n"
                 "# HELP optd_db_commit_failures_total Groups rolled back by a storage fault.\n"
                 "# TYPE optd_db_commit_failures_total counter\noptd_db_commit_failures_total %llu\n"
                 "# HELP optd_sessions Sessions in the database.\n# TYPE optd_sessions gauge\noptd_sessions %llu\n",
-                (unsigned long long)atomic_load(&m->commits), (unsigned long long)atomic_load(&m->commit_failures),
+                (unsigned long long)atomic_load(&m->eng.commits), (unsigned long long)atomic_load(&m->eng.commit_failures),
                 (unsigned long long)sessions);
     render_store(b, ss);
 }

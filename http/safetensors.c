@@ -10,7 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "api/internal.h"
+#include "http/httpInt.h"
 
 #define ST_HEADER_MAX ((uint64_t)16 << 20)
 
@@ -141,7 +141,7 @@ void st_reader_free(st_reader *r)
 {
     if (!r)
         return;
-    sess_free(r->s);
+    engine_sess_free(r->s);
     sbuf_free(&r->header);
     free(r);
 }

@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "api/internal.h"
+#include "http/httpInt.h"
 
 enum { PH_KEY, PH_COLON, PH_VALUE, PH_COMMA }; /* where an object is */
 enum { V_ELEM_OR_END, V_ELEM, V_COMMA_OR_END }; /* where a vector is */
@@ -310,7 +310,7 @@ void jbody_feed(jbody *jb, const char *p, size_t n)
 {
     const char *end = p + n;
     if (!jb->max_elems)
-        jb->max_elems = API_MAX_ELEMENTS;
+        jb->max_elems = ENGINE_MAX_ELEMENTS;
     while (p < end && !jb->rc) {
         if (jb->cur) {
             p = vec_feed(jb, p, end);

@@ -1,0 +1,280 @@
+/* A session in memory: the state blob layout (params, used buffers, scalar),
+ * made fresh, adopted from a decoded vector, copied for a fork, loaded from
+ * a stored row and re-laid when its hyperparameters change. The stored
+ * configuration text is written and read through the session's codec. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/util.h"
+#include "engine/engineInt.h"
+
+const char *engine_dtype_name(optim_dtype d) { return d == OPTIM_F64 ? "float64" : "float32"; }
+
+void engine_accumulator_msg(char *msg, size_t msglen, optim_dtype dtype)
+{
+    snprintf(msg, msglen, "initial_accumulator_value is not a finite %s", engine_dtype_name(dtype));
+}
+
+/* Points st's params and used buffers into blob and reads the scalar from
+ * its last 8 bytes. Returns the blob size the layout needs. */
+static size_t layout(sess *s, unsigned char *blob)
+{
+    size_t vec = s->n * optim_elem_size(s->dtype), off = vec;
+    s->st.params = blob;
+    for (size_t i = 0; i < OPTIM_MAX_BUFFERS; i++) {
+        s->st.buf[i] = NULL;
+        if (optim_buffer_used(s->info, &s->hp, i)) {
+            s->st.buf[i] = blob ? blob + off : NULL;
+            off += vec;
+        }
+    }
+    return off + sizeof(double);
+}
+
+size_t engine_sess_state_bytes(const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n)
+{
+    sess probe = {.info = info, .hp = *hp, .dtype = dtype, .n = n};
+    return layout(&probe, NULL);
+}
+
+optd_err engine_sess_check_size(const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n,
+                         size_t limit, char *msg, size_t msglen)
+{
+    size_t bytes = engine_sess_state_bytes(info, hp, dtype, n);
+    if (bytes <= limit)
+        return OPTD_OK;
+    size_t vectors = (bytes - sizeof(double)) / (n * optim_elem_size(dtype));
+    snprintf(msg, msglen,
+             "the session's state would take %zu bytes (%zu %s elements x %zu vectors: params and %s's buffers), "
+             "over the %zu of --max-session-bytes; use fewer elements, float32 or fewer buffers",
+             bytes, n, engine_dtype_name(dtype), vectors, info->name, limit);
+    return OPTD_E_SESSION_TOO_LARGE;
+}
+
+void engine_sess_pack(sess *s) { memcpy(s->blob + s->blob_len - sizeof(double), &s->st.scalar, sizeof(double)); }
+
+void engine_sess_free(sess *s)
+{
+    if (!s)
+        return;
+    store_session_clear(&s->row);
+    free(s->blob);
+    free(s);
+}
+
+optd_err engine_sess_write_config(sess *s)
+{
+    char *text = NULL;
+    optd_err rc = s->codec->encode(s->codec->ctx, s->info, &s->hp, &s->tr, &text);
+    if (rc)
+        return rc;
+    free(s->row.config);
+    s->row.config = text;
+    return OPTD_OK;
+}
+
+/* Whether the values hp puts into a fresh state (adagrad's
+ * initial_accumulator_value) are finite in dtype: 1e39 is a fine double but
+ * not a float32. */
+static int fits_dtype(const optim_info *info, const optim_hparams *hp, optim_dtype dtype)
+{
+    return info->kind != OPTIM_ADAGRAD || dtype == OPTIM_F64 || isfinite((float)hp->initial_accumulator_value);
+}
+
+static optd_err make(const engine_codec *codec, const char *name, const optim_info *info, const optim_hparams *hp,
+                     const training *tr, optim_dtype dtype, size_t n, void **take, const void *init, double fill,
+                     sess **out);
+
+optd_err engine_sess_new(const engine_codec *codec, const char *name, const optim_info *info, const optim_hparams *hp,
+                         const training *tr, optim_dtype dtype, size_t n, const void *init, double fill, sess **out)
+{
+    return make(codec, name, info, hp, tr, dtype, n, NULL, init, fill, out);
+}
+
+optd_err engine_sess_adopt(const engine_codec *codec, const char *name, const optim_info *info,
+                           const optim_hparams *hp, const training *tr, optim_dtype dtype, size_t n, void **params,
+                           sess **out)
+{
+    return make(codec, name, info, hp, tr, dtype, n, params, NULL, 0, out);
+}
+
+/* engine_sess_new, or with take (a malloc'd vector of n params) engine_sess_adopt: the
+ * blob grows out of that vector (params come first in it), so a large
+ * session is never held twice. */
+static optd_err make(const engine_codec *codec, const char *name, const optim_info *info, const optim_hparams *hp,
+                     const training *tr, optim_dtype dtype, size_t n, void **take, const void *init, double fill,
+                     sess **out)
+{
+    optd_err rc = OPTD_E_BAD_HYPERPARAM;
+    sess *s = NULL;
+    if (!fits_dtype(info, hp, dtype))
+        goto done;
+    rc = OPTD_E_NOMEM;
+    s = calloc(1, sizeof *s);
+    if (!s)
+        goto done;
+    s->codec = codec;
+    s->info = info;
+    s->hp = *hp;
+    s->tr = *tr;
+    s->dtype = dtype;
+    s->n = n;
+    s->blob_len = layout(s, NULL);
+    s->blob = take ? realloc(*take, s->blob_len) : malloc(s->blob_len);
+    if (!s->blob)
+        goto done;
+    if (take)
+        *take = NULL;
+    layout(s, s->blob);
+    optim_state_init(info, hp, dtype, n, &s->st);
+    if (take) {
+        /* the params are in place already */
+    } else if (init) {
+        memcpy(s->st.params, init, n * optim_elem_size(dtype));
+    } else {
+        for (size_t i = 0; i < n; i++) {
+            if (dtype == OPTIM_F64)
+                ((double *)s->st.params)[i] = fill;
+            else
+                ((float *)s->st.params)[i] = (float)fill;
+        }
+    }
+    engine_sess_pack(s);
+    snprintf(s->row.name, sizeof s->row.name, "%s", name);
+    snprintf(s->row.optimizer, sizeof s->row.optimizer, "%s", info->name);
+    s->row.dtype = dtype;
+    s->row.size = n;
+    s->row.created_ms = s->row.updated_ms = optd_now_ms();
+    rc = engine_sess_write_config(s);
+done:
+    if (rc) {
+        engine_sess_free(s);
+        s = NULL;
+    }
+    *out = s;
+    return rc;
+}
+
+optd_err engine_sess_from_store(const engine_codec *codec, store_session *row, void *blob, size_t blob_len,
+                                sess **out)
+{
+    optd_err rc = OPTD_E_NOMEM;
+    sess *s = calloc(1, sizeof *s);
+    if (!s)
+        goto done;
+    rc = OPTD_E_INTERNAL;
+    s->info = optim_find(row->optimizer);
+    if (!s->info || (row->dtype != OPTIM_F32 && row->dtype != OPTIM_F64))
+        goto done;
+    s->dtype = (optim_dtype)row->dtype;
+    s->n = (size_t)row->size;
+    optim_defaults(s->info, &s->hp);
+    engine_training_defaults(&s->tr);
+    s->codec = codec;
+    if (codec->decode(codec->ctx, s->info, row->config ? row->config : "{}", &s->hp, &s->tr))
+        goto done;
+    if (layout(s, NULL) != blob_len)
+        goto done;
+    s->row = *row;
+    memset(row, 0, sizeof *row);
+    s->blob = blob;
+    s->blob_len = blob_len;
+    layout(s, s->blob);
+    memcpy(&s->st.scalar, s->blob + blob_len - sizeof(double), sizeof(double));
+    s->st.step = s->row.step;
+    rc = OPTD_OK;
+done:
+    if (rc) {
+        free(s);
+        s = NULL;
+    }
+    *out = s;
+    return rc;
+}
+
+optd_err engine_sess_copy(const sess *src, const char *name, sess **out)
+{
+    optd_err rc = OPTD_E_NOMEM;
+    sess *s = calloc(1, sizeof *s);
+    if (!s || !(s->blob = malloc(src->blob_len)))
+        goto done;
+    memcpy(s->blob, src->blob, src->blob_len);
+    s->blob_len = src->blob_len;
+    s->codec = src->codec;
+    s->info = src->info;
+    s->hp = src->hp;
+    s->tr = src->tr;
+    s->dtype = src->dtype;
+    s->n = src->n;
+    layout(s, s->blob);
+    s->st.scalar = src->st.scalar;
+    s->st.step = src->st.step;
+    s->row = src->row;
+    s->row.id = 0;
+    s->row.config = NULL;
+    snprintf(s->row.name, sizeof s->row.name, "%s", name);
+    s->row.created_ms = s->row.updated_ms = optd_now_ms();
+    rc = engine_sess_write_config(s);
+done:
+    if (rc && s) {
+        free(s->blob);
+        free(s);
+        s = NULL;
+    }
+    *out = s;
+    return rc;
+}
+
+optd_err engine_sess_set_hparams(sess *s, const optim_hparams *hp)
+{
+    if (!fits_dtype(s->info, hp, s->dtype))
+        return OPTD_E_BAD_HYPERPARAM;
+    sess old = *s;
+    s->hp = *hp;
+    size_t len = layout(s, NULL);
+    unsigned char *blob = malloc(len);
+    if (!blob) {
+        *s = old;
+        return OPTD_E_NOMEM;
+    }
+    layout(s, blob);
+    size_t vec = s->n * optim_elem_size(s->dtype);
+    memcpy(s->st.params, old.st.params, vec);
+    /* Buffers kept keep their values; new ones start as at a fresh step 0
+     * (torch creates state lazily, so a buffer switched on later starts the
+     * same way). */
+    optim_state fresh = {0};
+    for (size_t i = 0; i < OPTIM_MAX_BUFFERS; i++) {
+        if (s->st.buf[i] && old.st.buf[i])
+            memcpy(s->st.buf[i], old.st.buf[i], vec);
+        else if (s->st.buf[i])
+            fresh.buf[i] = s->st.buf[i];
+    }
+    optim_state_init(s->info, hp, s->dtype, s->n, &fresh);
+    s->st.scalar = old.st.scalar;
+    s->st.step = old.st.step;
+    free(old.blob);
+    s->blob = blob;
+    s->blob_len = len;
+    engine_sess_pack(s);
+    optd_err rc = engine_sess_write_config(s);
+    return rc;
+}
+
+optd_err engine_sess_read(store *st, const engine_codec *codec, const char *name, sess **out)
+{
+    store_session row = {0};
+    void *blob = NULL;
+    size_t len = 0;
+    *out = NULL;
+    optd_err rc = store_read_session(st, name, &row, &blob, &len);
+    if (rc == OPTD_OK)
+        rc = engine_sess_from_store(codec, &row, blob, len, out);
+    if (rc) {
+        store_session_clear(&row);
+        free(blob);
+    }
+    return rc;
+}
