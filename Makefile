@@ -48,7 +48,7 @@ ASSETS  := asset_dashboard=http/assets/dashboard.html asset_openapi=http/openapi
 LIB_OBJ := $(LIB_SRC:%.c=$(B)/%.o) $(B)/gen/assets.o
 
 # Unit tests: tests/test_<module>.c, each linked with the library objects.
-UNIT_TESTS := test_optim test_store test_config test_codec
+UNIT_TESTS := test_optim test_store test_config test_codec test_engine
 UNIT_BINS  := $(UNIT_TESTS:%=$(B)/tests/%)
 
 .PHONY: all run test unit e2e asan bench fuzz fmt clean deps

@@ -1,0 +1,591 @@
+/* Unit tests of engine/: the writer thread against a temporary store, with no
+ * sockets and no JSON. A request's callback runs on the writer thread after
+ * its commit; the tests wait for it on a condition variable (bounded, so a
+ * hang fails the test rather than the suite). To put several requests in one
+ * group, a "gate" request's callback holds the writer until the test has
+ * queued them all: take_group then finds them queued together. */
+#include <dirent.h>
+#include <math.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "engine/engine.h"
+
+#define WAIT_SECONDS 30 /* a bound on any wait: a hang fails, it does not block the suite */
+
+/* ---- a plain configuration codec (the tests use lr and the round fields) */
+
+static optd_err enc(void *ctx, const optim_info *info, const optim_hparams *hp, const training *tr, char **out)
+{
+    (void)ctx;
+    (void)info;
+    char buf[160];
+    snprintf(buf, sizeof buf, "%a %u %u %a", hp->lr, tr->workers, tr->min_workers, tr->round_timeout);
+    *out = strdup(buf);
+    return *out ? OPTD_OK : OPTD_E_NOMEM;
+}
+
+static optd_err dec(void *ctx, const optim_info *info, const char *text, optim_hparams *hp, training *tr)
+{
+    (void)ctx;
+    (void)info;
+    return sscanf(text, "%la %u %u %la", &hp->lr, &tr->workers, &tr->min_workers, &tr->round_timeout) == 4
+               ? OPTD_OK
+               : OPTD_E_INTERNAL;
+}
+
+static const engine_codec codec = {enc, dec, NULL};
+
+/* ---- completion --------------------------------------------------------- */
+
+typedef struct waiter {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int done;
+} waiter;
+
+static waiter W = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0};
+
+static void on_done(engine_req *r, void *data)
+{
+    (void)r;
+    int *flag = data;
+    pthread_mutex_lock(&W.mu);
+    *flag = 1;
+    pthread_cond_broadcast(&W.cv);
+    pthread_mutex_unlock(&W.mu);
+}
+
+/* Waits until *flag is set; fails the test past WAIT_SECONDS. */
+static void wait_flag(int *flag)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += WAIT_SECONDS;
+    pthread_mutex_lock(&W.mu);
+    int rc = 0;
+    while (!*flag && rc == 0)
+        rc = pthread_cond_timedwait(&W.cv, &W.mu, &ts);
+    int ok = *flag;
+    pthread_mutex_unlock(&W.mu);
+    assert_true(ok);
+}
+
+/* The gate: a request whose callback blocks the writer until opened. */
+typedef struct gate {
+    engine_delete_req req;
+    int entered, open, done;
+} gate;
+
+static void gate_cb(engine_req *r, void *data)
+{
+    (void)r;
+    gate *g = data;
+    pthread_mutex_lock(&W.mu);
+    g->entered = 1;
+    pthread_cond_broadcast(&W.cv);
+    while (!g->open)
+        pthread_cond_wait(&W.cv, &W.mu);
+    g->done = 1;
+    pthread_cond_broadcast(&W.cv);
+    pthread_mutex_unlock(&W.mu);
+}
+
+static void gate_close(engine *e, gate *g)
+{
+    memset(g, 0, sizeof *g);
+    g->req.type = ENGINE_REQ_DELETE;
+    snprintf(g->req.name, sizeof g->req.name, "no-such-session");
+    g->req.if_match = -1;
+    g->req.cb = gate_cb;
+    g->req.data = g;
+    assert_int_equal(engine_submit(e, (engine_req *)&g->req), OPTD_OK);
+    wait_flag(&g->entered);
+}
+
+static void gate_open(gate *g)
+{
+    pthread_mutex_lock(&W.mu);
+    g->open = 1;
+    pthread_cond_broadcast(&W.cv);
+    pthread_mutex_unlock(&W.mu);
+    wait_flag(&g->done);
+}
+
+/* ---- fixture ------------------------------------------------------------ */
+
+typedef struct fixture {
+    char dir[64];
+    char path[96];
+    store *st;
+    engine *e;
+    engine_stats stats;
+    /* Fault injection: fail the write at point fault_point of session fault_name. */
+    int fault_point;
+    char fault_name[STORE_NAME_MAX + 1];
+} fixture;
+
+static optd_err inject(void *ctx, engine_fault_point p, const char *name)
+{
+    fixture *f = ctx;
+    if ((int)p == f->fault_point && strcmp(name, f->fault_name) == 0)
+        return OPTD_E_UNAVAILABLE;
+    return OPTD_OK;
+}
+
+static void start(fixture *f, size_t cache_bytes)
+{
+    char err[256];
+    assert_int_equal(store_open(f->path, NULL, &f->st, err, sizeof err), OPTD_OK);
+    engine_options o = {
+        .st = f->st,
+        .stats = &f->stats,
+        .codec = codec,
+        .idem_window = 1000,
+        .history_steps = 100,
+        .cache_bytes = cache_bytes,
+        .max_session_bytes = ENGINE_MAX_SESSION_BYTES,
+        .fault = inject,
+        .fault_ctx = f,
+    };
+    assert_int_equal(engine_start(&o, &f->e), OPTD_OK);
+}
+
+static int setup(void **state)
+{
+    fixture *f = calloc(1, sizeof *f);
+    assert_non_null(f);
+    strcpy(f->dir, "/tmp/optd-test-engine-XXXXXX");
+    assert_non_null(mkdtemp(f->dir));
+    snprintf(f->path, sizeof f->path, "%s/optd.db", f->dir);
+    f->fault_point = -1;
+    start(f, (size_t)1 << 30);
+    *state = f;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    fixture *f = *state;
+    engine_free(f->e);
+    store_close(f->st);
+    DIR *d = opendir(f->dir);
+    struct dirent *de;
+    char p[512];
+    while (d && (de = readdir(d)) != NULL) {
+        if (strcmp(de->d_name, ".") && strcmp(de->d_name, "..")) {
+            snprintf(p, sizeof p, "%s/%s", f->dir, de->d_name);
+            unlink(p);
+        }
+    }
+    if (d)
+        closedir(d);
+    rmdir(f->dir);
+    free(f);
+    return 0;
+}
+
+/* ---- helpers -------------------------------------------------------------- */
+
+typedef struct create {
+    engine_create_req req;
+    int done;
+} create;
+
+/* Queues the creation of an sgd session of n float32 params, all 1. */
+static void create_submit(fixture *f, create *c, const char *name, size_t n, const training *trp)
+{
+    optim_hparams hp;
+    training tr;
+    const optim_info *info = optim_find("sgd");
+    assert_non_null(info);
+    optim_defaults(info, &hp);
+    hp.lr = 0.5;
+    engine_training_defaults(&tr);
+    if (trp)
+        tr = *trp;
+    memset(c, 0, sizeof *c);
+    c->req.type = ENGINE_REQ_CREATE;
+    snprintf(c->req.name, sizeof c->req.name, "%s", name);
+    c->req.if_match = -1;
+    c->req.cb = on_done;
+    c->req.data = &c->done;
+    assert_int_equal(engine_sess_new(&codec, name, info, &hp, &tr, OPTIM_F32, n, NULL, 1.0, &c->req.newsess), OPTD_OK);
+    assert_int_equal(engine_submit(f->e, (engine_req *)&c->req), OPTD_OK);
+}
+
+static void create_finish(create *c)
+{
+    wait_flag(&c->done);
+    assert_int_equal(c->req.rc, OPTD_OK);
+    store_session_clear(&c->req.row);
+}
+
+static void create_one(fixture *f, const char *name, size_t n, const training *tr)
+{
+    create c;
+    create_submit(f, &c, name, n, tr);
+    create_finish(&c);
+}
+
+typedef struct step {
+    engine_step_req req;
+    float grad[64];
+    int done;
+} step;
+
+/* Queues a step of session name with n elements of gradient g; key may be NULL. */
+static void step_submit(fixture *f, step *s, const char *name, size_t n, float g, const char *key)
+{
+    memset(s, 0, sizeof *s);
+    assert_true(n <= 64);
+    for (size_t i = 0; i < n; i++)
+        s->grad[i] = g;
+    s->req.type = ENGINE_REQ_STEP;
+    snprintf(s->req.name, sizeof s->req.name, "%s", name);
+    s->req.if_match = -1;
+    s->req.grad = s->grad;
+    s->req.weight = 1;
+    s->req.dtype = OPTIM_F32;
+    s->req.size = n;
+    s->req.idem_key = key;
+    s->req.digest = key ? optim_elem_size(OPTIM_F32) * n + (uint64_t)(g * 1000) : 0;
+    s->req.want_params = true;
+    s->req.cb = on_done;
+    s->req.data = &s->done;
+    assert_int_equal(engine_submit(f->e, (engine_req *)&s->req), OPTD_OK);
+}
+
+static void step_clear(step *s)
+{
+    free(s->req.out_params);
+    s->req.out_params = NULL;
+}
+
+/* The committed step and first param of session name. */
+static void committed(fixture *f, const char *name, uint64_t *step_out, float *p0)
+{
+    sess *s = NULL;
+    assert_int_equal(engine_sess_read(f->st, &codec, name, &s), OPTD_OK);
+    *step_out = s->row.step;
+    *p0 = ((float *)s->st.params)[0];
+    engine_sess_free(s);
+}
+
+/* ---- tests ------------------------------------------------------------------ */
+
+/* Fifty creates and fifty steps queued together commit as one group each. */
+static void test_many_sessions_commit_in_one_group(void **state)
+{
+    fixture *f = *state;
+    enum { N = 50 };
+    static create c[N];
+    static step s[N];
+    char name[32];
+    gate g;
+    gate_close(f->e, &g);
+    uint64_t commits = atomic_load(&f->stats.commits);
+    for (int i = 0; i < N; i++) {
+        snprintf(name, sizeof name, "s%d", i);
+        create_submit(f, &c[i], name, 4, NULL);
+    }
+    gate_open(&g);
+    for (int i = 0; i < N; i++)
+        create_finish(&c[i]);
+    /* The gate's group has committed already: one more for the fifty. */
+    assert_int_equal(atomic_load(&f->stats.commits) - commits, 1);
+
+    gate_close(f->e, &g);
+    commits = atomic_load(&f->stats.commits);
+    for (int i = 0; i < N; i++) {
+        snprintf(name, sizeof name, "s%d", i);
+        step_submit(f, &s[i], name, 4, 1.0f, NULL);
+    }
+    gate_open(&g);
+    for (int i = 0; i < N; i++) {
+        wait_flag(&s[i].done);
+        assert_int_equal(s[i].req.rc, OPTD_OK);
+        assert_int_equal(s[i].req.step, 1);
+        assert_float_equal(((float *)s[i].req.out_params)[0], 0.5f, 0);
+        step_clear(&s[i]);
+    }
+    assert_int_equal(atomic_load(&f->stats.commits) - commits, 1);
+    uint64_t st;
+    float p0;
+    committed(f, "s49", &st, &p0);
+    assert_int_equal(st, 1);
+    assert_float_equal(p0, 0.5f, 0);
+}
+
+/* Three workers: the round applies the mean once the third contribution arrives. */
+static void test_round_applies_when_it_fills(void **state)
+{
+    fixture *f = *state;
+    training tr;
+    engine_training_defaults(&tr);
+    tr.workers = 3;
+    create_one(f, "r", 2, &tr);
+    step a, b, c;
+    step_submit(f, &a, "r", 2, 1.0f, NULL);
+    step_submit(f, &b, "r", 2, 2.0f, NULL);
+    step_submit(f, &c, "r", 2, 3.0f, NULL);
+    step *all[] = {&a, &b, &c};
+    for (int i = 0; i < 3; i++) {
+        wait_flag(&all[i]->done);
+        assert_int_equal(all[i]->req.rc, OPTD_OK);
+        assert_int_equal(all[i]->req.step, 1);
+        assert_int_equal(all[i]->req.contributors, 3);
+        /* 1 - 0.5 * mean(1, 2, 3) */
+        assert_float_equal(((float *)all[i]->req.out_params)[0], 0.0f, 0);
+        step_clear(all[i]);
+    }
+    assert_int_equal(engine_parked(f->e), 0);
+}
+
+/* Past round_timeout a round with min_workers contributions applies them. */
+static void test_round_times_out_with_min_workers(void **state)
+{
+    fixture *f = *state;
+    training tr;
+    engine_training_defaults(&tr);
+    tr.workers = 3;
+    tr.min_workers = 2;
+    tr.round_timeout = 0.05;
+    create_one(f, "t", 2, &tr);
+    step a, b;
+    step_submit(f, &a, "t", 2, 1.0f, NULL);
+    step_submit(f, &b, "t", 2, 3.0f, NULL);
+    wait_flag(&a.done);
+    wait_flag(&b.done);
+    assert_int_equal(a.req.rc, OPTD_OK);
+    assert_int_equal(a.req.contributors, 2);
+    assert_int_equal(b.req.step, 1);
+    assert_float_equal(((float *)b.req.out_params)[0], 0.0f, 0); /* 1 - 0.5 * 2 */
+    step_clear(&a);
+    step_clear(&b);
+}
+
+/* Below min_workers at the timeout the round fails and nothing changes. */
+static void test_round_below_min_workers_fails_at_timeout(void **state)
+{
+    fixture *f = *state;
+    training tr;
+    engine_training_defaults(&tr);
+    tr.workers = 3;
+    tr.min_workers = 2;
+    tr.round_timeout = 0.05;
+    create_one(f, "u", 2, &tr);
+    step a;
+    step_submit(f, &a, "u", 2, 1.0f, NULL);
+    wait_flag(&a.done);
+    assert_int_equal(a.req.rc, OPTD_E_ROUND_TIMEOUT);
+    assert_null(a.req.out_params);
+    uint64_t st;
+    float p0;
+    committed(f, "u", &st, &p0);
+    assert_int_equal(st, 0);
+    assert_float_equal(p0, 1.0f, 0);
+}
+
+/* A retry with the same key takes the waiting contribution's place: the
+ * first is answered superseded, the round counts the retry once. */
+static void test_round_retry_replaces_the_waiting_contribution(void **state)
+{
+    fixture *f = *state;
+    training tr;
+    engine_training_defaults(&tr);
+    tr.workers = 2;
+    create_one(f, "k", 2, &tr);
+    step first, retry, other;
+    gate g;
+    step_submit(f, &first, "k", 2, 2.0f, "key-1");
+    gate_close(f->e, &g); /* first is parked once the gate's group runs */
+    gate_open(&g);
+    assert_int_equal(engine_parked(f->e), 1);
+    step_submit(f, &retry, "k", 2, 2.0f, "key-1");
+    wait_flag(&first.done);
+    assert_int_equal(first.req.rc, OPTD_E_SUPERSEDED);
+    assert_int_equal(engine_parked(f->e), 1);
+    step_submit(f, &other, "k", 2, 4.0f, "key-2");
+    wait_flag(&retry.done);
+    wait_flag(&other.done);
+    assert_int_equal(retry.req.rc, OPTD_OK);
+    assert_int_equal(retry.req.contributors, 2);
+    assert_int_equal(other.req.step, 1);
+    assert_float_equal(((float *)retry.req.out_params)[0], -0.5f, 0); /* 1 - 0.5 * 3 */
+    step_clear(&first);
+    step_clear(&retry);
+    step_clear(&other);
+}
+
+/* The same key and gradient again replays the first reply; nothing applies twice. */
+static void test_idempotent_replay_applies_once(void **state)
+{
+    fixture *f = *state;
+    create_one(f, "i", 3, NULL);
+    step a, b;
+    step_submit(f, &a, "i", 3, 1.0f, "once");
+    wait_flag(&a.done);
+    assert_int_equal(a.req.rc, OPTD_OK);
+    assert_false(a.req.replayed);
+    step_submit(f, &b, "i", 3, 1.0f, "once");
+    wait_flag(&b.done);
+    assert_int_equal(b.req.rc, OPTD_OK);
+    assert_true(b.req.replayed);
+    assert_int_equal(b.req.step, 1);
+    assert_int_equal(b.req.out_len, 3 * sizeof(float));
+    assert_memory_equal(a.req.out_params, b.req.out_params, 3 * sizeof(float));
+    uint64_t st;
+    float p0;
+    committed(f, "i", &st, &p0);
+    assert_int_equal(st, 1);
+    assert_float_equal(p0, 0.5f, 0);
+    step_clear(&a);
+    step_clear(&b);
+}
+
+/* A write that fails inside a group rolls back its request alone: the other
+ * sessions of the group commit, the failed one keeps its state in memory and
+ * on disk, and its next step starts from there. */
+static void test_failed_write_rolls_back_only_its_request(void **state)
+{
+    fixture *f = *state;
+    create_one(f, "a", 2, NULL);
+    create_one(f, "b", 2, NULL);
+    create_one(f, "c", 2, NULL);
+    f->fault_point = ENGINE_FAULT_STEP;
+    snprintf(f->fault_name, sizeof f->fault_name, "b");
+    for (int round = 0; round < 2; round++) {
+        /* Round 0: b fails first in its group (no savepoint yet); round 1: b
+         * fails after a has succeeded (its savepoint rolls back). */
+        step sa, sb, sc;
+        gate g;
+        gate_close(f->e, &g);
+        uint64_t commits = atomic_load(&f->stats.commits);
+        if (round == 0) {
+            step_submit(f, &sb, "b", 2, 1.0f, NULL);
+            step_submit(f, &sa, "a", 2, 1.0f, NULL);
+        } else {
+            step_submit(f, &sa, "a", 2, 1.0f, NULL);
+            step_submit(f, &sb, "b", 2, 1.0f, NULL);
+        }
+        step_submit(f, &sc, "c", 2, 1.0f, NULL);
+        gate_open(&g);
+        wait_flag(&sa.done);
+        wait_flag(&sb.done);
+        wait_flag(&sc.done);
+        assert_int_equal(atomic_load(&f->stats.commits) - commits, 1);
+        assert_int_equal(sa.req.rc, OPTD_OK);
+        assert_int_equal(sc.req.rc, OPTD_OK);
+        assert_int_equal(sb.req.rc, OPTD_E_UNAVAILABLE);
+        assert_null(sb.req.out_params);
+        assert_int_equal(sa.req.step, (uint64_t)round + 1);
+        step_clear(&sa);
+        step_clear(&sb);
+        step_clear(&sc);
+        uint64_t st;
+        float p0;
+        committed(f, "b", &st, &p0);
+        assert_int_equal(st, 0);
+        assert_float_equal(p0, 1.0f, 0);
+        committed(f, "c", &st, &p0);
+        assert_int_equal(st, (uint64_t)round + 1);
+    }
+    assert_true(engine_healthy(f->e));
+    f->fault_point = -1;
+    step sb;
+    step_submit(f, &sb, "b", 2, 1.0f, NULL);
+    wait_flag(&sb.done);
+    assert_int_equal(sb.req.rc, OPTD_OK);
+    assert_int_equal(sb.req.step, 1);
+    assert_float_equal(((float *)sb.req.out_params)[0], 0.5f, 0);
+    step_clear(&sb);
+}
+
+/* A failed commit fails the whole group, and every session reloads as it was. */
+static void test_failed_commit_fails_the_group_and_changes_nothing(void **state)
+{
+    fixture *f = *state;
+    create_one(f, "x", 2, NULL);
+    create_one(f, "y", 2, NULL);
+    f->fault_name[0] = '\0';
+    step sx, sy;
+    gate g;
+    gate_close(f->e, &g);
+    step_submit(f, &sx, "x", 2, 1.0f, NULL);
+    step_submit(f, &sy, "y", 2, 1.0f, NULL);
+    f->fault_point = ENGINE_FAULT_COMMIT; /* the gate's own group has committed */
+    gate_open(&g);
+    wait_flag(&sx.done);
+    wait_flag(&sy.done);
+    assert_int_equal(sx.req.rc, OPTD_E_UNAVAILABLE);
+    assert_int_equal(sy.req.rc, OPTD_E_UNAVAILABLE);
+    assert_false(engine_healthy(f->e));
+    f->fault_point = -1;
+    step_clear(&sx);
+    step_clear(&sy);
+    step_submit(f, &sx, "x", 2, 1.0f, NULL);
+    wait_flag(&sx.done);
+    assert_int_equal(sx.req.rc, OPTD_OK);
+    assert_int_equal(sx.req.step, 1);
+    assert_float_equal(((float *)sx.req.out_params)[0], 0.5f, 0);
+    assert_true(engine_healthy(f->e));
+    step_clear(&sx);
+}
+
+/* With a cache of about two sessions, twenty sessions stepped in turn are
+ * evicted and reloaded from the store, and every step continues from the
+ * committed state. */
+static void test_eviction_under_a_byte_budget_keeps_every_step(void **state)
+{
+    fixture *f = *state;
+    engine_free(f->e);
+    store_close(f->st);
+    /* sgd without momentum: params and the scalar, 64 float32 elements. */
+    size_t one = 64 * sizeof(float) + sizeof(double);
+    start(f, 2 * one);
+    char name[32];
+    for (int i = 0; i < 20; i++) {
+        snprintf(name, sizeof name, "e%d", i);
+        create_one(f, name, 64, NULL);
+    }
+    for (int k = 1; k <= 3; k++) {
+        for (int i = 0; i < 20; i++) {
+            step s;
+            snprintf(name, sizeof name, "e%d", i);
+            step_submit(f, &s, name, 64, 1.0f, NULL);
+            wait_flag(&s.done);
+            assert_int_equal(s.req.rc, OPTD_OK);
+            assert_int_equal(s.req.step, (uint64_t)k);
+            assert_float_equal(((float *)s.req.out_params)[63], 1.0f - 0.5f * (float)k, 0);
+            step_clear(&s);
+        }
+    }
+    assert_true(atomic_load(&f->stats.cached_bytes) <= 2 * one);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_many_sessions_commit_in_one_group, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_round_applies_when_it_fills, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_round_times_out_with_min_workers, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_round_below_min_workers_fails_at_timeout, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_round_retry_replaces_the_waiting_contribution, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_idempotent_replay_applies_once, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_failed_write_rolls_back_only_its_request, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_failed_commit_fails_the_group_and_changes_nothing, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_eviction_under_a_byte_budget_keeps_every_step, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
