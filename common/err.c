@@ -1,4 +1,7 @@
 /* Lookups into the error table of err.h. */
+#include <stdarg.h>
+#include <stdio.h>
+
 #include "err.h"
 
 static const struct {
@@ -16,4 +19,15 @@ int optd_err_status(optd_err e) { return (unsigned)e < OPTD_E_COUNT ? table[e].s
 const char *optd_err_message(optd_err e)
 {
     return (unsigned)e < OPTD_E_COUNT ? table[e].msg : "internal error";
+}
+
+optd_err optd_fail(char *msg, size_t msglen, optd_err rc, const char *fmt, ...)
+{
+    if (msg && msglen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(msg, msglen, fmt, ap);
+        va_end(ap);
+    }
+    return rc;
 }

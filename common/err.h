@@ -5,6 +5,8 @@
 #ifndef OPTD_ERR_H
 #define OPTD_ERR_H
 
+#include <stddef.h>
+
 /* XX(enum suffix, api code, http status, default message) */
 #define OPTD_ERR_MAP(XX)                                                              \
     XX(OK, "ok", 200, "ok")                                                          \
@@ -55,5 +57,8 @@ typedef enum optd_err {
 const char *optd_err_code(optd_err e);
 int optd_err_status(optd_err e);
 const char *optd_err_message(optd_err e);
+/* Writes a sentence (printf format) into msg when there is room and
+ * returns rc: `return optd_fail(msg, len, OPTD_E_INVALID, "...", ...);`. */
+optd_err optd_fail(char *msg, size_t msglen, optd_err rc, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
 
 #endif

@@ -108,17 +108,6 @@ static const opt_def options[] = {
 
 #define N_OPTIONS (sizeof options / sizeof options[0])
 
-/* Writes a sentence into err (when there is room) and returns rc. */
-static optd_err fail(char *err, size_t errlen, optd_err rc, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return rc;
-}
-
 /* The value of name in envp, or NULL. */
 static const char *env_lookup(char *const envp[], const char *name) {
     size_t n = strlen(name);
@@ -432,13 +421,13 @@ optd_err daemon_config_parse(int argc, char *const argv[], char *const envp[], d
         size_t namelen;
         const opt_def *o;
         if (strncmp(arg, "--", 2) != 0 || arg[2] == '\0')
-            return fail(err, errlen, OPTD_E_INVALID, "unexpected argument '%s'", arg);
+            return optd_fail(err, errlen, OPTD_E_INVALID, "unexpected argument '%s'", arg);
         name = arg + 2;
         eq = strchr(name, '=');
         namelen = eq ? (size_t)(eq - name) : strlen(name);
         if ((namelen == 4 && memcmp(name, "help", 4) == 0) || (namelen == 7 && memcmp(name, "version", 7) == 0)) {
             if (eq)
-                return fail(err, errlen, OPTD_E_INVALID, "--%.*s takes no value", (int)namelen, name);
+                return optd_fail(err, errlen, OPTD_E_INVALID, "--%.*s takes no value", (int)namelen, name);
             if (namelen == 4)
                 out->show_help = 1;
             else
@@ -447,14 +436,14 @@ optd_err daemon_config_parse(int argc, char *const argv[], char *const envp[], d
         }
         o = find_flag(name, namelen);
         if (!o)
-            return fail(err, errlen, OPTD_E_INVALID, "unknown flag '--%.*s'", (int)namelen, name);
+            return optd_fail(err, errlen, OPTD_E_INVALID, "unknown flag '--%.*s'", (int)namelen, name);
         if (eq) {
             value = eq + 1;
         } else {
             /* A following flag is not taken as a value: `--db --threads 4`
              * is a missing value, not a database named "--threads". */
             if (i + 1 >= argc || strncmp(argv[i + 1], "--", 2) == 0)
-                return fail(err, errlen, OPTD_E_INVALID, "--%s needs a value (%s)", o->flag, o->metavar);
+                return optd_fail(err, errlen, OPTD_E_INVALID, "--%s needs a value (%s)", o->flag, o->metavar);
             value = argv[++i];
         }
         given[o - options] = value;
@@ -479,10 +468,10 @@ optd_err daemon_config_parse(int argc, char *const argv[], char *const envp[], d
         if (rc == OPTD_OK)
             continue;
         if (!o->flag)
-            return fail(err, errlen, rc, "%s: %s", o->env, why);
+            return optd_fail(err, errlen, rc, "%s: %s", o->env, why);
         if (from_env)
-            return fail(err, errlen, rc, "%s (--%s): %s", o->env, o->flag, why);
-        return fail(err, errlen, rc, "--%s: %s", o->flag, why);
+            return optd_fail(err, errlen, rc, "%s (--%s): %s", o->env, o->flag, why);
+        return optd_fail(err, errlen, rc, "--%s: %s", o->flag, why);
     }
     return OPTD_OK;
 }

@@ -73,9 +73,9 @@ optd_err sess_config_from_json(const cJSON *o, const optim_info **info, optim_dt
     const cJSON *opt = cJSON_GetObjectItemCaseSensitive(o, "optimizer");
     const cJSON *dt = cJSON_GetObjectItemCaseSensitive(o, "dtype");
     if (!opt)
-        return snprintf(msg, msglen, "optimizer is required"), OPTD_E_INVALID;
+        return optd_fail(msg, msglen, OPTD_E_INVALID, "optimizer is required");
     if (!cJSON_IsString(opt))
-        return snprintf(msg, msglen, "optimizer must be a string"), OPTD_E_BAD_REQUEST;
+        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "optimizer must be a string");
     if (!(*info = optim_find(opt->valuestring))) {
         const char *names[OPTIM_KIND_COUNT];
         for (size_t k = 0; k < OPTIM_KIND_COUNT; k++)
@@ -84,11 +84,11 @@ optd_err sess_config_from_json(const cJSON *o, const optim_info **info, optim_dt
         return OPTD_E_UNKNOWN_OPTIMIZER;
     }
     if (dt && !cJSON_IsString(dt))
-        return snprintf(msg, msglen, "dtype must be a string"), OPTD_E_BAD_REQUEST;
+        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "dtype must be a string");
     *dtype = dt && strcmp(dt->valuestring, "float64") == 0 ? OPTIM_F64 : OPTIM_F32;
     if (dt && *dtype == OPTIM_F32 && strcmp(dt->valuestring, "float32") != 0)
-        return snprintf(msg, msglen, "dtype \"%.32s\" is not a session dtype: use \"float32\" (the default) or "
-                        "\"float64\"", dt->valuestring), OPTD_E_INVALID;
+        return optd_fail(msg, msglen, OPTD_E_INVALID, "dtype \"%.32s\" is not a session dtype: use \"float32\" (the default) or "
+                        "\"float64\"", dt->valuestring);
     optim_defaults(*info, hp);
     engine_training_defaults(tr);
     return http_settings_apply_json(*info, o, hp, tr, msg, msglen);

@@ -297,7 +297,7 @@ optd_err json_to_vec(const cJSON *arr, void *out, size_t n, optim_dtype dtype, c
         }
         continue;
     nonfinite:
-        snprintf(msg, msglen, "element %zu is not a finite %s", i, dtype == OPTIM_F64 ? "float64" : "float32");
+        snprintf(msg, msglen, "element %zu is not a finite %s", i, engine_dtype_name(dtype));
         return OPTD_E_NON_FINITE;
     }
     return OPTD_OK;

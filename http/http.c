@@ -16,6 +16,7 @@
 #include <strings.h>
 #include <sys/random.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "http/httpInt.h"
@@ -42,6 +43,10 @@ struct http_server {
     pthread_t watchdog;
     int watchdog_on;
     pthread_cond_t watchdog_cv; /* signalled to stop, with conns_mu */
+    /* Signalled, once stopping, whenever a request completes or parks in a
+     * worker round: what http_stop waits for. */
+    pthread_mutex_t idle_mu;
+    pthread_cond_t idle_cv;
     ops *ops;           /* backups and the cluster-wide listing (ops.c) */
     char instance[24];  /* Optd-Instance: tells this daemon from its peers */
 };
@@ -104,20 +109,11 @@ typedef struct req {
     char rid[REQUEST_ID_MAX + 1]; /* X-Request-Id: the client's, else ours */
 } req;
 
-static const char *const allow[HTTP_R_COUNT] = {
-    [HTTP_R_ROOT] = "GET, HEAD",             [HTTP_R_OPENAPI] = "GET, HEAD",
-    [HTTP_R_HEALTHZ] = "GET, HEAD",          [HTTP_R_READYZ] = "GET, HEAD",     [HTTP_R_METRICS] = "GET, HEAD",
-    [HTTP_R_OPTIMIZERS] = "GET, HEAD",       [HTTP_R_SESSIONS] = "GET, HEAD, POST",
-    [HTTP_R_SESSION] = "GET, HEAD, PUT, PATCH, DELETE", [HTTP_R_STEP] = "POST", [HTTP_R_PARAMS] = "GET, HEAD",
-    [HTTP_R_STATE] = "GET, HEAD, PUT",       [HTTP_R_HISTORY] = "GET, HEAD",
-    [HTTP_R_BACKUPS] = "GET, HEAD, POST",
-};
-
 /* ---- Routing ---------------------------------------------------------- */
 
 static int method_allowed(http_route route, const char *method)
 {
-    const char *a = allow[route];
+    const char *a = http_routes[route].methods;
     size_t n = strlen(method);
     for (const char *p = a; p && (p = strstr(p, method)); p += n)
         if ((p == a || p[-1] == ' ') && (p[n] == ',' || p[n] == '\0'))
@@ -155,8 +151,8 @@ static enum MHD_Result queue(req *r, int status, struct MHD_Response *resp, cons
     MHD_add_response_header(resp, "Optd-Instance", r->srv->instance);
     if (status == 401)
         MHD_add_response_header(resp, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer");
-    if (status == 405 && r->route < HTTP_R_COUNT && allow[r->route])
-        MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, allow[r->route]);
+    if (status == 405 && r->route < HTTP_R_COUNT && http_routes[r->route].methods)
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, http_routes[r->route].methods);
     if (status == 201 && r->name[0]) {
         char loc[200];
         snprintf(loc, sizeof loc, "/v1/sessions/%s", r->name);
@@ -304,10 +300,23 @@ static void conn_park(req *r, int parked)
     pthread_mutex_unlock(&srv->conns_mu);
 }
 
+/* Wakes http_stop to look again at what is still in flight. Before
+ * stopping nobody waits, so the request path takes no lock. */
+static void idle_signal(http_server *srv)
+{
+    if (!atomic_load(&srv->stopping))
+        return;
+    pthread_mutex_lock(&srv->idle_mu);
+    pthread_cond_broadcast(&srv->idle_cv);
+    pthread_mutex_unlock(&srv->idle_mu);
+}
+
 static void job_parked(engine_req *j, void *ctx)
 {
+    req *r = ctx;
     (void)j;
-    conn_park(ctx, 1);
+    conn_park(r, 1);
+    idle_signal(r->srv);
 }
 
 /* Whether the client of a waiting contribution has closed its connection.
@@ -460,13 +469,8 @@ static enum MHD_Result get_optimizers(req *r)
             }
             sbuf_puts(&b, "}");
         }
-        /* Beyond torch.optim: every optimizer takes these (engine/training.c). */
-        sbuf_puts(&b, ",{\"name\":\"lr_schedule\",\"type\":\"object\",\"default\":null,"
-                      "\"schedules\":{\"step\":[\"step_size\",\"gamma\"],\"multistep\":[\"milestones\",\"gamma\"],"
-                      "\"exponential\":[\"gamma\"],\"cosine\":[\"T_max\",\"eta_min\"],"
-                      "\"linear\":[\"start_factor\",\"end_factor\",\"total_iters\"]},\"optional\":[\"warmup_steps\"]},"
-                      "{\"name\":\"max_grad_norm\",\"type\":\"number\",\"default\":null,\"min\":0,\"max\":null,"
-                      "\"min_exclusive\":true,\"max_exclusive\":false}");
+        /* Beyond torch.optim: every optimizer takes these (http/settings.c). */
+        http_training_describe(&b);
         sbuf_puts(&b, "],\"state_buffers\":[");
         for (size_t i = 0; i < info->n_buffers; i++)
             sbuf_printf(&b, "%s\"%s\"", i ? "," : "", info->buffers[i]);
@@ -475,9 +479,9 @@ static enum MHD_Result get_optimizers(req *r)
             sbuf_printf(&b, "\"%s\"", info->scalar);
         sbuf_puts(&b, "]}");
     }
-    sbuf_puts(&b, "],\"session_fields\":[{\"name\":\"workers\",\"type\":\"integer\",\"default\":1,\"min\":1},"
-                  "{\"name\":\"min_workers\",\"type\":\"integer\",\"default\":\"workers\",\"min\":1},"
-                  "{\"name\":\"round_timeout\",\"type\":\"number\",\"default\":60,\"min\":0,\"min_exclusive\":true}]}");
+    sbuf_puts(&b, "],\"session_fields\":");
+    http_session_fields_describe(&b);
+    sbuf_puts(&b, "}");
     return send_json(r, 200, &b, NULL);
 }
 
@@ -800,29 +804,26 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
     if (rc)
         return rc;
     if (name && !cJSON_IsString(name))
-        return snprintf(msg, msglen, "name must be a string"), OPTD_E_BAD_REQUEST;
+        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "name must be a string");
     if (r->route == HTTP_R_SESSION) {
         if (name && strcmp(name->valuestring, r->name) != 0)
-            return snprintf(msg, msglen, "the body's name differs from the path's"), OPTD_E_INVALID;
+            return optd_fail(msg, msglen, OPTD_E_INVALID, "the body's name differs from the path's");
     } else {
         if (!name)
-            return snprintf(msg, msglen, "name is required"), OPTD_E_INVALID;
+            return optd_fail(msg, msglen, OPTD_E_INVALID, "name is required");
         if (!name_valid(name->valuestring))
-            return snprintf(msg, msglen, "a session name matches [A-Za-z0-9][A-Za-z0-9._-]{0,127}"),
-                   OPTD_E_INVALID;
+            return optd_fail(msg, msglen, OPTD_E_INVALID, "a session name matches [A-Za-z0-9][A-Za-z0-9._-]{0,127}");
         snprintf(r->name, sizeof r->name, "%s", name->valuestring);
     }
     if (from) {
         /* A fork: the writer copies the source as it is when the job runs. */
         if (!cJSON_IsString(from))
-            return snprintf(msg, msglen, "from must be a session name"), OPTD_E_BAD_REQUEST;
+            return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "from must be a session name");
         if (params || size || fill || cJSON_GetObjectItemCaseSensitive(o, "optimizer") ||
             cJSON_GetObjectItemCaseSensitive(o, "dtype"))
-            return snprintf(msg, msglen, "a fork takes only name, from, hyperparams and session fields"),
-                   OPTD_E_INVALID;
+            return optd_fail(msg, msglen, OPTD_E_INVALID, "a fork takes only name, from, hyperparams and session fields");
         if (!name_valid(from->valuestring))
-            return snprintf(msg, msglen, "no session named '%.64s' to fork from", from->valuestring),
-                   OPTD_E_NOT_FOUND;
+            return optd_fail(msg, msglen, OPTD_E_NOT_FOUND, "no session named '%.64s' to fork from", from->valuestring);
         snprintf(r->from, sizeof r->from, "%s", from->valuestring);
         *out = NULL;
         return OPTD_OK;
@@ -831,17 +832,17 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
     if (rc)
         return rc;
     if (params && size)
-        return snprintf(msg, msglen, "give either params or size, not both"), OPTD_E_INVALID;
+        return optd_fail(msg, msglen, OPTD_E_INVALID, "give either params or size, not both");
     if (params) {
         if (!cJSON_IsArray(params))
-            return snprintf(msg, msglen, "params must be an array of numbers"), OPTD_E_BAD_REQUEST;
+            return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "params must be an array of numbers");
         /* Decoded as the body arrived, in the body's dtype. */
         jvec *v = jbody_vec(r->jb, "params", 0);
         size_t n = v ? v->n : 0;
         if (n == 0 || n > ENGINE_MAX_ELEMENTS)
-            return snprintf(msg, msglen, "params must have 1 to %zu elements", ENGINE_MAX_ELEMENTS), OPTD_E_INVALID;
+            return optd_fail(msg, msglen, OPTD_E_INVALID, "params must have 1 to %zu elements", ENGINE_MAX_ELEMENTS);
         if (fill)
-            return snprintf(msg, msglen, "fill goes with size, not params"), OPTD_E_INVALID;
+            return optd_fail(msg, msglen, OPTD_E_INVALID, "fill goes with size, not params");
         if (v->dtype != dtype)
             return OPTD_E_INTERNAL;
         rc = engine_sess_check_size(info, &hp, dtype, n, r->srv->cfg.max_session_bytes, msg, msglen);
@@ -854,19 +855,18 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
         return rc;
     }
     if (!size)
-        return snprintf(msg, msglen, "give params or size"), OPTD_E_INVALID;
+        return optd_fail(msg, msglen, OPTD_E_INVALID, "give params or size");
     if (!cJSON_IsNumber(size))
-        return snprintf(msg, msglen, "size must be an integer"), OPTD_E_BAD_REQUEST;
+        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "size must be an integer");
     double n = size->valuedouble, f = 0;
     if (n < 1 || n > (double)ENGINE_MAX_ELEMENTS || n != (double)(size_t)n)
-        return snprintf(msg, msglen, "size must be an integer from 1 to %zu", ENGINE_MAX_ELEMENTS), OPTD_E_INVALID;
+        return optd_fail(msg, msglen, OPTD_E_INVALID, "size must be an integer from 1 to %zu", ENGINE_MAX_ELEMENTS);
     if (fill) {
         if (!cJSON_IsNumber(fill))
-            return snprintf(msg, msglen, "fill must be a number"), OPTD_E_BAD_REQUEST;
+            return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "fill must be a number");
         f = fill->valuedouble;
         if (!isfinite(dtype == OPTIM_F32 ? (float)f : f))
-            return snprintf(msg, msglen, "fill is not a finite %s", dtype == OPTIM_F64 ? "float64" : "float32"),
-                   OPTD_E_NON_FINITE;
+            return optd_fail(msg, msglen, OPTD_E_NON_FINITE, "fill is not a finite %s", engine_dtype_name(dtype));
     }
     /* Before anything is allocated: a 60-byte body may ask for gigabytes. */
     rc = engine_sess_check_size(info, &hp, dtype, (size_t)n, r->srv->cfg.max_session_bytes, msg, msglen);
@@ -1140,72 +1140,143 @@ static enum MHD_Result get_backups(req *r)
     return send_json(r, 200, &b, NULL);
 }
 
+/* ---- The route table: one handler per route ---------------------------- */
+
+static int is_get(const char *method) { return strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0; }
+
+static enum MHD_Result h_none(req *r, const char *method)
+{
+    (void)method;
+    return send_err(r, OPTD_E_NOT_FOUND, "no such path", -1);
+}
+
+static enum MHD_Result h_healthz(req *r, const char *method)
+{
+    (void)method;
+    sbuf b = {0};
+    sbuf_puts(&b, "{\"status\":\"ok\"}");
+    return send_json(r, 200, &b, NULL);
+}
+
+static enum MHD_Result h_readyz(req *r, const char *method)
+{
+    (void)method;
+    http_server *srv = r->srv;
+    /* The writer's own outcome answers without touching the database;
+     * only after a failure does a probe (which takes the write lock)
+     * tell whether the fault has cleared. */
+    if (atomic_load(&srv->stopping) || (!engine_healthy(srv->w) && !store_writable(srv->st)))
+        return send_err(r, OPTD_E_UNAVAILABLE, "the database is not writable", -1);
+    sbuf b = {0};
+    sbuf_puts(&b, "{\"status\":\"ready\"}");
+    return send_json(r, 200, &b, NULL);
+}
+
+static enum MHD_Result h_metrics(req *r, const char *method)
+{
+    (void)method;
+    http_server *srv = r->srv;
+    uint64_t n = 0;
+    sbuf b = {0};
+    store_stats ss;
+    store_read_count(srv->st, &n);
+    store_stats_get(srv->st, &ss);
+    metrics_render(&b, &srv->m, n, &ss);
+    metrics_render_rounds(&b, engine_parked(srv->w), engine_withdrawn(srv->w));
+    if (b.oom)
+        return send_err(r, OPTD_E_NOMEM, NULL, -1);
+    char *p = b.p;
+    return send_body(r, 200, "text/plain; version=0.0.4; charset=utf-8", p, b.len, NULL);
+}
+
+static enum MHD_Result h_optimizers(req *r, const char *method)
+{
+    (void)method;
+    return get_optimizers(r);
+}
+
+static enum MHD_Result h_root(req *r, const char *method)
+{
+    (void)method;
+    return send_static(r, "text/html; charset=utf-8", asset_dashboard, asset_dashboard_len);
+}
+
+static enum MHD_Result h_openapi(req *r, const char *method)
+{
+    (void)method;
+    return send_static(r, "application/json", asset_openapi, asset_openapi_len);
+}
+
+static enum MHD_Result h_sessions(req *r, const char *method)
+{
+    return is_get(method) ? list_sessions(r) : create_session(r, ENGINE_REQ_CREATE);
+}
+
+static enum MHD_Result h_backups(req *r, const char *method)
+{
+    return is_get(method) ? get_backups(r) : post_backup(r);
+}
+
+static enum MHD_Result h_session(req *r, const char *method)
+{
+    if (is_get(method))
+        return get_session(r);
+    if (strcmp(method, "PUT") == 0)
+        return create_session(r, ENGINE_REQ_CREATE);
+    if (strcmp(method, "PATCH") == 0)
+        return patch_session(r);
+    r->job.base.type = ENGINE_REQ_DELETE;
+    char msg[256];
+    if (conditional(r, msg, sizeof msg))
+        return send_err(r, OPTD_E_BAD_REQUEST, msg, -1);
+    return submit(r);
+}
+
+static enum MHD_Result h_step(req *r, const char *method)
+{
+    (void)method;
+    return post_step(r);
+}
+
+static enum MHD_Result h_params(req *r, const char *method)
+{
+    (void)method;
+    return get_params(r);
+}
+
+static enum MHD_Result h_history(req *r, const char *method)
+{
+    (void)method;
+    return get_history(r);
+}
+
+static enum MHD_Result h_state(req *r, const char *method)
+{
+    return is_get(method) ? get_state(r) : create_session(r, ENGINE_REQ_PUT_STATE);
+}
+
+/* Routes from HTTP_R_SESSION on name a session (route_parse tries them in
+ * this order; a fixed path never contains "{name}"). */
+const http_route_def http_routes[HTTP_R_COUNT] = {
+    [HTTP_R_NONE] = {"unknown", NULL, h_none},
+    [HTTP_R_ROOT] = {"/", "GET, HEAD", h_root},
+    [HTTP_R_HEALTHZ] = {"/healthz", "GET, HEAD", h_healthz},
+    [HTTP_R_READYZ] = {"/readyz", "GET, HEAD", h_readyz},
+    [HTTP_R_METRICS] = {"/metrics", "GET, HEAD", h_metrics},
+    [HTTP_R_OPTIMIZERS] = {"/v1/optimizers", "GET, HEAD", h_optimizers},
+    [HTTP_R_OPENAPI] = {"/v1/openapi.json", "GET, HEAD", h_openapi},
+    [HTTP_R_SESSIONS] = {"/v1/sessions", "GET, HEAD, POST", h_sessions},
+    [HTTP_R_BACKUPS] = {"/v1/backups", "GET, HEAD, POST", h_backups},
+    [HTTP_R_SESSION] = {"/v1/sessions/{name}", "GET, HEAD, PUT, PATCH, DELETE", h_session},
+    [HTTP_R_STEP] = {"/v1/sessions/{name}/step", "POST", h_step},
+    [HTTP_R_PARAMS] = {"/v1/sessions/{name}/params", "GET, HEAD", h_params},
+    [HTTP_R_STATE] = {"/v1/sessions/{name}/state", "GET, HEAD, PUT", h_state},
+    [HTTP_R_HISTORY] = {"/v1/sessions/{name}/history", "GET, HEAD", h_history},
+};
+
 static enum MHD_Result dispatch(req *r, const char *method)
 {
-    http_server *srv = r->srv;
-    int get = strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0;
-    switch (r->route) {
-    case HTTP_R_HEALTHZ: {
-        sbuf b = {0};
-        sbuf_puts(&b, "{\"status\":\"ok\"}");
-        return send_json(r, 200, &b, NULL);
-    }
-    case HTTP_R_READYZ: {
-        /* The writer's own outcome answers without touching the database;
-         * only after a failure does a probe (which takes the write lock)
-         * tell whether the fault has cleared. */
-        if (atomic_load(&srv->stopping) || (!engine_healthy(srv->w) && !store_writable(srv->st)))
-            return send_err(r, OPTD_E_UNAVAILABLE, "the database is not writable", -1);
-        sbuf b = {0};
-        sbuf_puts(&b, "{\"status\":\"ready\"}");
-        return send_json(r, 200, &b, NULL);
-    }
-    case HTTP_R_METRICS: {
-        uint64_t n = 0;
-        sbuf b = {0};
-        store_stats ss;
-        store_read_count(srv->st, &n);
-        store_stats_get(srv->st, &ss);
-        metrics_render(&b, &srv->m, n, &ss);
-        metrics_render_rounds(&b, engine_parked(srv->w), engine_withdrawn(srv->w));
-        if (b.oom)
-            return send_err(r, OPTD_E_NOMEM, NULL, -1);
-        char *p = b.p;
-        return send_body(r, 200, "text/plain; version=0.0.4; charset=utf-8", p, b.len, NULL);
-    }
-    case HTTP_R_OPTIMIZERS:
-        return get_optimizers(r);
-    case HTTP_R_ROOT:
-        return send_static(r, "text/html; charset=utf-8", asset_dashboard, asset_dashboard_len);
-    case HTTP_R_OPENAPI:
-        return send_static(r, "application/json", asset_openapi, asset_openapi_len);
-    case HTTP_R_SESSIONS:
-        return get ? list_sessions(r) : create_session(r, ENGINE_REQ_CREATE);
-    case HTTP_R_BACKUPS:
-        return get ? get_backups(r) : post_backup(r);
-    case HTTP_R_SESSION:
-        if (get)
-            return get_session(r);
-        if (strcmp(method, "PUT") == 0)
-            return create_session(r, ENGINE_REQ_CREATE);
-        if (strcmp(method, "PATCH") == 0)
-            return patch_session(r);
-        r->job.base.type = ENGINE_REQ_DELETE;
-        char msg[256];
-        if (conditional(r, msg, sizeof msg))
-            return send_err(r, OPTD_E_BAD_REQUEST, msg, -1);
-        return submit(r);
-    case HTTP_R_STEP:
-        return post_step(r);
-    case HTTP_R_PARAMS:
-        return get_params(r);
-    case HTTP_R_HISTORY:
-        return get_history(r);
-    case HTTP_R_STATE:
-        return get ? get_state(r) : create_session(r, ENGINE_REQ_PUT_STATE);
-    default:
-        return send_err(r, OPTD_E_NOT_FOUND, "no such path", -1);
-    }
+    return http_routes[r->route < HTTP_R_COUNT ? r->route : HTTP_R_NONE].handler(r, method);
 }
 
 /* Counts the Content-Length headers that differ from the first, and the
@@ -1325,14 +1396,13 @@ static optd_err host_checks(req *r, const char *version, char *msg, size_t msgle
     int hosts = 0;
     MHD_get_connection_values(r->conn, MHD_HEADER_KIND, count_host, &hosts);
     if (hosts > 1)
-        return snprintf(msg, msglen, "the request has %d Host headers; send one", hosts), OPTD_E_BAD_REQUEST;
+        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "the request has %d Host headers; send one", hosts);
     if (!h && strcmp(version, MHD_HTTP_VERSION_1_0) != 0)
-        return snprintf(msg, msglen, "an HTTP/1.1 request needs a Host header"), OPTD_E_BAD_REQUEST;
+        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "an HTTP/1.1 request needs a Host header");
     if (h && r->srv->host_check && !host_is_loopback(h))
-        return snprintf(msg, msglen, "this daemon listens on a loopback address without a token, so it answers "
+        return optd_fail(msg, msglen, OPTD_E_FORBIDDEN, "this daemon listens on a loopback address without a token, so it answers "
                                      "only requests whose Host is localhost, 127.x.x.x or [::1] (a defence "
-                                     "against DNS rebinding); configure a token to serve other names"),
-               OPTD_E_FORBIDDEN;
+                                     "against DNS rebinding); configure a token to serve other names");
     return OPTD_OK;
 }
 
@@ -1414,9 +1484,8 @@ static optd_err convention_checks(req *r, char *msg, size_t msglen)
     }
     const char *ce = header(r, MHD_HTTP_HEADER_CONTENT_ENCODING);
     if (ce && strcasecmp(ce, "identity") != 0)
-        return snprintf(msg, msglen, "Content-Encoding %.40s is not supported: send the body uncompressed "
-                        "(without Content-Encoding)", ce),
-               OPTD_E_UNSUPPORTED_MEDIA_TYPE;
+        return optd_fail(msg, msglen, OPTD_E_UNSUPPORTED_MEDIA_TYPE, "Content-Encoding %.40s is not supported: send the body uncompressed "
+                        "(without Content-Encoding)", ce);
     return OPTD_OK;
 }
 
@@ -1426,25 +1495,23 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
 {
     http_server *srv = r->srv;
     if (atomic_load(&srv->stopping))
-        return snprintf(msg, msglen, "the server is shutting down; retry"), OPTD_E_UNAVAILABLE;
+        return optd_fail(msg, msglen, OPTD_E_UNAVAILABLE, "the server is shutting down; retry");
     /* Every /v1 request needs the token, even to learn a path is unknown. */
     if (strncmp(r->path, "/v1", 3) == 0 && (r->path[3] == '/' || r->path[3] == '\0') && !authorized(r))
-        return snprintf(msg, msglen, "%s: send the header \"Authorization: Bearer <token>\" with the daemon's token",
+        return optd_fail(msg, msglen, OPTD_E_UNAUTHORIZED, "%s: send the header \"Authorization: Bearer <token>\" with the daemon's token",
                         header(r, MHD_HTTP_HEADER_AUTHORIZATION) ? "the bearer token is wrong"
-                                                                 : "this daemon needs a bearer token"),
-               OPTD_E_UNAUTHORIZED;
+                                                                 : "this daemon needs a bearer token");
     if (r->route == HTTP_R_NONE)
-        return snprintf(msg, msglen, "no such path"), OPTD_E_NOT_FOUND;
+        return optd_fail(msg, msglen, OPTD_E_NOT_FOUND, "no such path");
     if (!method_allowed(r->route, method))
-        return snprintf(msg, msglen, "%s is not allowed here; allowed: %s", method, allow[r->route]),
-               OPTD_E_METHOD_NOT_ALLOWED;
+        return optd_fail(msg, msglen, OPTD_E_METHOD_NOT_ALLOWED, "%s is not allowed here; allowed: %s", method, http_routes[r->route].methods);
     optd_err rc = convention_checks(r, msg, msglen);
     if (rc)
         return rc;
     if (r->route >= HTTP_R_SESSION && !r->name_ok) {
         if (r->route == HTTP_R_SESSION && strcmp(method, "PUT") == 0)
-            return snprintf(msg, msglen, "a session name matches [A-Za-z0-9][A-Za-z0-9._-]{0,127}"), OPTD_E_INVALID;
-        return snprintf(msg, msglen, "no such session"), OPTD_E_NOT_FOUND;
+            return optd_fail(msg, msglen, OPTD_E_INVALID, "a session name matches [A-Za-z0-9][A-Za-z0-9._-]{0,127}");
+        return optd_fail(msg, msglen, OPTD_E_NOT_FOUND, "no such session");
     }
     const char *cl = header(r, MHD_HTTP_HEADER_CONTENT_LENGTH);
     const char *te = header(r, MHD_HTTP_HEADER_TRANSFER_ENCODING);
@@ -1456,22 +1523,20 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
         if (ct && media_is(ct, "application/octet-stream"))
             r->binary = 1;
         else if (ct && !media_is(ct, "application/json"))
-            return snprintf(msg, msglen, "Content-Type %.60s is not supported; use application/json%s%s", ct,
+            return optd_fail(msg, msglen, OPTD_E_UNSUPPORTED_MEDIA_TYPE, "Content-Type %.60s is not supported; use application/json%s%s", ct,
                             r->route == HTTP_R_STEP || r->route == HTTP_R_STATE ? " or application/octet-stream" : "",
                             media_is(ct, "application/x-www-form-urlencoded")
                                 ? " (curl's -d sends this type: add -H 'Content-Type: application/json')"
-                                : ""),
-                   OPTD_E_UNSUPPORTED_MEDIA_TYPE;
+                                : "");
         if (r->binary && r->route != HTTP_R_STEP && !(r->route == HTTP_R_STATE && strcmp(method, "PUT") == 0))
-            return snprintf(msg, msglen, "only steps and PUT .../state take application/octet-stream"),
-                   OPTD_E_UNSUPPORTED_MEDIA_TYPE;
+            return optd_fail(msg, msglen, OPTD_E_UNSUPPORTED_MEDIA_TYPE, "only steps and PUT .../state take application/octet-stream");
     }
     if (cl) {
         char *end;
         errno = 0;
         unsigned long long n = strtoull(cl, &end, 10);
         if (errno == ERANGE || n > body_limit(r))
-            return snprintf(msg, msglen, "the body is over the %zu-byte limit", body_limit(r)), OPTD_E_TOO_LARGE;
+            return optd_fail(msg, msglen, OPTD_E_TOO_LARGE, "the body is over the %zu-byte limit", body_limit(r));
     }
     return OPTD_OK;
 }
@@ -1711,6 +1776,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     free(r);
     *con_cls = NULL;
     atomic_fetch_sub(&srv->active, 1);
+    idle_signal(srv);
 }
 
 static size_t unescape(void *cls, struct MHD_Connection *c, char *s)
@@ -1787,6 +1853,12 @@ optd_err http_start(const http_config *cfg, store *st, http_server **out, char *
     srv->listen_fd = -1;
     pthread_mutex_init(&srv->conns_mu, NULL);
     pthread_cond_init(&srv->watchdog_cv, NULL);
+    pthread_mutex_init(&srv->idle_mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&srv->idle_cv, &ca);
+    pthread_condattr_destroy(&ca);
     if (cfg->token && !(srv->token = strdup(cfg->token)))
         goto done;
     engine_options eo = {
@@ -1854,6 +1926,8 @@ done:
         free(srv->token);
         pthread_mutex_destroy(&srv->conns_mu);
         pthread_cond_destroy(&srv->watchdog_cv);
+        pthread_mutex_destroy(&srv->idle_mu);
+        pthread_cond_destroy(&srv->idle_cv);
         free(srv);
         srv = NULL;
     }
@@ -1862,6 +1936,22 @@ done:
 }
 
 uint16_t http_port(const http_server *srv) { return srv->port; }
+
+/* Waits (at most ms milliseconds) until no request is in flight besides,
+ * when but_parked, those parked in worker rounds. */
+static void wait_idle(http_server *srv, int but_parked, unsigned ms)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    uint64_t ns = (uint64_t)ts.tv_nsec + (uint64_t)ms * 1000000u;
+    ts.tv_sec += (time_t)(ns / 1000000000u);
+    ts.tv_nsec = (long)(ns % 1000000000u);
+    pthread_mutex_lock(&srv->idle_mu);
+    while (atomic_load(&srv->active) > (but_parked ? engine_parked(srv->w) : 0))
+        if (pthread_cond_timedwait(&srv->idle_cv, &srv->idle_mu, &ts) == ETIMEDOUT)
+            break;
+    pthread_mutex_unlock(&srv->idle_mu);
+}
 
 void http_stop(http_server *srv)
 {
@@ -1878,13 +1968,11 @@ void http_stop(http_server *srv)
      * requests in flight (some suspended on it) finish and are answered.
      * Whatever is still queued after that is run by writer_stop, which
      * resumes its connections before MHD closes them. */
-    for (int i = 0; i < 1000 && atomic_load(&srv->active) > engine_parked(srv->w); i++)
-        usleep(10000);
-    /* Rounds that have not filled cannot fill now: writer_stop fails them
+    wait_idle(srv, 1, 10000);
+    /* Rounds that have not filled cannot fill now: engine_stop fails them
      * with 503, and their replies get a moment to leave. */
     engine_stop(srv->w);
-    for (int i = 0; i < 200 && atomic_load(&srv->active) > 0; i++)
-        usleep(10000);
+    wait_idle(srv, 0, 2000);
     pthread_mutex_lock(&srv->conns_mu);
     srv->watchdog_on = 0;
     pthread_cond_signal(&srv->watchdog_cv);
@@ -1896,5 +1984,7 @@ void http_stop(http_server *srv)
     free(srv->token);
     pthread_mutex_destroy(&srv->conns_mu);
     pthread_cond_destroy(&srv->watchdog_cv);
+    pthread_mutex_destroy(&srv->idle_mu);
+    pthread_cond_destroy(&srv->idle_cv);
     free(srv);
 }

@@ -7,6 +7,7 @@
 #define OPTD_HTTP_INT_H
 
 #include <cJSON.h>
+#include <microhttpd.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -186,6 +187,11 @@ optd_err http_settings_apply_json(const optim_info *info, const cJSON *body, opt
 void hparams_to_json(sbuf *b, const optim_info *info, const optim_hparams *hp, const training *tr);
 /* Appends the session fields (workers, min_workers, round_timeout). */
 void training_fields_to_json(sbuf *b, const training *tr);
+/* For GET /v1/optimizers, from the tables that validate: appends the
+ * descriptions of lr_schedule and max_grad_norm (each preceded by a comma),
+ * and the array of the session fields. */
+void http_training_describe(sbuf *b);
+void http_session_fields_describe(sbuf *b);
 /* The stored configuration's format (store_session.config), for the engine. */
 extern const engine_codec http_config_codec;
 
@@ -280,7 +286,16 @@ typedef struct metrics {
     engine_stats eng; /* the engine's counters */
 } metrics;
 
-const char *route_template(http_route r);
+/* The one route table (http.c), indexed by http_route: the path template
+ * ("{name}" stands for a session name; also the metrics label), the
+ * methods the Allow header lists, and the handler. */
+struct req;
+typedef struct http_route_def {
+    const char *path;
+    const char *methods;
+    enum MHD_Result (*handler)(struct req *r, const char *method);
+} http_route_def;
+extern const http_route_def http_routes[HTTP_R_COUNT];
 
 /* The files compiled into the daemon (build/gen/assets.c, from http/embed.py). */
 extern const unsigned char asset_dashboard[], asset_openapi[];

@@ -17,7 +17,6 @@
 enum { PH_KEY, PH_COLON, PH_VALUE, PH_COMMA }; /* where an object is */
 enum { V_ELEM_OR_END, V_ELEM, V_COMMA_OR_END }; /* where a vector is */
 
-static const char *dtype_str(optim_dtype d) { return d == OPTIM_F64 ? "float64" : "float32"; }
 
 static int fail(jbody *jb, optd_err rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static int fail(jbody *jb, optd_err rc, const char *fmt, ...)
@@ -105,7 +104,7 @@ static int put_number(jbody *jb, jvec *v, const char *s, size_t len)
         return fail(jb, OPTD_E_BAD_JSON, "the body is not valid JSON (a number is malformed)");
     if (!isfinite(v->dtype == OPTIM_F64 ? d : (double)(float)d)) {
         vec_label(v, label, sizeof label);
-        return fail(jb, OPTD_E_NON_FINITE, "%s element %zu is not a finite %s", label, v->n, dtype_str(v->dtype));
+        return fail(jb, OPTD_E_NON_FINITE, "%s element %zu is not a finite %s", label, v->n, engine_dtype_name(v->dtype));
     }
     if (v->borrowed) {
         if (v->n < v->cap) {

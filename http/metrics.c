@@ -7,25 +7,6 @@
 
 #include "http/httpInt.h"
 
-static const char *templates[HTTP_R_COUNT] = {
-    [HTTP_R_NONE] = "unknown",
-    [HTTP_R_ROOT] = "/",
-    [HTTP_R_HEALTHZ] = "/healthz",
-    [HTTP_R_READYZ] = "/readyz",
-    [HTTP_R_METRICS] = "/metrics",
-    [HTTP_R_OPTIMIZERS] = "/v1/optimizers",
-    [HTTP_R_OPENAPI] = "/v1/openapi.json",
-    [HTTP_R_SESSIONS] = "/v1/sessions",
-    [HTTP_R_SESSION] = "/v1/sessions/{name}",
-    [HTTP_R_STEP] = "/v1/sessions/{name}/step",
-    [HTTP_R_PARAMS] = "/v1/sessions/{name}/params",
-    [HTTP_R_STATE] = "/v1/sessions/{name}/state",
-    [HTTP_R_HISTORY] = "/v1/sessions/{name}/history",
-    [HTTP_R_BACKUPS] = "/v1/backups",
-};
-
-const char *route_template(http_route r) { return r < HTTP_R_COUNT ? templates[r] : "unknown"; }
-
 void metrics_count_request(metrics *m, http_route r, int status)
 {
     if (r < HTTP_R_COUNT && status >= 100 && status < 600)
@@ -89,7 +70,7 @@ void metrics_render(sbuf *b, metrics *m, uint64_t sessions, const store_stats *s
             for (int k = 0; k < 100; k++) {
                 uint64_t v = atomic_load(&m->requests[r][c][k]);
                 if (v)
-                    sbuf_printf(b, "optd_http_requests_total{route=\"%s\",status=\"%d\"} %llu\n", templates[r],
+                    sbuf_printf(b, "optd_http_requests_total{route=\"%s\",status=\"%d\"} %llu\n", http_routes[r].path,
                                 c * 100 + k, (unsigned long long)v);
             }
     sbuf_puts(b, "# HELP optd_steps_total Optimizer steps applied, by optimizer.\n"

@@ -20,44 +20,36 @@ int name_valid(const char *s)
     return 1;
 }
 
-http_route route_parse(const char *url, char name[STORE_NAME_MAX + 1], int *name_ok)
+/* Whether url matches the template path: equal, or with the segment at
+ * "{name}" copied into name (1 to STORE_NAME_MAX bytes). */
+static int path_match(const char *path, const char *url, char name[STORE_NAME_MAX + 1])
 {
-    static const struct {
-        const char *path;
-        http_route route;
-    } fixed[] = {{"/", HTTP_R_ROOT},
-                 {"/v1/openapi.json", HTTP_R_OPENAPI},
-                 {"/healthz", HTTP_R_HEALTHZ},
-                 {"/readyz", HTTP_R_READYZ},
-                 {"/metrics", HTTP_R_METRICS},
-                 {"/v1/optimizers", HTTP_R_OPTIMIZERS},
-                 {"/v1/sessions", HTTP_R_SESSIONS},
-                 {"/v1/backups", HTTP_R_BACKUPS}};
-    name[0] = '\0';
-    *name_ok = 0;
-    for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)
-        if (strcmp(url, fixed[i].path) == 0)
-            return fixed[i].route;
-    const char *prefix = "/v1/sessions/";
-    if (strncmp(url, prefix, strlen(prefix)) != 0)
-        return HTTP_R_NONE;
-    const char *s = url + strlen(prefix), *slash = strchr(s, '/');
+    const char *hole = strstr(path, "{name}");
+    if (!hole)
+        return strcmp(path, url) == 0;
+    size_t pre = (size_t)(hole - path);
+    if (strncmp(url, path, pre) != 0)
+        return 0;
+    const char *s = url + pre, *slash = strchr(s, '/');
     size_t len = slash ? (size_t)(slash - s) : strlen(s);
-    if (len == 0 || len > STORE_NAME_MAX)
-        return HTTP_R_NONE;
+    if (len == 0 || len > STORE_NAME_MAX || strcmp(s + len, hole + strlen("{name}")) != 0)
+        return 0;
     memcpy(name, s, len);
     name[len] = '\0';
-    *name_ok = name_valid(name);
-    if (!slash)
-        return HTTP_R_SESSION;
-    if (strcmp(slash, "/step") == 0)
-        return HTTP_R_STEP;
-    if (strcmp(slash, "/params") == 0)
-        return HTTP_R_PARAMS;
-    if (strcmp(slash, "/state") == 0)
-        return HTTP_R_STATE;
-    if (strcmp(slash, "/history") == 0)
-        return HTTP_R_HISTORY;
+    return 1;
+}
+
+http_route route_parse(const char *url, char name[STORE_NAME_MAX + 1], int *name_ok)
+{
+    name[0] = '\0';
+    *name_ok = 0;
+    for (int r = HTTP_R_NONE + 1; r < HTTP_R_COUNT; r++) {
+        if (path_match(http_routes[r].path, url, name)) {
+            *name_ok = name[0] && name_valid(name);
+            return (http_route)r;
+        }
+    }
+    name[0] = '\0';
     return HTTP_R_NONE;
 }
 

@@ -155,19 +155,18 @@ static optd_err meta_to_checkpoint(const cJSON *meta, cJSON **out, char *msg, si
         return OPTD_E_NOMEM;
     *out = o;
     if (meta && !cJSON_IsObject(meta))
-        return snprintf(msg, msglen, "__metadata__ must be an object of strings"), OPTD_E_BAD_REQUEST;
+        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "__metadata__ must be an object of strings");
     for (const cJSON *e = meta ? meta->child : NULL; e; e = e->next) {
         if (!cJSON_IsString(e))
-            return snprintf(msg, msglen, "__metadata__.%.64s must be a string (safetensors metadata is strings)",
-                            e->string),
-                   OPTD_E_BAD_REQUEST;
+            return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "__metadata__.%.64s must be a string (safetensors metadata is strings)",
+                            e->string);
         if (strcmp(e->string, "format") == 0)
             continue; /* "pt", "np": what writers note of themselves */
         cJSON *v = NULL;
         if (string_member(e->string) && e->valuestring[0] != '"')
             v = cJSON_CreateString(e->valuestring);
         else if (!(v = cJSON_Parse(e->valuestring)))
-            return snprintf(msg, msglen, "__metadata__.%.64s is not JSON text", e->string), OPTD_E_BAD_REQUEST;
+            return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "__metadata__.%.64s is not JSON text", e->string);
         if (!v || !cJSON_AddItemToObject(o, e->string, v)) {
             cJSON_Delete(v);
             return OPTD_E_NOMEM;
@@ -187,18 +186,15 @@ static optd_err tensor_entry(const cJSON *e, const char *dtype, uint64_t *n, uin
     const cJSON *off = cJSON_GetObjectItemCaseSensitive(e, "data_offsets");
     if (!cJSON_IsObject(e) || !cJSON_IsString(dt) || !cJSON_IsArray(shape) || !cJSON_IsArray(off) ||
         cJSON_GetArraySize(off) != 2 || !cJSON_IsNumber(off->child) || !cJSON_IsNumber(off->child->next))
-        return snprintf(msg, msglen, "tensor %.64s needs dtype, shape and data_offsets", e->string),
-               OPTD_E_BAD_REQUEST;
+        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "tensor %.64s needs dtype, shape and data_offsets", e->string);
     if (strcmp(dt->valuestring, dtype) != 0)
-        return snprintf(msg, msglen, "tensor %.64s is %.8s; the session's tensors are %s", e->string, dt->valuestring,
-                        dtype),
-               OPTD_E_INVALID;
+        return optd_fail(msg, msglen, OPTD_E_INVALID, "tensor %.64s is %.8s; the session's tensors are %s", e->string, dt->valuestring,
+                        dtype);
     if (cJSON_GetArraySize(shape) != 1 || !cJSON_IsNumber(shape->child) || shape->child->valuedouble < 0)
-        return snprintf(msg, msglen, "tensor %.64s must have one dimension (the session is a flat vector)", e->string),
-               OPTD_E_INVALID;
+        return optd_fail(msg, msglen, OPTD_E_INVALID, "tensor %.64s must have one dimension (the session is a flat vector)", e->string);
     double b = off->child->valuedouble, d = off->child->next->valuedouble;
     if (b < 0 || d < b || d > 9007199254740992.0)
-        return snprintf(msg, msglen, "tensor %.64s has bad data_offsets", e->string), OPTD_E_BAD_REQUEST;
+        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "tensor %.64s has bad data_offsets", e->string);
     *n = (uint64_t)shape->child->valuedouble;
     *begin = (uint64_t)b;
     *end = (uint64_t)d;

@@ -43,6 +43,32 @@ static optd_err num(const cJSON *o, const char *name, double *out, double lo, do
     return OPTD_OK;
 }
 
+/* The parameters each schedule type takes (besides type and the optional
+ * warmup_steps): what a schedule may hold, and what /v1/optimizers lists. */
+static const char *const sched_params[][5] = {
+    [SCHED_STEP] = {"step_size", "gamma"},
+    [SCHED_MULTISTEP] = {"milestones", "gamma"},
+    [SCHED_EXPONENTIAL] = {"gamma"},
+    [SCHED_COSINE] = {"T_max", "eta_min"},
+    [SCHED_LINEAR] = {"start_factor", "end_factor", "total_iters"},
+};
+
+/* The session fields' rules: what validates them and what /v1/optimizers
+ * says of them. round_timeout is seconds, at most a week. */
+typedef struct field_rule {
+    const char *name;
+    int integer;
+    double lo, hi;
+    int lo_open;
+} field_rule;
+
+enum { F_WORKERS, F_MIN_WORKERS, F_ROUND_TIMEOUT };
+static const field_rule field_rules[ENGINE_TRAINING_N_FIELDS] = {
+    [F_WORKERS] = {"workers", 1, 1, 100000, 0},
+    [F_MIN_WORKERS] = {"min_workers", 1, 1, 100000, 0},
+    [F_ROUND_TIMEOUT] = {"round_timeout", 0, 0, 86400 * 7, 1},
+};
+
 #define BIG 9007199254740992.0 /* 2^53: every integer below is exact */
 
 static optd_err schedule_from_json(const cJSON *o, schedule *out, char *msg, size_t msglen)
@@ -64,17 +90,10 @@ static optd_err schedule_from_json(const cJSON *o, schedule *out, char *msg, siz
                  type->valuestring, near ? "; did you mean \"" : "", near ? near : "", near ? "\"?" : "");
         return OPTD_E_BAD_HYPERPARAM;
     }
-    static const char *const allowed[][5] = {
-        [SCHED_STEP] = {"step_size", "gamma"},
-        [SCHED_MULTISTEP] = {"milestones", "gamma"},
-        [SCHED_EXPONENTIAL] = {"gamma"},
-        [SCHED_COSINE] = {"T_max", "eta_min"},
-        [SCHED_LINEAR] = {"start_factor", "end_factor", "total_iters"},
-    };
     const char *valid[7] = {"type"};
     size_t nvalid = 1;
-    for (int k = 0; k < 5 && allowed[s.type][k]; k++)
-        valid[nvalid++] = allowed[s.type][k];
+    for (int k = 0; k < 5 && sched_params[s.type][k]; k++)
+        valid[nvalid++] = sched_params[s.type][k];
     valid[nvalid++] = "warmup_steps";
     char where[48];
     snprintf(where, sizeof where, "an lr_schedule of type %s", sched_names[s.type]);
@@ -280,8 +299,9 @@ static void training_fields_from_json(const cJSON *o, engine_settings *d)
             defer(d, ENGINE_ERR_FIELDS, OPTD_E_BAD_REQUEST, msg);
             return;
         }
-        if (e->valuedouble < 1 || e->valuedouble > 100000 || e->valuedouble != floor(e->valuedouble)) {
-            snprintf(msg, sizeof msg, "%s must be an integer from 1 to 100000", k ? "min_workers" : "workers");
+        const field_rule *fr = &field_rules[k ? F_MIN_WORKERS : F_WORKERS];
+        if (e->valuedouble < fr->lo || e->valuedouble > fr->hi || e->valuedouble != floor(e->valuedouble)) {
+            snprintf(msg, sizeof msg, "%s must be an integer from %g to %g", fr->name, fr->lo, fr->hi);
             defer(d, ENGINE_ERR_FIELDS, OPTD_E_INVALID, msg);
             return;
         }
@@ -298,7 +318,8 @@ static void training_fields_from_json(const cJSON *o, engine_settings *d)
             defer(d, ENGINE_ERR_FIELDS, OPTD_E_BAD_REQUEST, "round_timeout must be a number of seconds");
             return;
         }
-        if (!(rt->valuedouble > 0) || rt->valuedouble > 86400 * 7) {
+        const field_rule *fr = &field_rules[F_ROUND_TIMEOUT];
+        if (!(rt->valuedouble > fr->lo) || rt->valuedouble > fr->hi) {
             defer(d, ENGINE_ERR_FIELDS, OPTD_E_INVALID, "round_timeout must be > 0 and at most a week (in seconds)");
             return;
         }
@@ -438,3 +459,44 @@ static optd_err config_decode(void *ctx, const optim_info *info, const char *tex
 }
 
 const engine_codec http_config_codec = {config_encode, config_decode, NULL};
+
+void http_training_describe(sbuf *b)
+{
+    sbuf_puts(b, ",{\"name\":\"lr_schedule\",\"type\":\"object\",\"default\":null,\"schedules\":{");
+    for (int k = SCHED_STEP; k <= SCHED_LINEAR; k++) {
+        sbuf_printf(b, "%s\"%s\":[", k > SCHED_STEP ? "," : "", sched_names[k]);
+        for (int i = 0; i < 5 && sched_params[k][i]; i++)
+            sbuf_printf(b, "%s\"%s\"", i ? "," : "", sched_params[k][i]);
+        sbuf_puts(b, "]");
+    }
+    /* max_grad_norm: training_hparam_from_json takes a finite number > 0. */
+    sbuf_puts(b, "},\"optional\":[\"warmup_steps\"]},"
+                 "{\"name\":\"max_grad_norm\",\"type\":\"number\",\"default\":null,\"min\":0,\"max\":null,"
+                 "\"min_exclusive\":true,\"max_exclusive\":false}");
+}
+
+void http_session_fields_describe(sbuf *b)
+{
+    training def;
+    engine_training_defaults(&def);
+    sbuf_puts(b, "[");
+    for (size_t k = 0; k < ENGINE_TRAINING_N_FIELDS; k++) {
+        const field_rule *fr = &field_rules[k];
+        sbuf_printf(b, "%s{\"name\":\"%s\",\"type\":\"%s\",\"default\":", k ? "," : "", fr->name,
+                    fr->integer ? "integer" : "number");
+        if (k == F_WORKERS)
+            sbuf_printf(b, "%u", def.workers);
+        else if (k == F_MIN_WORKERS)
+            sbuf_puts(b, "\"workers\""); /* min_workers follows workers until set */
+        else
+            sbuf_num(b, def.round_timeout, 0);
+        sbuf_puts(b, ",\"min\":");
+        sbuf_num(b, fr->lo, 0);
+        if (fr->lo_open)
+            sbuf_puts(b, ",\"min_exclusive\":true");
+        sbuf_puts(b, ",\"max\":");
+        sbuf_num(b, fr->hi, 0);
+        sbuf_puts(b, "}");
+    }
+    sbuf_puts(b, "]");
+}
