@@ -130,7 +130,7 @@ int main(int argc, char **argv) {
     }
 
     sopt.sync_full = cfg.sync == DAEMON_SYNC_FULL;
-    sopt.busy_timeout_ms = 5000;
+    sopt.busy_timeout_ms = 0; /* the store's default */
     sopt.readers = (int)cfg.threads;
     sopt.wal_max_bytes = cfg.max_wal;
     /* Storage failures are errors: logged at every level. */

@@ -785,10 +785,85 @@ static optd_err check_fields(const cJSON *o, const char *where, const char *cons
 
 /* Builds a new session from a create body (POST /v1/sessions or PUT
  * /v1/sessions/{name}). */
+/* The session's name: the path's (PUT /v1/sessions/{name}, where the
+ * body's must agree) or the body's (POST /v1/sessions), into r->name. */
+static optd_err create_name(req *r, const cJSON *name, char *msg, size_t msglen)
+{
+    if (name && !cJSON_IsString(name))
+        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "name must be a string");
+    if (r->route == HTTP_R_SESSION) {
+        if (name && strcmp(name->valuestring, r->name) != 0)
+            return optd_fail(msg, msglen, OPTD_E_INVALID, "the body's name differs from the path's");
+        return OPTD_OK;
+    }
+    if (!name)
+        return optd_fail(msg, msglen, OPTD_E_INVALID, "name is required");
+    if (!name_valid(name->valuestring))
+        return optd_fail(msg, msglen, OPTD_E_INVALID, "a session name matches [A-Za-z0-9][A-Za-z0-9._-]{0,127}");
+    snprintf(r->name, sizeof r->name, "%s", name->valuestring);
+    return OPTD_OK;
+}
+
+/* A session whose params the body gives (decoded as the body arrived, in
+ * the body's dtype): the vector is adopted, not copied. */
+static optd_err session_from_params(req *r, const cJSON *params, const cJSON *fill, const optim_info *info,
+                                    optim_dtype dtype, const optim_hparams *hp, const training *tr, sess **out,
+                                    char *msg, size_t msglen)
+{
+    if (!cJSON_IsArray(params))
+        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "params must be an array of numbers");
+    jvec *v = jbody_vec(r->jb, "params", 0);
+    size_t n = v ? v->n : 0;
+    if (n == 0 || n > ENGINE_MAX_ELEMENTS)
+        return optd_fail(msg, msglen, OPTD_E_INVALID, "params must have 1 to %zu elements", ENGINE_MAX_ELEMENTS);
+    if (fill)
+        return optd_fail(msg, msglen, OPTD_E_INVALID, "fill goes with size, not params");
+    if (v->dtype != dtype)
+        return OPTD_E_INTERNAL;
+    optd_err rc = engine_sess_check_size(info, hp, dtype, n, r->srv->cfg.max_session_bytes, msg, msglen);
+    if (rc)
+        return rc;
+    rc = engine_sess_adopt(&http_config_codec, r->name, info, hp, tr, dtype, n, &v->data, out);
+    if (rc == OPTD_E_BAD_HYPERPARAM)
+        engine_accumulator_msg(msg, msglen, dtype);
+    jvec_release(v);
+    return rc;
+}
+
+/* A session of size elements, all fill (0 by default). */
+static optd_err session_from_size(req *r, const cJSON *size, const cJSON *fill, const optim_info *info,
+                                  optim_dtype dtype, const optim_hparams *hp, const training *tr, sess **out,
+                                  char *msg, size_t msglen)
+{
+    if (!size)
+        return optd_fail(msg, msglen, OPTD_E_INVALID, "give params or size");
+    if (!cJSON_IsNumber(size))
+        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "size must be an integer");
+    double n = size->valuedouble, f = 0;
+    if (n < 1 || n > (double)ENGINE_MAX_ELEMENTS || n != (double)(size_t)n)
+        return optd_fail(msg, msglen, OPTD_E_INVALID, "size must be an integer from 1 to %zu", ENGINE_MAX_ELEMENTS);
+    if (fill) {
+        if (!cJSON_IsNumber(fill))
+            return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "fill must be a number");
+        f = fill->valuedouble;
+        if (!isfinite(dtype == OPTIM_F32 ? (float)f : f))
+            return optd_fail(msg, msglen, OPTD_E_NON_FINITE, "fill is not a finite %s", engine_dtype_name(dtype));
+    }
+    /* Before anything is allocated: a 60-byte body may ask for gigabytes. */
+    optd_err rc = engine_sess_check_size(info, hp, dtype, (size_t)n, r->srv->cfg.max_session_bytes, msg, msglen);
+    if (rc)
+        return rc;
+    rc = engine_sess_new(&http_config_codec, r->name, info, hp, tr, dtype, (size_t)n, NULL, f, out);
+    if (rc == OPTD_E_BAD_HYPERPARAM)
+        engine_accumulator_msg(msg, msglen, dtype);
+    return rc;
+}
+
+/* A create body: a new session into *out, or (with "from") a fork, whose
+ * source is named in r->from and *out left NULL. */
 static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
 {
     const cJSON *o = r->json;
-    const cJSON *name = cJSON_GetObjectItemCaseSensitive(o, "name");
     const cJSON *params = cJSON_GetObjectItemCaseSensitive(o, "params");
     const cJSON *size = cJSON_GetObjectItemCaseSensitive(o, "size");
     const cJSON *fill = cJSON_GetObjectItemCaseSensitive(o, "fill");
@@ -801,20 +876,10 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
 
     rc = check_fields(o, "a create body", create_fields, sizeof create_fields / sizeof *create_fields, HINT_INSIDE,
                       msg, msglen);
+    if (!rc)
+        rc = create_name(r, cJSON_GetObjectItemCaseSensitive(o, "name"), msg, msglen);
     if (rc)
         return rc;
-    if (name && !cJSON_IsString(name))
-        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "name must be a string");
-    if (r->route == HTTP_R_SESSION) {
-        if (name && strcmp(name->valuestring, r->name) != 0)
-            return optd_fail(msg, msglen, OPTD_E_INVALID, "the body's name differs from the path's");
-    } else {
-        if (!name)
-            return optd_fail(msg, msglen, OPTD_E_INVALID, "name is required");
-        if (!name_valid(name->valuestring))
-            return optd_fail(msg, msglen, OPTD_E_INVALID, "a session name matches [A-Za-z0-9][A-Za-z0-9._-]{0,127}");
-        snprintf(r->name, sizeof r->name, "%s", name->valuestring);
-    }
     if (from) {
         /* A fork: the writer copies the source as it is when the job runs. */
         if (!cJSON_IsString(from))
@@ -833,49 +898,9 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
         return rc;
     if (params && size)
         return optd_fail(msg, msglen, OPTD_E_INVALID, "give either params or size, not both");
-    if (params) {
-        if (!cJSON_IsArray(params))
-            return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "params must be an array of numbers");
-        /* Decoded as the body arrived, in the body's dtype. */
-        jvec *v = jbody_vec(r->jb, "params", 0);
-        size_t n = v ? v->n : 0;
-        if (n == 0 || n > ENGINE_MAX_ELEMENTS)
-            return optd_fail(msg, msglen, OPTD_E_INVALID, "params must have 1 to %zu elements", ENGINE_MAX_ELEMENTS);
-        if (fill)
-            return optd_fail(msg, msglen, OPTD_E_INVALID, "fill goes with size, not params");
-        if (v->dtype != dtype)
-            return OPTD_E_INTERNAL;
-        rc = engine_sess_check_size(info, &hp, dtype, n, r->srv->cfg.max_session_bytes, msg, msglen);
-        if (rc)
-            return rc;
-        rc = engine_sess_adopt(&http_config_codec, r->name, info, &hp, &tr, dtype, n, &v->data, out);
-        if (rc == OPTD_E_BAD_HYPERPARAM)
-            engine_accumulator_msg(msg, msglen, dtype);
-        jvec_release(v);
-        return rc;
-    }
-    if (!size)
-        return optd_fail(msg, msglen, OPTD_E_INVALID, "give params or size");
-    if (!cJSON_IsNumber(size))
-        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "size must be an integer");
-    double n = size->valuedouble, f = 0;
-    if (n < 1 || n > (double)ENGINE_MAX_ELEMENTS || n != (double)(size_t)n)
-        return optd_fail(msg, msglen, OPTD_E_INVALID, "size must be an integer from 1 to %zu", ENGINE_MAX_ELEMENTS);
-    if (fill) {
-        if (!cJSON_IsNumber(fill))
-            return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "fill must be a number");
-        f = fill->valuedouble;
-        if (!isfinite(dtype == OPTIM_F32 ? (float)f : f))
-            return optd_fail(msg, msglen, OPTD_E_NON_FINITE, "fill is not a finite %s", engine_dtype_name(dtype));
-    }
-    /* Before anything is allocated: a 60-byte body may ask for gigabytes. */
-    rc = engine_sess_check_size(info, &hp, dtype, (size_t)n, r->srv->cfg.max_session_bytes, msg, msglen);
-    if (rc)
-        return rc;
-    rc = engine_sess_new(&http_config_codec, r->name, info, &hp, &tr, dtype, (size_t)n, NULL, f, out);
-    if (rc == OPTD_E_BAD_HYPERPARAM)
-        engine_accumulator_msg(msg, msglen, dtype);
-    return rc;
+    if (params)
+        return session_from_params(r, params, fill, info, dtype, &hp, &tr, out, msg, msglen);
+    return session_from_size(r, size, fill, info, dtype, &hp, &tr, out, msg, msglen);
 }
 
 /* Reads If-Match into r->job.base.if_match for a conditional PATCH, DELETE or
@@ -949,6 +974,105 @@ static enum MHD_Result patch_session(req *r)
     return submit(r);
 }
 
+/* The step's headers: If-Match, Idempotency-Key, Prefer and Accept. */
+static optd_err step_headers(req *r, engine_step_req *j, char *msg, size_t msglen)
+{
+    if (parse_if_match(header(r, MHD_HTTP_HEADER_IF_MATCH), &j->if_match))
+        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "If-Match must be a step in quotes, e.g. \"12\"");
+    const char *key = header(r, "Idempotency-Key");
+    if (key) {
+        size_t n = strlen(key);
+        if (n == 0 || n > 255)
+            return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "Idempotency-Key must be 1 to 255 characters");
+        memcpy(r->idem, key, n + 1);
+        j->idem_key = r->idem;
+    }
+    const char *prefer = header(r, "Prefer");
+    r->minimal = prefer && strstr(prefer, "return=minimal") != NULL;
+    r->want_binary = accepts_binary(r);
+    return OPTD_OK;
+}
+
+/* An application/octet-stream step: the body is the gradient, loss and
+ * weight come in the Optd-Loss and Optd-Weight headers. */
+static optd_err step_binary(req *r, engine_step_req *j, char *msg, size_t msglen)
+{
+    size_t es = optim_elem_size(j->dtype), bytes = j->size * es;
+    if (r->len != bytes)
+        return optd_fail(msg, msglen, OPTD_E_SIZE_MISMATCH, "the body has %zu bytes; the session needs %zu (%zu x %zu)",
+                         r->len, bytes, j->size, es);
+    size_t bad;
+    if (!vec_finite(r->body, j->size, j->dtype, &bad))
+        return optd_fail(msg, msglen, OPTD_E_NON_FINITE, "element %zu of the gradient is not finite", bad);
+    j->grad = r->body; /* malloc'd, so aligned for any element type */
+    const char *loss = header(r, "Optd-Loss"), *weight = header(r, "Optd-Weight");
+    if (loss && http_parse_number(loss, &j->loss))
+        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "Optd-Loss must be a finite number");
+    j->has_loss = loss != NULL;
+    if (weight && (http_parse_number(weight, &j->weight) || !(j->weight > 0)))
+        return optd_fail(msg, msglen, OPTD_E_INVALID, "Optd-Weight must be a finite number > 0");
+    return OPTD_OK;
+}
+
+/* A JSON step {"grad": [...], "loss": x, "weight": w}: the fast path for
+ * that shape, else the streaming decoder (which also words the error). */
+static optd_err step_json(req *r, engine_step_req *j, char *msg, size_t msglen)
+{
+    size_t bytes = j->size * optim_elem_size(j->dtype);
+    step_fields f;
+    r->grad = malloc(bytes ? bytes : 1);
+    if (!r->grad)
+        return OPTD_E_NOMEM;
+    j->grad = r->grad;
+    if (step_body_fast(r->body ? r->body : "", r->len, j->dtype, j->size, r->grad, &f)) {
+        j->has_loss = f.has_loss;
+        j->loss = f.loss;
+        j->weight = f.weight;
+        return OPTD_OK;
+    }
+    /* Any other shape: the same streaming decoder as a create, fed the
+     * whole body, reads grad into r->grad; only the rest becomes a tree. */
+    jbody *jb = malloc(sizeof *jb);
+    if (!jb)
+        return OPTD_E_NOMEM;
+    jbody_init(jb, JB_GRAD, r->len + 1, SIZE_MAX);
+    jbody_set_dtype(jb, j->dtype, r->grad, j->size);
+    jbody_feed(jb, r->body ? r->body : "", r->len);
+    r->jb = jb; /* freed with r */
+    optd_err rc = parse_json(r, msg, msglen);
+    if (rc)
+        return rc;
+    static const char *const step_names[] = {"grad", "loss", "weight"};
+    rc = body_fields_known(r->json, "a step body", step_names, 3, HINT_PATCH, msg, msglen);
+    if (rc)
+        return rc;
+    const cJSON *g = cJSON_GetObjectItemCaseSensitive(r->json, "grad");
+    if (!g)
+        return optd_fail(msg, msglen, OPTD_E_INVALID, "grad is required: {\"grad\": [...]} with one number per element");
+    if (!cJSON_IsArray(g))
+        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "grad must be an array of numbers");
+    jvec *v = jbody_vec(jb, "grad", 0);
+    size_t n = v ? v->n : 0;
+    if (n != j->size)
+        return optd_fail(msg, msglen, OPTD_E_SIZE_MISMATCH, "grad has %zu elements; the session has %zu", n, j->size);
+    const cJSON *loss = cJSON_GetObjectItemCaseSensitive(r->json, "loss");
+    const cJSON *weight = cJSON_GetObjectItemCaseSensitive(r->json, "weight");
+    if (loss && !cJSON_IsNull(loss)) {
+        if (!cJSON_IsNumber(loss) || !isfinite(loss->valuedouble))
+            return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "loss must be a finite number");
+        j->has_loss = true;
+        j->loss = loss->valuedouble;
+    }
+    if (weight) {
+        if (!cJSON_IsNumber(weight))
+            return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "weight must be a number");
+        if (!(weight->valuedouble > 0) || !isfinite(weight->valuedouble))
+            return optd_fail(msg, msglen, OPTD_E_INVALID, "weight must be a finite number > 0");
+        j->weight = weight->valuedouble;
+    }
+    return OPTD_OK;
+}
+
 static enum MHD_Result post_step(req *r)
 {
     char msg[256] = "";
@@ -961,101 +1085,17 @@ static enum MHD_Result post_step(req *r)
     j->dtype = (optim_dtype)row.dtype;
     j->size = (size_t)row.size;
     store_session_clear(&row);
-    size_t es = optim_elem_size(j->dtype), bytes = j->size * es;
-
     j->weight = 1;
-    if (parse_if_match(header(r, MHD_HTTP_HEADER_IF_MATCH), &j->if_match))
-        return send_err(r, OPTD_E_BAD_REQUEST, "If-Match must be a step in quotes, e.g. \"12\"", -1);
-    const char *key = header(r, "Idempotency-Key");
-    if (key) {
-        size_t n = strlen(key);
-        if (n == 0 || n > 255)
-            return send_err(r, OPTD_E_BAD_REQUEST, "Idempotency-Key must be 1 to 255 characters", -1);
-        memcpy(r->idem, key, n + 1);
-        j->idem_key = r->idem;
-    }
-    const char *prefer = header(r, "Prefer");
-    r->minimal = prefer && strstr(prefer, "return=minimal") != NULL;
-    r->want_binary = accepts_binary(r);
-
-    if (r->binary) {
-        if (r->len != bytes) {
-            snprintf(msg, sizeof msg, "the body has %zu bytes; the session needs %zu (%zu x %zu)", r->len, bytes,
-                     j->size, es);
-            return send_err(r, OPTD_E_SIZE_MISMATCH, msg, -1);
-        }
-        size_t bad;
-        if (!vec_finite(r->body, j->size, j->dtype, &bad)) {
-            snprintf(msg, sizeof msg, "element %zu of the gradient is not finite", bad);
-            return send_err(r, OPTD_E_NON_FINITE, msg, -1);
-        }
-        j->grad = r->body; /* malloc'd, so aligned for any element type */
-        const char *loss = header(r, "Optd-Loss"), *weight = header(r, "Optd-Weight");
-        if (loss && http_parse_number(loss, &j->loss))
-            return send_err(r, OPTD_E_BAD_REQUEST, "Optd-Loss must be a finite number", -1);
-        j->has_loss = loss != NULL;
-        if (weight && (http_parse_number(weight, &j->weight) || !(j->weight > 0)))
-            return send_err(r, OPTD_E_INVALID, "Optd-Weight must be a finite number > 0", -1);
-    } else {
-        step_fields f;
-        r->grad = malloc(bytes ? bytes : 1);
-        if (!r->grad)
-            return send_err(r, OPTD_E_NOMEM, NULL, -1);
-        j->grad = r->grad;
-        if (step_body_fast(r->body ? r->body : "", r->len, j->dtype, j->size, r->grad, &f)) {
-            j->has_loss = f.has_loss;
-            j->loss = f.loss;
-            j->weight = f.weight;
-            goto decoded;
-        }
-        /* Any other shape: the same streaming decoder as a create, fed the
-         * whole body, reads grad into r->grad; only the rest becomes a tree. */
-        jbody *jb = malloc(sizeof *jb);
-        if (!jb)
-            return send_err(r, OPTD_E_NOMEM, NULL, -1);
-        jbody_init(jb, JB_GRAD, r->len + 1, SIZE_MAX);
-        jbody_set_dtype(jb, j->dtype, r->grad, j->size);
-        jbody_feed(jb, r->body ? r->body : "", r->len);
-        r->jb = jb; /* freed with r */
-        rc = parse_json(r, msg, sizeof msg);
-        if (rc)
-            return send_err(r, rc, msg, -1);
-        static const char *const step_names[] = {"grad", "loss", "weight"};
-        rc = body_fields_known(r->json, "a step body", step_names, 3, HINT_PATCH, msg, sizeof msg);
-        if (rc)
-            return send_err(r, rc, msg, -1);
-        const cJSON *g = cJSON_GetObjectItemCaseSensitive(r->json, "grad");
-        if (!g)
-            return send_err(r, OPTD_E_INVALID, "grad is required: {\"grad\": [...]} with one number per element", -1);
-        if (!cJSON_IsArray(g))
-            return send_err(r, OPTD_E_BAD_REQUEST, "grad must be an array of numbers", -1);
-        jvec *v = jbody_vec(jb, "grad", 0);
-        size_t n = v ? v->n : 0;
-        if (n != j->size) {
-            snprintf(msg, sizeof msg, "grad has %zu elements; the session has %zu", n, j->size);
-            return send_err(r, OPTD_E_SIZE_MISMATCH, msg, -1);
-        }
-        const cJSON *loss = cJSON_GetObjectItemCaseSensitive(r->json, "loss");
-        const cJSON *weight = cJSON_GetObjectItemCaseSensitive(r->json, "weight");
-        if (loss && !cJSON_IsNull(loss)) {
-            if (!cJSON_IsNumber(loss) || !isfinite(loss->valuedouble))
-                return send_err(r, OPTD_E_BAD_REQUEST, "loss must be a finite number", -1);
-            j->has_loss = true;
-            j->loss = loss->valuedouble;
-        }
-        if (weight) {
-            if (!cJSON_IsNumber(weight))
-                return send_err(r, OPTD_E_BAD_REQUEST, "weight must be a number", -1);
-            if (!(weight->valuedouble > 0) || !isfinite(weight->valuedouble))
-                return send_err(r, OPTD_E_INVALID, "weight must be a finite number > 0", -1);
-            j->weight = weight->valuedouble;
-        }
-    }
-decoded:
+    rc = step_headers(r, j, msg, sizeof msg);
+    if (!rc)
+        rc = r->binary ? step_binary(r, j, msg, sizeof msg) : step_json(r, j, msg, sizeof msg);
+    if (rc)
+        return send_err(r, rc, msg, -1);
     /* A retry must be the same request: same gradient and same weight. Only
      * a keyed step is ever compared (a pass over a 1e6 gradient costs 1 ms). */
     if (j->idem_key)
-        j->digest = optd_digest64(j->grad, bytes) ^ (optd_digest64(&j->weight, sizeof j->weight) * 31);
+        j->digest = optd_digest64(j->grad, j->size * optim_elem_size(j->dtype)) ^
+                    (optd_digest64(&j->weight, sizeof j->weight) * 31);
     j->want_params = !r->minimal;
     return submit(r);
 }
@@ -1150,12 +1190,18 @@ static enum MHD_Result h_none(req *r, const char *method)
     return send_err(r, OPTD_E_NOT_FOUND, "no such path", -1);
 }
 
+/* {"status": status}, 200: what the probes answer. */
+static enum MHD_Result send_status(req *r, const char *status)
+{
+    sbuf b = {0};
+    sbuf_printf(&b, "{\"status\":\"%s\"}", status);
+    return send_json(r, 200, &b, NULL);
+}
+
 static enum MHD_Result h_healthz(req *r, const char *method)
 {
     (void)method;
-    sbuf b = {0};
-    sbuf_puts(&b, "{\"status\":\"ok\"}");
-    return send_json(r, 200, &b, NULL);
+    return send_status(r, "ok");
 }
 
 static enum MHD_Result h_readyz(req *r, const char *method)
@@ -1167,9 +1213,7 @@ static enum MHD_Result h_readyz(req *r, const char *method)
      * tell whether the fault has cleared. */
     if (atomic_load(&srv->stopping) || (!engine_healthy(srv->w) && !store_writable(srv->st)))
         return send_err(r, OPTD_E_UNAVAILABLE, "the database is not writable", -1);
-    sbuf b = {0};
-    sbuf_puts(&b, "{\"status\":\"ready\"}");
-    return send_json(r, 200, &b, NULL);
+    return send_status(r, "ready");
 }
 
 static enum MHD_Result h_metrics(req *r, const char *method)

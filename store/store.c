@@ -1203,7 +1203,7 @@ optd_err store_open(const char *path, const store_options *opt, store **out, cha
         seterr(err, errlen, "no database path given");
         return OPTD_E_INVALID;
     }
-    if (opt && (opt->sync_full || opt->busy_timeout_ms || opt->readers)) {
+    if (opt) {
         o.sync_full = opt->sync_full != 0;
         if (opt->busy_timeout_ms > 0) o.busy_timeout_ms = opt->busy_timeout_ms;
         if (opt->readers > 0) o.readers = opt->readers;

@@ -20,10 +20,13 @@ typedef struct store store;
 
 #define STORE_NAME_MAX 128
 
+/* What store_open takes; a NULL store_options is every default. Each field
+ * means what it says (sync_full 0 is NORMAL); a count or time of 0 is its
+ * default. */
 typedef struct store_options {
-    int sync_full;        /* 1: synchronous=FULL (default), 0: NORMAL */
-    int busy_timeout_ms;  /* how long a locked database is waited for (default 5000) */
-    int readers;          /* read connections in the pool (default 4) */
+    int sync_full;        /* 1: synchronous=FULL (the default of NULL options), 0: NORMAL */
+    int busy_timeout_ms;  /* how long a locked database is waited for; 0: 5000 */
+    int readers;          /* read connections in the pool; 0: 4 */
     /* WAL bytes past which writes are refused (OPTD_E_UNAVAILABLE, logged)
      * until the checkpointer has copied it back: the guard against a disk
      * that fills while checkpoints cannot make progress. 0: STORE_WAL_MAX. */
