@@ -119,8 +119,10 @@ bench: all $(BENCH_BINS)
 clean:
 	rm -rf build
 
+# fmt: the style of .clang-format over the daemon's sources and headers
+# (common/ optim/ store/ engine/ http/ daemon/) and the unit tests.
 fmt:
-	clang-format -i $(LIB_SRC) $(DAEMON_SRC) $(wildcard */*.h) $(wildcard tests/*.c)
+	clang-format -i $(LIB_SRC) $(DAEMON_SRC) $(wildcard */*.h) $(wildcard tests/*.c) tests/fuzz/fuzz_decode.c
 
 -include $(shell find build -name '*.d' 2>/dev/null)
 
