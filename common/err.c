@@ -16,10 +16,7 @@ static const struct {
 
 const char *optd_err_code(optd_err e) { return (unsigned)e < OPTD_E_COUNT ? table[e].code : "internal"; }
 int optd_err_status(optd_err e) { return (unsigned)e < OPTD_E_COUNT ? table[e].status : 500; }
-const char *optd_err_message(optd_err e)
-{
-    return (unsigned)e < OPTD_E_COUNT ? table[e].msg : "internal error";
-}
+const char *optd_err_message(optd_err e) { return (unsigned)e < OPTD_E_COUNT ? table[e].msg : "internal error"; }
 
 optd_err optd_fail(char *msg, size_t msglen, optd_err rc, const char *fmt, ...)
 {

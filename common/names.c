@@ -73,7 +73,7 @@ void optd_names_join(char *out, size_t outlen, const char *const *names, size_t 
 }
 
 void optd_unknown_name_msg(char *msg, size_t msglen, const char *what, const char *name, const char *where,
-                      const char *const *names, size_t n)
+                           const char *const *names, size_t n)
 {
     char list[512], near[96] = "";
     const char *best = optd_name_nearest(name, names, n);

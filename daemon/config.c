@@ -24,10 +24,10 @@ typedef enum opt_kind {
 } opt_kind;
 
 typedef struct opt_def {
-    const char *flag;    /* without "--"; NULL for a variable with no flag */
+    const char *flag; /* without "--"; NULL for a variable with no flag */
     const char *env;
     const char *metavar;
-    const char *def;     /* default, as text parsed like a given value; NULL: none */
+    const char *def; /* default, as text parsed like a given value; NULL: none */
     opt_kind kind;
     uint64_t min, max;   /* range of the value as written (before scale) */
     uint64_t scale;      /* K_UINT: the field holds value * scale */
@@ -80,15 +80,15 @@ static const opt_def options[] = {
     {"max-wal", "OPTD_MAX_WAL", "BYTES", "1G", K_BYTES, MIB, BYTES_MAX, 1, FIELD(max_wal), NULL,
      "-wal file size past which writes are refused (503, logged) until\n"
      "      checkpoints catch up; they restart it at 64M in normal running"},
-    {"idempotency-window", "OPTD_IDEMPOTENCY_WINDOW", "N", "10000", K_UINT, 1, 1000000000, 1,
-     FIELD(idempotency_window), NULL, "steps of a session an Idempotency-Key is remembered for"},
+    {"idempotency-window", "OPTD_IDEMPOTENCY_WINDOW", "N", "10000", K_UINT, 1, 1000000000, 1, FIELD(idempotency_window),
+     NULL, "steps of a session an Idempotency-Key is remembered for"},
     {"history-steps", "OPTD_HISTORY_STEPS", "N", "100000", K_UINT, 0, 1000000000, 1, FIELD(history_steps), NULL,
      "history rows kept per session"},
     {"max-connections", "OPTD_MAX_CONNECTIONS", "N", "1024", K_UINT, 1, 1000000, 1, FIELD(max_connections), NULL,
      "connections served at once; more are refused (steps waiting in\n"
      "      worker rounds do not count: as many again may wait)"},
-    {"connection-timeout", "OPTD_CONNECTION_TIMEOUT", "SECONDS", "60", K_UINT, 1, 86400, 1,
-     FIELD(connection_timeout), NULL, "an idle connection is closed after this long"},
+    {"connection-timeout", "OPTD_CONNECTION_TIMEOUT", "SECONDS", "60", K_UINT, 1, 86400, 1, FIELD(connection_timeout),
+     NULL, "an idle connection is closed after this long"},
     {"header-timeout", "OPTD_HEADER_TIMEOUT", "SECONDS", "30", K_UINT, 1, 3600, 1, FIELD(header_timeout), NULL,
      "a request head must arrive whole within this long of its first byte"},
     {"cache-mb", "OPTD_CACHE_MB", "N", "256", K_UINT, 0, 1048576, MIB, FIELD(cache_bytes), NULL,
@@ -109,7 +109,8 @@ static const opt_def options[] = {
 #define N_OPTIONS (sizeof options / sizeof options[0])
 
 /* The value of name in envp, or NULL. */
-static const char *env_lookup(char *const envp[], const char *name) {
+static const char *env_lookup(char *const envp[], const char *name)
+{
     size_t n = strlen(name);
     for (size_t i = 0; envp && envp[i]; i++)
         if (strncmp(envp[i], name, n) == 0 && envp[i][n] == '=')
@@ -119,7 +120,8 @@ static const char *env_lookup(char *const envp[], const char *name) {
 
 /* Stores v into an unsigned integer field of o->size bytes. The table's
  * ranges make every value fit; a misfit is a bug in the table. */
-static void set_uint(daemon_config *c, const opt_def *o, uint64_t v) {
+static void set_uint(daemon_config *c, const opt_def *o, uint64_t v)
+{
     char *p = (char *)c + o->offset;
     if (o->size == sizeof(uint16_t)) {
         uint16_t x = (uint16_t)v;
@@ -137,7 +139,8 @@ static void set_uint(daemon_config *c, const opt_def *o, uint64_t v) {
 
 /* Parses a decimal number strictly: digits only (no sign, no space), no
  * overflow. *end is set past the digits; trailing text is the caller's. */
-static int parse_digits(const char *s, uint64_t *out, const char **end) {
+static int parse_digits(const char *s, uint64_t *out, const char **end)
+{
     char *e;
     if (!isdigit((unsigned char)s[0]))
         return -1;
@@ -152,7 +155,8 @@ static int parse_digits(const char *s, uint64_t *out, const char **end) {
 
 /* Parses a number within [o->min, o->max] (K_BYTES: after its suffix is
  * applied). On failure writes the reason, without the flag, into why. */
-static int parse_flag_number(const opt_def *o, const char *s, uint64_t *out, char *why, size_t whylen) {
+static int parse_flag_number(const opt_def *o, const char *s, uint64_t *out, char *why, size_t whylen)
+{
     uint64_t v, mult = 1;
     const char *end;
     if (parse_digits(s, &v, &end)) {
@@ -162,10 +166,18 @@ static int parse_flag_number(const opt_def *o, const char *s, uint64_t *out, cha
     }
     if (o->kind == K_BYTES && *end) {
         switch (toupper((unsigned char)*end)) {
-        case 'K': mult = KIB; break;
-        case 'M': mult = MIB; break;
-        case 'G': mult = (uint64_t)1 << 30; break;
-        default: mult = 0; break;
+        case 'K':
+            mult = KIB;
+            break;
+        case 'M':
+            mult = MIB;
+            break;
+        case 'G':
+            mult = (uint64_t)1 << 30;
+            break;
+        default:
+            mult = 0;
+            break;
         }
         if (mult)
             end++;
@@ -185,7 +197,8 @@ static int parse_flag_number(const opt_def *o, const char *s, uint64_t *out, cha
 
 /* Whether s is a plausible host name: letters, digits, dots and hyphens, and
  * a dotted quad when it is all digits and dots. Resolving it is the API's job. */
-static int host_ok(const char *s, size_t n) {
+static int host_ok(const char *s, size_t n)
+{
     int name = 0;
     char buf[DAEMON_HOST_MAX];
     if (n == 0 || n >= sizeof buf)
@@ -206,7 +219,8 @@ static int host_ok(const char *s, size_t n) {
 }
 
 /* Parses HOST:PORT, [IPV6]:PORT or :PORT (every IPv4 interface). */
-static int parse_listen(daemon_config *c, const opt_def *o, const char *s, char *why, size_t whylen) {
+static int parse_listen(daemon_config *c, const opt_def *o, const char *s, char *why, size_t whylen)
+{
     const char *host = s, *port;
     size_t hostlen;
     uint64_t v;
@@ -259,7 +273,8 @@ static int parse_listen(daemon_config *c, const opt_def *o, const char *s, char 
 
 /* Checks a token: non-empty, visible ASCII only (it travels in an HTTP
  * header as `Bearer <token>`, RFC 6750), and short enough to keep. */
-static int token_ok(const char *t, size_t n, char *why, size_t whylen) {
+static int token_ok(const char *t, size_t n, char *why, size_t whylen)
+{
     if (n == 0) {
         snprintf(why, whylen, "the token is empty");
         return 0;
@@ -280,7 +295,8 @@ static int token_ok(const char *t, size_t n, char *why, size_t whylen) {
 
 /* Reads the token from path: its content less one trailing "\n" or "\r\n".
  * Returns OPTD_OK, OPTD_E_UNAVAILABLE (unreadable) or OPTD_E_INVALID. */
-static optd_err read_token_file(daemon_config *c, const char *path, char *why, size_t whylen) {
+static optd_err read_token_file(daemon_config *c, const char *path, char *why, size_t whylen)
+{
     char buf[DAEMON_TOKEN_MAX + 2]; /* room for a full token, \r\n, and one byte to see it is too long */
     FILE *f = fopen(path, "rb");
     size_t n;
@@ -312,7 +328,8 @@ static optd_err read_token_file(daemon_config *c, const char *path, char *why, s
 
 /* Whether s is a list of base URLs, "http://HOST[:PORT][/]" or https, comma
  * separated (empty items allowed, so a trailing comma is harmless). */
-static int urls_ok(const char *s, char *why, size_t whylen) {
+static int urls_ok(const char *s, char *why, size_t whylen)
+{
     int n = 0;
     while (*s) {
         const char *end = strchr(s, ',');
@@ -345,7 +362,8 @@ static int urls_ok(const char *s, char *why, size_t whylen) {
 
 /* Parses value s for option o into c. Returns OPTD_OK, or an error with the
  * reason (without the option's name) in why. */
-static optd_err apply(daemon_config *c, const opt_def *o, const char *s, char *why, size_t whylen) {
+static optd_err apply(daemon_config *c, const opt_def *o, const char *s, char *why, size_t whylen)
+{
     uint64_t v;
     size_t n = strlen(s);
     switch (o->kind) {
@@ -399,7 +417,8 @@ static optd_err apply(daemon_config *c, const opt_def *o, const char *s, char *w
 }
 
 /* The option named by the first n bytes of name, or NULL. */
-static const opt_def *find_flag(const char *name, size_t n) {
+static const opt_def *find_flag(const char *name, size_t n)
+{
     for (size_t i = 0; i < N_OPTIONS; i++)
         if (options[i].flag && strlen(options[i].flag) == n && memcmp(options[i].flag, name, n) == 0)
             return &options[i];
@@ -407,7 +426,8 @@ static const opt_def *find_flag(const char *name, size_t n) {
 }
 
 optd_err daemon_config_parse(int argc, char *const argv[], char *const envp[], daemon_config *out, char *err,
-                             size_t errlen) {
+                             size_t errlen)
+{
     const char *given[N_OPTIONS] = {0}; /* values from argv, borrowed from it */
     char why[DAEMON_PATH_MAX + 256];
     const opt_def *token_file = NULL;
@@ -476,7 +496,8 @@ optd_err daemon_config_parse(int argc, char *const argv[], char *const envp[], d
     return OPTD_OK;
 }
 
-void daemon_config_usage(FILE *f, const char *prog) {
+void daemon_config_usage(FILE *f, const char *prog)
+{
     fprintf(f,
             "Usage: %s [FLAGS]\n"
             "Serves the optd HTTP API. Every flag can also come from the environment\n"

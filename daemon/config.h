@@ -35,18 +35,18 @@ typedef struct daemon_config {
     size_t max_session_bytes;          /* bytes of state one session may have */
     unsigned threads;                  /* request threads, also the store's readers */
     daemon_sync sync;
-    uint64_t max_wal;                  /* bytes of -wal past which writes are refused */
-    uint64_t idempotency_window;       /* steps an Idempotency-Key is remembered */
-    uint64_t history_steps;            /* history rows kept per session */
+    uint64_t max_wal;            /* bytes of -wal past which writes are refused */
+    uint64_t idempotency_window; /* steps an Idempotency-Key is remembered */
+    uint64_t history_steps;      /* history rows kept per session */
     unsigned max_connections;
-    unsigned connection_timeout;       /* seconds an idle connection is kept */
-    unsigned header_timeout;           /* seconds a request head may take from its first byte */
-    size_t cache_bytes;                /* bytes of session state the writer caches (--cache-mb) */
+    unsigned connection_timeout; /* seconds an idle connection is kept */
+    unsigned header_timeout;     /* seconds a request head may take from its first byte */
+    size_t cache_bytes;          /* bytes of session state the writer caches (--cache-mb) */
     daemon_log_level log_level;
-    char backup_dir[DAEMON_PATH_MAX];  /* where POST /v1/backups writes; "" when backups are off */
-    char peers[DAEMON_PATH_MAX];       /* the other shards' base URLs, comma-separated; "" for none */
-    int show_help;                     /* --help was given: print usage, exit 0 */
-    int show_version;                  /* --version was given: print the version, exit 0 */
+    char backup_dir[DAEMON_PATH_MAX]; /* where POST /v1/backups writes; "" when backups are off */
+    char peers[DAEMON_PATH_MAX];      /* the other shards' base URLs, comma-separated; "" for none */
+    int show_help;                    /* --help was given: print usage, exit 0 */
+    int show_version;                 /* --version was given: print the version, exit 0 */
 } daemon_config;
 
 /* Fills *out from argv (argv[0] is the program name and is skipped) and envp

@@ -1,8 +1,8 @@
 /* daemon/main: the optd process. Parses flags and environment, opens the
  * store, starts the HTTP API, then waits in sigwait() for SIGTERM or SIGINT
  * and shuts down in order: http_stop (finishes requests in flight), then
- * store_close. SIGHUP reopens --log-file and never stops the daemon. Exit status: 0 after a clean shutdown or --help/--version,
- * 1 when the store or the API cannot start, 2 for bad flags. */
+ * store_close. SIGHUP reopens --log-file and never stops the daemon. Exit status: 0 after a clean shutdown or
+ * --help/--version, 1 when the store or the API cannot start, 2 for bad flags. */
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -23,7 +23,8 @@ extern char **environ;
  * (milliseconds). The API calls it from its threads: the whole line goes out
  * in one fprintf, which POSIX makes atomic with respect to other stdio calls
  * on the same stream, so lines never interleave. ctx is unused. */
-static void log_line(void *ctx, const char *line) {
+static void log_line(void *ctx, const char *line)
+{
     struct timespec ts;
     struct tm tm;
     char stamp[32];
@@ -39,7 +40,8 @@ static void log_line(void *ctx, const char *line) {
  * dup2 swaps fd 2 in one step, so a line written meanwhile lands whole in
  * the old file or in the new one. Returns 0 or an errno value; on failure
  * stderr is left as it was. */
-static int log_file_open(const char *path) {
+static int log_file_open(const char *path)
+{
     int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
     int rc = 0;
     if (fd < 0)
@@ -52,9 +54,10 @@ static int log_file_open(const char *path) {
 
 /* Blocks SIGTERM, SIGINT and SIGHUP in the calling thread, so in every
  * thread it starts afterwards (they inherit the mask): only sigwait() in
- * main sees them, and SIGHUP, whose default action kills, cannot. SIGPIPE is ignored so a client that hangs up mid-reply costs an
- * EPIPE, not the process. Returns 0 or an errno value. */
-static int setup_signals(sigset_t *set) {
+ * main sees them, and SIGHUP, whose default action kills, cannot. SIGPIPE is ignored so a client that hangs up
+ * mid-reply costs an EPIPE, not the process. Returns 0 or an errno value. */
+static int setup_signals(sigset_t *set)
+{
     struct sigaction ign;
     memset(&ign, 0, sizeof ign);
     ign.sa_handler = SIG_IGN;
@@ -70,7 +73,8 @@ static int setup_signals(sigset_t *set) {
 
 /* SIGHUP: reopens the log file (logrotate has renamed it); without one
  * there is nothing to do. A failure keeps logging to the old file. */
-static void on_sighup(const daemon_config *cfg, int quiet) {
+static void on_sighup(const daemon_config *cfg, int quiet)
+{
     char line[DAEMON_PATH_MAX + 96];
     int rc;
     if (!cfg->log_file[0]) {
@@ -88,7 +92,8 @@ static void on_sighup(const daemon_config *cfg, int quiet) {
         log_line(NULL, line);
 }
 
-int main(int argc, char **argv) {
+int main(int argc, char **argv)
+{
     daemon_config cfg;
     store_options sopt;
     http_config acfg = {0};
@@ -165,8 +170,8 @@ int main(int argc, char **argv) {
 
     /* IPv6 addresses go in brackets in a URL. */
     int v6 = strchr(cfg.listen_host, ':') != NULL;
-    printf("optd listening on http://%s%s%s:%u (db %s, sync %s, %s)\n", v6 ? "[" : "", cfg.listen_host,
-           v6 ? "]" : "", (unsigned)http_port(srv), cfg.db, cfg.sync == DAEMON_SYNC_FULL ? "full" : "normal",
+    printf("optd listening on http://%s%s%s:%u (db %s, sync %s, %s)\n", v6 ? "[" : "", cfg.listen_host, v6 ? "]" : "",
+           (unsigned)http_port(srv), cfg.db, cfg.sync == DAEMON_SYNC_FULL ? "full" : "normal",
            cfg.token[0] ? "bearer token required" : "no token: requests need no auth");
     fflush(stdout);
 
@@ -186,7 +191,10 @@ int main(int argc, char **argv) {
 
     if (!quiet) {
         char line[64];
-        snprintf(line, sizeof line, "shutting down (%s)", sig == SIGINT ? "SIGINT" : sig == SIGTERM ? "SIGTERM" : "error");
+        snprintf(line, sizeof line, "shutting down (%s)",
+                 sig == SIGINT    ? "SIGINT"
+                 : sig == SIGTERM ? "SIGTERM"
+                                  : "error");
         log_line(NULL, line);
     }
     http_stop(srv);

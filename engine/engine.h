@@ -51,9 +51,9 @@ typedef struct training {
     schedule sched;
     bool clip;
     double max_grad_norm;
-    uint32_t workers;      /* contributions per round; 1: every step applies */
-    uint32_t min_workers;  /* 0: the same as workers */
-    double round_timeout;  /* seconds from a round's first contribution */
+    uint32_t workers;     /* contributions per round; 1: every step applies */
+    uint32_t min_workers; /* 0: the same as workers */
+    double round_timeout; /* seconds from a round's first contribution */
 } training;
 
 /* The session fields beside hyperparams (workers, min_workers, round_timeout). */
@@ -101,14 +101,14 @@ enum { ENGINE_ERR_NONE, ENGINE_ERR_ITEMS, ENGINE_ERR_FIELDS };
 typedef struct engine_settings {
     engine_hp_item *items;
     size_t n_items;
-    char unknown[128];     /* the name of an item with name NULL */
-    unsigned set;          /* ENGINE_SET_* */
-    schedule sched;        /* ENGINE_SET_SCHED (type SCHED_NONE: no schedule) */
-    bool clip;             /* ENGINE_SET_CLIP: false for none */
+    char unknown[128]; /* the name of an item with name NULL */
+    unsigned set;      /* ENGINE_SET_* */
+    schedule sched;    /* ENGINE_SET_SCHED (type SCHED_NONE: no schedule) */
+    bool clip;         /* ENGINE_SET_CLIP: false for none */
     double max_grad_norm;
     uint32_t workers, min_workers;
     double round_timeout;
-    int err_phase;         /* ENGINE_ERR_*: an error the decoder found */
+    int err_phase; /* ENGINE_ERR_*: an error the decoder found */
     size_t err_at;
     optd_err err_rc;
     char err_msg[256];
@@ -168,16 +168,14 @@ optd_err engine_sess_new(const engine_codec *codec, const char *name, const opti
 /* engine_sess_new whose params are *params (a malloc'd vector of n elements
  * of dtype), taken over: the blob grows out of it, so the session is never
  * held twice. *params is NULL after success; on failure it is left. */
-optd_err engine_sess_adopt(const engine_codec *codec, const char *name, const optim_info *info,
-                           const optim_hparams *hp, const training *tr, optim_dtype dtype, size_t n, void **params,
-                           sess **out);
+optd_err engine_sess_adopt(const engine_codec *codec, const char *name, const optim_info *info, const optim_hparams *hp,
+                           const training *tr, optim_dtype dtype, size_t n, void **params, sess **out);
 /* A deep copy of src named name (a fork), with a fresh row. */
 optd_err engine_sess_copy(const sess *src, const char *name, sess **out);
 /* Builds a session from a stored row and its blob (both taken over on
  * success; on failure the caller still owns them). OPTD_E_INTERNAL when
  * they do not agree. */
-optd_err engine_sess_from_store(const engine_codec *codec, store_session *row, void *blob, size_t blob_len,
-                                sess **out);
+optd_err engine_sess_from_store(const engine_codec *codec, store_session *row, void *blob, size_t blob_len, sess **out);
 /* Reads the committed session name through st's read connection (any
  * thread): OPTD_OK with *out (caller frees), OPTD_E_NOT_FOUND or a store error. */
 optd_err engine_sess_read(store *st, const engine_codec *codec, const char *name, sess **out);
@@ -250,21 +248,21 @@ typedef void (*engine_req_cb)(engine_req *r, void *data);
  * -1 when absent. rc, msg and step are results (step: the session's step
  * after the request, or its current one on OPTD_E_STEP_MISMATCH). The
  * fields ending in _ are the engine's. */
-#define ENGINE_REQ_FIELDS                                                                                \
-    engine_req_type type;                                                                                \
-    char name[STORE_NAME_MAX + 1];                                                                       \
-    int64_t if_match;                                                                                    \
-    optd_err rc;                                                                                         \
-    char msg[256];                                                                                       \
-    uint64_t step;                                                                                       \
-    engine_req_cb cb;                                                                                    \
-    void *data;                                                                                          \
-    int state_;                /* queued, parked in a round, or done */                                 \
-    uint64_t heavy_seen_;      /* heavy groups done when it was queued */                               \
-    bool light_;               /* within the group budget when last taken */                            \
-    struct engine_req *next_;  /* the queue, then the group */                                          \
-    struct engine_step_req *next_waiter_; /* the steps of one worker round */                             \
-    struct engine_req *next_done_;   /* the requests to complete after a commit */
+#define ENGINE_REQ_FIELDS                                                                                              \
+    engine_req_type type;                                                                                              \
+    char name[STORE_NAME_MAX + 1];                                                                                     \
+    int64_t if_match;                                                                                                  \
+    optd_err rc;                                                                                                       \
+    char msg[256];                                                                                                     \
+    uint64_t step;                                                                                                     \
+    engine_req_cb cb;                                                                                                  \
+    void *data;                                                                                                        \
+    int state_;                           /* queued, parked in a round, or done */                                     \
+    uint64_t heavy_seen_;                 /* heavy groups done when it was queued */                                   \
+    bool light_;                          /* within the group budget when last taken */                                \
+    struct engine_req *next_;             /* the queue, then the group */                                              \
+    struct engine_step_req *next_waiter_; /* the steps of one worker round */                                          \
+    struct engine_req *next_done_;        /* the requests to complete after a commit */
 
 struct engine_req {
     ENGINE_REQ_FIELDS
@@ -303,15 +301,15 @@ typedef struct engine_delete_req {
 /* ENGINE_REQ_STEP: one gradient (or a contribution to a worker round). */
 typedef struct engine_step_req {
     ENGINE_REQ_FIELDS
-    void *grad;             /* size elements of dtype (borrowed; the engine may scale it) */
-    double weight;          /* the contribution's weight in a worker round */
-    bool has_loss;          /* the client's loss, for the history */
+    void *grad;    /* size elements of dtype (borrowed; the engine may scale it) */
+    double weight; /* the contribution's weight in a worker round */
+    bool has_loss; /* the client's loss, for the history */
     double loss;
-    optim_dtype dtype;      /* what grad was decoded for */
+    optim_dtype dtype; /* what grad was decoded for */
     size_t size;
-    uint64_t digest;        /* of the gradient bytes and weight */
-    const char *idem_key;   /* NULL when none (borrowed) */
-    bool want_params;       /* copy the new params into out_params */
+    uint64_t digest;      /* of the gradient bytes and weight */
+    const char *idem_key; /* NULL when none (borrowed) */
+    bool want_params;     /* copy the new params into out_params */
     /* Optional (NULL for none): called with data on the writer thread when
      * the request starts waiting in a worker round, and while it waits to
      * ask whether its client has hung up (then it is withdrawn). */
@@ -319,13 +317,13 @@ typedef struct engine_step_req {
     bool (*client_gone)(engine_req *r, void *data);
     /* Results. */
     bool replayed;
-    void *out_params;       /* malloc'd copy, caller frees; NULL for none */
+    void *out_params; /* malloc'd copy, caller frees; NULL for none */
     size_t out_len;
-    bool has_meta;          /* lr, grad_norm and contributors are known */
-    double lr;              /* the lr the step used */
-    double grad_norm;       /* before clipping */
-    uint32_t contributors;  /* of the round applied */
-    bool withdrawn;         /* taken out of its round, its client gone: no reply to send */
+    bool has_meta;         /* lr, grad_norm and contributors are known */
+    double lr;             /* the lr the step used */
+    double grad_norm;      /* before clipping */
+    uint32_t contributors; /* of the round applied */
+    bool withdrawn;        /* taken out of its round, its client gone: no reply to send */
 } engine_step_req;
 
 /* ---- the engine ----------------------------------------------------------- */
@@ -340,14 +338,14 @@ typedef enum engine_fault_point {
 } engine_fault_point;
 
 typedef struct engine_options {
-    store *st;                  /* borrowed for the engine's life */
-    engine_stats *stats;        /* borrowed; counters the engine adds to */
-    engine_codec codec;         /* the stored configuration's format */
-    uint64_t idem_window;       /* steps an Idempotency-Key is remembered */
-    uint64_t history_steps;     /* history rows kept per session */
-    size_t cache_bytes;         /* bytes of session state kept in memory */
-    size_t max_session_bytes;   /* bounds a fork, and a PATCH that grows a session */
-    unsigned max_parked;        /* requests waiting in rounds at most; 0: no cap */
+    store *st;                /* borrowed for the engine's life */
+    engine_stats *stats;      /* borrowed; counters the engine adds to */
+    engine_codec codec;       /* the stored configuration's format */
+    uint64_t idem_window;     /* steps an Idempotency-Key is remembered */
+    uint64_t history_steps;   /* history rows kept per session */
+    size_t cache_bytes;       /* bytes of session state kept in memory */
+    size_t max_session_bytes; /* bounds a fork, and a PATCH that grows a session */
+    unsigned max_parked;      /* requests waiting in rounds at most; 0: no cap */
     /* Tests only (NULL in the daemon): called on the writer thread at each
      * point with the session's name ("" for a commit); a return other than
      * OPTD_OK fails the write there, as a storage fault would. */

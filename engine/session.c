@@ -40,7 +40,7 @@ size_t engine_sess_state_bytes(const optim_info *info, const optim_hparams *hp, 
 }
 
 optd_err engine_sess_check_size(const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n,
-                         size_t limit, char *msg, size_t msglen)
+                                size_t limit, char *msg, size_t msglen)
 {
     size_t bytes = engine_sess_state_bytes(info, hp, dtype, n);
     if (bytes <= limit)
@@ -93,9 +93,8 @@ optd_err engine_sess_new(const engine_codec *codec, const char *name, const opti
     return make(codec, name, info, hp, tr, dtype, n, NULL, init, fill, out);
 }
 
-optd_err engine_sess_adopt(const engine_codec *codec, const char *name, const optim_info *info,
-                           const optim_hparams *hp, const training *tr, optim_dtype dtype, size_t n, void **params,
-                           sess **out)
+optd_err engine_sess_adopt(const engine_codec *codec, const char *name, const optim_info *info, const optim_hparams *hp,
+                           const training *tr, optim_dtype dtype, size_t n, void **params, sess **out)
 {
     return make(codec, name, info, hp, tr, dtype, n, params, NULL, 0, out);
 }
@@ -157,8 +156,7 @@ done:
     return rc;
 }
 
-optd_err engine_sess_from_store(const engine_codec *codec, store_session *row, void *blob, size_t blob_len,
-                                sess **out)
+optd_err engine_sess_from_store(const engine_codec *codec, store_session *row, void *blob, size_t blob_len, sess **out)
 {
     optd_err rc = OPTD_E_NOMEM;
     sess *s = calloc(1, sizeof *s);

@@ -34,8 +34,10 @@ static optd_err unknown_hparam(const optim_info *info, const char *name, char *m
     names[n++] = "max_grad_norm";
     for (size_t k = 0; k < ENGINE_TRAINING_N_FIELDS; k++) {
         if (strcmp(name, engine_training_fields[k]) == 0) {
-            snprintf(msg, msglen, "\"%s\" is a session field, not a hyperparameter: put it beside \"hyperparams\", "
-                     "at the top level of the body", name);
+            snprintf(msg, msglen,
+                     "\"%s\" is a session field, not a hyperparameter: put it beside \"hyperparams\", "
+                     "at the top level of the body",
+                     name);
             return OPTD_E_UNKNOWN_FIELD;
         }
     }
@@ -63,7 +65,7 @@ static optd_err apply_item(const optim_info *info, const engine_settings *d, con
     const optim_hp_desc *hd = it->name ? optim_hp_find(info, it->name) : NULL;
     if (!hd)
         return unknown_hparam(info, it->name ? it->name : d->unknown, msg, msglen);
-    engine_val want = hd->type == OPTIM_HP_BOOL ? ENGINE_VAL_BOOL
+    engine_val want = hd->type == OPTIM_HP_BOOL   ? ENGINE_VAL_BOOL
                       : hd->type == OPTIM_HP_PAIR ? ENGINE_VAL_PAIR
                                                   : ENGINE_VAL_NUMBER;
     if (it->type != want) {

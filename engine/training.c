@@ -39,10 +39,8 @@ double engine_training_lr(const training *tr, double lr, uint64_t steps_done)
     case SCHED_COSINE:
         return s->eta_min + (lr - s->eta_min) * (1 + cos(M_PI * t / s->T_max)) / 2;
     case SCHED_LINEAR:
-        return lr * (s->start_factor +
-                     (s->end_factor - s->start_factor) * fmin(s->total_iters, t) / s->total_iters);
+        return lr * (s->start_factor + (s->end_factor - s->start_factor) * fmin(s->total_iters, t) / s->total_iters);
     default:
         return lr;
     }
 }
-

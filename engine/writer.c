@@ -51,12 +51,12 @@ enum { JS_QUEUED, JS_PARKED, JS_RELEASING, JS_DONE };
  * allows. */
 typedef struct wround {
     sess *s;
-    double *sum;          /* n elements */
+    double *sum; /* n elements */
     double wsum;
-    uint32_t count;       /* contributions, each one job on waiters */
-    double loss_sum, loss_w; /* of the contributions that gave a loss */
-    uint64_t deadline_us; /* mono_us of the timeout */
-    sreq *waiters, *last;  /* last: where the next contribution goes */
+    uint32_t count;             /* contributions, each one job on waiters */
+    double loss_sum, loss_w;    /* of the contributions that gave a loss */
+    uint64_t deadline_us;       /* mono_us of the timeout */
+    sreq *waiters, *last;       /* last: where the next contribution goes */
     struct wround *next, *prev; /* writer.rounds */
 } wround;
 
@@ -68,24 +68,24 @@ struct engine {
     void *fault_ctx;
     uint64_t idem_window, history_steps;
     size_t max_session_bytes; /* forks and PATCHes past it are refused */
-    wround rounds; /* sentinel of the rounds in progress */
-    atomic_int healthy; /* the last transaction committed */
-    atomic_uint parked; /* jobs waiting in rounds */
-    atomic_ullong withdrawn; /* jobs taken out of rounds, their clients gone */
-    unsigned max_parked; /* 0: no cap; set before the first submit */
-    uint64_t probe_at;   /* mono_us of the next look for hung-up contributors */
-    engine_req *release; /* jobs to complete once the group's outcome is known */
-    int part;     /* the part of the group in progress (a job, or an expired round) */
-    int part_dirty; /* the part changed a cached session (touch) */
-    int guarded;    /* the part runs in a savepoint */
-    int kept;       /* a part of the group has succeeded: the transaction holds work to keep */
+    wround rounds;            /* sentinel of the rounds in progress */
+    atomic_int healthy;       /* the last transaction committed */
+    atomic_uint parked;       /* jobs waiting in rounds */
+    atomic_ullong withdrawn;  /* jobs taken out of rounds, their clients gone */
+    unsigned max_parked;      /* 0: no cap; set before the first submit */
+    uint64_t probe_at;        /* mono_us of the next look for hung-up contributors */
+    engine_req *release;      /* jobs to complete once the group's outcome is known */
+    int part;                 /* the part of the group in progress (a job, or an expired round) */
+    int part_dirty;           /* the part changed a cached session (touch) */
+    int guarded;              /* the part runs in a savepoint */
+    int kept;                 /* a part of the group has succeeded: the transaction holds work to keep */
     size_t cache_bytes, cached;
     pthread_t thread;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    engine_req *head, *tail; /* queue, guarded by mu */
-    int stopping;     /* guarded by mu */
-    int last_heavy;   /* the last group held a heavy job (writer thread only) */
+    engine_req *head, *tail;     /* queue, guarded by mu */
+    int stopping;                /* guarded by mu */
+    int last_heavy;              /* the last group held a heavy job (writer thread only) */
     _Atomic uint64_t heavy_done; /* groups with a heavy job finished */
     sess *bucket[BUCKETS];
     sess lru; /* sentinel: lru.lru_next is the most recently used */
@@ -288,8 +288,8 @@ static optd_err apply_step(engine *w, sess *s, void *grad, uint32_t contributors
     out->grad_norm = grad_norm;
     optd_err rc = store_session_step(w->st, s->row.id, s->row.step, s->row.updated_ms, s->blob, s->blob_len);
     if (rc == OPTD_OK) {
-        store_history h = {s->row.step, s->row.updated_ms, hp.lr, grad_norm, sqrt(stats.update_sq),
-                           sqrt(stats.param_sq), contributors, has_loss, loss};
+        store_history h = {s->row.step,          s->row.updated_ms, hp.lr,    grad_norm, sqrt(stats.update_sq),
+                           sqrt(stats.param_sq), contributors,      has_loss, loss};
         rc = store_history_put(w->st, s->row.id, &h, w->history_steps);
     }
     if (rc == OPTD_OK)
@@ -331,8 +331,8 @@ static optd_err finish_step(engine *w, sess *s, sreq *j, const applied *a, uint3
         memcpy(reply + 16, &contributors, 4);
         memset(reply + 20, 0, 4);
         memcpy(reply + REPLY_HEAD, s->st.params, vec);
-        rc = store_idem_put(w->st, s->row.id, j->idem_key, a->step, j->digest, reply, REPLY_HEAD + vec,
-                            w->idem_window, keep < 1 ? 1 : keep);
+        rc = store_idem_put(w->st, s->row.id, j->idem_key, a->step, j->digest, reply, REPLY_HEAD + vec, w->idem_window,
+                            keep < 1 ? 1 : keep);
         free(reply);
     }
     if (rc == OPTD_OK && j->want_params)
@@ -453,7 +453,8 @@ static optd_err round_replace(wround *r, sreq **at, sreq *j)
         j->on_park(REQ(j), j->data);
     round_resum(r); /* the same gradient and weight, but maybe another loss */
     o->rc = OPTD_E_SUPERSEDED;
-    snprintf(o->msg, sizeof o->msg, "a retry with the same Idempotency-Key took this contribution's place in the "
+    snprintf(o->msg, sizeof o->msg,
+             "a retry with the same Idempotency-Key took this contribution's place in the "
              "round; the retry gets the round's reply");
     complete(REQ(o)); /* parked stays: j is parked in o's stead */
     return OPTD_OK;
@@ -506,8 +507,10 @@ static optd_err round_join(engine *w, sess *s, sreq *j)
     /* Each waiting contribution holds a connection: past the cap, one that
      * would wait is refused rather than let waiting ones crowd out others. */
     if (w->max_parked && atomic_load(&w->parked) >= w->max_parked && (r ? r->count : 0) + 1 < s->tr.workers) {
-        snprintf(j->msg, sizeof j->msg, "%u contributions already wait in worker rounds, the most this daemon "
-                 "holds (--max-connections); retry later", w->max_parked);
+        snprintf(j->msg, sizeof j->msg,
+                 "%u contributions already wait in worker rounds, the most this daemon "
+                 "holds (--max-connections); retry later",
+                 w->max_parked);
         return OPTD_E_ROUNDS_FULL; /* a refusal: not a storage fault that fails the group */
     }
     if (!r) {
@@ -632,8 +635,10 @@ static optd_err run_create(engine *w, engine_create_req *j)
         if (rc == OPTD_OK && (rc = check_if_match(REQ(j), old)) != OPTD_OK)
             return rc;
         if (rc == OPTD_E_NOT_FOUND && j->if_match >= 0) {
-            snprintf(j->msg, sizeof j->msg, "no session named '%s' to match If-Match; without If-Match the PUT "
-                     "creates it", j->name);
+            snprintf(j->msg, sizeof j->msg,
+                     "no session named '%s' to match If-Match; without If-Match the PUT "
+                     "creates it",
+                     j->name);
             return rc;
         }
         if (rc == OPTD_OK) {

@@ -87,8 +87,10 @@ optd_err sess_config_from_json(const cJSON *o, const optim_info **info, optim_dt
         return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "dtype must be a string");
     *dtype = dt && strcmp(dt->valuestring, "float64") == 0 ? OPTIM_F64 : OPTIM_F32;
     if (dt && *dtype == OPTIM_F32 && strcmp(dt->valuestring, "float32") != 0)
-        return optd_fail(msg, msglen, OPTD_E_INVALID, "dtype \"%.32s\" is not a session dtype: use \"float32\" (the default) or "
-                        "\"float64\"", dt->valuestring);
+        return optd_fail(msg, msglen, OPTD_E_INVALID,
+                         "dtype \"%.32s\" is not a session dtype: use \"float32\" (the default) or "
+                         "\"float64\"",
+                         dt->valuestring);
     optim_defaults(*info, hp);
     engine_training_defaults(tr);
     return http_settings_apply_json(*info, o, hp, tr, msg, msglen);
@@ -117,9 +119,10 @@ static optd_err state_check(const sess *s, char *msg, size_t msglen)
         for (size_t k = 0; k < s->n; k++) {
             double v = s->dtype == OPTIM_F64 ? ((const double *)s->st.buf[i])[k] : ((const float *)s->st.buf[i])[k];
             if (v < 0 || !isfinite(v)) {
-                snprintf(msg, msglen, "state.%s element %zu is %g: %s is never negative (it is a sum or average "
-                         "of squares, or a maximum of absolute values)", s->info->buffers[i], k, v,
-                         s->info->buffers[i]);
+                snprintf(msg, msglen,
+                         "state.%s element %zu is %g: %s is never negative (it is a sum or average "
+                         "of squares, or a maximum of absolute values)",
+                         s->info->buffers[i], k, v, s->info->buffers[i]);
                 return OPTD_E_INVALID;
             }
         }
@@ -145,8 +148,9 @@ optd_err ckpt_begin(const char *name, const cJSON *obj, size_t n, size_t max_byt
     training tr;
 
     /* Every field GET .../state writes, and nothing else. */
-    static const char *const fields[] = {"name", "optimizer", "dtype", "size", "step", "hyperparams", "params",
-                                         "state", "workers", "min_workers", "round_timeout", "min_workers_auto"};
+    static const char *const fields[] = {"name",    "optimizer",   "dtype",         "size",
+                                         "step",    "hyperparams", "params",        "state",
+                                         "workers", "min_workers", "round_timeout", "min_workers_auto"};
     rc = body_fields_known(obj, "a checkpoint", fields, sizeof fields / sizeof *fields, HINT_INSIDE, msg, msglen);
     if (rc)
         goto done;
@@ -180,7 +184,8 @@ optd_err ckpt_begin(const char *name, const cJSON *obj, size_t n, size_t max_byt
     rc = engine_sess_check_size(info, &hp, dtype, n, max_bytes, msg, msglen);
     if (rc)
         goto done;
-    rc = take ? engine_sess_adopt(&http_config_codec, name, info, &hp, &tr, dtype, n, take, &s) : engine_sess_new(&http_config_codec, name, info, &hp, &tr, dtype, n, NULL, 0, &s);
+    rc = take ? engine_sess_adopt(&http_config_codec, name, info, &hp, &tr, dtype, n, take, &s)
+              : engine_sess_new(&http_config_codec, name, info, &hp, &tr, dtype, n, NULL, 0, &s);
     if (rc == OPTD_E_BAD_HYPERPARAM)
         engine_accumulator_msg(msg, msglen, dtype);
     if (rc)

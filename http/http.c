@@ -30,7 +30,7 @@ struct http_server {
     struct MHD_Daemon *mhd;
     int listen_fd;
     uint16_t port;
-    int host_check; /* loopback listener without a token: Host must be a loopback name */
+    int host_check;        /* loopback listener without a token: Host must be a loopback name */
     size_t state_body_max; /* the largest checkpoint body (checkpoint_max_bytes) */
     atomic_int stopping;
     atomic_uint active; /* requests between first callback and completion */
@@ -47,8 +47,8 @@ struct http_server {
      * worker round: what http_stop waits for. */
     pthread_mutex_t idle_mu;
     pthread_cond_t idle_cv;
-    ops *ops;           /* backups and the cluster-wide listing (ops.c) */
-    char instance[24];  /* Optd-Instance: tells this daemon from its peers */
+    ops *ops;          /* backups and the cluster-wide listing (ops.c) */
+    char instance[24]; /* Optd-Instance: tells this daemon from its peers */
 };
 
 /* What the watchdog knows of a connection. A fresh connection and a request
@@ -60,8 +60,8 @@ struct http_server {
 enum { CONN_FRESH, CONN_HEAD, CONN_BUSY, CONN_IDLE, CONN_PARKED };
 typedef struct conn_track {
     int fd;
-    int state;          /* guarded by conns_mu */
-    uint64_t since_us;  /* when state began */
+    int state;         /* guarded by conns_mu */
+    uint64_t since_us; /* when state began */
     struct conn_track *prev, *next;
 } conn_track;
 
@@ -95,11 +95,11 @@ typedef struct req {
         engine_delete_req del;
     } job;
     char from[STORE_NAME_MAX + 1]; /* a create body's "from": a fork */
-    int job_state; /* 0 none, 1 queued, 2 done */
-    cJSON *json;   /* the parsed body, when the job borrows from it */
-    jbody *jb;     /* a body decoded as it arrives (create, PUT .../state), or NULL */
-    st_reader *st; /* a binary checkpoint read as it arrives, or NULL */
-    void *grad;    /* decoded gradient, when not the body itself */
+    int job_state;                 /* 0 none, 1 queued, 2 done */
+    cJSON *json;                   /* the parsed body, when the job borrows from it */
+    jbody *jb;                     /* a body decoded as it arrives (create, PUT .../state), or NULL */
+    st_reader *st;                 /* a binary checkpoint read as it arrives, or NULL */
+    void *grad;                    /* decoded gradient, when not the body itself */
     char idem[256];
     int minimal, want_binary;
     int close; /* answer with Connection: close (the framing is not to be trusted) */
@@ -493,7 +493,8 @@ static enum MHD_Result list_sessions(req *r)
     if (scope && strcmp(scope, "cluster") == 0)
         return list_cluster(r);
     if (scope && strcmp(scope, "local") != 0)
-        return send_err(r, OPTD_E_BAD_REQUEST, "scope must be local (this daemon) or cluster (every --peers shard)", -1);
+        return send_err(r, OPTD_E_BAD_REQUEST, "scope must be local (this daemon) or cluster (every --peers shard)",
+                        -1);
     const char *limit_s = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "limit");
     const char *after = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "after");
     uint64_t limit = 100;
@@ -539,10 +540,7 @@ static enum MHD_Result get_session(req *r)
 }
 
 /* Reads the committed session named in the path with its state. */
-static optd_err read_full(req *r, sess **out)
-{
-    return engine_sess_read(r->srv->st, &http_config_codec, r->name, out);
-}
+static optd_err read_full(req *r, sess **out) { return engine_sess_read(r->srv->st, &http_config_codec, r->name, out); }
 
 static enum MHD_Result get_params(req *r)
 {
@@ -623,13 +621,13 @@ static enum MHD_Result get_history(req *r)
 /* A checkpoint sent as it is written: the session's blob is the only copy
  * of its state in memory, whatever its size (API.md Binary checkpoints). */
 typedef struct ckpt_stream {
-    sess *s;       /* owned */
-    int binary;    /* safetensors, else JSON */
-    sbuf pend;     /* bytes written and not yet sent, from off */
+    sess *s;    /* owned */
+    int binary; /* safetensors, else JSON */
+    sbuf pend;  /* bytes written and not yet sent, from off */
     size_t off;
-    int vec;       /* JSON: -1 params, then buffer indices; n_buffers: done */
-    size_t elem;   /* the next element of that vector */
-    int done;      /* everything is in pend */
+    int vec;     /* JSON: -1 params, then buffer indices; n_buffers: done */
+    size_t elem; /* the next element of that vector */
+    int done;    /* everything is in pend */
 } ckpt_stream;
 
 #define CKPT_PIECE 8192 /* elements formatted at a time */
@@ -764,15 +762,15 @@ static enum MHD_Result get_state(req *r)
 
 /* The fields of a create body (API.md Sessions, Training features), less
  * the session fields of training.c, which every such list adds. */
-static const char *const create_fields[] = {"name", "optimizer", "dtype", "hyperparams", "params",
-                                            "size", "fill", "from"};
+static const char *const create_fields[] = {"name",   "optimizer", "dtype", "hyperparams",
+                                            "params", "size",      "fill",  "from"};
 /* The fields a PATCH may carry, besides the session fields. */
 static const char *const patch_fields[] = {"hyperparams"};
 
 /* Checks the top-level members of o against own[0..n) plus the session
  * fields (workers, min_workers, round_timeout). */
-static optd_err check_fields(const cJSON *o, const char *where, const char *const *own, size_t n, int hint,
-                             char *msg, size_t msglen)
+static optd_err check_fields(const cJSON *o, const char *where, const char *const *own, size_t n, int hint, char *msg,
+                             size_t msglen)
 {
     const char *names[16];
     size_t k = 0;
@@ -832,8 +830,8 @@ static optd_err session_from_params(req *r, const cJSON *params, const cJSON *fi
 
 /* A session of size elements, all fill (0 by default). */
 static optd_err session_from_size(req *r, const cJSON *size, const cJSON *fill, const optim_info *info,
-                                  optim_dtype dtype, const optim_hparams *hp, const training *tr, sess **out,
-                                  char *msg, size_t msglen)
+                                  optim_dtype dtype, const optim_hparams *hp, const training *tr, sess **out, char *msg,
+                                  size_t msglen)
 {
     if (!size)
         return optd_fail(msg, msglen, OPTD_E_INVALID, "give params or size");
@@ -874,8 +872,8 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
     training tr;
     optd_err rc;
 
-    rc = check_fields(o, "a create body", create_fields, sizeof create_fields / sizeof *create_fields, HINT_INSIDE,
-                      msg, msglen);
+    rc = check_fields(o, "a create body", create_fields, sizeof create_fields / sizeof *create_fields, HINT_INSIDE, msg,
+                      msglen);
     if (!rc)
         rc = create_name(r, cJSON_GetObjectItemCaseSensitive(o, "name"), msg, msglen);
     if (rc)
@@ -886,7 +884,8 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
             return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "from must be a session name");
         if (params || size || fill || cJSON_GetObjectItemCaseSensitive(o, "optimizer") ||
             cJSON_GetObjectItemCaseSensitive(o, "dtype"))
-            return optd_fail(msg, msglen, OPTD_E_INVALID, "a fork takes only name, from, hyperparams and session fields");
+            return optd_fail(msg, msglen, OPTD_E_INVALID,
+                             "a fork takes only name, from, hyperparams and session fields");
         if (!name_valid(from->valuestring))
             return optd_fail(msg, msglen, OPTD_E_NOT_FOUND, "no session named '%.64s' to fork from", from->valuestring);
         snprintf(r->from, sizeof r->from, "%s", from->valuestring);
@@ -930,7 +929,8 @@ static enum MHD_Result create_session(req *r, engine_req_type kind)
     if (rc == OPTD_OK && kind == ENGINE_REQ_PUT_STATE) {
         /* The path names the session: a checkpoint restores under any name
          * (its own "name" member is only a record of where it came from). */
-        rc = sess_from_checkpoint(r->name, r->json, r->jb, r->srv->cfg.max_session_bytes, &r->job.create.newsess, msg, sizeof msg);
+        rc = sess_from_checkpoint(r->name, r->json, r->jb, r->srv->cfg.max_session_bytes, &r->job.create.newsess, msg,
+                                  sizeof msg);
     } else if (rc == OPTD_OK) {
         rc = session_from_body(r, &r->job.create.newsess, msg, sizeof msg);
     }
@@ -960,8 +960,10 @@ static enum MHD_Result patch_session(req *r)
         /* A field of the session that cannot change gets its own sentence. */
         for (size_t k = 0; k < sizeof create_fields / sizeof *create_fields; k++)
             if (cJSON_GetObjectItemCaseSensitive(r->json, create_fields[k]) && strcmp(create_fields[k], "hyperparams"))
-                snprintf(msg, sizeof msg, "\"%s\" cannot be changed by PATCH (hyperparams, workers, min_workers "
-                         "and round_timeout can)", create_fields[k]);
+                snprintf(msg, sizeof msg,
+                         "\"%s\" cannot be changed by PATCH (hyperparams, workers, min_workers "
+                         "and round_timeout can)",
+                         create_fields[k]);
         return send_err(r, rc, msg, -1);
     }
     const cJSON *hp = cJSON_GetObjectItemCaseSensitive(r->json, "hyperparams");
@@ -1048,7 +1050,8 @@ static optd_err step_json(req *r, engine_step_req *j, char *msg, size_t msglen)
         return rc;
     const cJSON *g = cJSON_GetObjectItemCaseSensitive(r->json, "grad");
     if (!g)
-        return optd_fail(msg, msglen, OPTD_E_INVALID, "grad is required: {\"grad\": [...]} with one number per element");
+        return optd_fail(msg, msglen, OPTD_E_INVALID,
+                         "grad is required: {\"grad\": [...]} with one number per element");
     if (!cJSON_IsArray(g))
         return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "grad must be an array of numbers");
     jvec *v = jbody_vec(jb, "grad", 0);
@@ -1369,8 +1372,9 @@ static optd_err framing_checks(req *r, const char *version, char *msg, size_t ms
     else if (l.codings && strcmp(version, MHD_HTTP_VERSION_1_0) == 0)
         snprintf(msg, msglen, "HTTP/1.0 has no Transfer-Encoding; send Content-Length");
     else if (l.codings > 1 || l.unchunked)
-        snprintf(msg, msglen, "the only Transfer-Encoding accepted is chunked, once; send Content-Length or "
-                              "Transfer-Encoding: chunked");
+        snprintf(msg, msglen,
+                 "the only Transfer-Encoding accepted is chunked, once; send Content-Length or "
+                 "Transfer-Encoding: chunked");
     else
         return OPTD_OK;
     r->close = 1;
@@ -1444,9 +1448,10 @@ static optd_err host_checks(req *r, const char *version, char *msg, size_t msgle
     if (!h && strcmp(version, MHD_HTTP_VERSION_1_0) != 0)
         return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "an HTTP/1.1 request needs a Host header");
     if (h && r->srv->host_check && !host_is_loopback(h))
-        return optd_fail(msg, msglen, OPTD_E_FORBIDDEN, "this daemon listens on a loopback address without a token, so it answers "
-                                     "only requests whose Host is localhost, 127.x.x.x or [::1] (a defence "
-                                     "against DNS rebinding); configure a token to serve other names");
+        return optd_fail(msg, msglen, OPTD_E_FORBIDDEN,
+                         "this daemon listens on a loopback address without a token, so it answers "
+                         "only requests whose Host is localhost, 127.x.x.x or [::1] (a defence "
+                         "against DNS rebinding); configure a token to serve other names");
     return OPTD_OK;
 }
 
@@ -1469,7 +1474,8 @@ static optd_err body_setup(req *r, const char *method)
         return (r->st = st_reader_new(r->name, r->srv->cfg.max_session_bytes)) ? OPTD_OK : OPTD_E_NOMEM;
     if (r->binary)
         return OPTD_OK;
-    if ((r->route == HTTP_R_SESSIONS && strcmp(method, "POST") == 0) || (r->route == HTTP_R_SESSION && strcmp(method, "PUT") == 0))
+    if ((r->route == HTTP_R_SESSIONS && strcmp(method, "POST") == 0) ||
+        (r->route == HTTP_R_SESSION && strcmp(method, "PUT") == 0))
         paths = JB_PARAMS;
     else if (r->route == HTTP_R_STATE && strcmp(method, "PUT") == 0)
         paths = JB_PARAMS | JB_STATE;
@@ -1528,8 +1534,10 @@ static optd_err convention_checks(req *r, char *msg, size_t msglen)
     }
     const char *ce = header(r, MHD_HTTP_HEADER_CONTENT_ENCODING);
     if (ce && strcasecmp(ce, "identity") != 0)
-        return optd_fail(msg, msglen, OPTD_E_UNSUPPORTED_MEDIA_TYPE, "Content-Encoding %.40s is not supported: send the body uncompressed "
-                        "(without Content-Encoding)", ce);
+        return optd_fail(msg, msglen, OPTD_E_UNSUPPORTED_MEDIA_TYPE,
+                         "Content-Encoding %.40s is not supported: send the body uncompressed "
+                         "(without Content-Encoding)",
+                         ce);
     return OPTD_OK;
 }
 
@@ -1542,13 +1550,15 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
         return optd_fail(msg, msglen, OPTD_E_UNAVAILABLE, "the server is shutting down; retry");
     /* Every /v1 request needs the token, even to learn a path is unknown. */
     if (strncmp(r->path, "/v1", 3) == 0 && (r->path[3] == '/' || r->path[3] == '\0') && !authorized(r))
-        return optd_fail(msg, msglen, OPTD_E_UNAUTHORIZED, "%s: send the header \"Authorization: Bearer <token>\" with the daemon's token",
-                        header(r, MHD_HTTP_HEADER_AUTHORIZATION) ? "the bearer token is wrong"
-                                                                 : "this daemon needs a bearer token");
+        return optd_fail(msg, msglen, OPTD_E_UNAUTHORIZED,
+                         "%s: send the header \"Authorization: Bearer <token>\" with the daemon's token",
+                         header(r, MHD_HTTP_HEADER_AUTHORIZATION) ? "the bearer token is wrong"
+                                                                  : "this daemon needs a bearer token");
     if (r->route == HTTP_R_NONE)
         return optd_fail(msg, msglen, OPTD_E_NOT_FOUND, "no such path");
     if (!method_allowed(r->route, method))
-        return optd_fail(msg, msglen, OPTD_E_METHOD_NOT_ALLOWED, "%s is not allowed here; allowed: %s", method, http_routes[r->route].methods);
+        return optd_fail(msg, msglen, OPTD_E_METHOD_NOT_ALLOWED, "%s is not allowed here; allowed: %s", method,
+                         http_routes[r->route].methods);
     optd_err rc = convention_checks(r, msg, msglen);
     if (rc)
         return rc;
@@ -1567,13 +1577,15 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
         if (ct && media_is(ct, "application/octet-stream"))
             r->binary = 1;
         else if (ct && !media_is(ct, "application/json"))
-            return optd_fail(msg, msglen, OPTD_E_UNSUPPORTED_MEDIA_TYPE, "Content-Type %.60s is not supported; use application/json%s%s", ct,
-                            r->route == HTTP_R_STEP || r->route == HTTP_R_STATE ? " or application/octet-stream" : "",
-                            media_is(ct, "application/x-www-form-urlencoded")
-                                ? " (curl's -d sends this type: add -H 'Content-Type: application/json')"
-                                : "");
+            return optd_fail(msg, msglen, OPTD_E_UNSUPPORTED_MEDIA_TYPE,
+                             "Content-Type %.60s is not supported; use application/json%s%s", ct,
+                             r->route == HTTP_R_STEP || r->route == HTTP_R_STATE ? " or application/octet-stream" : "",
+                             media_is(ct, "application/x-www-form-urlencoded")
+                                 ? " (curl's -d sends this type: add -H 'Content-Type: application/json')"
+                                 : "");
         if (r->binary && r->route != HTTP_R_STEP && !(r->route == HTTP_R_STATE && strcmp(method, "PUT") == 0))
-            return optd_fail(msg, msglen, OPTD_E_UNSUPPORTED_MEDIA_TYPE, "only steps and PUT .../state take application/octet-stream");
+            return optd_fail(msg, msglen, OPTD_E_UNSUPPORTED_MEDIA_TYPE,
+                             "only steps and PUT .../state take application/octet-stream");
     }
     if (cl) {
         char *end;
@@ -1879,8 +1891,8 @@ static optd_err start_ops(http_server *srv, char *err, size_t errlen)
     if (getrandom(&id, sizeof id, 0) != (ssize_t)sizeof id)
         id = (uint64_t)optd_now_ms() ^ ((uint64_t)getpid() << 40) ^ optd_mono_us();
     snprintf(srv->instance, sizeof srv->instance, "%016llx", (unsigned long long)id);
-    ops_config oc = {srv->st, srv->cfg.backup_dir, srv->cfg.peers, srv->token, srv->instance, srv->cfg.log,
-                     srv->cfg.log_ctx};
+    ops_config oc = {srv->st,       srv->cfg.backup_dir, srv->cfg.peers,  srv->token,
+                     srv->instance, srv->cfg.log,        srv->cfg.log_ctx};
     return ops_start(&oc, &srv->ops, err, errlen);
 }
 
@@ -1928,8 +1940,8 @@ optd_err http_start(const http_config *cfg, store *st, http_server **out, char *
     struct sockaddr_storage sa;
     socklen_t salen = sizeof sa;
     getsockname(srv->listen_fd, (struct sockaddr *)&sa, &salen);
-    srv->port = ntohs(family == AF_INET6 ? ((struct sockaddr_in6 *)&sa)->sin6_port
-                                         : ((struct sockaddr_in *)&sa)->sin_port);
+    srv->port =
+        ntohs(family == AF_INET6 ? ((struct sockaddr_in6 *)&sa)->sin6_port : ((struct sockaddr_in *)&sa)->sin_port);
     srv->host_check = !srv->token && listens_on_loopback(&sa);
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO | MHD_ALLOW_SUSPEND_RESUME;
     if (family == AF_INET6)

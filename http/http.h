@@ -20,22 +20,22 @@ typedef void (*http_log_fn)(void *ctx, const char *line);
 /* Every setting of the service; the daemon fills all of them (its config
  * table holds the defaults). */
 typedef struct http_config {
-    const char *listen_host;      /* "127.0.0.1", "0.0.0.0", "::1"; borrowed for http_start only */
-    uint16_t listen_port;         /* 0 picks a free port (see http_port) */
-    const char *token;            /* bearer token or NULL for none; copied */
-    size_t max_body;              /* bytes */
-    size_t max_session_bytes;     /* largest state (params and buffers) of one session */
-    unsigned threads;             /* request threads */
-    unsigned max_connections;     /* past it new connections are closed */
-    unsigned connection_timeout;  /* idle seconds before a connection is closed */
-    unsigned header_timeout;      /* seconds a request head may take from its first byte */
-    uint64_t idempotency_window;  /* steps a key is remembered */
-    uint64_t history_steps;       /* history rows kept per session */
-    size_t cache_bytes;           /* bytes of session state the writer keeps in memory */
-    http_log_fn log;               /* may be NULL */
+    const char *listen_host;     /* "127.0.0.1", "0.0.0.0", "::1"; borrowed for http_start only */
+    uint16_t listen_port;        /* 0 picks a free port (see http_port) */
+    const char *token;           /* bearer token or NULL for none; copied */
+    size_t max_body;             /* bytes */
+    size_t max_session_bytes;    /* largest state (params and buffers) of one session */
+    unsigned threads;            /* request threads */
+    unsigned max_connections;    /* past it new connections are closed */
+    unsigned connection_timeout; /* idle seconds before a connection is closed */
+    unsigned header_timeout;     /* seconds a request head may take from its first byte */
+    uint64_t idempotency_window; /* steps a key is remembered */
+    uint64_t history_steps;      /* history rows kept per session */
+    size_t cache_bytes;          /* bytes of session state the writer keeps in memory */
+    http_log_fn log;             /* may be NULL */
     void *log_ctx;
-    const char *backup_dir;       /* where POST /v1/backups writes; NULL: backups are off; copied */
-    const char *peers;            /* the other shards, comma-separated base URLs, or NULL; copied */
+    const char *backup_dir; /* where POST /v1/backups writes; NULL: backups are off; copied */
+    const char *peers;      /* the other shards, comma-separated base URLs, or NULL; copied */
 } http_config;
 
 /* Starts serving with st (borrowed; the caller closes it after http_stop).

@@ -90,7 +90,7 @@ typedef struct jvec {
     char key[JB_KEY_MAX];
     int in_state; /* a member of "state" */
     optim_dtype dtype;
-    int raw;      /* the dtype was unknown while it arrived: its text is in text */
+    int raw; /* the dtype was unknown while it arrived: its text is in text */
     int borrowed;
     void *data;
     size_t n, cap;
@@ -107,9 +107,9 @@ typedef struct jbody {
     size_t bytes, max_elems, size_hint;
     int dtype_known, dtype_seen;
     optim_dtype dtype;
-    void *dest;       /* grad: decoded straight into the caller's buffer */
+    void *dest; /* grad: decoded straight into the caller's buffer */
     size_t dest_n;
-    sbuf skel;        /* the body with each vector left as [] */
+    sbuf skel; /* the body with each vector left as [] */
     int depth, phase, in_str, esc, capturing;
     char stack[JB_DEPTH];
     char key1[JB_KEY_MAX], key2[JB_KEY_MAX], keyx[JB_KEY_MAX];
@@ -121,11 +121,11 @@ typedef struct jbody {
     size_t val_start; /* in skel: where the current member's value began */
     jvec *cur;        /* the vector being read */
     int vstate;
-    char num[64];     /* a number cut between two pieces */
+    char num[64]; /* a number cut between two pieces */
     size_t numlen;
     jvec vecs[JB_MAX_VECS];
     size_t nvecs;
-    optd_err rc;      /* the first error; the rest of the body is ignored */
+    optd_err rc; /* the first error; the rest of the body is ignored */
     char msg[256];
 } jbody;
 
@@ -181,8 +181,8 @@ optd_err body_fields_known(const cJSON *o, const char *where, const char *const 
 optd_err http_settings_from_json(const cJSON *obj, const cJSON *body, engine_settings *out);
 /* http_settings_from_json of body's "hyperparams" and fields, applied onto
  * *hp and *tr for info (engine_settings_apply's return codes). */
-optd_err http_settings_apply_json(const optim_info *info, const cJSON *body, optim_hparams *hp, training *tr,
-                                  char *msg, size_t msglen);
+optd_err http_settings_apply_json(const optim_info *info, const cJSON *body, optim_hparams *hp, training *tr, char *msg,
+                                  size_t msglen);
 /* Appends {"lr": ..., ...} with every hyperparameter of info. */
 void hparams_to_json(sbuf *b, const optim_info *info, const optim_hparams *hp, const training *tr);
 /* Appends the session fields (workers, min_workers, round_timeout). */
@@ -199,7 +199,6 @@ extern const engine_codec http_config_codec;
 #define JB_SKELETON_MAX ((size_t)1 << 20)
 
 /* ---- checkpoint.c: sessions as JSON, checkpoints ---------------------- */
-
 
 /* Reads what a session is made of from a create body or a checkpoint: its
  * optimizer (required), dtype (float32 by default), hyperparams onto the
@@ -339,13 +338,13 @@ typedef enum op_kind { OP_BACKUP, OP_LIST_CLUSTER } op_kind;
 typedef struct op {
     op_kind kind;
     /* Inputs (OP_LIST_CLUSTER). */
-    char after[1024];       /* "" for the first page */
+    char after[1024]; /* "" for the first page */
     unsigned limit;
     /* Results. */
-    optd_err rc;            /* OPTD_OK: status and out hold the reply */
+    optd_err rc; /* OPTD_OK: status and out hold the reply */
     char msg[1024];
     int status;
-    sbuf out;               /* the JSON reply; the owner frees it */
+    sbuf out; /* the JSON reply; the owner frees it */
     /* Completion: runs on the op's thread. */
     void (*on_done)(struct op *o, void *ctx);
     void *done_ctx;
@@ -360,7 +359,7 @@ typedef struct ops_config {
     const char *peers;      /* comma-separated base URLs, or NULL */
     const char *token;      /* sent to the peers as a bearer token; may be NULL */
     const char *instance;   /* this daemon's Optd-Instance, to know itself among the peers */
-    http_log_fn log;         /* may be NULL */
+    http_log_fn log;        /* may be NULL */
     void *log_ctx;
 } ops_config;
 

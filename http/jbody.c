@@ -14,9 +14,8 @@
 
 #include "http/httpInt.h"
 
-enum { PH_KEY, PH_COLON, PH_VALUE, PH_COMMA }; /* where an object is */
+enum { PH_KEY, PH_COLON, PH_VALUE, PH_COMMA };  /* where an object is */
 enum { V_ELEM_OR_END, V_ELEM, V_COMMA_OR_END }; /* where a vector is */
-
 
 static int fail(jbody *jb, optd_err rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static int fail(jbody *jb, optd_err rc, const char *fmt, ...)
@@ -104,7 +103,8 @@ static int put_number(jbody *jb, jvec *v, const char *s, size_t len)
         return fail(jb, OPTD_E_BAD_JSON, "the body is not valid JSON (a number is malformed)");
     if (!isfinite(v->dtype == OPTIM_F64 ? d : (double)(float)d)) {
         vec_label(v, label, sizeof label);
-        return fail(jb, OPTD_E_NON_FINITE, "%s element %zu is not a finite %s", label, v->n, engine_dtype_name(v->dtype));
+        return fail(jb, OPTD_E_NON_FINITE, "%s element %zu is not a finite %s", label, v->n,
+                    engine_dtype_name(v->dtype));
     }
     if (v->borrowed) {
         if (v->n < v->cap) {
@@ -154,7 +154,8 @@ static int put_token(jbody *jb, jvec *v, const char *s, size_t len)
         return put_number(jb, v, s, len);
     char label[80];
     vec_label(v, label, sizeof label);
-    if ((len == 4 && (memcmp(s, "true", 4) == 0 || memcmp(s, "null", 4) == 0)) || (len == 5 && memcmp(s, "false", 5) == 0))
+    if ((len == 4 && (memcmp(s, "true", 4) == 0 || memcmp(s, "null", 4) == 0)) ||
+        (len == 5 && memcmp(s, "false", 5) == 0))
         return fail(jb, OPTD_E_BAD_REQUEST, "%s must be an array of numbers; element %zu is not a number", label, v->n);
     return fail(jb, OPTD_E_BAD_JSON, "the body is not valid JSON (in %s)", label);
 }

@@ -56,8 +56,8 @@ static void render_store(sbuf *b, const store_stats *ss)
     for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
         uint64_t v;
         memcpy(&v, (const char *)ss + rows[i].off, sizeof v);
-        sbuf_printf(b, "# HELP %s %s\n# TYPE %s %s\n%s %llu\n", rows[i].name, rows[i].help, rows[i].name,
-                    rows[i].type, rows[i].name, (unsigned long long)v);
+        sbuf_printf(b, "# HELP %s %s\n# TYPE %s %s\n%s %llu\n", rows[i].name, rows[i].help, rows[i].name, rows[i].type,
+                    rows[i].name, (unsigned long long)v);
     }
 }
 
@@ -107,8 +107,8 @@ void metrics_render(sbuf *b, metrics *m, uint64_t sessions, const store_stats *s
                 "# HELP optd_db_commit_failures_total Groups rolled back by a storage fault.\n"
                 "# TYPE optd_db_commit_failures_total counter\noptd_db_commit_failures_total %llu\n"
                 "# HELP optd_sessions Sessions in the database.\n# TYPE optd_sessions gauge\noptd_sessions %llu\n",
-                (unsigned long long)atomic_load(&m->eng.commits), (unsigned long long)atomic_load(&m->eng.commit_failures),
-                (unsigned long long)sessions);
+                (unsigned long long)atomic_load(&m->eng.commits),
+                (unsigned long long)atomic_load(&m->eng.commit_failures), (unsigned long long)sessions);
     render_store(b, ss);
 }
 

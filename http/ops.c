@@ -34,19 +34,19 @@
 
 struct ops {
     store *st;
-    char *backup_dir;         /* owned; NULL when backups are off */
-    char **peers;             /* owned base URLs without a trailing slash */
+    char *backup_dir; /* owned; NULL when backups are off */
+    char **peers;     /* owned base URLs without a trailing slash */
     size_t npeers;
-    struct curl_slist *auth;  /* the Authorization header for the peers, or NULL */
-    int curl_init;            /* curl_global_init succeeded */
+    struct curl_slist *auth; /* the Authorization header for the peers, or NULL */
+    int curl_init;           /* curl_global_init succeeded */
     char instance[40];
     http_log_fn log;
     void *log_ctx;
     pthread_mutex_t mu;
-    pthread_cond_t cv;        /* signalled when running drops */
-    unsigned running;         /* ops between submit and completion, guarded by mu */
-    int stopping;             /* guarded by mu */
-    _Atomic int cancel;       /* set by ops_stop: backups in progress give up */
+    pthread_cond_t cv;         /* signalled when running drops */
+    unsigned running;          /* ops between submit and completion, guarded by mu */
+    int stopping;              /* guarded by mu */
+    _Atomic int cancel;        /* set by ops_stop: backups in progress give up */
     pthread_mutex_t backup_mu; /* one backup at a time */
 };
 
@@ -430,12 +430,12 @@ typedef struct fetch {
     const char *base;
     CURL *h;
     sbuf body;
-    int self;      /* its Optd-Instance is ours: the daemon itself */
+    int self; /* its Optd-Instance is ours: the daemon itself */
     int too_big;
     CURLcode cres;
     long status;
     char errbuf[CURL_ERROR_SIZE];
-    cJSON *json;   /* the parsed page */
+    cJSON *json; /* the parsed page */
 } fetch;
 
 static size_t on_body(char *p, size_t size, size_t n, void *ctx)
@@ -548,7 +548,9 @@ static int peer_problem(fetch *f, char *msg, size_t msglen)
     const char *sep = used ? "; " : "";
     if (f->cres != CURLE_OK) {
         snprintf(o, left, "%speer %s did not answer (%s)", sep, f->base,
-                 f->too_big ? "its reply is too large" : f->errbuf[0] ? f->errbuf : curl_easy_strerror(f->cres));
+                 f->too_big     ? "its reply is too large"
+                 : f->errbuf[0] ? f->errbuf
+                                : curl_easy_strerror(f->cres));
         return 1;
     }
     if (f->body.oom)

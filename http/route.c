@@ -107,7 +107,6 @@ size_t url_unescape(char *s)
     return o;
 }
 
-
 int http_parse_number(const char *v, double *out)
 {
     char *end;

@@ -62,8 +62,8 @@ optd_err st_header(const sess *s, sbuf *out)
     }
     sbuf_puts(&h, "}");
     size_t vec = s->n * optim_elem_size(s->dtype), off = 0;
-    sbuf_printf(&h, ",\"params\":{\"dtype\":\"%s\",\"shape\":[%zu],\"data_offsets\":[0,%zu]}", st_dtype(s->dtype),
-                s->n, vec);
+    sbuf_printf(&h, ",\"params\":{\"dtype\":\"%s\",\"shape\":[%zu],\"data_offsets\":[0,%zu]}", st_dtype(s->dtype), s->n,
+                vec);
     off = vec;
     for (size_t i = 0; i < s->info->n_buffers; i++) {
         if (!s->st.buf[i])
@@ -158,8 +158,8 @@ static optd_err meta_to_checkpoint(const cJSON *meta, cJSON **out, char *msg, si
         return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "__metadata__ must be an object of strings");
     for (const cJSON *e = meta ? meta->child : NULL; e; e = e->next) {
         if (!cJSON_IsString(e))
-            return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "__metadata__.%.64s must be a string (safetensors metadata is strings)",
-                            e->string);
+            return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST,
+                             "__metadata__.%.64s must be a string (safetensors metadata is strings)", e->string);
         if (strcmp(e->string, "format") == 0)
             continue; /* "pt", "np": what writers note of themselves */
         cJSON *v = NULL;
@@ -178,20 +178,22 @@ static optd_err meta_to_checkpoint(const cJSON *meta, cJSON **out, char *msg, si
 }
 
 /* Reads one tensor's entry: dtype, a shape of one dimension n, offsets. */
-static optd_err tensor_entry(const cJSON *e, const char *dtype, uint64_t *n, uint64_t *begin, uint64_t *end,
-                             char *msg, size_t msglen)
+static optd_err tensor_entry(const cJSON *e, const char *dtype, uint64_t *n, uint64_t *begin, uint64_t *end, char *msg,
+                             size_t msglen)
 {
     const cJSON *dt = cJSON_GetObjectItemCaseSensitive(e, "dtype");
     const cJSON *shape = cJSON_GetObjectItemCaseSensitive(e, "shape");
     const cJSON *off = cJSON_GetObjectItemCaseSensitive(e, "data_offsets");
     if (!cJSON_IsObject(e) || !cJSON_IsString(dt) || !cJSON_IsArray(shape) || !cJSON_IsArray(off) ||
         cJSON_GetArraySize(off) != 2 || !cJSON_IsNumber(off->child) || !cJSON_IsNumber(off->child->next))
-        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "tensor %.64s needs dtype, shape and data_offsets", e->string);
+        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "tensor %.64s needs dtype, shape and data_offsets",
+                         e->string);
     if (strcmp(dt->valuestring, dtype) != 0)
-        return optd_fail(msg, msglen, OPTD_E_INVALID, "tensor %.64s is %.8s; the session's tensors are %s", e->string, dt->valuestring,
-                        dtype);
+        return optd_fail(msg, msglen, OPTD_E_INVALID, "tensor %.64s is %.8s; the session's tensors are %s", e->string,
+                         dt->valuestring, dtype);
     if (cJSON_GetArraySize(shape) != 1 || !cJSON_IsNumber(shape->child) || shape->child->valuedouble < 0)
-        return optd_fail(msg, msglen, OPTD_E_INVALID, "tensor %.64s must have one dimension (the session is a flat vector)", e->string);
+        return optd_fail(msg, msglen, OPTD_E_INVALID,
+                         "tensor %.64s must have one dimension (the session is a flat vector)", e->string);
     double b = off->child->valuedouble, d = off->child->next->valuedouble;
     if (b < 0 || d < b || d > 9007199254740992.0)
         return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "tensor %.64s has bad data_offsets", e->string);
@@ -265,9 +267,10 @@ static optd_err read_header(st_reader *r)
     uint64_t at = 0;
     for (size_t i = 0; i < r->nt; i++) {
         if (r->t[i].begin != at) {
-            snprintf(msg, msglen, "tensor %.64s starts at byte %llu of the data, not %llu: the tensors must cover it "
-                     "without holes or overlaps", r->t[i].name, (unsigned long long)r->t[i].begin,
-                     (unsigned long long)at);
+            snprintf(msg, msglen,
+                     "tensor %.64s starts at byte %llu of the data, not %llu: the tensors must cover it "
+                     "without holes or overlaps",
+                     r->t[i].name, (unsigned long long)r->t[i].begin, (unsigned long long)at);
             rc = OPTD_E_BAD_REQUEST;
             goto done;
         }
@@ -337,8 +340,8 @@ optd_err st_reader_finish(st_reader *r, sess **out, char *msg, size_t msglen)
 {
     *out = NULL;
     if (!r->rc && (r->have8 < 8 || r->header.len < r->hlen || !r->s))
-        rfail(r, OPTD_E_BAD_REQUEST, "the body is %s: not a whole safetensors file%s",
-              r->total ? "cut short" : "empty", "");
+        rfail(r, OPTD_E_BAD_REQUEST, "the body is %s: not a whole safetensors file%s", r->total ? "cut short" : "empty",
+              "");
     if (!r->rc && r->pos != r->data_len)
         rfail(r, OPTD_E_BAD_REQUEST, "the file ends inside its tensors: it is cut short%s%s", "", "");
     for (size_t i = 0; i < r->nt && !r->rc; i++) {

@@ -11,16 +11,16 @@
 #include "http/httpInt.h"
 
 static const char *const sched_names[] = {
-    [SCHED_NONE] = "none",          [SCHED_STEP] = "step",     [SCHED_MULTISTEP] = "multistep",
-    [SCHED_EXPONENTIAL] = "exponential", [SCHED_COSINE] = "cosine", [SCHED_LINEAR] = "linear",
+    [SCHED_NONE] = "none",           [SCHED_STEP] = "step",
+    [SCHED_MULTISTEP] = "multistep", [SCHED_EXPONENTIAL] = "exponential",
+    [SCHED_COSINE] = "cosine",       [SCHED_LINEAR] = "linear",
 };
-
 
 /* Reads member name of o as a number into *out when present; checks it lies
  * in [lo, hi] (integral when whole). Returns OPTD_OK, OPTD_E_BAD_REQUEST
  * (not a number) or OPTD_E_BAD_HYPERPARAM. */
-static optd_err num(const cJSON *o, const char *name, double *out, double lo, double hi, int whole,
-                    int required, char *msg, size_t msglen)
+static optd_err num(const cJSON *o, const char *name, double *out, double lo, double hi, int whole, int required,
+                    char *msg, size_t msglen)
 {
     const cJSON *e = cJSON_GetObjectItemCaseSensitive(o, name);
     if (!e) {
@@ -86,7 +86,8 @@ static optd_err schedule_from_json(const cJSON *o, schedule *out, char *msg, siz
             s.type = (sched_type)k;
     if (s.type == SCHED_NONE) {
         const char *near = optd_name_nearest(type->valuestring, sched_names + SCHED_STEP, SCHED_LINEAR);
-        snprintf(msg, msglen, "lr_schedule.type \"%.32s\" is not one of step, multistep, exponential, cosine, linear%s%s%s",
+        snprintf(msg, msglen,
+                 "lr_schedule.type \"%.32s\" is not one of step, multistep, exponential, cosine, linear%s%s%s",
                  type->valuestring, near ? "; did you mean \"" : "", near ? near : "", near ? "\"?" : "");
         return OPTD_E_BAD_HYPERPARAM;
     }
@@ -153,8 +154,7 @@ static optd_err schedule_from_json(const cJSON *o, schedule *out, char *msg, siz
         }
         break;
     }
-    if (!rc && (s.type == SCHED_STEP || s.type == SCHED_MULTISTEP || s.type == SCHED_EXPONENTIAL) &&
-        !(s.gamma > 0)) {
+    if (!rc && (s.type == SCHED_STEP || s.type == SCHED_MULTISTEP || s.type == SCHED_EXPONENTIAL) && !(s.gamma > 0)) {
         snprintf(msg, msglen, "lr_schedule.gamma must be positive");
         rc = OPTD_E_BAD_HYPERPARAM;
     }
@@ -413,7 +413,8 @@ static void training_hparams_to_json(sbuf *b, const training *tr)
 
 void training_fields_to_json(sbuf *b, const training *tr)
 {
-    sbuf_printf(b, ",\"workers\":%u,\"min_workers\":%u,\"round_timeout\":", tr->workers, engine_training_min_workers(tr));
+    sbuf_printf(b, ",\"workers\":%u,\"min_workers\":%u,\"round_timeout\":", tr->workers,
+                engine_training_min_workers(tr));
     sbuf_num(b, tr->round_timeout, 0);
     /* min_workers follows workers until set: say so, so it survives a reload. */
     if (!tr->min_workers)
@@ -437,8 +438,8 @@ static optd_err config_encode(void *ctx, const optim_info *info, const optim_hpa
     return OPTD_OK;
 }
 
-optd_err http_settings_apply_json(const optim_info *info, const cJSON *body, optim_hparams *hp, training *tr,
-                                  char *msg, size_t msglen)
+optd_err http_settings_apply_json(const optim_info *info, const cJSON *body, optim_hparams *hp, training *tr, char *msg,
+                                  size_t msglen)
 {
     engine_settings d;
     optd_err rc = http_settings_from_json(cJSON_GetObjectItemCaseSensitive(body, "hyperparams"), body, &d);

@@ -44,11 +44,14 @@ optd_err body_fields_known(const cJSON *o, const char *where, const char *const 
     if (rc == OPTD_OK || !hparam_name_anywhere(bad->string) || optd_name_nearest(bad->string, names, n))
         return rc;
     if (hp_hint == HINT_PATCH)
-        snprintf(msg, msglen, "\"%.64s\" is a hyperparameter, not a field of %s: change it with PATCH "
-                 "/v1/sessions/{name} and the body {\"hyperparams\": {\"%.64s\": ...}}", bad->string, where,
-                 bad->string);
+        snprintf(msg, msglen,
+                 "\"%.64s\" is a hyperparameter, not a field of %s: change it with PATCH "
+                 "/v1/sessions/{name} and the body {\"hyperparams\": {\"%.64s\": ...}}",
+                 bad->string, where, bad->string);
     else
-        snprintf(msg, msglen, "\"%.64s\" is a hyperparameter, not a field of %s: put it inside \"hyperparams\", "
-                 "as {\"hyperparams\": {\"%.64s\": ...}}", bad->string, where, bad->string);
+        snprintf(msg, msglen,
+                 "\"%.64s\" is a hyperparameter, not a field of %s: put it inside \"hyperparams\", "
+                 "as {\"hyperparams\": {\"%.64s\": ...}}",
+                 bad->string, where, bad->string);
     return rc;
 }

@@ -69,8 +69,7 @@ void optim_scale(optim_dtype dtype, size_t n, void *x, double scale)
         scale_f32(x, n, (float)scale);
 }
 
-void optim_state_init(const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n,
-                      optim_state *st)
+void optim_state_init(const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n, optim_state *st)
 {
     /* Only adagrad's sum starts at a value other than zero. */
     double init = info->kind == OPTIM_ADAGRAD ? hp->initial_accumulator_value : 0;

@@ -7,52 +7,64 @@
 #include <stdio.h>
 #include <string.h>
 
-#define NUM(field, d, lo, hi, lo_open, hi_open)                                             \
-    {#field, OPTIM_HP_NUMBER, offsetof(optim_hparams, field), {d, 0}, lo, hi, lo_open, hi_open}
-#define BOOL(field, d) {#field, OPTIM_HP_BOOL, offsetof(optim_hparams, field), {d, 0}, 0, 1, 0, 0}
+#define NUM(field, d, lo, hi, lo_open, hi_open)                                                                        \
+    {                                                                                                                  \
+#field, OPTIM_HP_NUMBER, offsetof(optim_hparams, field), {d, 0 }, lo, hi, lo_open, hi_open                     \
+    }
+#define BOOL(field, d)                                                                                                 \
+    {                                                                                                                  \
+#field, OPTIM_HP_BOOL, offsetof(optim_hparams, field), {d, 0 }, 0, 1, 0, 0                                     \
+    }
 #define NONNEG(field, d) NUM(field, d, 0, INFINITY, 0, 0)
 #define ANY(field, d) NUM(field, d, -INFINITY, INFINITY, 0, 0)
 /* betas: each in [0, 1), as torch's Adam family checks. */
-#define BETAS(b1, b2) {"betas", OPTIM_HP_PAIR, offsetof(optim_hparams, betas), {b1, b2}, 0, 1, 0, 1}
+#define BETAS(b1, b2)                                                                                                  \
+    {                                                                                                                  \
+        "betas", OPTIM_HP_PAIR, offsetof(optim_hparams, betas), {b1, b2}, 0, 1, 0, 1                                   \
+    }
 
 /* SGD and its two presets differ only in their defaults. */
-#define SGD_HPS(mom_, nest_)                                                                  \
-    {NONNEG(lr, 0.01), NONNEG(momentum, mom_), ANY(dampening, 0), BOOL(nesterov, nest_),      \
-     NONNEG(weight_decay, 0), BOOL(maximize, 0)}
+#define SGD_HPS(mom_, nest_)                                                                                           \
+    {                                                                                                                  \
+        NONNEG(lr, 0.01), NONNEG(momentum, mom_), ANY(dampening, 0), BOOL(nesterov, nest_), NONNEG(weight_decay, 0),   \
+            BOOL(maximize, 0)                                                                                          \
+    }
 static const optim_hp_desc sgd_hps[] = SGD_HPS(0, 0);
 static const optim_hp_desc momentum_hps[] = SGD_HPS(0.9, 0);
 static const optim_hp_desc nag_hps[] = SGD_HPS(0.9, 1);
 
 static const optim_hp_desc adagrad_hps[] = {
-    NONNEG(lr, 0.01), NONNEG(lr_decay, 0), NONNEG(weight_decay, 0),
-    NONNEG(initial_accumulator_value, 0), NONNEG(eps, 1e-10), BOOL(maximize, 0),
+    NONNEG(lr, 0.01),   NONNEG(lr_decay, 0), NONNEG(weight_decay, 0), NONNEG(initial_accumulator_value, 0),
+    NONNEG(eps, 1e-10), BOOL(maximize, 0),
 };
 static const optim_hp_desc adadelta_hps[] = {
-    NONNEG(lr, 1.0), NUM(rho, 0.9, 0, 1, 0, 0), NONNEG(eps, 1e-6), NONNEG(weight_decay, 0),
-    BOOL(maximize, 0),
+    NONNEG(lr, 1.0), NUM(rho, 0.9, 0, 1, 0, 0), NONNEG(eps, 1e-6), NONNEG(weight_decay, 0), BOOL(maximize, 0),
 };
 static const optim_hp_desc rmsprop_hps[] = {
-    NONNEG(lr, 0.01),       NONNEG(alpha, 0.99), NONNEG(eps, 1e-8), NONNEG(weight_decay, 0),
+    NONNEG(lr, 0.01),    NONNEG(alpha, 0.99), NONNEG(eps, 1e-8), NONNEG(weight_decay, 0),
     NONNEG(momentum, 0), BOOL(centered, 0),   BOOL(maximize, 0),
 };
-#define ADAM_HPS(lr_, wd_)                                                                    \
-    {NONNEG(lr, lr_), BETAS(0.9, 0.999), NONNEG(eps, 1e-8), NONNEG(weight_decay, wd_),        \
-     BOOL(amsgrad, 0), BOOL(maximize, 0)}
+#define ADAM_HPS(lr_, wd_)                                                                                             \
+    {                                                                                                                  \
+        NONNEG(lr, lr_), BETAS(0.9, 0.999), NONNEG(eps, 1e-8), NONNEG(weight_decay, wd_), BOOL(amsgrad, 0),            \
+            BOOL(maximize, 0)                                                                                          \
+    }
 static const optim_hp_desc adam_hps[] = ADAM_HPS(0.001, 0);
 static const optim_hp_desc adamw_hps[] = ADAM_HPS(0.001, 0.01);
 static const optim_hp_desc adamax_hps[] = {
-    NONNEG(lr, 0.002), BETAS(0.9, 0.999), NONNEG(eps, 1e-8), NONNEG(weight_decay, 0),
-    BOOL(maximize, 0),
+    NONNEG(lr, 0.002), BETAS(0.9, 0.999), NONNEG(eps, 1e-8), NONNEG(weight_decay, 0), BOOL(maximize, 0),
 };
 static const optim_hp_desc nadam_hps[] = {
-    NONNEG(lr, 0.002),         BETAS(0.9, 0.999), NONNEG(eps, 1e-8),
-    NONNEG(weight_decay, 0),   NONNEG(momentum_decay, 0.004), BOOL(maximize, 0),
+    NONNEG(lr, 0.002), BETAS(0.9, 0.999), NONNEG(eps, 1e-8), NONNEG(weight_decay, 0), NONNEG(momentum_decay, 0.004),
+    BOOL(maximize, 0),
 };
 
 #define N(a) (sizeof(a) / sizeof((a)[0]))
 #define NBUF(...) (sizeof((const char *[]){__VA_ARGS__}) / sizeof(const char *))
-#define INFO(kind, name, torch, hps, scalar, ...)                                           \
-    {kind, name, torch, hps, N(hps), {__VA_ARGS__}, NBUF(__VA_ARGS__), scalar}
+#define INFO(kind, name, torch, hps, scalar, ...)                                                                      \
+    {                                                                                                                  \
+        kind, name, torch, hps, N(hps), {__VA_ARGS__}, NBUF(__VA_ARGS__), scalar                                       \
+    }
 
 static const optim_info table[OPTIM_KIND_COUNT] = {
     INFO(OPTIM_SGD, "sgd", "torch.optim.SGD", sgd_hps, NULL, "momentum_buffer"),
@@ -60,12 +72,11 @@ static const optim_info table[OPTIM_KIND_COUNT] = {
     INFO(OPTIM_NAG, "nag", "torch.optim.SGD", nag_hps, NULL, "momentum_buffer"),
     INFO(OPTIM_ADAGRAD, "adagrad", "torch.optim.Adagrad", adagrad_hps, NULL, "sum"),
     INFO(OPTIM_ADADELTA, "adadelta", "torch.optim.Adadelta", adadelta_hps, NULL, "square_avg", "acc_delta"),
-    INFO(OPTIM_RMSPROP, "rmsprop", "torch.optim.RMSprop", rmsprop_hps, NULL, "square_avg",
-         "momentum_buffer", "grad_avg"),
+    INFO(OPTIM_RMSPROP, "rmsprop", "torch.optim.RMSprop", rmsprop_hps, NULL, "square_avg", "momentum_buffer",
+         "grad_avg"),
     INFO(OPTIM_ADAM, "adam", "torch.optim.Adam", adam_hps, NULL, "exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
     INFO(OPTIM_ADAMAX, "adamax", "torch.optim.Adamax", adamax_hps, NULL, "exp_avg", "exp_inf"),
-    INFO(OPTIM_ADAMW, "adamw", "torch.optim.AdamW", adamw_hps, NULL, "exp_avg", "exp_avg_sq",
-         "max_exp_avg_sq"),
+    INFO(OPTIM_ADAMW, "adamw", "torch.optim.AdamW", adamw_hps, NULL, "exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
     INFO(OPTIM_NADAM, "nadam", "torch.optim.NAdam", nadam_hps, "mu_product", "exp_avg", "exp_avg_sq"),
 };
 
@@ -147,11 +158,9 @@ int optim_validate(const optim_info *info, const optim_hparams *hp, char *msg, s
                 continue;
             describe_range(d, range, sizeof range);
             if (d->type == OPTIM_HP_PAIR)
-                snprintf(msg, msglen, "%s[%d] = %g is invalid for %s: it must be %s", d->name, k, v,
-                         info->name, range);
+                snprintf(msg, msglen, "%s[%d] = %g is invalid for %s: it must be %s", d->name, k, v, info->name, range);
             else
-                snprintf(msg, msglen, "%s = %g is invalid for %s: it must be %s", d->name, v, info->name,
-                         range);
+                snprintf(msg, msglen, "%s = %g is invalid for %s: it must be %s", d->name, v, info->name, range);
             return OPTIM_EINVAL;
         }
     }
@@ -189,8 +198,7 @@ bool optim_buffer_nonneg(const optim_info *info, size_t i)
     /* Sums and running averages of squares, and Adamax's infinity norm: the
      * update divides by their square root (or by them), so a negative value
      * makes every later step NaN. */
-    static const char *const nonneg[] = {"exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg", "acc_delta",
-                                         "exp_inf"};
+    static const char *const nonneg[] = {"exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg", "acc_delta", "exp_inf"};
     if (i >= info->n_buffers)
         return false;
     for (size_t k = 0; k < sizeof nonneg / sizeof nonneg[0]; k++)

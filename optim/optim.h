@@ -32,20 +32,20 @@ enum { OPTIM_OK = 0, OPTIM_EINVAL = 1 };
  * description lists and ignores the rest. Plain data, copied freely. */
 typedef struct optim_hparams {
     double lr;
-    double momentum;      /* sgd family, rmsprop */
-    double dampening;     /* sgd family */
+    double momentum;  /* sgd family, rmsprop */
+    double dampening; /* sgd family */
     double weight_decay;
-    double lr_decay;      /* adagrad */
+    double lr_decay;                  /* adagrad */
     double initial_accumulator_value; /* adagrad */
     double eps;
-    double rho;           /* adadelta */
-    double alpha;         /* rmsprop */
-    double betas[2];      /* adam family, nadam */
+    double rho;            /* adadelta */
+    double alpha;          /* rmsprop */
+    double betas[2];       /* adam family, nadam */
     double momentum_decay; /* nadam */
     bool nesterov;
     bool maximize;
-    bool centered;        /* rmsprop */
-    bool amsgrad;         /* adam, adamw */
+    bool centered; /* rmsprop */
+    bool amsgrad;  /* adam, adamw */
 } optim_hparams;
 
 typedef enum optim_hp_type {
@@ -61,8 +61,8 @@ typedef enum optim_hp_type {
 typedef struct optim_hp_desc {
     const char *name;
     optim_hp_type type;
-    size_t offset;    /* offsetof(optim_hparams, field) */
-    double def[2];    /* default; a bool's is 0 or 1 */
+    size_t offset; /* offsetof(optim_hparams, field) */
+    double def[2]; /* default; a bool's is 0 or 1 */
     double min, max;
     bool min_open, max_open;
 } optim_hp_desc;
@@ -72,13 +72,13 @@ typedef struct optim_hp_desc {
 /* The description of one optimizer. All pointers are to static storage. */
 typedef struct optim_info {
     optim_kind kind;
-    const char *name;        /* "adam" */
-    const char *torch_name;  /* "torch.optim.Adam" */
+    const char *name;       /* "adam" */
+    const char *torch_name; /* "torch.optim.Adam" */
     const optim_hp_desc *hps;
     size_t n_hps;
     const char *buffers[OPTIM_MAX_BUFFERS]; /* state buffer names, NULL-padded */
     size_t n_buffers;
-    const char *scalar;      /* name of a scalar state ("mu_product") or NULL */
+    const char *scalar; /* name of a scalar state ("mu_product") or NULL */
 } optim_info;
 
 /* The state of one session, as the step reads and writes it. The caller owns
@@ -88,8 +88,8 @@ typedef struct optim_info {
 typedef struct optim_state {
     void *params;
     void *buf[OPTIM_MAX_BUFFERS];
-    double scalar;  /* e.g. nadam's mu_product; 1 for a fresh session */
-    uint64_t step;  /* steps applied so far; optim_step increments it */
+    double scalar; /* e.g. nadam's mu_product; 1 for a fresh session */
+    uint64_t step; /* steps applied so far; optim_step increments it */
 } optim_state;
 
 /* The table: optim_at(i) for i < OPTIM_KIND_COUNT, in optim_kind order. */
@@ -130,8 +130,7 @@ size_t optim_elem_size(optim_dtype dtype);
 /* Fills the used buffers of a fresh state with their initial values (zeros,
  * or adagrad's initial_accumulator_value), sets scalar to 1 and step to 0.
  * params are left as they are. */
-void optim_state_init(const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n,
-                      optim_state *st);
+void optim_state_init(const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n, optim_state *st);
 
 /* Sums of squares gathered during a step, in double (so they may be
  * infinite for float64 values past 1e154). */
@@ -146,8 +145,8 @@ typedef struct optim_stats {
  * st, in place, and increments st->step. hp must have passed optim_validate
  * and st's used buffers must be non-NULL. When stats is non-NULL it is
  * filled in the same pass over memory. Cannot fail. */
-void optim_step(const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n,
-                optim_state *st, const void *grad, optim_stats *stats);
+void optim_step(const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n, optim_state *st,
+                const void *grad, optim_stats *stats);
 
 /* The sum of squares of n elements of dtype, accumulated in double. */
 double optim_sq_norm(optim_dtype dtype, size_t n, const void *x);

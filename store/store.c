@@ -194,11 +194,11 @@ struct store {
     sqlite3 *ckpt_db;
     pthread_t ckpt_thread;
     pthread_mutex_t ckpt_mu;
-    pthread_cond_t ckpt_cv;  /* wakes the checkpointer */
-    pthread_cond_t gate_cv;  /* the gate opened, or a transaction ended */
-    int ckpt_init;    /* ckpt_mu, ckpt_cv, gate_cv and the thread exist */
-    int ckpt_wanted;  /* guarded by ckpt_mu */
-    int ckpt_stop;    /* guarded by ckpt_mu */
+    pthread_cond_t ckpt_cv; /* wakes the checkpointer */
+    pthread_cond_t gate_cv; /* the gate opened, or a transaction ended */
+    int ckpt_init;          /* ckpt_mu, ckpt_cv, gate_cv and the thread exist */
+    int ckpt_wanted;        /* guarded by ckpt_mu */
+    int ckpt_stop;          /* guarded by ckpt_mu */
     /* The gate, guarded by ckpt_mu: while gate_closed the writer begins no
      * transaction, so a RESTART or TRUNCATE checkpoint never waits in
      * SQLite's busy handler for the write lock (its sleeps are coarse) and
@@ -207,24 +207,24 @@ struct store {
      * urgent_done the last one served. */
     int gate_closed, tx_active;
     uint64_t urgent_req, urgent_done;
-    int page_size;                 /* bytes; a WAL frame is page_size + 24 */
-    uint64_t wal_max;              /* bytes: refuse to begin past it */
-    atomic_uint_fast64_t wal_frames;  /* frames in the WAL after the last commit (WAL hook) */
-    atomic_uint_fast64_t ckpt_done;   /* of those, copied by the last checkpoint */
+    int page_size;                       /* bytes; a WAL frame is page_size + 24 */
+    uint64_t wal_max;                    /* bytes: refuse to begin past it */
+    atomic_uint_fast64_t wal_frames;     /* frames in the WAL after the last commit (WAL hook) */
+    atomic_uint_fast64_t ckpt_done;      /* of those, copied by the last checkpoint */
     atomic_uint_fast64_t last_commit_us; /* CLOCK_MONOTONIC of the last commit */
     atomic_uint_fast64_t n_ckpt, n_busy, n_fail, n_reset, n_refused;
     /* Free bytes a write must find on the filesystem before store_writable
      * trusts it again: twice the last failed transaction (its WAL frames,
      * then their copy into the database). 0: no failure pending. */
     atomic_uint_fast64_t need_bytes;
-    uint64_t tx_bytes;             /* writer only: bytes of state the open transaction writes */
-    int lock_fd;                   /* the exclusive lock (flock) on the database, or -1 */
+    uint64_t tx_bytes; /* writer only: bytes of state the open transaction writes */
+    int lock_fd;       /* the exclusive lock (flock) on the database, or -1 */
     void (*log)(void *, const char *);
     void *log_ctx;
-    pthread_mutex_t log_mu;        /* guards the rate limit below */
+    pthread_mutex_t log_mu; /* guards the rate limit below */
     int log_init;
-    uint64_t log_last_us[4];       /* per kind of failure: the last line written */
-    unsigned log_dropped[4];       /* lines suppressed since */
+    uint64_t log_last_us[4]; /* per kind of failure: the last line written */
+    unsigned log_dropped[4]; /* lines suppressed since */
     /* Set when a write transaction failed or was rolled back, cleared by the
      * next commit that succeeds: while set, store_writable makes a real write
      * rather than trust a lock that costs no I/O. */
@@ -240,7 +240,8 @@ static void seterr(char *err, size_t errlen, const char *fmt, ...)
 {
     va_list ap;
 
-    if (!err || !errlen) return;
+    if (!err || !errlen)
+        return;
     va_start(ap, fmt);
     vsnprintf(err, errlen, fmt, ap);
     va_end(ap);
@@ -268,7 +269,8 @@ static void store_logf(store *st, int kind, const char *fmt, ...)
     unsigned dropped;
     int n;
 
-    if (!st->log || !st->log_init) return;
+    if (!st->log || !st->log_init)
+        return;
     pthread_mutex_lock(&st->log_mu);
     if (st->log_last_us[kind] && now - st->log_last_us[kind] < LOG_EVERY_US) {
         st->log_dropped[kind]++;
@@ -297,13 +299,17 @@ static void store_logf(store *st, int kind, const char *fmt, ...)
  * either way the storage cannot serve while nothing was changed. */
 static optd_err from_sqlite(int src)
 {
-    if (src == SQLITE_OK || src == SQLITE_ROW || src == SQLITE_DONE) return OPTD_OK;
-    if (src == SQLITE_CONSTRAINT_UNIQUE || src == SQLITE_CONSTRAINT_PRIMARYKEY) return OPTD_E_ALREADY_EXISTS;
+    if (src == SQLITE_OK || src == SQLITE_ROW || src == SQLITE_DONE)
+        return OPTD_OK;
+    if (src == SQLITE_CONSTRAINT_UNIQUE || src == SQLITE_CONSTRAINT_PRIMARYKEY)
+        return OPTD_E_ALREADY_EXISTS;
     /* A value past SQLite's length limit: a refusal of that value (nothing
      * was written), not a fault of the storage. */
-    if (src == SQLITE_TOOBIG) return OPTD_E_SESSION_TOO_LARGE;
+    if (src == SQLITE_TOOBIG)
+        return OPTD_E_SESSION_TOO_LARGE;
     switch (src & 0xff) {
-    case SQLITE_NOMEM: return OPTD_E_NOMEM;
+    case SQLITE_NOMEM:
+        return OPTD_E_NOMEM;
     case SQLITE_BUSY:
     case SQLITE_LOCKED:
     case SQLITE_FULL:
@@ -314,8 +320,10 @@ static optd_err from_sqlite(int src)
     case SQLITE_PERM:
     case SQLITE_CORRUPT:
     case SQLITE_NOTADB:
-    case SQLITE_INTERRUPT: return OPTD_E_UNAVAILABLE;
-    default: return OPTD_E_INTERNAL; /* misuse, schema drift */
+    case SQLITE_INTERRUPT:
+        return OPTD_E_UNAVAILABLE;
+    default:
+        return OPTD_E_INTERNAL; /* misuse, schema drift */
     }
 }
 
@@ -332,7 +340,8 @@ static void stmt_done(sqlite3_stmt *q)
 /* Runs a write statement whose binding returned src, then resets it. */
 static optd_err run(sqlite3_stmt *q, int src)
 {
-    if (src == SQLITE_OK) src = sqlite3_step(q);
+    if (src == SQLITE_OK)
+        src = sqlite3_step(q);
     stmt_done(q);
     return from_sqlite(src);
 }
@@ -358,8 +367,10 @@ static uint64_t i2u(int64_t v)
  * until the statement is reset. */
 static int bind_bytes(sqlite3_stmt *q, int i, const void *p, size_t len)
 {
-    if (!p) return sqlite3_bind_null(q, i);
-    if (!len) return sqlite3_bind_zeroblob(q, i, 0);
+    if (!p)
+        return sqlite3_bind_null(q, i);
+    if (!len)
+        return sqlite3_bind_zeroblob(q, i, 0);
     return sqlite3_bind_blob64(q, i, p, len, SQLITE_STATIC);
 }
 
@@ -375,13 +386,17 @@ static optd_err column_bytes_copy(sqlite3_stmt *q, int col, void **out, size_t *
 
     *out = NULL;
     *len = 0;
-    if (sqlite3_column_type(q, col) == SQLITE_NULL) return OPTD_OK;
+    if (sqlite3_column_type(q, col) == SQLITE_NULL)
+        return OPTD_OK;
     p = sqlite3_column_blob(q, col);
     n = sqlite3_column_bytes(q, col);
-    if (!p && sqlite3_errcode(sqlite3_db_handle(q)) == SQLITE_NOMEM) return OPTD_E_NOMEM;
+    if (!p && sqlite3_errcode(sqlite3_db_handle(q)) == SQLITE_NOMEM)
+        return OPTD_E_NOMEM;
     copy = malloc(n > 0 ? (size_t)n : 1);
-    if (!copy) return OPTD_E_NOMEM;
-    if (n > 0) memcpy(copy, p, (size_t)n);
+    if (!copy)
+        return OPTD_E_NOMEM;
+    if (n > 0)
+        memcpy(copy, p, (size_t)n);
     *out = copy;
     *len = (size_t)n;
     return OPTD_OK;
@@ -395,11 +410,14 @@ static optd_err column_text_into(sqlite3_stmt *q, int col, char *buf, size_t cap
     int n;
 
     buf[0] = '\0';
-    if (sqlite3_column_type(q, col) == SQLITE_NULL) return OPTD_OK;
+    if (sqlite3_column_type(q, col) == SQLITE_NULL)
+        return OPTD_OK;
     t = sqlite3_column_text(q, col);
     n = sqlite3_column_bytes(q, col);
-    if (!t) return sqlite3_errcode(sqlite3_db_handle(q)) == SQLITE_NOMEM ? OPTD_E_NOMEM : OPTD_OK;
-    if ((size_t)n >= cap) return OPTD_E_INTERNAL;
+    if (!t)
+        return sqlite3_errcode(sqlite3_db_handle(q)) == SQLITE_NOMEM ? OPTD_E_NOMEM : OPTD_OK;
+    if ((size_t)n >= cap)
+        return OPTD_E_INTERNAL;
     memcpy(buf, t, (size_t)n);
     buf[n] = '\0';
     return OPTD_OK;
@@ -412,13 +430,17 @@ static optd_err column_text_dup(sqlite3_stmt *q, int col, char **out)
     int n;
 
     *out = NULL;
-    if (sqlite3_column_type(q, col) == SQLITE_NULL) return OPTD_OK;
+    if (sqlite3_column_type(q, col) == SQLITE_NULL)
+        return OPTD_OK;
     t = sqlite3_column_text(q, col);
     n = sqlite3_column_bytes(q, col);
-    if (!t && sqlite3_errcode(sqlite3_db_handle(q)) == SQLITE_NOMEM) return OPTD_E_NOMEM;
+    if (!t && sqlite3_errcode(sqlite3_db_handle(q)) == SQLITE_NOMEM)
+        return OPTD_E_NOMEM;
     *out = malloc((size_t)n + 1);
-    if (!*out) return OPTD_E_NOMEM;
-    if (n > 0) memcpy(*out, t, (size_t)n);
+    if (!*out)
+        return OPTD_E_NOMEM;
+    if (n > 0)
+        memcpy(*out, t, (size_t)n);
     (*out)[n] = '\0';
     return OPTD_OK;
 }
@@ -433,14 +455,17 @@ static optd_err row_session(sqlite3_stmt *q, store_session *out)
     memset(&s, 0, sizeof s);
     s.id = sqlite3_column_int64(q, 0);
     rc = column_text_into(q, 1, s.name, sizeof s.name);
-    if (rc) goto done;
+    if (rc)
+        goto done;
     rc = column_text_into(q, 2, s.optimizer, sizeof s.optimizer);
-    if (rc) goto done;
+    if (rc)
+        goto done;
     s.dtype = sqlite3_column_int(q, 3);
     s.size = i2u(sqlite3_column_int64(q, 4));
     s.step = i2u(sqlite3_column_int64(q, 5));
     rc = column_text_dup(q, 6, &s.config);
-    if (rc) goto done;
+    if (rc)
+        goto done;
     s.created_ms = sqlite3_column_int64(q, 7);
     s.updated_ms = sqlite3_column_int64(q, 8);
 done:
@@ -476,7 +501,8 @@ static optd_err session_by_name(sqlite3_stmt *const *qs, const char *name, store
 
     memset(&s, 0, sizeof s);
     src = sqlite3_bind_text(q, 1, name, -1, SQLITE_STATIC);
-    if (src == SQLITE_OK) src = sqlite3_step(q);
+    if (src == SQLITE_OK)
+        src = sqlite3_step(q);
     if (src == SQLITE_DONE) {
         rc = OPTD_E_NOT_FOUND;
         goto done;
@@ -486,8 +512,10 @@ static optd_err session_by_name(sqlite3_stmt *const *qs, const char *name, store
         goto done;
     }
     rc = row_session(q, &s);
-    if (rc) goto done;
-    if (state) rc = column_bytes_copy(q, STATE_COL, &blob, &n);
+    if (rc)
+        goto done;
+    if (state)
+        rc = column_bytes_copy(q, STATE_COL, &blob, &n);
 done:
     stmt_done(q);
     if (rc) {
@@ -511,8 +539,10 @@ static optd_err conn_open(const char *path, int flags, int busy_ms, sqlite3 **ou
     int src;
 
     src = sqlite3_open_v2(path, &db, flags | SQLITE_OPEN_NOMUTEX, NULL);
-    if (src == SQLITE_OK) src = sqlite3_extended_result_codes(db, 1);
-    if (src == SQLITE_OK) src = sqlite3_busy_timeout(db, busy_ms);
+    if (src == SQLITE_OK)
+        src = sqlite3_extended_result_codes(db, 1);
+    if (src == SQLITE_OK)
+        src = sqlite3_busy_timeout(db, busy_ms);
     if (src != SQLITE_OK) {
         /* open_v2 returns a handle to close even when it fails (NULL only
          * when out of memory). */
@@ -541,11 +571,13 @@ static optd_err exec_sql(sqlite3 *db, const char *text, const char *path, char *
     char *msg = NULL;
     int src = sqlite3_exec(db, text, NULL, NULL, &msg);
 
-    if (src == SQLITE_OK) return OPTD_OK;
+    if (src == SQLITE_OK)
+        return OPTD_OK;
     seterr(err, errlen, "cannot set up %s: %s", path, msg ? msg : sqlite3_errstr(src));
     sqlite3_free(msg);
     /* At open, damage is a verdict on the file (do not retry), not an outage. */
-    if ((src & 0xff) == SQLITE_CORRUPT || (src & 0xff) == SQLITE_NOTADB) return OPTD_E_INVALID;
+    if ((src & 0xff) == SQLITE_CORRUPT || (src & 0xff) == SQLITE_NOTADB)
+        return OPTD_E_INVALID;
     return from_sqlite(src) == OPTD_E_INTERNAL ? OPTD_E_INVALID : from_sqlite(src);
 }
 
@@ -568,7 +600,8 @@ static optd_err header_read(sqlite3 *db, const char *path, header *out, char *er
     int src;
 
     src = sqlite3_prepare_v2(db, text, -1, &q, NULL);
-    if (src == SQLITE_OK) src = sqlite3_step(q);
+    if (src == SQLITE_OK)
+        src = sqlite3_step(q);
     if (src == SQLITE_ROW) {
         out->app = sqlite3_column_int64(q, 0);
         out->version = sqlite3_column_int64(q, 1);
@@ -582,7 +615,8 @@ static optd_err header_read(sqlite3 *db, const char *path, header *out, char *er
     } else {
         seterr(err, errlen, "cannot read %s: %s", path, sqlite3_errmsg(db));
         rc = from_sqlite(src);
-        if (rc == OPTD_OK || rc == OPTD_E_INTERNAL) rc = OPTD_E_UNAVAILABLE;
+        if (rc == OPTD_OK || rc == OPTD_E_INTERNAL)
+            rc = OPTD_E_UNAVAILABLE;
     }
     (void)sqlite3_finalize(q); /* repeats the step's error, taken above */
     return rc;
@@ -597,8 +631,8 @@ static optd_err header_judge(const header *h, const char *path, char *err, size_
 
     if (h->app != STORE_APPLICATION_ID && !blank) {
         seterr(err, errlen,
-               "%s is not an optd database (application_id %lld, %lld schema objects): refusing to touch it",
-               path, (long long)h->app, (long long)h->objects);
+               "%s is not an optd database (application_id %lld, %lld schema objects): refusing to touch it", path,
+               (long long)h->app, (long long)h->objects);
         return OPTD_E_INVALID;
     }
     if (h->version > SCHEMA_VERSION) {
@@ -618,14 +652,16 @@ static optd_err quick_check(sqlite3 *db, const char *path, char *err, size_t err
     int src;
 
     src = sqlite3_prepare_v2(db, "PRAGMA quick_check", -1, &q, NULL);
-    if (src == SQLITE_OK) src = sqlite3_step(q);
+    if (src == SQLITE_OK)
+        src = sqlite3_step(q);
     if (src == SQLITE_ROW) {
         t = sqlite3_column_text(q, 0);
         if (!t || strcmp((const char *)t, "ok") != 0) {
             seterr(err, errlen, "%s is corrupt: %s", path, t ? (const char *)t : "quick_check failed");
             /* quick_check's findings span lines; the message is one. */
             for (char *c = err; err && *c; c++)
-                if (*c == '\n') *c = ' ';
+                if (*c == '\n')
+                    *c = ' ';
             rc = OPTD_E_INVALID;
         }
     } else if ((src & 0xff) == SQLITE_CORRUPT || (src & 0xff) == SQLITE_NOTADB) {
@@ -634,7 +670,8 @@ static optd_err quick_check(sqlite3 *db, const char *path, char *err, size_t err
     } else {
         seterr(err, errlen, "cannot check %s: %s", path, sqlite3_errmsg(db));
         rc = from_sqlite(src);
-        if (rc == OPTD_OK || rc == OPTD_E_INTERNAL) rc = OPTD_E_UNAVAILABLE;
+        if (rc == OPTD_OK || rc == OPTD_E_INTERNAL)
+            rc = OPTD_E_UNAVAILABLE;
     }
     (void)sqlite3_finalize(q); /* repeats the step's error, taken above */
     return rc;
@@ -659,30 +696,38 @@ static optd_err check_existing(const char *path, int busy_ms, char *err, size_t 
     rc = OPTD_E_NOMEM;
     name = malloc(n + 5);
     uri = malloc(3 * n + 32);
-    if (!name || !uri) goto done;
+    if (!name || !uri)
+        goto done;
     memcpy(name, path, n);
     memcpy(name + n, "-wal", 5);
     /* file:///abs or file:rel, with the characters a URI gives meaning to
      * escaped. */
     o = uri + sprintf(uri, "file:%s", path[0] == '/' ? "//" : "");
     for (p = path; *p; p++) {
-        if (*p == '%' || *p == '?' || *p == '#') o += sprintf(o, "%%%02X", (unsigned char)*p);
-        else *o++ = *p;
+        if (*p == '%' || *p == '?' || *p == '#')
+            o += sprintf(o, "%%%02X", (unsigned char)*p);
+        else
+            *o++ = *p;
     }
     strcpy(o, "?immutable=1");
-    if (stat(name, &sb) == 0) rc = conn_open(path, SQLITE_OPEN_READONLY, busy_ms, &db, err, errlen);
-    else rc = conn_open(uri, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI, busy_ms, &db, err, errlen);
+    if (stat(name, &sb) == 0)
+        rc = conn_open(path, SQLITE_OPEN_READONLY, busy_ms, &db, err, errlen);
+    else
+        rc = conn_open(uri, SQLITE_OPEN_READONLY | SQLITE_OPEN_URI, busy_ms, &db, err, errlen);
     if (rc) {
         seterr(err, errlen, "cannot open %s", path);
         goto done;
     }
     rc = header_read(db, path, &h, err, errlen);
-    if (rc) goto done;
+    if (rc)
+        goto done;
     rc = header_judge(&h, path, err, errlen);
-    if (rc) goto done;
+    if (rc)
+        goto done;
     rc = quick_check(db, path, err, errlen);
 done:
-    if (db) conn_close(db);
+    if (db)
+        conn_close(db);
     free(name);
     free(uri);
     return rc;
@@ -699,24 +744,30 @@ static optd_err migrate(sqlite3 *db, const char *path, char *err, size_t errlen)
     int64_t v;
 
     rc = exec_sql(db, "BEGIN IMMEDIATE", path, err, errlen);
-    if (rc) return rc;
+    if (rc)
+        return rc;
     rc = header_read(db, path, &h, err, errlen);
-    if (rc) goto done;
+    if (rc)
+        goto done;
     rc = header_judge(&h, path, err, errlen);
-    if (rc) goto done;
+    if (rc)
+        goto done;
     if (h.app == 0) {
         snprintf(text, sizeof text, "PRAGMA application_id = %d", STORE_APPLICATION_ID);
         rc = exec_sql(db, text, path, err, errlen);
-        if (rc) goto done;
+        if (rc)
+            goto done;
     }
     for (v = h.version; v < SCHEMA_VERSION; v++) {
         rc = exec_sql(db, migrations[v], path, err, errlen);
-        if (rc) goto done;
+        if (rc)
+            goto done;
     }
     if (h.version != SCHEMA_VERSION) {
         snprintf(text, sizeof text, "PRAGMA user_version = %d", SCHEMA_VERSION);
         rc = exec_sql(db, text, path, err, errlen);
-        if (rc) goto done;
+        if (rc)
+            goto done;
     }
     rc = exec_sql(db, "COMMIT", path, err, errlen);
 done:
@@ -787,7 +838,8 @@ static uint64_t wal_soft(const store *st, uint64_t wal_file)
 
     if (statvfs(st->path, &sv) == 0) {
         room = ((uint64_t)sv.f_bavail * sv.f_frsize + wal_file) / 8;
-        if (room < soft) soft = room;
+        if (room < soft)
+            soft = room;
     }
     return soft < CKPT_SOFT_MIN ? CKPT_SOFT_MIN : soft;
 }
@@ -797,7 +849,8 @@ static uint64_t file_bytes(const char *path, const char *suffix)
     char name[4096];
     struct stat sb;
 
-    if (snprintf(name, sizeof name, "%s%s", path, suffix) >= (int)sizeof name) return 0;
+    if (snprintf(name, sizeof name, "%s%s", path, suffix) >= (int)sizeof name)
+        return 0;
     return stat(name, &sb) == 0 ? (uint64_t)sb.st_size : 0;
 }
 
@@ -829,7 +882,8 @@ static void gate_close(store *st)
 {
     pthread_mutex_lock(&st->ckpt_mu);
     st->gate_closed = 1;
-    while (st->tx_active) pthread_cond_wait(&st->gate_cv, &st->ckpt_mu);
+    while (st->tx_active)
+        pthread_cond_wait(&st->gate_cv, &st->ckpt_mu);
     pthread_mutex_unlock(&st->ckpt_mu);
 }
 
@@ -853,7 +907,8 @@ static int ckpt_once(store *st, int mode)
 {
     int nlog = -1, nckpt = -1, src, done;
 
-    if (mode != SQLITE_CHECKPOINT_PASSIVE) gate_close(st);
+    if (mode != SQLITE_CHECKPOINT_PASSIVE)
+        gate_close(st);
     src = sqlite3_wal_checkpoint_v2(st->ckpt_db, NULL, mode, &nlog, &nckpt);
     if (src == SQLITE_OK && nlog >= 0 && nckpt >= 0) {
         done = nckpt == nlog;
@@ -870,7 +925,8 @@ static int ckpt_once(store *st, int mode)
         /* A reader (or, for PASSIVE, nothing worse than a concurrent
          * checkpoint) was in the way; the frames copied so far stay copied. */
         done = 0;
-        if (nckpt >= 0 && mode == SQLITE_CHECKPOINT_PASSIVE) atomic_store(&st->ckpt_done, (uint64_t)nckpt);
+        if (nckpt >= 0 && mode == SQLITE_CHECKPOINT_PASSIVE)
+            atomic_store(&st->ckpt_done, (uint64_t)nckpt);
         atomic_fetch_add(&st->n_busy, 1);
         store_logf(st, LOG_CKPT, "%s checkpoint of %s busy (a reader holds an old snapshot); %d of %d frames copied",
                    mode_name(mode), st->path, nckpt, nlog);
@@ -884,7 +940,8 @@ static int ckpt_once(store *st, int mode)
             store_logf(st, LOG_CKPT, "%s checkpoint of %s failed: %s (SQLite code %d)", mode_name(mode), st->path,
                        sqlite3_errmsg(st->ckpt_db), src);
     }
-    if (mode != SQLITE_CHECKPOINT_PASSIVE) gate_open(st);
+    if (mode != SQLITE_CHECKPOINT_PASSIVE)
+        gate_open(st);
     return done;
 }
 
@@ -908,9 +965,11 @@ static void ckpt_run(store *st, int urgent)
         (void)ckpt_once(st, SQLITE_CHECKPOINT_RESTART);
         return;
     }
-    if (lag >= CKPT_PASSIVE_BYTES) (void)ckpt_once(st, SQLITE_CHECKPOINT_PASSIVE);
+    if (lag >= CKPT_PASSIVE_BYTES)
+        (void)ckpt_once(st, SQLITE_CHECKPOINT_PASSIVE);
     if (idle && file > 0) {
-        if (lag > 0) (void)ckpt_once(st, SQLITE_CHECKPOINT_PASSIVE);
+        if (lag > 0)
+            (void)ckpt_once(st, SQLITE_CHECKPOINT_PASSIVE);
         (void)ckpt_once(st, SQLITE_CHECKPOINT_TRUNCATE);
     }
 }
@@ -932,7 +991,8 @@ static void *ckpt_main(void *arg)
             }
             (void)pthread_cond_timedwait(&st->ckpt_cv, &st->ckpt_mu, &ts);
         }
-        if (st->ckpt_stop) break;
+        if (st->ckpt_stop)
+            break;
         urgent = st->urgent_req;
         st->ckpt_wanted = 0;
         pthread_mutex_unlock(&st->ckpt_mu);
@@ -952,15 +1012,18 @@ static optd_err wal_admit(store *st)
 {
     uint64_t used = atomic_load(&st->wal_frames) * frame_bytes(st), req;
 
-    if (!st->ckpt_init || used < st->wal_max) return OPTD_OK;
+    if (!st->ckpt_init || used < st->wal_max)
+        return OPTD_OK;
     pthread_mutex_lock(&st->ckpt_mu);
     req = ++st->urgent_req;
     st->ckpt_wanted = 1;
     pthread_cond_signal(&st->ckpt_cv);
-    while (st->urgent_done < req && !st->ckpt_stop) pthread_cond_wait(&st->gate_cv, &st->ckpt_mu);
+    while (st->urgent_done < req && !st->ckpt_stop)
+        pthread_cond_wait(&st->gate_cv, &st->ckpt_mu);
     pthread_mutex_unlock(&st->ckpt_mu);
     used = atomic_load(&st->wal_frames) * frame_bytes(st);
-    if (used < st->wal_max) return OPTD_OK;
+    if (used < st->wal_max)
+        return OPTD_OK;
     atomic_fetch_add(&st->n_refused, 1);
     store_logf(st, LOG_LIMIT,
                "refusing writes: the WAL of %s holds %llu MiB, over its limit of %llu MiB, and cannot be"
@@ -980,7 +1043,8 @@ static optd_err ckpt_open(store *st, const store_options *o, char *err, size_t e
     int ok;
     optd_err rc = conn_open(st->path, SQLITE_OPEN_READWRITE, CKPT_BUSY_MS, &st->ckpt_db, err, errlen);
     (void)o;
-    if (rc) return rc;
+    if (rc)
+        return rc;
     if (sqlite3_exec(st->ckpt_db, "SELECT count(*) FROM sqlite_master", NULL, NULL, NULL) != SQLITE_OK) {
         seterr(err, errlen, "cannot read %s: %s", st->path, sqlite3_errmsg(st->ckpt_db));
         return OPTD_E_UNAVAILABLE;
@@ -989,8 +1053,10 @@ static optd_err ckpt_open(store *st, const store_options *o, char *err, size_t e
      * to this size instead of leaving it at its high-water mark. */
     snprintf(text, sizeof text, "PRAGMA journal_size_limit = %llu", (unsigned long long)CKPT_SOFT_BYTES);
     rc = exec_sql(st->db, text, st->path, err, errlen);
-    if (rc) return rc;
-    if (pthread_mutex_init(&st->ckpt_mu, NULL) != 0) return OPTD_E_NOMEM;
+    if (rc)
+        return rc;
+    if (pthread_mutex_init(&st->ckpt_mu, NULL) != 0)
+        return OPTD_E_NOMEM;
     /* ckpt_cv waits with CLOCK_MONOTONIC deadlines. */
     ok = pthread_condattr_init(&ca) == 0;
     if (ok) {
@@ -1021,17 +1087,17 @@ static optd_err ckpt_open(store *st, const store_options *o, char *err, size_t e
 }
 
 /* Opens the write connection: WAL, durability, schema, statements. */
-static optd_err writer_open(store *st, const char *path, const store_options *o, int create, char *err,
-                            size_t errlen)
+static optd_err writer_open(store *st, const char *path, const store_options *o, int create, char *err, size_t errlen)
 {
     sqlite3_stmt *q = NULL;
     const unsigned char *mode;
     optd_err rc;
     int src;
 
-    rc = conn_open(path, SQLITE_OPEN_READWRITE | (create ? SQLITE_OPEN_CREATE : 0), o->busy_timeout_ms, &st->db,
-                   err, errlen);
-    if (rc) return rc;
+    rc = conn_open(path, SQLITE_OPEN_READWRITE | (create ? SQLITE_OPEN_CREATE : 0), o->busy_timeout_ms, &st->db, err,
+                   errlen);
+    if (rc)
+        return rc;
     /* SQLite silently falls back to read-only when it cannot write the file;
      * say so now rather than fail at the first step. */
     if (sqlite3_db_readonly(st->db, "main") == 1) {
@@ -1046,12 +1112,14 @@ static optd_err writer_open(store *st, const char *path, const store_options *o,
      * small ones. Existing files keep theirs. */
     if (create) {
         rc = exec_sql(st->db, "PRAGMA page_size = 16384", path, err, errlen);
-        if (rc) return rc;
+        if (rc)
+            return rc;
     }
     /* journal_mode answers with the mode in force, which is not WAL when the
      * switch was refused (e.g. a filesystem without shared memory). */
     src = sqlite3_prepare_v2(st->db, "PRAGMA journal_mode = WAL", -1, &q, NULL);
-    if (src == SQLITE_OK) src = sqlite3_step(q);
+    if (src == SQLITE_OK)
+        src = sqlite3_step(q);
     if (src == SQLITE_ROW) {
         mode = sqlite3_column_text(q, 0);
         if (!mode || strcmp((const char *)mode, "wal") != 0) {
@@ -1063,16 +1131,20 @@ static optd_err writer_open(store *st, const char *path, const store_options *o,
         rc = from_sqlite(src) == OPTD_E_NOMEM ? OPTD_E_NOMEM : OPTD_E_UNAVAILABLE;
     }
     (void)sqlite3_finalize(q); /* repeats the step's error, taken above */
-    if (rc) return rc;
+    if (rc)
+        return rc;
 
-    rc = exec_sql(st->db, o->sync_full ? "PRAGMA synchronous = FULL" : "PRAGMA synchronous = NORMAL", path, err,
-                  errlen);
-    if (rc) return rc;
+    rc =
+        exec_sql(st->db, o->sync_full ? "PRAGMA synchronous = FULL" : "PRAGMA synchronous = NORMAL", path, err, errlen);
+    if (rc)
+        return rc;
     rc = migrate(st->db, path, err, errlen);
-    if (rc) return rc;
+    if (rc)
+        return rc;
     /* The WAL's frame size follows the page size, which the file fixes. */
     src = sqlite3_prepare_v2(st->db, "PRAGMA page_size", -1, &q, NULL);
-    if (src == SQLITE_OK) src = sqlite3_step(q);
+    if (src == SQLITE_OK)
+        src = sqlite3_step(q);
     st->page_size = src == SQLITE_ROW ? sqlite3_column_int(q, 0) : 0;
     (void)sqlite3_finalize(q);
     if (st->page_size <= 0) {
@@ -1090,15 +1162,18 @@ static optd_err readers_open(store *st, const char *path, const store_options *o
 
     st->readers = calloc((size_t)o->readers, sizeof *st->readers);
     st->idle = calloc((size_t)o->readers, sizeof *st->idle);
-    if (!st->readers || !st->idle) return OPTD_E_NOMEM;
+    if (!st->readers || !st->idle)
+        return OPTD_E_NOMEM;
     for (i = 0; i < o->readers; i++) {
         struct reader *r = &st->readers[i];
 
         rc = conn_open(path, SQLITE_OPEN_READONLY, o->busy_timeout_ms, &r->db, err, errlen);
-        if (rc) return rc;
+        if (rc)
+            return rc;
         st->nreaders++; /* counted once open, so store_close closes it */
         rc = prepare_all(r->db, r->q, Q_READ_END, path, err, errlen);
-        if (rc) return rc;
+        if (rc)
+            return rc;
         st->idle[st->nidle++] = r;
     }
     return OPTD_OK;
@@ -1110,7 +1185,8 @@ static struct reader *reader_take(store *st)
     struct reader *r;
 
     pthread_mutex_lock(&st->pool_mu);
-    while (st->nidle == 0) pthread_cond_wait(&st->pool_cv, &st->pool_mu);
+    while (st->nidle == 0)
+        pthread_cond_wait(&st->pool_cv, &st->pool_mu);
     r = st->idle[--st->nidle];
     pthread_mutex_unlock(&st->pool_mu);
     return r;
@@ -1135,8 +1211,10 @@ static optd_err tx_enter(store *st, int *own)
 
 static optd_err tx_leave(store *st, int own, optd_err rc)
 {
-    if (!own) return rc;
-    if (rc == OPTD_OK) return store_commit(st);
+    if (!own)
+        return rc;
+    if (rc == OPTD_OK)
+        return store_commit(st);
     store_rollback(st);
     return rc;
 }
@@ -1145,7 +1223,8 @@ static optd_err tx_leave(store *st, int own, optd_err rc)
 
 void store_session_clear(store_session *s)
 {
-    if (!s) return;
+    if (!s)
+        return;
     free(s->config);
     memset(s, 0, sizeof *s);
 }
@@ -1197,7 +1276,8 @@ optd_err store_open(const char *path, const store_options *opt, store **out, cha
     optd_err rc = OPTD_OK;
 
     seterr(err, errlen, "%s", "");
-    if (!out) return OPTD_E_INVALID;
+    if (!out)
+        return OPTD_E_INVALID;
     *out = NULL;
     if (!path || !*path) {
         seterr(err, errlen, "no database path given");
@@ -1205,8 +1285,10 @@ optd_err store_open(const char *path, const store_options *opt, store **out, cha
     }
     if (opt) {
         o.sync_full = opt->sync_full != 0;
-        if (opt->busy_timeout_ms > 0) o.busy_timeout_ms = opt->busy_timeout_ms;
-        if (opt->readers > 0) o.readers = opt->readers;
+        if (opt->busy_timeout_ms > 0)
+            o.busy_timeout_ms = opt->busy_timeout_ms;
+        if (opt->readers > 0)
+            o.readers = opt->readers;
     }
 
     if (o.readers > MAX_READERS) {
@@ -1214,7 +1296,8 @@ optd_err store_open(const char *path, const store_options *opt, store **out, cha
         return OPTD_E_INVALID;
     }
     st = calloc(1, sizeof *st);
-    if (!st) return OPTD_E_NOMEM;
+    if (!st)
+        return OPTD_E_NOMEM;
     st->lock_fd = -1;
     st->log = opt ? opt->log : NULL;
     st->log_ctx = opt ? opt->log_ctx : NULL;
@@ -1244,10 +1327,12 @@ optd_err store_open(const char *path, const store_options *opt, store **out, cha
         create = sb.st_size == 0;
     }
     rc = lock_open(st, path, err, errlen);
-    if (rc) goto done;
+    if (rc)
+        goto done;
     if (!create) {
         rc = check_existing(path, o.busy_timeout_ms, err, errlen);
-        if (rc) goto done;
+        if (rc)
+            goto done;
     }
 
     if (pthread_mutex_init(&st->pool_mu, NULL) != 0) {
@@ -1267,20 +1352,24 @@ optd_err store_open(const char *path, const store_options *opt, store **out, cha
     st->probe_init = 1;
 
     rc = writer_open(st, path, &o, create, err, errlen);
-    if (rc) goto done;
+    if (rc)
+        goto done;
     rc = readers_open(st, path, &o, err, errlen);
-    if (rc) goto done;
+    if (rc)
+        goto done;
     st->path = strdup(path);
     if (!st->path) {
         rc = OPTD_E_NOMEM;
         goto done;
     }
     rc = probe_open(st, err, errlen);
-    if (rc) goto done;
+    if (rc)
+        goto done;
     rc = ckpt_open(st, &o, err, errlen);
 done:
     if (rc) {
-        if (rc == OPTD_E_NOMEM && err && !*err) seterr(err, errlen, "out of memory opening %s", path);
+        if (rc == OPTD_E_NOMEM && err && !*err)
+            seterr(err, errlen, "out of memory opening %s", path);
         store_close(st);
         return rc;
     }
@@ -1294,7 +1383,8 @@ static optd_err probe_open(store *st, char *err, size_t errlen)
 {
     optd_err rc = conn_open(st->path, SQLITE_OPEN_READWRITE, PROBE_TIMEOUT_MS, &st->probe, err, errlen);
 
-    if (rc) return rc;
+    if (rc)
+        return rc;
     if (sqlite3_exec(st->probe, "SELECT count(*) FROM sqlite_master", NULL, NULL, NULL) != SQLITE_OK) {
         seterr(err, errlen, "cannot read %s: %s", st->path, sqlite3_errmsg(st->probe));
         conn_close(st->probe);
@@ -1310,7 +1400,8 @@ void store_close(store *st)
 {
     int i, j;
 
-    if (!st) return;
+    if (!st)
+        return;
     if (st->ckpt_init) {
         pthread_mutex_lock(&st->ckpt_mu);
         st->ckpt_stop = 1;
@@ -1322,26 +1413,35 @@ void store_close(store *st)
         pthread_mutex_destroy(&st->ckpt_mu);
         st->ckpt_init = 0;
     }
-    if (st->db) sqlite3_wal_hook(st->db, NULL, NULL);
-    if (st->ckpt_db) conn_close(st->ckpt_db);
+    if (st->db)
+        sqlite3_wal_hook(st->db, NULL, NULL);
+    if (st->ckpt_db)
+        conn_close(st->ckpt_db);
     for (i = 0; i < st->nreaders; i++) {
-        for (j = 0; j < Q_READ_END; j++) (void)sqlite3_finalize(st->readers[i].q[j]);
+        for (j = 0; j < Q_READ_END; j++)
+            (void)sqlite3_finalize(st->readers[i].q[j]);
         conn_close(st->readers[i].db);
     }
     free(st->readers);
     free(st->idle);
-    if (st->probe) conn_close(st->probe);
+    if (st->probe)
+        conn_close(st->probe);
     /* finalize only repeats the last step's error; NULL is a no-op. */
-    for (j = 0; j < Q_END; j++) (void)sqlite3_finalize(st->q[j]);
-    if (st->db) conn_close(st->db);
+    for (j = 0; j < Q_END; j++)
+        (void)sqlite3_finalize(st->q[j]);
+    if (st->db)
+        conn_close(st->db);
     if (st->pool_init) {
         pthread_cond_destroy(&st->pool_cv);
         pthread_mutex_destroy(&st->pool_mu);
     }
-    if (st->probe_init) pthread_mutex_destroy(&st->probe_mu);
-    if (st->log_init) pthread_mutex_destroy(&st->log_mu);
+    if (st->probe_init)
+        pthread_mutex_destroy(&st->probe_mu);
+    if (st->log_init)
+        pthread_mutex_destroy(&st->log_mu);
     /* Last: closing it drops the process's locks on the file (see lock_open). */
-    if (st->lock_fd >= 0) (void)close(st->lock_fd);
+    if (st->lock_fd >= 0)
+        (void)close(st->lock_fd);
     free(st->path);
     free(st);
 }
@@ -1381,8 +1481,10 @@ int store_writable(store *st)
     uint64_t need;
     int ok;
 
-    if (!st) return 0;
-    if (atomic_load(&st->wal_frames) * frame_bytes(st) >= st->wal_max) return 0;
+    if (!st)
+        return 0;
+    if (atomic_load(&st->wal_frames) * frame_bytes(st) >= st->wal_max)
+        return 0;
     need = atomic_load(&st->need_bytes);
     if (need && atomic_load(&st->write_failed) && statvfs(st->path, &sv) == 0 &&
         (uint64_t)sv.f_bavail * sv.f_frsize < need)
@@ -1397,12 +1499,14 @@ int store_writable(store *st)
         snprintf(text, sizeof text, "PRAGMA application_id = %d", STORE_APPLICATION_ID);
         ok = sqlite3_exec(st->probe, text, NULL, NULL, NULL) == SQLITE_OK &&
              sqlite3_exec(st->probe, "COMMIT", NULL, NULL, NULL) == SQLITE_OK;
-        if (ok) atomic_store(&st->write_failed, 0);
+        if (ok)
+            atomic_store(&st->write_failed, 0);
     }
     if (!sqlite3_get_autocommit(st->probe)) {
         /* Nothing was written, so a failed ROLLBACK loses nothing; it does
          * mean the probe cannot be trusted this time. */
-        if (sqlite3_exec(st->probe, "ROLLBACK", NULL, NULL, NULL) != SQLITE_OK) ok = 0;
+        if (sqlite3_exec(st->probe, "ROLLBACK", NULL, NULL, NULL) != SQLITE_OK)
+            ok = 0;
     }
     if (!ok) {
         /* A connection that first opened the WAL while the file could not be
@@ -1419,10 +1523,12 @@ int store_writable(store *st)
  * the checkpointer's gate is closed. */
 static void tx_mark(store *st, int on)
 {
-    if (!st->ckpt_init) return;
+    if (!st->ckpt_init)
+        return;
     pthread_mutex_lock(&st->ckpt_mu);
     if (on) {
-        while (st->gate_closed) pthread_cond_wait(&st->gate_cv, &st->ckpt_mu);
+        while (st->gate_closed)
+            pthread_cond_wait(&st->gate_cv, &st->ckpt_mu);
     } else {
         pthread_cond_broadcast(&st->gate_cv);
     }
@@ -1446,7 +1552,8 @@ optd_err store_begin(store *st)
     st->tx_bytes = 0;
     src = sqlite3_step(q);
     stmt_done(q);
-    if (src == SQLITE_DONE) return OPTD_OK;
+    if (src == SQLITE_DONE)
+        return OPTD_OK;
     store_logf(st, LOG_TX, "BEGIN on %s failed: %s (SQLite code %d)", st->path, sqlite3_errmsg(st->db), src);
     tx_mark(st, 0);
     atomic_store(&st->write_failed, 1);
@@ -1466,7 +1573,8 @@ static void wal_tail_cover(store *st)
 {
     char text[96];
 
-    if (!sqlite3_get_autocommit(st->db)) return;
+    if (!sqlite3_get_autocommit(st->db))
+        return;
     snprintf(text, sizeof text, "BEGIN IMMEDIATE; PRAGMA application_id = %d; COMMIT", STORE_APPLICATION_ID);
     if (sqlite3_exec(st->db, text, NULL, NULL, NULL) != SQLITE_OK && !sqlite3_get_autocommit(st->db))
         (void)sqlite3_exec(st->db, "ROLLBACK", NULL, NULL, NULL);
@@ -1503,7 +1611,8 @@ void store_rollback(store *st)
 
     if (src != SQLITE_OK && src != SQLITE_DONE && src != SQLITE_ROW)
         store_logf(st, LOG_TX, "a transaction writing %llu bytes of state to %s failed: %s (SQLite code %d)",
-                   (unsigned long long)st->tx_bytes, st->path, sqlite3_errmsg(st->db), sqlite3_extended_errcode(st->db));
+                   (unsigned long long)st->tx_bytes, st->path, sqlite3_errmsg(st->db),
+                   sqlite3_extended_errcode(st->db));
     rollback_tx(st);
     tx_mark(st, 0);
 }
@@ -1517,7 +1626,8 @@ static void rollback_tx(store *st)
     /* A rollback means a write failed or was given up: let the next
      * store_writable check with a real write, and with room for this one. */
     atomic_store(&st->write_failed, 1);
-    if (st->tx_bytes) atomic_store(&st->need_bytes, 2 * st->tx_bytes + ((uint64_t)1 << 20));
+    if (st->tx_bytes)
+        atomic_store(&st->need_bytes, 2 * st->tx_bytes + ((uint64_t)1 << 20));
     if (!sqlite3_get_autocommit(st->db)) {
         src = sqlite3_step(q);
         stmt_done(q);
@@ -1525,8 +1635,7 @@ static void rollback_tx(store *st)
          * next store_begin then fails with OPTD_E_UNAVAILABLE and the writer
          * retries, which is all that can be done here. */
         if (src != SQLITE_DONE)
-            store_logf(st, LOG_TX, "ROLLBACK on %s failed: %s (SQLite code %d)", st->path, sqlite3_errmsg(st->db),
-                       src);
+            store_logf(st, LOG_TX, "ROLLBACK on %s failed: %s (SQLite code %d)", st->path, sqlite3_errmsg(st->db), src);
     }
 }
 
@@ -1537,7 +1646,8 @@ static optd_err savepoint_run(store *st, int which)
     int src = sqlite3_step(q);
 
     stmt_done(q);
-    if (src == SQLITE_DONE) return OPTD_OK;
+    if (src == SQLITE_DONE)
+        return OPTD_OK;
     atomic_store(&st->write_failed, 1);
     return OPTD_E_UNAVAILABLE;
 }
@@ -1575,31 +1685,43 @@ optd_err store_session_insert(store *st, store_session *s, const void *state, si
     optd_err rc;
     int own, src;
 
-    if (!session_ok(s) || (!state && len)) return OPTD_E_INVALID;
+    if (!session_ok(s) || (!state && len))
+        return OPTD_E_INVALID;
     rc = tx_enter(st, &own);
-    if (rc) return rc;
+    if (rc)
+        return rc;
 
     q = st->q[Q_SESSION_INSERT];
     src = sqlite3_bind_text(q, 1, s->name, -1, SQLITE_STATIC);
-    if (src == SQLITE_OK) src = sqlite3_bind_text(q, 2, s->optimizer, -1, SQLITE_STATIC);
-    if (src == SQLITE_OK) src = sqlite3_bind_int(q, 3, s->dtype);
-    if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 4, (int64_t)s->size);
-    if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 5, (int64_t)s->step);
-    if (src == SQLITE_OK) src = sqlite3_bind_text(q, 6, s->config, -1, SQLITE_STATIC);
-    if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 7, s->created_ms);
-    if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 8, s->updated_ms);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_text(q, 2, s->optimizer, -1, SQLITE_STATIC);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int(q, 3, s->dtype);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 4, (int64_t)s->size);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 5, (int64_t)s->step);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_text(q, 6, s->config, -1, SQLITE_STATIC);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 7, s->created_ms);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 8, s->updated_ms);
     rc = run(q, src);
-    if (rc) goto done;
+    if (rc)
+        goto done;
     id = sqlite3_last_insert_rowid(st->db);
 
     q = st->q[Q_STATE_INSERT];
     src = sqlite3_bind_int64(q, 1, id);
-    if (src == SQLITE_OK) src = bind_bytes(q, 2, state ? state : "", len);
+    if (src == SQLITE_OK)
+        src = bind_bytes(q, 2, state ? state : "", len);
     st->tx_bytes += len;
     rc = run(q, src);
 done:
     rc = tx_leave(st, own, rc);
-    if (rc == OPTD_OK) s->id = id;
+    if (rc == OPTD_OK)
+        s->id = id;
     return rc;
 }
 
@@ -1609,7 +1731,8 @@ done:
  * state comes back as a non-NULL 1-byte buffer with *len 0. */
 optd_err store_session_load(store *st, const char *name, store_session *out, void **state, size_t *len)
 {
-    if (!name || !out || (state && !len)) return OPTD_E_INVALID;
+    if (!name || !out || (state && !len))
+        return OPTD_E_INVALID;
     return session_by_name(st->q, name, out, state, len);
 }
 
@@ -1622,17 +1745,23 @@ optd_err store_session_update(store *st, const store_session *s, const void *sta
     optd_err rc;
     int own, src;
 
-    if (!session_ok(s)) return OPTD_E_INVALID;
+    if (!session_ok(s))
+        return OPTD_E_INVALID;
     rc = tx_enter(st, &own);
-    if (rc) return rc;
+    if (rc)
+        return rc;
 
     q = st->q[Q_SESSION_UPDATE];
     src = sqlite3_bind_int64(q, 1, s->id);
-    if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 2, (int64_t)s->step);
-    if (src == SQLITE_OK) src = sqlite3_bind_text(q, 3, s->config, -1, SQLITE_STATIC);
-    if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 4, s->updated_ms);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 2, (int64_t)s->step);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_text(q, 3, s->config, -1, SQLITE_STATIC);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 4, s->updated_ms);
     rc = run(q, src);
-    if (rc) goto done;
+    if (rc)
+        goto done;
     if (sqlite3_changes(st->db) == 0) {
         rc = OPTD_E_NOT_FOUND;
         goto done;
@@ -1642,9 +1771,11 @@ optd_err store_session_update(store *st, const store_session *s, const void *sta
         st->tx_bytes += len;
         q = st->q[Q_STATE_UPDATE];
         src = sqlite3_bind_int64(q, 1, s->id);
-        if (src == SQLITE_OK) src = bind_bytes(q, 2, state, len);
+        if (src == SQLITE_OK)
+            src = bind_bytes(q, 2, state, len);
         rc = run(q, src);
-        if (rc == OPTD_OK && sqlite3_changes(st->db) == 0) rc = OPTD_E_INTERNAL;
+        if (rc == OPTD_OK && sqlite3_changes(st->db) == 0)
+            rc = OPTD_E_INTERNAL;
     }
 done:
     return tx_leave(st, own, rc);
@@ -1660,12 +1791,17 @@ static optd_err step_moved(store *st, int64_t id, uint64_t step)
     int64_t stored = -1;
     int src = sqlite3_prepare_v2(st->db, "SELECT step FROM sessions WHERE id = ?1", -1, &q, NULL);
 
-    if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 1, id);
-    if (src == SQLITE_OK) src = sqlite3_step(q);
-    if (src == SQLITE_ROW) stored = sqlite3_column_int64(q, 0);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 1, id);
+    if (src == SQLITE_OK)
+        src = sqlite3_step(q);
+    if (src == SQLITE_ROW)
+        stored = sqlite3_column_int64(q, 0);
     (void)sqlite3_finalize(q);
-    if (src == SQLITE_DONE) return OPTD_E_NOT_FOUND;
-    if (src != SQLITE_ROW) return from_sqlite(src) ? from_sqlite(src) : OPTD_E_INTERNAL;
+    if (src == SQLITE_DONE)
+        return OPTD_E_NOT_FOUND;
+    if (src != SQLITE_ROW)
+        return from_sqlite(src) ? from_sqlite(src) : OPTD_E_INTERNAL;
     store_logf(st, LOG_TX, "session %lld of %s is at step %lld, not %llu as the writer's copy says: refusing the step",
                (long long)id, st->path, (long long)stored, (unsigned long long)(step - 1));
     return OPTD_E_UNAVAILABLE;
@@ -1676,23 +1812,27 @@ static optd_err step_moved(store *st, int64_t id, uint64_t step)
  * pages allocated and old ones freed, as a whole-value UPDATE does; for a
  * 12 MB state that halves the pages a commit writes). Returns as
  * store_session_update. */
-optd_err store_session_step(store *st, int64_t id, uint64_t step, int64_t updated_ms, const void *state,
-                            size_t len)
+optd_err store_session_step(store *st, int64_t id, uint64_t step, int64_t updated_ms, const void *state, size_t len)
 {
     sqlite3_stmt *q = st->q[Q_SESSION_STEP];
     sqlite3_blob *blob = NULL;
     optd_err rc;
     int own, src;
 
-    if (step == 0 || step > INT64_MAX || !state || len > INT_MAX) return OPTD_E_INVALID;
+    if (step == 0 || step > INT64_MAX || !state || len > INT_MAX)
+        return OPTD_E_INVALID;
     rc = tx_enter(st, &own);
-    if (rc) return rc;
+    if (rc)
+        return rc;
     st->tx_bytes += len;
     src = sqlite3_bind_int64(q, 1, id);
-    if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 2, (int64_t)step);
-    if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 3, updated_ms);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 2, (int64_t)step);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 3, updated_ms);
     rc = run(q, src);
-    if (rc) goto done;
+    if (rc)
+        goto done;
     if (sqlite3_changes(st->db) == 0) {
         rc = step_moved(st, id, step);
         goto done;
@@ -1704,14 +1844,17 @@ optd_err store_session_step(store *st, int64_t id, uint64_t step, int64_t update
         /* Another size (or a zero-length value, which has no blob): rewrite it. */
         q = st->q[Q_STATE_UPDATE];
         src = sqlite3_bind_int64(q, 1, id);
-        if (src == SQLITE_OK) src = bind_bytes(q, 2, state, len);
+        if (src == SQLITE_OK)
+            src = bind_bytes(q, 2, state, len);
         rc = run(q, src);
-        if (rc == OPTD_OK && sqlite3_changes(st->db) == 0) rc = OPTD_E_INTERNAL;
+        if (rc == OPTD_OK && sqlite3_changes(st->db) == 0)
+            rc = OPTD_E_INTERNAL;
     } else {
         rc = from_sqlite(src);
     }
 done:
-    if (blob) (void)sqlite3_blob_close(blob);
+    if (blob)
+        (void)sqlite3_blob_close(blob);
     return tx_leave(st, own, rc);
 }
 
@@ -1726,14 +1869,18 @@ optd_err store_session_delete(store *st, const char *name)
     int own, src;
     size_t i;
 
-    if (!name) return OPTD_E_INVALID;
+    if (!name)
+        return OPTD_E_INVALID;
     rc = tx_enter(st, &own);
-    if (rc) return rc;
+    if (rc)
+        return rc;
 
     q = st->q[Q_SESSION_ID];
     src = sqlite3_bind_text(q, 1, name, -1, SQLITE_STATIC);
-    if (src == SQLITE_OK) src = sqlite3_step(q);
-    if (src == SQLITE_ROW) id = sqlite3_column_int64(q, 0);
+    if (src == SQLITE_OK)
+        src = sqlite3_step(q);
+    if (src == SQLITE_ROW)
+        id = sqlite3_column_int64(q, 0);
     stmt_done(q);
     if (src == SQLITE_DONE) {
         rc = OPTD_E_NOT_FOUND;
@@ -1746,7 +1893,8 @@ optd_err store_session_delete(store *st, const char *name)
     for (i = 0; i < sizeof deletes / sizeof deletes[0]; i++) {
         q = st->q[deletes[i]];
         rc = run(q, sqlite3_bind_int64(q, 1, id));
-        if (rc) goto done;
+        if (rc)
+            goto done;
     }
 done:
     return tx_leave(st, own, rc);
@@ -1763,10 +1911,13 @@ optd_err store_idem_get(store *st, int64_t session_id, const char *key, store_id
     optd_err rc = OPTD_OK;
     int src;
 
-    if (!key || !out) return OPTD_E_INVALID;
+    if (!key || !out)
+        return OPTD_E_INVALID;
     src = sqlite3_bind_int64(q, 1, session_id);
-    if (src == SQLITE_OK) src = sqlite3_bind_text(q, 2, key, -1, SQLITE_STATIC);
-    if (src == SQLITE_OK) src = sqlite3_step(q);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_text(q, 2, key, -1, SQLITE_STATIC);
+    if (src == SQLITE_OK)
+        src = sqlite3_step(q);
     if (src == SQLITE_ROW) {
         r.step = i2u(sqlite3_column_int64(q, 0));
         r.digest = i2u(sqlite3_column_int64(q, 1));
@@ -1775,7 +1926,8 @@ optd_err store_idem_get(store *st, int64_t session_id, const char *key, store_id
         rc = src == SQLITE_DONE ? OPTD_E_NOT_FOUND : from_sqlite(src);
     }
     stmt_done(q);
-    if (rc) return rc;
+    if (rc)
+        return rc;
     *out = r;
     return OPTD_OK;
 }
@@ -1791,32 +1943,42 @@ optd_err store_idem_put(store *st, int64_t session_id, const char *key, uint64_t
     optd_err rc;
     int own, src;
 
-    if (!key || step > INT64_MAX || (!reply && reply_len)) return OPTD_E_INVALID;
+    if (!key || step > INT64_MAX || (!reply && reply_len))
+        return OPTD_E_INVALID;
     rc = tx_enter(st, &own);
-    if (rc) return rc;
+    if (rc)
+        return rc;
 
     q = st->q[Q_IDEM_PUT];
     src = sqlite3_bind_int64(q, 1, session_id);
-    if (src == SQLITE_OK) src = sqlite3_bind_text(q, 2, key, -1, SQLITE_STATIC);
-    if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 3, (int64_t)step);
-    if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 4, u2i(digest));
-    if (src == SQLITE_OK) src = bind_bytes(q, 5, reply, reply_len);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_text(q, 2, key, -1, SQLITE_STATIC);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 3, (int64_t)step);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 4, u2i(digest));
+    if (src == SQLITE_OK)
+        src = bind_bytes(q, 5, reply, reply_len);
     rc = run(q, src);
-    if (rc) goto done;
+    if (rc)
+        goto done;
 
     if (step > window) {
         q = st->q[Q_IDEM_PRUNE];
         src = sqlite3_bind_int64(q, 1, session_id);
-        if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 2, (int64_t)(step - window));
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_int64(q, 2, (int64_t)(step - window));
         rc = run(q, src);
-        if (rc) goto done;
+        if (rc)
+            goto done;
     }
     /* With reply_window >= window the prune above already removed every row
      * whose reply would be dropped. */
     if (step > reply_window && reply_window < window) {
         q = st->q[Q_IDEM_DROP_REPLIES];
         src = sqlite3_bind_int64(q, 1, session_id);
-        if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 2, (int64_t)(step - reply_window));
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_int64(q, 2, (int64_t)(step - reply_window));
         rc = run(q, src);
     }
 done:
@@ -1829,7 +1991,8 @@ optd_err store_read_session(store *st, const char *name, store_session *out, voi
     struct reader *r;
     optd_err rc;
 
-    if (!name || !out || (state && !len)) return OPTD_E_INVALID;
+    if (!name || !out || (state && !len))
+        return OPTD_E_INVALID;
     r = reader_take(st);
     rc = session_by_name(r->q, name, out, state, len);
     reader_give(st, r);
@@ -1849,12 +2012,14 @@ optd_err store_read_list(store *st, const char *after, int limit, store_session 
     int src, extra = 0;
     optd_err rc = OPTD_OK;
 
-    if (limit < 0 || !out || !n || !more) return OPTD_E_INVALID;
+    if (limit < 0 || !out || !n || !more)
+        return OPTD_E_INVALID;
     r = reader_take(st);
     if (after) {
         q = r->q[Q_LIST_AFTER];
         src = sqlite3_bind_text(q, 1, after, -1, SQLITE_STATIC);
-        if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 2, (int64_t)limit + 1);
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_int64(q, 2, (int64_t)limit + 1);
     } else {
         q = r->q[Q_LIST_FIRST];
         src = sqlite3_bind_int64(q, 1, (int64_t)limit + 1);
@@ -1870,7 +2035,8 @@ optd_err store_read_list(store *st, const char *after, int limit, store_session 
         }
         if (count == cap) {
             cap = cap ? cap * 2 : 16;
-            if (cap > (size_t)limit) cap = (size_t)limit;
+            if (cap > (size_t)limit)
+                cap = (size_t)limit;
             grown = realloc(rows, cap * sizeof *rows);
             if (!grown) {
                 rc = OPTD_E_NOMEM;
@@ -1879,15 +2045,18 @@ optd_err store_read_list(store *st, const char *after, int limit, store_session 
             rows = grown;
         }
         rc = row_session(q, &rows[count]);
-        if (rc) goto done;
+        if (rc)
+            goto done;
         count++;
     }
-    if (src != SQLITE_ROW && src != SQLITE_DONE) rc = from_sqlite(src);
+    if (src != SQLITE_ROW && src != SQLITE_DONE)
+        rc = from_sqlite(src);
 done:
     stmt_done(q);
     reader_give(st, r);
     if (rc) {
-        for (i = 0; i < count; i++) store_session_clear(&rows[i]);
+        for (i = 0; i < count; i++)
+            store_session_clear(&rows[i]);
         free(rows);
         return rc;
     }
@@ -1905,7 +2074,8 @@ optd_err store_read_count(store *st, uint64_t *out)
     optd_err rc;
     int src;
 
-    if (!out) return OPTD_E_INVALID;
+    if (!out)
+        return OPTD_E_INVALID;
     r = reader_take(st);
     q = r->q[Q_COUNT];
     src = sqlite3_step(q);
@@ -1929,28 +2099,39 @@ optd_err store_history_put(store *st, int64_t session_id, const store_history *h
     optd_err rc;
     int own, src;
 
-    if (!h || h->step > INT64_MAX) return OPTD_E_INVALID;
+    if (!h || h->step > INT64_MAX)
+        return OPTD_E_INVALID;
     rc = tx_enter(st, &own);
-    if (rc) return rc;
+    if (rc)
+        return rc;
     if (keep > 0) {
         q = st->q[Q_HISTORY_PUT];
         src = sqlite3_bind_int64(q, 1, session_id);
-        if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 2, (int64_t)h->step);
-        if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 3, h->time_ms);
-        if (src == SQLITE_OK) src = sqlite3_bind_double(q, 4, h->lr);
-        if (src == SQLITE_OK) src = sqlite3_bind_double(q, 5, h->grad_norm);
-        if (src == SQLITE_OK) src = sqlite3_bind_double(q, 6, h->update_norm);
-        if (src == SQLITE_OK) src = sqlite3_bind_double(q, 7, h->param_norm);
-        if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 8, (int64_t)h->contributors);
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_int64(q, 2, (int64_t)h->step);
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_int64(q, 3, h->time_ms);
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_double(q, 4, h->lr);
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_double(q, 5, h->grad_norm);
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_double(q, 6, h->update_norm);
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_double(q, 7, h->param_norm);
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_int64(q, 8, (int64_t)h->contributors);
         if (src == SQLITE_OK)
             src = h->has_loss ? sqlite3_bind_double(q, 9, h->loss) : sqlite3_bind_null(q, 9);
         rc = run(q, src);
-        if (rc) goto done;
+        if (rc)
+            goto done;
     }
     if (h->step >= keep) {
         q = st->q[Q_HISTORY_PRUNE];
         src = sqlite3_bind_int64(q, 1, session_id);
-        if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 2, (int64_t)(h->step - keep));
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_int64(q, 2, (int64_t)(h->step - keep));
         rc = run(q, src);
     }
 done:
@@ -1959,8 +2140,8 @@ done:
 
 /* Returns OPTD_OK, OPTD_E_INVALID, OPTD_E_UNAVAILABLE, OPTD_E_NOMEM; on
  * failure the outputs are untouched. */
-optd_err store_read_history(store *st, int64_t session_id, uint64_t after, int limit, store_history **out,
-                            size_t *n, int *more)
+optd_err store_read_history(store *st, int64_t session_id, uint64_t after, int limit, store_history **out, size_t *n,
+                            int *more)
 {
     struct reader *r;
     sqlite3_stmt *q;
@@ -1969,17 +2150,22 @@ optd_err store_read_history(store *st, int64_t session_id, uint64_t after, int l
     int src, extra = 0;
     optd_err rc = OPTD_OK;
 
-    if (limit < 0 || after > INT64_MAX || !out || !n || !more) return OPTD_E_INVALID;
+    if (limit < 0 || after > INT64_MAX || !out || !n || !more)
+        return OPTD_E_INVALID;
     rows = malloc(((size_t)limit + 1) * sizeof *rows);
-    if (!rows) return OPTD_E_NOMEM;
+    if (!rows)
+        return OPTD_E_NOMEM;
     r = reader_take(st);
     q = r->q[Q_HISTORY_PAGE];
     src = sqlite3_bind_int64(q, 1, session_id);
-    if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 2, (int64_t)after);
-    if (src == SQLITE_OK) src = sqlite3_bind_int64(q, 3, (int64_t)limit + 1);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 2, (int64_t)after);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 3, (int64_t)limit + 1);
     while (src == SQLITE_OK || src == SQLITE_ROW) {
         src = sqlite3_step(q);
-        if (src != SQLITE_ROW) break;
+        if (src != SQLITE_ROW)
+            break;
         if (count == (size_t)limit) {
             extra = 1;
             break;
@@ -1995,7 +2181,8 @@ optd_err store_read_history(store *st, int64_t session_id, uint64_t after, int l
         h->has_loss = sqlite3_column_type(q, 7) != SQLITE_NULL;
         h->loss = h->has_loss ? sqlite3_column_double(q, 7) : 0;
     }
-    if (src != SQLITE_ROW && src != SQLITE_DONE) rc = from_sqlite(src);
+    if (src != SQLITE_ROW && src != SQLITE_DONE)
+        rc = from_sqlite(src);
     stmt_done(q);
     reader_give(st, r);
     if (rc) {
@@ -2022,9 +2209,11 @@ static int sync_path(const char *path, int dir)
     int fd = open(path, O_RDONLY | O_CLOEXEC | (dir ? O_DIRECTORY : 0));
     int rc;
 
-    if (fd < 0) return -1;
+    if (fd < 0)
+        return -1;
     rc = fsync(fd);
-    if (close(fd) != 0) rc = -1;
+    if (close(fd) != 0)
+        rc = -1;
     return rc;
 }
 
@@ -2033,9 +2222,12 @@ static void dir_of(const char *path, char *buf, size_t cap)
 {
     const char *slash = strrchr(path, '/');
 
-    if (!slash) snprintf(buf, cap, ".");
-    else if (slash == path) snprintf(buf, cap, "/");
-    else snprintf(buf, cap, "%.*s", (int)(slash - path), path);
+    if (!slash)
+        snprintf(buf, cap, ".");
+    else if (slash == path)
+        snprintf(buf, cap, "/");
+    else
+        snprintf(buf, cap, "%.*s", (int)(slash - path), path);
 }
 
 /* Reads what the snapshot holds; the statement also begins the read
@@ -2046,7 +2238,8 @@ static optd_err backup_census(sqlite3 *src, store_backup_info *out)
     int src_rc;
 
     src_rc = sqlite3_prepare_v2(src, "SELECT count(*), coalesce(sum(step), 0) FROM sessions", -1, &q, NULL);
-    if (src_rc == SQLITE_OK) src_rc = sqlite3_step(q);
+    if (src_rc == SQLITE_OK)
+        src_rc = sqlite3_step(q);
     if (src_rc == SQLITE_ROW) {
         out->sessions = i2u(sqlite3_column_int64(q, 0));
         out->step_commits = i2u(sqlite3_column_int64(q, 1));
@@ -2084,7 +2277,8 @@ optd_err store_backup(store *st, const char *dest, const _Atomic int *cancel, st
     }
     rc = OPTD_E_NOMEM;
     tmp = malloc(strlen(dest) + 5);
-    if (!tmp) goto done;
+    if (!tmp)
+        goto done;
     sprintf(tmp, "%s.tmp", dest);
     /* A .tmp left by a crash mid-backup is garbage: ours to replace. The file
      * is made here, owner-only, so SQLite opens it rather than creates it. */
@@ -2098,9 +2292,11 @@ optd_err store_backup(store *st, const char *dest, const _Atomic int *cancel, st
     made = 1;
 
     rc = conn_open(st->path, SQLITE_OPEN_READONLY, DEFAULT_BUSY_TIMEOUT_MS, &src, err, errlen);
-    if (rc) goto done;
+    if (rc)
+        goto done;
     rc = exec_sql(src, "BEGIN", st->path, err, errlen);
-    if (rc) goto done;
+    if (rc)
+        goto done;
     in_tx = 1;
     rc = backup_census(src, &info);
     if (rc) {
@@ -2108,11 +2304,13 @@ optd_err store_backup(store *st, const char *dest, const _Atomic int *cancel, st
         goto done;
     }
     rc = conn_open(tmp, SQLITE_OPEN_READWRITE, DEFAULT_BUSY_TIMEOUT_MS, &dst, err, errlen);
-    if (rc) goto done;
+    if (rc)
+        goto done;
     /* No journal and no syncs on the new file: nothing else reads it until
      * it is complete, and it is synced once, whole, before the rename. */
     rc = exec_sql(dst, "PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF", tmp, err, errlen);
-    if (rc) goto done;
+    if (rc)
+        goto done;
     b = sqlite3_backup_init(dst, "main", src, "main");
     if (!b) {
         seterr(err, errlen, "cannot start the backup into %s: %s", tmp, sqlite3_errmsg(dst));
@@ -2134,8 +2332,10 @@ optd_err store_backup(store *st, const char *dest, const _Atomic int *cancel, st
             rc = OPTD_E_UNAVAILABLE;
             goto done;
         }
-        if (src_rc == SQLITE_DONE) break;
-        if (src_rc == SQLITE_OK) continue;
+        if (src_rc == SQLITE_DONE)
+            break;
+        if (src_rc == SQLITE_OK)
+            continue;
         if ((src_rc == SQLITE_BUSY || src_rc == SQLITE_LOCKED) && ++tries < BACKUP_BUSY_RETRIES) {
             sqlite3_sleep(10);
             continue;
@@ -2166,17 +2366,26 @@ optd_err store_backup(store *st, const char *dest, const _Atomic int *cancel, st
         goto done;
     }
     made = 0;
-    if (stat(dest, &sb) == 0) info.bytes = (uint64_t)sb.st_size;
+    if (stat(dest, &sb) == 0)
+        info.bytes = (uint64_t)sb.st_size;
     rc = OPTD_OK;
 done:
-    if (b) (void)sqlite3_backup_finish(b); /* its error is the one reported */
-    if (dst) (void)sqlite3_close(dst);
-    if (in_tx) (void)sqlite3_exec(src, "COMMIT", NULL, NULL, NULL); /* a read: nothing to lose */
-    if (src) conn_close(src);
-    if (fd >= 0) (void)close(fd);
-    if (made) (void)unlink(tmp);
+    if (b)
+        (void)sqlite3_backup_finish(b); /* its error is the one reported */
+    if (dst)
+        (void)sqlite3_close(dst);
+    if (in_tx)
+        (void)sqlite3_exec(src, "COMMIT", NULL, NULL, NULL); /* a read: nothing to lose */
+    if (src)
+        conn_close(src);
+    if (fd >= 0)
+        (void)close(fd);
+    if (made)
+        (void)unlink(tmp);
     free(tmp);
-    if (rc == OPTD_E_NOMEM && err && !*err) seterr(err, errlen, "out of memory making the backup %s", dest);
-    if (rc == OPTD_OK) *out = info;
+    if (rc == OPTD_E_NOMEM && err && !*err)
+        seterr(err, errlen, "out of memory making the backup %s", dest);
+    if (rc == OPTD_OK)
+        *out = info;
     return rc;
 }

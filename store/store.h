@@ -24,9 +24,9 @@ typedef struct store store;
  * means what it says (sync_full 0 is NORMAL); a count or time of 0 is its
  * default. */
 typedef struct store_options {
-    int sync_full;        /* 1: synchronous=FULL (the default of NULL options), 0: NORMAL */
-    int busy_timeout_ms;  /* how long a locked database is waited for; 0: 5000 */
-    int readers;          /* read connections in the pool; 0: 4 */
+    int sync_full;       /* 1: synchronous=FULL (the default of NULL options), 0: NORMAL */
+    int busy_timeout_ms; /* how long a locked database is waited for; 0: 5000 */
+    int readers;         /* read connections in the pool; 0: 4 */
     /* WAL bytes past which writes are refused (OPTD_E_UNAVAILABLE, logged)
      * until the checkpointer has copied it back: the guard against a disk
      * that fills while checkpoints cannot make progress. 0: STORE_WAL_MAX. */
@@ -59,14 +59,14 @@ void store_stats_get(store *st, store_stats *out);
 /* A session's row. Plain data; config is owned by the struct (free it with
  * store_session_clear). */
 typedef struct store_session {
-    int64_t id;                       /* rowid; set by store_session_insert */
+    int64_t id; /* rowid; set by store_session_insert */
     char name[STORE_NAME_MAX + 1];
     char optimizer[32];
-    int dtype;                        /* 0 float32, 1 float64 (optim_dtype) */
-    uint64_t size;                    /* elements */
+    int dtype;     /* 0 float32, 1 float64 (optim_dtype) */
+    uint64_t size; /* elements */
     uint64_t step;
-    char *config;                     /* caller's JSON text (hyperparams and more) */
-    int64_t created_ms, updated_ms;   /* Unix time, milliseconds */
+    char *config;                   /* caller's JSON text (hyperparams and more) */
+    int64_t created_ms, updated_ms; /* Unix time, milliseconds */
 } store_session;
 
 /* Frees what s owns and zeroes it; safe on a zeroed struct. */
@@ -127,8 +127,7 @@ optd_err store_session_load(store *st, const char *name, store_session *out, voi
 optd_err store_session_update(store *st, const store_session *s, const void *state, size_t len);
 /* The step path: writes step and updated_ms of session id and its state blob
  * (in place when its size is unchanged). */
-optd_err store_session_step(store *st, int64_t id, uint64_t step, int64_t updated_ms, const void *state,
-                            size_t len);
+optd_err store_session_step(store *st, int64_t id, uint64_t step, int64_t updated_ms, const void *state, size_t len);
 /* Deletes a session, its state and its keys. OPTD_E_NOT_FOUND when absent. */
 optd_err store_session_delete(store *st, const char *name);
 
@@ -137,7 +136,7 @@ optd_err store_session_delete(store *st, const char *name);
 typedef struct store_idem {
     uint64_t step;
     uint64_t digest;
-    void *reply;      /* malloc'd, caller frees; NULL when none was kept */
+    void *reply; /* malloc'd, caller frees; NULL when none was kept */
     size_t reply_len;
 } store_idem;
 
@@ -152,11 +151,11 @@ optd_err store_idem_put(store *st, int64_t session_id, const char *key, uint64_t
 /* One applied step as the history keeps it. Plain data. */
 typedef struct store_history {
     uint64_t step;
-    int64_t time_ms;          /* Unix time, milliseconds */
+    int64_t time_ms; /* Unix time, milliseconds */
     double lr, grad_norm, update_norm, param_norm;
     uint64_t contributors;
     int has_loss;
-    double loss;              /* the client's, when has_loss */
+    double loss; /* the client's, when has_loss */
 } store_history;
 
 /* Records h for session_id, then forgets the rows of steps <= h->step - keep
@@ -174,8 +173,8 @@ optd_err store_read_list(store *st, const char *after, int limit, store_session 
 /* Up to limit history rows of session_id with step > after, in step order.
  * *out is a malloc'd array of *n rows (caller frees); *more is 1 when
  * further rows exist. */
-optd_err store_read_history(store *st, int64_t session_id, uint64_t after, int limit, store_history **out,
-                            size_t *n, int *more);
+optd_err store_read_history(store *st, int64_t session_id, uint64_t after, int limit, store_history **out, size_t *n,
+                            int *more);
 /* Number of sessions. */
 optd_err store_read_count(store *st, uint64_t *out);
 

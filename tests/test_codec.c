@@ -89,8 +89,7 @@ static void test_float32_printing_is_the_shortest_for_typical_values(void **unus
         sbuf_num(&b, f, 1);
         if (strtof(b.p, NULL) != f)
             fail_msg("%a printed as %s does not read back", (double)f, b.p);
-        if (f != 0 && significant_digits(b.p) > shortest_digits(f) && !strchr(b.p, 'e') &&
-            fabsf(f) < 1e16f)
+        if (f != 0 && significant_digits(b.p) > shortest_digits(f) && !strchr(b.p, 'e') && fabsf(f) < 1e16f)
             fail_msg("%a printed as %s; %d digits suffice", (double)f, b.p, shortest_digits(f));
     }
     sbuf_free(&b);
@@ -99,8 +98,8 @@ static void test_float32_printing_is_the_shortest_for_typical_values(void **unus
 static void test_special_float32_values_print_as_json_numbers(void **unused)
 {
     (void)unused;
-    const float cases[] = {0.0f, -0.0f, 1.0f, -1.0f, 0.1f, 1e-45f, 1.17549435e-38f, 3.40282347e38f, 1e16f, 123456789.0f,
-                           1e-5f, 1e-6f, 0.5f, 100.0f};
+    const float cases[] = {0.0f,           -0.0f, 1.0f,         -1.0f, 0.1f,  1e-45f, 1.17549435e-38f,
+                           3.40282347e38f, 1e16f, 123456789.0f, 1e-5f, 1e-6f, 0.5f,   100.0f};
     sbuf b = {0};
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         b.len = 0;
@@ -201,11 +200,24 @@ static void test_the_fast_decoder_leaves_other_bodies_to_cjson(void **unused)
 {
     (void)unused;
     const char *bodies[] = {
-        "{\"grad\":[1,2]",           "{\"grad\":[1,2],}",        "{\"grad\":[1,2]} x",     "{\"grad\":[01,2]}",
-        "{\"grad\":[1.,2]}",         "{\"grad\":[.5,2]}",        "{\"grad\":[+1,2]}",      "{\"grad\":[NaN,2]}",
-        "{\"grad\":[1,2,3]}",        "{\"grad\":[1]}",           "{\"grad\":[1e39,2]}",    "{\"grad\":[1,2],\"x\":1}",
-        "{\"grad\":[1,2],\"grad\":[1,2]}", "{\"gr\\u0061d\":[1,2]}", "[1,2]",               "{\"grad\":[1,2],\"weight\":0}",
-        "{\"grad\":[\"1\",2]}",      "{\"grad\":[1,2],\"loss\":\"x\"}",
+        "{\"grad\":[1,2]",
+        "{\"grad\":[1,2],}",
+        "{\"grad\":[1,2]} x",
+        "{\"grad\":[01,2]}",
+        "{\"grad\":[1.,2]}",
+        "{\"grad\":[.5,2]}",
+        "{\"grad\":[+1,2]}",
+        "{\"grad\":[NaN,2]}",
+        "{\"grad\":[1,2,3]}",
+        "{\"grad\":[1]}",
+        "{\"grad\":[1e39,2]}",
+        "{\"grad\":[1,2],\"x\":1}",
+        "{\"grad\":[1,2],\"grad\":[1,2]}",
+        "{\"gr\\u0061d\":[1,2]}",
+        "[1,2]",
+        "{\"grad\":[1,2],\"weight\":0}",
+        "{\"grad\":[\"1\",2]}",
+        "{\"grad\":[1,2],\"loss\":\"x\"}",
     };
     float g[2];
     step_fields f;
@@ -287,13 +299,21 @@ static void test_bad_streamed_bodies_are_refused_with_the_right_code(void **unus
         const char *body;
         optd_err rc;
     } cases[] = {
-        {"{\"params\":[1,2", OPTD_E_BAD_JSON},           {"{\"params\":[1,,2]}", OPTD_E_BAD_JSON},
-        {"{\"params\":[01]}", OPTD_E_BAD_JSON},          {"{\"params\":[1.]}", OPTD_E_BAD_JSON},
-        {"{\"params\":[1,\"2\"]}", OPTD_E_BAD_REQUEST},  {"{\"params\":[1,[2]]}", OPTD_E_BAD_REQUEST},
-        {"{\"params\":[1,null]}", OPTD_E_BAD_REQUEST},    {"{\"params\":[1e39],\"dtype\":\"float32\"}", OPTD_E_NON_FINITE},
-        {"{\"params\":[1],\"params\":[2]}", OPTD_E_BAD_REQUEST}, {"{\"params\":[1]} x", OPTD_E_BAD_JSON},
-        {"[1,2]", OPTD_E_BAD_REQUEST},                   {"{\"params\":[1,nan]}", OPTD_E_BAD_JSON},
-        {"{\"params\":[true]}", OPTD_E_BAD_REQUEST},      {"{\"params\":[nulls]}", OPTD_E_BAD_JSON},                   {"{\"params\":[1e999],\"dtype\":\"float64\"}", OPTD_E_NON_FINITE},
+        {"{\"params\":[1,2", OPTD_E_BAD_JSON},
+        {"{\"params\":[1,,2]}", OPTD_E_BAD_JSON},
+        {"{\"params\":[01]}", OPTD_E_BAD_JSON},
+        {"{\"params\":[1.]}", OPTD_E_BAD_JSON},
+        {"{\"params\":[1,\"2\"]}", OPTD_E_BAD_REQUEST},
+        {"{\"params\":[1,[2]]}", OPTD_E_BAD_REQUEST},
+        {"{\"params\":[1,null]}", OPTD_E_BAD_REQUEST},
+        {"{\"params\":[1e39],\"dtype\":\"float32\"}", OPTD_E_NON_FINITE},
+        {"{\"params\":[1],\"params\":[2]}", OPTD_E_BAD_REQUEST},
+        {"{\"params\":[1]} x", OPTD_E_BAD_JSON},
+        {"[1,2]", OPTD_E_BAD_REQUEST},
+        {"{\"params\":[1,nan]}", OPTD_E_BAD_JSON},
+        {"{\"params\":[true]}", OPTD_E_BAD_REQUEST},
+        {"{\"params\":[nulls]}", OPTD_E_BAD_JSON},
+        {"{\"params\":[1e999],\"dtype\":\"float64\"}", OPTD_E_NON_FINITE},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         for (size_t piece = 1; piece <= 4; piece += 3) {

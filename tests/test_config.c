@@ -26,18 +26,21 @@
 static daemon_config cfg;
 static char err[8192];
 
-static optd_err parse(char *const env[], int argc, char **argv) {
+static optd_err parse(char *const env[], int argc, char **argv)
+{
     return daemon_config_parse(argc, argv, env, &cfg, err, sizeof err);
 }
 
 /* Asserts that hay contains needle, printing both when it does not. */
-static void assert_contains(const char *hay, const char *needle) {
+static void assert_contains(const char *hay, const char *needle)
+{
     if (!strstr(hay, needle))
         fail_msg("'%s' does not contain '%s'", hay, needle);
 }
 
 /* Writes len bytes to a new temporary file; its path goes into path. */
-static void write_temp(const void *data, size_t len, char *path, size_t pathlen) {
+static void write_temp(const void *data, size_t len, char *path, size_t pathlen)
+{
     const char *dir = getenv("TMPDIR");
     snprintf(path, pathlen, "%s/optd_test_token_XXXXXX", dir && *dir ? dir : "/tmp");
     int fd = mkstemp(path);
@@ -47,7 +50,8 @@ static void write_temp(const void *data, size_t len, char *path, size_t pathlen)
 }
 
 /* Parses --token-file with a file holding content; returns the result. */
-static optd_err parse_token_file(const char *content, size_t len, char *const env[]) {
+static optd_err parse_token_file(const char *content, size_t len, char *const env[])
+{
     char path[512];
     write_temp(content, len, path, sizeof path);
     optd_err rc = parse(env, ARGS("--token-file", path));
@@ -57,7 +61,8 @@ static optd_err parse_token_file(const char *content, size_t len, char *const en
 
 /* ---- Defaults ------------------------------------------------------------ */
 
-static void test_defaults_are_the_documented_ones(void **state) {
+static void test_defaults_are_the_documented_ones(void **state)
+{
     (void)state;
     assert_int_equal(parse(NULL, NO_ARGS), OPTD_OK);
     assert_string_equal(cfg.listen_host, "127.0.0.1");
@@ -80,7 +85,8 @@ static void test_defaults_are_the_documented_ones(void **state) {
     assert_false(cfg.show_version);
 }
 
-static void test_an_unrelated_environment_changes_nothing(void **state) {
+static void test_an_unrelated_environment_changes_nothing(void **state)
+{
     (void)state;
     assert_int_equal(parse(ENV("PATH=/bin", "OPTD=1", "OPTD_THREADSX=9", "XOPTD_THREADS=9"), NO_ARGS), OPTD_OK);
     assert_int_equal(cfg.threads, 4);
@@ -98,7 +104,8 @@ typedef struct setting_case {
     void (*check)(const daemon_config *c);
 } setting_case;
 
-static void check_listen(const daemon_config *c) {
+static void check_listen(const daemon_config *c)
+{
     assert_string_equal(c->listen_host, "0.0.0.0");
     assert_int_equal(c->listen_port, 9001);
 }
@@ -116,7 +123,8 @@ static void check_cache(const daemon_config *c) { assert_int_equal(c->cache_byte
 static void check_log(const daemon_config *c) { assert_int_equal(c->log_level, DAEMON_LOG_QUIET); }
 static void check_log_file(const daemon_config *c) { assert_string_equal(c->log_file, "/var/log/optd.log"); }
 static void check_backup_dir(const daemon_config *c) { assert_string_equal(c->backup_dir, "/backups"); }
-static void check_peers(const daemon_config *c) {
+static void check_peers(const daemon_config *c)
+{
     assert_string_equal(c->peers, "http://optd-0.optd:8080,https://[::1]:9/");
 }
 
@@ -140,7 +148,8 @@ static const setting_case settings[] = {
 };
 #define N_SETTINGS (sizeof settings / sizeof settings[0])
 
-static void test_each_flag_takes_a_separate_value(void **state) {
+static void test_each_flag_takes_a_separate_value(void **state)
+{
     (void)state;
     for (size_t i = 0; i < N_SETTINGS; i++) {
         char flag[64];
@@ -152,7 +161,8 @@ static void test_each_flag_takes_a_separate_value(void **state) {
     }
 }
 
-static void test_each_flag_takes_an_equals_value(void **state) {
+static void test_each_flag_takes_an_equals_value(void **state)
+{
     (void)state;
     for (size_t i = 0; i < N_SETTINGS; i++) {
         char arg[128];
@@ -164,7 +174,8 @@ static void test_each_flag_takes_an_equals_value(void **state) {
     }
 }
 
-static void test_each_setting_falls_back_to_its_variable(void **state) {
+static void test_each_setting_falls_back_to_its_variable(void **state)
+{
     (void)state;
     for (size_t i = 0; i < N_SETTINGS; i++) {
         char var[128];
@@ -175,7 +186,8 @@ static void test_each_setting_falls_back_to_its_variable(void **state) {
     }
 }
 
-static void test_each_flag_beats_its_variable(void **state) {
+static void test_each_flag_beats_its_variable(void **state)
+{
     (void)state;
     for (size_t i = 0; i < N_SETTINGS; i++) {
         char var[128], arg[128];
@@ -188,19 +200,22 @@ static void test_each_flag_beats_its_variable(void **state) {
     }
 }
 
-static void test_a_flag_beats_a_bad_variable(void **state) {
+static void test_a_flag_beats_a_bad_variable(void **state)
+{
     (void)state;
     assert_int_equal(parse(ENV("OPTD_THREADS=lots"), ARGS("--threads", "2")), OPTD_OK);
     assert_int_equal(cfg.threads, 2);
 }
 
-static void test_the_last_of_a_repeated_flag_wins(void **state) {
+static void test_the_last_of_a_repeated_flag_wins(void **state)
+{
     (void)state;
     assert_int_equal(parse(NULL, ARGS("--threads", "2", "--threads=3")), OPTD_OK);
     assert_int_equal(cfg.threads, 3);
 }
 
-static void test_an_equals_value_may_contain_equals_and_start_with_dashes(void **state) {
+static void test_an_equals_value_may_contain_equals_and_start_with_dashes(void **state)
+{
     (void)state;
     assert_int_equal(parse(NULL, ARGS("--db=--a=b.db")), OPTD_OK);
     assert_string_equal(cfg.db, "--a=b.db");
@@ -208,7 +223,8 @@ static void test_an_equals_value_may_contain_equals_and_start_with_dashes(void *
 
 /* ---- Numbers --------------------------------------------------------------- */
 
-static void test_max_body_takes_k_m_g_suffixes_in_powers_of_1024(void **state) {
+static void test_max_body_takes_k_m_g_suffixes_in_powers_of_1024(void **state)
+{
     (void)state;
     static const struct {
         const char *in;
@@ -227,7 +243,8 @@ static void test_max_body_takes_k_m_g_suffixes_in_powers_of_1024(void **state) {
     }
 }
 
-static void test_cache_mb_is_stored_in_bytes(void **state) {
+static void test_cache_mb_is_stored_in_bytes(void **state)
+{
     (void)state;
     assert_int_equal(parse(NULL, ARGS("--cache-mb", "0")), OPTD_OK);
     assert_int_equal(cfg.cache_bytes, 0);
@@ -235,7 +252,8 @@ static void test_cache_mb_is_stored_in_bytes(void **state) {
     assert_int_equal(cfg.cache_bytes, (size_t)1 << 40);
 }
 
-static void test_bad_numbers_are_rejected_naming_the_flag(void **state) {
+static void test_bad_numbers_are_rejected_naming_the_flag(void **state)
+{
     (void)state;
     static const struct {
         const char *flag, *value;
@@ -284,7 +302,8 @@ static void test_bad_numbers_are_rejected_naming_the_flag(void **state) {
     }
 }
 
-static void test_a_bad_variable_is_rejected_naming_it_and_its_flag(void **state) {
+static void test_a_bad_variable_is_rejected_naming_it_and_its_flag(void **state)
+{
     (void)state;
     assert_int_equal(parse(ENV("OPTD_THREADS=lots"), NO_ARGS), OPTD_E_INVALID);
     assert_contains(err, "OPTD_THREADS");
@@ -296,7 +315,8 @@ static void test_a_bad_variable_is_rejected_naming_it_and_its_flag(void **state)
 
 /* ---- Choices --------------------------------------------------------------- */
 
-static void test_sync_accepts_only_full_and_normal(void **state) {
+static void test_sync_accepts_only_full_and_normal(void **state)
+{
     (void)state;
     assert_int_equal(parse(NULL, ARGS("--sync", "full")), OPTD_OK);
     assert_int_equal(cfg.sync, DAEMON_SYNC_FULL);
@@ -312,7 +332,8 @@ static void test_sync_accepts_only_full_and_normal(void **state) {
     assert_contains(err, "OPTD_SYNC");
 }
 
-static void test_log_level_accepts_only_quiet_and_info(void **state) {
+static void test_log_level_accepts_only_quiet_and_info(void **state)
+{
     (void)state;
     assert_int_equal(parse(NULL, ARGS("--log-level=info")), OPTD_OK);
     assert_int_equal(cfg.log_level, DAEMON_LOG_INFO);
@@ -322,7 +343,8 @@ static void test_log_level_accepts_only_quiet_and_info(void **state) {
 
 /* ---- Listen addresses ------------------------------------------------------- */
 
-static void test_listen_parses_ipv4_names_and_bracketed_ipv6(void **state) {
+static void test_listen_parses_ipv4_names_and_bracketed_ipv6(void **state)
+{
     (void)state;
     static const struct {
         const char *in, *host;
@@ -346,20 +368,18 @@ static void test_listen_parses_ipv4_names_and_bracketed_ipv6(void **state) {
     }
 }
 
-static void test_listen_rejects_malformed_addresses(void **state) {
+static void test_listen_rejects_malformed_addresses(void **state)
+{
     (void)state;
     static const char *const bad[] = {
-        "127.0.0.1",        /* no port */
-        "127.0.0.1:",       /* empty port */
-        "127.0.0.1:65536",  /* port out of range */
-        "127.0.0.1:-1",     "127.0.0.1:80x", "127.0.0.1:+80",
-        "::1:8080",         /* IPv6 without brackets */
-        "[::1]8080",        /* no colon after the bracket */
-        "[::1]:",           "[::1",          "[]:80",
-        "[127.0.0.1]:80",   /* brackets hold IPv6 only */
-        "[zz::1]:80",       "1.2.3:80",      /* all digits and dots but not a dotted quad */
-        "999.1.1.1:80",     "bad_host:80",   "ho st:80",
-        "",
+        "127.0.0.1",                                                           /* no port */
+        "127.0.0.1:",                                                          /* empty port */
+        "127.0.0.1:65536",                                                     /* port out of range */
+        "127.0.0.1:-1",    "127.0.0.1:80x", "127.0.0.1:+80", "::1:8080",       /* IPv6 without brackets */
+        "[::1]8080",                                                           /* no colon after the bracket */
+        "[::1]:",          "[::1",          "[]:80",         "[127.0.0.1]:80", /* brackets hold IPv6 only */
+        "[zz::1]:80",      "1.2.3:80", /* all digits and dots but not a dotted quad */
+        "999.1.1.1:80",    "bad_host:80",   "ho st:80",      "",
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         if (parse(NULL, ARGS("--listen", (char *)bad[i])) != OPTD_E_INVALID)
@@ -372,25 +392,29 @@ static void test_listen_rejects_malformed_addresses(void **state) {
 
 /* ---- Tokens ------------------------------------------------------------------- */
 
-static void test_token_file_loses_one_trailing_newline(void **state) {
+static void test_token_file_loses_one_trailing_newline(void **state)
+{
     (void)state;
     assert_int_equal(parse_token_file("s3cret\n", 7, NULL), OPTD_OK);
     assert_string_equal(cfg.token, "s3cret");
 }
 
-static void test_token_file_loses_one_trailing_crlf(void **state) {
+static void test_token_file_loses_one_trailing_crlf(void **state)
+{
     (void)state;
     assert_int_equal(parse_token_file("s3cret\r\n", 8, NULL), OPTD_OK);
     assert_string_equal(cfg.token, "s3cret");
 }
 
-static void test_token_file_without_newline_is_taken_whole(void **state) {
+static void test_token_file_without_newline_is_taken_whole(void **state)
+{
     (void)state;
     assert_int_equal(parse_token_file("s3cret", 6, NULL), OPTD_OK);
     assert_string_equal(cfg.token, "s3cret");
 }
 
-static void test_token_file_keeps_no_second_newline_or_lone_cr(void **state) {
+static void test_token_file_keeps_no_second_newline_or_lone_cr(void **state)
+{
     (void)state;
     /* Only one newline is stripped; what is left is not a valid token, and
      * saying so beats silently refusing every client. */
@@ -400,7 +424,8 @@ static void test_token_file_keeps_no_second_newline_or_lone_cr(void **state) {
     assert_int_equal(parse_token_file("two words\n", 10, NULL), OPTD_E_INVALID);
 }
 
-static void test_an_empty_token_file_is_an_error(void **state) {
+static void test_an_empty_token_file_is_an_error(void **state)
+{
     (void)state;
     assert_int_equal(parse_token_file("", 0, NULL), OPTD_E_INVALID);
     assert_contains(err, "--token-file");
@@ -409,7 +434,8 @@ static void test_an_empty_token_file_is_an_error(void **state) {
     assert_int_equal(parse_token_file("\r\n", 2, NULL), OPTD_E_INVALID);
 }
 
-static void test_an_overlong_token_file_is_an_error(void **state) {
+static void test_an_overlong_token_file_is_an_error(void **state)
+{
     (void)state;
     static char big[DAEMON_TOKEN_MAX + 8];
     memset(big, 'a', sizeof big);
@@ -427,7 +453,8 @@ static void test_an_overlong_token_file_is_an_error(void **state) {
     assert_contains(err, "--token-file");
 }
 
-static void test_a_missing_token_file_is_unavailable_and_named(void **state) {
+static void test_a_missing_token_file_is_unavailable_and_named(void **state)
+{
     (void)state;
     assert_int_equal(parse(NULL, ARGS("--token-file", "/nonexistent/optd/token")), OPTD_E_UNAVAILABLE);
     assert_contains(err, "--token-file");
@@ -435,13 +462,15 @@ static void test_a_missing_token_file_is_unavailable_and_named(void **state) {
     assert_int_equal(parse(NULL, ARGS("--token-file=")), OPTD_E_INVALID);
 }
 
-static void test_optd_token_is_the_token_itself(void **state) {
+static void test_optd_token_is_the_token_itself(void **state)
+{
     (void)state;
     assert_int_equal(parse(ENV("OPTD_TOKEN=abc.DEF-123"), NO_ARGS), OPTD_OK);
     assert_string_equal(cfg.token, "abc.DEF-123");
 }
 
-static void test_an_empty_or_spaced_optd_token_is_an_error(void **state) {
+static void test_an_empty_or_spaced_optd_token_is_an_error(void **state)
+{
     (void)state;
     assert_int_equal(parse(ENV("OPTD_TOKEN="), NO_ARGS), OPTD_E_INVALID);
     assert_contains(err, "OPTD_TOKEN");
@@ -449,7 +478,8 @@ static void test_an_empty_or_spaced_optd_token_is_an_error(void **state) {
     assert_contains(err, "OPTD_TOKEN");
 }
 
-static void test_token_file_beats_optd_token(void **state) {
+static void test_token_file_beats_optd_token(void **state)
+{
     (void)state;
     assert_int_equal(parse_token_file("fromfile\n", 9, ENV("OPTD_TOKEN=fromenv")), OPTD_OK);
     assert_string_equal(cfg.token, "fromfile");
@@ -458,7 +488,8 @@ static void test_token_file_beats_optd_token(void **state) {
     assert_string_equal(cfg.token, "fromfile");
 }
 
-static void test_optd_token_file_variable_works_and_beats_optd_token(void **state) {
+static void test_optd_token_file_variable_works_and_beats_optd_token(void **state)
+{
     (void)state;
     char path[512], var[600];
     write_temp("envfile\n", 8, path, sizeof path);
@@ -473,7 +504,8 @@ static void test_optd_token_file_variable_works_and_beats_optd_token(void **stat
 
 /* ---- Command-line shape ------------------------------------------------------- */
 
-static void test_an_unknown_flag_is_rejected_by_name(void **state) {
+static void test_an_unknown_flag_is_rejected_by_name(void **state)
+{
     (void)state;
     assert_int_equal(parse(NULL, ARGS("--listen", ":1", "--bogus", "1")), OPTD_E_INVALID);
     assert_contains(err, "--bogus");
@@ -483,7 +515,8 @@ static void test_an_unknown_flag_is_rejected_by_name(void **state) {
     assert_contains(err, "--thread");
 }
 
-static void test_positional_and_short_arguments_are_rejected(void **state) {
+static void test_positional_and_short_arguments_are_rejected(void **state)
+{
     (void)state;
     assert_int_equal(parse(NULL, ARGS("serve")), OPTD_E_INVALID);
     assert_contains(err, "serve");
@@ -491,7 +524,8 @@ static void test_positional_and_short_arguments_are_rejected(void **state) {
     assert_int_equal(parse(NULL, ARGS("--")), OPTD_E_INVALID);
 }
 
-static void test_a_missing_value_is_rejected_naming_the_flag(void **state) {
+static void test_a_missing_value_is_rejected_naming_the_flag(void **state)
+{
     (void)state;
     assert_int_equal(parse(NULL, ARGS("--threads")), OPTD_E_INVALID);
     assert_contains(err, "--threads");
@@ -502,7 +536,8 @@ static void test_a_missing_value_is_rejected_naming_the_flag(void **state) {
     assert_contains(err, "--db");
 }
 
-static void test_an_overlong_db_path_is_rejected(void **state) {
+static void test_an_overlong_db_path_is_rejected(void **state)
+{
     (void)state;
     static char arg[DAEMON_PATH_MAX + 16];
     memset(arg, 'a', sizeof arg - 1);
@@ -512,7 +547,8 @@ static void test_an_overlong_db_path_is_rejected(void **state) {
     assert_contains(err, "--db");
 }
 
-static void test_help_and_version_stop_parsing(void **state) {
+static void test_help_and_version_stop_parsing(void **state)
+{
     (void)state;
     assert_int_equal(parse(ENV("OPTD_THREADS=bad"), ARGS("--help")), OPTD_OK);
     assert_true(cfg.show_help);
@@ -525,7 +561,8 @@ static void test_help_and_version_stop_parsing(void **state) {
     assert_contains(err, "--help");
 }
 
-static void test_errors_fit_a_small_buffer_and_a_null_one(void **state) {
+static void test_errors_fit_a_small_buffer_and_a_null_one(void **state)
+{
     (void)state;
     char small[8];
     memset(small, 'x', sizeof small);
@@ -534,7 +571,8 @@ static void test_errors_fit_a_small_buffer_and_a_null_one(void **state) {
     assert_int_equal(daemon_config_parse(ARGS("--bogus"), NULL, &cfg, NULL, 0), OPTD_E_INVALID);
 }
 
-static void test_max_session_bytes_takes_its_maximum_and_no_more(void **state) {
+static void test_max_session_bytes_takes_its_maximum_and_no_more(void **state)
+{
     (void)state;
     assert_int_equal(parse(NULL, ARGS("--max-session-bytes", "900M")), OPTD_OK);
     assert_int_equal(cfg.max_session_bytes, (size_t)900 << 20);
@@ -542,7 +580,8 @@ static void test_max_session_bytes_takes_its_maximum_and_no_more(void **state) {
     assert_contains(err, "943718400");
 }
 
-static void test_usage_lists_every_flag_variable_and_default(void **state) {
+static void test_usage_lists_every_flag_variable_and_default(void **state)
+{
     (void)state;
     char *text = NULL;
     size_t len = 0;
@@ -551,28 +590,62 @@ static void test_usage_lists_every_flag_variable_and_default(void **state) {
     daemon_config_usage(f, "optd");
     fclose(f);
     static const char *const want[] = {
-        "--listen",          "OPTD_LISTEN",          "127.0.0.1:8080", "--db",
-        "OPTD_DB",           "./optd.db",            "--token-file",   "OPTD_TOKEN_FILE",
-        "OPTD_TOKEN=",       "--max-body",           "OPTD_MAX_BODY",  "64M",
-        "--max-session-bytes", "OPTD_MAX_SESSION_BYTES", "512M", "at most 900M",
-        "--threads",         "OPTD_THREADS",         "--sync",         "OPTD_SYNC",
-        "full|normal",       "--idempotency-window", "OPTD_IDEMPOTENCY_WINDOW", "10000",
-        "--history-steps",   "OPTD_HISTORY_STEPS",   "100000",         "--max-connections",
-        "OPTD_MAX_CONNECTIONS", "1024",              "--connection-timeout", "OPTD_CONNECTION_TIMEOUT",
-        "--header-timeout",  "OPTD_HEADER_TIMEOUT",  "--cache-mb",     "OPTD_CACHE_MB",
-        "256",               "--log-level",          "OPTD_LOG",       "quiet|info",
-        "--log-file",        "OPTD_LOG_FILE",        "SIGHUP",
-        "--help",            "--version",
+        "--listen",
+        "OPTD_LISTEN",
+        "127.0.0.1:8080",
+        "--db",
+        "OPTD_DB",
+        "./optd.db",
+        "--token-file",
+        "OPTD_TOKEN_FILE",
+        "OPTD_TOKEN=",
+        "--max-body",
+        "OPTD_MAX_BODY",
+        "64M",
+        "--max-session-bytes",
+        "OPTD_MAX_SESSION_BYTES",
+        "512M",
+        "at most 900M",
+        "--threads",
+        "OPTD_THREADS",
+        "--sync",
+        "OPTD_SYNC",
+        "full|normal",
+        "--idempotency-window",
+        "OPTD_IDEMPOTENCY_WINDOW",
+        "10000",
+        "--history-steps",
+        "OPTD_HISTORY_STEPS",
+        "100000",
+        "--max-connections",
+        "OPTD_MAX_CONNECTIONS",
+        "1024",
+        "--connection-timeout",
+        "OPTD_CONNECTION_TIMEOUT",
+        "--header-timeout",
+        "OPTD_HEADER_TIMEOUT",
+        "--cache-mb",
+        "OPTD_CACHE_MB",
+        "256",
+        "--log-level",
+        "OPTD_LOG",
+        "quiet|info",
+        "--log-file",
+        "OPTD_LOG_FILE",
+        "SIGHUP",
+        "--help",
+        "--version",
     };
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++)
         assert_contains(text, want[i]);
     free(text);
 }
 
-static void test_peers_must_be_base_urls(void **state) {
+static void test_peers_must_be_base_urls(void **state)
+{
     (void)state;
-    static const char *const bad[] = {"optd-0:8080", "ftp://x", "http://", "http://a/v1", "http://u@h:1",
-                                      "http://h?x", ",", "http://a,b:1"};
+    static const char *const bad[] = {"optd-0:8080",  "ftp://x",    "http://", "http://a/v1",
+                                      "http://u@h:1", "http://h?x", ",",       "http://a,b:1"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         char *argv[] = {"optd", "--peers", (char *)bad[i], NULL};
         if (parse(NULL, 3, argv) != OPTD_E_INVALID)
@@ -584,7 +657,8 @@ static void test_peers_must_be_base_urls(void **state) {
     assert_string_equal(cfg.backup_dir, "");
 }
 
-int main(void) {
+int main(void)
+{
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_defaults_are_the_documented_ones),
         cmocka_unit_test(test_an_unrelated_environment_changes_nothing),

@@ -49,7 +49,7 @@ static double unit_roundoff(optim_dtype dtype) { return dtype == OPTIM_F64 ? 0x1
 
 typedef struct ref_hp {
     char name[NAME_LEN + 1];
-    uint32_t count;   /* 1, or 2 for a pair */
+    uint32_t count; /* 1, or 2 for a pair */
     uint32_t is_bool;
     double value[2];
 } ref_hp;
@@ -69,10 +69,10 @@ typedef struct ref_case {
     int has_scalar;
     char scalar_name[NAME_LEN + 1];
     double scalar;
-    void *p0;        /* n elements of dtype */
-    void *grads;     /* steps * n elements of dtype */
-    double *want;    /* steps * n: params after each step */
-    double *bufs;    /* n_bufs * n: buffers after the last step */
+    void *p0;     /* n elements of dtype */
+    void *grads;  /* steps * n elements of dtype */
+    double *want; /* steps * n: params after each step */
+    double *bufs; /* n_bufs * n: buffers after the last step */
     /* The working state of the replay, freed by case_free. */
     void *params;
     void *state_buf[OPTIM_MAX_BUFFERS];
@@ -273,8 +273,8 @@ static deviation worst[2];
 
 /* Compares n values against want (M = max |want|); returns the index of the
  * first failure or n. what names the vector in messages. */
-static size_t compare(const ref_case *c, const char *what, size_t step, const void *got_arr,
-                      const double *want, size_t n)
+static size_t compare(const ref_case *c, const char *what, size_t step, const void *got_arr, const double *want,
+                      size_t n)
 {
     double tol = tol_of(c->dtype), u = unit_roundoff(c->dtype), m = 0;
     deviation *w = &worst[c->dtype];
@@ -427,15 +427,13 @@ static void test_reference_case(void **state)
 
     /* The scalar state (nadam's mu_product) only enters as 1 - mu_product,
      * so below one rounding unit its value no longer matters. */
-    if (c->has_scalar != (info->scalar != NULL) ||
-        (c->has_scalar && strcmp(info->scalar, c->scalar_name) != 0))
+    if (c->has_scalar != (info->scalar != NULL) || (c->has_scalar && strcmp(info->scalar, c->scalar_name) != 0))
         fail_msg("%s: torch scalar state \"%s\", optd's \"%s\"", c->name, c->has_scalar ? c->scalar_name : "",
                  info->scalar ? info->scalar : "");
     if (c->has_scalar) {
         double tol = tol_of(c->dtype), err = fabs(st.scalar - c->scalar);
         if (!(err <= tol * fmax(fabs(c->scalar), unit_roundoff(c->dtype))))
-            fail_msg("%s: %s is %.17g after the last step, want %.17g", c->name, c->scalar_name, st.scalar,
-                     c->scalar);
+            fail_msg("%s: %s is %.17g after the last step, want %.17g", c->name, c->scalar_name, st.scalar, c->scalar);
     }
 }
 
@@ -721,9 +719,9 @@ static void test_sgd_rejects_nesterov_with_nonzero_dampening(void **state)
 {
     (void)state;
     char msg[256];
-    assert_int_equal(validate_with("sgd", msg, sizeof msg, "nesterov", 1.0, "momentum", 0.9, "dampening", 0.1,
-                                   (const char *)NULL),
-                     OPTIM_EINVAL);
+    assert_int_equal(
+        validate_with("sgd", msg, sizeof msg, "nesterov", 1.0, "momentum", 0.9, "dampening", 0.1, (const char *)NULL),
+        OPTIM_EINVAL);
     assert_non_null(strstr(msg, "nesterov"));
 }
 
@@ -829,8 +827,7 @@ static void test_adam_family_accepts_betas_of_zero_and_just_below_one(void **sta
         char msg[256];
         if (validate_with(ADAM_FAMILY[k], msg, sizeof msg, "betas0", 0.0, "betas1", 0.0, (const char *)NULL))
             fail_msg("%s rejects betas (0, 0): %s", ADAM_FAMILY[k], msg);
-        if (validate_with(ADAM_FAMILY[k], msg, sizeof msg, "betas0", 0.999, "betas1", 0.99999,
-                          (const char *)NULL))
+        if (validate_with(ADAM_FAMILY[k], msg, sizeof msg, "betas0", 0.999, "betas1", 0.99999, (const char *)NULL))
             fail_msg("%s rejects betas (0.999, 0.99999): %s", ADAM_FAMILY[k], msg);
     }
 }
@@ -996,8 +993,7 @@ static int load_index(struct CMUnitTest **out)
 {
     FILE *f = fopen(INDEX_FILE, "r");
     if (!f) {
-        fprintf(stderr, "cannot open %s: run from tests/ (regenerate with tests/gen_reference.py)\n",
-                INDEX_FILE);
+        fprintf(stderr, "cannot open %s: run from tests/ (regenerate with tests/gen_reference.py)\n", INDEX_FILE);
         return -1;
     }
     struct CMUnitTest *tests = NULL;

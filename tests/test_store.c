@@ -47,7 +47,8 @@ static int teardown(void **state)
     d = opendir(f->dir);
     if (d) {
         while ((e = readdir(d)) != NULL) {
-            if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+            if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+                continue;
             snprintf(p, sizeof p, "%s/%s", f->dir, e->d_name);
             unlink(p);
         }
@@ -65,7 +66,8 @@ static void open_store(fixture *f, const store_options *opt)
     char err[256] = "";
     optd_err rc = store_open(f->path, opt, &f->st, err, sizeof err);
 
-    if (rc != OPTD_OK) fail_msg("store_open: %d %s", rc, err);
+    if (rc != OPTD_OK)
+        fail_msg("store_open: %d %s", rc, err);
     assert_non_null(f->st);
 }
 
@@ -135,7 +137,8 @@ static void sql_on(const char *path, const char *text)
     char *msg = NULL;
 
     assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
-    if (sqlite3_exec(db, text, NULL, NULL, &msg) != SQLITE_OK) fail_msg("%s: %s", text, msg);
+    if (sqlite3_exec(db, text, NULL, NULL, &msg) != SQLITE_OK)
+        fail_msg("%s: %s", text, msg);
     assert_int_equal(sqlite3_close(db), SQLITE_OK);
 }
 
@@ -183,7 +186,8 @@ static void assert_refused_unchanged(fixture *f, const char *want)
     before = slurp(f->path, &nbefore);
     assert_int_equal(store_open(f->path, NULL, &f->st, err, sizeof err), OPTD_E_INVALID);
     assert_null(f->st);
-    if (!strstr(err, want)) fail_msg("message \"%s\" lacks \"%s\"", err, want);
+    if (!strstr(err, want))
+        fail_msg("message \"%s\" lacks \"%s\"", err, want);
     assert_non_null(strstr(err, f->path));
     after = slurp(f->path, &nafter);
     assert_int_equal(nafter, nbefore);
@@ -395,7 +399,8 @@ static void test_list_pages_through_names_in_byte_order(void **state)
     int more = -1;
 
     open_store(f, NULL);
-    for (i = 0; i < 5; i++) insert(f, names[i]);
+    for (i = 0; i < 5; i++)
+        insert(f, names[i]);
 
     /* Byte order: 'B' (0x42) < 'a' (0x61); '-' (0x2d) < '.' (0x2e). */
     assert_int_equal(store_read_list(f->st, NULL, 2, &rows, &n, &more), OPTD_OK);
@@ -404,7 +409,8 @@ static void test_list_pages_through_names_in_byte_order(void **state)
     assert_string_equal(rows[0].name, "B");
     assert_string_equal(rows[1].name, "a");
     assert_string_equal(rows[1].config, "{\"lr\":0.001}");
-    for (i = 0; i < n; i++) store_session_clear(&rows[i]);
+    for (i = 0; i < n; i++)
+        store_session_clear(&rows[i]);
     free(rows);
 
     assert_int_equal(store_read_list(f->st, "a", 2, &rows, &n, &more), OPTD_OK);
@@ -412,7 +418,8 @@ static void test_list_pages_through_names_in_byte_order(void **state)
     assert_int_equal(more, 1);
     assert_string_equal(rows[0].name, "a-2");
     assert_string_equal(rows[1].name, "a.1");
-    for (i = 0; i < n; i++) store_session_clear(&rows[i]);
+    for (i = 0; i < n; i++)
+        store_session_clear(&rows[i]);
     free(rows);
 
     assert_int_equal(store_read_list(f->st, "a.1", 2, &rows, &n, &more), OPTD_OK);
@@ -427,7 +434,8 @@ static void test_list_pages_through_names_in_byte_order(void **state)
     assert_int_equal(n, 5);
     assert_int_equal(more, 0);
     assert_string_equal(rows[4].name, "b");
-    for (i = 0; i < n; i++) store_session_clear(&rows[i]);
+    for (i = 0; i < n; i++)
+        store_session_clear(&rows[i]);
     free(rows);
 
     /* limit 0 only answers whether there is anything. */
@@ -792,7 +800,8 @@ static void test_a_corrupt_database_is_refused(void **state)
      * "optd", the b-trees are garbage. */
     bytes = slurp(f->path, &len);
     assert_true(len > 4096);
-    for (i = 4096; i < len; i++) bytes[i] = (unsigned char)(i * 7 + 3);
+    for (i = 4096; i < len; i++)
+        bytes[i] = (unsigned char)(i * 7 + 3);
     spit(f->path, bytes, len);
     free(bytes);
     assert_refused_unchanged(f, "corrupt");

@@ -260,8 +260,7 @@ static void fuzz_route(const uint8_t *data, size_t size)
         fail("route_parse left the name unterminated", url);
     if (ok) {
         size_t n = strlen(name);
-        if (n == 0 || n > STORE_NAME_MAX || !name_char(name[0]) || name[0] == '.' || name[0] == '_' ||
-            name[0] == '-')
+        if (n == 0 || n > STORE_NAME_MAX || !name_char(name[0]) || name[0] == '.' || name[0] == '_' || name[0] == '-')
             fail("route_parse accepted a bad name", name);
         for (size_t i = 0; i < n; i++)
             if (!name_char(name[i]))
