@@ -539,17 +539,23 @@ static enum MHD_Result get_session(req *r)
     return send_json(r, 200, &b, etag);
 }
 
-/* Reads the committed session named in the path with its state. */
-static optd_err read_full(req *r, sess **out) { return engine_sess_read(r->srv->st, &http_config_codec, r->name, out); }
+/* Reads the committed session named in the path with its state, and its
+ * step as the reply's ETag. */
+static optd_err read_full(req *r, sess **out, char etag[24])
+{
+    optd_err rc = engine_sess_read(r->srv->st, &http_config_codec, r->name, out);
+    if (rc == OPTD_OK)
+        step_str((*out)->row.step, etag);
+    return rc;
+}
 
 static enum MHD_Result get_params(req *r)
 {
     sess *s = NULL;
-    optd_err rc = read_full(r, &s);
+    char etag[24];
+    optd_err rc = read_full(r, &s, etag);
     if (rc)
         return send_err(r, rc, NULL, -1);
-    char etag[24];
-    step_str(s->row.step, etag);
     enum MHD_Result ret;
     if (accepts_binary(r)) {
         size_t len = s->n * optim_elem_size(s->dtype);
@@ -729,11 +735,10 @@ static void ckpt_free(void *cls)
 static enum MHD_Result get_state(req *r)
 {
     sess *s = NULL;
-    optd_err rc = read_full(r, &s);
+    char etag[24];
+    optd_err rc = read_full(r, &s, etag);
     if (rc)
         return send_err(r, rc, NULL, -1);
-    char etag[24];
-    step_str(s->row.step, etag);
     ckpt_stream *cs = calloc(1, sizeof *cs);
     if (!cs) {
         engine_sess_free(s);

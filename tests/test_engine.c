@@ -282,6 +282,30 @@ static void committed(fixture *f, const char *name, uint64_t *step_out, float *p
     engine_sess_free(s);
 }
 
+/* Asserts the committed step and first param of session name. */
+static void assert_committed(fixture *f, const char *name, uint64_t want_step, float want_p0)
+{
+    uint64_t st;
+    float p0;
+    committed(f, name, &st, &p0);
+    assert_int_equal(st, want_step);
+    assert_float_equal(p0, want_p0, 0);
+}
+
+/* Creates session name of n elements taking rounds of workers (min_workers
+ * and round_timeout in seconds as given; 0 leaves the default). */
+static void create_round(fixture *f, const char *name, size_t n, uint32_t workers, uint32_t min_workers,
+                         double round_timeout)
+{
+    training tr;
+    engine_training_defaults(&tr);
+    tr.workers = workers;
+    tr.min_workers = min_workers;
+    if (round_timeout > 0)
+        tr.round_timeout = round_timeout;
+    create_one(f, name, n, &tr);
+}
+
 /* ---- tests ------------------------------------------------------------------ */
 
 /* Fifty creates and fifty steps queued together commit as one group each. */
@@ -320,21 +344,14 @@ static void test_many_sessions_commit_in_one_group(void **state)
         step_clear(&s[i]);
     }
     assert_int_equal(atomic_load(&f->stats.commits) - commits, 1);
-    uint64_t st;
-    float p0;
-    committed(f, "s49", &st, &p0);
-    assert_int_equal(st, 1);
-    assert_float_equal(p0, 0.5f, 0);
+    assert_committed(f, "s49", 1, 0.5f);
 }
 
 /* Three workers: the round applies the mean once the third contribution arrives. */
 static void test_round_applies_when_it_fills(void **state)
 {
     fixture *f = *state;
-    training tr;
-    engine_training_defaults(&tr);
-    tr.workers = 3;
-    create_one(f, "r", 2, &tr);
+    create_round(f, "r", 2, 3, 0, 0);
     step a, b, c;
     step_submit(f, &a, "r", 2, 1.0f, NULL);
     step_submit(f, &b, "r", 2, 2.0f, NULL);
@@ -356,12 +373,7 @@ static void test_round_applies_when_it_fills(void **state)
 static void test_round_times_out_with_min_workers(void **state)
 {
     fixture *f = *state;
-    training tr;
-    engine_training_defaults(&tr);
-    tr.workers = 3;
-    tr.min_workers = 2;
-    tr.round_timeout = 0.05;
-    create_one(f, "t", 2, &tr);
+    create_round(f, "t", 2, 3, 2, 0.05);
     step a, b;
     step_submit(f, &a, "t", 2, 1.0f, NULL);
     step_submit(f, &b, "t", 2, 3.0f, NULL);
@@ -379,22 +391,13 @@ static void test_round_times_out_with_min_workers(void **state)
 static void test_round_below_min_workers_fails_at_timeout(void **state)
 {
     fixture *f = *state;
-    training tr;
-    engine_training_defaults(&tr);
-    tr.workers = 3;
-    tr.min_workers = 2;
-    tr.round_timeout = 0.05;
-    create_one(f, "u", 2, &tr);
+    create_round(f, "u", 2, 3, 2, 0.05);
     step a;
     step_submit(f, &a, "u", 2, 1.0f, NULL);
     wait_flag(&a.done);
     assert_int_equal(a.req.rc, OPTD_E_ROUND_TIMEOUT);
     assert_null(a.req.out_params);
-    uint64_t st;
-    float p0;
-    committed(f, "u", &st, &p0);
-    assert_int_equal(st, 0);
-    assert_float_equal(p0, 1.0f, 0);
+    assert_committed(f, "u", 0, 1.0f);
 }
 
 /* A retry with the same key takes the waiting contribution's place: the
@@ -402,10 +405,7 @@ static void test_round_below_min_workers_fails_at_timeout(void **state)
 static void test_round_retry_replaces_the_waiting_contribution(void **state)
 {
     fixture *f = *state;
-    training tr;
-    engine_training_defaults(&tr);
-    tr.workers = 2;
-    create_one(f, "k", 2, &tr);
+    create_round(f, "k", 2, 2, 0, 0);
     step first, retry, other;
     gate g;
     step_submit(f, &first, "k", 2, 2.0f, "key-1");
@@ -445,11 +445,7 @@ static void test_idempotent_replay_applies_once(void **state)
     assert_int_equal(b.req.step, 1);
     assert_int_equal(b.req.out_len, 3 * sizeof(float));
     assert_memory_equal(a.req.out_params, b.req.out_params, 3 * sizeof(float));
-    uint64_t st;
-    float p0;
-    committed(f, "i", &st, &p0);
-    assert_int_equal(st, 1);
-    assert_float_equal(p0, 0.5f, 0);
+    assert_committed(f, "i", 1, 0.5f);
     step_clear(&a);
     step_clear(&b);
 }
