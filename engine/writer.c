@@ -905,12 +905,19 @@ static void drop_results(engine_req *j, int fault)
         store_session_clear(row);
 }
 
+/* Whether rc is a storage failure (as opposed to a refusal that wrote
+ * nothing): the storage is then not known to work. */
+static int is_fault(optd_err rc) { return rc == OPTD_E_UNAVAILABLE || rc == OPTD_E_NOMEM || rc == OPTD_E_INTERNAL; }
+
 /* Applies one group of jobs (and the rounds that timed out) in one
  * transaction, then completes what the group decided. */
 static void run_group(engine *w, engine_req *group)
 {
     optd_err rc = store_begin(w->st);
     int began = rc == OPTD_OK, fault = !began;
+    /* A request that met a storage fault rolls back alone and the group may
+     * still commit, but the storage is not healthy: /readyz asks the store. */
+    int job_fault = 0;
     engine_req *j = group, *next;
     w->release = NULL;
     w->part = 0;
@@ -928,6 +935,7 @@ static void run_group(engine *w, engine_req *group)
             break; /* j is released with the jobs not run */
         }
         optd_err jrc = run(w, j);
+        job_fault |= is_fault(jrc);
         rc = end_part(w, jrc);
         fault = rc != OPTD_OK;
         if (j->state_ == JS_QUEUED) { /* else parked, or released by its round with its own rc */
@@ -968,7 +976,7 @@ static void run_group(engine *w, engine_req *group)
     if (w->last_heavy) /* take_group's verdict on this group */
         atomic_fetch_add(&w->heavy_done, 1);
     uint64_t heavy_done = atomic_load(&w->heavy_done);
-    atomic_store(&w->healthy, !fault);
+    atomic_store(&w->healthy, !fault && !job_fault);
     cache_trim(w);
     atomic_store(&w->m->cached_bytes, w->cached);
     engine_req *list = w->release;

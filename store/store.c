@@ -217,8 +217,9 @@ struct store {
      * trusts it again: twice the last failed transaction (its WAL frames,
      * then their copy into the database). 0: no failure pending. */
     atomic_uint_fast64_t need_bytes;
-    uint64_t tx_bytes; /* writer only: bytes of state the open transaction writes */
-    int lock_fd;       /* the exclusive lock (flock) on the database, or -1 */
+    uint64_t tx_bytes;        /* writer only: bytes of state the open transaction writes */
+    sqlite3_int64 tx_changes; /* writer only: sqlite3_total_changes64 when it began */
+    int lock_fd;              /* the exclusive lock (flock) on the database, or -1 */
     void (*log)(void *, const char *);
     void *log_ctx;
     pthread_mutex_t log_mu; /* guards the rate limit below */
@@ -1550,6 +1551,7 @@ optd_err store_begin(store *st)
     }
     tx_mark(st, 1);
     st->tx_bytes = 0;
+    st->tx_changes = sqlite3_total_changes64(st->db);
     src = sqlite3_step(q);
     stmt_done(q);
     if (src == SQLITE_DONE)
@@ -1588,8 +1590,12 @@ optd_err store_commit(store *st)
     src = sqlite3_step(q);
     stmt_done(q);
     if (src == SQLITE_DONE) {
-        atomic_store(&st->write_failed, 0);
-        atomic_store(&st->need_bytes, 0);
+        /* Only a commit that wrote something proves the storage works: one
+         * left empty by a job rolled back for a fault proves nothing. */
+        if (sqlite3_total_changes64(st->db) != st->tx_changes) {
+            atomic_store(&st->write_failed, 0);
+            atomic_store(&st->need_bytes, 0);
+        }
         tx_mark(st, 0);
         return OPTD_OK;
     }
