@@ -1037,13 +1037,12 @@ static optd_err wal_admit(store *st)
  * connection reads the schema once: a connection that never read the
  * database has not opened the WAL, and a checkpoint on it silently does
  * nothing (rc OK, -1 frames). */
-static optd_err ckpt_open(store *st, const store_options *o, char *err, size_t errlen)
+static optd_err ckpt_open(store *st, char *err, size_t errlen)
 {
     pthread_condattr_t ca;
     char text[64];
     int ok;
     optd_err rc = conn_open(st->path, SQLITE_OPEN_READWRITE, CKPT_BUSY_MS, &st->ckpt_db, err, errlen);
-    (void)o;
     if (rc)
         return rc;
     if (sqlite3_exec(st->ckpt_db, "SELECT count(*) FROM sqlite_master", NULL, NULL, NULL) != SQLITE_OK) {
@@ -1366,7 +1365,7 @@ optd_err store_open(const char *path, const store_options *opt, store **out, cha
     rc = probe_open(st, err, errlen);
     if (rc)
         goto done;
-    rc = ckpt_open(st, &o, err, errlen);
+    rc = ckpt_open(st, err, errlen);
 done:
     if (rc) {
         if (rc == OPTD_E_NOMEM && err && !*err)
@@ -1530,7 +1529,8 @@ static void tx_mark(store *st, int on)
     if (on) {
         while (st->gate_closed)
             pthread_cond_wait(&st->gate_cv, &st->ckpt_mu);
-    } else {
+    } else if (st->gate_closed) {
+        /* Only gate_close waits for a transaction to end. */
         pthread_cond_broadcast(&st->gate_cv);
     }
     st->tx_active = on;

@@ -28,7 +28,7 @@ import time
 sys.dont_write_bytecode = True  # no __pycache__ in the tree
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from harness import REPO, Daemon, Report, Skip, check, optd_bin, pack, unpack, wait_for  # noqa: E402
+from harness import REPO, Daemon, Skip, check, params, run_listed, step, wait_for  # noqa: E402
 
 P0 = [10.0, 20.0, 30.0, 40.0]
 BIG = 20000  # elements of the session whose steps must grow the WAL
@@ -41,15 +41,6 @@ def shim_path():
     return os.path.abspath(p)
 
 
-def step(d, name, n, **kw):
-    return d.request("POST", "/v1/sessions/%s/step" % name, body=pack("float64", [1.0] * n),
-                     headers={"Content-Type": "application/octet-stream", "Prefer": "return=minimal"}, **kw)
-
-
-def params(d, name):
-    r = d.request("GET", "/v1/sessions/%s/params" % name, headers={"Accept": "application/octet-stream"})
-    check(r.status == 200, "GET params %s: %r", name, r)
-    return int(r.header("ETag").strip('"')), unpack("float64", r.body)
 
 
 def setup(d):
@@ -573,16 +564,7 @@ TESTS = [
 
 
 def main():
-    if not os.path.exists(optd_bin()):
-        print("no %s: run make" % optd_bin())
-        return 1
-    only = sys.argv[1:]
-    rep = Report()
-    for name, fn in TESTS:
-        if only and not any(o in name for o in only):
-            continue
-        rep.run(name, fn)
-    return rep.finish()
+    return run_listed(TESTS, sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -135,6 +135,33 @@ def known(cond, issue, what, *args):
     raise Skip("KNOWN ISSUE %s: %s" % (issue, msg))
 
 
+def step(d, name, n, **kw):
+    """A binary float64 step of n ones on session name, Prefer: return=minimal."""
+    return d.request("POST", "/v1/sessions/%s/step" % name, body=optdtest.pack("float64", [1.0] * n),
+                     headers={"Content-Type": "application/octet-stream", "Prefer": "return=minimal"}, **kw)
+
+
+def params(d, name):
+    """(step, params) of a float64 session, read in binary."""
+    r = d.request("GET", "/v1/sessions/%s/params" % name, headers={"Accept": "application/octet-stream"})
+    check(r.status == 200, "GET params %s: %r", name, r)
+    return int(r.header("ETag").strip('"')), optdtest.unpack("float64", r.body)
+
+
+def run_listed(tests, argv):
+    """Runs the (name, fn) pairs of tests whose name contains one of argv
+    (every one when argv is empty); the exit status for sys.exit."""
+    if not os.path.exists(optd_bin()):
+        print("no %s: run make" % optd_bin())
+        return 1
+    rep = Report()
+    for name, fn in tests:
+        if argv and not any(o in name for o in argv):
+            continue
+        rep.run(name, fn)
+    return rep.finish()
+
+
 def wait_for(pred, timeout, step=0.05):
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -24,20 +24,11 @@ import time
 sys.dont_write_bytecode = True  # no __pycache__ in the tree
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from harness import Daemon, Report, Skip, check, optd_bin, pack, unpack, wait_for  # noqa: E402
+from harness import Daemon, Skip, check, params, run_listed, step, wait_for  # noqa: E402
 
 MIB = 1 << 20
 
 
-def step(d, name, n, dtype="float64"):
-    return d.request("POST", "/v1/sessions/%s/step" % name, body=pack(dtype, [1.0] * n),
-                     headers={"Content-Type": "application/octet-stream", "Prefer": "return=minimal"})
-
-
-def params(d, name):
-    r = d.request("GET", "/v1/sessions/%s/params" % name, headers={"Accept": "application/octet-stream"})
-    check(r.status == 200, "GET params %s: %r", name, r)
-    return int(r.header("ETag").strip('"')), unpack("float64", r.body)
 
 
 def ready(d):
@@ -220,16 +211,7 @@ TESTS = [
 
 
 def main():
-    if not os.path.exists(optd_bin()):
-        print("no %s: run make" % optd_bin())
-        return 1
-    only = sys.argv[1:]
-    rep = Report()
-    for name, fn in TESTS:
-        if only and not any(o in name for o in only):
-            continue
-        rep.run(name, fn)
-    return rep.finish()
+    return run_listed(TESTS, sys.argv[1:])
 
 
 if __name__ == "__main__":
