@@ -145,10 +145,14 @@ CRASH_ROUNDS ?= 50
 SOAK_SECONDS ?= 200
 FUZZ_SECONDS ?= 60
 FUZZ_CC      ?= clang
-BREAK_ENV     = OPTD_BIN=$(B)/optd EIO_SHIM=$(B)/tests/eio_shim.so
+BREAK_ENV     = OPTD_BIN=$(B)/optd EIO_SHIM=$(B)/tests/eio_shim.so UNLISTEN_SHIM=$(B)/tests/slow_unlisten_shim.so
+SHIMS         = $(B)/tests/eio_shim.so $(B)/tests/slow_unlisten_shim.so
 
-# LD_PRELOAD library that fails pwrite/fsync/pread with EIO on demand.
+# LD_PRELOAD libraries: eio_shim fails pwrite/fsync/pread with EIO on demand;
+# slow_unlisten_shim widens a shutdown race of libmicrohttpd (see the file).
 $(B)/tests/eio_shim.so: tests/faults/eio_shim.c
+$(B)/tests/slow_unlisten_shim.so: tests/crash/slow_unlisten_shim.c
+$(SHIMS):
 	@mkdir -p $(dir $@)
 	$(CC) -D_GNU_SOURCE -std=c11 -Wall -Wextra -Werror -O2 -g -fPIC -shared -o $@ $< -ldl
 
@@ -157,7 +161,7 @@ $(B)/tests/fuzz_replay: $(B)/tests/fuzz/replay.o $(B)/tests/fuzz/fuzz_decode.o $
 	$(CC) $(LDFLAGS) -o $@ $^ $(PKG_LIBS) $(LDLIBS)
 
 # Every part runs even when one fails, so one bug does not hide the others.
-faults: all $(B)/tests/eio_shim.so $(B)/tests/fuzz_replay
+faults: all $(SHIMS) $(B)/tests/fuzz_replay
 	@rc=0; \
 	$(B)/tests/fuzz_replay tests/fuzz/corpus/decode tests/fuzz/regress || rc=1; \
 	$(BREAK_ENV) python3 tests/faults/faults_test.py || rc=1; \
@@ -165,6 +169,7 @@ faults: all $(B)/tests/eio_shim.so $(B)/tests/fuzz_replay
 	$(BREAK_ENV) python3 tests/faults/hostile_test.py || rc=1; \
 	$(BREAK_ENV) python3 tests/faults/memory_test.py --steps 10000 --cycles 1000 || rc=1; \
 	$(BREAK_ENV) python3 tests/crash/sigterm_test.py --rounds 2 || rc=1; \
+	$(BREAK_ENV) python3 tests/crash/shutdown_race_test.py --rounds 3 || rc=1; \
 	$(BREAK_ENV) python3 tests/crash/crash_test.py --rounds 5 || rc=1; \
 	exit $$rc
 

@@ -1849,6 +1849,21 @@ static size_t unescape(void *cls, struct MHD_Connection *c, char *s)
 
 /* ---- Lifecycle -------------------------------------------------------- */
 
+/* MHD's accept policy: once stopping, a new connection is closed as soon as
+ * it is accepted. This replaces MHD_quiesce_daemon, which on an epoll daemon
+ * with its own threads races them for the listening socket's removal and
+ * aborts the process when it loses (an open defect of libmicrohttpd 0.9.75,
+ * reproduced by tests/crash/shutdown_race_test.py). The socket stays open
+ * until MHD_stop_daemon closes it; clients see their connection closed, as
+ * they would see it refused. */
+static enum MHD_Result accept_policy(void *cls, const struct sockaddr *addr, socklen_t addrlen)
+{
+    http_server *srv = cls;
+    (void)addr;
+    (void)addrlen;
+    return atomic_load(&srv->stopping) ? MHD_NO : MHD_YES;
+}
+
 static int listen_on(const char *host, uint16_t port, int *family, char *err, size_t errlen)
 {
     struct addrinfo hints = {0}, *res = NULL;
@@ -1965,7 +1980,8 @@ optd_err http_start(const http_config *cfg, store *st, http_server **out, char *
         {cfg->threads > 1 ? MHD_OPTION_THREAD_POOL_SIZE : MHD_OPTION_END, cfg->threads, NULL},
         {MHD_OPTION_END, 0, NULL},
     };
-    srv->mhd = MHD_start_daemon(flags, 0, NULL, NULL, on_request, srv, MHD_OPTION_ARRAY, opts, MHD_OPTION_END);
+    srv->mhd =
+        MHD_start_daemon(flags, 0, accept_policy, srv, on_request, srv, MHD_OPTION_ARRAY, opts, MHD_OPTION_END);
     if (!srv->mhd) {
         snprintf(err, errlen, "cannot start the HTTP server on %s:%u", cfg->listen_host, cfg->listen_port);
         goto done;
@@ -2018,10 +2034,9 @@ void http_stop(http_server *srv)
 {
     if (!srv)
         return;
+    /* From here accept_policy closes new connections at once and the
+     * requests of kept-alive ones are answered 503 with Connection: close. */
     atomic_store(&srv->stopping, 1);
-    MHD_socket fd = MHD_quiesce_daemon(srv->mhd);
-    if (fd != MHD_INVALID_SOCKET)
-        close(fd);
     /* Backups in progress give up (their requests get 503) and listings
      * finish: every operation has resumed its connection after this. */
     ops_stop(srv->ops);
