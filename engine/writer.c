@@ -849,7 +849,7 @@ static optd_err run_expired(engine *w, uint64_t now)
         next = r->next;
         if (r->deadline_us > now)
             continue;
-        if (r->count >= engine_training_min_workers(&r->s->tr)) {
+        if (r->count >= r->s->tr.min_workers) {
             rc = begin_part(w);
             if (!rc)
                 rc = end_part(w, round_apply(w, r->s)); /* its waiters have their outcome */

@@ -413,11 +413,11 @@ static void training_hparams_to_json(sbuf *b, const training *tr)
 
 void training_fields_to_json(sbuf *b, const training *tr)
 {
-    sbuf_printf(b, ",\"workers\":%u,\"min_workers\":%u,\"round_timeout\":", tr->workers,
-                engine_training_min_workers(tr));
+    sbuf_printf(b, ",\"workers\":%u,\"min_workers\":%u,\"round_timeout\":", tr->workers, tr->min_workers);
     sbuf_num(b, tr->round_timeout, 0);
-    /* min_workers follows workers until set: say so, so it survives a reload. */
-    if (!tr->min_workers)
+    /* min_workers follows workers until set: say so, so a reload or a
+     * checkpoint restored keeps following. */
+    if (tr->min_workers_follows)
         sbuf_puts(b, ",\"min_workers_auto\":true");
 }
 

@@ -30,7 +30,8 @@ static optd_err enc(void *ctx, const optim_info *info, const optim_hparams *hp, 
     (void)ctx;
     (void)info;
     char buf[160];
-    snprintf(buf, sizeof buf, "%a %u %u %a", hp->lr, tr->workers, tr->min_workers, tr->round_timeout);
+    snprintf(buf, sizeof buf, "%a %u %u %d %a", hp->lr, tr->workers, tr->min_workers, tr->min_workers_follows,
+             tr->round_timeout);
     *out = strdup(buf);
     return *out ? OPTD_OK : OPTD_E_NOMEM;
 }
@@ -39,9 +40,10 @@ static optd_err dec(void *ctx, const optim_info *info, const char *text, optim_h
 {
     (void)ctx;
     (void)info;
-    return sscanf(text, "%la %u %u %la", &hp->lr, &tr->workers, &tr->min_workers, &tr->round_timeout) == 4
-               ? OPTD_OK
-               : OPTD_E_INTERNAL;
+    int follows = 0;
+    int got = sscanf(text, "%la %u %u %d %la", &hp->lr, &tr->workers, &tr->min_workers, &follows, &tr->round_timeout);
+    tr->min_workers_follows = follows != 0;
+    return got == 5 ? OPTD_OK : OPTD_E_INTERNAL;
 }
 
 static const engine_codec codec = {enc, dec, NULL};
@@ -300,7 +302,8 @@ static void create_round(fixture *f, const char *name, size_t n, uint32_t worker
     training tr;
     engine_training_defaults(&tr);
     tr.workers = workers;
-    tr.min_workers = min_workers;
+    tr.min_workers = min_workers ? min_workers : workers;
+    tr.min_workers_follows = min_workers == 0;
     if (round_timeout > 0)
         tr.round_timeout = round_timeout;
     create_one(f, name, n, &tr);
@@ -573,9 +576,50 @@ static void test_eviction_under_a_byte_budget_keeps_every_step(void **state)
     assert_true(atomic_load(&f->stats.cached_bytes) <= 2 * one);
 }
 
+/* min_workers follows workers until it is set, then keeps its value; a
+ * stored config's marker makes it follow again. No sentinel value. */
+static void test_min_workers_follows_workers_until_set(void **state)
+{
+    (void)state;
+    const optim_info *info = optim_find("sgd");
+    optim_hparams hp;
+    training tr;
+    char msg[256];
+    optim_defaults(info, &hp);
+    engine_training_defaults(&tr);
+    assert_int_equal(tr.min_workers, 1);
+    engine_settings d = {0};
+    d.set = ENGINE_SET_WORKERS;
+    d.workers = 4;
+    assert_int_equal(engine_settings_apply(info, &d, &hp, &tr, msg, sizeof msg), OPTD_OK);
+    assert_int_equal(tr.min_workers, 4);
+    assert_true(tr.min_workers_follows);
+    d.set = ENGINE_SET_MIN_WORKERS;
+    d.min_workers = 2;
+    assert_int_equal(engine_settings_apply(info, &d, &hp, &tr, msg, sizeof msg), OPTD_OK);
+    d.set = ENGINE_SET_WORKERS;
+    d.workers = 8;
+    assert_int_equal(engine_settings_apply(info, &d, &hp, &tr, msg, sizeof msg), OPTD_OK);
+    assert_int_equal(tr.workers, 8);
+    assert_int_equal(tr.min_workers, 2);
+    assert_false(tr.min_workers_follows);
+    d.set = ENGINE_SET_WORKERS | ENGINE_SET_MIN_WORKERS | ENGINE_SET_MIN_AUTO;
+    d.workers = d.min_workers = 3;
+    assert_int_equal(engine_settings_apply(info, &d, &hp, &tr, msg, sizeof msg), OPTD_OK);
+    d.set = ENGINE_SET_WORKERS;
+    d.workers = 5;
+    assert_int_equal(engine_settings_apply(info, &d, &hp, &tr, msg, sizeof msg), OPTD_OK);
+    assert_int_equal(tr.min_workers, 5);
+    d.set = ENGINE_SET_MIN_WORKERS;
+    d.min_workers = 6;
+    assert_int_equal(engine_settings_apply(info, &d, &hp, &tr, msg, sizeof msg), OPTD_E_INVALID);
+    assert_int_equal(tr.min_workers, 5);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_min_workers_follows_workers_until_set),
         cmocka_unit_test_setup_teardown(test_many_sessions_commit_in_one_group, setup, teardown),
         cmocka_unit_test_setup_teardown(test_round_applies_when_it_fills, setup, teardown),
         cmocka_unit_test_setup_teardown(test_round_times_out_with_min_workers, setup, teardown),
