@@ -95,15 +95,19 @@ typedef struct req {
         engine_delete_req del;
     } job;
     char from[STORE_NAME_MAX + 1]; /* a create body's "from": a fork */
-    int job_state;                 /* 0 none, 1 queued, 2 done */
-    cJSON *json;                   /* the parsed body, when the job borrows from it */
-    jbody *jb;                     /* a body decoded as it arrives (create, PUT .../state), or NULL */
-    st_reader *st;                 /* a binary checkpoint read as it arrives, or NULL */
-    void *grad;                    /* decoded gradient, when not the body itself */
+    /* The request thread's view of a write or operation handed off (the
+     * engine's state_ is its own queue position, never read here): set to
+     * WAITING before the connection is suspended, to DONE by the callback
+     * just before it resumes the connection. */
+    enum { HANDOFF_NONE, HANDOFF_WAITING, HANDOFF_DONE } handoff;
+    cJSON *json;   /* the parsed body, when the job borrows from it */
+    jbody *jb;     /* a body decoded as it arrives (create, PUT .../state), or NULL */
+    st_reader *st; /* a binary checkpoint read as it arrives, or NULL */
+    void *grad;    /* decoded gradient, when not the body itself */
     char idem[256];
     int minimal, want_binary;
     int close; /* answer with Connection: close (the framing is not to be trusted) */
-    /* An operation handed to ops.c (job_state as for a job). */
+    /* An operation handed to ops.c (handoff as for a job). */
     op op;
     int is_op;
     char rid[REQUEST_ID_MAX + 1]; /* X-Request-Id: the client's, else ours */
@@ -158,7 +162,8 @@ static enum MHD_Result queue(req *r, int status, struct MHD_Response *resp, cons
         snprintf(loc, sizeof loc, "/v1/sessions/%s", r->name);
         MHD_add_response_header(resp, MHD_HTTP_HEADER_LOCATION, loc);
     }
-    if (r->job_state == 2 && r->job.base.type == ENGINE_REQ_STEP && r->job.step.replayed && r->job.base.rc == OPTD_OK)
+    if (r->handoff == HANDOFF_DONE && r->job.base.type == ENGINE_REQ_STEP && r->job.step.replayed &&
+        r->job.base.rc == OPTD_OK)
         MHD_add_response_header(resp, "Idempotent-Replayed", "true");
     if (atomic_load(&r->srv->stopping) || r->close)
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
@@ -340,7 +345,7 @@ static void job_done(engine_req *j, void *ctx)
     req *r = ctx;
     (void)j;
     conn_park(r, 0);
-    r->job_state = 2;
+    r->handoff = HANDOFF_DONE;
     MHD_resume_connection(r->conn);
 }
 
@@ -354,12 +359,12 @@ static enum MHD_Result submit(req *r)
         r->job.step.client_gone = client_gone;
     }
     snprintf(j->name, sizeof j->name, "%s", r->name);
-    r->job_state = 1;
+    r->handoff = HANDOFF_WAITING;
     MHD_suspend_connection(r->conn);
     if (engine_submit(r->srv->w, j) != OPTD_OK) {
         j->rc = OPTD_E_UNAVAILABLE;
         snprintf(j->msg, sizeof j->msg, "the server is shutting down; retry");
-        r->job_state = 2;
+        r->handoff = HANDOFF_DONE;
         MHD_resume_connection(r->conn);
     }
     return MHD_YES;
@@ -1114,7 +1119,7 @@ static void op_done(op *o, void *ctx)
 {
     req *r = ctx;
     (void)o;
-    r->job_state = 2;
+    r->handoff = HANDOFF_DONE;
     MHD_resume_connection(r->conn);
 }
 
@@ -1123,13 +1128,13 @@ static enum MHD_Result submit_op(req *r)
     r->is_op = 1;
     r->op.on_done = op_done;
     r->op.done_ctx = r;
-    r->job_state = 1;
+    r->handoff = HANDOFF_WAITING;
     MHD_suspend_connection(r->conn);
     optd_err rc = ops_submit(r->srv->ops, &r->op);
     if (rc != OPTD_OK) {
         r->op.rc = rc;
         snprintf(r->op.msg, sizeof r->op.msg, "the server is shutting down or out of threads; retry");
-        r->job_state = 2;
+        r->handoff = HANDOFF_DONE;
         MHD_resume_connection(r->conn);
     }
     return MHD_YES;
@@ -1779,9 +1784,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         r->body[r->len] = '\0';
         return MHD_YES;
     }
-    if (r->job_state == 2)
+    if (r->handoff == HANDOFF_DONE)
         return r->is_op ? finish_op(r) : finish_job(r);
-    if (r->job_state == 1)
+    if (r->handoff == HANDOFF_WAITING)
         return MHD_YES;
     if (r->too_large) {
         char msg[96];
@@ -1980,8 +1985,7 @@ optd_err http_start(const http_config *cfg, store *st, http_server **out, char *
         {cfg->threads > 1 ? MHD_OPTION_THREAD_POOL_SIZE : MHD_OPTION_END, cfg->threads, NULL},
         {MHD_OPTION_END, 0, NULL},
     };
-    srv->mhd =
-        MHD_start_daemon(flags, 0, accept_policy, srv, on_request, srv, MHD_OPTION_ARRAY, opts, MHD_OPTION_END);
+    srv->mhd = MHD_start_daemon(flags, 0, accept_policy, srv, on_request, srv, MHD_OPTION_ARRAY, opts, MHD_OPTION_END);
     if (!srv->mhd) {
         snprintf(err, errlen, "cannot start the HTTP server on %s:%u", cfg->listen_host, cfg->listen_port);
         goto done;
