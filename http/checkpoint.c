@@ -138,13 +138,57 @@ static optd_err state_check(const sess *s, char *msg, size_t msglen)
     return OPTD_OK;
 }
 
+/* The types and ranges of a checkpoint's step, size and state members,
+ * and whether size agrees with the n params. */
+static optd_err ckpt_check_members(const cJSON *step, const cJSON *size, const cJSON *state, size_t n, char *msg,
+                                   size_t msglen)
+{
+    if (step && (!cJSON_IsNumber(step) || step->valuedouble < 0 || step->valuedouble > 9007199254740992.0 ||
+                 step->valuedouble != floor(step->valuedouble)))
+        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "step must be a non-negative integer");
+    if (size && !cJSON_IsNumber(size))
+        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "size must be an integer");
+    if (state && !cJSON_IsObject(state))
+        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "state must be an object");
+    if (n < 1 || n > ENGINE_MAX_ELEMENTS)
+        return optd_fail(msg, msglen, OPTD_E_INVALID, "params must have 1 to %zu elements", ENGINE_MAX_ELEMENTS);
+    if (size && size->valuedouble != (double)n)
+        return optd_fail(msg, msglen, OPTD_E_SIZE_MISMATCH, "size is %g but params has %zu elements", size->valuedouble,
+                         n);
+    return OPTD_OK;
+}
+
+/* Reads the scalar state of state into s and checks that every other name
+ * under it is a buffer s uses, holding an array (read later, as it
+ * arrives). */
+static optd_err ckpt_state_names(sess *s, const cJSON *state, char *msg, size_t msglen)
+{
+    const optim_info *info = s->info;
+    for (const cJSON *e = state ? state->child : NULL; e; e = e->next) {
+        if (info->scalar && strcmp(e->string, info->scalar) == 0) {
+            if (!cJSON_IsNumber(e) || !isfinite(e->valuedouble))
+                return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "state.%s must be a number", info->scalar);
+            s->st.scalar = e->valuedouble;
+            continue;
+        }
+        if (strcmp(e->string, "params") == 0)
+            return optd_fail(msg, msglen, OPTD_E_UNKNOWN_FIELD,
+                             "\"params\" is not a state buffer: the params go at the top of the checkpoint");
+        void *dst;
+        optd_err rc = ckpt_target(s, e->string, &dst, msg, msglen);
+        if (rc)
+            return rc;
+        if (!cJSON_IsArray(e))
+            return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "state.%s must be an array of numbers", e->string);
+    }
+    return OPTD_OK;
+}
+
 optd_err ckpt_begin(const char *name, const cJSON *obj, size_t n, size_t max_bytes, void **take, sess **out, char *msg,
                     size_t msglen)
 {
-    optd_err rc;
     sess *s = NULL;
     const cJSON *step = cJSON_GetObjectItemCaseSensitive(obj, "step");
-    const cJSON *size = cJSON_GetObjectItemCaseSensitive(obj, "size");
     const cJSON *state = cJSON_GetObjectItemCaseSensitive(obj, "state");
     const optim_info *info;
     optim_dtype dtype;
@@ -155,73 +199,24 @@ optd_err ckpt_begin(const char *name, const cJSON *obj, size_t n, size_t max_byt
     static const char *const fields[] = {"name",    "optimizer",   "dtype",         "size",
                                          "step",    "hyperparams", "params",        "state",
                                          "workers", "min_workers", "round_timeout", "min_workers_auto"};
-    rc = body_fields_known(obj, "a checkpoint", fields, sizeof fields / sizeof *fields, HINT_INSIDE, msg, msglen);
-    if (rc)
-        goto done;
-    rc = sess_config_from_json(obj, &info, &dtype, &hp, &tr, msg, msglen);
-    if (rc)
-        goto done;
-    rc = OPTD_E_BAD_REQUEST;
-    if (step && (!cJSON_IsNumber(step) || step->valuedouble < 0 || step->valuedouble > 9007199254740992.0 ||
-                 step->valuedouble != floor(step->valuedouble))) {
-        snprintf(msg, msglen, "step must be a non-negative integer");
-        goto done;
+    optd_err rc =
+        body_fields_known(obj, "a checkpoint", fields, sizeof fields / sizeof *fields, HINT_INSIDE, msg, msglen);
+    if (!rc)
+        rc = sess_config_from_json(obj, &info, &dtype, &hp, &tr, msg, msglen);
+    if (!rc)
+        rc = ckpt_check_members(step, cJSON_GetObjectItemCaseSensitive(obj, "size"), state, n, msg, msglen);
+    if (!rc)
+        rc = engine_sess_check_size(info, &hp, dtype, n, max_bytes, msg, msglen);
+    if (!rc) {
+        rc = take ? engine_sess_adopt(&http_config_codec, name, info, &hp, &tr, dtype, n, take, &s)
+                  : engine_sess_new(&http_config_codec, name, info, &hp, &tr, dtype, n, NULL, 0, &s);
+        if (rc == OPTD_E_BAD_HYPERPARAM)
+            engine_accumulator_msg(msg, msglen, dtype);
     }
-    if (size && !cJSON_IsNumber(size)) {
-        snprintf(msg, msglen, "size must be an integer");
-        goto done;
+    if (!rc) {
+        s->st.step = step ? (uint64_t)step->valuedouble : 0;
+        rc = ckpt_state_names(s, state, msg, msglen);
     }
-    if (state && !cJSON_IsObject(state)) {
-        snprintf(msg, msglen, "state must be an object");
-        goto done;
-    }
-    rc = OPTD_E_INVALID;
-    if (n < 1 || n > ENGINE_MAX_ELEMENTS) {
-        snprintf(msg, msglen, "params must have 1 to %zu elements", ENGINE_MAX_ELEMENTS);
-        goto done;
-    }
-    if (size && size->valuedouble != (double)n) {
-        snprintf(msg, msglen, "size is %g but params has %zu elements", size->valuedouble, n);
-        rc = OPTD_E_SIZE_MISMATCH;
-        goto done;
-    }
-    rc = engine_sess_check_size(info, &hp, dtype, n, max_bytes, msg, msglen);
-    if (rc)
-        goto done;
-    rc = take ? engine_sess_adopt(&http_config_codec, name, info, &hp, &tr, dtype, n, take, &s)
-              : engine_sess_new(&http_config_codec, name, info, &hp, &tr, dtype, n, NULL, 0, &s);
-    if (rc == OPTD_E_BAD_HYPERPARAM)
-        engine_accumulator_msg(msg, msglen, dtype);
-    if (rc)
-        goto done;
-    s->st.step = step ? (uint64_t)step->valuedouble : 0;
-    /* The scalar state, and every name under state a known buffer or scalar. */
-    for (const cJSON *e = state ? state->child : NULL; e; e = e->next) {
-        if (info->scalar && strcmp(e->string, info->scalar) == 0) {
-            if (!cJSON_IsNumber(e) || !isfinite(e->valuedouble)) {
-                snprintf(msg, msglen, "state.%s must be a number", info->scalar);
-                rc = OPTD_E_BAD_REQUEST;
-                goto done;
-            }
-            s->st.scalar = e->valuedouble;
-            continue;
-        }
-        void *dst;
-        if (strcmp(e->string, "params") == 0) {
-            snprintf(msg, msglen, "\"params\" is not a state buffer: the params go at the top of the checkpoint");
-            rc = OPTD_E_UNKNOWN_FIELD;
-            goto done;
-        }
-        if ((rc = ckpt_target(s, e->string, &dst, msg, msglen)) != OPTD_OK)
-            goto done;
-        if (!cJSON_IsArray(e)) {
-            snprintf(msg, msglen, "state.%s must be an array of numbers", e->string);
-            rc = OPTD_E_BAD_REQUEST;
-            goto done;
-        }
-    }
-    rc = OPTD_OK;
-done:
     if (rc) {
         engine_sess_free(s);
         s = NULL;
