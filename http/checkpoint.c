@@ -71,6 +71,21 @@ void sess_state_to_json(sbuf *b, const sess *s)
     sbuf_puts(b, "}}");
 }
 
+optd_err sess_make(const char *name, const optim_info *info, const optim_hparams *hp, const training *tr,
+                   optim_dtype dtype, size_t n, void **take, double fill, size_t max_bytes, sess **out, char *msg,
+                   size_t msglen)
+{
+    /* Before anything is allocated: a 60-byte body may ask for gigabytes. */
+    optd_err rc = engine_sess_check_size(info, hp, dtype, n, max_bytes, msg, msglen);
+    if (rc)
+        return rc;
+    rc = take ? engine_sess_adopt(&http_config_codec, name, info, hp, tr, dtype, n, take, out)
+              : engine_sess_new(&http_config_codec, name, info, hp, tr, dtype, n, NULL, fill, out);
+    if (rc == OPTD_E_BAD_HYPERPARAM)
+        engine_accumulator_msg(msg, msglen, dtype);
+    return rc;
+}
+
 optd_err sess_config_from_json(const cJSON *o, const optim_info **info, optim_dtype *dtype, optim_hparams *hp,
                                training *tr, char *msg, size_t msglen)
 {
@@ -206,13 +221,7 @@ optd_err ckpt_begin(const char *name, const cJSON *obj, size_t n, size_t max_byt
     if (!rc)
         rc = ckpt_check_members(step, cJSON_GetObjectItemCaseSensitive(obj, "size"), state, n, msg, msglen);
     if (!rc)
-        rc = engine_sess_check_size(info, &hp, dtype, n, max_bytes, msg, msglen);
-    if (!rc) {
-        rc = take ? engine_sess_adopt(&http_config_codec, name, info, &hp, &tr, dtype, n, take, &s)
-                  : engine_sess_new(&http_config_codec, name, info, &hp, &tr, dtype, n, NULL, 0, &s);
-        if (rc == OPTD_E_BAD_HYPERPARAM)
-            engine_accumulator_msg(msg, msglen, dtype);
-    }
+        rc = sess_make(name, info, &hp, &tr, dtype, n, take, 0, max_bytes, &s, msg, msglen);
     if (!rc) {
         s->st.step = step ? (uint64_t)step->valuedouble : 0;
         rc = ckpt_state_names(s, state, msg, msglen);

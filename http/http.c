@@ -828,12 +828,8 @@ static optd_err session_from_params(req *r, const cJSON *params, const cJSON *fi
         return optd_fail(msg, msglen, OPTD_E_INVALID, "fill goes with size, not params");
     if (v->dtype != dtype)
         return OPTD_E_INTERNAL;
-    optd_err rc = engine_sess_check_size(info, hp, dtype, n, r->srv->cfg.max_session_bytes, msg, msglen);
-    if (rc)
-        return rc;
-    rc = engine_sess_adopt(&http_config_codec, r->name, info, hp, tr, dtype, n, &v->data, out);
-    if (rc == OPTD_E_BAD_HYPERPARAM)
-        engine_accumulator_msg(msg, msglen, dtype);
+    optd_err rc =
+        sess_make(r->name, info, hp, tr, dtype, n, &v->data, 0, r->srv->cfg.max_session_bytes, out, msg, msglen);
     jvec_release(v);
     return rc;
 }
@@ -857,14 +853,7 @@ static optd_err session_from_size(req *r, const cJSON *size, const cJSON *fill, 
         if (!isfinite(dtype == OPTIM_F32 ? (float)f : f))
             return optd_fail(msg, msglen, OPTD_E_NON_FINITE, "fill is not a finite %s", engine_dtype_name(dtype));
     }
-    /* Before anything is allocated: a 60-byte body may ask for gigabytes. */
-    optd_err rc = engine_sess_check_size(info, hp, dtype, (size_t)n, r->srv->cfg.max_session_bytes, msg, msglen);
-    if (rc)
-        return rc;
-    rc = engine_sess_new(&http_config_codec, r->name, info, hp, tr, dtype, (size_t)n, NULL, f, out);
-    if (rc == OPTD_E_BAD_HYPERPARAM)
-        engine_accumulator_msg(msg, msglen, dtype);
-    return rc;
+    return sess_make(r->name, info, hp, tr, dtype, (size_t)n, NULL, f, r->srv->cfg.max_session_bytes, out, msg, msglen);
 }
 
 /* A create body: a new session into *out, or (with "from") a fork, whose
