@@ -651,7 +651,8 @@ static void test_min_workers_follows_workers_until_set(void **state)
     assert_int_equal(tr.min_workers, 5);
 }
 
-/* Every allocation on the paths of create, step, patch, fork and delete
+/* Every allocation on the paths of create, step (with an idempotent retry),
+ * a worker round, patch, fork and delete
  * fails once (one run per allocation, as above). Each request then either
  * succeeds or fails with OPTD_E_NOMEM and changes nothing; afterwards the
  * committed sessions are exactly what the successful requests made, the
@@ -666,6 +667,7 @@ static void test_every_allocation_failure_is_clean(void **state)
         assert_int_equal(setup(&fs), 0);
         fixture *f = fs;
         create_one(f, "a", 4, NULL);
+        create_round(f, "r", 4, 2, 0, 0.5);
         inj_arm(at);
 
         /* create b */
@@ -696,17 +698,43 @@ static void test_every_allocation_failure_is_clean(void **state)
                 store_session_clear(&c.req.row);
             }
         }
-        /* two steps of a */
-        for (int k = 0; k < 2; k++) {
+        /* Three steps of a, the third a retry of the first's key: replayed
+         * when the first succeeded, else applied now. */
+        static const char *const keys[3] = {"k0", "k1", "k0"};
+        int first_ok = 0;
+        for (int k = 0; k < 3; k++) {
             step st;
-            step_submit(f, &st, "a", 4, 1.0f, NULL);
+            step_submit(f, &st, "a", 4, 1.0f, keys[k]);
             wait_flag(&st.done);
             assert_true(st.req.rc == OPTD_OK || st.req.rc == OPTD_E_NOMEM);
-            if (st.req.rc == OPTD_OK) {
+            if (k == 0)
+                first_ok = st.req.rc == OPTD_OK;
+            if (st.req.rc == OPTD_OK && k == 2 && first_ok) {
+                assert_true(st.req.replayed);
+                assert_int_equal(st.req.step, 1);
+            } else if (st.req.rc == OPTD_OK) {
+                assert_false(st.req.replayed);
                 steps++;
                 assert_int_equal(st.req.step, (uint64_t)steps);
             }
             step_clear(&st);
+        }
+        /* A round of two contributions to r: applied once with both, or
+         * failed (out of memory, or timed out waiting for the other). */
+        int round_ok = 0;
+        {
+            step r1, r2;
+            step_submit(f, &r1, "r", 4, 1.0f, NULL);
+            step_submit(f, &r2, "r", 4, 1.0f, NULL);
+            wait_flag(&r1.done);
+            wait_flag(&r2.done);
+            optd_err rcs[2] = {r1.req.rc, r2.req.rc};
+            for (int k = 0; k < 2; k++)
+                assert_true(rcs[k] == OPTD_OK || rcs[k] == OPTD_E_NOMEM || rcs[k] == OPTD_E_ROUND_TIMEOUT);
+            round_ok = rcs[0] == OPTD_OK;
+            assert_int_equal(rcs[0] == OPTD_OK, rcs[1] == OPTD_OK);
+            step_clear(&r1);
+            step_clear(&r2);
         }
         /* fork a into c with lr 0.25, then patch a's lr */
         const optim_info *sgd = optim_find("sgd");
@@ -764,6 +792,7 @@ static void test_every_allocation_failure_is_clean(void **state)
 
         /* What is committed is what succeeded, and the cache agrees. */
         assert_committed(f, "a", (uint64_t)steps, 1.0f - 0.5f * (float)steps);
+        assert_committed(f, "r", round_ok ? 1 : 0, round_ok ? 0.5f : 1.0f);
         sess *s = NULL;
         assert_int_equal(engine_sess_read(f->st, &codec, "b", &s), b_made ? OPTD_OK : OPTD_E_NOT_FOUND);
         engine_sess_free(s);
