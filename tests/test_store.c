@@ -101,6 +101,17 @@ static void insert(fixture *f, const char *name)
     assert_int_equal(store_session_insert(f->st, &s, "abc", 3), OPTD_OK);
 }
 
+/* Opens f's file (creating or upgrading it as store_open does), stores one
+ * session "a" and closes it again: what the schema tests then read with
+ * their own SQLite connection. */
+static void store_one_session(fixture *f)
+{
+    open_store(f, NULL);
+    insert(f, "a");
+    store_close(f->st);
+    f->st = NULL;
+}
+
 /* Reads a whole file; *len gets its size. */
 static unsigned char *slurp(const char *path, size_t *len)
 {
@@ -222,10 +233,7 @@ static void test_open_of_an_empty_file_creates_the_database(void **state)
     fixture *f = *state;
 
     spit(f->path, "", 0);
-    open_store(f, NULL);
-    insert(f, "a");
-    store_close(f->st);
-    f->st = NULL;
+    store_one_session(f);
     assert_int_equal(pragma_on(f->path, "PRAGMA application_id"), 0x6F707464);
     assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM sessions"), 1);
 }
@@ -771,10 +779,7 @@ static void test_a_database_from_a_newer_optd_is_refused(void **state)
 {
     fixture *f = *state;
 
-    open_store(f, NULL);
-    insert(f, "a");
-    store_close(f->st);
-    f->st = NULL;
+    store_one_session(f);
     sql_on(f->path, "PRAGMA user_version = 3;");
     assert_refused_unchanged(f, "made by a newer optd");
 }
@@ -849,10 +854,7 @@ static void test_an_older_schema_is_upgraded(void **state)
 
     /* Ours at version 0: the id is set but no migration has run. */
     sql_on(f->path, "PRAGMA application_id = 1869640804;");
-    open_store(f, NULL);
-    insert(f, "a");
-    store_close(f->st);
-    f->st = NULL;
+    store_one_session(f);
     assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 2);
     assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM sessions"), 1);
 }
