@@ -402,49 +402,39 @@ static void test_list_pages_through_names_in_byte_order(void **state)
 {
     fixture *f = *state;
     static const char *names[] = {"a", "B", "b", "a.1", "a-2"};
+    /* Byte order: 'B' (0x42) < 'a' (0x61); '-' (0x2d) < '.' (0x2e). The
+     * last page is exactly all of them: no more. */
+    static const struct {
+        const char *after;
+        int limit;
+        size_t n;
+        int more;
+        const char *names[5];
+    } pages[] = {
+        {NULL, 2, 2, 1, {"B", "a"}},
+        {"a", 2, 2, 1, {"a-2", "a.1"}},
+        {"a.1", 2, 1, 0, {"b"}},
+        {NULL, 5, 5, 0, {"B", "a", "a-2", "a.1", "b"}},
+    };
     store_session *rows = NULL;
-    size_t n = 99, i;
+    size_t n = 99, i, p;
     int more = -1;
 
     open_store(f, NULL);
     for (i = 0; i < 5; i++)
         insert(f, names[i]);
 
-    /* Byte order: 'B' (0x42) < 'a' (0x61); '-' (0x2d) < '.' (0x2e). */
-    assert_int_equal(store_read_list(f->st, NULL, 2, &rows, &n, &more), OPTD_OK);
-    assert_int_equal(n, 2);
-    assert_int_equal(more, 1);
-    assert_string_equal(rows[0].name, "B");
-    assert_string_equal(rows[1].name, "a");
-    assert_string_equal(rows[1].config, "{\"lr\":0.001}");
-    for (i = 0; i < n; i++)
-        store_session_clear(&rows[i]);
-    free(rows);
-
-    assert_int_equal(store_read_list(f->st, "a", 2, &rows, &n, &more), OPTD_OK);
-    assert_int_equal(n, 2);
-    assert_int_equal(more, 1);
-    assert_string_equal(rows[0].name, "a-2");
-    assert_string_equal(rows[1].name, "a.1");
-    for (i = 0; i < n; i++)
-        store_session_clear(&rows[i]);
-    free(rows);
-
-    assert_int_equal(store_read_list(f->st, "a.1", 2, &rows, &n, &more), OPTD_OK);
-    assert_int_equal(n, 1);
-    assert_int_equal(more, 0);
-    assert_string_equal(rows[0].name, "b");
-    store_session_clear(&rows[0]);
-    free(rows);
-
-    /* Exactly all of them: no more. */
-    assert_int_equal(store_read_list(f->st, NULL, 5, &rows, &n, &more), OPTD_OK);
-    assert_int_equal(n, 5);
-    assert_int_equal(more, 0);
-    assert_string_equal(rows[4].name, "b");
-    for (i = 0; i < n; i++)
-        store_session_clear(&rows[i]);
-    free(rows);
+    for (p = 0; p < sizeof pages / sizeof pages[0]; p++) {
+        assert_int_equal(store_read_list(f->st, pages[p].after, pages[p].limit, &rows, &n, &more), OPTD_OK);
+        assert_int_equal(n, pages[p].n);
+        assert_int_equal(more, pages[p].more);
+        for (i = 0; i < n; i++) {
+            assert_string_equal(rows[i].name, pages[p].names[i]);
+            assert_string_equal(rows[i].config, "{\"lr\":0.001}");
+            store_session_clear(&rows[i]);
+        }
+        free(rows);
+    }
 
     /* limit 0 only answers whether there is anything. */
     assert_int_equal(store_read_list(f->st, NULL, 0, &rows, &n, &more), OPTD_OK);
