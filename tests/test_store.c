@@ -101,6 +101,35 @@ static void insert(fixture *f, const char *name)
     assert_int_equal(store_session_insert(f->st, &s, "abc", 3), OPTD_OK);
 }
 
+/* store_session_load or store_read_session. */
+typedef optd_err (*load_fn)(store *st, const char *name, store_session *out, void **state, size_t *len);
+
+/* Loads want's row by name through load and checks every field against
+ * want and the state against the len bytes at state. */
+static void assert_stored(fixture *f, load_fn load, const store_session *want, const void *state, size_t len)
+{
+    store_session got;
+    void *st_out = NULL;
+    size_t got_len = 0;
+
+    memset(&got, 0, sizeof got);
+    assert_int_equal(load(f->st, want->name, &got, &st_out, &got_len), OPTD_OK);
+    assert_int_equal(got.id, want->id);
+    assert_string_equal(got.name, want->name);
+    assert_string_equal(got.optimizer, want->optimizer);
+    assert_int_equal(got.dtype, want->dtype);
+    assert_int_equal(got.size, want->size);
+    assert_int_equal(got.step, want->step);
+    assert_string_equal(got.config, want->config);
+    assert_int_equal(got.created_ms, want->created_ms);
+    assert_int_equal(got.updated_ms, want->updated_ms);
+    assert_int_equal(got_len, len);
+    assert_memory_equal(st_out, state, len);
+    free(st_out);
+    store_session_clear(&got);
+    assert_null(got.config);
+}
+
 /* Opens f's file (creating or upgrading it as store_open does), stores one
  * session "a" and closes it again: what the schema tests then read with
  * their own SQLite connection. */
@@ -244,8 +273,7 @@ static void test_session_round_trip_keeps_every_field_and_a_1mb_state(void **sta
     const size_t big = 1 << 20;
     unsigned char *blob = malloc(big), *blob2 = malloc(big);
     store_session s = make_session("alpha", 7), got;
-    void *st_out = NULL;
-    size_t len = 0, i;
+    size_t i;
 
     assert_non_null(blob);
     assert_non_null(blob2);
@@ -257,47 +285,21 @@ static void test_session_round_trip_keeps_every_field_and_a_1mb_state(void **sta
     s.size = UINT64_C(1) << 40;
     assert_int_equal(store_session_insert(f->st, &s, blob, big), OPTD_OK);
     assert_true(s.id > 0);
-
-    memset(&got, 0, sizeof got);
-    assert_int_equal(store_session_load(f->st, "alpha", &got, &st_out, &len), OPTD_OK);
-    assert_int_equal(got.id, s.id);
-    assert_string_equal(got.name, "alpha");
-    assert_string_equal(got.optimizer, "adam");
-    assert_int_equal(got.dtype, 1);
-    assert_int_equal(got.size, UINT64_C(1) << 40);
-    assert_int_equal(got.step, 7);
-    assert_string_equal(got.config, "{\"lr\":0.001}");
-    assert_int_equal(got.created_ms, 1700000000123);
-    assert_int_equal(got.updated_ms, 1700000000456);
-    assert_int_equal(len, big);
-    assert_memory_equal(st_out, blob, big);
-    free(st_out);
-    store_session_clear(&got);
-    assert_null(got.config);
+    /* s as make_session made it: "alpha", adam, float64, step 7, {"lr":0.001}. */
+    assert_stored(f, store_session_load, &s, blob, big);
 
     /* Update step, config, time and state; the rest stays. */
     s.step = 8;
     s.config = (char *)"{\"lr\":0.5}";
     s.updated_ms = 1700000009999;
     assert_int_equal(store_session_update(f->st, &s, blob2, big), OPTD_OK);
-    assert_int_equal(store_read_session(f->st, "alpha", &got, &st_out, &len), OPTD_OK);
-    assert_int_equal(got.step, 8);
-    assert_string_equal(got.config, "{\"lr\":0.5}");
-    assert_int_equal(got.updated_ms, 1700000009999);
-    assert_int_equal(got.created_ms, 1700000000123);
-    assert_int_equal(len, big);
-    assert_memory_equal(st_out, blob2, big);
-    free(st_out);
-    store_session_clear(&got);
+    assert_stored(f, store_read_session, &s, blob2, big);
 
     /* Update without state leaves the blob; a row without the blob. */
     s.step = 9;
     assert_int_equal(store_session_update(f->st, &s, NULL, 0), OPTD_OK);
-    assert_int_equal(store_session_load(f->st, "alpha", &got, &st_out, &len), OPTD_OK);
-    assert_int_equal(got.step, 9);
-    assert_memory_equal(st_out, blob2, big);
-    free(st_out);
-    store_session_clear(&got);
+    assert_stored(f, store_session_load, &s, blob2, big);
+    memset(&got, 0, sizeof got);
     assert_int_equal(store_read_session(f->st, "alpha", &got, NULL, NULL), OPTD_OK);
     assert_int_equal(got.step, 9);
     store_session_clear(&got);
