@@ -4,9 +4,12 @@ told (the Daemon of tests/lib/optdtest.py), raw HTTP to it, and the checks and
 report of these scripts. Standard library only, so the tests run wherever
 python3 does."""
 
+import contextlib
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -148,9 +151,12 @@ def params(d, name):
     return int(r.header("ETag").strip('"')), optdtest.unpack("float64", r.body)
 
 
-def run_listed(tests, argv):
+def run_listed(tests, argv=None):
     """Runs the (name, fn) pairs of tests whose name contains one of argv
-    (every one when argv is empty); the exit status for sys.exit."""
+    (default: the command line's arguments; every one when there are none);
+    the exit status for sys.exit."""
+    if argv is None:
+        argv = sys.argv[1:]
     if not os.path.exists(optd_bin()):
         print("no %s: run make" % optd_bin())
         return 1
@@ -160,6 +166,33 @@ def run_listed(tests, argv):
             continue
         rep.run(name, fn)
     return rep.finish()
+
+
+@contextlib.contextmanager
+def small_disk(size):
+    """A tmpfs of size (mount's spelling: "3m") mounted for the block; its
+    mount point. Skip where it cannot be mounted (not root)."""
+    mnt = tempfile.mkdtemp(prefix="optd-full-")
+    m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=" + size, "optd-fault", mnt],
+                       capture_output=True, text=True)
+    if m.returncode != 0:
+        os.rmdir(mnt)
+        raise Skip("cannot mount a tmpfs here: %s" % m.stderr.strip())
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", mnt])
+        os.rmdir(mnt)
+
+
+def fill_disk(path):
+    """Writes zeros to the new file path until its disk is full."""
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
 
 
 def wait_for(pred, timeout, step=0.05):
