@@ -168,6 +168,29 @@ def run_listed(tests, argv=None):
     return rep.finish()
 
 
+def read_reply(sock, quiet=(OSError,)):
+    """Reads one HTTP reply from sock: until its Content-Length is in, the
+    peer closes, or recv raises one of quiet. (status, or None when what
+    came is not a status line; the bytes read)."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except quiet:
+            break
+        if not chunk:
+            break
+        data += chunk
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if sep:
+            cl = [ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length:")]
+            if cl and len(body) >= int(cl[0].split(b":")[1]):
+                break
+    if not data.startswith(b"HTTP/1."):
+        return None, data
+    return int(data.split(b" ", 2)[1]), data
+
+
 @contextlib.contextmanager
 def small_disk(size):
     """A tmpfs of size (mount's spelling: "3m") mounted for the block; its
