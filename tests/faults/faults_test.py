@@ -28,7 +28,8 @@ import time
 sys.dont_write_bytecode = True  # no __pycache__ in the tree
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from harness import REPO, Daemon, Skip, check, fill_disk, params, run_listed, small_disk, step, wait_for  # noqa: E402
+from harness import (REPO, Daemon, Skip, check, fill_disk, params, run_listed, small_disk,  # noqa: E402
+                     sqlite_file, step, wait_for)
 
 P0 = [10.0, 20.0, 30.0, 40.0]
 BIG = 20000  # elements of the session whose steps must grow the WAL
@@ -422,17 +423,6 @@ def refused(path, want_words, label):
     finally:
         d.kill()
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def sqlite_file(path, *sql):
-    """Runs the statements sql on the SQLite file path (created when absent)
-    and commits; path."""
-    con = sqlite3.connect(path)
-    for stmt in sql:
-        con.execute(stmt)
-    con.commit()
-    con.close()
-    return path
 
 
 def make_optd_db(dirname, sessions=20):

@@ -16,7 +16,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "lib"))
 import optdtest  # noqa: E402
-from optdtest import f32, pack, unpack  # noqa: E402,F401 (the tests import them from here)
+from optdtest import f32, pack, sqlite_file, unpack  # noqa: E402,F401 (the tests import them from here)
 
 
 def optd_bin():

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -107,6 +108,19 @@ def unpack(dtype, data):
 def uniq(prefix="s", digits=12):
     """A session name no other test uses."""
     return "%s-%s" % (prefix, uuid.uuid4().hex[:digits])
+
+
+def sqlite_file(path, *sql):
+    """Runs the statements sql on the SQLite file path (created when absent)
+    and commits, as another application would make its file; path."""
+    con = sqlite3.connect(path)
+    try:
+        for stmt in sql:
+            con.execute(stmt)
+        con.commit()
+    finally:
+        con.close()
+    return path
 
 
 # -- HTTP -------------------------------------------------------------------
