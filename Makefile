@@ -10,8 +10,12 @@ CFLAGS  ?= -O2 -g
 PKGS    := libmicrohttpd libcjson sqlite3 libcurl
 # -fno-math-errno lets gcc vectorize sqrt without changing any result;
 # never -ffast-math: results must match torch's order of operations.
+# -ffp-contract=off: no a*b+c fused into an FMA (one rounding instead of
+# two). -std=c11 implies it, -std=gnu11 does not: say it, so exactness never
+# hangs on the dialect.
+FPFLAGS := -fno-math-errno -ffp-contract=off
 WARN    := -std=c11 -Wall -Wextra -Wshadow -Wpointer-arith -Wstrict-prototypes -Werror
-BASE    := -D_GNU_SOURCE -fno-math-errno -MMD -MP -I. $(WARN)
+BASE    := -D_GNU_SOURCE $(FPFLAGS) -MMD -MP -I. $(WARN)
 LDLIBS  := -lm -lpthread
 
 B ?= build
@@ -62,7 +66,7 @@ $(B)/gen/assets.c: http/embed.py $(foreach a,$(ASSETS),$(word 2,$(subst =, ,$(a)
 	python3 http/embed.py $@ $(ASSETS)
 
 $(B)/gen/assets.o: $(B)/gen/assets.c
-	$(CC) $(CFLAGS) -c $< -o $@
+	$(CC) $(FPFLAGS) $(CFLAGS) -c $< -o $@
 
 $(B)/%.o: %.c | deps
 	@mkdir -p $(dir $@)
@@ -154,7 +158,7 @@ $(B)/tests/eio_shim.so: tests/faults/eio_shim.c
 $(B)/tests/slow_unlisten_shim.so: tests/crash/slow_unlisten_shim.c
 $(SHIMS):
 	@mkdir -p $(dir $@)
-	$(CC) -D_GNU_SOURCE -std=c11 -Wall -Wextra -Werror -O2 -g -fPIC -shared -o $@ $< -ldl
+	$(CC) -D_GNU_SOURCE $(FPFLAGS) -std=c11 -Wall -Wextra -Werror -O2 -g -fPIC -shared -o $@ $< -ldl
 
 # The fuzz target in a plain program that replays inputs (no libFuzzer).
 $(B)/tests/fuzz_replay: $(B)/tests/fuzz/replay.o $(B)/tests/fuzz/fuzz_decode.o $(LIB_OBJ)
@@ -183,7 +187,7 @@ soak: all $(B)/bench/loadgen
 
 # Fuzz builds: every library object again with clang, coverage and sanitizers.
 FUZZ_B     := build/fuzz
-FUZZ_FLAGS := -D_GNU_SOURCE -I. -std=c11 -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined \
+FUZZ_FLAGS := -D_GNU_SOURCE $(FPFLAGS) -I. -std=c11 -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined \
               -fno-sanitize-recover=undefined
 FUZZ_OBJ   := $(LIB_SRC:%.c=$(FUZZ_B)/%.o) $(FUZZ_B)/gen/assets.o
 $(FUZZ_B)/%.o: %.c
@@ -191,7 +195,7 @@ $(FUZZ_B)/%.o: %.c
 	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer-no-link -MMD -MP $(PKG_CFLAGS) -c $< -o $@
 $(FUZZ_B)/gen/assets.o: build/gen/assets.c
 	@mkdir -p $(dir $@)
-	$(FUZZ_CC) -c $< -o $@
+	$(FUZZ_CC) $(FPFLAGS) -c $< -o $@
 $(FUZZ_B)/fuzz_decode: tests/fuzz/fuzz_decode.c $(FUZZ_OBJ)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer $(PKG_CFLAGS) -o $@ $^ $(PKG_LIBS) $(LDLIBS)
 

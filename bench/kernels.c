@@ -20,9 +20,14 @@
  *        run of ~ms, with optim_stats when stats is 1; a new configuration is
  *        set up, warmed and sized first)
  *   "stream"                    ->  "<copy> <triad> <update>"  (bytes/ns, 1e7)
+ *   "isa"                       ->  the instruction set optim_step runs with
+ *
+ * --isa sse2|avx2|avx512f runs optim_step with that instruction set instead
+ * of the best one this CPU has (the first record, "isa <name>", says which).
  *
  * Usage: kernels [--opt NAME] [--dtype f32|f64] [--size N] [--ms MS] [--reps R]
- *        kernels --serve */
+ *                [--isa NAME]
+ *        kernels --serve [--isa NAME] */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -33,7 +38,7 @@
 #include "optim/optim.h"
 
 #if defined(__x86_64__)
-#define KERNEL static __attribute__((target_clones("avx2", "default"), noinline))
+#define KERNEL static __attribute__((target_clones("avx512f", "avx2", "default"), noinline))
 #else
 #define KERNEL static __attribute__((noinline))
 #endif
@@ -225,7 +230,9 @@ static int serve(void)
     int stats;
     while (fgets(line, sizeof line, stdin)) {
         optim_dtype dt;
-        if (!strncmp(line, "stream", 6)) {
+        if (!strncmp(line, "isa", 3)) {
+            printf("%s\n", optim_isa_name(optim_isa_current()));
+        } else if (!strncmp(line, "stream", 6)) {
             double bw[3];
             stream_once(bw);
             printf("%.4f %.4f %.4f\n", bw[0], bw[1], bw[2]);
@@ -247,7 +254,7 @@ static int serve(void)
 
 int main(int argc, char **argv)
 {
-    const char *only_opt = NULL, *only_dt = NULL;
+    const char *only_opt = NULL, *only_dt = NULL, *isa = NULL;
     size_t only_n = 0;
     double target_ms = 50;
     int reps = 5, serve_mode = 0;
@@ -262,11 +269,22 @@ int main(int argc, char **argv)
             target_ms = strtod(argv[++i], NULL);
         else if (!strcmp(argv[i], "--reps") && i + 1 < argc)
             reps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--isa") && i + 1 < argc)
+            isa = argv[++i];
         else if (!strcmp(argv[i], "--serve"))
             serve_mode = 1;
         else {
-            fprintf(stderr, "usage: kernels [--opt NAME] [--dtype f32|f64] [--size N] [--ms MS] [--reps R]\n"
-                            "       kernels --serve\n");
+            fprintf(stderr, "usage: kernels [--opt NAME] [--dtype f32|f64] [--size N] [--ms MS] [--reps R] "
+                            "[--isa NAME]\n       kernels --serve [--isa NAME]\n");
+            return 2;
+        }
+    }
+    if (isa) {
+        int k = 0;
+        while (k < OPTIM_ISA_COUNT && strcmp(isa, optim_isa_name((optim_isa)k)))
+            k++;
+        if (optim_isa_force((optim_isa)k) != OPTIM_OK) {
+            fprintf(stderr, "kernels: instruction set \"%s\" is not available here\n", isa);
             return 2;
         }
     }
@@ -283,6 +301,7 @@ int main(int argc, char **argv)
     if (serve_mode)
         return serve();
 
+    printf("isa\t%s\n", optim_isa_name(optim_isa_current()));
     /* Machine bandwidth, 10 passes of each loop. */
     double bw[3][MAX_REPS], best[3] = {0};
     static const char *snames[] = {"copy", "triad", "update"};

@@ -112,6 +112,10 @@ def part_kernels(args):
             obj = json.loads(line)
         else:  # kernels' own TSV
             f = line.split("\t")
+            if f[0] == "isa":
+                stream = stream or {"kind": "stream"}
+                stream["isa"] = f[1]
+                continue
             if f[0] == "stream":
                 stream = stream or {"kind": "stream"}
                 stream[f[1]] = float(f[3])
@@ -123,7 +127,8 @@ def part_kernels(args):
                 obj["optd_over_update_bound"] = float(f[11])
         if obj["kind"] == "stream":
             stream = obj
-            log(f"  stream copy {obj['copy']:.1f} triad {obj['triad']:.1f} update {obj['update']:.1f} bytes/ns")
+            log(f"  stream copy {obj['copy']:.1f} triad {obj['triad']:.1f} update {obj['update']:.1f} bytes/ns; "
+                f"optd kernels: {obj.get('isa', '?')}")
         else:
             rows.append(obj)
             extra = ""
@@ -412,6 +417,9 @@ def report_kernels(k, targets):
                  f"`a[i] += s*b[i]` **{fnum(s.get('update'))}** B/ns. Copy and triad write lines they never read, "
                  f"so each of their written bytes also costs a hidden write-allocate read; an optimizer writes only "
                  f"what it read, as the in-place update does, so the update figure is the stricter bound.\n")
+    lines.append(f"optd's kernels ran with the **{s.get('isa', '?')}** instruction set (the best this CPU has, "
+                 f"picked at run time among sse2, avx2 and avx512f; `make unit` proves all three give the same "
+                 f"bits).\n")
     lines.append("`optd` = optim_step without statistics; `optd+stats` = with the optim_stats norms the history "
                  "feature needs; torch = torch.optim 1.13 `step()` with a preset `.grad`, one thread, "
                  "`foreach=False` (single) and `foreach=True`. Each repetition times every column for ~50 ms "
@@ -461,17 +469,24 @@ def report_kernels(k, targets):
             targets.append(("Adam f32 ≥ 8× faster than torch single-tensor (every size)",
                             f"min ×{fnum(worst['single_over_optd'], 1)} (at n={worst['n']:.0e})".replace("+0", ""),
                             verdict(worst["single_over_optd"] >= 8)))
+        short = [r for r in rows if r["single_over_optd"] < 8]
+        if rows:
+            names = ", ".join(f"{r['opt']} {r['dtype']} {r['n']:.0e} ×{fnum(r['single_over_optd'], 1)}".replace("+0", "")
+                              for r in sorted(short, key=lambda r: r["single_over_optd"])[:8])
+            targets.append(("Every optimizer ≥ 8× torch single-tensor at every size, 1e3-1e7 (issue 14)",
+                            f"{len(rows) - len(short)} of {len(rows)} configurations"
+                            + (f"; lowest: {names}" if short else ""), verdict(not short)))
     if big and all(r.get("optd_over_stream_bound") is not None for r in big):
         worst = max(big, key=lambda r: r["optd_over_stream_bound"])
-        targets.append(("No optimizer slower than 2× its bandwidth bound at 1e7",
+        targets.append(("Every optimizer ≤ 1.3× its bandwidth bound at 1e7 (STREAM)",
                         f"worst {worst['opt']} {worst['dtype']} {fnum(worst['optd_over_stream_bound'])}× "
                         f"(in-place bound: worst {fnum(max(r['optd_over_update_bound'] for r in big))}×)",
-                        verdict(worst["optd_over_stream_bound"] <= 2)))
+                        verdict(worst["optd_over_stream_bound"] <= 1.3)))
         ws = max(big, key=lambda r: r.get("stats_over_stream_bound") or 0)
         if ws.get("stats_over_stream_bound"):
             targets.append(("(same, with optim_stats as history needs)",
                             f"worst {ws['opt']} {ws['dtype']} {fnum(ws['stats_over_stream_bound'])}×",
-                            verdict(ws["stats_over_stream_bound"] <= 2)))
+                            verdict(ws["stats_over_stream_bound"] <= 1.3)))
     return "\n".join(lines)
 
 
