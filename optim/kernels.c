@@ -44,14 +44,17 @@ typedef struct kernel_set {
 #include "kernels_isa.inc"
 #undef ISA
 #pragma GCC pop_options
+#endif
+/* clang-format off */
 #define SET(isa) {#isa, step_##isa, sq_norm_##isa, scale_##isa, fill_##isa}
+#if defined(__x86_64__)
 static const kernel_set kernel_sets[OPTIM_ISA_COUNT] = {SET(sse2), SET(avx2), SET(avx512f)};
 #else
-#define SET(isa) {#isa, step_##isa, sq_norm_##isa, scale_##isa, fill_##isa}
 static const kernel_set kernel_sets[OPTIM_ISA_COUNT] = {SET(sse2), {"avx2", NULL, NULL, NULL, NULL},
                                                          {"avx512f", NULL, NULL, NULL, NULL}};
 #endif
 #undef SET
+/* clang-format on */
 
 /* The set in use; NULL until the first call picks the best one. Every thread
  * picks the same, so a race to store it is harmless. */
@@ -71,10 +74,7 @@ bool optim_isa_supported(optim_isa isa)
     return true;
 }
 
-const char *optim_isa_name(optim_isa isa)
-{
-    return (unsigned)isa < OPTIM_ISA_COUNT ? kernel_sets[isa].name : "?";
-}
+const char *optim_isa_name(optim_isa isa) { return (unsigned)isa < OPTIM_ISA_COUNT ? kernel_sets[isa].name : "?"; }
 
 static const kernel_set *kernels(void)
 {
@@ -109,15 +109,9 @@ void optim_step(const optim_info *info, const optim_hparams *hp, optim_dtype dty
     st->step++;
 }
 
-double optim_sq_norm(optim_dtype dtype, size_t n, const void *x)
-{
-    return kernels()->sq_norm(dtype, n, x);
-}
+double optim_sq_norm(optim_dtype dtype, size_t n, const void *x) { return kernels()->sq_norm(dtype, n, x); }
 
-void optim_scale(optim_dtype dtype, size_t n, void *x, double scale)
-{
-    kernels()->scale(dtype, n, x, scale);
-}
+void optim_scale(optim_dtype dtype, size_t n, void *x, double scale) { kernels()->scale(dtype, n, x, scale); }
 
 void optim_state_init(const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n, optim_state *st)
 {

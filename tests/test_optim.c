@@ -1173,7 +1173,8 @@ static void run_isa(optim_isa isa, const optim_info *info, const optim_hparams *
         r ^= r << 13, r ^= r >> 7, r ^= r << 17;
         /* Values over many binades, both signs; exact zeros now and then. */
         double pv = ((double)(r >> 11) / 9007199254740992.0 - 0.5) * ldexp(1, (int)(r % 9) - 4);
-        double gv = (r & 0xf0) == 0 ? 0 : ((double)(r >> 20 & 0xffff) / 65536.0 - 0.5) * ldexp(1, (int)(r >> 8 & 7) - 5);
+        double gv =
+            (r & 0xf0) == 0 ? 0 : ((double)(r >> 20 & 0xffff) / 65536.0 - 0.5) * ldexp(1, (int)(r >> 8 & 7) - 5);
         store_elem(st.params, dtype, i, pv);
         store_elem(g, dtype, i, gv);
     }
