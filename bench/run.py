@@ -141,6 +141,35 @@ def part_kernels(args):
     return {"stream": stream, "rows": rows, "torch": have_torch}
 
 
+# ---------------------------------------------------------------- JSON numbers
+
+def part_json(args, runs=5):
+    """bench/codec: ns per number printing 1,000 float32 and 1,000 float64
+    as a JSON reply does; medians over runs."""
+    rs = [run_json([f"{args.build}/bench/codec"]) for _ in range(runs)]
+    rs = [r for r in rs if r]
+    if not rs:
+        return None
+    out = {k: med([r[k] for r in rs]) for k in ("f32_ns", "f64_ns", "f32_bytes", "f64_bytes")}
+    out["runs"] = len(rs)
+    log(f"  JSON printing: float32 {out['f32_ns']:.1f} ns/number, float64 {out['f64_ns']:.1f} ns/number")
+    return out
+
+
+def report_json(j, targets):
+    lines = ["## JSON numbers (http/codec.c, Dragonbox shortest digits)\n",
+             f"bench/codec prints 1,000 values of the magnitudes params have (|x| in 1e-4..10, full precision) "
+             f"as a JSON array, as a step's reply does; median of {j['runs']} runs of 301 repetitions each.\n",
+             table(["dtype", "ns/number", "bytes/number"], [
+                 ["float32", fnum(j["f32_ns"], 1), fnum(j["f32_bytes"], 1)],
+                 ["float64", fnum(j["f64_ns"], 1), fnum(j["f64_bytes"], 1)]]) + "\n"]
+    worst = max(j["f32_ns"], j["f64_ns"])
+    targets.append(("JSON: shortest round-trip printing ≤ 25 ns/number (1,000 float32 / float64)",
+                    f"float32 {fnum(j['f32_ns'], 1)}, float64 {fnum(j['f64_ns'], 1)} ns/number",
+                    verdict(worst <= 25)))
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- part 2
 
 class Server:
@@ -661,6 +690,7 @@ def main():
     mi = machine_info()
     log(f"machine: {mi['nproc']} × {mi['cpu']} ({mi['simd']}), {mi['mem']}")
     kern = None if args.skip_kernels else part_kernels(args)
+    jnum = None if args.skip_kernels else part_json(args)
     t1 = time.time()
     svc = None if args.skip_service else part_service(args)
     t2 = time.time()
@@ -669,6 +699,8 @@ def main():
     parts = []
     if kern:
         parts.append(report_kernels(kern, targets))
+    if jnum:
+        parts.append(report_json(jnum, targets))
     if svc:
         parts.append(report_service(svc, kern, targets))
     elapsed = time.time() - t0
@@ -694,7 +726,7 @@ def main():
         f.write(text)
     raw = os.path.join(args.build, "bench", "results.json")
     with open(raw, "w") as f:
-        json.dump({"machine": mi, "kernels": kern, "service": svc}, f, indent=1)
+        json.dump({"machine": mi, "kernels": kern, "json_numbers": jnum, "service": svc}, f, indent=1)
     print(text)
     log(f"wrote {os.path.relpath(args.out, ROOT)} and {raw} in {elapsed:.0f} s")
 
