@@ -15,23 +15,11 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench/bench.h"
 #include "http/httpInt.h"
 
 #define N 1000
 #define MAX_REPS 1001
-
-static double now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
 
 /* ns per number of printing x (N elements of dtype) as a JSON array, the
  * median over reps; *bytes gets the printed bytes per number. */
@@ -50,8 +38,7 @@ static double time_print(const void *x, optim_dtype dtype, int reps, double *byt
     }
     *bytes = (double)b.len / N;
     sbuf_free(&b);
-    qsort(t, (size_t)reps, sizeof t[0], cmp_double);
-    return t[reps / 2];
+    return median(t, reps);
 }
 
 int main(int argc, char **argv)

@@ -35,6 +35,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench/bench.h"
 #include "optim/optim.h"
 
 #if defined(__x86_64__)
@@ -46,26 +47,6 @@
 #define MAX_N 10000000u    /* largest vector, elements */
 #define STREAM_N 10000000u /* STREAM arrays, doubles (80 MB each) */
 #define MAX_REPS 64
-
-static double now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-/* Sorts v in place. */
-static double median(double *v, int n)
-{
-    qsort(v, (size_t)n, sizeof v[0], cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 static void *xalloc(size_t bytes)
 {

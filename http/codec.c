@@ -186,37 +186,40 @@ static int put_decimal(char *out, int neg, uint64_t m, int exp10)
     return (int)(p - out);
 }
 
-/* The shortest decimal that reads back as exactly f (Dragonbox, through
- * common/shortest.h); "null" for inf and NaN, which JSON has not. out has
- * NUM_ROOM bytes; returns the text's length. */
-static int fmt_f32(char *out, float f)
-{
-    if (!isfinite(f))
-        return (int)(memcpy(out, "null", 5), 4);
-    if (f == 0)
-        return (int)(strcpy(out, signbit(f) ? "-0" : "0"), signbit(f) ? 2 : 1);
-    uint32_t m;
-    int e;
-    optd_shortest_f32(f, &m, &e);
-    return put_decimal(out, signbit(f) != 0, m, e);
-}
-
-static int fmt_f64(char *out, double v)
+/* "null" for inf and NaN (JSON has neither), "0" or "-0" for a zero; 0 for
+ * any other value, which the caller prints. */
+static int fmt_special(char *out, double v)
 {
     if (!isfinite(v))
         return (int)(memcpy(out, "null", 5), 4);
-    if (v == 0)
-        return (int)(strcpy(out, signbit(v) ? "-0" : "0"), signbit(v) ? 2 : 1);
+    if (v != 0)
+        return 0;
+    return (int)(strcpy(out, signbit(v) ? "-0" : "0"), signbit(v) ? 2 : 1);
+}
+
+/* The shortest decimal that reads back as exactly v, as a float32 when f32
+ * (v is then one, widened exactly), by Dragonbox through common/shortest.h.
+ * out has NUM_ROOM bytes; returns the text's length. */
+static int fmt_num(char *out, double v, int f32)
+{
     uint64_t m;
-    int e;
-    optd_shortest_f64(v, &m, &e);
+    uint32_t m32;
+    int e, n = fmt_special(out, v);
+    if (n)
+        return n;
+    if (f32) {
+        optd_shortest_f32((float)v, &m32, &e);
+        m = m32;
+    } else {
+        optd_shortest_f64(v, &m, &e);
+    }
     return put_decimal(out, signbit(v) != 0, m, e);
 }
 
 void sbuf_num(sbuf *b, double v, int f32)
 {
     char tmp[NUM_ROOM];
-    int n = f32 ? fmt_f32(tmp, (float)v) : fmt_f64(tmp, v);
+    int n = fmt_num(tmp, f32 ? (float)v : v, f32);
     sbuf_put(b, tmp, (size_t)n);
 }
 
@@ -230,7 +233,7 @@ void sbuf_vec(sbuf *b, const void *x, size_t n, optim_dtype dtype)
     for (size_t i = 0; i < n; i++) {
         if (i)
             *p++ = ',';
-        p += dtype == OPTIM_F64 ? fmt_f64(p, ((const double *)x)[i]) : fmt_f32(p, ((const float *)x)[i]);
+        p += fmt_num(p, dtype == OPTIM_F64 ? ((const double *)x)[i] : ((const float *)x)[i], dtype == OPTIM_F32);
     }
     *p++ = ']';
     *p = '\0';
@@ -245,7 +248,7 @@ void sbuf_vec_items(sbuf *b, const void *x, size_t from, size_t n, optim_dtype d
     for (size_t i = from; i < from + n; i++) {
         if (i)
             *p++ = ',';
-        p += dtype == OPTIM_F64 ? fmt_f64(p, ((const double *)x)[i]) : fmt_f32(p, ((const float *)x)[i]);
+        p += fmt_num(p, dtype == OPTIM_F64 ? ((const double *)x)[i] : ((const float *)x)[i], dtype == OPTIM_F32);
     }
     *p = '\0';
     b->len = (size_t)(p - b->p);

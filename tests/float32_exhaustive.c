@@ -1,7 +1,7 @@
 /* Every float32 bit pattern (all 2^32) through the JSON printer: each finite
  * value must read back bit for bit under strtof, and no decimal of fewer
  * digits may read back as it (checked on the two decimals of one digit
- * less around the printed one, which are the nearest: see test_codec.c).
+ * less around the printed one, which are the nearest: decimal_check.h).
  * Too slow for make test (about ten minutes on two cores); `make
  * floats-exhaustive` runs it. Prints "N passed, N failed".
  *
@@ -15,68 +15,33 @@
 #include <string.h>
 
 #include "http/httpInt.h"
+#include "tests/decimal_check.h"
 
 typedef struct range {
     uint64_t from, to, stride;
     uint64_t checked, failed;
 } range;
 
-/* Writes "<c>e<e>" at t. */
-static void put_sci(char *t, uint64_t c, int e)
-{
-    char d[24];
-    int n = 0;
-    do
-        d[n++] = (char)('0' + c % 10);
-    while (c /= 10);
-    while (n)
-        *t++ = d[--n];
-    sprintf(t, "e%d", e);
-}
-
 static void *run(void *arg)
 {
     range *r = arg;
     sbuf b = {0};
-    char t[48];
     for (uint64_t u = r->from; u < r->to; u += r->stride) {
         uint32_t bits = (uint32_t)u;
         float f;
-        memcpy(&f, &bits, 4);
-        if (!isfinite(f))
+        memcpy(&f, &bits, sizeof f);
+        if (isfinite(f))
+            r->checked++;
+        else
             continue;
         b.len = 0;
         sbuf_num(&b, f, 1);
-        r->checked++;
         float back = strtof(b.p, NULL);
         int bad = memcmp(&back, &f, 4) != 0;
         if (!bad && f != 0) {
-            /* digits and the exponent of the last one */
-            uint64_t d = 0;
-            int n = 0, frac = 0, point = 0, e = 0;
-            const char *s = b.p;
-            for (; *s && *s != 'e'; s++) {
-                if (*s == '.')
-                    point = 1;
-                else if (*s >= '0' && *s <= '9') {
-                    frac += point;
-                    if (n || *s != '0') {
-                        d = d * 10 + (uint64_t)(*s - '0');
-                        n++;
-                    }
-                }
-            }
-            e = (*s ? atoi(s + 1) : 0) - frac;
-            while (n > 1 && d % 10 == 0) {
-                d /= 10;
-                e++;
-                n--;
-            }
-            for (uint64_t c = d / 10; n > 1 && c <= d / 10 + 1 && !bad; c++) {
-                put_sci(t, c, e + 1);
-                float g = strtof(t, NULL);
-                bad = fabsf(f) == g;
-            }
+            uint64_t d;
+            int e, n = decimal_parts(b.p, &d, &e);
+            bad = shorter_exists(d, e, n, f, 1);
         }
         if (bad) {
             if (r->failed < 20)

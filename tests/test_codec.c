@@ -13,6 +13,7 @@
 #include <cmocka.h>
 
 #include "http/httpInt.h"
+#include "tests/decimal_check.h"
 
 static uint64_t rng = 88172645463325252u;
 static uint64_t next(void)
@@ -143,54 +144,6 @@ static void reference_print(char *out, size_t len, double v, int f32)
         if (f32 ? strtof(out, NULL) == (float)v : strtod(out, NULL) == v)
             return;
     }
-}
-
-/* Reads a printed decimal into its significant digits (no leading or
- * trailing zeros) and the exponent of the last one; returns their count. */
-static int decimal_parts(const char *s, uint64_t *digits, int *exp10)
-{
-    uint64_t d = 0;
-    int n = 0, frac = 0, seen_point = 0, e = 0;
-    for (; *s && *s != 'e' && *s != 'E'; s++) {
-        if (*s == '.') {
-            seen_point = 1;
-        } else if (*s >= '0' && *s <= '9') {
-            frac += seen_point;
-            if (n || *s != '0') {
-                d = d * 10 + (uint64_t)(*s - '0');
-                n++;
-            }
-        }
-    }
-    if (*s)
-        e = atoi(s + 1);
-    e -= frac;
-    while (n > 1 && d % 10 == 0) {
-        d /= 10;
-        e++;
-        n--;
-    }
-    *digits = d;
-    *exp10 = e;
-    return n;
-}
-
-/* Whether a decimal of fewer digits than the printed one (digits * 10^e)
- * reads back as the same value. The two decimals of one digit less around
- * it are the nearest ones; the set that reads back as the value is an
- * interval around it, so if any shorter decimal is in it, one of the two
- * is. */
-static int shorter_exists(uint64_t digits, int e, int n, double v, int f32)
-{
-    if (n <= 1)
-        return 0;
-    char t[48];
-    for (uint64_t c = digits / 10; c <= digits / 10 + 1; c++) {
-        snprintf(t, sizeof t, "%llue%d", (unsigned long long)c, e + 1);
-        if (f32 ? strtof(t, NULL) == (float)v : strtod(t, NULL) == v)
-            return 1;
-    }
-    return 0;
 }
 
 /* How many values printed with fewer digits than the old printer's. */
