@@ -6,12 +6,19 @@
 ifeq ($(origin CC),default)
 CC      := gcc
 endif
+ifeq ($(origin CXX),default)
+CXX     := g++
+endif
 CFLAGS  ?= -O2 -g
 PKGS    := libmicrohttpd libcjson sqlite3 libcurl
 # -fno-math-errno lets gcc vectorize sqrt without changing any result;
 # never -ffast-math: results must match torch's order of operations.
+# -ffp-contract=off: no a*b+c fused into an FMA (one rounding instead of
+# two). -std=c11 implies it, -std=gnu11 does not: say it, so exactness never
+# hangs on the dialect.
+FPFLAGS := -fno-math-errno -ffp-contract=off
 WARN    := -std=c11 -Wall -Wextra -Wshadow -Wpointer-arith -Wstrict-prototypes -Werror
-BASE    := -D_GNU_SOURCE -fno-math-errno -MMD -MP -I. $(WARN)
+BASE    := -D_GNU_SOURCE $(FPFLAGS) -MMD -MP -I. $(WARN)
 LDLIBS  := -lm -lpthread
 
 B ?= build
@@ -25,7 +32,11 @@ endif
 # The kernels are where the time goes: -O3 for the vectorizer and unswitching.
 $(B)/optim/kernels.o: CFLAGS += -O3
 
-DEPS_OK := $(shell pkg-config --exists $(PKGS) cmocka 2>/dev/null && echo yes)
+# Dragonbox (libdragonbox-dev) is header-only and ships no .pc file: its
+# versioned include folder is looked for (deferred, like the flags below).
+DRAGONBOX_INC = $(firstword $(wildcard /usr/include/dragonbox-*/dragonbox/dragonbox.h))
+DEPS_OK := $(shell pkg-config --exists $(PKGS) cmocka 2>/dev/null && ls /usr/include/dragonbox-*/dragonbox/dragonbox.h \
+                   >/dev/null 2>&1 && echo yes)
 # Deferred (=) so a build that just installed the packages sees them.
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
@@ -35,6 +46,9 @@ PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 ENGINE_PKG_CFLAGS = $(shell pkg-config --cflags sqlite3 2>/dev/null) -DMHD_MICROHTTPD_H -DcJSON__h
 
 COMMON_SRC := common/err.c common/util.c common/names.c
+# C++ only where a Debian library is C++: the shortest-digits shim over
+# Dragonbox (no exceptions, no RTTI, no libstdc++ at link time).
+COMMON_CXX := common/shortest.cpp
 OPTIM_SRC  := optim/optim.c optim/kernels.c
 STORE_SRC  := store/store.c
 ENGINE_SRC := engine/training.c engine/settings.c engine/session.c engine/stats.c engine/writer.c
@@ -45,7 +59,7 @@ DAEMON_SRC := daemon/main.c daemon/config.c
 LIB_SRC := $(COMMON_SRC) $(OPTIM_SRC) $(STORE_SRC) $(ENGINE_SRC) $(HTTP_SRC)
 # Files served by the daemon, compiled into it (no asset on disk at run time).
 ASSETS  := asset_dashboard=http/assets/dashboard.html asset_openapi=http/openapi.json
-LIB_OBJ := $(LIB_SRC:%.c=$(B)/%.o) $(B)/gen/assets.o
+LIB_OBJ := $(LIB_SRC:%.c=$(B)/%.o) $(COMMON_CXX:%.cpp=$(B)/%.o) $(B)/gen/assets.o
 
 # Unit tests: tests/test_<module>.c, each linked with the library objects.
 UNIT_TESTS := test_optim test_store test_config test_codec test_engine
@@ -62,11 +76,17 @@ $(B)/gen/assets.c: http/embed.py $(foreach a,$(ASSETS),$(word 2,$(subst =, ,$(a)
 	python3 http/embed.py $@ $(ASSETS)
 
 $(B)/gen/assets.o: $(B)/gen/assets.c
-	$(CC) $(CFLAGS) -c $< -o $@
+	$(CC) $(FPFLAGS) $(CFLAGS) -c $< -o $@
 
 $(B)/%.o: %.c | deps
 	@mkdir -p $(dir $@)
 	$(CC) $(BASE) $(PKG_CFLAGS) $(CFLAGS) -c $< -o $@
+
+CXXBASE = -std=c++17 -fno-exceptions -fno-rtti $(FPFLAGS) -MMD -MP -I. -I$(patsubst %/dragonbox/dragonbox.h,%,$(DRAGONBOX_INC)) \
+          -Wall -Wextra -Wshadow -Werror
+$(B)/%.o: %.cpp | deps
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXBASE) $(CFLAGS) -c $< -o $@
 
 $(B)/engine/%.o: engine/%.c | deps
 	@mkdir -p $(dir $@)
@@ -110,10 +130,13 @@ asan:
 
 # bench: optimizer kernels against memory bandwidth and torch, then the service
 # against its HTTP and SQLite ceilings; prints a table, writes bench/RESULTS.md.
-BENCH_BINS := $(B)/bench/kernels $(B)/bench/loadgen $(B)/bench/mhd_ceiling $(B)/bench/sqlite_ceiling
+BENCH_BINS := $(B)/bench/kernels $(B)/bench/loadgen $(B)/bench/mhd_ceiling $(B)/bench/sqlite_ceiling $(B)/bench/codec
 $(B)/bench/kernels.o: CFLAGS += -O3
 $(B)/bench/kernels: $(B)/bench/kernels.o $(B)/optim/optim.o $(B)/optim/kernels.o
 	$(CC) $(LDFLAGS) -o $(B)/bench/kernels $^ $(LDLIBS)
+# codec: the JSON number printer of http/codec.c, with the daemon's objects.
+$(B)/bench/codec: $(B)/bench/codec.o $(LIB_OBJ)
+	$(CC) $(LDFLAGS) -o $@ $^ $(PKG_LIBS) $(LDLIBS)
 $(B)/bench/loadgen $(B)/bench/mhd_ceiling $(B)/bench/sqlite_ceiling: $(B)/bench/%: $(B)/bench/%.o
 	$(CC) $(LDFLAGS) -o $(B)/bench/$* $^ $(PKG_LIBS) $(LDLIBS)
 bench: all $(BENCH_BINS)
@@ -157,7 +180,7 @@ $(B)/tests/eio_shim.so: tests/faults/eio_shim.c
 $(B)/tests/slow_unlisten_shim.so: tests/crash/slow_unlisten_shim.c
 $(SHIMS):
 	@mkdir -p $(dir $@)
-	$(CC) -D_GNU_SOURCE -std=c11 -Wall -Wextra -Werror -O2 -g -fPIC -shared -o $@ $< -ldl
+	$(CC) -D_GNU_SOURCE $(FPFLAGS) -std=c11 -Wall -Wextra -Werror -O2 -g -fPIC -shared -o $@ $< -ldl
 
 # The fuzz target in a plain program that replays inputs (no libFuzzer).
 $(B)/tests/fuzz_replay: $(B)/tests/fuzz/replay.o $(B)/tests/fuzz/fuzz_decode.o $(LIB_OBJ)
@@ -186,15 +209,19 @@ soak: all $(B)/bench/loadgen
 
 # Fuzz builds: every library object again with clang, coverage and sanitizers.
 FUZZ_B     := build/fuzz
-FUZZ_FLAGS := -D_GNU_SOURCE -I. -std=c11 -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined \
+FUZZ_FLAGS := -D_GNU_SOURCE $(FPFLAGS) -I. -std=c11 -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined \
               -fno-sanitize-recover=undefined
-FUZZ_OBJ   := $(LIB_SRC:%.c=$(FUZZ_B)/%.o) $(FUZZ_B)/gen/assets.o
+FUZZ_OBJ   := $(LIB_SRC:%.c=$(FUZZ_B)/%.o) $(COMMON_CXX:%.cpp=$(FUZZ_B)/%.o) $(FUZZ_B)/gen/assets.o
+FUZZ_CXX   ?= clang++
+$(FUZZ_B)/%.o: %.cpp
+	@mkdir -p $(dir $@)
+	$(FUZZ_CXX) $(CXXBASE) -g -O1 -fsanitize=address,undefined -fsanitize=fuzzer-no-link -c $< -o $@
 $(FUZZ_B)/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer-no-link -MMD -MP $(PKG_CFLAGS) -c $< -o $@
 $(FUZZ_B)/gen/assets.o: build/gen/assets.c
 	@mkdir -p $(dir $@)
-	$(FUZZ_CC) -c $< -o $@
+	$(FUZZ_CC) $(FPFLAGS) -c $< -o $@
 $(FUZZ_B)/fuzz_decode: tests/fuzz/fuzz_decode.c $(FUZZ_OBJ)
 	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer $(PKG_CFLAGS) -o $@ $^ $(PKG_LIBS) $(LDLIBS)
 
@@ -203,6 +230,15 @@ fuzz: deps
 	$(MAKE) build/gen/assets.c $(FUZZ_B)/fuzz_decode
 	sh tests/fuzz/run.sh $(FUZZ_B)/fuzz_decode $(FUZZ_SECONDS) $(FUZZ_B)/decode tests/fuzz/corpus/decode \
 	    tests/fuzz/decode.dict
+
+# floats-exhaustive: every float32 bit pattern through the JSON printer
+# (reads back exactly, no shorter decimal does), about ten minutes on two
+# cores; make test samples millions (tests/test_codec.c).
+.PHONY: floats-exhaustive
+$(B)/tests/float32_exhaustive: $(B)/tests/float32_exhaustive.o $(LIB_OBJ)
+	$(CC) $(LDFLAGS) -o $@ $^ $(PKG_LIBS) $(LDLIBS)
+floats-exhaustive: $(B)/tests/float32_exhaustive
+	$(B)/tests/float32_exhaustive --threads 2
 
 # ---- Ecosystem: tests/ecosystem ----------------------------------------------
 # ecosystem: the Python client (clients/python) and its torch optimizer against

@@ -20,9 +20,14 @@
  *        run of ~ms, with optim_stats when stats is 1; a new configuration is
  *        set up, warmed and sized first)
  *   "stream"                    ->  "<copy> <triad> <update>"  (bytes/ns, 1e7)
+ *   "isa"                       ->  the instruction set optim_step runs with
+ *
+ * --isa sse2|avx2|avx512f runs optim_step with that instruction set instead
+ * of the best one this CPU has (the first record, "isa <name>", says which).
  *
  * Usage: kernels [--opt NAME] [--dtype f32|f64] [--size N] [--ms MS] [--reps R]
- *        kernels --serve */
+ *                [--isa NAME]
+ *        kernels --serve [--isa NAME] */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -30,10 +35,11 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench/bench.h"
 #include "optim/optim.h"
 
 #if defined(__x86_64__)
-#define KERNEL static __attribute__((target_clones("avx2", "default"), noinline))
+#define KERNEL static __attribute__((target_clones("avx512f", "avx2", "default"), noinline))
 #else
 #define KERNEL static __attribute__((noinline))
 #endif
@@ -41,26 +47,6 @@
 #define MAX_N 10000000u    /* largest vector, elements */
 #define STREAM_N 10000000u /* STREAM arrays, doubles (80 MB each) */
 #define MAX_REPS 64
-
-static double now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-/* Sorts v in place. */
-static double median(double *v, int n)
-{
-    qsort(v, (size_t)n, sizeof v[0], cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 static void *xalloc(size_t bytes)
 {
@@ -225,7 +211,9 @@ static int serve(void)
     int stats;
     while (fgets(line, sizeof line, stdin)) {
         optim_dtype dt;
-        if (!strncmp(line, "stream", 6)) {
+        if (!strncmp(line, "isa", 3)) {
+            printf("%s\n", optim_isa_name(optim_isa_current()));
+        } else if (!strncmp(line, "stream", 6)) {
             double bw[3];
             stream_once(bw);
             printf("%.4f %.4f %.4f\n", bw[0], bw[1], bw[2]);
@@ -247,7 +235,7 @@ static int serve(void)
 
 int main(int argc, char **argv)
 {
-    const char *only_opt = NULL, *only_dt = NULL;
+    const char *only_opt = NULL, *only_dt = NULL, *isa = NULL;
     size_t only_n = 0;
     double target_ms = 50;
     int reps = 5, serve_mode = 0;
@@ -262,11 +250,22 @@ int main(int argc, char **argv)
             target_ms = strtod(argv[++i], NULL);
         else if (!strcmp(argv[i], "--reps") && i + 1 < argc)
             reps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--isa") && i + 1 < argc)
+            isa = argv[++i];
         else if (!strcmp(argv[i], "--serve"))
             serve_mode = 1;
         else {
-            fprintf(stderr, "usage: kernels [--opt NAME] [--dtype f32|f64] [--size N] [--ms MS] [--reps R]\n"
-                            "       kernels --serve\n");
+            fprintf(stderr, "usage: kernels [--opt NAME] [--dtype f32|f64] [--size N] [--ms MS] [--reps R] "
+                            "[--isa NAME]\n       kernels --serve [--isa NAME]\n");
+            return 2;
+        }
+    }
+    if (isa) {
+        int k = 0;
+        while (k < OPTIM_ISA_COUNT && strcmp(isa, optim_isa_name((optim_isa)k)))
+            k++;
+        if (optim_isa_force((optim_isa)k) != OPTIM_OK) {
+            fprintf(stderr, "kernels: instruction set \"%s\" is not available here\n", isa);
             return 2;
         }
     }
@@ -283,6 +282,7 @@ int main(int argc, char **argv)
     if (serve_mode)
         return serve();
 
+    printf("isa\t%s\n", optim_isa_name(optim_isa_current()));
     /* Machine bandwidth, 10 passes of each loop. */
     double bw[3][MAX_REPS], best[3] = {0};
     static const char *snames[] = {"copy", "triad", "update"};

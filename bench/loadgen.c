@@ -10,6 +10,7 @@
  *                [--create] [--prefix NAME] [--optimizer adam]
  * --create makes the sessions first (POST /v1/sessions, float32, N params);
  * --create-only makes them and exits, printing {"created": S}.
+ * --minimal: steps ask for no params back (Prefer: return=minimal).
  * --churn: each connection instead loops create (PUT), one step, DELETE of
  * a session of its own; one cycle counts as one request (ok when all three
  * succeed), for the create/delete side of a sustained load.
@@ -41,9 +42,10 @@ typedef struct opts {
     int create, create_only;
     const char *prefix, *optimizer;
     int churn;
+    int minimal;
 } opts;
 
-static opts O = {"127.0.0.1", 0, 32, 32, 1000, 0, 5, 1, 0, 0, "bench", "adam", 0};
+static opts O = {"127.0.0.1", 0, 32, 32, 1000, 0, 5, 1, 0, 0, "bench", "adam", 0, 0};
 
 /* Shared, read-only once threads start. */
 static char *body_json, *body_bin;
@@ -294,9 +296,10 @@ static void *run_worker(void *arg)
     const char *body0 = O.binary ? body_bin : body_json;
     size_t bodylen = O.binary ? body_bin_len : body_json_len;
     int hl = snprintf(head, sizeof head,
-                      "POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: %s\r\n%sContent-Length: %zu\r\n\r\n", path,
-                      O.host, O.port, O.binary ? "application/octet-stream" : "application/json",
-                      O.binary ? "Accept: application/octet-stream\r\n" : "", bodylen);
+                      "POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: %s\r\n%s%sContent-Length: %zu\r\n\r\n",
+                      path, O.host, O.port, O.binary ? "application/octet-stream" : "application/json",
+                      O.binary ? "Accept: application/octet-stream\r\n" : "",
+                      O.minimal ? "Prefer: return=minimal\r\n" : "", bodylen);
     /* The whole request in one buffer, sent with one send() as a client
      * library would; two sends can meet Nagle and delayed ACKs on a server
      * that does not set TCP_NODELAY. */
@@ -416,6 +419,10 @@ int main(int argc, char **argv)
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--churn")) {
             O.churn = 1;
+            continue;
+        }
+        if (!strcmp(a, "--minimal")) {
+            O.minimal = 1;
             continue;
         }
         if (!strcmp(a, "--create") || !strcmp(a, "--create-only")) {

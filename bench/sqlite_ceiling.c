@@ -19,26 +19,24 @@
  * same blob would commit a page or two: the two blobs alternate instead, as an
  * optimizer step changes every element.) Prints one JSON object: commits, seconds,
  * commits_per_s, p50_ms, p99_ms, mb_per_s. The database file is created and
- * left for the caller to delete. */
+ * left for the caller to delete.
+ *
+ * --raw: the physical floor instead of SQLite. --db names a plain file,
+ * preallocated to R rows of B bytes and synced before the clock starts; each
+ * transaction is then one pwrite of B bytes (alternating as above) per row
+ * at the row's offset, and one fdatasync: what making B bytes durable costs
+ * on this disk with no database at all. */
+#include <errno.h>
+#include <fcntl.h>
 #include <sqlite3.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
-static double now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
+#include "bench/bench.h"
 
 static int exec(sqlite3 *db, const char *sql)
 {
@@ -56,8 +54,14 @@ int main(int argc, char **argv)
     const char *path = NULL, *sync = "full";
     long page_size = 0, cache_kib = 0, autockpt = -1;
     size_t bytes = 12000;
-    int rows = 1, group = 1;
+    int rows = 1, group = 1, raw = 0, fd = -1;
     double seconds = 3, warmup = 0.5;
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--raw")) {
+            raw = 1;
+            memmove(argv + i, argv + i + 1, (size_t)(argc - i) * sizeof *argv);
+            argc--;
+        }
     for (int i = 1; i + 1 < argc; i += 2) {
         const char *a = argv[i], *v = argv[i + 1];
         if (!strcmp(a, "--db"))
@@ -83,7 +87,7 @@ int main(int argc, char **argv)
     }
     if (!path || rows < 1 || bytes < 1 || group < 1) {
         fprintf(stderr, "usage: sqlite_ceiling --db PATH [--bytes B] [--rows R] [--seconds D] [--warmup W] "
-                        "[--sync full|normal]\n");
+                        "[--sync full|normal] [--raw]\n");
         return 2;
     }
 
@@ -98,6 +102,15 @@ int main(int argc, char **argv)
     for (size_t i = 0; i < bytes; i++) {
         blob[i] = (unsigned char)((i * 2654435761u) >> 13);
         alt[i] = blob[i] ^ 0x5a;
+    }
+    if (raw) {
+        fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+        int frc = fd < 0 ? errno : posix_fallocate(fd, 0, (off_t)bytes * rows);
+        if (frc || fdatasync(fd) != 0) {
+            fprintf(stderr, "sqlite_ceiling: cannot preallocate %s: %s\n", path, strerror(frc ? frc : errno));
+            goto done;
+        }
+        goto timed;
     }
     if (sqlite3_open(path, &db) != SQLITE_OK) {
         fprintf(stderr, "sqlite_ceiling: cannot open %s\n", path);
@@ -137,15 +150,28 @@ int main(int argc, char **argv)
     if (exec(db, "COMMIT"))
         goto done;
 
+timed:;
     double t0 = now_ns(), t_measure = t0 + warmup * 1e9, t_end = t_measure + seconds * 1e9;
     long k = 0;
     for (;;) {
         double a = now_ns();
         if (a >= t_end)
             break;
-        if (exec(db, "BEGIN IMMEDIATE"))
+        if (raw) {
+            for (int gi = 0; gi < group; gi++, k++) {
+                const unsigned char *data = (k / rows) % 2 ? blob : alt;
+                if (pwrite(fd, data, bytes, (off_t)(k % rows) * (off_t)bytes) != (ssize_t)bytes) {
+                    perror("sqlite_ceiling: pwrite");
+                    goto done;
+                }
+            }
+            if (fdatasync(fd) != 0) {
+                perror("sqlite_ceiling: fdatasync");
+                goto done;
+            }
+        } else if (exec(db, "BEGIN IMMEDIATE"))
             goto done;
-        for (int gi = 0; gi < group; gi++, k++) {
+        for (int gi = 0; !raw && gi < group; gi++, k++) {
             /* Row k % rows gets blob and alt by turns: every byte changes. */
             const unsigned char *data = (k / rows) % 2 ? blob : alt;
             sqlite3_bind_int(upd, 1, (int)(k % rows) + 1);
@@ -157,7 +183,7 @@ int main(int argc, char **argv)
             }
             sqlite3_reset(upd);
         }
-        if (exec(db, "COMMIT"))
+        if (!raw && exec(db, "COMMIT"))
             goto done;
         double b = now_ns();
         if (a < t_measure)
@@ -177,15 +203,17 @@ int main(int argc, char **argv)
     printf("{\"commits\": %zu, \"seconds\": %.3f, \"commits_per_s\": %.1f, \"updates_per_s\": %.1f, "
            "\"group\": %d, \"p50_ms\": %.3f, \"p99_ms\": %.3f, "
            "\"mean_ms\": %.3f, \"mb_per_s\": %.2f, \"bytes\": %zu, \"rows\": %d, \"sync\": \"%s\", "
-           "\"page_size\": %ld}\n",
+           "\"page_size\": %ld, \"raw\": %s}\n",
            nlat, secs, (double)nlat / secs, (double)nlat * group / secs, group, p50, p99,
            nlat ? secs * 1e3 / (double)nlat : 0.0, (double)nlat * group * (double)bytes / secs / 1e6, bytes, rows,
-           sync, page_size);
+           sync, page_size, raw ? "true" : "false");
     rc = 0;
 done:
     sqlite3_finalize(ins);
     sqlite3_finalize(upd);
     sqlite3_close(db);
+    if (fd >= 0)
+        close(fd);
     free(blob);
     free(alt);
     free(lat);

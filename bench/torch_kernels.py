@@ -86,8 +86,12 @@ class TorchCase:
 class Optd:
     """bench/kernels --serve, one request per line."""
 
-    def __init__(self, path):
-        self.proc = subprocess.Popen([path, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    def __init__(self, path, isa=None):
+        cmd = [path, "--serve"] + (["--isa", isa] if isa else [])
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc.stdin.write("isa\n")
+        self.proc.stdin.flush()
+        self.isa = self.proc.stdout.readline().strip()
 
     def ask(self, line):
         self.proc.stdin.write(line + "\n")
@@ -117,15 +121,16 @@ def main():
     ap.add_argument("--opt", action="append", help="only these optimizers")
     ap.add_argument("--dtype", action="append", choices=list(DTYPES), help="only these dtypes")
     ap.add_argument("--size", action="append", type=float, help="only these sizes")
+    ap.add_argument("--isa", help="optd's instruction set (sse2, avx2, avx512f); default: the best this CPU has")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    optd = Optd(args.kernels)
+    optd = Optd(args.kernels, args.isa)
 
     # Machine bandwidth, as kernels.c measures it standalone.
     sb = [optd.ask("stream") for _ in range(10)]
     print(json.dumps({"kind": "stream", "copy": med([x[0] for x in sb]), "triad": med([x[1] for x in sb]),
                       "update": med([x[2] for x in sb]), "torch": torch.__version__,
-                      "torch_threads": torch.get_num_threads()}), flush=True)
+                      "torch_threads": torch.get_num_threads(), "isa": optd.isa}), flush=True)
 
     for name in args.opt or OPTIMIZERS:
         for dname in args.dtype or list(DTYPES):

@@ -22,7 +22,7 @@
 # Environment: MAKE (default make), KEEP_BUILD=1 keeps the temporary build tree.
 set -eu
 
-BUILD_PKGS="build-essential pkg-config libmicrohttpd-dev libcjson-dev libsqlite3-dev libcurl4-openssl-dev python3"
+BUILD_PKGS="build-essential pkg-config libmicrohttpd-dev libcjson-dev libsqlite3-dev libcurl4-openssl-dev libdragonbox-dev python3"
 RUNTIME_PKGS="libmicrohttpd12 libcjson1 libsqlite3-0 libcurl4"
 OPTD_UID=10001
 OPTD_GID=10001

@@ -30,7 +30,7 @@ full=""
 lean=""
 for group in "$@"; do
     case "$group" in
-    build) full="$full build-essential pkg-config libmicrohttpd-dev libcjson-dev libsqlite3-dev libcmocka-dev libcurl4-openssl-dev python3 curl" ;;
+    build) full="$full build-essential pkg-config libmicrohttpd-dev libcjson-dev libsqlite3-dev libcmocka-dev libcurl4-openssl-dev libdragonbox-dev python3 curl" ;;
     ecosystem)
         lean="$lean python3 python3-numpy python3-torch python3-sklearn python3-matplotlib python3-yaml python3-pip python3-setuptools python3-wheel python3-venv haproxy curl binutils"
         full="$full podman runc debootstrap"

@@ -10,6 +10,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "common/shortest.h"
 #include "http/httpInt.h"
 
 static int grow(sbuf *b, size_t extra)
@@ -77,129 +78,162 @@ void sbuf_json_str(sbuf *b, const char *s)
 static const double pow10_exact[23] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,  1e8,  1e9,  1e10, 1e11,
                                        1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
 
-/* Writes digits (m > 0, no trailing zeros) with decimal exponent e10 of its
- * first digit, %g style: plain notation for -5 <= e10 < 17, else d.ddde±x. */
-static int put_digits(char *out, int neg, uint64_t m, int ndig, int e10)
+/* "00" "01" .. "99": two digits per division. */
+static const char DIGIT_PAIRS[201] = "00010203040506070809101112131415161718192021222324252627282930313233343536373839"
+                                     "40414243444546474849505152535455565758596061626364656667686970717273747576777879"
+                                     "8081828384858687888990919293949596979899";
+
+/* The number of decimal digits of m (0 < m < 10^19). */
+static int digit_count(uint64_t m)
 {
-    char d[24], *p = out;
-    for (int i = ndig - 1; i >= 0; i--, m /= 10)
-        d[i] = (char)('0' + m % 10);
-    if (neg)
-        *p++ = '-';
-    if (e10 >= -5 && e10 < 17) {
-        if (e10 < 0) {
-            *p++ = '0';
-            *p++ = '.';
-            for (int i = -1; i > e10; i--)
-                *p++ = '0';
-            memcpy(p, d, (size_t)ndig);
+    static const uint64_t pow10[20] = {1u,
+                                       10u,
+                                       100u,
+                                       1000u,
+                                       10000u,
+                                       100000u,
+                                       1000000u,
+                                       10000000u,
+                                       100000000u,
+                                       1000000000u,
+                                       10000000000u,
+                                       100000000000u,
+                                       1000000000000u,
+                                       10000000000000u,
+                                       100000000000000u,
+                                       1000000000000000u,
+                                       10000000000000000u,
+                                       100000000000000000u,
+                                       1000000000000000000u,
+                                       10000000000000000000u};
+    int n = ((64 - __builtin_clzll(m)) * 1233) >> 12; /* floor(log10(2^bits)) */
+    return n + (m >= pow10[n]);
+}
+
+/* Writes exactly 8 digits of v < 10^8 at d: two independent chains of
+ * divisions by constants, which gcc turns into multiplications. */
+static inline __attribute__((always_inline)) void write8(char *d, uint32_t v)
+{
+    uint32_t a = v / 10000, b = v % 10000;
+    memcpy(d, DIGIT_PAIRS + 2 * (a / 100), 2);
+    memcpy(d + 2, DIGIT_PAIRS + 2 * (a % 100), 2);
+    memcpy(d + 4, DIGIT_PAIRS + 2 * (b / 100), 2);
+    memcpy(d + 6, DIGIT_PAIRS + 2 * (b % 100), 2);
+}
+
+/* Room a number's printer may write at out: its text (at most 25 bytes:
+ * "-1.2345678901234567e-308") plus the fixed-size copies that spare it a
+ * branch per digit count. Callers reserve it; only the text counts. */
+#define NUM_ROOM 48
+
+/* Writes digits m (0 < m < 10^17, no trailing zeros) times 10^exp10, %g
+ * style: plain notation when the first digit's exponent e is in [-5, 17),
+ * else d.ddde±x. out has NUM_ROOM bytes; returns the text's length. The
+ * digits go to a scratch buffer as 17 with leading zeros, then move in
+ * copies of fixed size, so the cost hangs on no digit count. */
+static int put_decimal(char *out, int neg, uint64_t m, int exp10)
+{
+    char d[40];
+    uint64_t hi = m / 100000000;
+    uint32_t top = (uint32_t)(hi / 100000000);
+    d[0] = (char)('0' + top);
+    write8(d + 1, (uint32_t)(hi - (uint64_t)top * 100000000));
+    write8(d + 9, (uint32_t)(m - hi * 100000000));
+    memset(d + 17, '0', sizeof d - 17);
+    int ndig = digit_count(m), e = exp10 + ndig - 1;
+    const char *s = d + 17 - ndig; /* the ndig digits, then zeros */
+    char *p = out;
+    *p = '-';
+    p += neg;
+    if (e >= -5 && e < 17) {
+        if (e < 0) { /* 0.000ddd */
+            memcpy(p, "0.00000", 8);
+            p += 1 - e;
+            memcpy(p, s, 17);
             p += ndig;
-        } else {
-            for (int i = 0; i <= e10; i++)
-                *p++ = i < ndig ? d[i] : '0';
-            if (ndig > e10 + 1) {
-                *p++ = '.';
-                memcpy(p, d + e10 + 1, (size_t)(ndig - e10 - 1));
-                p += ndig - e10 - 1;
-            }
+        } else if (ndig <= e + 1) { /* ddd000 (e + 1 <= 17): the zeros are the scratch's */
+            memcpy(p, s, 17);
+            p += e + 1;
+        } else { /* ddd.ddd */
+            memcpy(p, s, 17);
+            p[e + 1] = '.';
+            memcpy(p + e + 2, s + e + 1, 16);
+            p += ndig + 1;
         }
     } else {
-        *p++ = d[0];
-        if (ndig > 1) {
-            *p++ = '.';
-            memcpy(p, d + 1, (size_t)(ndig - 1));
-            p += ndig - 1;
+        p[0] = s[0];
+        p[1] = '.';
+        memcpy(p + 2, s + 1, 16);
+        p += ndig > 1 ? ndig + 1 : 1;
+        *p++ = 'e';
+        if (e < 0) {
+            *p++ = '-';
+            e = -e;
         }
-        p += sprintf(p, "e%d", e10);
+        if (e >= 100) {
+            *p++ = (char)('0' + e / 100);
+            e %= 100;
+            memcpy(p, DIGIT_PAIRS + 2 * e, 2);
+            p += 2;
+        } else if (e >= 10) {
+            memcpy(p, DIGIT_PAIRS + 2 * e, 2);
+            p += 2;
+        } else {
+            *p++ = (char)('0' + e);
+        }
     }
     *p = '\0';
     return (int)(p - out);
 }
 
-/* The fast path for a float32: for 6..9 significant digits, round x * 10^k
- * to an integer in double and accept the first candidate whose exact value
- * lies strictly within half a float ulp of x (provable from the double
- * error bound, so it reads back as x under any correct parser). Returns 0
- * when the powers involved are not exact in double (very large or small
- * values): the caller then takes the slow path. */
-static int fmt_f32_fast(char *out, float f)
+/* "null" for inf and NaN (JSON has neither), "0" or "-0" for a zero; 0 for
+ * any other value, which the caller prints. */
+static int fmt_special(char *out, double v)
 {
-    double x = fabs((double)f);
-    if (x == 0)
-        return (int)(strcpy(out, signbit(f) ? "-0" : "0"), signbit(f) ? 2 : 1);
-    int e10 = (int)floor(log10(x));
-    double half_ulp = ldexp(1.0, ilogb(f) - 24); /* half the spacing of floats at x */
-    if (fpclassify(f) == FP_SUBNORMAL)
+    if (!isfinite(v))
+        return (int)(memcpy(out, "null", 5), 4);
+    if (v != 0)
         return 0;
-    for (int p = 6; p <= 9; p++) {
-        int k = p - 1 - e10;
-        if (k < -22 || k > 22)
-            return 0;
-        double m = k >= 0 ? nearbyint(x * pow10_exact[k]) : nearbyint(x / pow10_exact[-k]);
-        double back = k >= 0 ? m / pow10_exact[k] : m * pow10_exact[-k];
-        /* back carries at most half a double ulp of error; keep a margin. */
-        if (!(fabs(back - x) < half_ulp * (1 - 1e-9)))
-            continue;
-        uint64_t mi = (uint64_t)m;
-        int ndig = p, e = e10;
-        if (mi >= (uint64_t)pow10_exact[p]) { /* rounding carried into a new digit */
-            ndig = p + 1;
-            e = e10 + 1;
-        }
-        while (mi % 10 == 0 && ndig > 1) {
-            mi /= 10;
-            ndig--;
-        }
-        return put_digits(out, signbit(f) != 0, mi, ndig, e);
-    }
-    return 0;
+    return (int)(strcpy(out, signbit(v) ? "-0" : "0"), signbit(v) ? 2 : 1);
 }
 
-/* Shortest "%.*g" that reads back exactly: %g drops trailing zeros, so the
- * first precision that round-trips gives the shortest digits. */
-static int fmt_num(char *out, size_t len, double v, int f32)
+/* The shortest decimal that reads back as exactly v, as a float32 when f32
+ * (v is then one, widened exactly), by Dragonbox through common/shortest.h.
+ * out has NUM_ROOM bytes; returns the text's length. */
+static int fmt_num(char *out, double v, int f32)
 {
-    int n = 0;
-    if (!isfinite(f32 ? (float)v : v)) /* JSON has no inf or NaN */
-        return (int)(memcpy(out, "null", 5), 4);
+    uint64_t m;
+    uint32_t m32;
+    int e, n = fmt_special(out, v);
+    if (n)
+        return n;
     if (f32) {
-        float f = (float)v;
-        if ((n = fmt_f32_fast(out, f)) > 0)
-            return n;
-        for (int prec = 6; prec <= 9; prec++) {
-            n = snprintf(out, len, "%.*g", prec, (double)f);
-            if (strtof(out, NULL) == f)
-                break;
-        }
+        optd_shortest_f32((float)v, &m32, &e);
+        m = m32;
     } else {
-        for (int prec = 15; prec <= 17; prec++) {
-            n = snprintf(out, len, "%.*g", prec, v);
-            if (strtod(out, NULL) == v)
-                break;
-        }
+        optd_shortest_f64(v, &m, &e);
     }
-    return n;
+    return put_decimal(out, signbit(v) != 0, m, e);
 }
 
 void sbuf_num(sbuf *b, double v, int f32)
 {
-    char tmp[40];
-    int n = fmt_num(tmp, sizeof tmp, v, f32);
+    char tmp[NUM_ROOM];
+    int n = fmt_num(tmp, f32 ? (float)v : v, f32);
     sbuf_put(b, tmp, (size_t)n);
 }
 
 void sbuf_vec(sbuf *b, const void *x, size_t n, optim_dtype dtype)
 {
     /* Reserve the worst case once, then print in place. */
-    if (grow(b, n * 26 + 2))
+    if (grow(b, n * 26 + 2 + NUM_ROOM))
         return;
     char *p = b->p + b->len;
     *p++ = '[';
     for (size_t i = 0; i < n; i++) {
         if (i)
             *p++ = ',';
-        double v = dtype == OPTIM_F64 ? ((const double *)x)[i] : ((const float *)x)[i];
-        p += fmt_num(p, 26, v, dtype == OPTIM_F32);
+        p += fmt_num(p, dtype == OPTIM_F64 ? ((const double *)x)[i] : ((const float *)x)[i], dtype == OPTIM_F32);
     }
     *p++ = ']';
     *p = '\0';
@@ -208,14 +242,13 @@ void sbuf_vec(sbuf *b, const void *x, size_t n, optim_dtype dtype)
 
 void sbuf_vec_items(sbuf *b, const void *x, size_t from, size_t n, optim_dtype dtype)
 {
-    if (grow(b, n * 26))
+    if (grow(b, n * 26 + NUM_ROOM))
         return;
     char *p = b->p + b->len;
     for (size_t i = from; i < from + n; i++) {
         if (i)
             *p++ = ',';
-        double v = dtype == OPTIM_F64 ? ((const double *)x)[i] : ((const float *)x)[i];
-        p += fmt_num(p, 26, v, dtype == OPTIM_F32);
+        p += fmt_num(p, dtype == OPTIM_F64 ? ((const double *)x)[i] : ((const float *)x)[i], dtype == OPTIM_F32);
     }
     *p = '\0';
     b->len = (size_t)(p - b->p);

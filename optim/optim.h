@@ -1,7 +1,8 @@
 /* optim: one step of each torch.optim optimizer on a flat vector, in float32
  * or float64, following PyTorch 1.13's update rules and order of operations.
- * Pure C: no I/O, no globals beyond constant tables, no allocation. One
- * description table per optimizer drives defaults, validation and listing. */
+ * Pure C: no I/O, no allocation, no globals beyond constant tables and the
+ * instruction set the kernels run with. One description table per optimizer
+ * drives defaults, validation and listing. */
 #ifndef OPTD_OPTIM_H
 #define OPTD_OPTIM_H
 
@@ -153,5 +154,26 @@ double optim_sq_norm(optim_dtype dtype, size_t n, const void *x);
 /* Multiplies n elements of dtype by scale rounded to dtype (as torch's
  * grad.mul_(clip_coef) in clip_grad_norm_). */
 void optim_scale(optim_dtype dtype, size_t n, void *x, double scale);
+
+/* The instruction sets the kernels are compiled for. optim_step and the
+ * other kernels use the best one the CPU has (picked at first use); every
+ * one gives the same bits, which tests prove by forcing each in turn. */
+typedef enum optim_isa {
+    OPTIM_ISA_SSE2,    /* x86-64's baseline; the plain build on other CPUs */
+    OPTIM_ISA_AVX2,    /* x86-64 only */
+    OPTIM_ISA_AVX512F, /* x86-64 only */
+    OPTIM_ISA_COUNT
+} optim_isa;
+/* "sse2", "avx2", "avx512f". */
+const char *optim_isa_name(optim_isa isa);
+/* Whether isa is compiled in and this CPU (and its OS) can run it. */
+bool optim_isa_supported(optim_isa isa);
+/* The set in use now. */
+optim_isa optim_isa_current(void);
+/* For tests and benchmarks: makes later kernel calls use isa. Returns
+ * OPTIM_EINVAL (and changes nothing) when isa is not supported here. Not to
+ * be called while another thread is inside a kernel it should not see
+ * switch. */
+int optim_isa_force(optim_isa isa);
 
 #endif

@@ -13,6 +13,7 @@
 #include <cmocka.h>
 
 #include "http/httpInt.h"
+#include "tests/decimal_check.h"
 
 static uint64_t rng = 88172645463325252u;
 static uint64_t next(void)
@@ -129,6 +130,178 @@ static void test_float64_printing_reads_back_exactly(void **unused)
         if (strtod(b.p, NULL) != d)
             fail_msg("%a printed as %s does not read back", d, b.p);
     }
+    sbuf_free(&b);
+}
+
+/* ---- The printer against the one it replaced, and shortness proved ---------- */
+
+/* The printer before Dragonbox, as its definition: the first "%.*g" that
+ * reads back exactly (%g drops trailing zeros). Slow: a reference only. */
+static void reference_print(char *out, size_t len, double v, int f32)
+{
+    for (int p = 1; p <= (f32 ? 9 : 17); p++) {
+        snprintf(out, len, "%.*g", p, f32 ? (double)(float)v : v);
+        if (f32 ? strtof(out, NULL) == (float)v : strtod(out, NULL) == v)
+            return;
+    }
+}
+
+/* How many values printed with fewer digits than the old printer's. */
+static size_t shorter_than_before;
+
+/* Prints v, checks that it reads back bit for bit (sign of zero included)
+ * and that no shorter decimal does; with against_reference, also that the
+ * old printer's digits and exponent are the same. */
+static void check_printed(sbuf *b, double v, int f32, int against_reference)
+{
+    b->len = 0;
+    sbuf_num(b, v, f32);
+    if (f32) {
+        float f = (float)v, back = strtof(b->p, NULL);
+        if (memcmp(&back, &f, 4) != 0)
+            fail_msg("%a printed as %s reads back as %a", (double)f, b->p, (double)back);
+    } else {
+        double back = strtod(b->p, NULL);
+        if (memcmp(&back, &v, 8) != 0)
+            fail_msg("%a printed as %s reads back as %a", v, b->p, back);
+    }
+    if (v == 0)
+        return;
+    uint64_t digits, rdigits;
+    int e, re;
+    int n = decimal_parts(b->p, &digits, &e);
+    if (shorter_exists(digits, e, n, v, f32))
+        fail_msg("%a printed as %s: a decimal of %d digits reads back too", v, b->p, n - 1);
+    if (against_reference) {
+        char ref[48];
+        reference_print(ref, sizeof ref, v, f32);
+        int rn = decimal_parts(ref, &rdigits, &re);
+        /* Below a power of two the decimals that read back reach only half
+         * as far down: there the old printer's correctly rounded "%.*g"
+         * could miss a shorter one that Dragonbox finds. */
+        if (rn < n || (rn == n && (rdigits != digits || re != e)))
+            fail_msg("%a printed as %s, the old printer's %s", v, b->p, ref);
+        shorter_than_before += rn > n;
+    }
+}
+
+static double bits_f32(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static double bits_f64(uint64_t u)
+{
+    double d;
+    memcpy(&d, &u, 8);
+    return d;
+}
+
+/* Two million random float32 bit patterns and every float32 around each
+ * power of two (where the gap below is half the gap above) and the
+ * subnormals' edges: each reads back, and none has a shorter decimal; one
+ * in ten also against the old printer (value and digits). `make
+ * floats-exhaustive` does the first two checks for all 2^32 patterns. */
+static void test_float32_printing_is_exact_and_shortest(void **unused)
+{
+    (void)unused;
+    sbuf b = {0};
+    for (int i = 0; i < 2000000; i++) {
+        double f = bits_f32((uint32_t)next());
+        if (isfinite(f))
+            check_printed(&b, f, 1, i % 10 == 0);
+    }
+    for (uint32_t ex = 0; ex < 255; ex++)
+        for (int32_t d = -3; d <= 3; d++) {
+            uint32_t u = (ex << 23) + (uint32_t)d;
+            for (int neg = 0; neg < 2; neg++) {
+                double f = bits_f32(u | (uint32_t)neg << 31);
+                if (isfinite(f) && (ex << 23) + (uint32_t)d < 0x7f800000u)
+                    check_printed(&b, f, 1, 1);
+            }
+        }
+    print_message("float32: %zu values shorter than the old printer's\n", shorter_than_before);
+    shorter_than_before = 0;
+    sbuf_free(&b);
+}
+
+/* Random float64 bit patterns, powers of two and values of every decade:
+ * each reads back, none has a shorter decimal, and one in twenty prints
+ * what the old printer did. */
+static void test_float64_printing_is_exact_and_shortest(void **unused)
+{
+    (void)unused;
+    sbuf b = {0};
+    for (int i = 0; i < 500000; i++) {
+        double d = bits_f64(next());
+        if (isfinite(d))
+            check_printed(&b, d, 0, i % 20 == 0);
+    }
+    for (uint64_t ex = 0; ex < 2047; ex++)
+        for (int d = -2; d <= 2; d++) {
+            double v = bits_f64((ex << 52) + (uint64_t)(int64_t)d);
+            if (isfinite(v) && v > 0)
+                check_printed(&b, v, 0, 1);
+        }
+    for (int k = -320; k <= 308; k++)
+        check_printed(&b, pow(10, k) * ((double)next() / 18446744073709551616.0 + 0.5), 0, 1);
+    print_message("float64: %zu values shorter than the old printer's\n", shorter_than_before);
+    shorter_than_before = 0;
+    sbuf_free(&b);
+}
+
+/* Every layout of the printer: plain with leading zeros, plain integers,
+ * plain with a point, and the exponent form at both ends of the range;
+ * these are the strings a client sees. */
+static void test_numbers_print_in_the_expected_layouts(void **unused)
+{
+    (void)unused;
+    static const struct {
+        double v;
+        int f32;
+        const char *want;
+    } cases[] = {
+        {0.0, 1, "0"},
+        {-0.0, 0, "-0"},
+        {1.0, 1, "1"},
+        {0.1, 1, "0.1"},
+        {0.1, 0, "0.1"},
+        {-2.5, 0, "-2.5"},
+        {1e-5, 0, "0.00001"},
+        {1.5e-5, 1, "0.000015"},
+        {1e-6, 0, "1e-6"},
+        {-1.25e-7, 0, "-1.25e-7"},
+        {123456789.0, 1, "123456790"},
+        {0x1p-96, 1, "1.2621775e-29"}, /* the old printer: 1.26217745e-29 */
+        {1e16, 0, "10000000000000000"},
+        {1e17, 0, "1e17"},
+        {1.5e300, 0, "1.5e300"},
+        {4.9406564584124654e-324, 0, "5e-324"},
+        {1.7976931348623157e308, 0, "1.7976931348623157e308"},
+        {3.40282347e38, 1, "3.4028235e38"},
+        {1e-45, 1, "1e-45"},
+        {0.001, 1, "0.001"},
+        {12.375, 0, "12.375"},
+        {1234567.875, 0, "1234567.875"},
+        {0.30000000000000004, 0, "0.30000000000000004"},
+        {INFINITY, 0, "null"},
+        {NAN, 1, "null"},
+    };
+    sbuf b = {0};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        b.len = 0;
+        sbuf_num(&b, cases[i].v, cases[i].f32);
+        if (strcmp(b.p, cases[i].want))
+            fail_msg("%a (%s) printed as %s, want %s", cases[i].v, cases[i].f32 ? "float32" : "float64", b.p,
+                     cases[i].want);
+    }
+    /* A vector prints the same numbers, comma-separated. */
+    const float v[] = {0.5f, -3e-7f, 1e20f};
+    b.len = 0;
+    sbuf_vec(&b, v, 3, OPTIM_F32);
+    assert_string_equal(b.p, "[0.5,-3e-7,1e20]");
     sbuf_free(&b);
 }
 
@@ -335,6 +508,9 @@ int main(void)
         cmocka_unit_test(test_float32_printing_is_the_shortest_for_typical_values),
         cmocka_unit_test(test_special_float32_values_print_as_json_numbers),
         cmocka_unit_test(test_float64_printing_reads_back_exactly),
+        cmocka_unit_test(test_float32_printing_is_exact_and_shortest),
+        cmocka_unit_test(test_float64_printing_is_exact_and_shortest),
+        cmocka_unit_test(test_numbers_print_in_the_expected_layouts),
         cmocka_unit_test(test_the_fast_decoder_agrees_with_strtof_and_strtod_bit_for_bit),
         cmocka_unit_test(test_the_fast_decoder_leaves_other_bodies_to_cjson),
         cmocka_unit_test(test_streamed_bodies_decode_the_same_whatever_the_pieces),

@@ -328,9 +328,29 @@ static int teardown_case(void **state)
     return 0;
 }
 
+/* The instruction set the reference group runs with, and per case and set a
+ * digest of every params vector of the replay and the final buffers (0 when
+ * not run), so the runs under each set can be compared bit for bit. */
+static optim_isa replay_isa;
+static struct replay_digest {
+    const char *name; /* borrowed from the test table */
+    uint64_t bits[OPTIM_ISA_COUNT];
+} *replay_digests;
+static size_t replay_count;
+
+/* FNV-1a over n bytes, continuing from h. */
+static uint64_t fnv1a(uint64_t h, const void *p, size_t n)
+{
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ b[i]) * 1099511628211u;
+    return h;
+}
+
 static void test_reference_case(void **state)
 {
     ref_case *c = *state;
+    uint64_t digest = 14695981039346656037u;
     const optim_info *info = optim_find(c->opt);
     if (!info)
         fail_msg("%s: optd has no optimizer \"%s\"", c->name, c->opt);
@@ -402,6 +422,7 @@ static void test_reference_case(void **state)
             fail_msg("%s: optim_step modified the gradient at step %zu", c->name, t + 1);
         if (compare(c, "params", t + 1, c->params, c->want + t * n, n) < n)
             fail_msg("%s: params first differ at step %zu", c->name, t + 1);
+        digest = fnv1a(digest, c->params, n * es);
     }
     free(before);
     if (st.step != c->steps)
@@ -416,7 +437,12 @@ static void test_reference_case(void **state)
                      i < 0 ? "does not know" : "says is unused");
         if (compare(c, c->buf_names[b], c->steps, c->state_buf[i], c->bufs + b * n, n) < n)
             fail_msg("%s: state \"%s\" differs after the last step", c->name, c->buf_names[b]);
+        digest = fnv1a(digest, c->state_buf[i], n * es);
     }
+    for (size_t k = 0; k < replay_count; k++)
+        if (!strncmp(replay_digests[k].name, c->name, strlen(c->name)) &&
+            replay_digests[k].name[strlen(c->name)] == '.')
+            replay_digests[k].bits[replay_isa] = digest | 1; /* never 0: 0 is "not run" */
     for (size_t i = 0; i < info->n_buffers; i++) {
         int found = 0;
         for (size_t b = 0; b < c->n_bufs; b++)
@@ -1094,11 +1120,183 @@ static void test_statistics_call_huge_finite_values_finite_and_overflow_not(void
     assert_false(stats.finite);
 }
 
+/* ---- Every instruction set gives the same bits ------------------------------ */
+
+/* Hyperparameter variants beside the defaults, applied where the optimizer
+ * has the field and the result validates: each takes another branch of a
+ * kernel (weight decay, maximize, amsgrad, centered, momentum). */
+static const struct {
+    const char *name;
+    double value;
+} VARIANTS[][3] = {
+    {{NULL, 0}},
+    {{"weight_decay", 0.01}, {"maximize", 1}, {NULL, 0}},
+    {{"amsgrad", 1}, {"centered", 1}, {"momentum", 0.9}},
+    {{"momentum", 0.5}, {"dampening", 0.1}, {"lr_decay", 0.01}},
+};
+/* Lengths around every vector width and the statistics block (2048). */
+static const size_t ISA_SIZES[] = {1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65, 127, 1000, 2053, 4099};
+#define ISA_STEPS 6
+#define ISA_MAX_N 4099
+
+/* Runs ISA_STEPS steps (statistics on every other) of one configuration from
+ * fixed inputs with isa, and leaves params then each used buffer in out. */
+static void run_isa(optim_isa isa, const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n,
+                    unsigned char *out, unsigned char *g)
+{
+    size_t es = optim_elem_size(dtype);
+    optim_state st;
+    memset(&st, 0, sizeof st);
+    st.params = out;
+    for (size_t i = 0; i < OPTIM_MAX_BUFFERS; i++)
+        if (optim_buffer_used(info, hp, i))
+            st.buf[i] = out + (1 + i) * ISA_MAX_N * es;
+    assert_int_equal(optim_isa_force(isa), OPTIM_OK);
+    optim_state_init(info, hp, dtype, n, &st);
+    uint64_t r = 0x9e3779b97f4a7c15u;
+    for (size_t i = 0; i < n; i++) {
+        r ^= r << 13, r ^= r >> 7, r ^= r << 17;
+        /* Values over many binades, both signs; exact zeros now and then. */
+        double pv = ((double)(r >> 11) / 9007199254740992.0 - 0.5) * ldexp(1, (int)(r % 9) - 4);
+        double gv =
+            (r & 0xf0) == 0 ? 0 : ((double)(r >> 20 & 0xffff) / 65536.0 - 0.5) * ldexp(1, (int)(r >> 8 & 7) - 5);
+        store_elem(st.params, dtype, i, pv);
+        store_elem(g, dtype, i, gv);
+    }
+    for (int t = 0; t < ISA_STEPS; t++) {
+        optim_stats stats;
+        optim_step(info, hp, dtype, n, &st, g, t % 2 ? &stats : NULL);
+        if (t < ISA_STEPS - 1) /* the next step's gradient differs */
+            optim_scale(dtype, n, g, -0.75);
+    }
+}
+
+/* Each optimizer, in several configurations, at lengths that exercise every
+ * vector body and tail, under every instruction set this CPU has: params and
+ * buffers must equal the SSE2 run's byte for byte. */
+static void test_every_instruction_set_gives_the_same_bits(void **unused)
+{
+    (void)unused;
+    optim_isa saved = optim_isa_current();
+    size_t bytes = (1 + OPTIM_MAX_BUFFERS) * ISA_MAX_N * 8;
+    unsigned char *want = malloc(bytes), *got = malloc(bytes), *g = malloc(ISA_MAX_N * 8);
+    assert_non_null(want);
+    assert_non_null(got);
+    assert_non_null(g);
+    size_t compared = 0;
+    for (size_t k = 0; k < OPTIM_KIND_COUNT; k++) {
+        const optim_info *info = optim_at(k);
+        for (size_t v = 0; v < sizeof VARIANTS / sizeof VARIANTS[0]; v++) {
+            optim_hparams hp;
+            optim_defaults(info, &hp);
+            for (size_t j = 0; j < 3 && VARIANTS[v][j].name; j++) {
+                const optim_hp_desc *d = optim_hp_find(info, VARIANTS[v][j].name);
+                if (d)
+                    optim_hp_set(&hp, d, 0, VARIANTS[v][j].value);
+            }
+            char msg[256];
+            if (optim_validate(info, &hp, msg, sizeof msg) != OPTIM_OK)
+                continue;
+            for (int dt = 0; dt < 2; dt++) {
+                optim_dtype dtype = dt ? OPTIM_F64 : OPTIM_F32;
+                for (size_t s = 0; s < sizeof ISA_SIZES / sizeof ISA_SIZES[0]; s++) {
+                    size_t n = ISA_SIZES[s];
+                    memset(want, 0, bytes);
+                    run_isa(OPTIM_ISA_SSE2, info, &hp, dtype, n, want, g);
+                    for (int isa = OPTIM_ISA_SSE2 + 1; isa < OPTIM_ISA_COUNT; isa++) {
+                        if (!optim_isa_supported((optim_isa)isa))
+                            continue;
+                        memset(got, 0, bytes);
+                        run_isa((optim_isa)isa, info, &hp, dtype, n, got, g);
+                        for (size_t b = 0; b <= OPTIM_MAX_BUFFERS; b++) {
+                            size_t off = b * ISA_MAX_N * optim_elem_size(dtype), len = n * optim_elem_size(dtype);
+                            if (memcmp(want + off, got + off, len) != 0)
+                                fail_msg("%s (variant %zu) %s n=%zu: %s %s differs from sse2's", info->name, v,
+                                         dt ? "float64" : "float32", n, optim_isa_name((optim_isa)isa),
+                                         b ? info->buffers[b - 1] : "params");
+                        }
+                        compared++;
+                    }
+                }
+            }
+        }
+    }
+    assert_int_equal(optim_isa_force(saved), OPTIM_OK);
+    free(want);
+    free(got);
+    free(g);
+    print_message("compared %zu runs against sse2's byte for byte\n", compared);
+}
+
+/* On a CPU with AVX-512 the daemon runs the AVX-512 kernels: they must be
+ * compiled in, picked by default, and (above) equal to the others. */
+static void test_the_avx512_kernels_run_where_the_cpu_has_them(void **unused)
+{
+    (void)unused;
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    int has = 0;
+    char line[4096];
+    while (f && !has && fgets(line, sizeof line, f))
+        if (!strncmp(line, "flags", 5) && strstr(line, " avx512f"))
+            has = 1;
+    if (f)
+        fclose(f);
+#if !defined(__x86_64__)
+    skip();
+#endif
+    if (!has) {
+        print_message("SKIPPED: this CPU has no avx512f in /proc/cpuinfo; the AVX-512 kernels were not run\n");
+        skip();
+    }
+    assert_true(optim_isa_supported(OPTIM_ISA_AVX512F));
+    assert_int_equal(optim_isa_current(), OPTIM_ISA_AVX512F);
+    assert_string_equal(optim_isa_name(optim_isa_current()), "avx512f");
+}
+
+/* Each reference group run under one instruction set, recorded per case. */
+static int run_reference_group(struct CMUnitTest *cases, int count, optim_isa isa)
+{
+    char name[64];
+    snprintf(name, sizeof name, "optim_reference_%s", optim_isa_name(isa));
+    replay_isa = isa;
+    if (optim_isa_force(isa) != OPTIM_OK)
+        return 1;
+    return _cmocka_run_group_tests(name, cases, (size_t)count, NULL, NULL);
+}
+
+/* The digests of each case under each set that ran must be equal. */
+static int check_replay_digests(void)
+{
+    int bad = 0;
+    size_t runs = 0;
+    for (size_t k = 0; k < replay_count; k++) {
+        uint64_t first = 0;
+        for (int isa = 0; isa < OPTIM_ISA_COUNT; isa++) {
+            uint64_t d = replay_digests[k].bits[isa];
+            if (!d)
+                continue;
+            runs++;
+            if (!first)
+                first = d;
+            else if (d != first) {
+                fprintf(stderr, "%s: the %s replay differs from the first set's bit for bit\n", replay_digests[k].name,
+                        optim_isa_name((optim_isa)isa));
+                bad = 1;
+            }
+        }
+    }
+    printf("reference replays compared bit for bit across instruction sets: %zu cases, %zu runs%s\n", replay_count,
+           runs, bad ? ", MISMATCH" : ", all equal");
+    return bad;
+}
+
 int main(void)
 {
     const struct CMUnitTest table_tests[] = {
         cmocka_unit_test(test_every_optimizer_is_found_by_name_in_kind_order),
         cmocka_unit_test(test_steps_with_statistics_equal_steps_without_over_many_blocks),
+        cmocka_unit_test(test_every_instruction_set_gives_the_same_bits),
+        cmocka_unit_test(test_the_avx512_kernels_run_where_the_cpu_has_them),
         cmocka_unit_test(test_statistics_call_huge_finite_values_finite_and_overflow_not),
         cmocka_unit_test(test_an_unknown_optimizer_name_is_not_found),
         cmocka_unit_test(test_an_unknown_hyperparameter_name_is_not_found),
@@ -1150,7 +1348,24 @@ int main(void)
         free_cases(cases, count < 0 ? 0 : count);
         return 1;
     }
-    failed += _cmocka_run_group_tests("optim_reference", cases, (size_t)count, NULL, NULL);
+    /* The torch reference under every instruction set this CPU has, the
+     * default (best) one first. */
+    replay_digests = calloc((size_t)count, sizeof *replay_digests);
+    if (!replay_digests) {
+        free_cases(cases, count);
+        return 1;
+    }
+    replay_count = (size_t)count;
+    for (int i = 0; i < count; i++)
+        replay_digests[i].name = cases[i].name;
+    optim_isa best = optim_isa_current();
+    failed += run_reference_group(cases, count, best);
+    for (int isa = 0; isa < OPTIM_ISA_COUNT; isa++)
+        if (isa != (int)best && optim_isa_supported((optim_isa)isa))
+            failed += run_reference_group(cases, count, (optim_isa)isa);
+    optim_isa_force(best);
+    failed += check_replay_digests();
+    free(replay_digests);
     free_cases(cases, count);
 
     static const char *const dtype_names[] = {"float32", "float64"};

@@ -148,7 +148,7 @@ class StepTests(DaemonTest):
             self.assertIsInstance(v, (int, float), "params hold a non-number: %r" % p)
         if r.status == 422:
             # Compared as float32: the reply prints the shortest digits that
-            # read back as the same float32 ("3e+38"), not the double's.
+            # read back as the same float32 ("3e38"), not the double's.
             self.assertEqual([f32(v) for v in p.json["params"]], [f32(3.0e38)])
 
     def test_state_overflowing_float32_still_replies_strict_json(self):
