@@ -217,6 +217,29 @@ static enum MHD_Result send_err(req *r, optd_err e, const char *msg, int64_t ste
 
 static void step_str(uint64_t step, char out[24]) { snprintf(out, 24, "%llu", (unsigned long long)step); }
 
+/* Adds header name with the number v as the JSON reply prints it. */
+static void number_header(struct MHD_Response *resp, const char *name, double v)
+{
+    sbuf b = {0};
+    sbuf_num(&b, v, 0);
+    if (!b.oom && b.p)
+        MHD_add_response_header(resp, name, b.p);
+    sbuf_free(&b);
+}
+
+/* A binary step reply carries the scalars of the JSON one in headers
+ * (API.md "Binary vectors"): Optd-Lr, Optd-Grad-Norm, Optd-Contributors. */
+static void step_meta_headers(struct MHD_Response *resp, const engine_step_req *j)
+{
+    char n[16];
+    if (!j || !j->has_meta)
+        return;
+    number_header(resp, "Optd-Lr", j->lr);
+    number_header(resp, "Optd-Grad-Norm", j->grad_norm);
+    snprintf(n, sizeof n, "%u", j->contributors);
+    MHD_add_response_header(resp, "Optd-Contributors", n);
+}
+
 static enum MHD_Result send_vec(req *r, void *x, size_t n, optim_dtype dtype, const char *etag,
                                 const engine_step_req *meta)
 {
@@ -241,7 +264,7 @@ static enum MHD_Result send_vec(req *r, void *x, size_t n, optim_dtype dtype, co
         free(x);
         return MHD_NO;
     }
-    (void)meta;
+    step_meta_headers(resp, meta);
     return queue(r, 200, resp, ctype, etag);
 }
 

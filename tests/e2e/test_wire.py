@@ -2,11 +2,14 @@
 returned as bfloat16, float16 or float32 (the dtype parameter of the media
 type), exactly as torch's Tensor.to() converts them (the reference data of
 tests/gen_wire_reference.py), bad dtype parameters refused with a message
-that teaches."""
+that teaches; and the scalars of a binary step reply in its headers
+(Optd-Lr, Optd-Grad-Norm, Optd-Contributors)."""
 
+import json
 import math
 import os
 import struct
+import threading
 
 from optd_e2e import DaemonTest, f32, pack, unpack, uniq
 
@@ -238,3 +241,84 @@ class WireTypeTests(DaemonTest):
                            headers={"Content-Type": OCTET + "; dtype=bfloat16"})
         err = self.assertError(r, 415, "unsupported_media_type")
         self.assertIn("safetensors", err["message"])
+
+
+class BinaryReplyHeaderTests(DaemonTest):
+    """A binary step reply carries lr, grad_norm and contributors in headers,
+    with the values the JSON reply has."""
+
+    def step_path(self, name):
+        return "/v1/sessions/%s/step" % name
+
+    def twin(self, **fields):
+        a, b = uniq(), uniq()
+        for n in (a, b):
+            self.d.create(n, "adam", params=[0.5, -1.0, 2.0], **fields)
+        return a, b
+
+    def assertHeadersMatch(self, binary, js):
+        self.assertEqual(binary.status, 200, binary)
+        self.assertEqual(js.status, 200, js)
+        body = json.loads(js.body)
+        self.assertEqual(float(binary.header("Optd-Lr")), body["lr"])
+        self.assertEqual(float(binary.header("Optd-Grad-Norm")), body["grad_norm"])
+        self.assertEqual(int(binary.header("Optd-Contributors")), body["contributors"])
+        # Printed as the JSON reply prints them.
+        self.assertIn('"lr":%s' % binary.header("Optd-Lr"), js.body.decode())
+        self.assertIn('"grad_norm":%s' % binary.header("Optd-Grad-Norm"), js.body.decode())
+
+    def test_headers_carry_lr_grad_norm_and_contributors(self):
+        a, b = self.twin(hyperparams={"lr": 0.01, "max_grad_norm": 0.5,
+                                      "lr_schedule": {"type": "exponential", "gamma": 0.5}})
+        for k in range(3):
+            g = [0.3 * (k + 1), -0.7, 0.1]
+            rb = self.d.request("POST", self.step_path(a), body=pack("float32", g),
+                                headers={"Content-Type": OCTET, "Accept": OCTET})
+            rj = self.d.step(b, g)
+            self.assertHeadersMatch(rb, rj)
+            self.assertEqual(unpack("float32", rb.body), [f32(x) for x in rj.json["params"]])
+        self.assertEqual(float(rb.header("Optd-Lr")), 0.01 * 0.25)
+
+    def test_minimal_and_narrow_replies_carry_them_too(self):
+        a, b = self.twin()
+        for accept in (OCTET, OCTET + "; dtype=bfloat16"):
+            rb = self.d.request("POST", self.step_path(a), body=pack("float32", [1, 2, 3]),
+                                headers={"Content-Type": OCTET, "Accept": accept, "Prefer": "return=minimal"})
+            self.assertEqual(rb.body, b"")
+            self.assertHeadersMatch(rb, self.d.step(b, [1, 2, 3]))
+
+    def test_an_idempotent_replay_carries_the_first_replys_headers(self):
+        name = uniq()
+        self.d.create(name, "sgd", params=[1.0])
+        hdr = {"Content-Type": OCTET, "Accept": OCTET, "Idempotency-Key": uniq()}
+        r1 = self.d.request("POST", self.step_path(name), body=pack("float32", [2.0]), headers=hdr)
+        r2 = self.d.request("POST", self.step_path(name), body=pack("float32", [2.0]), headers=hdr)
+        self.assertEqual(r2.header("Idempotent-Replayed"), "true")
+        for h in ("Optd-Lr", "Optd-Grad-Norm", "Optd-Contributors"):
+            self.assertEqual(r2.header(h), r1.header(h), h)
+        self.assertEqual(r1.header("Optd-Grad-Norm"), "2")
+
+    def test_every_contributor_of_a_round_sees_the_count(self):
+        name = uniq()
+        self.d.create(name, "sgd", params=[1.0, 1.0], workers=2)
+        replies = [None, None]
+
+        def contribute(i):
+            replies[i] = self.d.request("POST", self.step_path(name), body=pack("float32", [i, 1.0]),
+                                        headers={"Content-Type": OCTET, "Accept": OCTET})
+        ts = [threading.Thread(target=contribute, args=(i,)) for i in range(2)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(60)
+        for r in replies:
+            self.assertEqual(r.status, 200, r)
+            self.assertEqual(r.header("Optd-Contributors"), "2")
+            self.assertEqual(r.header("Optd-Lr"), "0.01")
+        self.assertEqual(replies[0].body, replies[1].body)
+
+    def test_json_step_replies_have_no_such_headers(self):
+        name = uniq()
+        self.d.create(name, "sgd", params=[1.0])
+        r = self.d.step(name, [1.0])
+        self.assertIsNone(r.header("Optd-Lr"))
