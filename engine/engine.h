@@ -135,13 +135,17 @@ typedef struct engine_codec {
 
 /* ---- sessions in memory (session.c) ------------------------------------ */
 
-/* A session in memory: its row, decoded configuration and state. blob holds
- * params, then each used buffer in optim_info order, then the scalar state
- * as a double; st points into it. The size and dtype are the row's
- * (row.size, row.dtype); the step is st.step, copied into row.step when the
- * row is written. */
+/* A session in memory: who it is, its decoded configuration and its state.
+ * blob holds params, then each used buffer in optim_info order, then the
+ * scalar state as a double; st points into it. Each fact is held once: the
+ * optimizer is info, the size n, the dtype dtype, the step st.step (which
+ * optim_step advances). The store's row is derived from them whenever it is
+ * needed (engine_sess_row), never kept beside them. */
 typedef struct sess {
-    store_session row;
+    int64_t id; /* the store's rowid; 0 until inserted */
+    char name[STORE_NAME_MAX + 1];
+    char *config; /* owned: the stored configuration text, written through codec */
+    int64_t created_ms, updated_ms;
     const optim_info *info;
     optim_hparams hp;
     optim_dtype dtype;
@@ -150,13 +154,20 @@ typedef struct sess {
     size_t blob_len;
     optim_state st;
     training tr;
-    const engine_codec *codec; /* borrowed: writes row.config */
+    const engine_codec *codec; /* borrowed */
     /* The engine's own (writer.c): the worker round in progress or NULL,
      * the cache links, and how the current group touched it. */
     struct wround *rnd;
     struct sess *lru_prev, *lru_next, *hnext;
     int touched; /* in the current group: 0 untouched, -1 loaded, else the part that last changed it */
 } sess;
+
+/* s's row as the store holds it. Its config is borrowed from s: the row is
+ * valid while s is unchanged, and must not be cleared. */
+void engine_sess_row(const sess *s, store_session *row);
+/* The same row owning a copy of config (the caller clears it); OPTD_E_NOMEM
+ * leaves *out zeroed. */
+optd_err engine_sess_row_copy(const sess *s, store_session *out);
 
 /* Frees s and everything it owns; engine_sess_free(NULL) does nothing. */
 void engine_sess_free(sess *s);

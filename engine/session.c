@@ -59,7 +59,7 @@ void engine_sess_free(sess *s)
 {
     if (!s)
         return;
-    store_session_clear(&s->row);
+    free(s->config);
     free(s->blob);
     free(s);
 }
@@ -70,8 +70,8 @@ optd_err engine_sess_write_config(sess *s)
     optd_err rc = s->codec->encode(s->codec->ctx, s->info, &s->hp, &s->tr, &text);
     if (rc)
         return rc;
-    free(s->row.config);
-    s->row.config = text;
+    free(s->config);
+    s->config = text;
     return OPTD_OK;
 }
 
@@ -141,11 +141,8 @@ static optd_err make(const engine_codec *codec, const char *name, const optim_in
         }
     }
     engine_sess_pack(s);
-    snprintf(s->row.name, sizeof s->row.name, "%s", name);
-    snprintf(s->row.optimizer, sizeof s->row.optimizer, "%s", info->name);
-    s->row.dtype = dtype;
-    s->row.size = n;
-    s->row.created_ms = s->row.updated_ms = optd_now_ms();
+    snprintf(s->name, sizeof s->name, "%s", name);
+    s->created_ms = s->updated_ms = optd_now_ms();
     rc = engine_sess_write_config(s);
 done:
     if (rc) {
@@ -175,13 +172,18 @@ optd_err engine_sess_from_store(const engine_codec *codec, store_session *row, v
         goto done;
     if (layout(s, NULL) != blob_len)
         goto done;
-    s->row = *row;
-    memset(row, 0, sizeof *row);
+    s->st.step = row->step;
+    s->id = row->id;
+    snprintf(s->name, sizeof s->name, "%s", row->name);
+    s->created_ms = row->created_ms;
+    s->updated_ms = row->updated_ms;
+    s->config = row->config;
+    row->config = NULL;
+    store_session_clear(row);
     s->blob = blob;
     s->blob_len = blob_len;
     layout(s, s->blob);
     memcpy(&s->st.scalar, s->blob + blob_len - sizeof(double), sizeof(double));
-    s->st.step = s->row.step;
     rc = OPTD_OK;
 done:
     if (rc) {
@@ -209,11 +211,8 @@ optd_err engine_sess_copy(const sess *src, const char *name, sess **out)
     layout(s, s->blob);
     s->st.scalar = src->st.scalar;
     s->st.step = src->st.step;
-    s->row = src->row;
-    s->row.id = 0;
-    s->row.config = NULL;
-    snprintf(s->row.name, sizeof s->row.name, "%s", name);
-    s->row.created_ms = s->row.updated_ms = optd_now_ms();
+    snprintf(s->name, sizeof s->name, "%s", name);
+    s->created_ms = s->updated_ms = optd_now_ms();
     rc = engine_sess_write_config(s);
 done:
     if (rc && s) {
@@ -259,6 +258,30 @@ optd_err engine_sess_set_hparams(sess *s, const optim_hparams *hp)
     engine_sess_pack(s);
     optd_err rc = engine_sess_write_config(s);
     return rc;
+}
+
+void engine_sess_row(const sess *s, store_session *row)
+{
+    memset(row, 0, sizeof *row);
+    row->id = s->id;
+    snprintf(row->name, sizeof row->name, "%s", s->name);
+    snprintf(row->optimizer, sizeof row->optimizer, "%s", s->info->name);
+    row->dtype = s->dtype;
+    row->size = s->n;
+    row->step = s->st.step;
+    row->config = s->config;
+    row->created_ms = s->created_ms;
+    row->updated_ms = s->updated_ms;
+}
+
+optd_err engine_sess_row_copy(const sess *s, store_session *out)
+{
+    engine_sess_row(s, out);
+    if (s->config && !(out->config = strdup(s->config))) {
+        memset(out, 0, sizeof *out);
+        return OPTD_E_NOMEM;
+    }
+    return OPTD_OK;
 }
 
 optd_err engine_sess_read(store *st, const engine_codec *codec, const char *name, sess **out)

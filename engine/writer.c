@@ -122,7 +122,7 @@ static void lru_front(engine *w, sess *s)
 static sess *cache_get(engine *w, const char *name)
 {
     for (sess *s = w->bucket[hash(name)]; s; s = s->hnext) {
-        if (strcmp(s->row.name, name) == 0) {
+        if (strcmp(s->name, name) == 0) {
             lru_unlink(s);
             lru_front(w, s);
             return s;
@@ -133,7 +133,7 @@ static sess *cache_get(engine *w, const char *name)
 
 static void cache_put(engine *w, sess *s)
 {
-    unsigned h = hash(s->row.name);
+    unsigned h = hash(s->name);
     s->hnext = w->bucket[h];
     w->bucket[h] = s;
     lru_front(w, s);
@@ -147,7 +147,7 @@ static void cache_drop(engine *w, sess *s)
 {
     if (s->rnd)
         round_fail(w, s, OPTD_E_UNAVAILABLE, "the session's round was abandoned; retry the contribution");
-    sess **pp = &w->bucket[hash(s->row.name)];
+    sess **pp = &w->bucket[hash(s->name)];
     while (*pp != s)
         pp = &(*pp)->hnext;
     *pp = s->hnext;
@@ -198,7 +198,7 @@ static void touch(engine *w, sess *s, int64_t ms)
 {
     s->touched = w->part;
     w->part_dirty = 1;
-    s->row.updated_ms = ms;
+    s->updated_ms = ms;
 }
 
 /* Runs j's completion now. */
@@ -266,7 +266,7 @@ static optd_err apply_step(engine *w, sess *s, void *grad, uint32_t contributors
     optim_hparams hp = s->hp;
     optim_stats stats;
     double grad_norm = -1;
-    hp.lr = engine_training_lr(&s->tr, s->hp.lr, s->row.step);
+    hp.lr = engine_training_lr(&s->tr, s->hp.lr, s->st.step);
     if (s->tr.clip) {
         /* torch.nn.utils.clip_grad_norm_: the norm comes first, so this is
          * the one extra pass over the gradient. */
@@ -281,19 +281,18 @@ static optd_err apply_step(engine *w, sess *s, void *grad, uint32_t contributors
     if (grad_norm < 0)
         grad_norm = sqrt(stats.grad_sq);
     engine_sess_pack(s);
-    s->row.step = s->st.step;
     touch(w, s, optd_now_ms());
-    out->step = s->row.step;
+    out->step = s->st.step;
     out->lr = hp.lr;
     out->grad_norm = grad_norm;
-    optd_err rc = store_session_step(w->st, s->row.id, s->row.step, s->row.updated_ms, s->blob, s->blob_len);
+    optd_err rc = store_session_step(w->st, s->id, s->st.step, s->updated_ms, s->blob, s->blob_len);
     if (rc == OPTD_OK) {
-        store_history h = {s->row.step,          s->row.updated_ms, hp.lr,    grad_norm, sqrt(stats.update_sq),
-                           sqrt(stats.param_sq), contributors,      has_loss, loss};
-        rc = store_history_put(w->st, s->row.id, &h, w->history_steps);
+        store_history h = {s->st.step,           s->updated_ms, hp.lr,    grad_norm, sqrt(stats.update_sq),
+                           sqrt(stats.param_sq), contributors,  has_loss, loss};
+        rc = store_history_put(w->st, s->id, &h, w->history_steps);
     }
     if (rc == OPTD_OK)
-        rc = injected(w, ENGINE_FAULT_STEP, s->row.name);
+        rc = injected(w, ENGINE_FAULT_STEP, s->name);
     if (rc == OPTD_OK)
         atomic_fetch_add(&w->m->steps[s->info->kind], 1);
     return rc;
@@ -331,7 +330,7 @@ static optd_err finish_step(engine *w, sess *s, sreq *j, const applied *a, uint3
         memcpy(reply + 16, &contributors, 4);
         memset(reply + 20, 0, 4);
         memcpy(reply + REPLY_HEAD, s->st.params, vec);
-        rc = store_idem_put(w->st, s->row.id, j->idem_key, a->step, j->digest, reply, REPLY_HEAD + vec, w->idem_window,
+        rc = store_idem_put(w->st, s->id, j->idem_key, a->step, j->digest, reply, REPLY_HEAD + vec, w->idem_window,
                             keep < 1 ? 1 : keep);
         free(reply);
     }
@@ -539,11 +538,11 @@ static optd_err round_join(engine *w, sess *s, sreq *j)
  * another step than s's; -1 is no condition. */
 static optd_err check_if_match(engine_req *j, const sess *s)
 {
-    if (j->if_match < 0 || (uint64_t)j->if_match == s->row.step)
+    if (j->if_match < 0 || (uint64_t)j->if_match == s->st.step)
         return OPTD_OK;
-    j->step = s->row.step;
+    j->step = s->st.step;
     snprintf(j->msg, sizeof j->msg, "If-Match names step %lld but the session is at step %llu; nothing changed",
-             (long long)j->if_match, (unsigned long long)s->row.step);
+             (long long)j->if_match, (unsigned long long)s->st.step);
     return OPTD_E_STEP_MISMATCH;
 }
 
@@ -559,7 +558,7 @@ static optd_err run_step(engine *w, sreq *j)
     }
     if (j->idem_key) {
         store_idem rec = {0};
-        rc = store_idem_get(w->st, s->row.id, j->idem_key, &rec);
+        rc = store_idem_get(w->st, s->id, j->idem_key, &rec);
         if (rc == OPTD_OK) {
             j->step = rec.step;
             j->replayed = true;
@@ -585,10 +584,10 @@ static optd_err run_step(engine *w, sreq *j)
         if (rc != OPTD_E_NOT_FOUND)
             return rc;
     }
-    if (j->if_match >= 0 && (uint64_t)j->if_match != s->row.step) {
-        j->step = s->row.step;
+    if (j->if_match >= 0 && (uint64_t)j->if_match != s->st.step) {
+        j->step = s->st.step;
         snprintf(j->msg, sizeof j->msg, "If-Match names step %lld but the session is at step %llu",
-                 (long long)j->if_match, (unsigned long long)s->row.step);
+                 (long long)j->if_match, (unsigned long long)s->st.step);
         return OPTD_E_STEP_MISMATCH;
     }
     if (s->tr.workers > 1 || s->rnd)
@@ -600,30 +599,21 @@ static optd_err run_step(engine *w, sreq *j)
     return rc ? rc : finish_step(w, s, j, &a, 1);
 }
 
-/* A copy of row for a reply, its config included (the caller clears it). */
-static optd_err row_out(store_session *out, const store_session *row)
-{
-    store_session_clear(out);
-    *out = *row;
-    out->config = row->config ? strdup(row->config) : NULL;
-    if (row->config && !out->config) {
-        memset(out, 0, sizeof *out);
-        return OPTD_E_NOMEM;
-    }
-    return OPTD_OK;
-}
-
 static optd_err insert_new(engine *w, engine_req *j, sess *s, store_session *out)
 {
-    optd_err rc = store_session_insert(w->st, &s->row, s->blob, s->blob_len);
+    store_session row;
+    engine_sess_row(s, &row);
+    optd_err rc = store_session_insert(w->st, &row, s->blob, s->blob_len);
+    s->id = row.id;
     if (rc == OPTD_OK)
-        rc = injected(w, ENGINE_FAULT_INSERT, s->row.name);
+        rc = injected(w, ENGINE_FAULT_INSERT, s->name);
     if (rc)
         return rc;
     cache_put(w, s);
-    touch(w, s, s->row.updated_ms);
-    j->step = s->row.step;
-    return row_out(out, &s->row);
+    touch(w, s, s->updated_ms);
+    j->step = s->st.step;
+    store_session_clear(out);
+    return engine_sess_row_copy(s, out);
 }
 
 static optd_err run_create(engine *w, engine_create_req *j)
@@ -642,12 +632,12 @@ static optd_err run_create(engine *w, engine_create_req *j)
             return rc;
         }
         if (rc == OPTD_OK) {
-            j->newsess->row.created_ms = old->row.created_ms;
+            j->newsess->created_ms = old->created_ms;
             rc = store_session_delete(w->st, j->name);
             if (old->rnd) {
                 /* Its waiters are stragglers now: the 412 names the new step. */
                 for (sreq *o = old->rnd->waiters; o; o = o->next_waiter_)
-                    o->step = j->newsess->row.step;
+                    o->step = j->newsess->st.step;
                 round_fail(w, old, OPTD_E_STEP_MISMATCH, "the session was replaced by a checkpoint");
             }
             cache_drop(w, old);
@@ -758,13 +748,16 @@ static optd_err run_patch(engine *w, engine_patch_req *j)
      * length: rmsprop trading momentum_buffer for grad_avg keeps the length
      * but must not leave the stored blob read with the new buffer names. */
     int relaid = before != s->blob_len || layout != buffer_set(s);
-    rc = store_session_update(w->st, &s->row, relaid ? s->blob : NULL, s->blob_len);
+    store_session row;
+    engine_sess_row(s, &row);
+    rc = store_session_update(w->st, &row, relaid ? s->blob : NULL, s->blob_len);
     /* Fewer workers may complete the round in progress. */
     if (rc == OPTD_OK && s->rnd && s->rnd->count >= s->tr.workers)
         rc = round_apply(w, s);
     if (rc == OPTD_OK) {
-        j->step = s->row.step;
-        rc = row_out(&j->row, &s->row);
+        j->step = s->st.step;
+        store_session_clear(&j->row);
+        rc = engine_sess_row_copy(s, &j->row);
     }
     return rc;
 }
@@ -1006,7 +999,7 @@ static void run_group(engine *w, engine_req *group)
 static const sess *cache_peek(const engine *w, const char *name)
 {
     for (const sess *s = w->bucket[hash(name)]; s; s = s->hnext)
-        if (strcmp(s->row.name, name) == 0)
+        if (strcmp(s->name, name) == 0)
             return s;
     return NULL;
 }

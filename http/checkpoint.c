@@ -42,13 +42,17 @@ void sess_to_json(sbuf *b, const store_session *row)
 
 void sess_head_to_json(sbuf *b, const sess *s)
 {
-    head_to_json(b, &s->row);
+    store_session row;
+    engine_sess_row(s, &row);
+    head_to_json(b, &row);
     sbuf_put(b, "}", 1);
 }
 
 void sess_state_to_json(sbuf *b, const sess *s)
 {
-    head_to_json(b, &s->row);
+    store_session row;
+    engine_sess_row(s, &row);
+    head_to_json(b, &row);
     sbuf_puts(b, ",\"params\":");
     sbuf_vec(b, s->st.params, s->n, s->dtype);
     sbuf_puts(b, ",\"state\":{");
@@ -190,7 +194,7 @@ optd_err ckpt_begin(const char *name, const cJSON *obj, size_t n, size_t max_byt
         engine_accumulator_msg(msg, msglen, dtype);
     if (rc)
         goto done;
-    s->st.step = s->row.step = step ? (uint64_t)step->valuedouble : 0;
+    s->st.step = step ? (uint64_t)step->valuedouble : 0;
     /* The scalar state, and every name under state a known buffer or scalar. */
     for (const cJSON *e = state ? state->child : NULL; e; e = e->next) {
         if (info->scalar && strcmp(e->string, info->scalar) == 0) {
@@ -260,7 +264,7 @@ optd_err ckpt_finish(sess *s, unsigned present, char *msg, size_t msglen)
 {
     /* A used buffer may be missing only before the first step (it then
      * starts as a fresh one would). */
-    for (size_t i = 0; i < s->info->n_buffers && s->row.step > 0; i++) {
+    for (size_t i = 0; i < s->info->n_buffers && s->st.step > 0; i++) {
         if (s->st.buf[i] && !(present & (1u << i))) {
             snprintf(msg, msglen, "state.%s is missing (the checkpoint is past step 0)", s->info->buffers[i]);
             return OPTD_E_INVALID;

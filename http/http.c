@@ -616,7 +616,7 @@ static optd_err read_full(req *r, sess **out, char etag[24])
 {
     optd_err rc = engine_sess_read(r->srv->st, &http_config_codec, r->name, out);
     if (rc == OPTD_OK)
-        step_str((*out)->row.step, etag);
+        step_str((*out)->st.step, etag);
     return rc;
 }
 

@@ -277,7 +277,7 @@ static void committed(fixture *f, const char *name, uint64_t *step_out, float *p
 {
     sess *s = NULL;
     assert_int_equal(engine_sess_read(f->st, &codec, name, &s), OPTD_OK);
-    *step_out = s->row.step;
+    *step_out = s->st.step;
     *p0 = ((float *)s->st.params)[0];
     engine_sess_free(s);
 }
