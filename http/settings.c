@@ -459,7 +459,7 @@ static optd_err config_decode(void *ctx, const optim_info *info, const char *tex
     return rc;
 }
 
-const engine_codec http_config_codec = {config_encode, config_decode, NULL};
+const engine_codec http_config_codec = {.encode = config_encode, .decode = config_decode};
 
 void http_training_describe(sbuf *b)
 {
