@@ -81,6 +81,9 @@ $(B)/optd: $(LIB_OBJ) $(DAEMON_SRC:%.c=$(B)/%.o)
 $(B)/tests/%: $(B)/tests/%.o $(LIB_OBJ)
 	$(CC) $(LDFLAGS) -o $@ $^ $(PKG_LIBS) -lcmocka $(LDLIBS)
 $(B)/tests/test_config: $(B)/daemon/config.o
+# test_engine fails allocations one at a time (see the test): our objects'
+# malloc, calloc, realloc and strdup go through its wrappers.
+$(B)/tests/test_engine: LDFLAGS += -Wl,--wrap=malloc,--wrap=calloc,--wrap=realloc,--wrap=strdup
 
 # make run ARGS="--listen 127.0.0.1:9000 --db /tmp/x.db": flags for the daemon
 # (the OPTD_* environment variables work too).

@@ -92,17 +92,67 @@ static void on_sighup(const daemon_config *cfg, int quiet)
         log_line(NULL, line);
 }
 
+/* The store's options from the daemon's flags. */
+static void store_options_from(const daemon_config *cfg, store_options *sopt)
+{
+    memset(sopt, 0, sizeof *sopt); /* busy_timeout_ms 0: the store's default */
+    sopt->sync_full = cfg->sync == DAEMON_SYNC_FULL;
+    sopt->readers = (int)cfg->threads;
+    sopt->wal_max_bytes = cfg->max_wal;
+    /* Storage failures are errors: logged at every level. */
+    sopt->log = log_line;
+}
+
+/* The HTTP server's settings from the daemon's flags (strings borrowed). */
+static void http_config_from(const daemon_config *cfg, int quiet, http_config *acfg)
+{
+    memset(acfg, 0, sizeof *acfg);
+    acfg->listen_host = cfg->listen_host;
+    acfg->listen_port = cfg->listen_port;
+    acfg->token = cfg->token[0] ? cfg->token : NULL;
+    acfg->max_body = cfg->max_body;
+    acfg->max_session_bytes = cfg->max_session_bytes;
+    acfg->threads = cfg->threads;
+    acfg->max_connections = cfg->max_connections;
+    acfg->connection_timeout = cfg->connection_timeout;
+    acfg->header_timeout = cfg->header_timeout;
+    acfg->idempotency_window = cfg->idempotency_window;
+    acfg->history_steps = cfg->history_steps;
+    acfg->cache_bytes = cfg->cache_bytes;
+    acfg->log = quiet ? NULL : log_line;
+    acfg->backup_dir = cfg->backup_dir[0] ? cfg->backup_dir : NULL;
+    acfg->peers = cfg->peers[0] ? cfg->peers : NULL;
+}
+
+/* Waits for SIGTERM or SIGINT (*sig), reopening the log on each SIGHUP.
+ * Returns the exit status: 0, or 1 when sigwait fails. */
+static int wait_for_stop(const sigset_t *set, const daemon_config *cfg, int quiet, int *sig)
+{
+    for (;;) {
+        int rc = sigwait(set, sig);
+        if (rc == EINTR)
+            continue;
+        if (rc != 0) {
+            fprintf(stderr, "optd: sigwait: %s\n", strerror(rc));
+            *sig = 0;
+            return 1;
+        }
+        if (*sig != SIGHUP)
+            return 0;
+        on_sighup(cfg, quiet);
+    }
+}
+
 int main(int argc, char **argv)
 {
     daemon_config cfg;
     store_options sopt;
-    http_config acfg = {0};
+    http_config acfg;
     store *st = NULL;
     http_server *srv = NULL;
     sigset_t set;
     char err[DAEMON_PATH_MAX + 512];
-    int sig = 0, rc, status = 0;
-    int quiet;
+    int sig = 0, rc;
 
     optd_err prc = daemon_config_parse(argc, argv, environ, &cfg, err, sizeof err);
     if (prc != OPTD_OK) {
@@ -121,7 +171,7 @@ int main(int argc, char **argv)
         printf("optd %s\n", OPTD_VERSION);
         return 0;
     }
-    quiet = cfg.log_level == DAEMON_LOG_QUIET;
+    int quiet = cfg.log_level == DAEMON_LOG_QUIET;
 
     /* Before any thread exists: the store may start some, the API does. */
     rc = setup_signals(&set);
@@ -133,35 +183,12 @@ int main(int argc, char **argv)
         fprintf(stderr, "optd: cannot open the log file %s: %s\n", cfg.log_file, strerror(rc));
         return 1;
     }
-
-    sopt.sync_full = cfg.sync == DAEMON_SYNC_FULL;
-    sopt.busy_timeout_ms = 0; /* the store's default */
-    sopt.readers = (int)cfg.threads;
-    sopt.wal_max_bytes = cfg.max_wal;
-    /* Storage failures are errors: logged at every level. */
-    sopt.log = log_line;
-    sopt.log_ctx = NULL;
+    store_options_from(&cfg, &sopt);
     if (store_open(cfg.db, &sopt, &st, err, sizeof err) != OPTD_OK) {
         fprintf(stderr, "optd: %s\n", err);
         return 1;
     }
-
-    acfg.listen_host = cfg.listen_host;
-    acfg.listen_port = cfg.listen_port;
-    acfg.token = cfg.token[0] ? cfg.token : NULL;
-    acfg.max_body = cfg.max_body;
-    acfg.max_session_bytes = cfg.max_session_bytes;
-    acfg.threads = cfg.threads;
-    acfg.max_connections = cfg.max_connections;
-    acfg.connection_timeout = cfg.connection_timeout;
-    acfg.header_timeout = cfg.header_timeout;
-    acfg.idempotency_window = cfg.idempotency_window;
-    acfg.history_steps = cfg.history_steps;
-    acfg.cache_bytes = cfg.cache_bytes;
-    acfg.log = quiet ? NULL : log_line;
-    acfg.log_ctx = NULL;
-    acfg.backup_dir = cfg.backup_dir[0] ? cfg.backup_dir : NULL;
-    acfg.peers = cfg.peers[0] ? cfg.peers : NULL;
+    http_config_from(&cfg, quiet, &acfg);
     if (http_start(&acfg, st, &srv, err, sizeof err) != OPTD_OK) {
         fprintf(stderr, "optd: %s\n", err);
         store_close(st);
@@ -175,20 +202,7 @@ int main(int argc, char **argv)
            cfg.token[0] ? "bearer token required" : "no token: requests need no auth");
     fflush(stdout);
 
-    for (;;) {
-        rc = sigwait(&set, &sig);
-        if (rc == EINTR)
-            continue;
-        if (rc != 0) {
-            fprintf(stderr, "optd: sigwait: %s\n", strerror(rc));
-            status = 1;
-            break;
-        }
-        if (sig != SIGHUP)
-            break;
-        on_sighup(&cfg, quiet);
-    }
-
+    int status = wait_for_stop(&set, &cfg, quiet, &sig);
     if (!quiet) {
         char line[64];
         snprintf(line, sizeof line, "shutting down (%s)",

@@ -51,9 +51,10 @@ typedef struct training {
     schedule sched;
     bool clip;
     double max_grad_norm;
-    uint32_t workers;     /* contributions per round; 1: every step applies */
-    uint32_t min_workers; /* 0: the same as workers */
-    double round_timeout; /* seconds from a round's first contribution */
+    uint32_t workers;         /* contributions per round; 1: every step applies */
+    uint32_t min_workers;     /* contributions a round needs to apply at its timeout */
+    bool min_workers_follows; /* true until min_workers is set: it then equals workers */
+    double round_timeout;     /* seconds from a round's first contribution */
 } training;
 
 /* The session fields beside hyperparams (workers, min_workers, round_timeout). */
@@ -61,7 +62,6 @@ typedef struct training {
 extern const char *const engine_training_fields[ENGINE_TRAINING_N_FIELDS];
 
 void engine_training_defaults(training *tr);
-uint32_t engine_training_min_workers(const training *tr);
 /* The lr the next step uses after steps_done steps (API.md "Learning-rate schedules"). */
 double engine_training_lr(const training *tr, double lr, uint64_t steps_done);
 

@@ -84,12 +84,16 @@ static optd_err apply_fields(const engine_settings *d, training *tr, char *msg, 
     training t = *tr;
     if (d->set & ENGINE_SET_WORKERS)
         t.workers = d->workers;
-    if (d->set & ENGINE_SET_MIN_WORKERS)
+    if (d->set & ENGINE_SET_MIN_WORKERS) {
         t.min_workers = d->min_workers;
+        t.min_workers_follows = false;
+    }
     if (d->set & ENGINE_SET_ROUND_TIMEOUT)
         t.round_timeout = d->round_timeout;
     if (d->set & ENGINE_SET_MIN_AUTO)
-        t.min_workers = 0;
+        t.min_workers_follows = true;
+    if (t.min_workers_follows)
+        t.min_workers = t.workers;
     if (t.min_workers > t.workers) {
         snprintf(msg, msglen, "min_workers (%u) cannot exceed workers (%u)", t.min_workers, t.workers);
         return OPTD_E_INVALID;

@@ -11,10 +11,10 @@ void engine_training_defaults(training *tr)
 {
     memset(tr, 0, sizeof *tr);
     tr->workers = 1;
+    tr->min_workers = 1;
+    tr->min_workers_follows = true;
     tr->round_timeout = 60;
 }
-
-uint32_t engine_training_min_workers(const training *tr) { return tr->min_workers ? tr->min_workers : tr->workers; }
 
 double engine_training_lr(const training *tr, double lr, uint64_t steps_done)
 {

@@ -776,13 +776,18 @@ static optd_err insert_new(engine *w, engine_req *j, sess *s, store_session *out
     s->id = row.id;
     if (rc == OPTD_OK)
         rc = injected(w, ENGINE_FAULT_INSERT, s->name);
+    if (rc == OPTD_OK) {
+        store_session_clear(out);
+        rc = engine_sess_row_copy(s, out);
+    }
     if (rc)
         return rc;
+    /* Only now, with nothing left to fail, does the cache own s: a failure
+     * above leaves it to the caller, which frees it. */
     cache_put(w, s);
     touch(w, s, s->updated_ms);
     j->step = s->st.step;
-    store_session_clear(out);
-    return engine_sess_row_copy(s, out);
+    return OPTD_OK;
 }
 
 static optd_err run_create(engine *w, engine_create_req *j)
@@ -1114,7 +1119,7 @@ static optd_err run_expired(engine *w, uint64_t now)
         next = r->next;
         if (r->deadline_us > now)
             continue;
-        if (r->count >= engine_training_min_workers(&r->s->tr)) {
+        if (r->count >= r->s->tr.min_workers) {
             rc = begin_part(w);
             if (!rc)
                 rc = end_part(w, round_apply(w, r->s)); /* its waiters have their outcome */

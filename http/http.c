@@ -97,17 +97,21 @@ typedef struct req {
         engine_delete_req del;
     } job;
     char from[STORE_NAME_MAX + 1]; /* a create body's "from": a fork */
-    int job_state;                 /* 0 none, 1 queued, 2 done */
-    cJSON *json;                   /* the parsed body, when the job borrows from it */
-    jbody *jb;                     /* a body decoded as it arrives (create, PUT .../state), or NULL */
-    st_reader *st;                 /* a binary checkpoint read as it arrives, or NULL */
-    void *grad;                    /* decoded gradient, when not the body itself */
-    char *skip_buf;                /* Optd-Skip's names, NUL-separated */
-    const char **skip_names;       /* a step's skipped tensors (into skip_buf or r->json) */
+    /* The request thread's view of a write or operation handed off (the
+     * engine's state_ is its own queue position, never read here): set to
+     * WAITING before the connection is suspended, to DONE by the callback
+     * just before it resumes the connection. */
+    enum { HANDOFF_NONE, HANDOFF_WAITING, HANDOFF_DONE } handoff;
+    cJSON *json;   /* the parsed body, when the job borrows from it */
+    jbody *jb;     /* a body decoded as it arrives (create, PUT .../state), or NULL */
+    st_reader *st; /* a binary checkpoint read as it arrives, or NULL */
+    void *grad;    /* decoded gradient, when not the body itself */
+    char *skip_buf;          /* Optd-Skip's names, NUL-separated */
+    const char **skip_names; /* a step's skipped tensors (into skip_buf or r->json) */
     char idem[256];
     int minimal, want_binary;
     int close; /* answer with Connection: close (the framing is not to be trusted) */
-    /* An operation handed to ops.c (job_state as for a job). */
+    /* An operation handed to ops.c (handoff as for a job). */
     op op;
     int is_op;
     char rid[REQUEST_ID_MAX + 1]; /* X-Request-Id: the client's, else ours */
@@ -162,7 +166,8 @@ static enum MHD_Result queue(req *r, int status, struct MHD_Response *resp, cons
         snprintf(loc, sizeof loc, "/v1/sessions/%s", r->name);
         MHD_add_response_header(resp, MHD_HTTP_HEADER_LOCATION, loc);
     }
-    if (r->job_state == 2 && r->job.base.type == ENGINE_REQ_STEP && r->job.step.replayed && r->job.base.rc == OPTD_OK)
+    if (r->handoff == HANDOFF_DONE && r->job.base.type == ENGINE_REQ_STEP && r->job.step.replayed &&
+        r->job.base.rc == OPTD_OK)
         MHD_add_response_header(resp, "Idempotent-Replayed", "true");
     if (atomic_load(&r->srv->stopping) || r->close)
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
@@ -425,7 +430,7 @@ static void job_done(engine_req *j, void *ctx)
     req *r = ctx;
     (void)j;
     conn_park(r, 0);
-    r->job_state = 2;
+    r->handoff = HANDOFF_DONE;
     MHD_resume_connection(r->conn);
 }
 
@@ -439,12 +444,12 @@ static enum MHD_Result submit(req *r)
         r->job.step.client_gone = client_gone;
     }
     snprintf(j->name, sizeof j->name, "%s", r->name);
-    r->job_state = 1;
+    r->handoff = HANDOFF_WAITING;
     MHD_suspend_connection(r->conn);
     if (engine_submit(r->srv->w, j) != OPTD_OK) {
         j->rc = OPTD_E_UNAVAILABLE;
         snprintf(j->msg, sizeof j->msg, "the server is shutting down; retry");
-        r->job_state = 2;
+        r->handoff = HANDOFF_DONE;
         MHD_resume_connection(r->conn);
     }
     return MHD_YES;
@@ -909,11 +914,11 @@ static optd_err create_name(req *r, const cJSON *name, char *msg, size_t msglen)
 }
 
 /* A session whose params the body gives (decoded as the body arrived, in
- * the body's dtype): the vector is adopted, not copied. sh: the shape the
- * params must fill, or NULL. */
+ * the body's dtype): the vector is adopted, not copied. *sh: the shape the
+ * params must fill (taken on success), or NULL. */
 static optd_err session_from_params(req *r, const cJSON *params, const cJSON *fill, const optim_info *info,
                                     optim_dtype dtype, const optim_hparams *hp, const training *tr,
-                                    const engine_shape *sh, sess **out, char *msg, size_t msglen)
+                                    engine_shape **sh, sess **out, char *msg, size_t msglen)
 {
     if (!cJSON_IsArray(params))
         return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "params must be an array of numbers");
@@ -925,38 +930,34 @@ static optd_err session_from_params(req *r, const cJSON *params, const cJSON *fi
         return optd_fail(msg, msglen, OPTD_E_INVALID, "fill goes with size, not params");
     if (v->dtype != dtype)
         return OPTD_E_INTERNAL;
-    if (sh && n != sh->n)
+    if (*sh && n != (*sh)->n)
         return optd_fail(msg, msglen, OPTD_E_SIZE_MISMATCH,
                          "params has %zu elements but the groups' tensors have %zu in all (the flat vector is the "
                          "tensors in order)",
-                         n, sh->n);
-    optd_err rc = engine_shape_check_size(info, hp, sh, dtype, n, r->srv->cfg.max_session_bytes, msg, msglen);
-    if (rc)
-        return rc;
-    rc = engine_sess_adopt(&http_config_codec, r->name, info, hp, tr, dtype, n, &v->data, out);
-    if (rc == OPTD_E_BAD_HYPERPARAM)
-        engine_accumulator_msg(msg, msglen, dtype);
+                         n, (*sh)->n);
+    optd_err rc = sess_make(r->name, info, hp, tr, dtype, n, &v->data, 0, sh, r->srv->cfg.max_session_bytes, out, msg,
+                            msglen);
     jvec_release(v);
     return rc;
 }
 
-/* A session of size elements, all fill (0 by default); with a shape sh
- * the size is the shape's, and may be left out. */
+/* A session of size elements, all fill (0 by default); with a shape *sh
+ * (taken on success) the size is the shape's, and may be left out. */
 static optd_err session_from_size(req *r, const cJSON *size, const cJSON *fill, const optim_info *info,
-                                  optim_dtype dtype, const optim_hparams *hp, const training *tr,
-                                  const engine_shape *sh, sess **out, char *msg, size_t msglen)
+                                  optim_dtype dtype, const optim_hparams *hp, const training *tr, engine_shape **sh,
+                                  sess **out, char *msg, size_t msglen)
 {
-    if (!size && !sh)
+    if (!size && !*sh)
         return optd_fail(msg, msglen, OPTD_E_INVALID, "give params or size");
     if (size && !cJSON_IsNumber(size))
         return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "size must be an integer");
-    double n = size ? size->valuedouble : (double)sh->n, f = 0;
+    double n = size ? size->valuedouble : (double)(*sh)->n, f = 0;
     if (n < 1 || n > (double)ENGINE_MAX_ELEMENTS || n != (double)(size_t)n)
         return optd_fail(msg, msglen, OPTD_E_INVALID, "size must be an integer from 1 to %zu", ENGINE_MAX_ELEMENTS);
-    if (sh && n != (double)sh->n)
+    if (*sh && n != (double)(*sh)->n)
         return optd_fail(msg, msglen, OPTD_E_SIZE_MISMATCH,
                          "size is %.0f but the groups' tensors have %zu elements in all (size may be left out)", n,
-                         sh->n);
+                         (*sh)->n);
     if (fill) {
         if (!cJSON_IsNumber(fill))
             return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "fill must be a number");
@@ -964,15 +965,8 @@ static optd_err session_from_size(req *r, const cJSON *size, const cJSON *fill, 
         if (!isfinite(dtype == OPTIM_F32 ? (float)f : f))
             return optd_fail(msg, msglen, OPTD_E_NON_FINITE, "fill is not a finite %s", engine_dtype_name(dtype));
     }
-    /* Before anything is allocated: a 60-byte body may ask for gigabytes. */
-    optd_err rc =
-        engine_shape_check_size(info, hp, sh, dtype, (size_t)n, r->srv->cfg.max_session_bytes, msg, msglen);
-    if (rc)
-        return rc;
-    rc = engine_sess_new(&http_config_codec, r->name, info, hp, tr, dtype, (size_t)n, NULL, f, out);
-    if (rc == OPTD_E_BAD_HYPERPARAM)
-        engine_accumulator_msg(msg, msglen, dtype);
-    return rc;
+    return sess_make(r->name, info, hp, tr, dtype, (size_t)n, NULL, f, sh, r->srv->cfg.max_session_bytes, out, msg,
+                     msglen);
 }
 
 /* A create body: a new session into *out, or (with "from") a fork, whose
@@ -1021,21 +1015,10 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
     if (groups && (rc = groups_from_json(groups, info, &hp, &sh, msg, msglen)) != OPTD_OK)
         return rc;
     if (params)
-        rc = session_from_params(r, params, fill, info, dtype, &hp, &tr, sh, out, msg, msglen);
+        rc = session_from_params(r, params, fill, info, dtype, &hp, &tr, &sh, out, msg, msglen);
     else
-        rc = session_from_size(r, size, fill, info, dtype, &hp, &tr, sh, out, msg, msglen);
-    if (rc == OPTD_OK && sh) {
-        rc = engine_sess_set_shape(*out, sh);
-        if (rc == OPTD_OK)
-            sh = NULL; /* the session's */
-        else if (rc == OPTD_E_BAD_HYPERPARAM)
-            engine_accumulator_msg(msg, msglen, dtype);
-        if (rc) {
-            engine_sess_free(*out);
-            *out = NULL;
-        }
-    }
-    engine_shape_free(sh);
+        rc = session_from_size(r, size, fill, info, dtype, &hp, &tr, &sh, out, msg, msglen);
+    engine_shape_free(sh); /* NULL once the session took it */
     return rc;
 }
 
@@ -1283,7 +1266,7 @@ static void op_done(op *o, void *ctx)
 {
     req *r = ctx;
     (void)o;
-    r->job_state = 2;
+    r->handoff = HANDOFF_DONE;
     MHD_resume_connection(r->conn);
 }
 
@@ -1292,13 +1275,13 @@ static enum MHD_Result submit_op(req *r)
     r->is_op = 1;
     r->op.on_done = op_done;
     r->op.done_ctx = r;
-    r->job_state = 1;
+    r->handoff = HANDOFF_WAITING;
     MHD_suspend_connection(r->conn);
     optd_err rc = ops_submit(r->srv->ops, &r->op);
     if (rc != OPTD_OK) {
         r->op.rc = rc;
         snprintf(r->op.msg, sizeof r->op.msg, "the server is shutting down or out of threads; retry");
-        r->job_state = 2;
+        r->handoff = HANDOFF_DONE;
         MHD_resume_connection(r->conn);
     }
     return MHD_YES;
@@ -1958,9 +1941,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         r->body[r->len] = '\0';
         return MHD_YES;
     }
-    if (r->job_state == 2)
+    if (r->handoff == HANDOFF_DONE)
         return r->is_op ? finish_op(r) : finish_job(r);
-    if (r->job_state == 1)
+    if (r->handoff == HANDOFF_WAITING)
         return MHD_YES;
     if (r->too_large) {
         char msg[96];
@@ -2163,8 +2146,7 @@ optd_err http_start(const http_config *cfg, store *st, http_server **out, char *
         {cfg->threads > 1 ? MHD_OPTION_THREAD_POOL_SIZE : MHD_OPTION_END, cfg->threads, NULL},
         {MHD_OPTION_END, 0, NULL},
     };
-    srv->mhd =
-        MHD_start_daemon(flags, 0, accept_policy, srv, on_request, srv, MHD_OPTION_ARRAY, opts, MHD_OPTION_END);
+    srv->mhd = MHD_start_daemon(flags, 0, accept_policy, srv, on_request, srv, MHD_OPTION_ARRAY, opts, MHD_OPTION_END);
     if (!srv->mhd) {
         snprintf(err, errlen, "cannot start the HTTP server on %s:%u", cfg->listen_host, cfg->listen_port);
         goto done;

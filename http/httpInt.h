@@ -201,6 +201,14 @@ extern const engine_codec http_config_codec;
 
 /* ---- checkpoint.c: sessions as JSON, checkpoints ---------------------- */
 
+/* A session of n elements for the decoded configuration, within max_bytes
+ * of state: its params taken over from *take (see engine_sess_adopt) when
+ * take is non-NULL, else all fill; shaped *shape when shape and *shape are
+ * non-NULL (taken on success: *shape is then NULL). The one way http/
+ * makes a session, so each refusal says the same thing. */
+optd_err sess_make(const char *name, const optim_info *info, const optim_hparams *hp, const training *tr,
+                   optim_dtype dtype, size_t n, void **take, double fill, engine_shape **shape, size_t max_bytes,
+                   sess **out, char *msg, size_t msglen);
 /* Reads what a session is made of from a create body or a checkpoint: its
  * optimizer (required), dtype (float32 by default), hyperparams onto the
  * defaults and the session fields (workers, ...). Returns OPTD_OK,

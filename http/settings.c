@@ -4,6 +4,8 @@
  * settings delta and written back; and the stored configuration's text
  * (store_session.config), whose format existing databases hold. */
 #include <math.h>
+#include <stdbool.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,15 +45,36 @@ static optd_err num(const cJSON *o, const char *name, double *out, double lo, do
     return OPTD_OK;
 }
 
+#define BIG 9007199254740992.0 /* 2^53: every integer below is exact */
+
 /* The parameters each schedule type takes (besides type and the optional
- * warmup_steps): what a schedule may hold, and what /v1/optimizers lists. */
-static const char *const sched_params[][5] = {
-    [SCHED_STEP] = {"step_size", "gamma"},
-    [SCHED_MULTISTEP] = {"milestones", "gamma"},
-    [SCHED_EXPONENTIAL] = {"gamma"},
-    [SCHED_COSINE] = {"T_max", "eta_min"},
-    [SCHED_LINEAR] = {"start_factor", "end_factor", "total_iters"},
+ * warmup_steps), in the order replies and /v1/optimizers list them: the one
+ * table that validates, prints and describes a schedule. A parameter lies in
+ * [lo, hi], integral when whole; def is its value when absent. milestones is
+ * a list (field NULL), read by milestones_from_json. */
+typedef struct sched_arg {
+    const char *name;
+    size_t off; /* of the double in schedule */
+    double lo, hi, def;
+    bool whole, required, list;
+} sched_arg;
+
+#define SCHED_MAX_PARAMS 3
+#define SP(field) #field, offsetof(schedule, field)
+static const sched_arg sched_params[][SCHED_MAX_PARAMS] = {
+    [SCHED_STEP] = {{SP(step_size), 1, BIG, 0, true, true, false}, {SP(gamma), 0, INFINITY, 0.1, false, false, false}},
+    [SCHED_MULTISTEP] = {{SP(milestones), 0, BIG, 0, true, true, true},
+                         {SP(gamma), 0, INFINITY, 0.1, false, false, false}},
+    [SCHED_EXPONENTIAL] = {{SP(gamma), 0, INFINITY, 0.1, false, true, false}},
+    [SCHED_COSINE] = {{SP(T_max), 1, BIG, 0, false, true, false}, {SP(eta_min), 0, INFINITY, 0, false, false, false}},
+    [SCHED_LINEAR] = {{SP(start_factor), 0, 1, 1.0 / 3, false, false, false},
+                      {SP(end_factor), 0, 1, 1.0, false, false, false},
+                      {SP(total_iters), 1, BIG, 5, true, false, false}},
 };
+#undef SP
+
+static double *sched_field(schedule *s, const sched_arg *p) { return (double *)((char *)s + p->off); }
+static double sched_get(const schedule *s, const sched_arg *p) { return *(const double *)((const char *)s + p->off); }
 
 /* The session fields' rules: what validates them and what /v1/optimizers
  * says of them. round_timeout is seconds, at most a week. */
@@ -69,13 +92,30 @@ static const field_rule field_rules[ENGINE_TRAINING_N_FIELDS] = {
     [F_ROUND_TIMEOUT] = {"round_timeout", 0, 0, 86400 * 7, 1},
 };
 
-#define BIG 9007199254740992.0 /* 2^53: every integer below is exact */
-
-static optd_err schedule_from_json(const cJSON *o, schedule *out, char *msg, size_t msglen)
+/* lr_schedule.milestones of o into s: increasing step numbers. */
+static optd_err milestones_from_json(const cJSON *o, schedule *s, char *msg, size_t msglen)
 {
-    schedule s = {0};
-    optd_err rc;
-    double warmup = 0;
+    const cJSON *m = cJSON_GetObjectItemCaseSensitive(o, "milestones");
+    if (!cJSON_IsArray(m)) {
+        snprintf(msg, msglen, "lr_schedule.milestones must be an array of step numbers");
+        return m ? OPTD_E_BAD_REQUEST : OPTD_E_BAD_HYPERPARAM;
+    }
+    for (const cJSON *e = m->child; e; e = e->next) {
+        if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble > BIG ||
+            e->valuedouble != floor(e->valuedouble) || s->n_milestones == SCHED_MAX_MILESTONES ||
+            (s->n_milestones && e->valuedouble <= s->milestones[s->n_milestones - 1])) {
+            snprintf(msg, msglen, "lr_schedule.milestones must be at most %d increasing non-negative integers",
+                     SCHED_MAX_MILESTONES);
+            return OPTD_E_BAD_HYPERPARAM;
+        }
+        s->milestones[s->n_milestones++] = e->valuedouble;
+    }
+    return OPTD_OK;
+}
+
+/* The schedule type named by o's "type" into s->type. */
+static optd_err sched_type_from_json(const cJSON *o, schedule *s, char *msg, size_t msglen)
+{
     const cJSON *type = cJSON_GetObjectItemCaseSensitive(o, "type");
     if (!cJSON_IsString(type)) {
         snprintf(msg, msglen, "lr_schedule.type must be one of step, multistep, exponential, cosine, linear");
@@ -83,76 +123,44 @@ static optd_err schedule_from_json(const cJSON *o, schedule *out, char *msg, siz
     }
     for (int k = SCHED_STEP; k <= SCHED_LINEAR; k++)
         if (strcmp(type->valuestring, sched_names[k]) == 0)
-            s.type = (sched_type)k;
-    if (s.type == SCHED_NONE) {
-        const char *near = optd_name_nearest(type->valuestring, sched_names + SCHED_STEP, SCHED_LINEAR);
-        snprintf(msg, msglen,
-                 "lr_schedule.type \"%.32s\" is not one of step, multistep, exponential, cosine, linear%s%s%s",
-                 type->valuestring, near ? "; did you mean \"" : "", near ? near : "", near ? "\"?" : "");
-        return OPTD_E_BAD_HYPERPARAM;
-    }
-    const char *valid[7] = {"type"};
+            s->type = (sched_type)k;
+    if (s->type != SCHED_NONE)
+        return OPTD_OK;
+    const char *near = optd_name_nearest(type->valuestring, sched_names + SCHED_STEP, SCHED_LINEAR);
+    snprintf(msg, msglen, "lr_schedule.type \"%.32s\" is not one of step, multistep, exponential, cosine, linear%s%s%s",
+             type->valuestring, near ? "; did you mean \"" : "", near ? near : "", near ? "\"?" : "");
+    return OPTD_E_BAD_HYPERPARAM;
+}
+
+static optd_err schedule_from_json(const cJSON *o, schedule *out, char *msg, size_t msglen)
+{
+    schedule s = {0};
+    double warmup = 0;
+    optd_err rc = sched_type_from_json(o, &s, msg, msglen);
+    if (rc)
+        return rc;
+    const sched_arg *ps = sched_params[s.type];
+    const char *valid[SCHED_MAX_PARAMS + 2] = {"type"};
     size_t nvalid = 1;
-    for (int k = 0; k < 5 && sched_params[s.type][k]; k++)
-        valid[nvalid++] = sched_params[s.type][k];
+    for (int k = 0; k < SCHED_MAX_PARAMS && ps[k].name; k++)
+        valid[nvalid++] = ps[k].name;
     valid[nvalid++] = "warmup_steps";
     char where[48];
     snprintf(where, sizeof where, "an lr_schedule of type %s", sched_names[s.type]);
     rc = fields_known(o, where, valid, nvalid, NULL, msg, msglen);
-    if (rc)
-        return rc;
-    s.gamma = 0.1;
-    s.start_factor = 1.0 / 3;
-    s.end_factor = 1.0;
-    s.total_iters = 5;
-    switch (s.type) {
-    case SCHED_STEP:
-        rc = num(o, "step_size", &s.step_size, 1, BIG, 1, 1, msg, msglen);
-        if (!rc)
-            rc = num(o, "gamma", &s.gamma, 0, INFINITY, 0, 0, msg, msglen);
-        break;
-    case SCHED_MULTISTEP: {
-        const cJSON *m = cJSON_GetObjectItemCaseSensitive(o, "milestones");
-        rc = num(o, "gamma", &s.gamma, 0, INFINITY, 0, 0, msg, msglen);
-        if (rc)
-            break;
-        if (!cJSON_IsArray(m)) {
-            snprintf(msg, msglen, "lr_schedule.milestones must be an array of step numbers");
-            rc = m ? OPTD_E_BAD_REQUEST : OPTD_E_BAD_HYPERPARAM;
-            break;
-        }
-        for (const cJSON *e = m->child; e; e = e->next) {
-            if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble > BIG ||
-                e->valuedouble != floor(e->valuedouble) || s.n_milestones == SCHED_MAX_MILESTONES ||
-                (s.n_milestones && e->valuedouble <= s.milestones[s.n_milestones - 1])) {
-                snprintf(msg, msglen, "lr_schedule.milestones must be at most %d increasing non-negative integers",
-                         SCHED_MAX_MILESTONES);
-                rc = OPTD_E_BAD_HYPERPARAM;
-                break;
-            }
-            s.milestones[s.n_milestones++] = e->valuedouble;
-        }
-        break;
+    /* The numbers first, then the list (multistep's gamma is checked before
+     * its milestones). */
+    for (int k = 0; !rc && k < SCHED_MAX_PARAMS && ps[k].name; k++) {
+        if (ps[k].list)
+            continue;
+        *sched_field(&s, &ps[k]) = ps[k].def;
+        rc = num(o, ps[k].name, sched_field(&s, &ps[k]), ps[k].lo, ps[k].hi, ps[k].whole, ps[k].required, msg, msglen);
     }
-    case SCHED_EXPONENTIAL:
-        rc = num(o, "gamma", &s.gamma, 0, INFINITY, 0, 1, msg, msglen);
-        break;
-    case SCHED_COSINE:
-        rc = num(o, "T_max", &s.T_max, 1, BIG, 0, 1, msg, msglen);
-        if (!rc)
-            rc = num(o, "eta_min", &s.eta_min, 0, INFINITY, 0, 0, msg, msglen);
-        break;
-    default: /* SCHED_LINEAR */
-        rc = num(o, "start_factor", &s.start_factor, 0, 1, 0, 0, msg, msglen);
-        if (!rc)
-            rc = num(o, "end_factor", &s.end_factor, 0, 1, 0, 0, msg, msglen);
-        if (!rc)
-            rc = num(o, "total_iters", &s.total_iters, 1, BIG, 1, 0, msg, msglen);
-        if (!rc && s.start_factor == 0) {
-            snprintf(msg, msglen, "lr_schedule.start_factor must be > 0");
-            rc = OPTD_E_BAD_HYPERPARAM;
-        }
-        break;
+    if (!rc && s.type == SCHED_MULTISTEP)
+        rc = milestones_from_json(o, &s, msg, msglen);
+    if (!rc && s.type == SCHED_LINEAR && s.start_factor == 0) {
+        snprintf(msg, msglen, "lr_schedule.start_factor must be > 0");
+        rc = OPTD_E_BAD_HYPERPARAM;
     }
     if (!rc && (s.type == SCHED_STEP || s.type == SCHED_MULTISTEP || s.type == SCHED_EXPONENTIAL) && !(s.gamma > 0)) {
         snprintf(msg, msglen, "lr_schedule.gamma must be positive");
@@ -373,35 +381,19 @@ static void training_hparams_to_json(sbuf *b, const training *tr)
         sbuf_puts(b, "null");
     } else {
         sbuf_printf(b, "{\"type\":\"%s\"", sched_names[s->type]);
-        switch (s->type) {
-        case SCHED_STEP:
-            sbuf_printf(b, ",\"step_size\":%.0f,\"gamma\":", s->step_size);
-            sbuf_num(b, s->gamma, 0);
-            break;
-        case SCHED_MULTISTEP:
-            sbuf_puts(b, ",\"milestones\":[");
-            for (size_t i = 0; i < s->n_milestones; i++)
-                sbuf_printf(b, "%s%.0f", i ? "," : "", s->milestones[i]);
-            sbuf_puts(b, "],\"gamma\":");
-            sbuf_num(b, s->gamma, 0);
-            break;
-        case SCHED_EXPONENTIAL:
-            sbuf_puts(b, ",\"gamma\":");
-            sbuf_num(b, s->gamma, 0);
-            break;
-        case SCHED_COSINE:
-            sbuf_puts(b, ",\"T_max\":");
-            sbuf_num(b, s->T_max, 0);
-            sbuf_puts(b, ",\"eta_min\":");
-            sbuf_num(b, s->eta_min, 0);
-            break;
-        default:
-            sbuf_puts(b, ",\"start_factor\":");
-            sbuf_num(b, s->start_factor, 0);
-            sbuf_puts(b, ",\"end_factor\":");
-            sbuf_num(b, s->end_factor, 0);
-            sbuf_printf(b, ",\"total_iters\":%.0f", s->total_iters);
-            break;
+        const sched_arg *ps = sched_params[s->type];
+        for (int k = 0; k < SCHED_MAX_PARAMS && ps[k].name; k++) {
+            sbuf_printf(b, ",\"%s\":", ps[k].name);
+            if (ps[k].list) {
+                sbuf_puts(b, "[");
+                for (size_t i = 0; i < s->n_milestones; i++)
+                    sbuf_printf(b, "%s%.0f", i ? "," : "", s->milestones[i]);
+                sbuf_puts(b, "]");
+            } else if (ps[k].whole) {
+                sbuf_printf(b, "%.0f", sched_get(s, &ps[k]));
+            } else {
+                sbuf_num(b, sched_get(s, &ps[k]), 0);
+            }
         }
         sbuf_printf(b, ",\"warmup_steps\":%llu}", (unsigned long long)s->warmup_steps);
     }
@@ -414,11 +406,11 @@ static void training_hparams_to_json(sbuf *b, const training *tr)
 
 void training_fields_to_json(sbuf *b, const training *tr)
 {
-    sbuf_printf(b, ",\"workers\":%u,\"min_workers\":%u,\"round_timeout\":", tr->workers,
-                engine_training_min_workers(tr));
+    sbuf_printf(b, ",\"workers\":%u,\"min_workers\":%u,\"round_timeout\":", tr->workers, tr->min_workers);
     sbuf_num(b, tr->round_timeout, 0);
-    /* min_workers follows workers until set: say so, so it survives a reload. */
-    if (!tr->min_workers)
+    /* min_workers follows workers until set: say so, so a reload or a
+     * checkpoint restored keeps following. */
+    if (tr->min_workers_follows)
         sbuf_puts(b, ",\"min_workers_auto\":true");
 }
 
@@ -491,8 +483,8 @@ void http_training_describe(sbuf *b)
     sbuf_puts(b, ",{\"name\":\"lr_schedule\",\"type\":\"object\",\"default\":null,\"schedules\":{");
     for (int k = SCHED_STEP; k <= SCHED_LINEAR; k++) {
         sbuf_printf(b, "%s\"%s\":[", k > SCHED_STEP ? "," : "", sched_names[k]);
-        for (int i = 0; i < 5 && sched_params[k][i]; i++)
-            sbuf_printf(b, "%s\"%s\"", i ? "," : "", sched_params[k][i]);
+        for (int i = 0; i < SCHED_MAX_PARAMS && sched_params[k][i].name; i++)
+            sbuf_printf(b, "%s\"%s\"", i ? "," : "", sched_params[k][i].name);
         sbuf_puts(b, "]");
     }
     /* max_grad_norm: training_hparam_from_json takes a finite number > 0. */

@@ -207,42 +207,32 @@ CASES = {
 }
 
 
+# optd optimizer -> (torch.optim class, the hyperparameters passed to it,
+# foreach). NAdam has no maximize in 1.13 (the caller negates the gradient
+# instead), and its single-tensor path is wrong there (pytorch#92699).
+_SGD = ("SGD", ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"), False)
+_ADAM = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
+TORCH_OPTIMIZERS = {
+    "sgd": _SGD,
+    "momentum": _SGD,
+    "nag": _SGD,
+    "adagrad": ("Adagrad", ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps", "maximize"),
+                False),
+    "adadelta": ("Adadelta", ("lr", "rho", "eps", "weight_decay", "maximize"), False),
+    "rmsprop": ("RMSprop", ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize"), False),
+    "adam": ("Adam", _ADAM, False),
+    "adamw": ("AdamW", _ADAM, False),
+    "adamax": ("Adamax", ("lr", "betas", "eps", "weight_decay", "maximize"), False),
+    "nadam": ("NAdam", ("lr", "betas", "eps", "weight_decay", "momentum_decay"), True),
+}
+
+
 def make_optimizer(opt, hp, p):
-    """torch.optim for one optd optimizer; foreach=False everywhere except
-    NAdam, whose single-tensor path is wrong in 1.13 (pytorch#92699)."""
-    o = torch.optim
-    if opt in ("sgd", "momentum", "nag"):
-        return o.SGD([p], lr=hp["lr"], momentum=hp["momentum"], dampening=hp["dampening"],
-                     weight_decay=hp["weight_decay"], nesterov=hp["nesterov"],
-                     maximize=hp["maximize"], foreach=False)
-    if opt == "adagrad":
-        return o.Adagrad([p], lr=hp["lr"], lr_decay=hp["lr_decay"],
-                         weight_decay=hp["weight_decay"],
-                         initial_accumulator_value=hp["initial_accumulator_value"],
-                         eps=hp["eps"], maximize=hp["maximize"], foreach=False)
-    if opt == "adadelta":
-        return o.Adadelta([p], lr=hp["lr"], rho=hp["rho"], eps=hp["eps"],
-                          weight_decay=hp["weight_decay"], maximize=hp["maximize"],
-                          foreach=False)
-    if opt == "rmsprop":
-        return o.RMSprop([p], lr=hp["lr"], alpha=hp["alpha"], eps=hp["eps"],
-                         weight_decay=hp["weight_decay"], momentum=hp["momentum"],
-                         centered=hp["centered"], maximize=hp["maximize"], foreach=False)
-    if opt in ("adam", "adamw"):
-        cls = o.Adam if opt == "adam" else o.AdamW
-        return cls([p], lr=hp["lr"], betas=hp["betas"], eps=hp["eps"],
-                   weight_decay=hp["weight_decay"], amsgrad=hp["amsgrad"],
-                   maximize=hp["maximize"], foreach=False)
-    if opt == "adamax":
-        return o.Adamax([p], lr=hp["lr"], betas=hp["betas"], eps=hp["eps"],
-                        weight_decay=hp["weight_decay"], maximize=hp["maximize"],
-                        foreach=False)
-    if opt == "nadam":
-        # No maximize in 1.13: the caller negates the gradient instead.
-        return o.NAdam([p], lr=hp["lr"], betas=hp["betas"], eps=hp["eps"],
-                       weight_decay=hp["weight_decay"], momentum_decay=hp["momentum_decay"],
-                       foreach=True)
-    raise ValueError(opt)
+    """torch.optim for one optd optimizer, from TORCH_OPTIMIZERS."""
+    if opt not in TORCH_OPTIMIZERS:
+        raise ValueError(opt)
+    cls, names, foreach = TORCH_OPTIMIZERS[opt]
+    return getattr(torch.optim, cls)([p], foreach=foreach, **{k: hp[k] for k in names})
 
 
 def gradients(rng, steps, n, nozero):

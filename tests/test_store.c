@@ -101,6 +101,46 @@ static void insert(fixture *f, const char *name)
     assert_int_equal(store_session_insert(f->st, &s, "abc", 3), OPTD_OK);
 }
 
+/* store_session_load or store_read_session. */
+typedef optd_err (*load_fn)(store *st, const char *name, store_session *out, void **state, size_t *len);
+
+/* Loads want's row by name through load and checks every field against
+ * want and the state against the len bytes at state. */
+static void assert_stored(fixture *f, load_fn load, const store_session *want, const void *state, size_t len)
+{
+    store_session got;
+    void *st_out = NULL;
+    size_t got_len = 0;
+
+    memset(&got, 0, sizeof got);
+    assert_int_equal(load(f->st, want->name, &got, &st_out, &got_len), OPTD_OK);
+    assert_int_equal(got.id, want->id);
+    assert_string_equal(got.name, want->name);
+    assert_string_equal(got.optimizer, want->optimizer);
+    assert_int_equal(got.dtype, want->dtype);
+    assert_int_equal(got.size, want->size);
+    assert_int_equal(got.step, want->step);
+    assert_string_equal(got.config, want->config);
+    assert_int_equal(got.created_ms, want->created_ms);
+    assert_int_equal(got.updated_ms, want->updated_ms);
+    assert_int_equal(got_len, len);
+    assert_memory_equal(st_out, state, len);
+    free(st_out);
+    store_session_clear(&got);
+    assert_null(got.config);
+}
+
+/* Opens f's file (creating or upgrading it as store_open does), stores one
+ * session "a" and closes it again: what the schema tests then read with
+ * their own SQLite connection. */
+static void store_one_session(fixture *f)
+{
+    open_store(f, NULL);
+    insert(f, "a");
+    store_close(f->st);
+    f->st = NULL;
+}
+
 /* Reads a whole file; *len gets its size. */
 static unsigned char *slurp(const char *path, size_t *len)
 {
@@ -222,10 +262,7 @@ static void test_open_of_an_empty_file_creates_the_database(void **state)
     fixture *f = *state;
 
     spit(f->path, "", 0);
-    open_store(f, NULL);
-    insert(f, "a");
-    store_close(f->st);
-    f->st = NULL;
+    store_one_session(f);
     assert_int_equal(pragma_on(f->path, "PRAGMA application_id"), 0x6F707464);
     assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM sessions"), 1);
 }
@@ -236,8 +273,7 @@ static void test_session_round_trip_keeps_every_field_and_a_1mb_state(void **sta
     const size_t big = 1 << 20;
     unsigned char *blob = malloc(big), *blob2 = malloc(big);
     store_session s = make_session("alpha", 7), got;
-    void *st_out = NULL;
-    size_t len = 0, i;
+    size_t i;
 
     assert_non_null(blob);
     assert_non_null(blob2);
@@ -249,47 +285,21 @@ static void test_session_round_trip_keeps_every_field_and_a_1mb_state(void **sta
     s.size = UINT64_C(1) << 40;
     assert_int_equal(store_session_insert(f->st, &s, blob, big), OPTD_OK);
     assert_true(s.id > 0);
-
-    memset(&got, 0, sizeof got);
-    assert_int_equal(store_session_load(f->st, "alpha", &got, &st_out, &len), OPTD_OK);
-    assert_int_equal(got.id, s.id);
-    assert_string_equal(got.name, "alpha");
-    assert_string_equal(got.optimizer, "adam");
-    assert_int_equal(got.dtype, 1);
-    assert_int_equal(got.size, UINT64_C(1) << 40);
-    assert_int_equal(got.step, 7);
-    assert_string_equal(got.config, "{\"lr\":0.001}");
-    assert_int_equal(got.created_ms, 1700000000123);
-    assert_int_equal(got.updated_ms, 1700000000456);
-    assert_int_equal(len, big);
-    assert_memory_equal(st_out, blob, big);
-    free(st_out);
-    store_session_clear(&got);
-    assert_null(got.config);
+    /* s as make_session made it: "alpha", adam, float64, step 7, {"lr":0.001}. */
+    assert_stored(f, store_session_load, &s, blob, big);
 
     /* Update step, config, time and state; the rest stays. */
     s.step = 8;
     s.config = (char *)"{\"lr\":0.5}";
     s.updated_ms = 1700000009999;
     assert_int_equal(store_session_update(f->st, &s, blob2, big), OPTD_OK);
-    assert_int_equal(store_read_session(f->st, "alpha", &got, &st_out, &len), OPTD_OK);
-    assert_int_equal(got.step, 8);
-    assert_string_equal(got.config, "{\"lr\":0.5}");
-    assert_int_equal(got.updated_ms, 1700000009999);
-    assert_int_equal(got.created_ms, 1700000000123);
-    assert_int_equal(len, big);
-    assert_memory_equal(st_out, blob2, big);
-    free(st_out);
-    store_session_clear(&got);
+    assert_stored(f, store_read_session, &s, blob2, big);
 
     /* Update without state leaves the blob; a row without the blob. */
     s.step = 9;
     assert_int_equal(store_session_update(f->st, &s, NULL, 0), OPTD_OK);
-    assert_int_equal(store_session_load(f->st, "alpha", &got, &st_out, &len), OPTD_OK);
-    assert_int_equal(got.step, 9);
-    assert_memory_equal(st_out, blob2, big);
-    free(st_out);
-    store_session_clear(&got);
+    assert_stored(f, store_session_load, &s, blob2, big);
+    memset(&got, 0, sizeof got);
     assert_int_equal(store_read_session(f->st, "alpha", &got, NULL, NULL), OPTD_OK);
     assert_int_equal(got.step, 9);
     store_session_clear(&got);
@@ -394,49 +404,39 @@ static void test_list_pages_through_names_in_byte_order(void **state)
 {
     fixture *f = *state;
     static const char *names[] = {"a", "B", "b", "a.1", "a-2"};
+    /* Byte order: 'B' (0x42) < 'a' (0x61); '-' (0x2d) < '.' (0x2e). The
+     * last page is exactly all of them: no more. */
+    static const struct {
+        const char *after;
+        int limit;
+        size_t n;
+        int more;
+        const char *names[5];
+    } pages[] = {
+        {NULL, 2, 2, 1, {"B", "a"}},
+        {"a", 2, 2, 1, {"a-2", "a.1"}},
+        {"a.1", 2, 1, 0, {"b"}},
+        {NULL, 5, 5, 0, {"B", "a", "a-2", "a.1", "b"}},
+    };
     store_session *rows = NULL;
-    size_t n = 99, i;
+    size_t n = 99, i, p;
     int more = -1;
 
     open_store(f, NULL);
     for (i = 0; i < 5; i++)
         insert(f, names[i]);
 
-    /* Byte order: 'B' (0x42) < 'a' (0x61); '-' (0x2d) < '.' (0x2e). */
-    assert_int_equal(store_read_list(f->st, NULL, 2, &rows, &n, &more), OPTD_OK);
-    assert_int_equal(n, 2);
-    assert_int_equal(more, 1);
-    assert_string_equal(rows[0].name, "B");
-    assert_string_equal(rows[1].name, "a");
-    assert_string_equal(rows[1].config, "{\"lr\":0.001}");
-    for (i = 0; i < n; i++)
-        store_session_clear(&rows[i]);
-    free(rows);
-
-    assert_int_equal(store_read_list(f->st, "a", 2, &rows, &n, &more), OPTD_OK);
-    assert_int_equal(n, 2);
-    assert_int_equal(more, 1);
-    assert_string_equal(rows[0].name, "a-2");
-    assert_string_equal(rows[1].name, "a.1");
-    for (i = 0; i < n; i++)
-        store_session_clear(&rows[i]);
-    free(rows);
-
-    assert_int_equal(store_read_list(f->st, "a.1", 2, &rows, &n, &more), OPTD_OK);
-    assert_int_equal(n, 1);
-    assert_int_equal(more, 0);
-    assert_string_equal(rows[0].name, "b");
-    store_session_clear(&rows[0]);
-    free(rows);
-
-    /* Exactly all of them: no more. */
-    assert_int_equal(store_read_list(f->st, NULL, 5, &rows, &n, &more), OPTD_OK);
-    assert_int_equal(n, 5);
-    assert_int_equal(more, 0);
-    assert_string_equal(rows[4].name, "b");
-    for (i = 0; i < n; i++)
-        store_session_clear(&rows[i]);
-    free(rows);
+    for (p = 0; p < sizeof pages / sizeof pages[0]; p++) {
+        assert_int_equal(store_read_list(f->st, pages[p].after, pages[p].limit, &rows, &n, &more), OPTD_OK);
+        assert_int_equal(n, pages[p].n);
+        assert_int_equal(more, pages[p].more);
+        for (i = 0; i < n; i++) {
+            assert_string_equal(rows[i].name, pages[p].names[i]);
+            assert_string_equal(rows[i].config, "{\"lr\":0.001}");
+            store_session_clear(&rows[i]);
+        }
+        free(rows);
+    }
 
     /* limit 0 only answers whether there is anything. */
     assert_int_equal(store_read_list(f->st, NULL, 0, &rows, &n, &more), OPTD_OK);
@@ -771,10 +771,7 @@ static void test_a_database_from_a_newer_optd_is_refused(void **state)
 {
     fixture *f = *state;
 
-    open_store(f, NULL);
-    insert(f, "a");
-    store_close(f->st);
-    f->st = NULL;
+    store_one_session(f);
     sql_on(f->path, "PRAGMA user_version = 3;");
     assert_refused_unchanged(f, "made by a newer optd");
 }
@@ -849,10 +846,7 @@ static void test_an_older_schema_is_upgraded(void **state)
 
     /* Ours at version 0: the id is set but no migration has run. */
     sql_on(f->path, "PRAGMA application_id = 1869640804;");
-    open_store(f, NULL);
-    insert(f, "a");
-    store_close(f->st);
-    f->st = NULL;
+    store_one_session(f);
     assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 2);
     assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM sessions"), 1);
 }

@@ -27,7 +27,7 @@ sys.dont_write_bytecode = True  # no __pycache__ in the tree
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "faults"))
-from harness import Daemon, Report, check, pack  # noqa: E402
+from harness import Daemon, Report, check, pack, read_reply  # noqa: E402
 from workload import Workload  # noqa: E402
 
 N_PARTIAL = 4
@@ -35,25 +35,10 @@ SIZE = 16
 MARGIN = 0.1  # seconds: a request sent this long before SIGTERM is in flight for sure
 
 
-def read_reply(sock, timeout=15):
+def reply_status(sock, timeout=15):
+    """The status of the reply on sock (None: none came within timeout)."""
     sock.settimeout(timeout)
-    data = b""
-    try:
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-            head, sep, body = data.partition(b"\r\n\r\n")
-            if sep:
-                cl = [ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length:")]
-                if cl and len(body) >= int(cl[0].split(b":")[1]):
-                    break
-    except OSError:
-        pass
-    if not data.startswith(b"HTTP/1."):
-        return None, data
-    return int(data.split(b" ", 2)[1]), data
+    return read_reply(sock)[0]
 
 
 def one_round(rnd, rng, rep, sync):
@@ -106,7 +91,7 @@ def one_round(rnd, rng, rep, sync):
         time.sleep(0.1)
         for s in partial:
             s.sendall(body[len(body) // 2:])
-        statuses = [read_reply(s)[0] for s in partial]
+        statuses = [reply_status(s) for s in partial]
         for s in partial:
             s.close()
         try:

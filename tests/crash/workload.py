@@ -174,19 +174,15 @@ class Workload:
         for n in sorted(c["deleted"]):
             r = self.d.request("GET", "/v1/sessions/c-%d" % n)
             check(r.status == 404, "c-%d: acknowledged delete came back: %r", n, r)
-        # What happened to the in-flight ones is now known; settle it.
-        for n in sorted(c["create_sent"] - c["created"]):
-            r = self.d.request("GET", "/v1/sessions/c-%d" % n)
-            if r.status == 200:
-                c["created"].add(n)
-            else:
-                c["create_sent"].discard(n)
-        for n in sorted(c["delete_sent"] - c["deleted"]):
-            r = self.d.request("GET", "/v1/sessions/c-%d" % n)
-            if r.status == 404:
-                c["deleted"].add(n)
-            else:
-                c["delete_sent"].discard(n)
+        # What happened to the in-flight ones is now known; settle it: a
+        # create took effect when the session is there (200), a delete when
+        # it is not (404).
+        for sent, done, took in (("create_sent", "created", 200), ("delete_sent", "deleted", 404)):
+            for n in sorted(c[sent] - c[done]):
+                if self.d.request("GET", "/v1/sessions/c-%d" % n).status == took:
+                    c[done].add(n)
+                else:
+                    c[sent].discard(n)
         self.checked_total = covered
         return covered
 
@@ -319,6 +315,25 @@ class Workload:
         finally:
             c.close()
 
+    def _churn_send(self, c, method, path, want, sent, n, body=None):
+        """One churn request on c: "done" when answered want; "again" when
+        refused with 503 (n leaves sent: it was not applied); "stop" when the
+        connection broke, or on another answer (a failure)."""
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        try:
+            c.request(method, path, body=body, headers=headers)
+            r = c.getresponse()
+            data = r.read()
+        except CONN_ERRORS:
+            return "stop"
+        if r.status == 503:
+            sent.discard(n)
+            return "again"
+        if r.status != want:
+            self._fail("%s c-%d: %d %r" % ("create" if method == "POST" else "delete", n, r.status, data[:200]))
+            return "stop"
+        return "done"
+
     def _churn_loop(self, stop):
         ch = self.churn
         c = self.d.conn(timeout=20)
@@ -330,35 +345,21 @@ class Workload:
                     ch["next"] += 1
                     ch["create_sent"].add(n)
                 body = json.dumps({"name": "c-%d" % n, "optimizer": "momentum", "size": 4, "fill": n}).encode()
-                try:
-                    c.request("POST", "/v1/sessions", body=body, headers={"Content-Type": "application/json"})
-                    r = c.getresponse()
-                    data = r.read()
-                except CONN_ERRORS:
+                got = self._churn_send(c, "POST", "/v1/sessions", 201, ch["create_sent"], n, body)
+                if got == "stop":
                     return
-                if r.status == 503:
-                    ch["create_sent"].discard(n)
+                if got == "again":
                     continue
-                if r.status != 201:
-                    self._fail("create c-%d: %d %r" % (n, r.status, data[:200]))
-                    return
                 ch["created"].add(n)
                 live = sorted(ch["created"] - ch["delete_sent"])
                 if len(live) > 3:
                     m = live[0]
                     ch["delete_sent"].add(m)
-                    try:
-                        c.request("DELETE", "/v1/sessions/c-%d" % m)
-                        r = c.getresponse()
-                        data = r.read()
-                    except CONN_ERRORS:
+                    got = self._churn_send(c, "DELETE", "/v1/sessions/c-%d" % m, 204, ch["delete_sent"], m)
+                    if got == "stop":
                         return
-                    if r.status == 503:
-                        ch["delete_sent"].discard(m)
+                    if got == "again":
                         continue
-                    if r.status != 204:
-                        self._fail("delete c-%d: %d %r" % (m, r.status, data[:200]))
-                        return
                     ch["deleted"].add(m)
         finally:
             c.close()

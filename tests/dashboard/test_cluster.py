@@ -7,25 +7,21 @@ With a shard down, the page says which peer does not answer."""
 
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import unittest
 
 from harness import Daemon
-from test_dashboard import new_tab, points, train
+from test_dashboard import page, points, train
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
 import optdtest  # noqa: E402
 
-REPO = optdtest.REPO
-CFG = os.path.join(REPO, "deploy", "haproxy.cfg")
-HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
 NAMES = ["exp-%s" % c for c in "abcdefghi"]
 STEPS = 12
 
 
-@unittest.skipUnless(HAPROXY, "needs haproxy (apt-get install haproxy)")
+@unittest.skipUnless(optdtest.HAPROXY, "needs haproxy (apt-get install haproxy)")
 class ClusterDashboardTests(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -38,14 +34,8 @@ class ClusterDashboardTests(unittest.TestCase):
             d.port, d.keep_port = p, True
             cls.shards.append(d.start())
         cls.router_port = optdtest.free_port()
-        env = dict(os.environ, OPTD_ROUTER_BIND="127.0.0.1:%d" % cls.router_port)
-        for i, d in enumerate(cls.shards):
-            env["OPTD_SHARD%d" % i] = "127.0.0.1:%d" % d.port
         cls.log = open(os.path.join(cls.tmp, "haproxy.log"), "wb")
-        cls.haproxy = subprocess.Popen([HAPROXY, "-db", "-f", CFG], env=env, stdin=subprocess.DEVNULL,
-                                       stdout=cls.log, stderr=subprocess.STDOUT)
-        if not optdtest.wait_http(cls.router_port, "/router-healthz", proc=cls.haproxy):
-            raise AssertionError("haproxy did not become ready")
+        cls.haproxy = optdtest.start_haproxy(optdtest.haproxy_env(cls.router_port, ports), cls.log)
         # A handle on the router with the harness's HTTP helpers.
         cls.router = Daemon()
         cls.router.port = cls.router_port
@@ -58,9 +48,8 @@ class ClusterDashboardTests(unittest.TestCase):
 
     @classmethod
     def cleanup(cls):
-        if cls.haproxy is not None and cls.haproxy.poll() is None:
-            cls.haproxy.terminate()
-            cls.haproxy.wait(10)
+        if cls.haproxy is not None:
+            optdtest.stop_process(cls.haproxy)
         if getattr(cls, "log", None):
             cls.log.close()
         for d in cls.shards:
@@ -80,10 +69,8 @@ class ClusterDashboardTests(unittest.TestCase):
         picks = {}
         for n in NAMES:
             picks.setdefault(self.home[n], n)
-        t = new_tab()
-        try:
-            first = picks[min(picks)]
-            t.goto(self.url() + "#session=" + first)
+        first = picks[min(picks)]
+        with page(self, self.url() + "#session=" + first) as t:
             rows = t.wait("(() => { const r = [...document.querySelectorAll('tr[data-session]')];"
                           " return r.length === %d && r.map((x) => x.dataset.session); })()" % len(NAMES),
                           what="every shard's sessions")
@@ -95,15 +82,10 @@ class ClusterDashboardTests(unittest.TestCase):
                 t.wait("document.getElementById('detail-h').textContent === '%s'" % name, what=name)
                 t.wait(points("loss") + " === '%d'" % STEPS, what="%s's loss on shard %d" % (name, shard))
                 self.assertEqual(t.eval(points("lr")), str(STEPS))
-            self.assertEqual(t.exceptions(), [], "uncaught exceptions in the page")
-        finally:
-            t.close()
 
     def test_zz_a_shard_down_is_named_on_the_page(self):
         victim = self.shards[2]
-        t = new_tab()
-        try:
-            t.goto(self.url())
+        with page(self, self.url()) as t:
             t.wait("document.querySelectorAll('tr[data-session]').length === %d" % len(NAMES), what="the rows")
             victim.kill()
             try:
@@ -118,5 +100,3 @@ class ClusterDashboardTests(unittest.TestCase):
                 victim.start()
             t.wait("document.getElementById('status').dataset.kind === 'live'", what="live again", timeout=30)
             self.assertEqual(t.eval("document.querySelectorAll('tr[data-session]').length"), len(NAMES))
-        finally:
-            t.close()

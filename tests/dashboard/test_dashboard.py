@@ -8,6 +8,7 @@ shared Chromium over its DevTools pipe (harness.Browser), a fresh tab and
 browser context each. Set OPTD_SCREENSHOT=docs/dashboard.png to keep the
 1280x800 screenshot that test_screenshot takes."""
 
+import contextlib
 import os
 import random
 import re
@@ -36,6 +37,19 @@ def new_tab():
     if _browser is None:
         _browser = Browser()
     return _browser.tab()
+
+
+@contextlib.contextmanager
+def page(case, url):
+    """A fresh tab at url for the block, closed after it; when the block
+    ends normally, case asserts that the page raised no uncaught exception."""
+    t = new_tab()
+    try:
+        t.goto(url)
+        yield t
+        case.assertEqual(t.exceptions(), [], "uncaught exceptions in the page")
+    finally:
+        t.close()
 
 
 def tearDownModule():
@@ -67,21 +81,22 @@ def train(d, name, steps, n=64, seed=1, optimizer="adam", hyperparams=None, loss
         p = d.ok("POST", "/v1/sessions/%s/step" % name, body)["params"]
 
 
-class DashboardTests(unittest.TestCase):
-    """A daemon with three sessions: one trained 300 steps with losses and an
-    lr schedule, one without losses, one never stepped."""
+class DaemonCase(unittest.TestCase):
+    """One daemon (--sync normal, daemon_env, daemon_token) for the class's
+    tests, given its sessions by the class's populate(d)."""
+
+    daemon_env = None
+    daemon_token = None
+
+    @classmethod
+    def populate(cls, d):
+        pass
 
     @classmethod
     def setUpClass(cls):
-        cls.d = Daemon(args=["--sync", "normal"]).start()
+        cls.d = Daemon(args=["--sync", "normal"], env=cls.daemon_env, token=cls.daemon_token).start()
         try:
-            train(cls.d, "resnet-demo", 300, hyperparams={
-                "lr": 0.05, "lr_schedule": {"type": "cosine", "T_max": 300, "eta_min": 0.001, "warmup_steps": 20}})
-            train(cls.d, "sgd-baseline", 20, n=1000, optimizer="sgd", hyperparams={"lr": 0.001, "momentum": 0.9},
-                  loss=False)
-            cls.d.ok("POST", "/v1/sessions", {"name": "workers-x4", "optimizer": "adamw", "size": 4096, "workers": 4})
-            cls.rows = cls.d.history("resnet-demo")
-            cls.dom = None
+            cls.populate(cls.d)
         except BaseException:
             cls.d.cleanup()
             raise
@@ -89,6 +104,21 @@ class DashboardTests(unittest.TestCase):
     @classmethod
     def tearDownClass(cls):
         cls.d.cleanup()
+
+
+class DashboardTests(DaemonCase):
+    """A daemon with three sessions: one trained 300 steps with losses and an
+    lr schedule, one without losses, one never stepped."""
+
+    @classmethod
+    def populate(cls, d):
+        train(d, "resnet-demo", 300, hyperparams={
+            "lr": 0.05, "lr_schedule": {"type": "cosine", "T_max": 300, "eta_min": 0.001, "warmup_steps": 20}})
+        train(d, "sgd-baseline", 20, n=1000, optimizer="sgd", hyperparams={"lr": 0.001, "momentum": 0.9},
+              loss=False)
+        d.ok("POST", "/v1/sessions", {"name": "workers-x4", "optimizer": "adamw", "size": 4096, "workers": 4})
+        cls.rows = d.history("resnet-demo")
+        cls.dom = None
 
     def main_dom(self):
         """The DOM after loading #session=resnet-demo, dumped once for the class."""
@@ -149,22 +179,15 @@ class DashboardTests(unittest.TestCase):
         self.assertEqual(charts["lr"].get("data-scale"), "linear")
 
     def test_session_without_losses_draws_no_loss_points(self):
-        t = new_tab()
-        try:
-            t.goto(self.d.url + "#session=sgd-baseline")
+        with page(self, self.d.url + "#session=sgd-baseline") as t:
             t.wait(points("grad_norm") + " === '20'", what="20 gradient norms")
             self.assertEqual(t.eval(points("loss")), "0")
             self.assertEqual(t.eval(points("update_norm")), "20")
             self.assertEqual(t.eval(points("lr")), "20")
             self.assertIn("1,000", t.eval("document.getElementById('meta').textContent"))
-            self.assertEqual(t.exceptions(), [], "uncaught exceptions in the page")
-        finally:
-            t.close()
 
     def test_switching_sessions_by_fragment(self):
-        t = new_tab()
-        try:
-            t.goto(self.d.url + "#session=resnet-demo")
+        with page(self, self.d.url + "#session=resnet-demo") as t:
             t.wait(points("loss") + " === '300'", what="resnet-demo's charts")
             # Same document: only the fragment changes, as a click on a row does.
             t.eval("location.hash = '#session=workers-x4', true")
@@ -177,32 +200,19 @@ class DashboardTests(unittest.TestCase):
             t.wait(points("lr") + " === '20'", what="sgd-baseline's charts")
             self.assertEqual(t.eval("location.hash"), "#session=sgd-baseline")
             self.assertEqual(t.eval("document.title"), "optd — sgd-baseline")
-            self.assertEqual(t.exceptions(), [], "uncaught exceptions in the page")
-        finally:
-            t.close()
 
     def test_unknown_session_says_so(self):
-        t = new_tab()
-        try:
-            t.goto(self.d.url + "#session=no-such-run")
+        with page(self, self.d.url + "#session=no-such-run") as t:
             t.wait("document.querySelectorAll('tr[data-session]').length === 3", what="the rows")
             t.wait("document.getElementById('detail-empty').textContent.includes('No session named')",
                    what="the not-found note")
             self.assertTrue(t.eval("document.getElementById('detail-body').hidden"))
-            self.assertEqual(t.exceptions(), [], "uncaught exceptions in the page")
-        finally:
-            t.close()
 
     def test_no_fragment_selects_the_session_stepped_last(self):
-        t = new_tab()
-        try:
-            t.goto(self.d.url)
+        with page(self, self.d.url) as t:
             name = t.wait("document.getElementById('detail-h').textContent", what="a selected session")
             self.assertIn(name, ("resnet-demo", "sgd-baseline"))
             self.assertEqual(t.eval("location.hash"), "#session=" + name)
-            self.assertEqual(t.exceptions(), [], "uncaught exceptions in the page")
-        finally:
-            t.close()
 
     def test_screenshot(self):
         need_chromium()
@@ -228,11 +238,9 @@ class ListPagingTests(unittest.TestCase):
             names = ["run-%04d" % i for i in range(1003)]
             for name in names:
                 d.ok("POST", "/v1/sessions", {"name": name, "optimizer": "sgd", "size": 1})
-            page = d.ok("GET", "/v1/sessions?limit=1000")
-            self.assertIsNotNone(page["next"], "the listing must need a second page")
-            t = new_tab()
-            try:
-                t.goto(d.url + "#session=run-1002")
+            first = d.ok("GET", "/v1/sessions?limit=1000")
+            self.assertIsNotNone(first["next"], "the listing must need a second page")
+            with page(self, d.url + "#session=run-1002") as t:
                 t.wait("document.getElementById('detail-h').textContent === 'run-1002'", what="run-1002")
                 rows = t.wait("(() => { const r = [...document.querySelectorAll('tr[data-session]')];"
                               " return r.length === 1003 && r.map((x) => x.dataset.session); })()", what="1003 rows")
@@ -242,27 +250,19 @@ class ListPagingTests(unittest.TestCase):
                 t.eval("(() => { const f = document.getElementById('filter'); f.value = 'run-09';"
                        " f.dispatchEvent(new Event('input')); return true; })()")
                 self.assertEqual(t.eval("document.querySelectorAll('tr[data-session]:not([hidden])').length"), 100)
-            finally:
-                t.close()
         finally:
             d.cleanup()
 
 
-class TokenTests(unittest.TestCase):
+class TokenTests(DaemonCase):
     """A daemon with OPTD_TOKEN: the page asks for the token and shows nothing before."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.d = Daemon(args=["--sync", "normal"], env={"OPTD_TOKEN": "secret"}, token="secret").start()
-        try:
-            train(cls.d, "guarded-run", 30, n=8)
-        except BaseException:
-            cls.d.cleanup()
-            raise
+    daemon_env = {"OPTD_TOKEN": "secret"}
+    daemon_token = "secret"
 
     @classmethod
-    def tearDownClass(cls):
-        cls.d.cleanup()
+    def populate(cls, d):
+        train(d, "guarded-run", 30, n=8)
 
     def test_page_itself_needs_no_token(self):
         self.assertEqual(self.d.request("GET", "/", auth=False).status, 200)
@@ -286,9 +286,7 @@ class TokenTests(unittest.TestCase):
         self.assertNotIn("guarded-run", html)
 
     def test_prompt_with_a_session_in_the_fragment(self):
-        t = new_tab()
-        try:
-            t.goto(self.d.url + "#session=guarded-run")
+        with page(self, self.d.url + "#session=guarded-run") as t:
             t.wait("document.getElementById('auth').dataset.state === 'shown'", what="the token prompt")
             time.sleep(2)  # a poll period: nothing may arrive meanwhile
             self.assertTrue(t.eval("document.getElementById('app').hidden"))
@@ -297,14 +295,9 @@ class TokenTests(unittest.TestCase):
             for key in CHARTS:
                 self.assertEqual(t.eval(points(key)), "0")
             self.assertEqual(t.eval("document.activeElement.id"), "auth-token", "the field has the focus")
-            self.assertEqual(t.exceptions(), [], "uncaught exceptions in the page")
-        finally:
-            t.close()
 
     def test_token_is_asked_once_per_tab_and_sent_as_bearer(self):
-        t = new_tab()
-        try:
-            t.goto(self.d.url + "#session=guarded-run")
+        with page(self, self.d.url + "#session=guarded-run") as t:
             t.wait("document.getElementById('auth').dataset.state === 'shown'", what="the token prompt")
             submit = ("(() => { document.getElementById('auth-token').value = %s;"
                       " document.getElementById('auth-form').requestSubmit(); return true; })()")
@@ -324,31 +317,17 @@ class TokenTests(unittest.TestCase):
             t.wait("document.readyState === 'complete' && " + points("lr") + " === '30'",
                    what="the charts after reload")
             self.assertEqual(t.eval("document.getElementById('auth').dataset.state"), "hidden")
-            self.assertEqual(t.exceptions(), [], "uncaught exceptions in the page")
-        finally:
-            t.close()
 
 
-class LiveTests(unittest.TestCase):
+class LiveTests(DaemonCase):
     """The page follows a session while it trains, fetching only new history."""
 
     @classmethod
-    def setUpClass(cls):
-        cls.d = Daemon(args=["--sync", "normal"]).start()
-        try:
-            train(cls.d, "live-run", 50, n=16, hyperparams={"lr": 0.02})
-        except BaseException:
-            cls.d.cleanup()
-            raise
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.d.cleanup()
+    def populate(cls, d):
+        train(d, "live-run", 50, n=16, hyperparams={"lr": 0.02})
 
     def test_new_steps_appear_and_only_new_history_is_fetched(self):
-        t = new_tab()
-        try:
-            t.goto(self.d.url + "#session=live-run")
+        with page(self, self.d.url + "#session=live-run") as t:
             t.wait("document.getElementById('chart-loss').dataset.points === '50'", what="50 points")
             # Pixels of each chart's colour on its canvas: the line was drawn.
             painted = t.eval("""[...document.querySelectorAll('figure.chart')].map((f) => {
@@ -377,9 +356,6 @@ class LiveTests(unittest.TestCase):
             self.assertEqual(afters[1], 50, urls)
             self.assertTrue(all(a < b for a, b in zip(afters, afters[1:])), afters)
             self.assertLess(afters[-1], 75)
-            self.assertEqual(t.exceptions(), [], "uncaught exceptions in the page")
-        finally:
-            t.close()
 
     def test_steps_per_second_while_training(self):
         need_chromium()
@@ -392,26 +368,22 @@ class LiveTests(unittest.TestCase):
                 time.sleep(0.05)
         worker = threading.Thread(target=steady, daemon=True)
         worker.start()
-        t = new_tab()
         try:
-            t.goto(self.d.url + "#session=rate-run")
-            got = t.wait("(() => { const r = document.querySelector('tr[data-session=\"rate-run\"]');"
-                         " const v = r && parseFloat(r.children[5].textContent); return v > 0 ? v : 0; })()",
-                         what="a steps/s figure", timeout=15)
-            self.assertGreater(got, 2)
-            self.assertLess(got, 40)
-            t.wait("/[1-9][0-9.]* steps\\/s/.test(document.getElementById('meta').textContent)",
-                   what="steps/s in the session's header")
+            with page(self, self.d.url + "#session=rate-run") as t:
+                got = t.wait("(() => { const r = document.querySelector('tr[data-session=\"rate-run\"]');"
+                             " const v = r && parseFloat(r.children[5].textContent); return v > 0 ? v : 0; })()",
+                             what="a steps/s figure", timeout=15)
+                self.assertGreater(got, 2)
+                self.assertLess(got, 40)
+                t.wait("/[1-9][0-9.]* steps\\/s/.test(document.getElementById('meta').textContent)",
+                       what="steps/s in the session's header")
         finally:
             stop.set()
             worker.join(10)
             trainer.close()
-            t.close()
 
     def test_scale_select_switches_between_linear_and_log(self):
-        t = new_tab()
-        try:
-            t.goto(self.d.url + "#session=live-run")
+        with page(self, self.d.url + "#session=live-run") as t:
             t.wait("document.getElementById('chart-loss').dataset.points !== '0'", what="the charts")
             pick = ("(() => { const f = document.getElementById('chart-update_norm'), s = f.querySelector('select');"
                     " s.value = %s; s.dispatchEvent(new Event('change')); return f.dataset.scale; })()")
@@ -428,6 +400,3 @@ class LiveTests(unittest.TestCase):
             self.assertRegex(mid, r"^\S+ · step \d+$")
             self.assertNotIn("step 75", mid)
             self.assertRegex(t.eval(hover % "'mouseleave'"), r" · step (50|75)$")
-            self.assertEqual(t.exceptions(), [], "uncaught exceptions in the page")
-        finally:
-            t.close()

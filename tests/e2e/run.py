@@ -1,13 +1,8 @@
 #!/usr/bin/env python3
 """Runs optd's end-to-end tests against the real binary (env OPTD_BIN, default
-build/optd under the repository root).
-
-    python3 tests/e2e/run.py                      # everything
-    python3 tests/e2e/run.py test_steps           # one module
-    python3 tests/e2e/run.py test_steps.StepTests.test_if_match
-
-The last line of output is `N passed, N failed` (`, N skipped` when any); the
-exit status is non-zero when anything failed."""
+build/optd under the repository root): every test_*.py here, or the modules,
+classes or tests named (test_steps.StepTests.test_if_match); what it prints
+and returns is optdtest.main's."""
 
 import os
 import sys

@@ -6,21 +6,16 @@ strings; PUT .../state with Content-Type: application/octet-stream takes it
 back, validated like a create; the restored session continues exactly."""
 
 import json
-import random
 import struct
 
 import safetensors_spec as spec
-from optd_e2e import DaemonTest, uniq
-from test_checkpoints import CONFIGS
+from optd_e2e import uniq
+from test_checkpoints import CONFIGS, CheckpointCase
 
 BIN = "application/octet-stream"
 
 
-class BinaryCheckpointTests(DaemonTest):
-
-    def grads(self, seed, n, k):
-        rnd = random.Random(seed)
-        return [[rnd.uniform(-1, 1) for _ in range(n)] for _ in range(k)]
+class BinaryCheckpointTests(CheckpointCase):
 
     def binary_state(self, name):
         r = self.d.get("/v1/sessions/%s/state" % name, headers={"Accept": BIN})
@@ -35,10 +30,7 @@ class BinaryCheckpointTests(DaemonTest):
     def test_the_file_follows_the_format_and_holds_the_checkpoint(self):
         for opt, dtype, hp in CONFIGS:
             with self.subTest(optimizer=opt, dtype=dtype, hyperparams=hp):
-                name = uniq(opt)
-                self.d.create(name, opt, dtype=dtype, hyperparams=hp, params=[0.5, -1.25, 3.0, 1e-3])
-                for g in self.grads(1, 4, 3):
-                    self.d.step(name, g)
+                name = self.trained(uniq(opt), opt, [0.5, -1.25, 3.0, 1e-3], 1, 3, dtype=dtype, hyperparams=hp)
                 r = self.binary_state(name)
                 self.assertEqual(r.header("ETag"), '"3"')
                 meta, tensors = spec.parse(r.body)
@@ -69,10 +61,8 @@ class BinaryCheckpointTests(DaemonTest):
     def test_put_binary_restores_and_continues_bit_identically(self):
         for opt, dtype, hp in CONFIGS:
             with self.subTest(optimizer=opt, dtype=dtype, hyperparams=hp):
-                a, b = uniq(opt), uniq(opt + "-bin")
-                self.d.create(a, opt, dtype=dtype, hyperparams=hp, params=[0.5, -1.25, 3.0, 1e-3, 7.0])
-                for g in self.grads(2, 5, 6):
-                    self.d.step(a, g)
+                a = self.trained(uniq(opt), opt, [0.5, -1.25, 3.0, 1e-3, 7.0], 2, 6, dtype=dtype, hyperparams=hp)
+                b = uniq(opt + "-bin")
                 data = self.binary_state(a).body
                 r = self.put_binary(b, data)
                 self.assertEqual(r.status, 201, r)

@@ -34,11 +34,24 @@ REQUIRED_BUFFERS = {
 }
 
 
-class CheckpointTests(DaemonTest):
+class CheckpointCase(DaemonTest):
+    """What the JSON and the binary checkpoint tests share: reproducible
+    gradients, and sessions trained on them."""
 
     def grads(self, seed, n, k):
         rnd = random.Random(seed)
         return [[rnd.uniform(-1, 1) for _ in range(n)] for _ in range(k)]
+
+    def trained(self, name, optimizer, params, seed, steps, **fields):
+        """Creates name (fields: dtype, hyperparams, ...) and steps it steps
+        times with the gradients of seed; name."""
+        self.d.create(name, optimizer, params=params, **fields)
+        for g in self.grads(seed, len(params), steps):
+            self.d.step(name, g)
+        return name
+
+
+class CheckpointTests(CheckpointCase):
 
     def get_state(self, name):
         r = self.d.get("/v1/sessions/%s/state" % name)
@@ -47,10 +60,7 @@ class CheckpointTests(DaemonTest):
         return r.json
 
     def test_state_has_the_documented_fields(self):
-        name = uniq()
-        self.d.create(name, "adam", hyperparams={"lr": 0.01}, params=[0.5, -1.25, 3.0])
-        for g in self.grads(1, 3, 3):
-            self.d.step(name, g)
+        name = self.trained(uniq(), "adam", [0.5, -1.25, 3.0], 1, 3, hyperparams={"lr": 0.01})
         st = self.get_state(name)
         self.assertEqual(st["name"], name)
         self.assertEqual(st["optimizer"], "adam")
@@ -94,10 +104,8 @@ class CheckpointTests(DaemonTest):
     def test_restore_to_new_name_continues_bit_identically(self):
         for opt, dtype, hp in CONFIGS:
             with self.subTest(optimizer=opt, dtype=dtype, hyperparams=hp):
-                a, b = uniq(opt), uniq(opt + "-copy")
-                self.d.create(a, opt, dtype=dtype, hyperparams=hp, params=[0.5, -1.25, 3.0, 1e-3, 7.0])
-                for g in self.grads(2, 5, 7):
-                    self.d.step(a, g)
+                a = self.trained(uniq(opt), opt, [0.5, -1.25, 3.0, 1e-3, 7.0], 2, 7, dtype=dtype, hyperparams=hp)
+                b = uniq(opt + "-copy")
                 st = self.get_state(a)
                 body = {k: v for k, v in st.items() if k != "name"}
                 r = self.d.request("PUT", "/v1/sessions/%s/state" % b, json_body=body)
@@ -118,9 +126,7 @@ class CheckpointTests(DaemonTest):
     def test_checkpoint_as_is_restores_under_its_own_name(self):
         a, twin = uniq(), uniq()
         for n in (a, twin):
-            self.d.create(n, "nadam", dtype="float64", params=[1.0, 2.0, 3.0])
-            for g in self.grads(4, 3, 4):
-                self.d.step(n, g)
+            self.trained(n, "nadam", [1.0, 2.0, 3.0], 4, 4, dtype="float64")
         st = self.get_state(a)
         self.assertEqual(self.d.request("DELETE", "/v1/sessions/" + a).status, 204)
         r = self.d.request("PUT", "/v1/sessions/%s/state" % a, json_body=st)
@@ -130,10 +136,8 @@ class CheckpointTests(DaemonTest):
 
     def test_put_state_over_existing_replaces_it(self):
         a, x = uniq(), uniq()
-        self.d.create(a, "adam", dtype="float64", hyperparams={"lr": 0.05}, params=[1.0, 2.0, 3.0])
+        self.trained(a, "adam", [1.0, 2.0, 3.0], 6, 3, dtype="float64", hyperparams={"lr": 0.05})
         self.d.create(x, "sgd", dtype="float32", params=[9.0])
-        for g in self.grads(6, 3, 3):
-            self.d.step(a, g)
         st = self.get_state(a)
         st["name"] = x
         r = self.d.request("PUT", "/v1/sessions/%s/state" % x, json_body=st)

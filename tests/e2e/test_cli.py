@@ -1,12 +1,11 @@
 """Command line: --help, flags from the environment, bad flags."""
 
-import http.client
 import os
 import subprocess
 import time
 import unittest
 
-from optd_e2e import Daemon, free_port, optd_bin
+from optd_e2e import Daemon, free_port, optd_bin, wait_http
 
 
 class CliTests(unittest.TestCase):
@@ -33,19 +32,7 @@ class CliTests(unittest.TestCase):
         try:
             p = subprocess.Popen([optd_bin()], cwd=d.tmp, env=env, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            ok = False
-            deadline = time.time() + 10
-            while time.time() < deadline and p.poll() is None:
-                try:
-                    c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                    c.request("GET", "/healthz")
-                    ok = c.getresponse().status == 200
-                    c.close()
-                    if ok:
-                        break
-                except OSError:
-                    time.sleep(0.05)
-            self.assertTrue(ok, "optd did not listen on OPTD_LISTEN")
+            self.assertTrue(wait_http(port, timeout=10, proc=p), "optd did not listen on OPTD_LISTEN")
             self.assertTrue(os.path.exists(db), "optd did not open OPTD_DB")
             self.assertFalse(os.path.exists(os.path.join(d.tmp, "optd.db")))
         finally:
@@ -115,17 +102,7 @@ class StartupTests(unittest.TestCase):
                              cwd=repo, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              start_new_session=True)
         try:
-            deadline = time.time() + 60
-            ok = False
-            while time.time() < deadline and p.poll() is None and not ok:
-                try:
-                    c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                    c.request("GET", "/healthz")
-                    ok = c.getresponse().status == 200
-                    c.close()
-                except OSError:
-                    time.sleep(0.1)
-            self.assertTrue(ok, "make run ARGS=... did not serve on port %d" % port)
+            self.assertTrue(wait_http(port, timeout=60, proc=p), "make run ARGS=... did not serve on port %d" % port)
         finally:
             os.killpg(p.pid, 15)
             out = p.communicate(timeout=20)[0].decode()

@@ -9,11 +9,46 @@ import threading
 import time
 import unittest
 
-from optd_e2e import Daemon, DaemonTest, free_port, optd_bin, uniq
+from optd_e2e import Daemon, DaemonTest, free_port, optd_bin, sqlite_file, uniq
 
 
 class DurabilityTests(DaemonTest):
     """Each test restarts the class daemon on the same database."""
+
+    def steps_until(self, name, grad, enough, interrupt, give_up_on_503=False):
+        """Four clients step name with grad until interrupt() (called once
+        enough steps are acknowledged, or after 10 s) stops the daemon; a
+        client stops at a broken connection, or at a 503 when
+        give_up_on_503. (the acknowledged steps, every status seen, what
+        interrupt returned)."""
+        acked, statuses = [], []
+        stop = threading.Event()
+
+        def worker():
+            c = self.d.conn(timeout=10)
+            while not stop.is_set():
+                try:
+                    r = self.d.request("POST", "/v1/sessions/%s/step" % name, json_body={"grad": grad}, conn=c)
+                except Exception:  # noqa: BLE001 -- the daemon is being stopped
+                    break
+                statuses.append(r.status)
+                if r.status == 200:
+                    acked.append(r.json["step"])
+                elif r.status == 503 and give_up_on_503:
+                    break
+            c.close()
+
+        ts = [threading.Thread(target=worker) for _ in range(4)]
+        for t in ts:
+            t.start()
+        deadline = time.time() + 10
+        while len(acked) < enough and time.time() < deadline:
+            time.sleep(0.01)
+        got = interrupt()
+        stop.set()
+        for t in ts:
+            t.join(15)
+        return acked, statuses, got
 
     def test_kill9_keeps_every_acknowledged_step(self):
         name = uniq("dur")
@@ -52,30 +87,7 @@ class DurabilityTests(DaemonTest):
         name = uniq("crash")
         init = [100000.0, -3.0]
         self.d.create(name, "sgd", dtype="float64", hyperparams={"lr": 1.0}, params=init)
-        acked = []
-        stop = threading.Event()
-
-        def worker():
-            c = self.d.conn(timeout=5)
-            while not stop.is_set():
-                try:
-                    r = self.d.request("POST", "/v1/sessions/%s/step" % name, json_body={"grad": [1.0, 1.0]}, conn=c)
-                except Exception:  # noqa: BLE001 -- the daemon is being killed
-                    break
-                if r.status == 200:
-                    acked.append(r.json["step"])
-            c.close()
-
-        ts = [threading.Thread(target=worker) for _ in range(4)]
-        for t in ts:
-            t.start()
-        deadline = time.time() + 10
-        while len(acked) < 40 and time.time() < deadline:
-            time.sleep(0.01)
-        self.d.kill()
-        stop.set()
-        for t in ts:
-            t.join(10)
+        acked, _, _ = self.steps_until(name, [1.0, 1.0], 40, self.d.kill)
         self.assertGreater(len(acked), 0, "no step was acknowledged before the kill")
         self.d.start()
         p = self.d.params(name)
@@ -133,33 +145,8 @@ class DurabilityTests(DaemonTest):
         name = uniq("term")
         init = [500000.0]
         self.d.create(name, "sgd", dtype="float64", hyperparams={"lr": 1.0}, params=init)
-        acked, statuses = [], []
-        stop = threading.Event()
-
-        def worker():
-            c = self.d.conn(timeout=10)
-            while not stop.is_set():
-                try:
-                    r = self.d.request("POST", "/v1/sessions/%s/step" % name, json_body={"grad": [1.0]}, conn=c)
-                except Exception:  # noqa: BLE001
-                    break
-                statuses.append(r.status)
-                if r.status == 200:
-                    acked.append(r.json["step"])
-                elif r.status == 503:
-                    break
-            c.close()
-
-        ts = [threading.Thread(target=worker) for _ in range(4)]
-        for t in ts:
-            t.start()
-        deadline = time.time() + 10
-        while len(acked) < 30 and time.time() < deadline:
-            time.sleep(0.01)
-        rc = self.d.terminate(signal.SIGTERM, 10)
-        stop.set()
-        for t in ts:
-            t.join(15)
+        acked, statuses, rc = self.steps_until(name, [1.0], 30, lambda: self.d.terminate(signal.SIGTERM, 10),
+                                               give_up_on_503=True)
         self.assertEqual(rc, 0, self.d.log())
         self.assertTrue(set(statuses) <= {200, 503}, "statuses during shutdown: %r" % sorted(set(statuses)))
         self.d.start()
@@ -169,6 +156,12 @@ class DurabilityTests(DaemonTest):
 
 
 class ForeignDatabaseTests(unittest.TestCase):
+    """Each test has a daemon of its own, self.d (not started: its temp dir
+    holds the foreign files), cleaned up after the test."""
+
+    def setUp(self):
+        self.d = Daemon()
+        self.addCleanup(self.d.cleanup)
 
     def refused(self, path):
         with open(path, "rb") as f:
@@ -197,68 +190,40 @@ class ForeignDatabaseTests(unittest.TestCase):
                                    "lock the other application out of its WAL database)")
 
     def test_text_file_is_refused_and_unchanged(self):
-        d = Daemon()
-        try:
-            path = os.path.join(d.tmp, "notes.txt")
-            with open(path, "w") as f:
-                f.write("this is not a database\n" * 100)
-            self.refused(path)
-            self.assertNoSidecars(path)
-        finally:
-            d.cleanup()
+        path = os.path.join(self.d.tmp, "notes.txt")
+        with open(path, "w") as f:
+            f.write("this is not a database\n" * 100)
+        self.refused(path)
+        self.assertNoSidecars(path)
 
     def test_other_apps_sqlite_file_is_refused_and_unchanged(self):
-        d = Daemon()
-        try:
-            path = os.path.join(d.tmp, "other.db")
-            con = sqlite3.connect(path)
-            con.execute("CREATE TABLE t (a INTEGER, b TEXT)")
-            con.execute("INSERT INTO t VALUES (1, 'x')")
-            con.commit()
-            con.close()
-            self.refused(path)
-            con = sqlite3.connect(path)
-            self.assertEqual(con.execute("SELECT * FROM t").fetchall(), [(1, "x")])
-            self.assertEqual([r[0] for r in con.execute("SELECT name FROM sqlite_master")], ["t"])
-            con.close()
-            self.assertNoSidecars(path)
-        finally:
-            d.cleanup()
-
-    def _wal_db(self, d):
-        path = os.path.join(d.tmp, "other-wal.db")
+        path = sqlite_file(os.path.join(self.d.tmp, "other.db"),
+                           "CREATE TABLE t (a INTEGER, b TEXT)", "INSERT INTO t VALUES (1, 'x')")
+        self.refused(path)
         con = sqlite3.connect(path)
-        con.execute("PRAGMA journal_mode=wal")
-        con.execute("CREATE TABLE sessions (name TEXT)")
-        con.commit()
+        self.assertEqual(con.execute("SELECT * FROM t").fetchall(), [(1, "x")])
+        self.assertEqual([r[0] for r in con.execute("SELECT name FROM sqlite_master")], ["t"])
         con.close()
+        self.assertNoSidecars(path)
+
+    def _wal_db(self):
+        path = sqlite_file(os.path.join(self.d.tmp, "other-wal.db"),
+                           "PRAGMA journal_mode=wal", "CREATE TABLE sessions (name TEXT)")
         self.assertFalse(os.path.exists(path + "-wal"))
         return path
 
     def test_other_apps_wal_sqlite_file_is_refused_and_unchanged(self):
-        d = Daemon()
-        try:
-            self.refused(self._wal_db(d))
-        finally:
-            d.cleanup()
+        self.refused(self._wal_db())
 
     def test_other_apps_wal_sqlite_file_gets_no_sidecar_files(self):
-        d = Daemon()
-        try:
-            path = self._wal_db(d)
-            self.refused(path)
-            self.assertNoSidecars(path)
-        finally:
-            d.cleanup()
+        path = self._wal_db()
+        self.refused(path)
+        self.assertNoSidecars(path)
 
     def test_optd_database_is_reopened(self):
-        d = Daemon()
-        try:
-            d.start()
-            name = uniq()
-            d.create(name, "sgd", params=[1.0])
-            self.assertEqual(d.terminate(signal.SIGTERM, 10), 0)
-            d.start()
-            self.assertEqual(d.params(name)["params"], [1.0])
-        finally:
-            d.cleanup()
+        self.d.start()
+        name = uniq()
+        self.d.create(name, "sgd", params=[1.0])
+        self.assertEqual(self.d.terminate(signal.SIGTERM, 10), 0)
+        self.d.start()
+        self.assertEqual(self.d.params(name)["params"], [1.0])

@@ -251,27 +251,27 @@ class BodyLimitTests(DaemonTest):
         self.assertError(r, 413, "too_large")
         self.assertUnchanged(name, before)
 
+    def assertRawCreateIs413(self, name, framing, body):
+        """A POST /v1/sessions sent raw with the framing header line and body
+        is answered 413 too_large, and name was not created."""
+        req = (b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               + framing + b"\r\n\r\n" + body)
+        status, hdrs, reply = self.d.raw(req, timeout=5)
+        self.assertEqual(status, 413, reply)
+        self.assertEqual(json.loads(reply)["error"]["code"], "too_large")
+        self.assertError(self.d.get("/v1/sessions/" + name), 404)
+
     def test_lying_content_length_is_413_without_waiting_for_body(self):
         name = uniq()
         small = json.dumps({"name": name, "optimizer": "sgd", "size": 1}).encode()
-        req = (b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-               b"Content-Length: 1000000000\r\n\r\n" + small)
-        status, hdrs, body = self.d.raw(req, timeout=5)
-        self.assertEqual(status, 413, body)
-        self.assertEqual(json.loads(body)["error"]["code"], "too_large")
-        self.assertError(self.d.get("/v1/sessions/" + name), 404)
+        self.assertRawCreateIs413(name, b"Content-Length: 1000000000", small)
 
     def test_chunked_body_over_limit_is_413(self):
         name = uniq()
         payload = json.dumps({"name": name, "optimizer": "sgd", "params": [0.123456789] * 400}).encode()
         chunks = b"".join(b"%x\r\n%s\r\n" % (len(payload[i:i + 500]), payload[i:i + 500])
                           for i in range(0, len(payload), 500)) + b"0\r\n\r\n"
-        req = (b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-               b"Transfer-Encoding: chunked\r\n\r\n" + chunks)
-        status, hdrs, body = self.d.raw(req, timeout=5)
-        self.assertEqual(status, 413, body)
-        self.assertEqual(json.loads(body)["error"]["code"], "too_large")
-        self.assertError(self.d.get("/v1/sessions/" + name), 404)
+        self.assertRawCreateIs413(name, b"Transfer-Encoding: chunked", chunks)
 
     def test_daemon_still_serves_after_413s(self):
         self.assertEqual(self.d.get("/healthz").status, 200)

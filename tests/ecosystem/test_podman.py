@@ -12,20 +12,17 @@ Skipped, saying why, only where podman cannot run containers."""
 
 import json
 import os
-import shutil
 import subprocess
 import threading
 import time
 import unittest
 import uuid
 
-from harness import HERE, REPO, free_port, wait_http
+from harness import HAPROXY, HERE, REPO, free_port, optdtest, wait_http
 
 import optd
 
 PODMAN_SH = os.path.join(REPO, "deploy", "podman.sh")
-CFG = os.path.join(REPO, "deploy", "haproxy.cfg")
-HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
 TAG = "localhost/optd:test"
 _built = {}  # what setUpModule found: {"error": reason} or {"seconds": build time}
 
@@ -218,23 +215,9 @@ class ShardedContainerTests(unittest.TestCase):
         for c in cls.shards:
             assert c.wait_ready(), c.logs()
         cls.router_port = free_port()
-        env = dict(os.environ, OPTD_ROUTER_BIND="127.0.0.1:%d" % cls.router_port)
-        for i, c in enumerate(cls.shards):
-            env["OPTD_SHARD%d" % i] = "127.0.0.1:%d" % c.port
-        cls.haproxy = subprocess.Popen([HAPROXY, "-db", "-f", CFG], env=env, stdin=subprocess.DEVNULL,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        cls.cleanups.append(cls.stop_haproxy)
-        assert wait_http(cls.router_port, "/router-healthz", proc=cls.haproxy), "haproxy did not become ready"
+        cls.haproxy = optdtest.start_haproxy(optdtest.haproxy_env(cls.router_port, [c.port for c in cls.shards]))
+        cls.cleanups.append(lambda: optdtest.stop_process(cls.haproxy))
         cls.router = "http://127.0.0.1:%d" % cls.router_port
-
-    @classmethod
-    def stop_haproxy(cls):
-        cls.haproxy.terminate()
-        try:
-            cls.haproxy.wait(10)
-        except subprocess.TimeoutExpired:
-            cls.haproxy.kill()
-            cls.haproxy.wait(10)
 
     @classmethod
     def tearDownClass(cls):

@@ -14,12 +14,10 @@ import unittest
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from harness import REPO, Daemon, free_port, raw, wait_http
+from harness import HAPROXY, Daemon, free_port, optdtest, raw, wait_http
 
 import optd
 
-CFG = os.path.join(REPO, "deploy", "haproxy.cfg")
-HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
 N_SESSIONS = 200
 STEPS = 3
 
@@ -34,18 +32,13 @@ class ShardingTests(unittest.TestCase):
             d.start()
         cls.tmp = tempfile.mkdtemp(prefix="optd-haproxy-")
         cls.router_port = free_port()
-        cls.env = dict(os.environ)
-        cls.env.update({"OPTD_ROUTER_BIND": "127.0.0.1:%d" % cls.router_port})
-        for i, d in enumerate(cls.shards):
-            cls.env["OPTD_SHARD%d" % i] = "127.0.0.1:%d" % d.port
-        check = subprocess.run([HAPROXY, "-c", "-q", "-f", CFG], env=cls.env, capture_output=True, text=True)
+        env = optdtest.haproxy_env(cls.router_port, [d.port for d in cls.shards])
+        check = subprocess.run([HAPROXY, "-c", "-q", "-f", optdtest.HAPROXY_CFG], env=env, capture_output=True,
+                               text=True)
         if check.returncode != 0:
             raise AssertionError("haproxy -c: %s" % (check.stdout + check.stderr))
         cls.log = open(os.path.join(cls.tmp, "haproxy.log"), "wb")
-        cls.haproxy = subprocess.Popen([HAPROXY, "-db", "-f", CFG], env=cls.env, stdin=subprocess.DEVNULL,
-                                       stdout=cls.log, stderr=subprocess.STDOUT)
-        if not wait_http(cls.router_port, "/router-healthz", proc=cls.haproxy):
-            raise AssertionError("haproxy did not become ready")
+        cls.haproxy = optdtest.start_haproxy(env, cls.log)
         cls.router = "http://127.0.0.1:%d" % cls.router_port
         cls.urls = [d.url for d in cls.shards]
         cls.prefix = "shard-%s" % uuid.uuid4().hex[:6]
@@ -72,13 +65,8 @@ class ShardingTests(unittest.TestCase):
         if getattr(cls, "_down", False):
             return
         cls._down = True
-        if getattr(cls, "haproxy", None) is not None and cls.haproxy.poll() is None:
-            cls.haproxy.terminate()
-            try:
-                cls.haproxy.wait(10)
-            except subprocess.TimeoutExpired:
-                cls.haproxy.kill()
-                cls.haproxy.wait(10)
+        if getattr(cls, "haproxy", None) is not None:
+            optdtest.stop_process(cls.haproxy)
         if getattr(cls, "log", None):
             cls.log.close()
         cls._stop_shards()

@@ -28,7 +28,8 @@ import time
 sys.dont_write_bytecode = True  # no __pycache__ in the tree
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from harness import REPO, Daemon, Skip, check, params, run_listed, step, wait_for  # noqa: E402
+from harness import (REPO, Daemon, Skip, check, fill_disk, params, run_listed, small_disk,  # noqa: E402
+                     sqlite_file, step, wait_for)
 
 P0 = [10.0, 20.0, 30.0, 40.0]
 BIG = 20000  # elements of the session whose steps must grow the WAL
@@ -148,40 +149,25 @@ def fault_cycle(d, k, label, on, off, again=True):
 # ---- the faults ------------------------------------------------------------
 
 def t_disk_full():
-    mnt = tempfile.mkdtemp(prefix="optd-full-")
-    m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "optd-fault", mnt], capture_output=True, text=True)
-    if m.returncode != 0:
-        os.rmdir(mnt)
-        raise Skip("cannot mount a tmpfs here: %s" % m.stderr.strip())
-    d = Daemon(db=os.path.join(mnt, "optd.db"), args=["--log-level", "quiet"])
-    filler = os.path.join(mnt, "filler")
-    try:
-        d.start()
-        k = setup(d)
-
-        def fill():
-            with open(filler, "wb", buffering=0) as f:
-                try:
-                    while True:
-                        f.write(b"\0" * 65536)
-                        f.flush()
-                except OSError:
-                    pass
-        k = fault_cycle(d, k, "disk full", fill, lambda: os.unlink(filler))
-        check(d.term() == 0, "SIGTERM after disk full")
-        # Start-up on a full disk: refused with a message, not a crash.
-        fill()
-        d2 = Daemon(db=os.path.join(mnt, "new.db"), args=["--log-level", "quiet"], tmp=d.tmp)
-        d2.spawn()
-        rc = d2.proc.wait(20)
-        os.unlink(filler)
-        check(rc == 1, "start with a new db on a full disk: exit %r: %s", rc, d2.log())
-        return "start on a full disk: exit 1, %r" % d2.log().strip().splitlines()[-1][:100]
-    finally:
-        d.kill()
-        subprocess.run(["umount", "-l", mnt])
-        os.rmdir(mnt)
-        shutil.rmtree(d.tmp, ignore_errors=True)
+    with small_disk("3m") as mnt:
+        d = Daemon(db=os.path.join(mnt, "optd.db"), args=["--log-level", "quiet"])
+        filler = os.path.join(mnt, "filler")
+        try:
+            d.start()
+            k = setup(d)
+            k = fault_cycle(d, k, "disk full", lambda: fill_disk(filler), lambda: os.unlink(filler))
+            check(d.term() == 0, "SIGTERM after disk full")
+            # Start-up on a full disk: refused with a message, not a crash.
+            fill_disk(filler)
+            d2 = Daemon(db=os.path.join(mnt, "new.db"), args=["--log-level", "quiet"], tmp=d.tmp)
+            d2.spawn()
+            rc = d2.proc.wait(20)
+            os.unlink(filler)
+            check(rc == 1, "start with a new db on a full disk: exit %r: %s", rc, d2.log())
+            return "start on a full disk: exit 1, %r" % d2.log().strip().splitlines()[-1][:100]
+        finally:
+            d.kill()
+            shutil.rmtree(d.tmp, ignore_errors=True)
 
 
 def t_locked():
@@ -464,30 +450,17 @@ def t_foreign():
             f.write("hello, I am a text file\n" * 100)
         lines.append(("text file", refused(p, ["not an optd database"], "text file")))
 
-        p = os.path.join(tmp, "other.sqlite")
-        con = sqlite3.connect(p)
-        con.execute("CREATE TABLE users(id INTEGER PRIMARY KEY, name TEXT)")
-        con.executemany("INSERT INTO users(name) VALUES (?)", [("u%d" % i,) for i in range(500)])
-        con.commit()
-        con.close()
+        p = sqlite_file(os.path.join(tmp, "other.sqlite"), "CREATE TABLE users(id INTEGER PRIMARY KEY, name TEXT)",
+                        *("INSERT INTO users(name) VALUES ('u%d')" % i for i in range(500)))
         lines.append(("another application's SQLite file",
                       refused(p, ["not an optd database"], "another application's SQLite file")))
 
-        p = os.path.join(tmp, "other-wal.sqlite")
-        con = sqlite3.connect(p)
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute("CREATE TABLE t(x)")
-        con.commit()
-        con.close()
+        p = sqlite_file(os.path.join(tmp, "other-wal.sqlite"), "PRAGMA journal_mode=WAL", "CREATE TABLE t(x)")
         lines.append(("another application's SQLite file in WAL mode",
                       refused(p, ["not an optd database"], "another app's WAL-mode file")))
 
-        p = os.path.join(tmp, "sessions-lookalike.sqlite")
-        con = sqlite3.connect(p)
-        con.execute("CREATE TABLE sessions(id INTEGER PRIMARY KEY, name TEXT)")
-        con.execute("PRAGMA user_version = 1")
-        con.commit()
-        con.close()
+        p = sqlite_file(os.path.join(tmp, "sessions-lookalike.sqlite"),
+                        "CREATE TABLE sessions(id INTEGER PRIMARY KEY, name TEXT)", "PRAGMA user_version = 1")
         lines.append(("SQLite file with a 'sessions' table and user_version 1 (no application_id)",
                       refused(p, ["not an optd database"], "look-alike")))
 
@@ -518,10 +491,7 @@ def t_foreign():
         p = os.path.join(tmp, "newer.db")
         with open(p, "wb") as f:
             f.write(data)
-        con = sqlite3.connect(p)
-        con.execute("PRAGMA user_version = 999")
-        con.commit()
-        con.close()
+        sqlite_file(p, "PRAGMA user_version = 999")
         lines.append(("optd database of a newer schema", refused(p, ["newer"], "newer schema")))
 
         p = os.path.join(tmp, "a-directory")
@@ -563,9 +533,5 @@ TESTS = [
 ]
 
 
-def main():
-    return run_listed(TESTS, sys.argv[1:])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_listed(TESTS))

@@ -4,16 +4,19 @@ told (the Daemon of tests/lib/optdtest.py), raw HTTP to it, and the checks and
 report of these scripts. Standard library only, so the tests run wherever
 python3 does."""
 
+import contextlib
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "lib"))
 import optdtest  # noqa: E402
-from optdtest import f32, pack, unpack  # noqa: E402,F401 (the tests import them from here)
+from optdtest import f32, pack, sqlite_file, unpack  # noqa: E402,F401 (the tests import them from here)
 
 
 def optd_bin():
@@ -148,9 +151,12 @@ def params(d, name):
     return int(r.header("ETag").strip('"')), optdtest.unpack("float64", r.body)
 
 
-def run_listed(tests, argv):
+def run_listed(tests, argv=None):
     """Runs the (name, fn) pairs of tests whose name contains one of argv
-    (every one when argv is empty); the exit status for sys.exit."""
+    (default: the command line's arguments; every one when there are none);
+    the exit status for sys.exit."""
+    if argv is None:
+        argv = sys.argv[1:]
     if not os.path.exists(optd_bin()):
         print("no %s: run make" % optd_bin())
         return 1
@@ -160,6 +166,56 @@ def run_listed(tests, argv):
             continue
         rep.run(name, fn)
     return rep.finish()
+
+
+def read_reply(sock, quiet=(OSError,)):
+    """Reads one HTTP reply from sock: until its Content-Length is in, the
+    peer closes, or recv raises one of quiet. (status, or None when what
+    came is not a status line; the bytes read)."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except quiet:
+            break
+        if not chunk:
+            break
+        data += chunk
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if sep:
+            cl = [ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length:")]
+            if cl and len(body) >= int(cl[0].split(b":")[1]):
+                break
+    if not data.startswith(b"HTTP/1."):
+        return None, data
+    return int(data.split(b" ", 2)[1]), data
+
+
+@contextlib.contextmanager
+def small_disk(size):
+    """A tmpfs of size (mount's spelling: "3m") mounted for the block; its
+    mount point. Skip where it cannot be mounted (not root)."""
+    mnt = tempfile.mkdtemp(prefix="optd-full-")
+    m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=" + size, "optd-fault", mnt],
+                       capture_output=True, text=True)
+    if m.returncode != 0:
+        os.rmdir(mnt)
+        raise Skip("cannot mount a tmpfs here: %s" % m.stderr.strip())
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", mnt])
+        os.rmdir(mnt)
+
+
+def fill_disk(path):
+    """Writes zeros to the new file path until its disk is full."""
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
 
 
 def wait_for(pred, timeout, step=0.05):

@@ -18,13 +18,12 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.dont_write_bytecode = True  # no __pycache__ in the tree
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from harness import Daemon, Skip, check, params, run_listed, step, wait_for  # noqa: E402
+from harness import Daemon, check, fill_disk, params, run_listed, small_disk, step, wait_for  # noqa: E402
 
 MIB = 1 << 20
 
@@ -158,47 +157,36 @@ def t_full_disk_not_ready():
     stays 503 (a one-page probe write would still fit, and used to call the
     disk ready), the log says why with SQLite's message, and both come back
     by themselves once there is room again."""
-    mnt = tempfile.mkdtemp(prefix="optd-full-")
-    m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "optd-fault", mnt], capture_output=True, text=True)
-    if m.returncode != 0:
-        os.rmdir(mnt)
-        raise Skip("cannot mount a tmpfs here: %s" % m.stderr.strip())
-    d = Daemon(db=os.path.join(mnt, "optd.db"), args=["--log-level", "quiet"])
-    filler = os.path.join(mnt, "filler")
-    try:
-        d.start()
-        d.create("f", "sgd", [0.0] * 4, hyperparams={"lr": 1})
-        check(step(d, "f", 4).status == 200, "first step")
-        # Steps of 800 KB grow the WAL past its soft limit (an eighth of this
-        # small disk), so it restarts and its file has slack: room for the
-        # probe's one page even once the disk is full.
-        d.create("mid", "sgd", [0.0] * 100000, hyperparams={"lr": 1})
-        for _ in range(8):
-            check(step(d, "mid", 100000).status == 200, "step of mid")
-        with open(filler, "wb", buffering=0) as f:
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-            except OSError:
-                pass
-        # 1e6 float64 elements: 8 MB of state, more than any slack left.
-        r = d.request("PUT", "/v1/sessions/huge", js={"optimizer": "sgd", "size": 1000000, "dtype": "float64"})
-        check(r.status == 503, "create of 8 MB on a full disk: %r", r)
-        check(ready(d) == 503, "/readyz after a write failed for lack of space: %d", ready(d))
-        time.sleep(1)
-        check(ready(d) == 503, "/readyz a second later, the disk still full: %d", ready(d))
-        check(wait_for(lambda: re.search(r"store: (COMMIT|a transaction).*failed: .*full", d.log()), 5),
-              "no storage failure in the log: %r", d.log())
-        os.unlink(filler)
-        check(wait_for(lambda: ready(d) == 200, 10), "/readyz did not come back once there was room")
-        r = d.request("PUT", "/v1/sessions/huge", js={"optimizer": "sgd", "size": 1000000, "dtype": "float64"})
-        check(r.status == 201, "create once there is room: %r", r)
-        return "log: %r" % re.search(r"store: .*", d.log()).group(0)[:100]
-    finally:
-        d.kill()
-        subprocess.run(["umount", "-l", mnt])
-        os.rmdir(mnt)
-        shutil.rmtree(d.tmp, ignore_errors=True)
+    with small_disk("24m") as mnt:
+        d = Daemon(db=os.path.join(mnt, "optd.db"), args=["--log-level", "quiet"])
+        filler = os.path.join(mnt, "filler")
+        try:
+            d.start()
+            d.create("f", "sgd", [0.0] * 4, hyperparams={"lr": 1})
+            check(step(d, "f", 4).status == 200, "first step")
+            # Steps of 800 KB grow the WAL past its soft limit (an eighth of this
+            # small disk), so it restarts and its file has slack: room for the
+            # probe's one page even once the disk is full.
+            d.create("mid", "sgd", [0.0] * 100000, hyperparams={"lr": 1})
+            for _ in range(8):
+                check(step(d, "mid", 100000).status == 200, "step of mid")
+            fill_disk(filler)
+            # 1e6 float64 elements: 8 MB of state, more than any slack left.
+            r = d.request("PUT", "/v1/sessions/huge", js={"optimizer": "sgd", "size": 1000000, "dtype": "float64"})
+            check(r.status == 503, "create of 8 MB on a full disk: %r", r)
+            check(ready(d) == 503, "/readyz after a write failed for lack of space: %d", ready(d))
+            time.sleep(1)
+            check(ready(d) == 503, "/readyz a second later, the disk still full: %d", ready(d))
+            check(wait_for(lambda: re.search(r"store: (COMMIT|a transaction).*failed: .*full", d.log()), 5),
+                  "no storage failure in the log: %r", d.log())
+            os.unlink(filler)
+            check(wait_for(lambda: ready(d) == 200, 10), "/readyz did not come back once there was room")
+            r = d.request("PUT", "/v1/sessions/huge", js={"optimizer": "sgd", "size": 1000000, "dtype": "float64"})
+            check(r.status == 201, "create once there is room: %r", r)
+            return "log: %r" % re.search(r"store: .*", d.log()).group(0)[:100]
+        finally:
+            d.kill()
+            shutil.rmtree(d.tmp, ignore_errors=True)
 
 
 TESTS = [
@@ -210,9 +198,5 @@ TESTS = [
 ]
 
 
-def main():
-    return run_listed(TESTS, sys.argv[1:])
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_listed(TESTS))

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -109,6 +110,19 @@ def uniq(prefix="s", digits=12):
     return "%s-%s" % (prefix, uuid.uuid4().hex[:digits])
 
 
+def sqlite_file(path, *sql):
+    """Runs the statements sql on the SQLite file path (created when absent)
+    and commits, as another application would make its file; path."""
+    con = sqlite3.connect(path)
+    try:
+        for stmt in sql:
+            con.execute(stmt)
+        con.commit()
+    finally:
+        con.close()
+    return path
+
+
 # -- HTTP -------------------------------------------------------------------
 
 class Reply:
@@ -171,6 +185,45 @@ def request(port, method, path, body=None, headers=None, timeout=30, conn=None, 
     finally:
         if own:
             c.close()
+
+
+# -- a router in front of daemons -------------------------------------------
+
+HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
+HAPROXY_CFG = os.path.join(REPO, "deploy", "haproxy.cfg")
+
+
+def haproxy_env(router_port, shard_ports):
+    """The environment deploy/haproxy.cfg reads: where the router listens
+    and the three shards' loopback ports."""
+    env = dict(os.environ, OPTD_ROUTER_BIND="127.0.0.1:%d" % router_port)
+    for i, port in enumerate(shard_ports):
+        env["OPTD_SHARD%d" % i] = "127.0.0.1:%d" % port
+    return env
+
+
+def start_haproxy(env, log=None):
+    """HAProxy in the foreground with deploy/haproxy.cfg and env (see
+    haproxy_env), its output to the file log (else discarded); the Popen,
+    once /router-healthz answers. AssertionError when it does not."""
+    p = subprocess.Popen([HAPROXY, "-db", "-f", HAPROXY_CFG], env=env, stdin=subprocess.DEVNULL,
+                         stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
+    if not wait_http(int(env["OPTD_ROUTER_BIND"].rsplit(":", 1)[1]), "/router-healthz", proc=p):
+        stop_process(p)
+        raise AssertionError("haproxy did not become ready")
+    return p
+
+
+def stop_process(p, timeout=10):
+    """Stops p with SIGTERM, or SIGKILL when it outlives timeout seconds."""
+    if p.poll() is not None:
+        return
+    p.terminate()
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(timeout)
 
 
 # -- the daemon -------------------------------------------------------------

@@ -1,13 +1,9 @@
 #!/usr/bin/env python3
 """Runs optd's training-feature tests (worker rounds, lr schedules, clipping,
-forks, validation, and the rounds/s figure) against build/optd (env OPTD_BIN).
-
-    python3 tests/training/run.py                 # everything
-    python3 tests/training/run.py test_rounds     # one module
-    python3 tests/training/run.py test_forks.ForkTests.test_fork_evolves
-
-The last line of output is `N passed, N failed` (`, N skipped` when any); the
-exit status is non-zero when anything failed."""
+forks, validation, and the rounds/s figure) against build/optd (env OPTD_BIN):
+every test_*.py here, or the modules, classes or tests named
+(test_forks.ForkTests.test_fork_evolves); what it prints and returns is
+optdtest.main's."""
 
 import os
 import sys
