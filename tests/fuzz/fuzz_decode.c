@@ -136,7 +136,7 @@ static void same_session(const sess *a, const sess *b, const char *what, const c
 {
     if (b->blob_len != a->blob_len || memcmp(b->blob, a->blob, a->blob_len) != 0)
         fail(what, text);
-    if (b->row.step != a->row.step || b->n != a->n || b->dtype != a->dtype || b->info != a->info)
+    if (b->st.step != a->st.step || b->n != a->n || b->dtype != a->dtype || b->info != a->info)
         fail(what, text);
 }
 
