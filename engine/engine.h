@@ -279,7 +279,9 @@ optd_err engine_sess_from_store(const engine_codec *codec, store_session *row, v
  * thread): OPTD_OK with *out (caller frees), OPTD_E_NOT_FOUND or a store error. */
 optd_err engine_sess_read(store *st, const engine_codec *codec, const char *name, sess **out);
 /* Changes the hyperparameters, re-laying the blob when the set of used
- * buffers changes (new buffers start as torch would create them). */
+ * buffers changes (new buffers start as torch would create them). For a
+ * shaped session these are the session's own; its groups keep theirs
+ * (engine_sess_set_all_hparams changes both). */
 optd_err engine_sess_set_hparams(sess *s, const optim_hparams *hp);
 /* The bytes of the state blob of n elements of dtype under info and hp
  * (params, the used buffers, the scalar), computed without allocating; n is

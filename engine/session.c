@@ -409,6 +409,17 @@ optd_err engine_sess_set_all_hparams(sess *s, const optim_hparams *hp, const opt
 
 optd_err engine_sess_set_hparams(sess *s, const optim_hparams *hp)
 {
+    if (s->shape) { /* the session's own only: each group keeps its */
+        size_t G = s->shape->n_groups;
+        optim_hparams *ghp = malloc(G * sizeof *ghp);
+        if (!ghp)
+            return OPTD_E_NOMEM;
+        for (size_t g = 0; g < G; g++)
+            ghp[g] = s->shape->groups[g].hp;
+        optd_err rc = engine_sess_set_all_hparams(s, hp, ghp);
+        free(ghp);
+        return rc;
+    }
     if (!fits_dtype(s->info, hp, s->dtype))
         return OPTD_E_BAD_HYPERPARAM;
     sess old = *s;
