@@ -64,23 +64,34 @@ void sess_state_to_json(sbuf *b, const sess *s)
         sbuf_vec(b, s->st.buf[i], s->n, s->dtype);
         sep = ",";
     }
-    if (s->info->scalar) {
+    if (s->info->scalar && !s->shape) { /* a shaped session's are per tensor */
         sbuf_printf(b, "%s\"%s\":", sep, s->info->scalar);
         sbuf_num(b, s->st.scalar, 0);
     }
-    sbuf_puts(b, "}}");
+    sbuf_puts(b, "}");
+    tensor_state_to_json(b, s);
+    sbuf_puts(b, "}");
 }
 
 optd_err sess_make(const char *name, const optim_info *info, const optim_hparams *hp, const training *tr,
-                   optim_dtype dtype, size_t n, void **take, double fill, size_t max_bytes, sess **out, char *msg,
-                   size_t msglen)
+                   optim_dtype dtype, size_t n, void **take, double fill, engine_shape **shape, size_t max_bytes,
+                   sess **out, char *msg, size_t msglen)
 {
+    const engine_shape *sh = shape ? *shape : NULL;
     /* Before anything is allocated: a 60-byte body may ask for gigabytes. */
-    optd_err rc = engine_sess_check_size(info, hp, dtype, n, max_bytes, msg, msglen);
+    optd_err rc = engine_shape_check_size(info, hp, sh, dtype, n, max_bytes, msg, msglen);
     if (rc)
         return rc;
     rc = take ? engine_sess_adopt(&http_config_codec, name, info, hp, tr, dtype, n, take, out)
               : engine_sess_new(&http_config_codec, name, info, hp, tr, dtype, n, NULL, fill, out);
+    if (rc == OPTD_OK && sh) {
+        if ((rc = engine_sess_set_shape(*out, *shape)) == OPTD_OK) {
+            *shape = NULL; /* the session's */
+        } else {
+            engine_sess_free(*out);
+            *out = NULL;
+        }
+    }
     if (rc == OPTD_E_BAD_HYPERPARAM)
         engine_accumulator_msg(msg, msglen, dtype);
     return rc;
@@ -130,7 +141,7 @@ size_t checkpoint_max_bytes(size_t session_bytes)
 /* Checks what a checkpoint's state must be for later steps to be finite:
  * every used buffer finite (the decoder checked) and in its domain, the
  * scalar in its range. */
-static optd_err state_check(const sess *s, char *msg, size_t msglen)
+static optd_err state_check(sess *s, char *msg, size_t msglen)
 {
     for (size_t i = 0; i < s->info->n_buffers; i++) {
         if (!s->st.buf[i] || !optim_buffer_nonneg(s->info, i))
@@ -149,6 +160,28 @@ static optd_err state_check(const sess *s, char *msg, size_t msglen)
     if (!optim_scalar_valid(s->info, s->st.scalar)) {
         snprintf(msg, msglen, "state.%s is %g: it must be in [0, 1]", s->info->scalar, s->st.scalar);
         return OPTD_E_INVALID;
+    }
+    /* Each tensor's step and scalar (a scalar not given is NaN here). */
+    for (size_t t = 0; s->shape && t < s->shape->n_tensors; t++) {
+        const char *tn = s->shape->tensors[t].name;
+        uint64_t step = engine_sess_tensor_step(s, t);
+        double v = engine_sess_tensor_scalar(s, t);
+        if (step > s->st.step) {
+            snprintf(msg, msglen, "tensor %.200s is at step %llu, past the session's %llu", tn,
+                     (unsigned long long)step, (unsigned long long)s->st.step);
+            return OPTD_E_INVALID;
+        }
+        if (isnan(v) && step > 0) {
+            snprintf(msg, msglen, "the %s of tensor %.200s is missing (the tensor is past step 0)", s->info->scalar,
+                     tn);
+            return OPTD_E_INVALID;
+        }
+        if (isnan(v))
+            engine_sess_set_tensor_scalar(s, t, 1);
+        else if (!optim_scalar_valid(s->info, v)) {
+            snprintf(msg, msglen, "the %s of tensor %.200s is %g: it must be in [0, 1]", s->info->scalar, tn, v);
+            return OPTD_E_INVALID;
+        }
     }
     return OPTD_OK;
 }
@@ -180,6 +213,11 @@ static optd_err ckpt_state_names(sess *s, const cJSON *state, char *msg, size_t 
 {
     const optim_info *info = s->info;
     for (const cJSON *e = state ? state->child : NULL; e; e = e->next) {
+        if (info->scalar && strcmp(e->string, info->scalar) == 0 && s->shape)
+            return optd_fail(msg, msglen, OPTD_E_INVALID,
+                             "a session with groups keeps %s per tensor: give it in tensor_state "
+                             "({\"<tensor>\": {\"step\": n, \"%s\": x}}), not in state",
+                             info->scalar, info->scalar);
         if (info->scalar && strcmp(e->string, info->scalar) == 0) {
             if (!cJSON_IsNumber(e) || !isfinite(e->valuedouble))
                 return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "state.%s must be a number", info->scalar);
@@ -211,21 +249,39 @@ optd_err ckpt_begin(const char *name, const cJSON *obj, size_t n, size_t max_byt
     training tr;
 
     /* Every field GET .../state writes, and nothing else. */
-    static const char *const fields[] = {"name",    "optimizer",   "dtype",         "size",
-                                         "step",    "hyperparams", "params",        "state",
-                                         "workers", "min_workers", "round_timeout", "min_workers_auto"};
+    static const char *const fields[] = {"name",          "optimizer",        "dtype",  "size",        "step",
+                                         "hyperparams",   "params",           "state",  "workers",     "min_workers",
+                                         "round_timeout", "min_workers_auto", "groups", "tensor_state"};
+    const cJSON *groups = cJSON_GetObjectItemCaseSensitive(obj, "groups");
+    engine_shape *sh = NULL;
     optd_err rc =
         body_fields_known(obj, "a checkpoint", fields, sizeof fields / sizeof *fields, HINT_INSIDE, msg, msglen);
     if (!rc)
         rc = sess_config_from_json(obj, &info, &dtype, &hp, &tr, msg, msglen);
+    if (!rc && groups)
+        rc = groups_from_json(groups, info, &hp, &sh, msg, msglen);
+    if (!rc && sh && n == SIZE_MAX) /* a safetensors file without a flat "params": the groups say */
+        n = sh->n;
     if (!rc)
         rc = ckpt_check_members(step, cJSON_GetObjectItemCaseSensitive(obj, "size"), state, n, msg, msglen);
+    if (!rc && sh && sh->n != n)
+        rc = optd_fail(msg, msglen, OPTD_E_SIZE_MISMATCH, "params has %zu elements but the groups' tensors have %zu",
+                       n, sh->n);
     if (!rc)
-        rc = sess_make(name, info, &hp, &tr, dtype, n, take, 0, max_bytes, &s, msg, msglen);
+        rc = sess_make(name, info, &hp, &tr, dtype, n, take, 0, &sh, max_bytes, &s, msg, msglen);
     if (!rc) {
         s->st.step = step ? (uint64_t)step->valuedouble : 0;
-        rc = ckpt_state_names(s, state, msg, msglen);
+        /* A tensor the checkpoint does not name stepped with the session; a
+         * scalar not given is NaN until ckpt_finish decides. */
+        for (size_t t = 0; s->shape && t < s->shape->n_tensors; t++) {
+            engine_sess_set_tensor_step(s, t, s->st.step);
+            engine_sess_set_tensor_scalar(s, t, NAN);
+        }
+        rc = tensor_state_from_json(s, cJSON_GetObjectItemCaseSensitive(obj, "tensor_state"), msg, msglen);
     }
+    if (!rc)
+        rc = ckpt_state_names(s, state, msg, msglen);
+    engine_shape_free(sh);
     if (rc) {
         engine_sess_free(s);
         s = NULL;

@@ -84,6 +84,8 @@ typedef struct req {
     size_t len, cap;
     int too_large;
     int binary; /* Content-Type: application/octet-stream */
+    wire_type wire_in;  /* its dtype parameter (a step's gradient) */
+    wire_type wire_out; /* the binary reply's element type, once resolved */
     /* A write handed to the engine: one request struct per type, all
      * starting with ENGINE_REQ_FIELDS (job.base). */
     union {
@@ -104,6 +106,8 @@ typedef struct req {
     jbody *jb;     /* a body decoded as it arrives (create, PUT .../state), or NULL */
     st_reader *st; /* a binary checkpoint read as it arrives, or NULL */
     void *grad;    /* decoded gradient, when not the body itself */
+    char *skip_buf;          /* Optd-Skip's names, NUL-separated */
+    const char **skip_names; /* a step's skipped tensors (into skip_buf or r->json) */
     char idem[256];
     int minimal, want_binary;
     int close; /* answer with Connection: close (the framing is not to be trusted) */
@@ -220,6 +224,69 @@ static enum MHD_Result send_err(req *r, optd_err e, const char *msg, int64_t ste
 
 static void step_str(uint64_t step, char out[24]) { snprintf(out, 24, "%llu", (unsigned long long)step); }
 
+/* Adds header name with the number v as the JSON reply prints it. */
+static void number_header(struct MHD_Response *resp, const char *name, double v)
+{
+    sbuf b = {0};
+    sbuf_num(&b, v, 0);
+    if (!b.oom && b.p)
+        MHD_add_response_header(resp, name, b.p);
+    sbuf_free(&b);
+}
+
+/* A binary step reply carries the scalars of the JSON one in headers
+ * (API.md "Binary vectors"): Optd-Lr, Optd-Grad-Norm, Optd-Contributors. */
+static void step_meta_headers(struct MHD_Response *resp, const engine_step_req *j)
+{
+    char n[16];
+    if (!j || !j->has_meta)
+        return;
+    if (j->n_lrs) { /* a shaped session's: one per group, comma-separated */
+        sbuf b = {0};
+        for (size_t g = 0; g < j->n_lrs; g++) {
+            if (g)
+                sbuf_put(&b, ",", 1);
+            sbuf_num(&b, j->lrs[g], 0);
+        }
+        if (!b.oom && b.p)
+            MHD_add_response_header(resp, "Optd-Lr", b.p);
+        sbuf_free(&b);
+    } else {
+        number_header(resp, "Optd-Lr", j->lr);
+    }
+    number_header(resp, "Optd-Grad-Norm", j->grad_norm);
+    snprintf(n, sizeof n, "%u", j->contributors);
+    MHD_add_response_header(resp, "Optd-Contributors", n);
+}
+
+static enum MHD_Result send_vec(req *r, void *x, size_t n, optim_dtype dtype, const char *etag,
+                                const engine_step_req *meta)
+{
+    wire_type own = dtype == OPTIM_F64 ? WIRE_F64 : WIRE_F32;
+    wire_type w = r->wire_out == WIRE_NATIVE ? own : r->wire_out;
+    size_t len = n * wire_size(w);
+    char ctype[64] = "application/octet-stream";
+    if (w != own) {
+        void *y = malloc(len + 1);
+        if (!y) {
+            free(x);
+            return send_err(r, OPTD_E_NOMEM, NULL, -1);
+        }
+        wire_encode(dtype, x, n, w, y);
+        free(x);
+        x = y;
+        /* Said in the reply too, for a reader that did not keep the request. */
+        snprintf(ctype, sizeof ctype, "application/octet-stream; dtype=%s", wire_name(w));
+    }
+    struct MHD_Response *resp = MHD_create_response_from_buffer_with_free_callback(len, x, free);
+    if (!resp) {
+        free(x);
+        return MHD_NO;
+    }
+    step_meta_headers(resp, meta);
+    return queue(r, 200, resp, ctype, etag);
+}
+
 /* ---- Request helpers -------------------------------------------------- */
 
 static const char *header(req *r, const char *name)
@@ -240,6 +307,24 @@ static int accepts_binary(req *r)
     const char *a = header(r, MHD_HTTP_HEADER_ACCEPT);
     return a && strstr(a, "application/octet-stream") != NULL;
 }
+
+/* Whether the reply is to be a binary vector of a session of dtype, and in
+ * which type (r->wire_out): Accept's dtype parameter, else the session's.
+ * OPTD_E_UNSUPPORTED_MEDIA_TYPE for a dtype optd does not know, as for a
+ * Content-Type; OPTD_E_INVALID for one wider than the session's. */
+static optd_err accept_wire(req *r, optim_dtype dtype, int *binary, char *msg, size_t msglen)
+{
+    wire_type w;
+    optd_err rc = wire_accept(header(r, MHD_HTTP_HEADER_ACCEPT), binary, &w, msg, msglen);
+    if (rc == OPTD_OK)
+        rc = wire_for(w, dtype, "Accept", &r->wire_out, msg, msglen);
+    return rc;
+}
+
+/* Queues a binary vector reply: n elements of dtype at x (malloc'd, taken)
+ * as r->wire_out, converted when that is narrower. */
+static enum MHD_Result send_vec(req *r, void *x, size_t n, optim_dtype dtype, const char *etag,
+                                const engine_step_req *meta);
 
 /* Constant-time check of "Bearer <token>". */
 static int authorized(req *r)
@@ -414,11 +499,21 @@ static enum MHD_Result finish_job(req *r)
         size_t len = j->out_params && !r->minimal ? j->out_len : 0;
         if (p == j->out_params)
             j->out_params = NULL;
-        return send_body(r, 200, "application/octet-stream", p, len, etag);
+        return send_vec(r, p, len / optim_elem_size(j->dtype), j->dtype, etag, j);
     }
     sbuf b = {0};
     sbuf_printf(&b, "{\"step\":%s", etag);
-    if (j->has_meta) {
+    if (j->has_meta && j->n_lrs) {
+        sbuf_puts(&b, ",\"lr\":[");
+        for (size_t g = 0; g < j->n_lrs; g++) {
+            if (g)
+                sbuf_put(&b, ",", 1);
+            sbuf_num(&b, j->lrs[g], 0);
+        }
+        sbuf_puts(&b, "],\"grad_norm\":");
+        sbuf_num(&b, j->grad_norm, 0);
+        sbuf_printf(&b, ",\"contributors\":%u", j->contributors);
+    } else if (j->has_meta) {
         sbuf_puts(&b, ",\"lr\":");
         sbuf_num(&b, j->lr, 0);
         sbuf_puts(&b, ",\"grad_norm\":");
@@ -557,17 +652,21 @@ static optd_err read_full(req *r, sess **out, char etag[24])
 static enum MHD_Result get_params(req *r)
 {
     sess *s = NULL;
-    char etag[24];
+    char etag[24], msg[256] = "";
+    int binary = 0;
     optd_err rc = read_full(r, &s, etag);
-    if (rc)
-        return send_err(r, rc, NULL, -1);
+    if (rc == OPTD_OK)
+        rc = accept_wire(r, s->dtype, &binary, msg, sizeof msg);
+    if (rc) {
+        engine_sess_free(s);
+        return send_err(r, rc, msg, -1);
+    }
     enum MHD_Result ret;
-    if (accepts_binary(r)) {
-        size_t len = s->n * optim_elem_size(s->dtype);
+    if (binary) {
         /* The params are the head of the blob: hand the blob over. */
         char *p = (char *)s->blob;
         s->blob = NULL;
-        ret = send_body(r, 200, "application/octet-stream", p, len, etag);
+        ret = send_vec(r, p, s->n, s->dtype, etag, NULL);
     } else {
         sbuf b = {0};
         sbuf_printf(&b, "{\"step\":%s,\"params\":", etag);
@@ -679,14 +778,16 @@ static void ckpt_more_json(ckpt_stream *cs)
         cs->elem = 0;
         return;
     }
-    if (info->scalar) {
+    if (info->scalar && !s->shape) { /* a shaped session's are per tensor */
         int any = 0;
         for (size_t i = 0; i < info->n_buffers; i++)
             any |= s->st.buf[i] != NULL;
         sbuf_printf(&cs->pend, "%s\"%s\":", any ? "," : "", info->scalar);
         sbuf_num(&cs->pend, s->st.scalar, 0);
     }
-    sbuf_puts(&cs->pend, "}}\n");
+    sbuf_puts(&cs->pend, "}");
+    tensor_state_to_json(&cs->pend, s);
+    sbuf_puts(&cs->pend, "}\n");
     cs->done = 1;
 }
 
@@ -772,10 +873,10 @@ static enum MHD_Result get_state(req *r)
 
 /* The fields of a create body (API.md Sessions, Training features), less
  * the session fields of training.c, which every such list adds. */
-static const char *const create_fields[] = {"name",   "optimizer", "dtype", "hyperparams",
-                                            "params", "size",      "fill",  "from"};
+static const char *const create_fields[] = {"name", "optimizer", "dtype", "hyperparams", "params",
+                                            "size", "fill",      "from",  "groups"};
 /* The fields a PATCH may carry, besides the session fields. */
-static const char *const patch_fields[] = {"hyperparams"};
+static const char *const patch_fields[] = {"hyperparams", "groups"};
 
 /* Checks the top-level members of o against own[0..n) plus the session
  * fields (workers, min_workers, round_timeout). */
@@ -813,10 +914,11 @@ static optd_err create_name(req *r, const cJSON *name, char *msg, size_t msglen)
 }
 
 /* A session whose params the body gives (decoded as the body arrived, in
- * the body's dtype): the vector is adopted, not copied. */
+ * the body's dtype): the vector is adopted, not copied. *sh: the shape the
+ * params must fill (taken on success), or NULL. */
 static optd_err session_from_params(req *r, const cJSON *params, const cJSON *fill, const optim_info *info,
-                                    optim_dtype dtype, const optim_hparams *hp, const training *tr, sess **out,
-                                    char *msg, size_t msglen)
+                                    optim_dtype dtype, const optim_hparams *hp, const training *tr,
+                                    engine_shape **sh, sess **out, char *msg, size_t msglen)
 {
     if (!cJSON_IsArray(params))
         return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "params must be an array of numbers");
@@ -828,24 +930,34 @@ static optd_err session_from_params(req *r, const cJSON *params, const cJSON *fi
         return optd_fail(msg, msglen, OPTD_E_INVALID, "fill goes with size, not params");
     if (v->dtype != dtype)
         return OPTD_E_INTERNAL;
-    optd_err rc =
-        sess_make(r->name, info, hp, tr, dtype, n, &v->data, 0, r->srv->cfg.max_session_bytes, out, msg, msglen);
+    if (*sh && n != (*sh)->n)
+        return optd_fail(msg, msglen, OPTD_E_SIZE_MISMATCH,
+                         "params has %zu elements but the groups' tensors have %zu in all (the flat vector is the "
+                         "tensors in order)",
+                         n, (*sh)->n);
+    optd_err rc = sess_make(r->name, info, hp, tr, dtype, n, &v->data, 0, sh, r->srv->cfg.max_session_bytes, out, msg,
+                            msglen);
     jvec_release(v);
     return rc;
 }
 
-/* A session of size elements, all fill (0 by default). */
+/* A session of size elements, all fill (0 by default); with a shape *sh
+ * (taken on success) the size is the shape's, and may be left out. */
 static optd_err session_from_size(req *r, const cJSON *size, const cJSON *fill, const optim_info *info,
-                                  optim_dtype dtype, const optim_hparams *hp, const training *tr, sess **out, char *msg,
-                                  size_t msglen)
+                                  optim_dtype dtype, const optim_hparams *hp, const training *tr, engine_shape **sh,
+                                  sess **out, char *msg, size_t msglen)
 {
-    if (!size)
+    if (!size && !*sh)
         return optd_fail(msg, msglen, OPTD_E_INVALID, "give params or size");
-    if (!cJSON_IsNumber(size))
+    if (size && !cJSON_IsNumber(size))
         return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "size must be an integer");
-    double n = size->valuedouble, f = 0;
+    double n = size ? size->valuedouble : (double)(*sh)->n, f = 0;
     if (n < 1 || n > (double)ENGINE_MAX_ELEMENTS || n != (double)(size_t)n)
         return optd_fail(msg, msglen, OPTD_E_INVALID, "size must be an integer from 1 to %zu", ENGINE_MAX_ELEMENTS);
+    if (*sh && n != (double)(*sh)->n)
+        return optd_fail(msg, msglen, OPTD_E_SIZE_MISMATCH,
+                         "size is %.0f but the groups' tensors have %zu elements in all (size may be left out)", n,
+                         (*sh)->n);
     if (fill) {
         if (!cJSON_IsNumber(fill))
             return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "fill must be a number");
@@ -853,7 +965,8 @@ static optd_err session_from_size(req *r, const cJSON *size, const cJSON *fill, 
         if (!isfinite(dtype == OPTIM_F32 ? (float)f : f))
             return optd_fail(msg, msglen, OPTD_E_NON_FINITE, "fill is not a finite %s", engine_dtype_name(dtype));
     }
-    return sess_make(r->name, info, hp, tr, dtype, (size_t)n, NULL, f, r->srv->cfg.max_session_bytes, out, msg, msglen);
+    return sess_make(r->name, info, hp, tr, dtype, (size_t)n, NULL, f, sh, r->srv->cfg.max_session_bytes, out, msg,
+                     msglen);
 }
 
 /* A create body: a new session into *out, or (with "from") a fork, whose
@@ -882,9 +995,10 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
         if (!cJSON_IsString(from))
             return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "from must be a session name");
         if (params || size || fill || cJSON_GetObjectItemCaseSensitive(o, "optimizer") ||
-            cJSON_GetObjectItemCaseSensitive(o, "dtype"))
+            cJSON_GetObjectItemCaseSensitive(o, "dtype") || cJSON_GetObjectItemCaseSensitive(o, "groups"))
             return optd_fail(msg, msglen, OPTD_E_INVALID,
-                             "a fork takes only name, from, hyperparams and session fields");
+                             "a fork takes only name, from, hyperparams and session fields (it keeps the source's "
+                             "tensors and groups)");
         if (!name_valid(from->valuestring))
             return optd_fail(msg, msglen, OPTD_E_NOT_FOUND, "no session named '%.64s' to fork from", from->valuestring);
         snprintf(r->from, sizeof r->from, "%s", from->valuestring);
@@ -896,9 +1010,16 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
         return rc;
     if (params && size)
         return optd_fail(msg, msglen, OPTD_E_INVALID, "give either params or size, not both");
+    const cJSON *groups = cJSON_GetObjectItemCaseSensitive(o, "groups");
+    engine_shape *sh = NULL;
+    if (groups && (rc = groups_from_json(groups, info, &hp, &sh, msg, msglen)) != OPTD_OK)
+        return rc;
     if (params)
-        return session_from_params(r, params, fill, info, dtype, &hp, &tr, out, msg, msglen);
-    return session_from_size(r, size, fill, info, dtype, &hp, &tr, out, msg, msglen);
+        rc = session_from_params(r, params, fill, info, dtype, &hp, &tr, &sh, out, msg, msglen);
+    else
+        rc = session_from_size(r, size, fill, info, dtype, &hp, &tr, &sh, out, msg, msglen);
+    engine_shape_free(sh); /* NULL once the session took it */
+    return rc;
 }
 
 /* Reads If-Match into r->job.base.if_match for a conditional PATCH, DELETE or
@@ -954,11 +1075,12 @@ static enum MHD_Result patch_session(req *r)
         rc = parse_json(r, msg, sizeof msg);
     if (rc)
         return send_err(r, rc, msg, -1);
-    rc = check_fields(r->json, "a PATCH body", patch_fields, 1, HINT_INSIDE, msg, sizeof msg);
+    rc = check_fields(r->json, "a PATCH body", patch_fields, 2, HINT_INSIDE, msg, sizeof msg);
     if (rc) {
         /* A field of the session that cannot change gets its own sentence. */
         for (size_t k = 0; k < sizeof create_fields / sizeof *create_fields; k++)
-            if (cJSON_GetObjectItemCaseSensitive(r->json, create_fields[k]) && strcmp(create_fields[k], "hyperparams"))
+            if (cJSON_GetObjectItemCaseSensitive(r->json, create_fields[k]) && strcmp(create_fields[k], "hyperparams") &&
+                strcmp(create_fields[k], "groups"))
                 snprintf(msg, sizeof msg,
                          "\"%s\" cannot be changed by PATCH (hyperparams, workers, min_workers "
                          "and round_timeout can)",
@@ -972,6 +1094,10 @@ static enum MHD_Result patch_session(req *r)
     rc = http_settings_from_json(hp, r->json, &r->job.patch.settings);
     if (rc)
         return send_err(r, rc, NULL, -1);
+    rc = patch_groups_from_json(cJSON_GetObjectItemCaseSensitive(r->json, "groups"), &r->job.patch.groups,
+                                &r->job.patch.n_groups, msg, sizeof msg);
+    if (rc)
+        return send_err(r, rc, msg, -1);
     return submit(r);
 }
 
@@ -990,22 +1116,44 @@ static optd_err step_headers(req *r, engine_step_req *j, char *msg, size_t msgle
     }
     const char *prefer = header(r, "Prefer");
     r->minimal = prefer && strstr(prefer, "return=minimal") != NULL;
-    r->want_binary = accepts_binary(r);
-    return OPTD_OK;
+    optd_err rc = skip_from_header(header(r, "Optd-Skip"), &r->skip_buf, &r->skip_names, &j->n_skip, msg, msglen);
+    if (rc)
+        return rc;
+    j->skip = r->skip_names;
+    return accept_wire(r, j->dtype, &r->want_binary, msg, msglen);
 }
 
 /* An application/octet-stream step: the body is the gradient, loss and
  * weight come in the Optd-Loss and Optd-Weight headers. */
 static optd_err step_binary(req *r, engine_step_req *j, char *msg, size_t msglen)
 {
-    size_t es = optim_elem_size(j->dtype), bytes = j->size * es;
+    wire_type w;
+    optd_err rc = wire_for(r->wire_in, j->dtype, "Content-Type", &w, msg, msglen);
+    if (rc)
+        return rc;
+    size_t es = wire_size(w), bytes = j->size * es;
+    int narrow = w != (j->dtype == OPTIM_F64 ? WIRE_F64 : WIRE_F32);
     if (r->len != bytes)
-        return optd_fail(msg, msglen, OPTD_E_SIZE_MISMATCH, "the body has %zu bytes; the session needs %zu (%zu x %zu)",
-                         r->len, bytes, j->size, es);
+        return optd_fail(msg, msglen, OPTD_E_SIZE_MISMATCH,
+                         "the body has %zu bytes; the session needs %zu (%zu x %zu of %s)", r->len, bytes, j->size, es,
+                         wire_name(w));
     size_t bad;
-    if (!vec_finite(r->body, j->size, j->dtype, &bad))
-        return optd_fail(msg, msglen, OPTD_E_NON_FINITE, "element %zu of the gradient is not finite", bad);
-    j->grad = r->body; /* malloc'd, so aligned for any element type */
+    if (narrow) {
+        /* Widened into the session's dtype (exact), checked in the same pass. */
+        r->grad = malloc(j->size * optim_elem_size(j->dtype) + 1);
+        if (!r->grad)
+            return OPTD_E_NOMEM;
+        if (!wire_decode(w, r->body, j->size, j->dtype, r->grad, &bad))
+            return optd_fail(msg, msglen, OPTD_E_NON_FINITE,
+                             "element %zu of the gradient is not a finite %s (an infinity or NaN: a value out of "
+                             "%s's range converts to one; send float32 for such)",
+                             bad, wire_name(w), wire_name(w));
+        j->grad = r->grad;
+    } else {
+        if (!vec_finite(r->body, j->size, j->dtype, &bad))
+            return optd_fail(msg, msglen, OPTD_E_NON_FINITE, "element %zu of the gradient is not finite", bad);
+        j->grad = r->body; /* malloc'd, so aligned for any element type */
+    }
     const char *loss = header(r, "Optd-Loss"), *weight = header(r, "Optd-Weight");
     if (loss && http_parse_number(loss, &j->loss))
         return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "Optd-Loss must be a finite number");
@@ -1043,10 +1191,17 @@ static optd_err step_json(req *r, engine_step_req *j, char *msg, size_t msglen)
     optd_err rc = parse_json(r, msg, msglen);
     if (rc)
         return rc;
-    static const char *const step_names[] = {"grad", "loss", "weight"};
-    rc = body_fields_known(r->json, "a step body", step_names, 3, HINT_PATCH, msg, msglen);
+    static const char *const step_names[] = {"grad", "loss", "weight", "skip"};
+    rc = body_fields_known(r->json, "a step body", step_names, 4, HINT_PATCH, msg, msglen);
     if (rc)
         return rc;
+    const cJSON *skip = cJSON_GetObjectItemCaseSensitive(r->json, "skip");
+    if (skip && r->skip_names)
+        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST,
+                         "the step names its skipped tensors twice (\"skip\" and Optd-Skip): give one");
+    if (skip && (rc = skip_from_json(skip, &r->skip_names, &j->n_skip, msg, msglen)) != OPTD_OK)
+        return rc;
+    j->skip = r->skip_names;
     const cJSON *g = cJSON_GetObjectItemCaseSensitive(r->json, "grad");
     if (!g)
         return optd_fail(msg, msglen, OPTD_E_INVALID,
@@ -1095,9 +1250,12 @@ static enum MHD_Result post_step(req *r)
         return send_err(r, rc, msg, -1);
     /* A retry must be the same request: same gradient and same weight. Only
      * a keyed step is ever compared (a pass over a 1e6 gradient costs 1 ms). */
-    if (j->idem_key)
+    if (j->idem_key) {
         j->digest = optd_digest64(j->grad, j->size * optim_elem_size(j->dtype)) ^
                     (optd_digest64(&j->weight, sizeof j->weight) * 31);
+        for (size_t k = 0; k < j->n_skip; k++) /* the same gradient with other tensors skipped is another */
+            j->digest ^= optd_digest64(j->skip[k], strlen(j->skip[k])) * (37 + 2 * k);
+    }
     j->want_params = !r->minimal;
     return submit(r);
 }
@@ -1570,8 +1728,12 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
     const char *te = header(r, MHD_HTTP_HEADER_TRANSFER_ENCODING);
     int has_body = (cl && strtoull(cl, NULL, 10) > 0) || te;
     const char *ct = header(r, MHD_HTTP_HEADER_CONTENT_TYPE);
-    if (ct && media_is(ct, "application/octet-stream") && r->route == HTTP_R_STEP)
+    if (ct && media_is(ct, "application/octet-stream") && r->route == HTTP_R_STEP) {
         r->binary = 1; /* even when empty: then it is a gradient of the wrong size */
+        optd_err rc2 = wire_content_type(ct, &r->wire_in, msg, msglen);
+        if (rc2)
+            return rc2;
+    }
     if (has_body && strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0 && strcmp(method, "DELETE") != 0) {
         if (ct && media_is(ct, "application/octet-stream"))
             r->binary = 1;
@@ -1585,6 +1747,12 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
         if (r->binary && r->route != HTTP_R_STEP && !(r->route == HTTP_R_STATE && strcmp(method, "PUT") == 0))
             return optd_fail(msg, msglen, OPTD_E_UNSUPPORTED_MEDIA_TYPE,
                              "only steps and PUT .../state take application/octet-stream");
+        wire_type w = WIRE_NATIVE;
+        if (r->binary && r->route == HTTP_R_STATE &&
+            (wire_content_type(ct, &w, msg, msglen) != OPTD_OK || w != WIRE_NATIVE))
+            return optd_fail(msg, msglen, OPTD_E_UNSUPPORTED_MEDIA_TYPE,
+                             "a binary checkpoint is a safetensors file, whose header gives each tensor's dtype: "
+                             "send it as application/octet-stream without a dtype parameter");
     }
     if (cl) {
         char *end;
@@ -1813,10 +1981,12 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         break;
     case ENGINE_REQ_PATCH:
         engine_settings_clear(&r->job.patch.settings);
+        patch_groups_free(r->job.patch.groups, r->job.patch.n_groups);
         store_session_clear(&r->job.patch.row);
         break;
     case ENGINE_REQ_STEP:
         free(r->job.step.out_params);
+        free(r->job.step.lrs);
         break;
     case ENGINE_REQ_DELETE:
         break;
@@ -1827,6 +1997,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     free(r->jb);
     st_reader_free(r->st);
     free(r->grad);
+    free(r->skip_buf);
+    free(r->skip_names);
     free(r->body);
     free(r);
     *con_cls = NULL;
