@@ -368,6 +368,37 @@ class RetryTests(DaemonCase):
             time.sleep(0.1)
             d.cleanup()
 
+    def test_default_budget_survives_a_daemon_restart(self):
+        """With the default retries a step waits out a daemon that is down for
+        3 s (kill -9, then a restart): the old budget (5 retries, backoff to
+        2 s: at most 1.6 s) gave up."""
+        d = Daemon().start()
+        try:
+            c = optd.Client(d.url)
+            s = c.create(uniq(), "sgd", size=2)
+            s.step([1, 1])
+            d.kill()
+            threading.Timer(3.0, d.start).start()
+            r = s.step([1, 1])
+            self.assertEqual(r.step, 2)
+            self.assertEqual(c.params(s.name).step, 2)
+            self.assertGreaterEqual(c.max_backoff, 30)
+        finally:
+            time.sleep(0.1)
+            d.cleanup()
+
+    def test_only_what_is_safe_to_repeat_is_retried(self):
+        """A step without an Idempotency-Key (auto_idempotency=False) whose
+        reply is lost is not sent again: it may have been applied."""
+        direct = optd.Client(self.url)
+        s = direct.create(uniq(), "sgd", params=[0.0], dtype="float64", hyperparams={"lr": 1.0})
+        self.proxy = FlakyProxy(self.d.port, ["drop_after", "pass"])
+        c = optd.Client(self.proxy.url, backoff=0.01, auto_idempotency=False)
+        with self.assertRaises(optd.ConnectionFailed):
+            c.step(s.name, [1.0])
+        self.assertEqual(direct.params(s.name), (1, [-1.0]))  # applied once, not twice
+        self.assertEqual(len(self.proxy.seen), 1)
+
     def test_stale_keepalive_connection(self):
         d = Daemon(["--connection-timeout", "1"]).start()
         try:

@@ -150,14 +150,16 @@ class Client:
     ``Idempotency-Key``) are retried up to ``retries`` times on connection
     errors and on 503, with exponential backoff from ``backoff`` up to
     ``max_backoff`` seconds (with jitter). A create (POST/PUT of a new session)
-    is retried on 503 and when the connection could not be made at all.
+    is retried on 503 and when the connection could not be made at all. The
+    default budget (12 retries, backoff to 30 s: one to two minutes in all)
+    outlasts a daemon's restart; ``retries=0`` fails at once.
 
     One client may be shared by threads: each thread keeps its own keep-alive
     connection.
     """
 
-    def __init__(self, url=None, token=None, timeout=60.0, retries=5, backoff=0.05,
-                 max_backoff=2.0, auto_idempotency=True, user_agent=USER_AGENT):
+    def __init__(self, url=None, token=None, timeout=60.0, retries=12, backoff=0.05,
+                 max_backoff=30.0, auto_idempotency=True, user_agent=USER_AGENT):
         url = url or os.environ.get("OPTD_URL") or "http://127.0.0.1:8080"
         if "://" not in url:
             url = "http://" + url
