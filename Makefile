@@ -24,6 +24,8 @@ endif
 
 # The kernels are where the time goes: -O3 for the vectorizer and unswitching.
 $(B)/optim/kernels.o: CFLAGS += -O3
+# The wire conversions are on the step path too (http/wire.c).
+$(B)/http/wire.o: CFLAGS += -O3
 
 DEPS_OK := $(shell pkg-config --exists $(PKGS) cmocka 2>/dev/null && echo yes)
 # Deferred (=) so a build that just installed the packages sees them.
@@ -39,7 +41,7 @@ OPTIM_SRC  := optim/optim.c optim/kernels.c
 STORE_SRC  := store/store.c
 ENGINE_SRC := engine/training.c engine/settings.c engine/session.c engine/stats.c engine/writer.c
 HTTP_SRC   := http/route.c http/strict.c http/codec.c http/settings.c http/jbody.c http/checkpoint.c \
-              http/safetensors.c http/metrics.c http/http.c http/ops.c
+              http/safetensors.c http/metrics.c http/http.c http/ops.c http/wire.c
 DAEMON_SRC := daemon/main.c daemon/config.c
 
 LIB_SRC := $(COMMON_SRC) $(OPTIM_SRC) $(STORE_SRC) $(ENGINE_SRC) $(HTTP_SRC)
@@ -48,7 +50,7 @@ ASSETS  := asset_dashboard=http/assets/dashboard.html asset_openapi=http/openapi
 LIB_OBJ := $(LIB_SRC:%.c=$(B)/%.o) $(B)/gen/assets.o
 
 # Unit tests: tests/test_<module>.c, each linked with the library objects.
-UNIT_TESTS := test_optim test_store test_config test_codec test_engine
+UNIT_TESTS := test_optim test_store test_config test_codec test_engine test_wire
 UNIT_BINS  := $(UNIT_TESTS:%=$(B)/tests/%)
 
 .PHONY: all run test unit e2e asan bench fuzz fmt clean deps

@@ -84,6 +84,8 @@ typedef struct req {
     size_t len, cap;
     int too_large;
     int binary; /* Content-Type: application/octet-stream */
+    wire_type wire_in;  /* its dtype parameter (a step's gradient) */
+    wire_type wire_out; /* the binary reply's element type, once resolved */
     /* A write handed to the engine: one request struct per type, all
      * starting with ENGINE_REQ_FIELDS (job.base). */
     union {
@@ -220,6 +222,57 @@ static enum MHD_Result send_err(req *r, optd_err e, const char *msg, int64_t ste
 
 static void step_str(uint64_t step, char out[24]) { snprintf(out, 24, "%llu", (unsigned long long)step); }
 
+/* Adds header name with the number v as the JSON reply prints it. */
+static void number_header(struct MHD_Response *resp, const char *name, double v)
+{
+    sbuf b = {0};
+    sbuf_num(&b, v, 0);
+    if (!b.oom && b.p)
+        MHD_add_response_header(resp, name, b.p);
+    sbuf_free(&b);
+}
+
+/* A binary step reply carries the scalars of the JSON one in headers
+ * (API.md "Binary vectors"): Optd-Lr, Optd-Grad-Norm, Optd-Contributors. */
+static void step_meta_headers(struct MHD_Response *resp, const engine_step_req *j)
+{
+    char n[16];
+    if (!j || !j->has_meta)
+        return;
+    number_header(resp, "Optd-Lr", j->lr);
+    number_header(resp, "Optd-Grad-Norm", j->grad_norm);
+    snprintf(n, sizeof n, "%u", j->contributors);
+    MHD_add_response_header(resp, "Optd-Contributors", n);
+}
+
+static enum MHD_Result send_vec(req *r, void *x, size_t n, optim_dtype dtype, const char *etag,
+                                const engine_step_req *meta)
+{
+    wire_type own = dtype == OPTIM_F64 ? WIRE_F64 : WIRE_F32;
+    wire_type w = r->wire_out == WIRE_NATIVE ? own : r->wire_out;
+    size_t len = n * wire_size(w);
+    char ctype[64] = "application/octet-stream";
+    if (w != own) {
+        void *y = malloc(len + 1);
+        if (!y) {
+            free(x);
+            return send_err(r, OPTD_E_NOMEM, NULL, -1);
+        }
+        wire_encode(dtype, x, n, w, y);
+        free(x);
+        x = y;
+        /* Said in the reply too, for a reader that did not keep the request. */
+        snprintf(ctype, sizeof ctype, "application/octet-stream; dtype=%s", wire_name(w));
+    }
+    struct MHD_Response *resp = MHD_create_response_from_buffer_with_free_callback(len, x, free);
+    if (!resp) {
+        free(x);
+        return MHD_NO;
+    }
+    step_meta_headers(resp, meta);
+    return queue(r, 200, resp, ctype, etag);
+}
+
 /* ---- Request helpers -------------------------------------------------- */
 
 static const char *header(req *r, const char *name)
@@ -240,6 +293,24 @@ static int accepts_binary(req *r)
     const char *a = header(r, MHD_HTTP_HEADER_ACCEPT);
     return a && strstr(a, "application/octet-stream") != NULL;
 }
+
+/* Whether the reply is to be a binary vector of a session of dtype, and in
+ * which type (r->wire_out): Accept's dtype parameter, else the session's.
+ * OPTD_E_UNSUPPORTED_MEDIA_TYPE for a dtype optd does not know, as for a
+ * Content-Type; OPTD_E_INVALID for one wider than the session's. */
+static optd_err accept_wire(req *r, optim_dtype dtype, int *binary, char *msg, size_t msglen)
+{
+    wire_type w;
+    optd_err rc = wire_accept(header(r, MHD_HTTP_HEADER_ACCEPT), binary, &w, msg, msglen);
+    if (rc == OPTD_OK)
+        rc = wire_for(w, dtype, "Accept", &r->wire_out, msg, msglen);
+    return rc;
+}
+
+/* Queues a binary vector reply: n elements of dtype at x (malloc'd, taken)
+ * as r->wire_out, converted when that is narrower. */
+static enum MHD_Result send_vec(req *r, void *x, size_t n, optim_dtype dtype, const char *etag,
+                                const engine_step_req *meta);
 
 /* Constant-time check of "Bearer <token>". */
 static int authorized(req *r)
@@ -414,7 +485,7 @@ static enum MHD_Result finish_job(req *r)
         size_t len = j->out_params && !r->minimal ? j->out_len : 0;
         if (p == j->out_params)
             j->out_params = NULL;
-        return send_body(r, 200, "application/octet-stream", p, len, etag);
+        return send_vec(r, p, len / optim_elem_size(j->dtype), j->dtype, etag, j);
     }
     sbuf b = {0};
     sbuf_printf(&b, "{\"step\":%s", etag);
@@ -557,17 +628,21 @@ static optd_err read_full(req *r, sess **out, char etag[24])
 static enum MHD_Result get_params(req *r)
 {
     sess *s = NULL;
-    char etag[24];
+    char etag[24], msg[256] = "";
+    int binary = 0;
     optd_err rc = read_full(r, &s, etag);
-    if (rc)
-        return send_err(r, rc, NULL, -1);
+    if (rc == OPTD_OK)
+        rc = accept_wire(r, s->dtype, &binary, msg, sizeof msg);
+    if (rc) {
+        engine_sess_free(s);
+        return send_err(r, rc, msg, -1);
+    }
     enum MHD_Result ret;
-    if (accepts_binary(r)) {
-        size_t len = s->n * optim_elem_size(s->dtype);
+    if (binary) {
         /* The params are the head of the blob: hand the blob over. */
         char *p = (char *)s->blob;
         s->blob = NULL;
-        ret = send_body(r, 200, "application/octet-stream", p, len, etag);
+        ret = send_vec(r, p, s->n, s->dtype, etag, NULL);
     } else {
         sbuf b = {0};
         sbuf_printf(&b, "{\"step\":%s,\"params\":", etag);
@@ -990,22 +1065,40 @@ static optd_err step_headers(req *r, engine_step_req *j, char *msg, size_t msgle
     }
     const char *prefer = header(r, "Prefer");
     r->minimal = prefer && strstr(prefer, "return=minimal") != NULL;
-    r->want_binary = accepts_binary(r);
-    return OPTD_OK;
+    return accept_wire(r, j->dtype, &r->want_binary, msg, msglen);
 }
 
 /* An application/octet-stream step: the body is the gradient, loss and
  * weight come in the Optd-Loss and Optd-Weight headers. */
 static optd_err step_binary(req *r, engine_step_req *j, char *msg, size_t msglen)
 {
-    size_t es = optim_elem_size(j->dtype), bytes = j->size * es;
+    wire_type w;
+    optd_err rc = wire_for(r->wire_in, j->dtype, "Content-Type", &w, msg, msglen);
+    if (rc)
+        return rc;
+    size_t es = wire_size(w), bytes = j->size * es;
+    int narrow = w != (j->dtype == OPTIM_F64 ? WIRE_F64 : WIRE_F32);
     if (r->len != bytes)
-        return optd_fail(msg, msglen, OPTD_E_SIZE_MISMATCH, "the body has %zu bytes; the session needs %zu (%zu x %zu)",
-                         r->len, bytes, j->size, es);
+        return optd_fail(msg, msglen, OPTD_E_SIZE_MISMATCH,
+                         "the body has %zu bytes; the session needs %zu (%zu x %zu of %s)", r->len, bytes, j->size, es,
+                         wire_name(w));
     size_t bad;
-    if (!vec_finite(r->body, j->size, j->dtype, &bad))
-        return optd_fail(msg, msglen, OPTD_E_NON_FINITE, "element %zu of the gradient is not finite", bad);
-    j->grad = r->body; /* malloc'd, so aligned for any element type */
+    if (narrow) {
+        /* Widened into the session's dtype (exact), checked in the same pass. */
+        r->grad = malloc(j->size * optim_elem_size(j->dtype) + 1);
+        if (!r->grad)
+            return OPTD_E_NOMEM;
+        if (!wire_decode(w, r->body, j->size, j->dtype, r->grad, &bad))
+            return optd_fail(msg, msglen, OPTD_E_NON_FINITE,
+                             "element %zu of the gradient is not a finite %s (an infinity or NaN: a value out of "
+                             "%s's range converts to one; send float32 for such)",
+                             bad, wire_name(w), wire_name(w));
+        j->grad = r->grad;
+    } else {
+        if (!vec_finite(r->body, j->size, j->dtype, &bad))
+            return optd_fail(msg, msglen, OPTD_E_NON_FINITE, "element %zu of the gradient is not finite", bad);
+        j->grad = r->body; /* malloc'd, so aligned for any element type */
+    }
     const char *loss = header(r, "Optd-Loss"), *weight = header(r, "Optd-Weight");
     if (loss && http_parse_number(loss, &j->loss))
         return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "Optd-Loss must be a finite number");
@@ -1570,8 +1663,12 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
     const char *te = header(r, MHD_HTTP_HEADER_TRANSFER_ENCODING);
     int has_body = (cl && strtoull(cl, NULL, 10) > 0) || te;
     const char *ct = header(r, MHD_HTTP_HEADER_CONTENT_TYPE);
-    if (ct && media_is(ct, "application/octet-stream") && r->route == HTTP_R_STEP)
+    if (ct && media_is(ct, "application/octet-stream") && r->route == HTTP_R_STEP) {
         r->binary = 1; /* even when empty: then it is a gradient of the wrong size */
+        optd_err rc2 = wire_content_type(ct, &r->wire_in, msg, msglen);
+        if (rc2)
+            return rc2;
+    }
     if (has_body && strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0 && strcmp(method, "DELETE") != 0) {
         if (ct && media_is(ct, "application/octet-stream"))
             r->binary = 1;
@@ -1585,6 +1682,12 @@ static optd_err early_checks(req *r, const char *method, char *msg, size_t msgle
         if (r->binary && r->route != HTTP_R_STEP && !(r->route == HTTP_R_STATE && strcmp(method, "PUT") == 0))
             return optd_fail(msg, msglen, OPTD_E_UNSUPPORTED_MEDIA_TYPE,
                              "only steps and PUT .../state take application/octet-stream");
+        wire_type w = WIRE_NATIVE;
+        if (r->binary && r->route == HTTP_R_STATE &&
+            (wire_content_type(ct, &w, msg, msglen) != OPTD_OK || w != WIRE_NATIVE))
+            return optd_fail(msg, msglen, OPTD_E_UNSUPPORTED_MEDIA_TYPE,
+                             "a binary checkpoint is a safetensors file, whose header gives each tensor's dtype: "
+                             "send it as application/octet-stream without a dtype parameter");
     }
     if (cl) {
         char *end;

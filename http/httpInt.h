@@ -383,4 +383,34 @@ void ops_stop(ops *s);
 /* Frees stopped ops; ops_free(NULL) does nothing. */
 void ops_free(ops *s);
 
+/* ---- wire.c: narrow binary vectors ------------------------------------ */
+
+/* The element type of a binary vector on the wire (API.md "Binary
+ * vectors"): the media type parameter dtype, WIRE_NATIVE when absent (the
+ * session's dtype). */
+typedef enum wire_type { WIRE_NATIVE, WIRE_BF16, WIRE_F16, WIRE_F32, WIRE_F64 } wire_type;
+
+/* "bfloat16", "float16", "float32", "float64" ("native" for WIRE_NATIVE). */
+const char *wire_name(wire_type w);
+/* Bytes per element of w (not WIRE_NATIVE). */
+size_t wire_size(wire_type w);
+/* The dtype parameter of a Content-Type value, and of the
+ * application/octet-stream range of an Accept value (*binary: whether it
+ * names one; accept may be NULL). OPTD_OK, or OPTD_E_UNSUPPORTED_MEDIA_TYPE
+ * with a msg listing the valid values for an unknown or repeated one. */
+optd_err wire_content_type(const char *ct, wire_type *out, char *msg, size_t msglen);
+optd_err wire_accept(const char *accept, int *binary, wire_type *out, char *msg, size_t msglen);
+/* w made concrete for a session of dtype (WIRE_NATIVE: the session's own);
+ * OPTD_E_INVALID for a type wider than the session's. header names where
+ * w came from, for the message. */
+optd_err wire_for(wire_type w, optim_dtype dtype, const char *header, wire_type *out, char *msg, size_t msglen);
+/* Converts n elements of w at src into n of dtype at dst, exactly (every
+ * value of a narrower type is one of dtype). Returns true when all are
+ * finite, else false with *bad the first index that is not. */
+bool wire_decode(wire_type w, const void *src, size_t n, optim_dtype dtype, void *dst, size_t *bad);
+/* Converts n elements of dtype at src into n of w at dst as torch's
+ * Tensor.to() does: round to nearest even (float64 through float32 first,
+ * as torch), overflow to infinity. w is not wider than dtype. */
+void wire_encode(optim_dtype dtype, const void *src, size_t n, wire_type w, void *dst);
+
 #endif
