@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import unittest
 import uuid
 
@@ -531,6 +532,8 @@ class WorkerTests(TorchCase):
         note("2 worker processes, shards 64+32, weight= (vs one batch of 96)", worst)
         hist = self.client.history(name)
         self.assertEqual({h["contributors"] for h in hist}, {2})
+        for rank in (0, 1):  # binary replies say so too (Optd-Contributors)
+            self.assertEqual(torch.load(os.path.join(tmp, "out%d.pt" % rank))["contributors"], [2] * steps)
 
     def test_weight_and_workers_at_construction(self):
         model = mlp()
@@ -573,6 +576,128 @@ class ResumeTests(TorchCase):
         for a, b in zip(resumed.parameters(), straight.parameters()):
             self.assertTrue(torch.equal(a, b))
         note("resume from opt.last_step (with CosineAnnealingLR)", 0.0)
+
+
+@unittest.skipUnless(HAVE, "needs torch and sklearn (apt-get install python3-torch python3-sklearn)")
+class WireTests(TorchCase):
+    def test_binary_replies_carry_lr_grad_norm_and_contributors(self):
+        model = mlp()
+        opt = self.remote(model, optimizer="adam", lr=0.01, max_grad_norm=10.0)
+        self.one_step(model, opt, 0)  # the grads stay in .grad
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        r = opt.last_result
+        self.assertEqual((r.lr, r.contributors), (0.01, 1))
+        self.assertLessEqual(abs(r.grad_norm - g.norm().item()) / g.norm().item(), 1e-12)
+
+    def test_bfloat16_wire_follows_torch(self):
+        """wire_dtype="bfloat16" on a float32 session: the gradient travels
+        rounded to bfloat16 and the params come back so; the session keeps
+        float32. A local float32 Adam fed the same bfloat16 gradients holds
+        the same master params, and the model holds them rounded."""
+        model = mlp(torch.float32)
+        master = copy.deepcopy(model)
+        name = uniq()
+        opt = self.remote(model, name, optimizer="adam", lr=0.01, wire_dtype="bfloat16")
+        lopt = torch.optim.Adam(master.parameters(), lr=0.01)
+        with torch.no_grad():  # the model starts from the params as the wire returns them
+            for p in model.parameters():
+                p.copy_(p.to(torch.bfloat16).float())
+        worst = 0.0
+        for step in range(20):
+            loss = self.one_step(model, opt, step, torch.float32)
+            for pm, pl in zip(model.parameters(), master.parameters()):
+                pl.grad = pm.grad.to(torch.bfloat16).float()
+            lopt.step()
+            remote_master = torch.from_numpy(self.client.params(name, binary=True).params)
+            local_master = torch.cat([p.detach().reshape(-1) for p in master.parameters()])
+            err = rel_err(remote_master, local_master, 1e-5)
+            worst = max(worst, err)
+            self.assertLessEqual(err, 1e-5, "after step %d" % (step + 1))
+            got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+            self.assertTrue(torch.equal(got, remote_master.to(torch.bfloat16).float()))
+        note("bfloat16 wire, float32 Adam (session params vs torch)", worst)
+        self.assertLess(loss.item(), 2.3)
+
+
+@unittest.skipUnless(HAVE, "needs torch and sklearn (apt-get install python3-torch python3-sklearn)")
+class DiLoCoTests(TorchCase):
+    """optd.torch.DiLoCo: k workers, H local steps, pseudo-gradients to a nag
+    session (lr 0.7, momentum 0.9) in bfloat16; equal bit for bit to the
+    outer step done locally in float64."""
+
+    def test_three_workers_equal_a_local_outer_step_bit_for_bit(self):
+        k, H, rounds = 3, 4, 3
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the same inner arithmetic in the workers' threads and below
+        self.addCleanup(torch.set_num_threads, threads)
+        name = uniq()
+        results, errors = {}, []
+
+        def batch(rank, local_step):
+            return self.batch(local_step * k + rank)
+
+        def worker(rank):
+            try:
+                model = mlp()
+                inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+                outer = optd.torch.DiLoCo(model.parameters(), session=name, url=self.url, workers=k, sync_every=H)
+                seen = []
+                for step in range(outer.local_steps, H * rounds):
+                    xb, yb = batch(rank, step)
+                    inner.zero_grad()
+                    F.cross_entropy(model(xb), yb).backward()
+                    inner.step()
+                    r = outer.step()
+                    if r is not None:
+                        seen.append((r.step, r.contributors,
+                                     [t.clone() for t in outer.last_pseudo_gradient],
+                                     [p.detach().clone() for p in model.parameters()]))
+                results[rank] = seen
+            except Exception as e:  # reported below
+                errors.append(e)
+        ts = [threading.Thread(target=worker, args=(i,)) for i in range(k)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(300)
+        self.assertFalse(errors, errors)
+        info = self.client.get(name)
+        self.assertEqual((info.optimizer, info.current_step, info.info["workers"]), ("nag", rounds, k))
+        self.assertEqual((info.hyperparams["lr"], info.hyperparams["momentum"]), (0.7, 0.9))
+
+        # the same thing locally: k replicas, their inner optimizers, and the
+        # outer step in float64 on the bfloat16 pseudo-gradients
+        flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
+        models = [mlp() for _ in range(k)]
+        inners = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
+        theta = flat([p.detach() for p in models[0].parameters()]).clone()
+        buf = None
+        for rnd in range(rounds):
+            pgs = []
+            for rank, (m, o) in enumerate(zip(models, inners)):
+                for step in range(rnd * H, (rnd + 1) * H):
+                    xb, yb = batch(rank, step)
+                    o.zero_grad()
+                    F.cross_entropy(m(xb), yb).backward()
+                    o.step()
+                after = flat([p.detach() for p in m.parameters()])
+                pg = theta - after  # params before minus after
+                self.assertTrue(torch.equal(pg, flat(results[rank][rnd][2])), "worker %d round %d" % (rank, rnd))
+                pgs.append(pg.to(torch.bfloat16).to(torch.float64))
+            d = sum(pgs[1:], pgs[0]) / k  # exact in any order: bfloat16 values add exactly in float64
+            buf = d.clone() if buf is None else buf * 0.9 + d
+            theta = theta + (-0.7) * (d + 0.9 * buf)  # SGD, nesterov: p - lr * (d + momentum * buf)
+            for rank in range(k):
+                step, contributors, _, params = results[rank][rnd]
+                self.assertEqual((step, contributors), (rnd + 1, k))
+                self.assertTrue(torch.equal(flat(params), theta), "worker %d after round %d" % (rank, rnd + 1))
+            with torch.no_grad():
+                for m in models:
+                    o = 0
+                    for p in m.parameters():
+                        p.copy_(theta[o:o + p.numel()].view_as(p))
+                        o += p.numel()
+        note("DiLoCo outer step, 3 workers, bfloat16 pseudo-gradients (float64)", 0.0)
 
 
 @unittest.skipUnless(HAVE, "needs torch and sklearn")

@@ -41,9 +41,11 @@ import torch
 from .client import Client
 from .errors import Conflict, NotFound, StepMismatch
 
-__all__ = ["RemoteOptimizer"]
+__all__ = ["RemoteOptimizer", "DiLoCo"]
 
 _TORCH_DTYPE = {"float32": torch.float32, "float64": torch.float64}
+_TORCH_WIRE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+               "float64": torch.float64}
 
 # torch's implementation choices, not its maths: accepted and ignored
 IGNORED_FLAGS = ("foreach", "fused", "capturable", "differentiable")
@@ -171,7 +173,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
     (``"Adam"``) or torch's class (``torch.optim.Adam``). ``dtype``:
     ``float32``/``float64`` (default: the parameters'). ``workers``,
     ``min_workers``, ``round_timeout``: the session's worker rounds (the
-    first worker creates the session with them, the others join). Other
+    first worker creates the session with them, the others join).
+    ``wire_dtype="bfloat16"`` (or ``"float16"``) sends the gradients in that
+    type and gets the params back in it, halving the bytes each way of a
+    float32 session (the session still computes in its dtype);
+    ``reply_dtype`` sets the params' type apart (e.g. the session's). Other
     keyword arguments are hyperparameters by PyTorch's names (``lr=``,
     ``betas=``, ``momentum=``, ``lr_schedule=`` ...); ``foreach``, ``fused``,
     ``capturable`` and ``differentiable`` are accepted and ignored (they
@@ -185,7 +191,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, session, url=None, client=None, optimizer="adam", dtype=None,
                  token=None, timeout=None, workers=None, min_workers=None, round_timeout=None,
-                 retries=None, backoff=None, max_backoff=None, **hyperparams):
+                 wire_dtype=None, reply_dtype=None, retries=None, backoff=None, max_backoff=None,
+                 **hyperparams):
         self.ignored = {k: hyperparams.pop(k) for k in IGNORED_FLAGS if k in hyperparams}
         if client is None:
             kw = {k: v for k, v in (("retries", retries), ("backoff", backoff), ("max_backoff", max_backoff))
@@ -224,6 +231,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
         if str(dtype).replace("torch.", "") not in _TORCH_DTYPE:
             raise ValueError("dtype must be float32 or float64, not %r" % (dtype,))
         self.dtype = str(dtype).replace("torch.", "")
+        for w in (wire_dtype, reply_dtype):
+            if w is not None and str(w).replace("torch.", "") not in _TORCH_WIRE:
+                raise ValueError("wire_dtype is one of %s, not %r" % (", ".join(_TORCH_WIRE), w))
+        self.wire_dtype = None if wire_dtype is None else str(wire_dtype).replace("torch.", "")
+        self.reply_dtype = None if reply_dtype is None else str(reply_dtype).replace("torch.", "")
         self.session_name = session
         self.last_step = None
         self.last_result = None
@@ -291,6 +303,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
         td = _TORCH_DTYPE[self.dtype]
         return torch.cat([t.reshape(-1).to(device="cpu", dtype=td) for t in tensors]).numpy()
 
+    def _wire(self, tensors):
+        """The flat gradient, numpy of the session's dtype: the client
+        rounds it to a narrow wire type as torch's Tensor.to() does (through
+        float32, to nearest even)."""
+        return self._flat(tensors)
+
     @torch.no_grad()
     def _load(self, values):
         if isinstance(values, torch.Tensor):
@@ -351,15 +369,24 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 raise ValueError("sparse gradients are not supported")
             else:
                 grads.append(p.grad.detach())
-        r = self.client.step(self.session_name, self._flat(grads), loss=report, weight=weight,
-                             idempotency_key=idempotency_key, if_match=if_match)
+        self.send(grads, loss=report, weight=weight, idempotency_key=idempotency_key, if_match=if_match)
+        return closure_loss
+
+    def send(self, grads, loss=None, weight=None, idempotency_key=None, if_match=None):
+        """One step with ``grads`` (tensors, one per parameter, in order) as
+        the gradient instead of the parameters' ``.grad``: copies the new
+        values into the parameters and returns the StepResult. Hyperparameter
+        changes are not looked at (step() sends them)."""
+        r = self.client.step(self.session_name, self._wire(grads), loss=loss, weight=weight,
+                             idempotency_key=idempotency_key, if_match=if_match,
+                             wire_dtype=self.wire_dtype, reply_dtype=self.reply_dtype)
         self.last_result = r
         self.last_step = r.step
         if r.params is None:  # a replay too old for the daemon to keep its values
             self.load_remote_params()
         else:
             self._load(r.params)
-        return closure_loss
+        return r
 
     def fast_forward(self, *schedulers, steps=None):
         """Steps each torch scheduler made for this optimizer until its
@@ -583,3 +610,67 @@ class RemoteOptimizer(torch.optim.Optimizer):
 def _why(buffer, hp):
     return {"max_exp_avg_sq": "amsgrad=True", "momentum_buffer": "momentum=%s" % hp.get("momentum"),
             "grad_avg": "centered=True"}.get(buffer, "its configuration")
+
+
+class DiLoCo:
+    """DiLoCo's outer optimizer (Douillard et al. 2023, "DiLoCo: Distributed
+    Low-Communication Training of Language Models") on an optd session.
+
+    Each of ``workers`` processes trains its own replica of the model with a
+    local (inner) torch optimizer; every ``sync_every`` local steps each sends
+    its pseudo-gradient, the parameters before those steps minus after them,
+    to a ``nag`` session (``lr=0.7``, ``momentum=0.9``) with ``workers=k``.
+    The daemon averages the k pseudo-gradients (weighted by ``weight=``, e.g.
+    the tokens each saw) and applies one Nesterov step; every worker then
+    goes on from the new global params. Pseudo-gradients travel as bfloat16
+    (``wire_dtype``); the params come back in the session's dtype.
+
+        inner = torch.optim.AdamW(model.parameters(), lr=4e-4)
+        outer = optd.torch.DiLoCo(model.parameters(), session="run-1", url=url, workers=k, sync_every=500)
+        for step in range(outer.local_steps, total):   # a restarted worker goes on where the rounds are
+            inner.zero_grad()
+            loss_fn(model(x), y).backward()
+            inner.step()
+            outer.step()          # every sync_every calls: one outer round (waits for the k workers)
+
+    The first worker creates the session from its parameters and the others
+    join it (their parameters are replaced by the session's). Other keyword
+    arguments go to the :class:`RemoteOptimizer` of the outer step
+    (``client=``, ``token=``, ``round_timeout=``, ``min_workers=``, ...).
+    """
+
+    def __init__(self, params, session, workers, sync_every=500, url=None, lr=0.7, momentum=0.9,
+                 wire_dtype="bfloat16", **kw):
+        self.params = list(params)
+        if sync_every < 1:
+            raise ValueError("sync_every is a number of local steps, at least 1")
+        self.outer = RemoteOptimizer(self.params, session, url=url, optimizer="nag", lr=lr, momentum=momentum,
+                                     workers=workers, wire_dtype=wire_dtype, **kw)
+        self.outer.reply_dtype = self.outer.dtype  # the global params in full
+        self.sync_every = int(sync_every)
+        self.local_steps = self.outer.last_step * self.sync_every
+        self.last_pseudo_gradient = None
+        self._before = [p.detach().clone() for p in self.params]
+
+    @property
+    def outer_steps(self):
+        """The outer rounds applied (the session's step)."""
+        return self.outer.last_step
+
+    def step(self, weight=None, loss=None):
+        """Counts one local step; every ``sync_every`` of them runs
+        :meth:`sync` and returns its StepResult (else None)."""
+        self.local_steps += 1
+        if self.local_steps % self.sync_every:
+            return None
+        return self.sync(weight=weight, loss=loss)
+
+    @torch.no_grad()
+    def sync(self, weight=None, loss=None):
+        """Sends this worker's pseudo-gradient (params at the last sync minus
+        now) to the round and loads the new global params."""
+        pseudo = [b - p.detach().to(b.dtype) for b, p in zip(self._before, self.params)]
+        self.last_pseudo_gradient = pseudo
+        r = self.outer.send(pseudo, weight=weight, loss=loss)
+        self._before = [p.detach().clone() for p in self.params]
+        return r
