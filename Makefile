@@ -39,9 +39,9 @@ ENGINE_PKG_CFLAGS = $(shell pkg-config --cflags sqlite3 2>/dev/null) -DMHD_MICRO
 COMMON_SRC := common/err.c common/util.c common/names.c
 OPTIM_SRC  := optim/optim.c optim/kernels.c
 STORE_SRC  := store/store.c
-ENGINE_SRC := engine/training.c engine/settings.c engine/session.c engine/stats.c engine/writer.c
+ENGINE_SRC := engine/training.c engine/settings.c engine/session.c engine/stats.c engine/writer.c engine/shape.c
 HTTP_SRC   := http/route.c http/strict.c http/codec.c http/settings.c http/jbody.c http/checkpoint.c \
-              http/safetensors.c http/metrics.c http/http.c http/ops.c http/wire.c
+              http/safetensors.c http/metrics.c http/http.c http/ops.c http/wire.c http/groups.c
 DAEMON_SRC := daemon/main.c daemon/config.c
 
 LIB_SRC := $(COMMON_SRC) $(OPTIM_SRC) $(STORE_SRC) $(ENGINE_SRC) $(HTTP_SRC)
@@ -50,7 +50,7 @@ ASSETS  := asset_dashboard=http/assets/dashboard.html asset_openapi=http/openapi
 LIB_OBJ := $(LIB_SRC:%.c=$(B)/%.o) $(B)/gen/assets.o
 
 # Unit tests: tests/test_<module>.c, each linked with the library objects.
-UNIT_TESTS := test_optim test_store test_config test_codec test_engine test_wire
+UNIT_TESTS := test_optim test_store test_config test_codec test_engine test_wire test_shape
 UNIT_BINS  := $(UNIT_TESTS:%=$(B)/tests/%)
 
 .PHONY: all run test unit e2e asan bench fuzz fmt clean deps

@@ -122,6 +122,76 @@ void engine_settings_clear(engine_settings *d);
  * OPTD_E_BAD_HYPERPARAM, OPTD_E_INVALID or the decoder's error, with msg. */
 optd_err engine_settings_apply(const optim_info *info, const engine_settings *d, optim_hparams *hp, training *tr,
                                char *msg, size_t msglen);
+/* Applies the hyperparameter items of d onto *hp, one group's, then
+ * validates. A group's own settings (from_session 0) may not hold the
+ * session-wide lr_schedule or max_grad_norm (OPTD_E_INVALID); a session's
+ * (from_session 1) may, and those are left to engine_settings_apply. Return
+ * codes as engine_settings_apply's. */
+optd_err engine_group_settings_apply(const optim_info *info, const engine_settings *d, int from_session,
+                                     optim_hparams *hp, char *msg, size_t msglen);
+/* What a group's hyperparameters may not do beside the session's, to stay
+ * exact to torch: differ in Adagrad's initial_accumulator_value (torch
+ * takes the constructor's for every group). OPTD_OK or OPTD_E_INVALID. */
+optd_err engine_group_check(const optim_info *info, const optim_hparams *session, const optim_hparams *group,
+                            char *msg, size_t msglen);
+
+/* ---- tensors and parameter groups (shape.c) ---------------------------- */
+
+#define ENGINE_MAX_TENSORS 4096
+#define ENGINE_MAX_GROUPS 4096
+#define ENGINE_TENSOR_NAME_MAX 255
+#define ENGINE_MAX_DIMS 32
+
+/* One named tensor of a shaped session: elements [off, off + n) of the
+ * flat vector. name and dims are owned by the shape. */
+typedef struct engine_tensor {
+    char *name;
+    uint64_t *dims;
+    uint32_t ndim; /* 0: a scalar of one element */
+    uint32_t group;
+    size_t off, n;
+} engine_tensor;
+
+/* A parameter group: its full hyperparameters (the session's with the
+ * group's own over them, as torch's param_groups) and its tensors
+ * [first, first + count), which are consecutive. */
+typedef struct engine_group {
+    optim_hparams hp;
+    size_t first, count;
+} engine_group;
+
+/* What a session shaped like a model is made of (API.md "Tensors and
+ * parameter groups"): its groups in order, each with its tensors in order,
+ * which lay out the flat vector of n elements. Plain data; a session owns
+ * its shape. */
+typedef struct engine_shape {
+    engine_group *groups;
+    size_t n_groups, cap_groups;
+    engine_tensor *tensors;
+    size_t n_tensors, cap_tensors;
+    uint32_t *by_name; /* tensor indices in name order (engine_shape_finish) */
+    size_t n;          /* elements in all */
+} engine_shape;
+
+/* Building a shape: engine_shape_new, then for each group
+ * engine_shape_add_group and engine_shape_add_tensor for each of its
+ * tensors, then engine_shape_finish, which checks the whole (every group
+ * has a tensor, names are unique). Each returns OPTD_OK, OPTD_E_NOMEM or
+ * OPTD_E_INVALID with a sentence in msg. engine_shape_free(NULL) does
+ * nothing. */
+optd_err engine_shape_new(engine_shape **out);
+optd_err engine_shape_add_group(engine_shape *sh, const optim_hparams *hp, char *msg, size_t msglen);
+optd_err engine_shape_add_tensor(engine_shape *sh, const char *name, const uint64_t *dims, uint32_t ndim, char *msg,
+                                 size_t msglen);
+optd_err engine_shape_finish(engine_shape *sh, char *msg, size_t msglen);
+void engine_shape_free(engine_shape *sh);
+optd_err engine_shape_copy(const engine_shape *src, engine_shape **out);
+/* Whether s is a tensor name: [A-Za-z0-9._/-]{1,255}. */
+int engine_tensor_name_valid(const char *s);
+/* The index of the tensor named name, or -1. */
+long engine_shape_find(const engine_shape *sh, const char *name);
+/* The 422 message for a tensor name sh does not have, used in where. */
+void engine_shape_unknown_msg(const engine_shape *sh, const char *name, const char *where, char *msg, size_t msglen);
 
 /* The stored configuration text of a session (store_session.config) is the
  * transport's to format: encode writes hp and tr as text (*out malloc'd,
@@ -131,13 +201,24 @@ typedef struct engine_codec {
     optd_err (*encode)(void *ctx, const optim_info *info, const optim_hparams *hp, const training *tr, char **out);
     optd_err (*decode)(void *ctx, const optim_info *info, const char *text, optim_hparams *hp, training *tr);
     void *ctx;
+    /* Optional, for shaped sessions (NULL: the codec knows none): the same
+     * with the session's shape (NULL for none); decode_shaped sets *shape
+     * to a new one (the caller frees) or NULL when the text has none. */
+    optd_err (*encode_shaped)(void *ctx, const optim_info *info, const optim_hparams *hp, const training *tr,
+                              const engine_shape *shape, char **out);
+    optd_err (*decode_shaped)(void *ctx, const optim_info *info, const char *text, optim_hparams *hp, training *tr,
+                              engine_shape **shape);
 } engine_codec;
 
 /* ---- sessions in memory (session.c) ------------------------------------ */
 
 /* A session in memory: who it is, its decoded configuration and its state.
- * blob holds params, then each used buffer in optim_info order, then the
- * scalar state as a double; st points into it. Each fact is held once: the
+ * blob holds params, then each used buffer in optim_info order, then (for
+ * a shaped session) each tensor's step count (uint64) and, when the
+ * optimizer has one, each tensor's scalar state (double), then the scalar
+ * state as a double; st points into it. A shaped session uses a buffer
+ * when any of its groups does; a group that does not leaves its part as
+ * it started. Each fact is held once: the
  * optimizer is info, the size n, the dtype dtype, the step st.step (which
  * optim_step advances). The store's row is derived from them whenever it is
  * needed (engine_sess_row), never kept beside them. */
@@ -154,6 +235,13 @@ typedef struct sess {
     size_t blob_len;
     optim_state st;
     training tr;
+    /* Owned; NULL: one group of one tensor named "params" (st.step and
+     * st.scalar are its step and scalar). For a shaped session hp holds the
+     * session's own hyperparameters (what a group starts from) and each
+     * group its full ones; st.step counts applied steps, and each tensor
+     * has its own step and scalar at tstate in the blob. */
+    engine_shape *shape;
+    unsigned char *tstate;
     const engine_codec *codec; /* borrowed */
     /* The engine's own (writer.c): the worker round in progress or NULL,
      * the cache links, and how the current group touched it. */
@@ -203,6 +291,29 @@ optd_err engine_sess_check_size(const optim_info *info, const optim_hparams *hp,
                                 size_t limit, char *msg, size_t msglen);
 /* Copies st.scalar into the blob's last 8 bytes (call after a step). */
 void engine_sess_pack(sess *s);
+/* Gives s the shape sh (taken on success; its n must be s->n): the blob
+ * grows the per-tensor state, and the buffers restart fresh for each
+ * group's hyperparameters. For a new session only. OPTD_E_BAD_HYPERPARAM
+ * when a group's initial_accumulator_value does not fit the dtype; on
+ * failure sh is the caller's still (and after OPTD_E_NOMEM from writing
+ * the configuration, s is only fit to be freed). */
+optd_err engine_sess_set_shape(sess *s, engine_shape *sh);
+/* The bytes of state a session of n elements shaped sh (NULL for none)
+ * holds, and the check of engine_sess_check_size for it. */
+size_t engine_shape_state_bytes(const optim_info *info, const optim_hparams *hp, const engine_shape *sh,
+                                optim_dtype dtype, size_t n);
+optd_err engine_shape_check_size(const optim_info *info, const optim_hparams *hp, const engine_shape *sh,
+                                 optim_dtype dtype, size_t n, size_t limit, char *msg, size_t msglen);
+/* Changes the hyperparameters of s and of its groups (ghp: one per group,
+ * or NULL for an unshaped session), as engine_sess_set_hparams. */
+optd_err engine_sess_set_all_hparams(sess *s, const optim_hparams *hp, const optim_hparams *ghp);
+/* Tensor t's step count and scalar state (t is 0 for an unshaped session). */
+uint64_t engine_sess_tensor_step(const sess *s, size_t t);
+void engine_sess_set_tensor_step(sess *s, size_t t, uint64_t v);
+double engine_sess_tensor_scalar(const sess *s, size_t t);
+void engine_sess_set_tensor_scalar(sess *s, size_t t, double v);
+/* The bytes of the per-tensor state in the blob (0 when unshaped). */
+size_t engine_sess_tstate_bytes(const sess *s);
 /* The name of a dtype: "float32" or "float64". */
 const char *engine_dtype_name(optim_dtype d);
 /* The message of a session whose initial_accumulator_value does not fit its dtype. */
@@ -302,6 +413,10 @@ typedef struct engine_fork_req {
 typedef struct engine_patch_req {
     ENGINE_REQ_FIELDS
     engine_settings settings; /* borrowed */
+    /* A PATCH's "groups": one settings per group of the session (malloc'd
+     * by the caller, who clears and frees them), or NULL. */
+    engine_settings *groups;
+    size_t n_groups;
     store_session row;
 } engine_patch_req;
 
@@ -321,6 +436,10 @@ typedef struct engine_step_req {
     uint64_t digest;      /* of the gradient bytes and weight */
     const char *idem_key; /* NULL when none (borrowed) */
     bool want_params;     /* copy the new params into out_params */
+    /* Tensors without a gradient this step (torch's grad is None), by
+     * name (borrowed); an unknown name is OPTD_E_INVALID. */
+    const char *const *skip;
+    size_t n_skip;
     /* Optional (NULL for none): called with data on the writer thread when
      * the request starts waiting in a worker round, and while it waits to
      * ask whether its client has hung up (then it is withdrawn). */
@@ -331,7 +450,9 @@ typedef struct engine_step_req {
     void *out_params; /* malloc'd copy, caller frees; NULL for none */
     size_t out_len;
     bool has_meta;         /* lr, grad_norm and contributors are known */
-    double lr;             /* the lr the step used */
+    double lr;             /* the lr the step used (a shaped session's first group's) */
+    double *lrs;           /* a shaped session's: one per group (malloc'd, caller frees), else NULL */
+    size_t n_lrs;
     double grad_norm;      /* before clipping */
     uint32_t contributors; /* of the round applied */
     bool withdrawn;        /* taken out of its round, its client gone: no reply to send */

@@ -1,6 +1,7 @@
-/* A session in memory: the state blob layout (params, used buffers, scalar),
- * made fresh, adopted from a decoded vector, copied for a fork, loaded from
- * a stored row and re-laid when its hyperparameters change. The stored
+/* A session in memory: the state blob layout (params, used buffers, each
+ * tensor's step and scalar for a shaped session, scalar), made fresh,
+ * adopted from a decoded vector, shaped, copied for a fork, loaded from a
+ * stored row and re-laid when its hyperparameters change. The stored
  * configuration text is written and read through the session's codec. */
 #include <math.h>
 #include <stdio.h>
@@ -17,32 +18,63 @@ void engine_accumulator_msg(char *msg, size_t msglen, optim_dtype dtype)
     snprintf(msg, msglen, "initial_accumulator_value is not a finite %s", engine_dtype_name(dtype));
 }
 
-/* Points st's params and used buffers into blob and reads the scalar from
- * its last 8 bytes. Returns the blob size the layout needs. */
+/* Whether s has buffer i: its hyperparameters use it, or for a shaped
+ * session those of any of its groups. */
+static bool buf_used(const sess *s, size_t i)
+{
+    if (!s->shape)
+        return optim_buffer_used(s->info, &s->hp, i);
+    for (size_t g = 0; g < s->shape->n_groups; g++)
+        if (optim_buffer_used(s->info, &s->shape->groups[g].hp, i))
+            return true;
+    return false;
+}
+
+size_t engine_sess_tstate_bytes(const sess *s)
+{
+    return s->shape ? s->shape->n_tensors * (sizeof(uint64_t) + (s->info->scalar ? sizeof(double) : 0)) : 0;
+}
+
+/* Points st's params and used buffers (and tstate) into blob. Returns the
+ * blob size the layout needs. */
 static size_t layout(sess *s, unsigned char *blob)
 {
     size_t vec = s->n * optim_elem_size(s->dtype), off = vec;
     s->st.params = blob;
     for (size_t i = 0; i < OPTIM_MAX_BUFFERS; i++) {
         s->st.buf[i] = NULL;
-        if (optim_buffer_used(s->info, &s->hp, i)) {
+        if (buf_used(s, i)) {
             s->st.buf[i] = blob ? blob + off : NULL;
             off += vec;
         }
     }
+    s->tstate = blob && s->shape ? blob + off : NULL;
+    off += engine_sess_tstate_bytes(s);
     return off + sizeof(double);
+}
+
+size_t engine_shape_state_bytes(const optim_info *info, const optim_hparams *hp, const engine_shape *sh,
+                                optim_dtype dtype, size_t n)
+{
+    sess probe = {.info = info, .hp = *hp, .dtype = dtype, .n = n, .shape = (engine_shape *)sh};
+    return layout(&probe, NULL);
 }
 
 size_t engine_sess_state_bytes(const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n)
 {
-    sess probe = {.info = info, .hp = *hp, .dtype = dtype, .n = n};
-    return layout(&probe, NULL);
+    return engine_shape_state_bytes(info, hp, NULL, dtype, n);
 }
 
 optd_err engine_sess_check_size(const optim_info *info, const optim_hparams *hp, optim_dtype dtype, size_t n,
                                 size_t limit, char *msg, size_t msglen)
 {
-    size_t bytes = engine_sess_state_bytes(info, hp, dtype, n);
+    return engine_shape_check_size(info, hp, NULL, dtype, n, limit, msg, msglen);
+}
+
+optd_err engine_shape_check_size(const optim_info *info, const optim_hparams *hp, const engine_shape *sh,
+                                 optim_dtype dtype, size_t n, size_t limit, char *msg, size_t msglen)
+{
+    size_t bytes = engine_shape_state_bytes(info, hp, sh, dtype, n);
     if (bytes <= limit)
         return OPTD_OK;
     size_t vectors = (bytes - sizeof(double)) / (n * optim_elem_size(dtype));
@@ -61,13 +93,51 @@ void engine_sess_free(sess *s)
         return;
     free(s->config);
     free(s->blob);
+    engine_shape_free(s->shape);
     free(s);
+}
+
+uint64_t engine_sess_tensor_step(const sess *s, size_t t)
+{
+    uint64_t v;
+    if (!s->shape)
+        return s->st.step;
+    memcpy(&v, s->tstate + t * sizeof v, sizeof v); /* the blob has no alignment to offer */
+    return v;
+}
+
+void engine_sess_set_tensor_step(sess *s, size_t t, uint64_t v)
+{
+    if (!s->shape)
+        s->st.step = v;
+    else
+        memcpy(s->tstate + t * sizeof v, &v, sizeof v);
+}
+
+double engine_sess_tensor_scalar(const sess *s, size_t t)
+{
+    double v = 1;
+    if (!s->shape)
+        return s->st.scalar;
+    if (s->info->scalar)
+        memcpy(&v, s->tstate + s->shape->n_tensors * sizeof(uint64_t) + t * sizeof v, sizeof v);
+    return v;
+}
+
+void engine_sess_set_tensor_scalar(sess *s, size_t t, double v)
+{
+    if (!s->shape)
+        s->st.scalar = v;
+    else if (s->info->scalar)
+        memcpy(s->tstate + s->shape->n_tensors * sizeof(uint64_t) + t * sizeof v, &v, sizeof v);
 }
 
 optd_err engine_sess_write_config(sess *s)
 {
     char *text = NULL;
-    optd_err rc = s->codec->encode(s->codec->ctx, s->info, &s->hp, &s->tr, &text);
+    optd_err rc = s->codec->encode_shaped
+                      ? s->codec->encode_shaped(s->codec->ctx, s->info, &s->hp, &s->tr, s->shape, &text)
+                      : s->codec->encode(s->codec->ctx, s->info, &s->hp, &s->tr, &text);
     if (rc)
         return rc;
     free(s->config);
@@ -168,9 +238,11 @@ optd_err engine_sess_from_store(const engine_codec *codec, store_session *row, v
     optim_defaults(s->info, &s->hp);
     engine_training_defaults(&s->tr);
     s->codec = codec;
-    if (codec->decode(codec->ctx, s->info, row->config ? row->config : "{}", &s->hp, &s->tr))
+    const char *text = row->config ? row->config : "{}";
+    if (codec->decode_shaped ? codec->decode_shaped(codec->ctx, s->info, text, &s->hp, &s->tr, &s->shape)
+                             : codec->decode(codec->ctx, s->info, text, &s->hp, &s->tr))
         goto done;
-    if (layout(s, NULL) != blob_len)
+    if ((s->shape && s->shape->n != s->n) || layout(s, NULL) != blob_len)
         goto done;
     s->st.step = row->step;
     s->id = row->id;
@@ -186,7 +258,8 @@ optd_err engine_sess_from_store(const engine_codec *codec, store_session *row, v
     memcpy(&s->st.scalar, s->blob + blob_len - sizeof(double), sizeof(double));
     rc = OPTD_OK;
 done:
-    if (rc) {
+    if (rc && s) {
+        engine_shape_free(s->shape);
         free(s);
         s = NULL;
     }
@@ -199,6 +272,8 @@ optd_err engine_sess_copy(const sess *src, const char *name, sess **out)
     optd_err rc = OPTD_E_NOMEM;
     sess *s = calloc(1, sizeof *s);
     if (!s || !(s->blob = malloc(src->blob_len)))
+        goto done;
+    if (src->shape && engine_shape_copy(src->shape, &s->shape))
         goto done;
     memcpy(s->blob, src->blob, src->blob_len);
     s->blob_len = src->blob_len;
@@ -217,11 +292,119 @@ optd_err engine_sess_copy(const sess *src, const char *name, sess **out)
 done:
     if (rc && s) {
         free(s->blob);
+        engine_shape_free(s->shape);
         free(s);
         s = NULL;
     }
     *out = s;
     return rc;
+}
+
+/* Starts the buffers in mask of group g's tensors as torch does at their
+ * first step (zeros, or adagrad's initial_accumulator_value, as the
+ * group's hyperparameters use them; a buffer the group does not use stays
+ * zero). */
+static void group_init(sess *s, size_t g, unsigned mask)
+{
+    const engine_group *gr = &s->shape->groups[g];
+    const engine_tensor *a = &s->shape->tensors[gr->first], *z = &s->shape->tensors[gr->first + gr->count - 1];
+    size_t es = optim_elem_size(s->dtype), off = a->off, len = z->off + z->n - a->off;
+    optim_state st = {0};
+    for (size_t i = 0; i < OPTIM_MAX_BUFFERS; i++) {
+        if (!s->st.buf[i] || !(mask & (1u << i)))
+            continue;
+        st.buf[i] = (unsigned char *)s->st.buf[i] + off * es;
+        memset(st.buf[i], 0, len * es);
+    }
+    optim_state_init(s->info, &gr->hp, s->dtype, len, &st);
+}
+
+optd_err engine_sess_set_shape(sess *s, engine_shape *sh)
+{
+    for (size_t g = 0; g < sh->n_groups; g++)
+        if (!fits_dtype(s->info, &sh->groups[g].hp, s->dtype))
+            return OPTD_E_BAD_HYPERPARAM;
+    if (sh->n != s->n || s->shape)
+        return OPTD_E_INTERNAL;
+    s->shape = sh;
+    size_t len = layout(s, NULL);
+    unsigned char *blob = realloc(s->blob, len);
+    if (!blob) {
+        s->shape = NULL;
+        layout(s, s->blob);
+        return OPTD_E_NOMEM;
+    }
+    s->blob = blob;
+    s->blob_len = len;
+    layout(s, blob);
+    for (size_t g = 0; g < sh->n_groups; g++)
+        group_init(s, g, ~0u);
+    for (size_t t = 0; t < sh->n_tensors; t++) {
+        engine_sess_set_tensor_step(s, t, 0);
+        engine_sess_set_tensor_scalar(s, t, 1);
+    }
+    s->st.scalar = 1;
+    engine_sess_pack(s);
+    optd_err rc = engine_sess_write_config(s);
+    if (rc)
+        s->shape = NULL; /* not taken: s is only fit to be freed now */
+    return rc;
+}
+
+optd_err engine_sess_set_all_hparams(sess *s, const optim_hparams *hp, const optim_hparams *ghp)
+{
+    if (!s->shape)
+        return engine_sess_set_hparams(s, hp);
+    engine_shape *sh = s->shape;
+    for (size_t g = 0; g < sh->n_groups; g++)
+        if (!fits_dtype(s->info, &ghp[g], s->dtype))
+            return OPTD_E_BAD_HYPERPARAM;
+    optim_hparams *old_ghp = malloc(sh->n_groups * sizeof *old_ghp);
+    if (!old_ghp)
+        return OPTD_E_NOMEM;
+    for (size_t g = 0; g < sh->n_groups; g++)
+        old_ghp[g] = sh->groups[g].hp;
+    sess old = *s;
+    s->hp = *hp;
+    for (size_t g = 0; g < sh->n_groups; g++)
+        sh->groups[g].hp = ghp[g];
+    size_t len = layout(s, NULL);
+    unsigned char *blob = malloc(len);
+    if (!blob) {
+        for (size_t g = 0; g < sh->n_groups; g++)
+            sh->groups[g].hp = old_ghp[g];
+        *s = old;
+        free(old_ghp);
+        return OPTD_E_NOMEM;
+    }
+    layout(s, blob);
+    size_t vec = s->n * optim_elem_size(s->dtype);
+    memcpy(s->st.params, old.st.params, vec);
+    for (size_t i = 0; i < OPTIM_MAX_BUFFERS; i++) {
+        if (s->st.buf[i] && old.st.buf[i])
+            memcpy(s->st.buf[i], old.st.buf[i], vec);
+        else if (s->st.buf[i])
+            memset(s->st.buf[i], 0, vec);
+    }
+    memcpy(s->tstate, old.tstate, engine_sess_tstate_bytes(s));
+    /* A buffer a group starts to use starts fresh for it, as in an
+     * unshaped session (and as torch creates state lazily). */
+    for (size_t g = 0; g < sh->n_groups; g++) {
+        unsigned mask = 0;
+        for (size_t i = 0; i < OPTIM_MAX_BUFFERS; i++)
+            if (optim_buffer_used(s->info, &ghp[g], i) && !optim_buffer_used(s->info, &old_ghp[g], i))
+                mask |= 1u << i;
+        if (mask)
+            group_init(s, g, mask);
+    }
+    free(old_ghp);
+    s->st.scalar = old.st.scalar;
+    s->st.step = old.st.step;
+    free(old.blob);
+    s->blob = blob;
+    s->blob_len = len;
+    engine_sess_pack(s);
+    return engine_sess_write_config(s);
 }
 
 optd_err engine_sess_set_hparams(sess *s, const optim_hparams *hp)

@@ -130,3 +130,38 @@ optd_err engine_settings_apply(const optim_info *info, const engine_settings *d,
         return deferred(d, msg, msglen);
     return apply_fields(d, tr, msg, msglen);
 }
+
+optd_err engine_group_settings_apply(const optim_info *info, const engine_settings *d, int from_session,
+                                     optim_hparams *hp, char *msg, size_t msglen)
+{
+    size_t stop = d->err_phase == ENGINE_ERR_ITEMS && d->err_at < d->n_items ? d->err_at : d->n_items;
+    for (size_t i = 0; i < stop; i++) {
+        optd_err rc = apply_item(info, d, &d->items[i], hp, msg, msglen);
+        if (rc)
+            return rc;
+    }
+    if (d->err_phase == ENGINE_ERR_ITEMS)
+        return deferred(d, msg, msglen);
+    if (!from_session && (d->set & (ENGINE_SET_SCHED | ENGINE_SET_CLIP))) {
+        snprintf(msg, msglen,
+                 "%s is session-wide, not a group's: put it in the session's \"hyperparams\" (the schedule's "
+                 "factor multiplies each group's lr; clipping uses the norm of the whole gradient)",
+                 d->set & ENGINE_SET_SCHED ? "lr_schedule" : "max_grad_norm");
+        return OPTD_E_INVALID;
+    }
+    if (optim_validate(info, hp, msg, msglen) != OPTIM_OK)
+        return OPTD_E_BAD_HYPERPARAM;
+    return OPTD_OK;
+}
+
+optd_err engine_group_check(const optim_info *info, const optim_hparams *session, const optim_hparams *group,
+                            char *msg, size_t msglen)
+{
+    if (info->kind == OPTIM_ADAGRAD && group->initial_accumulator_value != session->initial_accumulator_value) {
+        snprintf(msg, msglen,
+                 "initial_accumulator_value is the session's, not a group's: torch.optim.Adagrad takes it from its "
+                 "constructor only and ignores a param group's; set it in the session's hyperparams");
+        return OPTD_E_INVALID;
+    }
+    return OPTD_OK;
+}

@@ -56,6 +56,7 @@ typedef struct wround {
     uint32_t count;             /* contributions, each one job on waiters */
     double loss_sum, loss_w;    /* of the contributions that gave a loss */
     uint64_t deadline_us;       /* mono_us of the timeout */
+    unsigned char *skip;        /* the tensors every contribution skips (one flag each), or NULL */
     sreq *waiters, *last;       /* last: where the next contribution goes */
     struct wround *next, *prev; /* writer.rounds */
 } wround;
@@ -225,6 +226,7 @@ static void round_free(engine *w, sess *s)
     r->prev->next = r->next;
     r->next->prev = r->prev;
     free(r->sum);
+    free(r->skip);
     free(r);
     s->rnd = NULL;
 }
@@ -251,23 +253,99 @@ static optd_err copy_out(sreq *j, const void *p, size_t len)
     return OPTD_OK;
 }
 
-/* What one applied step reports. */
+/* What one applied step reports. lrs: a shaped session's, one per group
+ * (owned; the caller frees), else NULL. */
 typedef struct applied {
     uint64_t step;
     double lr, grad_norm;
+    double *lrs;
+    size_t n_lrs;
 } applied;
+
+/* One step of a shaped session: each tensor not in skip steps with its
+ * group's hyperparameters at lrs[group] and its own step count and scalar
+ * (torch's per-parameter state["step"]), the kernel run once over each
+ * stretch of consecutive tensors that share all three; a skipped tensor
+ * does not change. Clipping takes the norm of the gradients given (as
+ * clip_grad_norm_ over the parameters whose grad is not None). stats sums
+ * over the vector (param_sq over every param). */
+static void step_shaped(sess *s, void *grad, const unsigned char *skip, const double *lrs, double *grad_norm,
+                        optim_stats *stats)
+{
+    const engine_shape *sh = s->shape;
+    const size_t es = optim_elem_size(s->dtype), T = sh->n_tensors;
+    unsigned char *g = grad, *p = s->st.params;
+    *grad_norm = -1;
+    if (s->tr.clip) {
+        double sq = 0;
+        for (size_t t = 0; t < T; t++)
+            if (!skip || !skip[t])
+                sq += optim_sq_norm(s->dtype, sh->tensors[t].n, g + sh->tensors[t].off * es);
+        *grad_norm = sqrt(sq);
+        double coef = s->tr.max_grad_norm / (*grad_norm + 1e-6);
+        for (size_t t = 0; t < T && coef < 1; t++)
+            if (!skip || !skip[t])
+                optim_scale(s->dtype, sh->tensors[t].n, g + sh->tensors[t].off * es, coef);
+    }
+    memset(stats, 0, sizeof *stats);
+    stats->finite = true;
+    for (size_t t = 0; t < T;) {
+        const engine_tensor *a = &sh->tensors[t];
+        if (skip && skip[t]) {
+            stats->param_sq += optim_sq_norm(s->dtype, a->n, p + a->off * es);
+            t++;
+            continue;
+        }
+        uint64_t step = engine_sess_tensor_step(s, t);
+        double scalar = engine_sess_tensor_scalar(s, t);
+        size_t u = t + 1;
+        while (u < T && !(skip && skip[u]) && sh->tensors[u].group == a->group &&
+               engine_sess_tensor_step(s, u) == step && engine_sess_tensor_scalar(s, u) == scalar)
+            u++;
+        const engine_tensor *z = &sh->tensors[u - 1];
+        size_t off = a->off, len = z->off + z->n - a->off;
+        optim_hparams hp = sh->groups[a->group].hp;
+        hp.lr = lrs[a->group];
+        optim_state st = {.params = p + off * es, .scalar = scalar, .step = step};
+        for (size_t i = 0; i < OPTIM_MAX_BUFFERS; i++)
+            st.buf[i] = s->st.buf[i] ? (unsigned char *)s->st.buf[i] + off * es : NULL;
+        optim_stats one;
+        optim_step(s->info, &hp, s->dtype, len, &st, g + off * es, &one);
+        stats->grad_sq += one.grad_sq;
+        stats->update_sq += one.update_sq;
+        stats->param_sq += one.param_sq;
+        stats->finite = stats->finite && one.finite;
+        for (; t < u; t++) {
+            engine_sess_set_tensor_step(s, t, st.step);
+            engine_sess_set_tensor_scalar(s, t, st.scalar);
+        }
+    }
+    s->st.step++;
+}
 
 /* Applies one optimizer step with grad (n elements of the session's dtype,
  * scaled in place when clipping) and records it: state, row and history,
  * all inside the group's transaction. */
-static optd_err apply_step(engine *w, sess *s, void *grad, uint32_t contributors, bool has_loss, double loss,
-                           applied *out)
+static optd_err apply_step(engine *w, sess *s, void *grad, const unsigned char *skip, uint32_t contributors,
+                           bool has_loss, double loss, applied *out)
 {
     optim_hparams hp = s->hp;
     optim_stats stats;
     double grad_norm = -1;
     hp.lr = engine_training_lr(&s->tr, s->hp.lr, s->st.step);
-    if (s->tr.clip) {
+    out->lrs = NULL;
+    out->n_lrs = 0;
+    if (s->shape) {
+        /* The schedule's factor multiplies each group's own lr. */
+        size_t G = s->shape->n_groups;
+        if (!(out->lrs = malloc(G * sizeof *out->lrs)))
+            return OPTD_E_NOMEM;
+        out->n_lrs = G;
+        for (size_t g = 0; g < G; g++)
+            out->lrs[g] = engine_training_lr(&s->tr, s->shape->groups[g].hp.lr, s->st.step);
+        hp.lr = out->lrs[0];
+        step_shaped(s, grad, skip, out->lrs, &grad_norm, &stats);
+    } else if (s->tr.clip) {
         /* torch.nn.utils.clip_grad_norm_: the norm comes first, so this is
          * the one extra pass over the gradient. */
         grad_norm = sqrt(optim_sq_norm(s->dtype, s->n, grad));
@@ -275,7 +353,8 @@ static optd_err apply_step(engine *w, sess *s, void *grad, uint32_t contributors
         if (coef < 1)
             optim_scale(s->dtype, s->n, grad, coef);
     }
-    optim_step(s->info, &hp, s->dtype, s->n, &s->st, grad, &stats);
+    if (!s->shape)
+        optim_step(s->info, &hp, s->dtype, s->n, &s->st, grad, &stats);
     if (!stats.finite)
         return OPTD_E_NON_FINITE; /* the caller drops s: its state is spoilt */
     if (grad_norm < 0)
@@ -312,26 +391,35 @@ static optd_err overflowed(engine *w, sess *s, char *msg, size_t msglen)
 /* Fills j's reply from an applied step and remembers its key. */
 static optd_err finish_step(engine *w, sess *s, sreq *j, const applied *a, uint32_t contributors)
 {
-    size_t vec = s->n * optim_elem_size(s->dtype);
+    size_t vec = s->n * optim_elem_size(s->dtype), lrb = a->n_lrs * sizeof(double);
     optd_err rc = OPTD_OK;
     j->step = a->step;
     j->lr = a->lr;
     j->grad_norm = a->grad_norm;
     j->contributors = contributors;
     j->has_meta = true;
+    if (a->n_lrs) {
+        if (!(j->lrs = malloc(lrb)))
+            return OPTD_E_NOMEM;
+        memcpy(j->lrs, a->lrs, lrb);
+        j->n_lrs = a->n_lrs;
+    }
     if (j->idem_key) {
-        /* The saved reply: its numbers, then the params, as a replay needs. */
+        /* The saved reply: its numbers (a shaped session's lr per group
+         * after the head), then the params, as a replay needs. */
         uint64_t keep = vec ? REPLY_BUDGET / vec : w->idem_window;
-        unsigned char *reply = malloc(REPLY_HEAD + vec);
+        unsigned char *reply = malloc(REPLY_HEAD + lrb + vec);
         if (!reply)
             return OPTD_E_NOMEM;
         memcpy(reply, &a->lr, 8);
         memcpy(reply + 8, &a->grad_norm, 8);
         memcpy(reply + 16, &contributors, 4);
         memset(reply + 20, 0, 4);
-        memcpy(reply + REPLY_HEAD, s->st.params, vec);
-        rc = store_idem_put(w->st, s->id, j->idem_key, a->step, j->digest, reply, REPLY_HEAD + vec, w->idem_window,
-                            keep < 1 ? 1 : keep);
+        if (lrb)
+            memcpy(reply + REPLY_HEAD, a->lrs, lrb);
+        memcpy(reply + REPLY_HEAD + lrb, s->st.params, vec);
+        rc = store_idem_put(w->st, s->id, j->idem_key, a->step, j->digest, reply, REPLY_HEAD + lrb + vec,
+                            w->idem_window, keep < 1 ? 1 : keep);
         free(reply);
     }
     if (rc == OPTD_OK && j->want_params)
@@ -346,7 +434,7 @@ static optd_err round_apply(engine *w, sess *s)
     wround *r = s->rnd;
     size_t es = optim_elem_size(s->dtype);
     void *mean = malloc(s->n * es + 1);
-    applied a;
+    applied a = {0};
     optd_err rc = OPTD_E_NOMEM;
     if (mean) {
         for (size_t i = 0; i < s->n; i++) {
@@ -356,7 +444,8 @@ static optd_err round_apply(engine *w, sess *s)
             else
                 ((float *)mean)[i] = (float)v;
         }
-        rc = apply_step(w, s, mean, r->count, r->loss_w > 0, r->loss_w > 0 ? r->loss_sum / r->loss_w : 0, &a);
+        rc = apply_step(w, s, mean, r->skip, r->count, r->loss_w > 0, r->loss_w > 0 ? r->loss_sum / r->loss_w : 0,
+                        &a);
         free(mean);
     }
     uint32_t count = r->count;
@@ -374,9 +463,13 @@ static optd_err round_apply(engine *w, sess *s)
             j->rc = rc;
             free(j->out_params);
             j->out_params = NULL;
+            free(j->lrs);
+            j->lrs = NULL;
+            j->n_lrs = 0;
         }
         release_later(w, REQ(j));
     }
+    free(a.lrs);
     round_free(w, s);
     if (rc == OPTD_E_NON_FINITE) {
         overflowed(w, s, msg, sizeof msg);
@@ -493,11 +586,28 @@ static void rounds_probe(engine *w)
     }
 }
 
+/* Whether two sets of skipped tensors (NULL: none) of s are the same. */
+static int same_skip(const sess *s, const unsigned char *a, const unsigned char *b)
+{
+    size_t T = s->shape ? s->shape->n_tensors : 1;
+    for (size_t t = 0; t < T; t++)
+        if ((a && a[t]) != (b && b[t]))
+            return 0;
+    return 1;
+}
+
 /* Adds j's gradient to s's round (making one when none is open) and parks
- * j until the round is applied. */
-static optd_err round_join(engine *w, sess *s, sreq *j)
+ * j until the round is applied. *skip (j's skipped tensors, or NULL) is
+ * taken by a new round; every contribution of a round skips the same. */
+static optd_err round_join(engine *w, sess *s, sreq *j, unsigned char **skip)
 {
     wround *r = s->rnd;
+    if (r && !same_skip(s, r->skip, *skip)) {
+        snprintf(j->msg, sizeof j->msg,
+                 "the contributions to a round skip the same tensors (a round averages whole gradients); "
+                 "this one's skip differs from the round's first contribution's");
+        return OPTD_E_INVALID;
+    }
     if (j->idem_key && r) {
         for (sreq **pp = &r->waiters; *pp; pp = &(*pp)->next_waiter_)
             if ((*pp)->idem_key && strcmp((*pp)->idem_key, j->idem_key) == 0)
@@ -519,6 +629,8 @@ static optd_err round_join(engine *w, sess *s, sreq *j)
             return OPTD_E_NOMEM;
         }
         r->s = s;
+        r->skip = *skip;
+        *skip = NULL;
         r->deadline_us = optd_mono_us() + (uint64_t)(s->tr.round_timeout * 1e6);
         r->next = &w->rounds;
         r->prev = w->rounds.prev;
@@ -546,6 +658,44 @@ static optd_err check_if_match(engine_req *j, const sess *s)
     return OPTD_E_STEP_MISMATCH;
 }
 
+/* The bytes of a shaped session's lrs in a saved reply. */
+static size_t lr_bytes(const sess *s) { return s->shape ? s->shape->n_groups * sizeof(double) : 0; }
+
+/* j's skipped tensors as one flag per tensor of s (*out malloc'd, the
+ * caller frees). OPTD_E_INVALID for a name s has no tensor of, or for the
+ * one tensor of an unshaped session. */
+static optd_err skip_flags(const sess *s, sreq *j, unsigned char **out)
+{
+    size_t T = s->shape ? s->shape->n_tensors : 1;
+    unsigned char *f = calloc(T, 1);
+    if (!f)
+        return OPTD_E_NOMEM;
+    for (size_t k = 0; k < j->n_skip; k++) {
+        const char *name = j->skip[k];
+        long t = s->shape ? engine_shape_find(s->shape, name) : strcmp(name, "params") == 0 ? 0 : -1;
+        if (t < 0 && s->shape) {
+            engine_shape_unknown_msg(s->shape, name, "skip", j->msg, sizeof j->msg);
+        } else if (t < 0) {
+            snprintf(j->msg, sizeof j->msg,
+                     "unknown tensor \"%.64s\" in skip: this session was created without groups, so its one "
+                     "tensor is \"params\"",
+                     name);
+        } else if (!s->shape) {
+            snprintf(j->msg, sizeof j->msg,
+                     "skipping \"params\", the one tensor of a session created without groups, would step "
+                     "nothing: send no step instead (or create the session with groups to skip tensors)");
+            t = -1;
+        }
+        if (t < 0) {
+            free(f);
+            return OPTD_E_INVALID;
+        }
+        f[t] = 1;
+    }
+    *out = f;
+    return OPTD_OK;
+}
+
 static optd_err run_step(engine *w, sreq *j)
 {
     sess *s;
@@ -566,14 +716,23 @@ static optd_err run_step(engine *w, sreq *j)
                 rc = OPTD_E_IDEMPOTENCY_MISMATCH;
                 snprintf(j->msg, sizeof j->msg, "Idempotency-Key was used for step %llu with another gradient",
                          (unsigned long long)rec.step);
-            } else if (rec.reply && rec.reply_len >= REPLY_HEAD) {
+            } else if (rec.reply && rec.reply_len >= REPLY_HEAD + lr_bytes(s)) {
+                size_t lrb = lr_bytes(s);
                 memcpy(&j->lr, rec.reply, 8);
                 memcpy(&j->grad_norm, (unsigned char *)rec.reply + 8, 8);
                 memcpy(&j->contributors, (unsigned char *)rec.reply + 16, 4);
                 j->has_meta = true;
+                if (lrb) {
+                    if (!(j->lrs = malloc(lrb))) {
+                        free(rec.reply);
+                        return OPTD_E_NOMEM;
+                    }
+                    memcpy(j->lrs, (unsigned char *)rec.reply + REPLY_HEAD, lrb);
+                    j->n_lrs = s->shape->n_groups;
+                }
                 if (j->want_params) {
-                    j->out_len = rec.reply_len - REPLY_HEAD;
-                    memmove(rec.reply, (unsigned char *)rec.reply + REPLY_HEAD, j->out_len);
+                    j->out_len = rec.reply_len - REPLY_HEAD - lrb;
+                    memmove(rec.reply, (unsigned char *)rec.reply + REPLY_HEAD + lrb, j->out_len);
                     j->out_params = rec.reply;
                     rec.reply = NULL;
                 }
@@ -590,13 +749,23 @@ static optd_err run_step(engine *w, sreq *j)
                  (long long)j->if_match, (unsigned long long)s->st.step);
         return OPTD_E_STEP_MISMATCH;
     }
-    if (s->tr.workers > 1 || s->rnd)
-        return round_join(w, s, j);
+    unsigned char *skip = NULL;
+    if (j->n_skip && (rc = skip_flags(s, j, &skip)) != OPTD_OK)
+        return rc;
+    if (s->tr.workers > 1 || s->rnd) {
+        rc = round_join(w, s, j, &skip);
+        free(skip);
+        return rc;
+    }
     applied a;
-    rc = apply_step(w, s, j->grad, 1, j->has_loss, j->loss, &a);
+    rc = apply_step(w, s, j->grad, skip, 1, j->has_loss, j->loss, &a);
+    free(skip);
     if (rc == OPTD_E_NON_FINITE)
-        return overflowed(w, s, j->msg, sizeof j->msg);
-    return rc ? rc : finish_step(w, s, j, &a, 1);
+        rc = overflowed(w, s, j->msg, sizeof j->msg);
+    else if (rc == OPTD_OK)
+        rc = finish_step(w, s, j, &a, 1);
+    free(a.lrs);
+    return rc;
 }
 
 static optd_err insert_new(engine *w, engine_req *j, sess *s, store_session *out)
@@ -671,15 +840,107 @@ static optd_err settings_read(const sess *s, const engine_settings *d, optim_hpa
     return engine_settings_apply(s->info, d, hp, tr, msg, msglen);
 }
 
-/* Applies settings read by settings_read onto s (re-laying its state
+/* settings_read, and for a shaped session its groups' hyperparameters
+ * (*ghp, one per group, malloc'd: the caller frees): the items of d apply
+ * to every group too (as setting them in every param_group would), then
+ * each group's own (groups: one per group, or NULL). */
+static optd_err all_settings_read(const sess *s, const engine_settings *d, const engine_settings *groups,
+                                  size_t n_groups, optim_hparams *hp, training *tr, optim_hparams **ghp, char *msg,
+                                  size_t msglen)
+{
+    char m[256];
+    *ghp = NULL;
+    optd_err rc = settings_read(s, d, hp, tr, msg, msglen);
+    if (rc)
+        return rc;
+    if (groups && !s->shape)
+        return optd_fail(msg, msglen, OPTD_E_INVALID,
+                         "this session has no groups (it was created without \"groups\"): PATCH its "
+                         "\"hyperparams\" instead");
+    if (!s->shape)
+        return OPTD_OK;
+    size_t G = s->shape->n_groups;
+    if (groups && n_groups != G)
+        return optd_fail(msg, msglen, OPTD_E_INVALID,
+                         "the session has %zu groups but \"groups\" has %zu entries: give one per group, in "
+                         "order, {} for a group that does not change",
+                         G, n_groups);
+    optim_hparams *g = malloc(G * sizeof *g);
+    if (!g)
+        return OPTD_E_NOMEM;
+    for (size_t k = 0; k < G && !rc; k++) {
+        g[k] = s->shape->groups[k].hp;
+        rc = engine_group_settings_apply(s->info, d, 1, &g[k], m, sizeof m);
+        if (!rc && groups)
+            rc = engine_group_settings_apply(s->info, &groups[k], 0, &g[k], m, sizeof m);
+        if (!rc)
+            rc = engine_group_check(s->info, hp, &g[k], m, sizeof m);
+        if (rc)
+            snprintf(msg, msglen, "groups[%zu]: %.200s", k, m);
+    }
+    if (rc)
+        free(g);
+    else
+        *ghp = g;
+    return rc;
+}
+
+/* The bytes of s's state with the hyperparameters hp and ghp. */
+static size_t bytes_with(sess *s, const optim_hparams *hp, const optim_hparams *ghp)
+{
+    if (!s->shape)
+        return engine_sess_state_bytes(s->info, hp, s->dtype, s->n);
+    engine_group *g = s->shape->groups;
+    size_t G = s->shape->n_groups, bytes;
+    /* Swapped in and back (the writer owns s). */
+    optim_hparams *old = malloc(G * sizeof *old);
+    if (!old)
+        return SIZE_MAX;
+    for (size_t k = 0; k < G; k++) {
+        old[k] = g[k].hp;
+        g[k].hp = ghp[k];
+    }
+    bytes = engine_shape_state_bytes(s->info, hp, s->shape, s->dtype, s->n);
+    for (size_t k = 0; k < G; k++)
+        g[k].hp = old[k];
+    free(old);
+    return bytes;
+}
+
+/* Whether a group of s would start to use a buffer under ghp. */
+static int groups_grow(const sess *s, const optim_hparams *ghp)
+{
+    for (size_t k = 0; s->shape && k < s->shape->n_groups; k++)
+        for (size_t i = 0; i < OPTIM_MAX_BUFFERS; i++)
+            if (optim_buffer_used(s->info, &ghp[k], i) && !optim_buffer_used(s->info, &s->shape->groups[k].hp, i))
+                return 1;
+    return 0;
+}
+
+/* The 422 of a state past --max-session-bytes, for the session s would be. */
+static optd_err check_size_with(sess *s, const optim_hparams *hp, const optim_hparams *ghp, size_t limit, char *msg,
+                                size_t msglen)
+{
+    size_t bytes = bytes_with(s, hp, ghp);
+    if (bytes <= limit)
+        return OPTD_OK;
+    snprintf(msg, msglen,
+             "the session's state would take %zu bytes, over the %zu of --max-session-bytes; use fewer elements, "
+             "float32 or fewer buffers",
+             bytes, limit);
+    return OPTD_E_SESSION_TOO_LARGE;
+}
+
+/* Applies settings read by all_settings_read onto s (re-laying its state
  * when the buffers it uses change). */
-static optd_err apply_settings(sess *s, const optim_hparams *hpp, const training *trp, char *msg, size_t msglen)
+static optd_err apply_settings(sess *s, const optim_hparams *hpp, const training *trp, const optim_hparams *ghp,
+                               char *msg, size_t msglen)
 {
     optim_hparams hp = *hpp;
     training tr = *trp;
     training old = s->tr;
     s->tr = tr;
-    optd_err rc = engine_sess_set_hparams(s, &hp);
+    optd_err rc = engine_sess_set_all_hparams(s, &hp, ghp);
     if (rc == OPTD_E_BAD_HYPERPARAM)
         engine_accumulator_msg(msg, msglen, s->dtype);
     if (rc)
@@ -699,20 +960,21 @@ static optd_err run_fork(engine *w, engine_fork_req *j)
         return rc;
     if (cache_get(w, j->name))
         return OPTD_E_ALREADY_EXISTS;
-    optim_hparams hp;
+    optim_hparams hp, *ghp = NULL;
     training tr;
-    rc = settings_read(src, &j->settings, &hp, &tr, j->msg, sizeof j->msg);
+    rc = all_settings_read(src, &j->settings, NULL, 0, &hp, &tr, &ghp, j->msg, sizeof j->msg);
     /* The fork's state, with its own hyperparams, must fit before it is copied. */
     if (!rc)
-        rc = engine_sess_check_size(src->info, &hp, src->dtype, src->n, w->max_session_bytes, j->msg, sizeof j->msg);
+        rc = check_size_with(src, &hp, ghp, w->max_session_bytes, j->msg, sizeof j->msg);
     if (!rc)
         rc = engine_sess_copy(src, j->name, &s);
     if (!rc)
-        rc = apply_settings(s, &hp, &tr, j->msg, sizeof j->msg);
+        rc = apply_settings(s, &hp, &tr, ghp, j->msg, sizeof j->msg);
     if (!rc)
         rc = insert_new(w, REQ(j), s, &j->row);
     if (rc)
         engine_sess_free(s);
+    free(ghp);
     return rc;
 }
 
@@ -736,15 +998,18 @@ static optd_err run_patch(engine *w, engine_patch_req *j)
         return rc;
     size_t before = s->blob_len;
     unsigned layout = buffer_set(s);
-    optim_hparams hp;
+    optim_hparams hp, *ghp = NULL;
     training tr;
-    rc = settings_read(s, &j->settings, &hp, &tr, j->msg, sizeof j->msg);
+    rc = all_settings_read(s, &j->settings, j->groups, j->n_groups, &hp, &tr, &ghp, j->msg, sizeof j->msg);
     /* A PATCH that adds a buffer (amsgrad on) grows the state: it must fit.
      * One that does not grow it is fine even past a lowered limit. */
-    if (!rc && engine_sess_state_bytes(s->info, &hp, s->dtype, s->n) > before)
-        rc = engine_sess_check_size(s->info, &hp, s->dtype, s->n, w->max_session_bytes, j->msg, sizeof j->msg);
+    if (!rc && bytes_with(s, &hp, ghp) > before)
+        rc = check_size_with(s, &hp, ghp, w->max_session_bytes, j->msg, sizeof j->msg);
+    /* A group that starts to use a buffer gets it fresh: the blob changes. */
+    int regrown = !rc && ghp && groups_grow(s, ghp);
     if (!rc)
-        rc = apply_settings(s, &hp, &tr, j->msg, sizeof j->msg);
+        rc = apply_settings(s, &hp, &tr, ghp, j->msg, sizeof j->msg);
+    free(ghp);
     if (rc)
         return rc;
     w->cached += s->blob_len - before;
@@ -752,7 +1017,7 @@ static optd_err run_patch(engine *w, engine_patch_req *j)
     /* The state is rewritten whenever its layout changes, not only its
      * length: rmsprop trading momentum_buffer for grad_avg keeps the length
      * but must not leave the stored blob read with the new buffer names. */
-    int relaid = before != s->blob_len || layout != buffer_set(s);
+    int relaid = before != s->blob_len || layout != buffer_set(s) || regrown;
     store_session row;
     engine_sess_row(s, &row);
     rc = store_session_update(w->st, &row, relaid ? s->blob : NULL, s->blob_len);
@@ -884,6 +1149,9 @@ static void drop_results(engine_req *j, int fault)
             sj->replayed = false;
         free(sj->out_params);
         sj->out_params = NULL;
+        free(sj->lrs);
+        sj->lrs = NULL;
+        sj->n_lrs = 0;
         break;
     }
     case ENGINE_REQ_CREATE:

@@ -64,26 +64,13 @@ void sess_state_to_json(sbuf *b, const sess *s)
         sbuf_vec(b, s->st.buf[i], s->n, s->dtype);
         sep = ",";
     }
-    if (s->info->scalar) {
+    if (s->info->scalar && !s->shape) { /* a shaped session's are per tensor */
         sbuf_printf(b, "%s\"%s\":", sep, s->info->scalar);
         sbuf_num(b, s->st.scalar, 0);
     }
-    sbuf_puts(b, "}}");
-}
-
-optd_err sess_make(const char *name, const optim_info *info, const optim_hparams *hp, const training *tr,
-                   optim_dtype dtype, size_t n, void **take, double fill, size_t max_bytes, sess **out, char *msg,
-                   size_t msglen)
-{
-    /* Before anything is allocated: a 60-byte body may ask for gigabytes. */
-    optd_err rc = engine_sess_check_size(info, hp, dtype, n, max_bytes, msg, msglen);
-    if (rc)
-        return rc;
-    rc = take ? engine_sess_adopt(&http_config_codec, name, info, hp, tr, dtype, n, take, out)
-              : engine_sess_new(&http_config_codec, name, info, hp, tr, dtype, n, NULL, fill, out);
-    if (rc == OPTD_E_BAD_HYPERPARAM)
-        engine_accumulator_msg(msg, msglen, dtype);
-    return rc;
+    sbuf_puts(b, "}");
+    tensor_state_to_json(b, s);
+    sbuf_puts(b, "}");
 }
 
 optd_err sess_config_from_json(const cJSON *o, const optim_info **info, optim_dtype *dtype, optim_hparams *hp,
@@ -130,7 +117,7 @@ size_t checkpoint_max_bytes(size_t session_bytes)
 /* Checks what a checkpoint's state must be for later steps to be finite:
  * every used buffer finite (the decoder checked) and in its domain, the
  * scalar in its range. */
-static optd_err state_check(const sess *s, char *msg, size_t msglen)
+static optd_err state_check(sess *s, char *msg, size_t msglen)
 {
     for (size_t i = 0; i < s->info->n_buffers; i++) {
         if (!s->st.buf[i] || !optim_buffer_nonneg(s->info, i))
@@ -150,51 +137,27 @@ static optd_err state_check(const sess *s, char *msg, size_t msglen)
         snprintf(msg, msglen, "state.%s is %g: it must be in [0, 1]", s->info->scalar, s->st.scalar);
         return OPTD_E_INVALID;
     }
-    return OPTD_OK;
-}
-
-/* The types and ranges of a checkpoint's step, size and state members,
- * and whether size agrees with the n params. */
-static optd_err ckpt_check_members(const cJSON *step, const cJSON *size, const cJSON *state, size_t n, char *msg,
-                                   size_t msglen)
-{
-    if (step && (!cJSON_IsNumber(step) || step->valuedouble < 0 || step->valuedouble > 9007199254740992.0 ||
-                 step->valuedouble != floor(step->valuedouble)))
-        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "step must be a non-negative integer");
-    if (size && !cJSON_IsNumber(size))
-        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "size must be an integer");
-    if (state && !cJSON_IsObject(state))
-        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "state must be an object");
-    if (n < 1 || n > ENGINE_MAX_ELEMENTS)
-        return optd_fail(msg, msglen, OPTD_E_INVALID, "params must have 1 to %zu elements", ENGINE_MAX_ELEMENTS);
-    if (size && size->valuedouble != (double)n)
-        return optd_fail(msg, msglen, OPTD_E_SIZE_MISMATCH, "size is %g but params has %zu elements", size->valuedouble,
-                         n);
-    return OPTD_OK;
-}
-
-/* Reads the scalar state of state into s and checks that every other name
- * under it is a buffer s uses, holding an array (read later, as it
- * arrives). */
-static optd_err ckpt_state_names(sess *s, const cJSON *state, char *msg, size_t msglen)
-{
-    const optim_info *info = s->info;
-    for (const cJSON *e = state ? state->child : NULL; e; e = e->next) {
-        if (info->scalar && strcmp(e->string, info->scalar) == 0) {
-            if (!cJSON_IsNumber(e) || !isfinite(e->valuedouble))
-                return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "state.%s must be a number", info->scalar);
-            s->st.scalar = e->valuedouble;
-            continue;
+    /* Each tensor's step and scalar (a scalar not given is NaN here). */
+    for (size_t t = 0; s->shape && t < s->shape->n_tensors; t++) {
+        const char *tn = s->shape->tensors[t].name;
+        uint64_t step = engine_sess_tensor_step(s, t);
+        double v = engine_sess_tensor_scalar(s, t);
+        if (step > s->st.step) {
+            snprintf(msg, msglen, "tensor %.200s is at step %llu, past the session's %llu", tn,
+                     (unsigned long long)step, (unsigned long long)s->st.step);
+            return OPTD_E_INVALID;
         }
-        if (strcmp(e->string, "params") == 0)
-            return optd_fail(msg, msglen, OPTD_E_UNKNOWN_FIELD,
-                             "\"params\" is not a state buffer: the params go at the top of the checkpoint");
-        void *dst;
-        optd_err rc = ckpt_target(s, e->string, &dst, msg, msglen);
-        if (rc)
-            return rc;
-        if (!cJSON_IsArray(e))
-            return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "state.%s must be an array of numbers", e->string);
+        if (isnan(v) && step > 0) {
+            snprintf(msg, msglen, "the %s of tensor %.200s is missing (the tensor is past step 0)", s->info->scalar,
+                     tn);
+            return OPTD_E_INVALID;
+        }
+        if (isnan(v))
+            engine_sess_set_tensor_scalar(s, t, 1);
+        else if (!optim_scalar_valid(s->info, v)) {
+            snprintf(msg, msglen, "the %s of tensor %.200s is %g: it must be in [0, 1]", s->info->scalar, tn, v);
+            return OPTD_E_INVALID;
+        }
     }
     return OPTD_OK;
 }
@@ -202,8 +165,10 @@ static optd_err ckpt_state_names(sess *s, const cJSON *state, char *msg, size_t 
 optd_err ckpt_begin(const char *name, const cJSON *obj, size_t n, size_t max_bytes, void **take, sess **out, char *msg,
                     size_t msglen)
 {
+    optd_err rc;
     sess *s = NULL;
     const cJSON *step = cJSON_GetObjectItemCaseSensitive(obj, "step");
+    const cJSON *size = cJSON_GetObjectItemCaseSensitive(obj, "size");
     const cJSON *state = cJSON_GetObjectItemCaseSensitive(obj, "state");
     const optim_info *info;
     optim_dtype dtype;
@@ -211,21 +176,108 @@ optd_err ckpt_begin(const char *name, const cJSON *obj, size_t n, size_t max_byt
     training tr;
 
     /* Every field GET .../state writes, and nothing else. */
-    static const char *const fields[] = {"name",    "optimizer",   "dtype",         "size",
-                                         "step",    "hyperparams", "params",        "state",
-                                         "workers", "min_workers", "round_timeout", "min_workers_auto"};
-    optd_err rc =
-        body_fields_known(obj, "a checkpoint", fields, sizeof fields / sizeof *fields, HINT_INSIDE, msg, msglen);
-    if (!rc)
-        rc = sess_config_from_json(obj, &info, &dtype, &hp, &tr, msg, msglen);
-    if (!rc)
-        rc = ckpt_check_members(step, cJSON_GetObjectItemCaseSensitive(obj, "size"), state, n, msg, msglen);
-    if (!rc)
-        rc = sess_make(name, info, &hp, &tr, dtype, n, take, 0, max_bytes, &s, msg, msglen);
-    if (!rc) {
-        s->st.step = step ? (uint64_t)step->valuedouble : 0;
-        rc = ckpt_state_names(s, state, msg, msglen);
+    static const char *const fields[] = {"name",          "optimizer",        "dtype",  "size",        "step",
+                                         "hyperparams",   "params",           "state",  "workers",     "min_workers",
+                                         "round_timeout", "min_workers_auto", "groups", "tensor_state"};
+    const cJSON *groups = cJSON_GetObjectItemCaseSensitive(obj, "groups");
+    engine_shape *sh = NULL;
+    rc = body_fields_known(obj, "a checkpoint", fields, sizeof fields / sizeof *fields, HINT_INSIDE, msg, msglen);
+    if (rc)
+        goto done;
+    rc = sess_config_from_json(obj, &info, &dtype, &hp, &tr, msg, msglen);
+    if (rc)
+        goto done;
+    if (groups && (rc = groups_from_json(groups, info, &hp, &sh, msg, msglen)) != OPTD_OK)
+        goto done;
+    if (sh && n == SIZE_MAX) /* a safetensors file without a flat "params": the groups say */
+        n = sh->n;
+    rc = OPTD_E_BAD_REQUEST;
+    if (step && (!cJSON_IsNumber(step) || step->valuedouble < 0 || step->valuedouble > 9007199254740992.0 ||
+                 step->valuedouble != floor(step->valuedouble))) {
+        snprintf(msg, msglen, "step must be a non-negative integer");
+        goto done;
     }
+    if (size && !cJSON_IsNumber(size)) {
+        snprintf(msg, msglen, "size must be an integer");
+        goto done;
+    }
+    if (state && !cJSON_IsObject(state)) {
+        snprintf(msg, msglen, "state must be an object");
+        goto done;
+    }
+    rc = OPTD_E_INVALID;
+    if (n < 1 || n > ENGINE_MAX_ELEMENTS) {
+        snprintf(msg, msglen, "params must have 1 to %zu elements", ENGINE_MAX_ELEMENTS);
+        goto done;
+    }
+    if (size && size->valuedouble != (double)n) {
+        snprintf(msg, msglen, "size is %g but params has %zu elements", size->valuedouble, n);
+        rc = OPTD_E_SIZE_MISMATCH;
+        goto done;
+    }
+    if (sh && sh->n != n) {
+        snprintf(msg, msglen, "params has %zu elements but the groups' tensors have %zu", n, sh->n);
+        rc = OPTD_E_SIZE_MISMATCH;
+        goto done;
+    }
+    rc = engine_shape_check_size(info, &hp, sh, dtype, n, max_bytes, msg, msglen);
+    if (rc)
+        goto done;
+    rc = take ? engine_sess_adopt(&http_config_codec, name, info, &hp, &tr, dtype, n, take, &s)
+              : engine_sess_new(&http_config_codec, name, info, &hp, &tr, dtype, n, NULL, 0, &s);
+    if (rc == OPTD_OK && sh && (rc = engine_sess_set_shape(s, sh)) == OPTD_OK)
+        sh = NULL;
+    if (rc == OPTD_E_BAD_HYPERPARAM)
+        engine_accumulator_msg(msg, msglen, dtype);
+    if (rc)
+        goto done;
+    s->st.step = step ? (uint64_t)step->valuedouble : 0;
+    if (s->shape) {
+        /* A tensor the checkpoint does not name stepped with the session;
+         * a scalar not given is NaN until ckpt_finish decides. */
+        for (size_t t = 0; t < s->shape->n_tensors; t++) {
+            engine_sess_set_tensor_step(s, t, s->st.step);
+            engine_sess_set_tensor_scalar(s, t, NAN);
+        }
+    }
+    if ((rc = tensor_state_from_json(s, cJSON_GetObjectItemCaseSensitive(obj, "tensor_state"), msg, msglen)))
+        goto done;
+    /* The scalar state, and every name under state a known buffer or scalar. */
+    for (const cJSON *e = state ? state->child : NULL; e; e = e->next) {
+        if (info->scalar && strcmp(e->string, info->scalar) == 0 && s->shape) {
+            snprintf(msg, msglen,
+                     "a session with groups keeps %s per tensor: give it in tensor_state "
+                     "({\"<tensor>\": {\"step\": n, \"%s\": x}}), not in state",
+                     info->scalar, info->scalar);
+            rc = OPTD_E_INVALID;
+            goto done;
+        }
+        if (info->scalar && strcmp(e->string, info->scalar) == 0) {
+            if (!cJSON_IsNumber(e) || !isfinite(e->valuedouble)) {
+                snprintf(msg, msglen, "state.%s must be a number", info->scalar);
+                rc = OPTD_E_BAD_REQUEST;
+                goto done;
+            }
+            s->st.scalar = e->valuedouble;
+            continue;
+        }
+        void *dst;
+        if (strcmp(e->string, "params") == 0) {
+            snprintf(msg, msglen, "\"params\" is not a state buffer: the params go at the top of the checkpoint");
+            rc = OPTD_E_UNKNOWN_FIELD;
+            goto done;
+        }
+        if ((rc = ckpt_target(s, e->string, &dst, msg, msglen)) != OPTD_OK)
+            goto done;
+        if (!cJSON_IsArray(e)) {
+            snprintf(msg, msglen, "state.%s must be an array of numbers", e->string);
+            rc = OPTD_E_BAD_REQUEST;
+            goto done;
+        }
+    }
+    rc = OPTD_OK;
+done:
+    engine_shape_free(sh);
     if (rc) {
         engine_sess_free(s);
         s = NULL;

@@ -97,19 +97,17 @@ typedef struct req {
         engine_delete_req del;
     } job;
     char from[STORE_NAME_MAX + 1]; /* a create body's "from": a fork */
-    /* The request thread's view of a write or operation handed off (the
-     * engine's state_ is its own queue position, never read here): set to
-     * WAITING before the connection is suspended, to DONE by the callback
-     * just before it resumes the connection. */
-    enum { HANDOFF_NONE, HANDOFF_WAITING, HANDOFF_DONE } handoff;
-    cJSON *json;   /* the parsed body, when the job borrows from it */
-    jbody *jb;     /* a body decoded as it arrives (create, PUT .../state), or NULL */
-    st_reader *st; /* a binary checkpoint read as it arrives, or NULL */
-    void *grad;    /* decoded gradient, when not the body itself */
+    int job_state;                 /* 0 none, 1 queued, 2 done */
+    cJSON *json;                   /* the parsed body, when the job borrows from it */
+    jbody *jb;                     /* a body decoded as it arrives (create, PUT .../state), or NULL */
+    st_reader *st;                 /* a binary checkpoint read as it arrives, or NULL */
+    void *grad;                    /* decoded gradient, when not the body itself */
+    char *skip_buf;                /* Optd-Skip's names, NUL-separated */
+    const char **skip_names;       /* a step's skipped tensors (into skip_buf or r->json) */
     char idem[256];
     int minimal, want_binary;
     int close; /* answer with Connection: close (the framing is not to be trusted) */
-    /* An operation handed to ops.c (handoff as for a job). */
+    /* An operation handed to ops.c (job_state as for a job). */
     op op;
     int is_op;
     char rid[REQUEST_ID_MAX + 1]; /* X-Request-Id: the client's, else ours */
@@ -164,8 +162,7 @@ static enum MHD_Result queue(req *r, int status, struct MHD_Response *resp, cons
         snprintf(loc, sizeof loc, "/v1/sessions/%s", r->name);
         MHD_add_response_header(resp, MHD_HTTP_HEADER_LOCATION, loc);
     }
-    if (r->handoff == HANDOFF_DONE && r->job.base.type == ENGINE_REQ_STEP && r->job.step.replayed &&
-        r->job.base.rc == OPTD_OK)
+    if (r->job_state == 2 && r->job.base.type == ENGINE_REQ_STEP && r->job.step.replayed && r->job.base.rc == OPTD_OK)
         MHD_add_response_header(resp, "Idempotent-Replayed", "true");
     if (atomic_load(&r->srv->stopping) || r->close)
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
@@ -239,7 +236,19 @@ static void step_meta_headers(struct MHD_Response *resp, const engine_step_req *
     char n[16];
     if (!j || !j->has_meta)
         return;
-    number_header(resp, "Optd-Lr", j->lr);
+    if (j->n_lrs) { /* a shaped session's: one per group, comma-separated */
+        sbuf b = {0};
+        for (size_t g = 0; g < j->n_lrs; g++) {
+            if (g)
+                sbuf_put(&b, ",", 1);
+            sbuf_num(&b, j->lrs[g], 0);
+        }
+        if (!b.oom && b.p)
+            MHD_add_response_header(resp, "Optd-Lr", b.p);
+        sbuf_free(&b);
+    } else {
+        number_header(resp, "Optd-Lr", j->lr);
+    }
     number_header(resp, "Optd-Grad-Norm", j->grad_norm);
     snprintf(n, sizeof n, "%u", j->contributors);
     MHD_add_response_header(resp, "Optd-Contributors", n);
@@ -416,7 +425,7 @@ static void job_done(engine_req *j, void *ctx)
     req *r = ctx;
     (void)j;
     conn_park(r, 0);
-    r->handoff = HANDOFF_DONE;
+    r->job_state = 2;
     MHD_resume_connection(r->conn);
 }
 
@@ -430,12 +439,12 @@ static enum MHD_Result submit(req *r)
         r->job.step.client_gone = client_gone;
     }
     snprintf(j->name, sizeof j->name, "%s", r->name);
-    r->handoff = HANDOFF_WAITING;
+    r->job_state = 1;
     MHD_suspend_connection(r->conn);
     if (engine_submit(r->srv->w, j) != OPTD_OK) {
         j->rc = OPTD_E_UNAVAILABLE;
         snprintf(j->msg, sizeof j->msg, "the server is shutting down; retry");
-        r->handoff = HANDOFF_DONE;
+        r->job_state = 2;
         MHD_resume_connection(r->conn);
     }
     return MHD_YES;
@@ -489,7 +498,17 @@ static enum MHD_Result finish_job(req *r)
     }
     sbuf b = {0};
     sbuf_printf(&b, "{\"step\":%s", etag);
-    if (j->has_meta) {
+    if (j->has_meta && j->n_lrs) {
+        sbuf_puts(&b, ",\"lr\":[");
+        for (size_t g = 0; g < j->n_lrs; g++) {
+            if (g)
+                sbuf_put(&b, ",", 1);
+            sbuf_num(&b, j->lrs[g], 0);
+        }
+        sbuf_puts(&b, "],\"grad_norm\":");
+        sbuf_num(&b, j->grad_norm, 0);
+        sbuf_printf(&b, ",\"contributors\":%u", j->contributors);
+    } else if (j->has_meta) {
         sbuf_puts(&b, ",\"lr\":");
         sbuf_num(&b, j->lr, 0);
         sbuf_puts(&b, ",\"grad_norm\":");
@@ -754,14 +773,16 @@ static void ckpt_more_json(ckpt_stream *cs)
         cs->elem = 0;
         return;
     }
-    if (info->scalar) {
+    if (info->scalar && !s->shape) { /* a shaped session's are per tensor */
         int any = 0;
         for (size_t i = 0; i < info->n_buffers; i++)
             any |= s->st.buf[i] != NULL;
         sbuf_printf(&cs->pend, "%s\"%s\":", any ? "," : "", info->scalar);
         sbuf_num(&cs->pend, s->st.scalar, 0);
     }
-    sbuf_puts(&cs->pend, "}}\n");
+    sbuf_puts(&cs->pend, "}");
+    tensor_state_to_json(&cs->pend, s);
+    sbuf_puts(&cs->pend, "}\n");
     cs->done = 1;
 }
 
@@ -847,10 +868,10 @@ static enum MHD_Result get_state(req *r)
 
 /* The fields of a create body (API.md Sessions, Training features), less
  * the session fields of training.c, which every such list adds. */
-static const char *const create_fields[] = {"name",   "optimizer", "dtype", "hyperparams",
-                                            "params", "size",      "fill",  "from"};
+static const char *const create_fields[] = {"name", "optimizer", "dtype", "hyperparams", "params",
+                                            "size", "fill",      "from",  "groups"};
 /* The fields a PATCH may carry, besides the session fields. */
-static const char *const patch_fields[] = {"hyperparams"};
+static const char *const patch_fields[] = {"hyperparams", "groups"};
 
 /* Checks the top-level members of o against own[0..n) plus the session
  * fields (workers, min_workers, round_timeout). */
@@ -888,10 +909,11 @@ static optd_err create_name(req *r, const cJSON *name, char *msg, size_t msglen)
 }
 
 /* A session whose params the body gives (decoded as the body arrived, in
- * the body's dtype): the vector is adopted, not copied. */
+ * the body's dtype): the vector is adopted, not copied. sh: the shape the
+ * params must fill, or NULL. */
 static optd_err session_from_params(req *r, const cJSON *params, const cJSON *fill, const optim_info *info,
-                                    optim_dtype dtype, const optim_hparams *hp, const training *tr, sess **out,
-                                    char *msg, size_t msglen)
+                                    optim_dtype dtype, const optim_hparams *hp, const training *tr,
+                                    const engine_shape *sh, sess **out, char *msg, size_t msglen)
 {
     if (!cJSON_IsArray(params))
         return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "params must be an array of numbers");
@@ -903,24 +925,38 @@ static optd_err session_from_params(req *r, const cJSON *params, const cJSON *fi
         return optd_fail(msg, msglen, OPTD_E_INVALID, "fill goes with size, not params");
     if (v->dtype != dtype)
         return OPTD_E_INTERNAL;
-    optd_err rc =
-        sess_make(r->name, info, hp, tr, dtype, n, &v->data, 0, r->srv->cfg.max_session_bytes, out, msg, msglen);
+    if (sh && n != sh->n)
+        return optd_fail(msg, msglen, OPTD_E_SIZE_MISMATCH,
+                         "params has %zu elements but the groups' tensors have %zu in all (the flat vector is the "
+                         "tensors in order)",
+                         n, sh->n);
+    optd_err rc = engine_shape_check_size(info, hp, sh, dtype, n, r->srv->cfg.max_session_bytes, msg, msglen);
+    if (rc)
+        return rc;
+    rc = engine_sess_adopt(&http_config_codec, r->name, info, hp, tr, dtype, n, &v->data, out);
+    if (rc == OPTD_E_BAD_HYPERPARAM)
+        engine_accumulator_msg(msg, msglen, dtype);
     jvec_release(v);
     return rc;
 }
 
-/* A session of size elements, all fill (0 by default). */
+/* A session of size elements, all fill (0 by default); with a shape sh
+ * the size is the shape's, and may be left out. */
 static optd_err session_from_size(req *r, const cJSON *size, const cJSON *fill, const optim_info *info,
-                                  optim_dtype dtype, const optim_hparams *hp, const training *tr, sess **out, char *msg,
-                                  size_t msglen)
+                                  optim_dtype dtype, const optim_hparams *hp, const training *tr,
+                                  const engine_shape *sh, sess **out, char *msg, size_t msglen)
 {
-    if (!size)
+    if (!size && !sh)
         return optd_fail(msg, msglen, OPTD_E_INVALID, "give params or size");
-    if (!cJSON_IsNumber(size))
+    if (size && !cJSON_IsNumber(size))
         return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "size must be an integer");
-    double n = size->valuedouble, f = 0;
+    double n = size ? size->valuedouble : (double)sh->n, f = 0;
     if (n < 1 || n > (double)ENGINE_MAX_ELEMENTS || n != (double)(size_t)n)
         return optd_fail(msg, msglen, OPTD_E_INVALID, "size must be an integer from 1 to %zu", ENGINE_MAX_ELEMENTS);
+    if (sh && n != (double)sh->n)
+        return optd_fail(msg, msglen, OPTD_E_SIZE_MISMATCH,
+                         "size is %.0f but the groups' tensors have %zu elements in all (size may be left out)", n,
+                         sh->n);
     if (fill) {
         if (!cJSON_IsNumber(fill))
             return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "fill must be a number");
@@ -928,7 +964,15 @@ static optd_err session_from_size(req *r, const cJSON *size, const cJSON *fill, 
         if (!isfinite(dtype == OPTIM_F32 ? (float)f : f))
             return optd_fail(msg, msglen, OPTD_E_NON_FINITE, "fill is not a finite %s", engine_dtype_name(dtype));
     }
-    return sess_make(r->name, info, hp, tr, dtype, (size_t)n, NULL, f, r->srv->cfg.max_session_bytes, out, msg, msglen);
+    /* Before anything is allocated: a 60-byte body may ask for gigabytes. */
+    optd_err rc =
+        engine_shape_check_size(info, hp, sh, dtype, (size_t)n, r->srv->cfg.max_session_bytes, msg, msglen);
+    if (rc)
+        return rc;
+    rc = engine_sess_new(&http_config_codec, r->name, info, hp, tr, dtype, (size_t)n, NULL, f, out);
+    if (rc == OPTD_E_BAD_HYPERPARAM)
+        engine_accumulator_msg(msg, msglen, dtype);
+    return rc;
 }
 
 /* A create body: a new session into *out, or (with "from") a fork, whose
@@ -957,9 +1001,10 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
         if (!cJSON_IsString(from))
             return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "from must be a session name");
         if (params || size || fill || cJSON_GetObjectItemCaseSensitive(o, "optimizer") ||
-            cJSON_GetObjectItemCaseSensitive(o, "dtype"))
+            cJSON_GetObjectItemCaseSensitive(o, "dtype") || cJSON_GetObjectItemCaseSensitive(o, "groups"))
             return optd_fail(msg, msglen, OPTD_E_INVALID,
-                             "a fork takes only name, from, hyperparams and session fields");
+                             "a fork takes only name, from, hyperparams and session fields (it keeps the source's "
+                             "tensors and groups)");
         if (!name_valid(from->valuestring))
             return optd_fail(msg, msglen, OPTD_E_NOT_FOUND, "no session named '%.64s' to fork from", from->valuestring);
         snprintf(r->from, sizeof r->from, "%s", from->valuestring);
@@ -971,9 +1016,27 @@ static optd_err session_from_body(req *r, sess **out, char *msg, size_t msglen)
         return rc;
     if (params && size)
         return optd_fail(msg, msglen, OPTD_E_INVALID, "give either params or size, not both");
+    const cJSON *groups = cJSON_GetObjectItemCaseSensitive(o, "groups");
+    engine_shape *sh = NULL;
+    if (groups && (rc = groups_from_json(groups, info, &hp, &sh, msg, msglen)) != OPTD_OK)
+        return rc;
     if (params)
-        return session_from_params(r, params, fill, info, dtype, &hp, &tr, out, msg, msglen);
-    return session_from_size(r, size, fill, info, dtype, &hp, &tr, out, msg, msglen);
+        rc = session_from_params(r, params, fill, info, dtype, &hp, &tr, sh, out, msg, msglen);
+    else
+        rc = session_from_size(r, size, fill, info, dtype, &hp, &tr, sh, out, msg, msglen);
+    if (rc == OPTD_OK && sh) {
+        rc = engine_sess_set_shape(*out, sh);
+        if (rc == OPTD_OK)
+            sh = NULL; /* the session's */
+        else if (rc == OPTD_E_BAD_HYPERPARAM)
+            engine_accumulator_msg(msg, msglen, dtype);
+        if (rc) {
+            engine_sess_free(*out);
+            *out = NULL;
+        }
+    }
+    engine_shape_free(sh);
+    return rc;
 }
 
 /* Reads If-Match into r->job.base.if_match for a conditional PATCH, DELETE or
@@ -1029,11 +1092,12 @@ static enum MHD_Result patch_session(req *r)
         rc = parse_json(r, msg, sizeof msg);
     if (rc)
         return send_err(r, rc, msg, -1);
-    rc = check_fields(r->json, "a PATCH body", patch_fields, 1, HINT_INSIDE, msg, sizeof msg);
+    rc = check_fields(r->json, "a PATCH body", patch_fields, 2, HINT_INSIDE, msg, sizeof msg);
     if (rc) {
         /* A field of the session that cannot change gets its own sentence. */
         for (size_t k = 0; k < sizeof create_fields / sizeof *create_fields; k++)
-            if (cJSON_GetObjectItemCaseSensitive(r->json, create_fields[k]) && strcmp(create_fields[k], "hyperparams"))
+            if (cJSON_GetObjectItemCaseSensitive(r->json, create_fields[k]) && strcmp(create_fields[k], "hyperparams") &&
+                strcmp(create_fields[k], "groups"))
                 snprintf(msg, sizeof msg,
                          "\"%s\" cannot be changed by PATCH (hyperparams, workers, min_workers "
                          "and round_timeout can)",
@@ -1047,6 +1111,10 @@ static enum MHD_Result patch_session(req *r)
     rc = http_settings_from_json(hp, r->json, &r->job.patch.settings);
     if (rc)
         return send_err(r, rc, NULL, -1);
+    rc = patch_groups_from_json(cJSON_GetObjectItemCaseSensitive(r->json, "groups"), &r->job.patch.groups,
+                                &r->job.patch.n_groups, msg, sizeof msg);
+    if (rc)
+        return send_err(r, rc, msg, -1);
     return submit(r);
 }
 
@@ -1065,6 +1133,10 @@ static optd_err step_headers(req *r, engine_step_req *j, char *msg, size_t msgle
     }
     const char *prefer = header(r, "Prefer");
     r->minimal = prefer && strstr(prefer, "return=minimal") != NULL;
+    optd_err rc = skip_from_header(header(r, "Optd-Skip"), &r->skip_buf, &r->skip_names, &j->n_skip, msg, msglen);
+    if (rc)
+        return rc;
+    j->skip = r->skip_names;
     return accept_wire(r, j->dtype, &r->want_binary, msg, msglen);
 }
 
@@ -1136,10 +1208,17 @@ static optd_err step_json(req *r, engine_step_req *j, char *msg, size_t msglen)
     optd_err rc = parse_json(r, msg, msglen);
     if (rc)
         return rc;
-    static const char *const step_names[] = {"grad", "loss", "weight"};
-    rc = body_fields_known(r->json, "a step body", step_names, 3, HINT_PATCH, msg, msglen);
+    static const char *const step_names[] = {"grad", "loss", "weight", "skip"};
+    rc = body_fields_known(r->json, "a step body", step_names, 4, HINT_PATCH, msg, msglen);
     if (rc)
         return rc;
+    const cJSON *skip = cJSON_GetObjectItemCaseSensitive(r->json, "skip");
+    if (skip && r->skip_names)
+        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST,
+                         "the step names its skipped tensors twice (\"skip\" and Optd-Skip): give one");
+    if (skip && (rc = skip_from_json(skip, &r->skip_names, &j->n_skip, msg, msglen)) != OPTD_OK)
+        return rc;
+    j->skip = r->skip_names;
     const cJSON *g = cJSON_GetObjectItemCaseSensitive(r->json, "grad");
     if (!g)
         return optd_fail(msg, msglen, OPTD_E_INVALID,
@@ -1188,9 +1267,12 @@ static enum MHD_Result post_step(req *r)
         return send_err(r, rc, msg, -1);
     /* A retry must be the same request: same gradient and same weight. Only
      * a keyed step is ever compared (a pass over a 1e6 gradient costs 1 ms). */
-    if (j->idem_key)
+    if (j->idem_key) {
         j->digest = optd_digest64(j->grad, j->size * optim_elem_size(j->dtype)) ^
                     (optd_digest64(&j->weight, sizeof j->weight) * 31);
+        for (size_t k = 0; k < j->n_skip; k++) /* the same gradient with other tensors skipped is another */
+            j->digest ^= optd_digest64(j->skip[k], strlen(j->skip[k])) * (37 + 2 * k);
+    }
     j->want_params = !r->minimal;
     return submit(r);
 }
@@ -1201,7 +1283,7 @@ static void op_done(op *o, void *ctx)
 {
     req *r = ctx;
     (void)o;
-    r->handoff = HANDOFF_DONE;
+    r->job_state = 2;
     MHD_resume_connection(r->conn);
 }
 
@@ -1210,13 +1292,13 @@ static enum MHD_Result submit_op(req *r)
     r->is_op = 1;
     r->op.on_done = op_done;
     r->op.done_ctx = r;
-    r->handoff = HANDOFF_WAITING;
+    r->job_state = 1;
     MHD_suspend_connection(r->conn);
     optd_err rc = ops_submit(r->srv->ops, &r->op);
     if (rc != OPTD_OK) {
         r->op.rc = rc;
         snprintf(r->op.msg, sizeof r->op.msg, "the server is shutting down or out of threads; retry");
-        r->handoff = HANDOFF_DONE;
+        r->job_state = 2;
         MHD_resume_connection(r->conn);
     }
     return MHD_YES;
@@ -1876,9 +1958,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         r->body[r->len] = '\0';
         return MHD_YES;
     }
-    if (r->handoff == HANDOFF_DONE)
+    if (r->job_state == 2)
         return r->is_op ? finish_op(r) : finish_job(r);
-    if (r->handoff == HANDOFF_WAITING)
+    if (r->job_state == 1)
         return MHD_YES;
     if (r->too_large) {
         char msg[96];
@@ -1916,10 +1998,12 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         break;
     case ENGINE_REQ_PATCH:
         engine_settings_clear(&r->job.patch.settings);
+        patch_groups_free(r->job.patch.groups, r->job.patch.n_groups);
         store_session_clear(&r->job.patch.row);
         break;
     case ENGINE_REQ_STEP:
         free(r->job.step.out_params);
+        free(r->job.step.lrs);
         break;
     case ENGINE_REQ_DELETE:
         break;
@@ -1930,6 +2014,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     free(r->jb);
     st_reader_free(r->st);
     free(r->grad);
+    free(r->skip_buf);
+    free(r->skip_names);
     free(r->body);
     free(r);
     *con_cls = NULL;
@@ -2077,7 +2163,8 @@ optd_err http_start(const http_config *cfg, store *st, http_server **out, char *
         {cfg->threads > 1 ? MHD_OPTION_THREAD_POOL_SIZE : MHD_OPTION_END, cfg->threads, NULL},
         {MHD_OPTION_END, 0, NULL},
     };
-    srv->mhd = MHD_start_daemon(flags, 0, accept_policy, srv, on_request, srv, MHD_OPTION_ARRAY, opts, MHD_OPTION_END);
+    srv->mhd =
+        MHD_start_daemon(flags, 0, accept_policy, srv, on_request, srv, MHD_OPTION_ARRAY, opts, MHD_OPTION_END);
     if (!srv->mhd) {
         snprintf(err, errlen, "cannot start the HTTP server on %s:%u", cfg->listen_host, cfg->listen_port);
         goto done;

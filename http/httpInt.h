@@ -183,7 +183,8 @@ optd_err http_settings_from_json(const cJSON *obj, const cJSON *body, engine_set
  * *hp and *tr for info (engine_settings_apply's return codes). */
 optd_err http_settings_apply_json(const optim_info *info, const cJSON *body, optim_hparams *hp, training *tr, char *msg,
                                   size_t msglen);
-/* Appends {"lr": ..., ...} with every hyperparameter of info. */
+/* Appends {"lr": ..., ...} with every hyperparameter of info (and
+ * lr_schedule and max_grad_norm from tr; a group's: tr NULL). */
 void hparams_to_json(sbuf *b, const optim_info *info, const optim_hparams *hp, const training *tr);
 /* Appends the session fields (workers, min_workers, round_timeout). */
 void training_fields_to_json(sbuf *b, const training *tr);
@@ -196,7 +197,7 @@ void http_session_fields_describe(sbuf *b);
 extern const engine_codec http_config_codec;
 
 /* The most bytes of a body's fields other than its vectors (jbody.c). */
-#define JB_SKELETON_MAX ((size_t)1 << 20)
+#define JB_SKELETON_MAX ((size_t)8 << 20) /* room for the groups of ENGINE_MAX_TENSORS tensors */
 
 /* ---- checkpoint.c: sessions as JSON, checkpoints ---------------------- */
 
@@ -412,5 +413,35 @@ bool wire_decode(wire_type w, const void *src, size_t n, optim_dtype dtype, void
  * Tensor.to() does: round to nearest even (float64 through float32 first,
  * as torch), overflow to infinity. w is not wider than dtype. */
 void wire_encode(optim_dtype dtype, const void *src, size_t n, wire_type w, void *dst);
+
+/* ---- groups.c: tensors and parameter groups as JSON --------------------- */
+
+/* Reads "groups" (a create body's, a checkpoint's or the stored
+ * configuration's) into a new shape (*out, the caller frees) for optimizer
+ * info, each group's hyperparams over base (the session's). Strict, with
+ * messages naming the group and tensor: OPTD_E_BAD_REQUEST (wrong JSON
+ * types), OPTD_E_UNKNOWN_FIELD, OPTD_E_INVALID, OPTD_E_BAD_HYPERPARAM,
+ * OPTD_E_NOMEM. */
+optd_err groups_from_json(const cJSON *groups, const optim_info *info, const optim_hparams *base, engine_shape **out,
+                          char *msg, size_t msglen);
+/* Appends ,"groups":[...]: each group with its full hyperparams and its
+ * tensors' names and shapes. */
+void groups_to_json(sbuf *b, const optim_info *info, const engine_shape *sh);
+/* Appends ,"tensor_state":{"<tensor>": {"step": n[, "mu_product": x]}}
+ * for a shaped session (nothing for another). */
+void tensor_state_to_json(sbuf *b, const sess *s);
+/* Reads a checkpoint's tensor_state (may be NULL) into s, whose step is
+ * set: each tensor's step (at most the session's) and scalar. */
+optd_err tensor_state_from_json(sess *s, const cJSON *ts, char *msg, size_t msglen);
+/* A PATCH's "groups" (may be NULL): *out, one settings per entry (*n),
+ * freed with patch_groups_free. */
+optd_err patch_groups_from_json(const cJSON *groups, engine_settings **out, size_t *n, char *msg, size_t msglen);
+void patch_groups_free(engine_settings *d, size_t n);
+/* A step's skipped tensors: from the Optd-Skip header (h may be NULL;
+ * *buf holds the names, *names points into it, the caller frees both), or
+ * from a JSON step's "skip" (*names points into the tree; the caller frees
+ * the array). OPTD_E_BAD_REQUEST with msg for a malformed list. */
+optd_err skip_from_header(const char *h, char **buf, const char ***names, size_t *n, char *msg, size_t msglen);
+optd_err skip_from_json(const cJSON *skip, const char ***names, size_t *n, char *msg, size_t msglen);
 
 #endif

@@ -368,7 +368,8 @@ void hparams_to_json(sbuf *b, const optim_info *info, const optim_hparams *hp, c
             sbuf_num(b, optim_hp_get(hp, d, 0), 0);
         }
     }
-    training_hparams_to_json(b, tr);
+    if (tr)
+        training_hparams_to_json(b, tr);
     sbuf_put(b, "}", 1);
 }
 
@@ -413,14 +414,17 @@ void training_fields_to_json(sbuf *b, const training *tr)
         sbuf_puts(b, ",\"min_workers_auto\":true");
 }
 
-static optd_err config_encode(void *ctx, const optim_info *info, const optim_hparams *hp, const training *tr,
-                              char **out)
+static optd_err config_encode_shaped(void *ctx, const optim_info *info, const optim_hparams *hp, const training *tr,
+                                     const engine_shape *shape, char **out)
 {
     (void)ctx;
     sbuf b = {0};
     sbuf_puts(&b, "{\"hyperparams\":");
     hparams_to_json(&b, info, hp, tr);
     training_fields_to_json(&b, tr);
+    /* Spliced into every reply that shows the session (checkpoint.c). */
+    if (shape)
+        groups_to_json(&b, info, shape);
     sbuf_puts(&b, "}");
     if (b.oom) {
         sbuf_free(&b);
@@ -441,17 +445,38 @@ optd_err http_settings_apply_json(const optim_info *info, const cJSON *body, opt
     return rc;
 }
 
-static optd_err config_decode(void *ctx, const optim_info *info, const char *text, optim_hparams *hp, training *tr)
+static optd_err config_encode(void *ctx, const optim_info *info, const optim_hparams *hp, const training *tr,
+                              char **out)
+{
+    return config_encode_shaped(ctx, info, hp, tr, NULL, out);
+}
+
+static optd_err config_decode_shaped(void *ctx, const optim_info *info, const char *text, optim_hparams *hp,
+                                     training *tr, engine_shape **shape)
 {
     (void)ctx;
     char msg[256];
-    cJSON *cfg = cJSON_Parse(text);
+    *shape = NULL;
+    /* The stored text holds the groups of every tensor: parsed whole. */
+    cJSON *cfg = cJSON_ParseWithLength(text, strlen(text));
     optd_err rc = cfg ? http_settings_apply_json(info, cfg, hp, tr, msg, sizeof msg) : OPTD_E_INTERNAL;
+    const cJSON *groups = cJSON_GetObjectItemCaseSensitive(cfg, "groups");
+    if (rc == OPTD_OK && groups)
+        rc = groups_from_json(groups, info, hp, shape, msg, sizeof msg) == OPTD_OK ? OPTD_OK : OPTD_E_INTERNAL;
     cJSON_Delete(cfg);
     return rc;
 }
 
-const engine_codec http_config_codec = {config_encode, config_decode, NULL};
+static optd_err config_decode(void *ctx, const optim_info *info, const char *text, optim_hparams *hp, training *tr)
+{
+    engine_shape *sh = NULL;
+    optd_err rc = config_decode_shaped(ctx, info, text, hp, tr, &sh);
+    engine_shape_free(sh);
+    return rc;
+}
+
+const engine_codec http_config_codec = {config_encode, config_decode, NULL, config_encode_shaped,
+                                        config_decode_shaped};
 
 void http_training_describe(sbuf *b)
 {

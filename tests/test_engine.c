@@ -81,7 +81,7 @@ static optd_err dec(void *ctx, const optim_info *info, const char *text, optim_h
     return got == 5 ? OPTD_OK : OPTD_E_INTERNAL;
 }
 
-static const engine_codec codec = {enc, dec, NULL};
+static const engine_codec codec = {.encode = enc, .decode = dec};
 
 /* ---- completion --------------------------------------------------------- */
 

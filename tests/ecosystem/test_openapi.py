@@ -474,3 +474,29 @@ class ReplyValidationTests(DaemonCase):
         self.check("DELETE", N, u(N), headers={"If-Match": '"0"'}, want=412)
         self.check("DELETE", N, u(N), want=204)
         self.check("DELETE", N, u(N), want=404)
+
+    def test_sessions_with_groups_reply_as_documented(self):
+        """Tensors and parameter groups, narrow binary vectors and the step
+        headers: the replies of a shaped session validate too."""
+        J = {"Content-Type": "application/json"}
+        S, N, ST, P, SP = ("/v1/sessions", "/v1/sessions/{name}", "/v1/sessions/{name}/step",
+                           "/v1/sessions/{name}/params", "/v1/sessions/{name}/state")
+        n = "g-%s" % uuid.uuid4().hex[:8]
+        u = lambda t, name=n: t.replace("{name}", name)  # noqa: E731
+        enc = lambda o: json.dumps(o).encode()  # noqa: E731
+        groups = [{"tensors": [{"name": "w", "shape": [2, 1]}]},
+                  {"hyperparams": {"lr": 0.5}, "tensors": [{"name": "b", "shape": []}]}]
+        self.check("POST", S, S, enc({"name": n, "optimizer": "nadam", "groups": groups}), J, 201)
+        self.check("POST", S, S, enc({"name": n + "-x", "optimizer": "nadam", "groups": [{"tensors": []}]}), J, 422)
+        self.check("GET", N, u(N), want=200)
+        self.check("PATCH", N, u(N), enc({"groups": [{}, {"hyperparams": {"lr": 0.25}}]}), J, 200)
+        self.check("POST", ST, u(ST), enc({"grad": [0.1, 0.2, 0.3], "skip": ["b"]}), J, 200)
+        _, hd, _ = self.check("POST", ST, u(ST), struct.pack("<3e", 0.1, 0.2, 0.3),
+                              {"Content-Type": "application/octet-stream; dtype=float16",
+                               "Accept": "application/octet-stream; dtype=bfloat16", "Optd-Skip": "w"}, 200)
+        self.assertEqual(hd.get("optd-lr", "").count(","), 1)
+        self.check("POST", ST, u(ST), b"\0" * 6, {"Content-Type": "application/octet-stream; dtype=int8"}, 415)
+        self.check("GET", P, u(P), headers={"Accept": "application/octet-stream; dtype=float16"}, want=200)
+        self.check("GET", P, u(P), headers={"Accept": "application/octet-stream; dtype=float64"}, want=422)
+        _, _, ck = self.check("GET", SP, u(SP), want=200)
+        self.check("PUT", SP, u(SP, n + "-c"), ck, J, 201)

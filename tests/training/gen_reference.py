@@ -24,7 +24,15 @@ for both dtypes); total_norm before clipping (for the cases that clip; else it
 is plain sqrt(sum g^2)). float32 values are written in their shortest form.
 
 ATEN_CPU_CAPABILITY=default keeps torch off its AVX2/FMA kernels, as
-tests/gen_reference.py does, so the data does not depend on the machine."""
+tests/gen_reference.py does, so the data does not depend on the machine.
+
+Also tests/training/data/groups.json.gz, which tests/training/test_groups.py
+replays: a small model's tensors (API.md "Tensors and parameter groups") in
+parameter groups with their own hyperparameters, some tensors skipped on
+some steps (p.grad = None in torch; optd is sent their gradient anyway and
+must ignore it), every optimizer, both dtypes, with the params after every
+step, each group's lr, torch's total_norm when clipping, and at the end each
+tensor's state["step"] (and NAdam's mu_product) and state buffers."""
 
 import gzip
 import hashlib
@@ -216,6 +224,175 @@ def dumps(o):
     return json.dumps(o)
 
 
+# ---- parameter groups and skipped tensors -----------------------------------
+
+# A small model: name -> shape (flat in this order when the groups list them
+# in it; each case lists them in its own group order).
+TENSORS = {"fc1.weight": [3, 4], "fc1.bias": [3], "fc2.weight": [2, 3], "fc2.bias": [2],
+           "emb": [5], "scale": []}
+GROUP_STEPS = 200
+OPT_CLASSES = {"sgd": "SGD", "adagrad": "Adagrad", "adadelta": "Adadelta", "rmsprop": "RMSprop",
+               "adam": "Adam", "adamw": "AdamW", "adamax": "Adamax", "nadam": "NAdam"}
+
+
+def group_cases():
+    """(name, optimizer, session hyperparams, [(group hyperparams, [tensor names])], grad exponents).
+    The session's hyperparams are the defaults every group starts from, as
+    torch's defaults; lr_schedule and max_grad_norm are the session's."""
+    W = ["fc1.weight", "fc2.weight", "emb"]
+    B = ["fc1.bias", "fc2.bias", "scale"]
+    return [
+        ("adamw_decay_nodecay", "adamw", {"lr": 0.01, "weight_decay": 0.1},
+         [({}, W), ({"weight_decay": 0.0, "lr": 0.005, "amsgrad": True}, B)], (-1, 1)),
+        ("sgd_lr_momentum", "sgd", {"lr": 0.05},
+         [({"momentum": 0.9, "nesterov": True}, ["fc1.weight", "fc1.bias"]),
+          ({"lr": 0.1}, ["fc2.weight", "fc2.bias"]),
+          ({"lr": 0.02, "momentum": 0.5, "dampening": 0.1, "weight_decay": 0.01}, ["emb", "scale"])], (-1, 1)),
+        ("nadam_groups", "nadam", {"lr": 0.002},
+         [({}, W), ({"momentum_decay": 0.01, "lr": 0.001, "weight_decay": 0.01}, B)], (-1, 1)),
+        # initial_accumulator_value is the session's: torch's Adagrad takes
+        # it from its constructor only (a group's own is ignored).
+        ("adagrad_lr_decay", "adagrad", {"lr": 0.05, "initial_accumulator_value": 0.1},
+         [({"lr_decay": 0.01}, W), ({"lr": 0.1, "weight_decay": 0.01}, B)], (-1, 1)),
+        ("adam_cosine_clip", "adam", {"lr": 0.01, "max_grad_norm": 0.5,
+                                      "lr_schedule": {"type": "cosine", "T_max": 80, "eta_min": 1e-4,
+                                                      "warmup_steps": 10}},
+         [({}, W), ({"lr": 0.02, "betas": [0.8, 0.99]}, B)], (-3, 2)),
+        ("rmsprop_centered_momentum", "rmsprop", {"lr": 0.01},
+         [({"centered": True}, W), ({"momentum": 0.9}, B)], (-1, 1)),
+        ("adamax_groups", "adamax", {"lr": 0.002},
+         [({}, W), ({"lr": 0.004, "weight_decay": 0.01}, B)], (-1, 1)),
+        ("adadelta_step_schedule", "adadelta", {"lr": 1.0, "lr_schedule": {"type": "step", "step_size": 50,
+                                                                           "gamma": 0.5}},
+         [({"rho": 0.95}, W), ({"lr": 0.5}, B)], (-1, 1)),
+    ]
+
+
+def skips_for(seed, steps, names):
+    """Which tensors have no gradient at each step: emb is frozen for the
+    first 20 steps, fc2.bias misses every third step, fc1.weight one in
+    eleven, scale at random one in four; never all of them."""
+    r = prng.SplitMix64(seed ^ 0x5C1F)
+    out = []
+    for t in range(steps):
+        sk = []
+        if t < 20:
+            sk.append("emb")
+        if t % 3 == 1:
+            sk.append("fc2.bias")
+        if t % 11 == 5:
+            sk.append("fc1.weight")
+        if r.below(4) == 0:
+            sk.append("scale")
+        out.append([n for n in names if n in sk])
+    return out
+
+
+def group_hp(optname, session, own):
+    """A group's full torch hyperparameters: the optimizer's, the session's,
+    then the group's own."""
+    base = {"sgd": SGD, "adam": ADAM}.get(optname)
+    hp = dict(base) if base else {}
+    hp.update({k: v for k, v in session.items() if k not in ("lr_schedule", "max_grad_norm")})
+    hp.update(own)
+    return hp
+
+
+def run_groups(name, optname, session, groups, exps, dtype):
+    tdtype = torch.float32 if dtype == "float32" else torch.float64
+    torch.set_default_dtype(tdtype)
+    seed = zlib.crc32(("groups-" + name).encode())
+    order = [t for _, names in groups for t in names]
+    sizes = [int(np.prod(TENSORS[t])) if TENSORS[t] else 1 for t in order]
+    n = sum(sizes)
+    p0 = prng.initial_params(seed, n)
+    grads = prng.gradients(seed, GROUP_STEPS, n, *exps)
+    skips = skips_for(seed, GROUP_STEPS, order)
+    offs = np.cumsum([0] + sizes)
+    params = {}
+    for k, t in enumerate(order):
+        params[t] = torch.tensor(p0[offs[k]:offs[k + 1]], dtype=tdtype).reshape(TENSORS[t])
+    pgroups = []
+    for own, names in groups:
+        hp = group_hp(optname, session, own)
+        g = {"params": [params[t] for t in names]}
+        for k, v in hp.items():
+            if k == "maximize" and optname == "nadam":
+                continue  # not in 1.13's NAdam
+            g[k] = tuple(v) if k == "betas" else v
+        pgroups.append(g)
+    cls = getattr(torch.optim, OPT_CLASSES[optname])
+    # foreach=False everywhere except NAdam, as tests/gen_reference.py (pytorch#92699).
+    extra = {"initial_accumulator_value": session["initial_accumulator_value"]} \
+        if "initial_accumulator_value" in session else {}
+    opt = cls(pgroups, foreach=(optname == "nadam"), **extra)
+    lrefs = [LrReference(g["lr"], session.get("lr_schedule")) for g in pgroups]
+    clip = session.get("max_grad_norm")
+    traj, lrs, norms = [], [], []
+    for t in range(GROUP_STEPS):
+        step_lrs = [lref.lr(t) for lref in lrefs]
+        for g, lr in zip(opt.param_groups, step_lrs):
+            g["lr"] = lr
+        with_grad = []
+        for k, tn in enumerate(order):
+            p = params[tn]
+            if tn in skips[t]:
+                p.grad = None
+            else:
+                p.grad = torch.tensor(grads[t][offs[k]:offs[k + 1]], dtype=tdtype).reshape(TENSORS[tn])
+                with_grad.append(p)
+        total = torch.nn.utils.clip_grad_norm_(with_grad, clip if clip is not None else math.inf)
+        opt.step()
+        traj.append([float(x) for tn in order for x in params[tn].reshape(-1).tolist()])
+        lrs.append(step_lrs)
+        norms.append(float(total))
+    steps, mu, bufs = {}, {}, {}
+    for tn in order:
+        st = opt.state[params[tn]]
+        if "step" in st:  # SGD keeps none
+            steps[tn] = int(float(st["step"]))
+        if "mu_product" in st:
+            mu[tn] = float(st["mu_product"])
+        for k, v in st.items():
+            if torch.is_tensor(v) and k not in ("step", "mu_product"):
+                bufs.setdefault(k, {})[tn] = Raw([fmt(x, dtype) for x in v.reshape(-1).tolist()])
+    case = {
+        "name": "%s_%s" % (name, "f32" if dtype == "float32" else "f64"),
+        "optimizer": optname, "dtype": dtype, "hyperparams": session,
+        "groups": [{"hyperparams": own, "tensors": [{"name": t, "shape": TENSORS[t]} for t in names]}
+                   for own, names in groups],
+        "steps": GROUP_STEPS, "seed": seed, "grad_exponents": list(exps), "n": n,
+        "grads_sha256": grads_digest(grads), "p0": p0, "skip": skips,
+        "params": Raw([fmt(x, dtype) for row in traj for x in row]),
+        "lr": lrs, "tensor_steps": steps, "state": bufs,
+    }
+    if mu:
+        case["mu_product"] = mu
+    if clip is not None:
+        case["grad_norm"] = Raw([fmt(x, dtype) for x in norms])
+    return case
+
+
+def write_gz(path, raw):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=9, mtime=0, filename="") as gz:
+            gz.write(raw)
+
+
+def main_groups():
+    out = {"generator": "tests/training/gen_reference.py", "torch": torch.__version__,
+           "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY"), "cases": []}
+    for name, optname, session, groups, exps in group_cases():
+        for dtype in ("float32", "float64"):
+            out["cases"].append(run_groups(name, optname, session, groups, exps, dtype))
+    path = os.path.join(HERE, "data", "groups.json.gz")
+    raw = dumps(out).encode()
+    assert json.loads(raw)
+    write_gz(path, raw)
+    print("%d group cases, %d bytes -> %s" % (len(out["cases"]), os.path.getsize(path), path))
+
+
 def main():
     warnings.simplefilter("ignore")  # scheduler.step() before optimizer.step()
     torch.set_num_threads(1)
@@ -238,6 +415,7 @@ def main():
         print("%-36s clipped %4d  recursive-vs-closed %.3g" % (c["name"], c["steps_clipped"],
                                                                c["recursive_vs_closed_form_max_rel"]))
     print("%d cases, %d bytes (%d raw) -> %s" % (len(out["cases"]), os.path.getsize(path), len(raw), path))
+    main_groups()
 
 
 if __name__ == "__main__":
