@@ -700,6 +700,186 @@ class DiLoCoTests(TorchCase):
         note("DiLoCo outer step, 3 workers, bfloat16 pseudo-gradients (float64)", 0.0)
 
 
+def two_heads(seed=7):
+    """A trunk and two heads: head "b" is used on some steps only."""
+    torch.manual_seed(seed)
+    return torch.nn.ModuleDict({"trunk": torch.nn.Linear(64, 32), "a": torch.nn.Linear(32, 10),
+                                "b": torch.nn.Linear(32, 10)}).to(torch.float64)
+
+
+def heads_loss(m, xb, yb, use_b):
+    h = torch.tanh(m["trunk"](xb))
+    out = m["a"](h) + (m["b"](h) if use_b else 0)
+    return F.cross_entropy(out, yb)
+
+
+@unittest.skipUnless(HAVE, "needs torch and sklearn (apt-get install python3-torch python3-sklearn)")
+class TensorTests(TorchCase):
+    """Silent failures 1 and 2 of issue 16: parameters without a gradient
+    were stepped, and one parameter group only. Needs a daemon with tensors
+    and parameter groups (API.md "Tensors and parameter groups")."""
+
+    def remote_named(self, model, name=None, **kw):
+        kw.setdefault("client", self.client)
+        return optd.torch.RemoteOptimizer(model.named_parameters(), session=name or uniq(), **kw)
+
+    def test_tensor_names_and_shapes(self):
+        model = mlp()
+        name = uniq()
+        self.remote_named(model, name, optimizer="adam")
+        groups = self.client.get(name).info["groups"]
+        self.assertEqual([(t["name"], t["shape"]) for t in groups[0]["tensors"]],
+                         [(n, list(p.shape)) for n, p in model.named_parameters()])
+        other = uniq()
+        self.remote(mlp(), other, optimizer="adam")
+        self.assertEqual([t["name"] for t in self.client.get(other).info["groups"][0]["tensors"]],
+                         ["p%d" % i for i in range(6)])
+
+    def test_frozen_layer_is_not_stepped(self):
+        """weight_decay moved a frozen layer (requires_grad=False, passed in
+        anyway) by 7.3e-3: torch skips a parameter whose grad is None."""
+        local = mlp()
+        model = copy.deepcopy(local)
+        for m in (local, model):
+            for p in m[0].parameters():
+                p.requires_grad_(False)
+        frozen = [p.detach().clone() for p in model[0].parameters()]
+        ropt = self.remote(model, optimizer="adamw", lr=0.01, weight_decay=0.1)
+        lopt = torch.optim.AdamW(local.parameters(), lr=0.01, weight_decay=0.1)
+        self.run_both([(model, ropt), (local, lopt)], 0, 20, key="frozen layer (AdamW, weight_decay 0.1)")
+        for a, b in zip(model[0].parameters(), frozen):
+            self.assertTrue(torch.equal(a, b))
+
+    def test_set_to_none_skips_an_unused_branch(self):
+        """zero_grad(set_to_none=True) and a head used on one step in three:
+        its params and state stay, and its own step count keeps the bias
+        corrections exact (8-16% off before)."""
+        cases = [("adam", torch.optim.Adam, {"lr": 0.01}),
+                 ("nadam", lambda ps, **hp: torch.optim.NAdam(ps, foreach=True, **hp), {"lr": 0.01}),
+                 ("adagrad", torch.optim.Adagrad, {"lr": 0.05, "lr_decay": 0.01}),
+                 ("sgd", torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "dampening": 0.1}),
+                 ("rmsprop", torch.optim.RMSprop, {"lr": 0.01, "momentum": 0.5})]
+        torch.set_default_dtype(torch.float64)  # NAdam's mu_product (see STATE_CASES)
+        self.addCleanup(torch.set_default_dtype, torch.float32)
+        for optimizer, cls, hp in cases:
+            with self.subTest(optimizer=optimizer):
+                local = two_heads()
+                model = copy.deepcopy(local)
+                ropt = self.remote(model, optimizer=optimizer, **hp)
+                lopt = cls(local.parameters(), **hp)
+                worst = 0.0
+                for step in range(24):
+                    xb, yb = self.batch(step)
+                    for m, o in ((model, ropt), (local, lopt)):
+                        o.zero_grad(set_to_none=True)
+                        heads_loss(m, xb, yb, use_b=step % 3 == 1).backward()
+                        o.step()
+                    worst = max(worst, self.compare(model, local, 1e-12, "%s step %d" % (optimizer, step + 1)))
+                note("set_to_none, a head used 1 step in 3: %s" % optimizer, worst)
+                sd, lsd = ropt.state_dict(), lopt.state_dict()
+                if optimizer != "sgd":  # per-tensor step counts, as torch keeps them
+                    self.assertEqual([float(sd["state"][i]["step"]) for i in range(6)],
+                                     [float(lsd["state"][i]["step"]) for i in range(6)])
+
+    def test_two_param_groups_no_weight_decay_on_biases(self):
+        local = mlp()
+        model = copy.deepcopy(local)
+
+        def groups(m, named):
+            decay = [(n, p) if named else p for n, p in m.named_parameters() if n.endswith("weight")]
+            no = [(n, p) if named else p for n, p in m.named_parameters() if n.endswith("bias")]
+            return [{"params": decay}, {"params": no, "weight_decay": 0.0, "lr": 0.02}]
+        name = uniq()
+        ropt = optd.torch.RemoteOptimizer(groups(model, True), session=name, client=self.client,
+                                          optimizer="adamw", lr=0.01, weight_decay=0.1)
+        lopt = torch.optim.AdamW(groups(local, False), lr=0.01, weight_decay=0.1)
+        self.assertEqual([(g["lr"], g["weight_decay"]) for g in ropt.param_groups], [(0.01, 0.1), (0.02, 0.0)])
+        self.assertEqual([(g["hyperparams"]["lr"], g["hyperparams"]["weight_decay"])
+                          for g in self.client.get(name).info["groups"]], [(0.01, 0.1), (0.02, 0.0)])
+        scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=5, gamma=0.5) for o in (ropt, lopt)]
+        self.run_both([(model, ropt), (local, lopt)], 0, 20, scheds=scheds,
+                      key="2 param groups (AdamW, no decay on biases) + StepLR per group")
+        self.assertEqual([g["hyperparams"]["lr"] for g in self.client.get(name).info["groups"]],
+                         [0.01 * 0.5 ** 3, 0.02 * 0.5 ** 3])  # the 4th halving goes with the next step
+        self.assertEqual(len(ropt.last_result.lr), 2)  # one lr per group
+        # rollback and migration keep the groups
+        sd = ropt.state_dict()
+        self.assertEqual([len(g["params"]) for g in sd["param_groups"]], [3, 3])
+        again = torch.optim.AdamW(groups(copy.deepcopy(model), False))
+        again.load_state_dict(sd)
+        self.assertEqual([g["weight_decay"] for g in again.param_groups], [0.1, 0.0])
+
+    def test_add_param_group(self):
+        """Fine-tuning: a head first, then the trunk unfrozen as a group of its own."""
+        local = mlp()
+        model = copy.deepcopy(local)
+        ropt = optd.torch.RemoteOptimizer(model[4].named_parameters(prefix="4"), session=uniq(),
+                                          client=self.client, optimizer="adam", lr=0.01)
+        lopt = torch.optim.Adam(local[4].parameters(), lr=0.01)
+        self.run_both([(model, ropt), (local, lopt)], 0, 5)
+        ropt.add_param_group({"params": list(model[0].named_parameters(prefix="0")) +
+                              list(model[2].named_parameters(prefix="2")), "lr": 0.001})
+        lopt.add_param_group({"params": list(local[0].parameters()) + list(local[2].parameters()), "lr": 0.001})
+        self.assertEqual(len(ropt.param_groups), 2)
+        self.run_both([(model, ropt), (local, lopt)], 5, 15, key="add_param_group after 5 steps (Adam)")
+
+    def test_a_session_made_before_groups(self):
+        """A flat session (one tensor "params", made by an older client) still
+        resumes; what it cannot do (skip, per-tensor steps, groups) is said."""
+        model = mlp()
+        name = uniq()
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        self.client.create(name, "adam", params=flat.numpy(), dtype="float64", hyperparams={"lr": 0.01})
+        opt = self.remote(model, name, optimizer="adam")
+        self.assertEqual(opt.param_groups[0]["lr"], 0.01)
+        self.one_step(model, opt, 0)
+        model[4].bias.grad = None
+        with self.assertWarnsRegex(UserWarning, "flat tensor"):
+            opt.step()
+        self.assertEqual(opt.last_step, 2)
+        other = copy.deepcopy(model)
+        lopt = torch.optim.Adam(other.parameters())
+        for step in range(2):
+            lopt.zero_grad(set_to_none=True)
+            xb, yb = self.batch(step)
+            F.cross_entropy(other(xb), yb).backward()
+            if step == 1:
+                other[4].bias.grad = None
+            lopt.step()
+        with self.assertRaisesRegex(ValueError, "different step counts"):
+            opt.load_state_dict(lopt.state_dict())
+        with self.assertRaisesRegex(ValueError, "flat tensor"):
+            optd.torch.RemoteOptimizer([{"params": [p]} for p in mlp().parameters()], session=name,
+                                       client=self.client)
+        sd = opt.state_dict()  # a rollback works as before
+        self.one_step(model, opt, 2)
+        opt.load_state_dict(sd)
+        self.assertEqual(opt.last_step, 2)
+
+    def test_migrate_a_torch_state_dict_with_per_tensor_steps(self):
+        local = two_heads()
+        lopt = torch.optim.Adam(local.parameters(), lr=0.01)
+        for step in range(9):
+            xb, yb = self.batch(step)
+            lopt.zero_grad(set_to_none=True)
+            heads_loss(local, xb, yb, use_b=step % 3 == 1).backward()
+            lopt.step()
+        model = copy.deepcopy(local)
+        ropt = self.remote_named(model, optimizer="adam")
+        ropt.load_state_dict(lopt.state_dict())
+        self.assertEqual([float(ropt.state_dict()["state"][i]["step"]) for i in range(6)],
+                         [9, 9, 9, 9, 3, 3])
+        worst = 0.0
+        for step in range(9, 18):
+            xb, yb = self.batch(step)
+            for m, o in ((model, ropt), (local, lopt)):
+                o.zero_grad(set_to_none=True)
+                heads_loss(m, xb, yb, use_b=step % 3 == 1).backward()
+                o.step()
+            worst = max(worst, self.compare(model, local))
+        note("torch.optim.Adam state_dict with per-tensor steps -> remote", worst)
+
+
 @unittest.skipUnless(HAVE, "needs torch and sklearn")
 class ZzzReport(unittest.TestCase):
     def test_zzz_deviations(self):

@@ -505,7 +505,7 @@ class Client:
 
     # -- steps and vectors -------------------------------------------------
     def step(self, name, grad, idempotency_key=None, if_match=None, loss=None, weight=None,
-             binary=None, minimal=False, wire_dtype=None, reply_dtype=None, **fields):
+             binary=None, minimal=False, wire_dtype=None, reply_dtype=None, skip=None, **fields):
         """Applies one optimizer step; returns :class:`StepResult` ``(step, params)``.
 
         A numpy ``grad`` travels as raw bytes of the session's dtype (and the
@@ -522,7 +522,11 @@ class Client:
         are taken as already of that type) and asks for the params in it too,
         unless ``reply_dtype`` names another (e.g. the session's, for full
         precision). A binary reply's lr, grad_norm and contributors come from
-        its ``Optd-Lr``, ``Optd-Grad-Norm`` and ``Optd-Contributors`` headers."""
+        its ``Optd-Lr``, ``Optd-Grad-Norm`` and ``Optd-Contributors`` headers.
+
+        ``skip``: names of tensors of a shaped session that have no gradient
+        this step (torch's ``grad is None``): their params and state stay
+        (header ``Optd-Skip`` of a binary step, ``"skip"`` in a JSON one)."""
         as_numpy = _is_numpy(grad)
         wire = _wire_name(wire_dtype)
         reply = _wire_name(reply_dtype) or wire
@@ -547,6 +551,8 @@ class Client:
                 headers["Optd-Loss"] = repr(float(loss))
             if weight is not None:
                 headers["Optd-Weight"] = repr(float(weight))
+            if skip:
+                headers["Optd-Skip"] = ",".join(skip)
             if wire in ("bfloat16", "float16") and not isinstance(grad, (bytes, bytearray, memoryview)):
                 body = _encode_narrow(grad, wire)
             else:
@@ -576,6 +582,8 @@ class Client:
             body["loss"] = float(loss)
         if weight is not None:
             body["weight"] = float(weight)
+        if skip:
+            body["skip"] = list(skip)
         body.update(_jsonable(fields))
         headers["Content-Type"] = JSON
         r = self._step_request(name, path, _dumps(body), headers)
