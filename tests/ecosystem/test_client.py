@@ -506,6 +506,26 @@ class NarrowWireTests(DaemonCase):
                 self.assertTrue(np.array_equal(back, want.double().numpy()))
 
 
+class ShapedSessionTests(DaemonCase):
+    """Sessions shaped like a model (API.md "Tensors and parameter groups")
+    through the client: groups pass through create, skip through step."""
+
+    def test_skip_json_and_binary(self):
+        c = optd.Client(self.url)
+        s = c.create(uniq(), "sgd", params=[1.0, 1.0, 1.0], dtype="float64", hyperparams={"lr": 1.0},
+                     groups=[{"tensors": [{"name": "w", "shape": [2]}]},
+                             {"hyperparams": {"lr": 0.5}, "tensors": [{"name": "b", "shape": []}]}])
+        self.assertEqual([g["hyperparams"]["lr"] for g in s.info["groups"]], [1.0, 0.5])
+        r = s.step([1.0, 1.0, 1.0], skip=["w"])
+        self.assertEqual((r.params, r.lr), ([1.0, 1.0, 0.5], [1.0, 0.5]))
+        if np is not None:
+            r = s.step(np.ones(3), skip=["b"])
+            self.assertEqual((r.params.tolist(), r.lr), ([0.0, 0.0, 0.5], [1.0, 0.5]))
+        with self.assertRaises(optd.Invalid) as cm:
+            s.step([1.0, 1.0, 1.0], skip=["nope"])
+        self.assertEqual(cm.exception.status, 422)
+
+
 def _bf16(a):
     """float32 -> bfloat16 (round to nearest even) -> float32, in numpy."""
     u = np.asarray(a, dtype=np.float32).view(np.uint32)
