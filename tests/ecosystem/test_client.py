@@ -368,6 +368,37 @@ class RetryTests(DaemonCase):
             time.sleep(0.1)
             d.cleanup()
 
+    def test_default_budget_survives_a_daemon_restart(self):
+        """With the default retries a step waits out a daemon that is down for
+        3 s (kill -9, then a restart): the old budget (5 retries, backoff to
+        2 s: at most 1.6 s) gave up."""
+        d = Daemon().start()
+        try:
+            c = optd.Client(d.url)
+            s = c.create(uniq(), "sgd", size=2)
+            s.step([1, 1])
+            d.kill()
+            threading.Timer(3.0, d.start).start()
+            r = s.step([1, 1])
+            self.assertEqual(r.step, 2)
+            self.assertEqual(c.params(s.name).step, 2)
+            self.assertGreaterEqual(c.max_backoff, 30)
+        finally:
+            time.sleep(0.1)
+            d.cleanup()
+
+    def test_only_what_is_safe_to_repeat_is_retried(self):
+        """A step without an Idempotency-Key (auto_idempotency=False) whose
+        reply is lost is not sent again: it may have been applied."""
+        direct = optd.Client(self.url)
+        s = direct.create(uniq(), "sgd", params=[0.0], dtype="float64", hyperparams={"lr": 1.0})
+        self.proxy = FlakyProxy(self.d.port, ["drop_after", "pass"])
+        c = optd.Client(self.proxy.url, backoff=0.01, auto_idempotency=False)
+        with self.assertRaises(optd.ConnectionFailed):
+            c.step(s.name, [1.0])
+        self.assertEqual(direct.params(s.name), (1, [-1.0]))  # applied once, not twice
+        self.assertEqual(len(self.proxy.seen), 1)
+
     def test_stale_keepalive_connection(self):
         d = Daemon(["--connection-timeout", "1"]).start()
         try:
@@ -410,6 +441,95 @@ class AuthTests(DaemonCase):
                 del os.environ["OPTD_TOKEN"]
             else:
                 os.environ["OPTD_TOKEN"] = old
+
+
+class NarrowWireTests(DaemonCase):
+    """Binary vectors in bfloat16/float16 (API.md "Binary vectors") and the
+    scalars of a binary step reply in its headers."""
+
+    def setUp(self):
+        self.c = optd.Client(self.url)
+        self.proxy = None
+
+    def tearDown(self):
+        if self.proxy:
+            self.proxy.close()
+
+    @unittest.skipIf(np is None, "numpy is not installed")
+    def test_bfloat16_halves_the_bytes_each_way(self):
+        n = 1000
+        s = self.c.create(uniq(), "sgd", size=n, fill=1.0, hyperparams={"lr": 1.0})
+        self.proxy = FlakyProxy(self.d.port, [])
+        c = optd.Client(self.proxy.url)
+        c.get(s.name)
+        g = np.linspace(-1, 1, n).astype(np.float32)
+        r = c.step(s.name, g, wire_dtype="bfloat16")
+        hdrs = self.proxy.seen[-1][2]
+        self.assertEqual(int(hdrs["content-length"]), 2 * n)
+        self.assertEqual(hdrs["content-type"], "application/octet-stream; dtype=bfloat16")
+        self.assertEqual(hdrs["accept"], "application/octet-stream; dtype=bfloat16")
+        self.assertEqual((r.step, r.params.dtype, len(r.params)), (1, np.float32, n))
+        full = self.c.params(s.name, binary=True).params  # float32 in the session
+        self.assertTrue(np.array_equal(r.params, _bf16(full)))
+        self.assertTrue(np.array_equal(full, (np.float32(1) - _bf16(g)).astype(np.float32)))
+        self.assertEqual((r.lr, r.contributors), (1, 1))
+        self.assertAlmostEqual(r.grad_norm, float(np.linalg.norm(_bf16(g).astype(np.float64))), places=9)
+        # the session's own type back, and GET .../params in a narrow one
+        r = c.step(s.name, g, wire_dtype="bfloat16", reply_dtype="float32")
+        self.assertTrue(np.array_equal(r.params, self.c.params(s.name, binary=True).params))
+        p16 = c.params(s.name, wire_dtype="float16").params
+        self.assertTrue(np.array_equal(p16, r.params.astype(np.float16).astype(np.float32)))
+
+    def test_without_numpy_types(self):
+        s = self.c.create(uniq(), "sgd", params=[1.0, 2.0], dtype="float64", hyperparams={"lr": 1.0})
+        r = s.step([0.1, 1 / 3], wire_dtype="float16", reply_dtype="float64")
+        self.assertEqual(r.params, [1.0 - 0.0999755859375, 2.0 - 0.333251953125])
+        r = s.step([0.0, 0.0], wire_dtype="bfloat16")
+        self.assertEqual(r.params, [0.8984375, 1.6640625])  # 1 - 0.0999755859375 and 2 - 0.333251953125 in bfloat16
+
+    @unittest.skipUnless(have("torch"), "needs torch")
+    def test_rounding_is_torchs(self):
+        import torch
+        from optd.client import _decode_narrow, _encode_narrow
+        rng = np.random.default_rng(5)
+        x = rng.standard_normal(20000) * 10.0 ** rng.uniform(-44, 38, 20000)
+        edges = [0.0, -0.0, 1.0, 1.00390625, 1.01171875, 65504.0, 65519.99, 6.1e-5, 5.96e-8, 2.9e-8,
+                 3.3895313892515355e38, 1.0000000000000002, 1e-40]
+        x = np.concatenate([x, edges]).astype(np.float64)
+        for wire, td in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+            with self.subTest(wire=wire):
+                v = x if wire == "bfloat16" else x[np.abs(x) < 65504]
+                want = torch.from_numpy(v).to(td)
+                self.assertEqual(_encode_narrow(v, wire), want.view(torch.int16).numpy().tobytes())
+                self.assertEqual(_encode_narrow(list(v[:500]), wire), want[:500].view(torch.int16).numpy().tobytes())
+                back = _decode_narrow(want.view(torch.int16).numpy().tobytes(), wire, "float64", True)
+                self.assertTrue(np.array_equal(back, want.double().numpy()))
+
+
+class ShapedSessionTests(DaemonCase):
+    """Sessions shaped like a model (API.md "Tensors and parameter groups")
+    through the client: groups pass through create, skip through step."""
+
+    def test_skip_json_and_binary(self):
+        c = optd.Client(self.url)
+        s = c.create(uniq(), "sgd", params=[1.0, 1.0, 1.0], dtype="float64", hyperparams={"lr": 1.0},
+                     groups=[{"tensors": [{"name": "w", "shape": [2]}]},
+                             {"hyperparams": {"lr": 0.5}, "tensors": [{"name": "b", "shape": []}]}])
+        self.assertEqual([g["hyperparams"]["lr"] for g in s.info["groups"]], [1.0, 0.5])
+        r = s.step([1.0, 1.0, 1.0], skip=["w"])
+        self.assertEqual((r.params, r.lr), ([1.0, 1.0, 0.5], [1.0, 0.5]))
+        if np is not None:
+            r = s.step(np.ones(3), skip=["b"])
+            self.assertEqual((r.params.tolist(), r.lr), ([0.0, 0.0, 0.5], [1.0, 0.5]))
+        with self.assertRaises(optd.Invalid) as cm:
+            s.step([1.0, 1.0, 1.0], skip=["nope"])
+        self.assertEqual(cm.exception.status, 422)
+
+
+def _bf16(a):
+    """float32 -> bfloat16 (round to nearest even) -> float32, in numpy."""
+    u = np.asarray(a, dtype=np.float32).view(np.uint32)
+    return (((u + (np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1)))) >> 16) << 16).view(np.float32)
 
 
 class TrainingFeatureTests(DaemonCase):

@@ -8,6 +8,11 @@ digits through optd, and saves the loss curve to a PNG.
 The model lives in torch; the optimizer (its state and the authoritative
 parameters) lives in the daemon, behind optd.torch.RemoteOptimizer. Needs
 Debian's python3-torch, python3-sklearn and python3-matplotlib.
+
+Run it again with the same --session after it was killed (--stop-at N
+stands for a kill) and it goes on where the session is: --steps is the
+session's total, the data loop and the lr scheduler restart at
+opt.last_step, and the result is bit-identical to a run never interrupted.
 """
 
 import argparse
@@ -66,7 +71,10 @@ def main(argv=None):
     ap.add_argument("--session", default=None, help="session name (default: a new one)")
     ap.add_argument("--optimizer", default="adam")
     ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=300, help="the session's total steps (a resumed run "
+                    "makes only those left)")
+    ap.add_argument("--stop-at", type=int, default=None, metavar="N",
+                    help="stop once the session is at step N, as if the job were killed there")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--out", default="digits_loss.png")
     args = ap.parse_args(argv)
@@ -97,27 +105,37 @@ def train(args, url):
     model = torch.nn.Linear(64, 10, dtype=torch.float64)
     client = optd.Client(url, token=args.token)
     session = args.session or "digits-%s" % uuid.uuid4().hex[:8]
+    # An existing session (a restarted job) loads its params into the model;
+    # lr=args.lr is the schedule's base value, set again on a resumed session.
     opt = optd.torch.RemoteOptimizer(model.parameters(), session=session, client=client,
                                      optimizer=args.optimizer, lr=args.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
+    start = opt.fast_forward(sched)  # the scheduler catches up with the session: opt.last_step
+    if start:
+        print("resuming session %s at step %d of %d" % (session, start, args.steps))
     loss_fn = torch.nn.CrossEntropyLoss()
 
+    end = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
     losses = []
-    for step in range(args.steps):
+    for step in range(start, end):  # the data loop starts where the session is
         lo = (step % max(1, len(y_train) // args.batch)) * args.batch  # whole batches only
         xb, yb = x_train[lo:lo + args.batch], y_train[lo:lo + args.batch]
         opt.zero_grad()
         loss = loss_fn(model(xb), yb)
         loss.backward()
         opt.step(loss=loss)
-        losses.append(loss.item())
+        sched.step()
+        losses.append((step + 1, loss.item()))
 
     with torch.no_grad():
         acc = (model(x_test).argmax(1) == y_test).double().mean().item()
-    print("session %s: %d steps of %s, final loss %.4f, test accuracy %.3f"
-          % (session, opt.last_step, args.optimizer, losses[-1], acc))
+    print("session %s: %d steps of %s (%d in this run), final loss %s, test accuracy %.3f"
+          % (session, opt.last_step, args.optimizer, len(losses),
+             "%.4f" % losses[-1][1] if losses else "-", acc))
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(range(1, len(losses) + 1), losses, label="batch loss (client)")
+    if losses:
+        ax.plot(*zip(*losses), label="batch loss (client, this run)")
     try:
         hist = client.history(session)
         pts = [(h["step"], h["loss"]) for h in hist if h.get("loss") is not None]
@@ -128,7 +146,7 @@ def train(args, url):
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy")
     ax.set_yscale("log")
-    ax.set_title("digits, logistic regression via optd (%s, lr=%g): test accuracy %.3f"
+    ax.set_title("digits, logistic regression via optd (%s, lr=%g, cosine): test accuracy %.3f"
                  % (args.optimizer, args.lr, acc), fontsize=9)
     ax.legend()
     fig.tight_layout()

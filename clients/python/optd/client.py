@@ -28,6 +28,10 @@ BINARY = "application/octet-stream"
 _TYPECODE = {"float32": "f", "float64": "d"}
 _NPDTYPE = {"float32": "<f4", "float64": "<f8"}
 _WIDTH = {"float32": 4, "float64": 8}
+# Narrow wire types (API.md "Binary vectors"): a vector may travel as these
+# instead of the session's dtype, named by the media type's dtype parameter.
+WIRE_DTYPES = ("bfloat16", "float16", "float32", "float64")
+_WIRE_WIDTH = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
 
 def _is_numpy(x):
@@ -55,6 +59,83 @@ def _encode_vector(values, dtype):
     if sys.byteorder != "little":
         a.byteswap()
     return a.tobytes()
+
+
+def _wire_name(wire):
+    if wire is None:
+        return None
+    s = getattr(wire, "__name__", None) or str(wire)
+    s = s.replace("torch.", "")
+    s = {"half": "float16", "bf16": "bfloat16", "float": "float32", "double": "float64"}.get(s, s)
+    if s not in WIRE_DTYPES:
+        raise ValueError("a wire dtype is one of %s, not %r" % (", ".join(WIRE_DTYPES), wire))
+    return s
+
+
+def _f32_bits(values):
+    """float values -> their float32 bit patterns (rounded to float32 first,
+    as torch's conversions to bfloat16 and float16 do)."""
+    a = array("f", (float(v) for v in values))
+    return array("I", a.tobytes())
+
+
+def _encode_narrow(values, wire):
+    """values as little-endian ``wire`` elements (bfloat16 or float16),
+    rounded to nearest even from their float32 value."""
+    if _is_numpy(values) and _np is not None:
+        f = _np.ascontiguousarray(values.reshape(-1), dtype=_np.float32)
+        if wire == "float16":
+            return f.astype("<f2").tobytes()
+        u = f.view(_np.uint32)
+        r = (u + (_np.uint32(0x7FFF) + ((u >> 16) & _np.uint32(1)))) >> 16
+        return r.astype("<u2").tobytes()
+    if wire == "float16":
+        import struct
+        f = array("f", (float(v) for v in values))
+        return struct.pack("<%de" % len(f), *f)
+    out = array("H", (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF for u in _f32_bits(values)))
+    if sys.byteorder != "little":
+        out.byteswap()
+    return out.tobytes()
+
+
+def _decode_narrow(data, wire, dtype, as_numpy):
+    """little-endian ``wire`` elements -> values of the session's ``dtype``."""
+    if len(data) % 2:
+        raise OptdError("binary body of %d bytes is not a whole number of %s" % (len(data), wire))
+    if as_numpy and _np is not None:
+        if wire == "float16":
+            return _np.frombuffer(data, dtype="<f2").astype(_np.dtype(dtype))
+        u = _np.frombuffer(data, dtype="<u2").astype(_np.uint32) << 16
+        return u.view(_np.float32).astype(_np.dtype(dtype))
+    import struct
+    n = len(data) // 2
+    if wire == "float16":
+        return list(struct.unpack("<%de" % n, data))
+    bits = struct.unpack("<%dH" % n, data)
+    return list(struct.unpack("<%df" % n, struct.pack("<%dI" % n, *[b << 16 for b in bits])))
+
+
+def _media_dtype(ctype):
+    """The dtype parameter of a Content-Type, or None."""
+    for part in (ctype or "").split(";")[1:]:
+        k, _, v = part.partition("=")
+        if k.strip().lower() == "dtype":
+            return v.strip().strip('"')
+    return None
+
+
+def _header_number(v):
+    """A reply header holding a number, or a list of them (one per group)."""
+    if v is None:
+        return None
+    try:
+        return json.loads(v)
+    except ValueError:
+        try:
+            return [float(x) for x in v.split(",")]
+        except ValueError:
+            return v
 
 
 def _decode_vector(data, dtype, as_numpy):
@@ -150,14 +231,16 @@ class Client:
     ``Idempotency-Key``) are retried up to ``retries`` times on connection
     errors and on 503, with exponential backoff from ``backoff`` up to
     ``max_backoff`` seconds (with jitter). A create (POST/PUT of a new session)
-    is retried on 503 and when the connection could not be made at all.
+    is retried on 503 and when the connection could not be made at all. The
+    default budget (12 retries, backoff to 30 s: one to two minutes in all)
+    outlasts a daemon's restart; ``retries=0`` fails at once.
 
     One client may be shared by threads: each thread keeps its own keep-alive
     connection.
     """
 
-    def __init__(self, url=None, token=None, timeout=60.0, retries=5, backoff=0.05,
-                 max_backoff=2.0, auto_idempotency=True, user_agent=USER_AGENT):
+    def __init__(self, url=None, token=None, timeout=60.0, retries=12, backoff=0.05,
+                 max_backoff=30.0, auto_idempotency=True, user_agent=USER_AGENT):
         url = url or os.environ.get("OPTD_URL") or "http://127.0.0.1:8080"
         if "://" not in url:
             url = "http://" + url
@@ -422,7 +505,7 @@ class Client:
 
     # -- steps and vectors -------------------------------------------------
     def step(self, name, grad, idempotency_key=None, if_match=None, loss=None, weight=None,
-             binary=None, minimal=False, **fields):
+             binary=None, minimal=False, wire_dtype=None, reply_dtype=None, skip=None, **fields):
         """Applies one optimizer step; returns :class:`StepResult` ``(step, params)``.
 
         A numpy ``grad`` travels as raw bytes of the session's dtype (and the
@@ -432,10 +515,23 @@ class Client:
         ``Idempotency-Key`` (a uuid4 unless given), so the client's retries
         never apply it twice. ``loss`` and ``weight`` (and any extra keyword
         fields) go into the step body; for binary steps loss and weight go in
-        the ``Optd-Loss`` / ``Optd-Weight`` headers."""
+        the ``Optd-Loss`` / ``Optd-Weight`` headers.
+
+        ``wire_dtype="bfloat16"`` (or ``"float16"``, ``"float32"``) sends the
+        gradient in that narrower type (rounded to nearest even; bytes given
+        are taken as already of that type) and asks for the params in it too,
+        unless ``reply_dtype`` names another (e.g. the session's, for full
+        precision). A binary reply's lr, grad_norm and contributors come from
+        its ``Optd-Lr``, ``Optd-Grad-Norm`` and ``Optd-Contributors`` headers.
+
+        ``skip``: names of tensors of a shaped session that have no gradient
+        this step (torch's ``grad is None``): their params and state stay
+        (header ``Optd-Skip`` of a binary step, ``"skip"`` in a JSON one)."""
         as_numpy = _is_numpy(grad)
+        wire = _wire_name(wire_dtype)
+        reply = _wire_name(reply_dtype) or wire
         if binary is None:
-            binary = as_numpy or isinstance(grad, (bytes, bytearray, memoryview))
+            binary = as_numpy or isinstance(grad, (bytes, bytearray, memoryview)) or wire is not None
         key = idempotency_key
         if key is None and self.auto_idempotency:
             key = uuid.uuid4().hex
@@ -449,28 +545,45 @@ class Client:
             if fields:
                 raise ValueError("fields %s need a JSON step (binary=False)" % sorted(fields))
             dtype = self.dtype_of(name)
-            headers["Content-Type"] = BINARY
-            headers["Accept"] = BINARY
+            headers["Content-Type"] = BINARY if wire in (None, dtype) else "%s; dtype=%s" % (BINARY, wire)
+            headers["Accept"] = BINARY if reply in (None, dtype) else "%s; dtype=%s" % (BINARY, reply)
             if loss is not None:
                 headers["Optd-Loss"] = repr(float(loss))
             if weight is not None:
                 headers["Optd-Weight"] = repr(float(weight))
-            r = self._step_request(name, path, _encode_vector(grad, dtype), headers)
+            if skip:
+                headers["Optd-Skip"] = ",".join(skip)
+            if wire in ("bfloat16", "float16") and not isinstance(grad, (bytes, bytearray, memoryview)):
+                body = _encode_narrow(grad, wire)
+            else:
+                body = _encode_vector(grad, wire or dtype)
+            r = self._step_request(name, path, body, headers)
             step = _etag_step(r.header("ETag"))
-            ctype = (r.header("Content-Type") or "").split(";")[0].strip()
+            full_ctype = r.header("Content-Type") or ""
+            ctype = full_ctype.split(";")[0].strip()
             if ctype == JSON:  # e.g. a replay the daemon answers in JSON
                 data = r.json()
                 params = _as_dtype(data.get("params"), dtype)
                 if params is not None and as_numpy:
                     params = _np.asarray(params, dtype=_np.dtype(dtype))
                 return StepResult(data.get("step", step), params, data, self._replayed(r))
-            params = None if (minimal or not r.body) else _decode_vector(r.body, dtype, as_numpy)
-            return StepResult(step, params, {}, self._replayed(r))
+            data = {}
+            for k, h in (("lr", "Optd-Lr"), ("grad_norm", "Optd-Grad-Norm"), ("contributors", "Optd-Contributors")):
+                v = _header_number(r.header(h))
+                if v is not None:
+                    data[k] = v
+            params = None
+            if not minimal and r.body:
+                got = _media_dtype(full_ctype) or dtype
+                params = self._decode_params(r.body, got, dtype, as_numpy)
+            return StepResult(step, params, data, self._replayed(r))
         body = {"grad": _to_list(grad)}
         if loss is not None:
             body["loss"] = float(loss)
         if weight is not None:
             body["weight"] = float(weight)
+        if skip:
+            body["skip"] = list(skip)
         body.update(_jsonable(fields))
         headers["Content-Type"] = JSON
         r = self._step_request(name, path, _dumps(body), headers)
@@ -478,6 +591,16 @@ class Client:
         step = data.get("step", _etag_step(r.header("ETag")))
         params = _as_dtype(data.get("params"), self._cached_dtype(name))
         return StepResult(step, params, data, self._replayed(r))
+
+    @staticmethod
+    def _decode_params(body, wire, dtype, as_numpy):
+        """A binary vector of type ``wire`` as values of ``dtype``."""
+        if wire == dtype:
+            return _decode_vector(body, dtype, as_numpy)
+        if wire in ("float32", "float64"):
+            v = _decode_vector(body, wire, as_numpy)
+            return v.astype(_np.dtype(dtype)) if _is_numpy(v) else v
+        return _decode_narrow(body, wire, dtype, as_numpy)
 
     def _step_request(self, name, path, body, headers):
         try:
@@ -491,15 +614,19 @@ class Client:
     def _replayed(r):
         return (r.header("Idempotent-Replayed") or "").lower() == "true"
 
-    def params(self, name, binary=False):
+    def params(self, name, binary=False, wire_dtype=None):
         """GET /v1/sessions/{name}/params -> ``(step, params)``; with
         ``binary=True`` the values travel as raw bytes and come back as a numpy
-        array (a list without numpy)."""
+        array (a list without numpy), in ``wire_dtype`` (e.g. ``"bfloat16"``)
+        when given."""
         path = self._path(name, "/params")
-        if binary:
+        wire = _wire_name(wire_dtype)
+        if binary or wire:
             dtype = self.dtype_of(name)
-            r = self.request("GET", path, headers={"Accept": BINARY})
-            return StepResult(_etag_step(r.header("ETag")), _decode_vector(r.body, dtype, True))
+            accept = BINARY if wire in (None, dtype) else "%s; dtype=%s" % (BINARY, wire)
+            r = self.request("GET", path, headers={"Accept": accept})
+            got = _media_dtype(r.header("Content-Type")) or dtype
+            return StepResult(_etag_step(r.header("ETag")), self._decode_params(r.body, got, dtype, True))
         data = self.request("GET", path).json()
         return StepResult(data.get("step"), _as_dtype(data.get("params"), self._cached_dtype(name)), data)
 

@@ -160,9 +160,9 @@ class ShardedClient:
     def checkpoint(self, name):
         return self._call("checkpoint", name)
 
-    def restore(self, name, checkpoint):
+    def restore(self, name, checkpoint, if_match=None):
         c = self.router or (self.client_for(name))
-        return c.restore(name, checkpoint)
+        return c.restore(name, checkpoint, if_match=if_match)
 
     def patch(self, name, hyperparams=None, **fields):
         return self._call("patch", name, hyperparams, **fields)
