@@ -3,6 +3,7 @@ free loopback port with a temp --db per test class (the Daemon of
 tests/lib/optdtest.py), and HTTP to it with http.client (keep-alive, statuses
 and headers exactly visible). Standard library only."""
 
+import gzip
 import http.client
 import json
 import os
@@ -23,6 +24,47 @@ def uniq(prefix="s"):
 
 def rel_err(got, ref, floor):
     return abs(got - ref) / max(abs(ref), floor)
+
+
+# How the replays of torch's reference data (test_reference.py,
+# test_groups.py) compare: test_optim.c's rule, TOL relative with a floor of
+# ULP_ALLOWANCE rounding units (UNIT) of the vector's largest element; lr to
+# LR_TOL.
+TOL = {"float64": 1e-12, "float32": 1e-5}
+UNIT = {"float64": 2.0 ** -53, "float32": 2.0 ** -24}
+ULP_ALLOWANCE = 16.0
+LR_TOL = 1e-15
+
+
+def ulp_floor(dtype, big):
+    """rel_err's floor for a vector whose largest |element| is big."""
+    return ULP_ALLOWANCE * UNIT[dtype] * big / TOL[dtype]
+
+
+def load_reference(filename):
+    """data/filename, a gzipped JSON written by gen_reference.py."""
+    with gzip.open(os.path.join(HERE, "data", filename), "rb") as f:
+        return json.loads(f.read().decode())
+
+
+class Worst(dict):
+    """The largest deviation seen by key, with where it was seen: printed
+    when a replay's test class ends."""
+
+    def note(self, key, value, where):
+        if value > self.get(key, (-1.0, ""))[0]:
+            self[key] = (value, where)
+
+
+def add_case_tests(cls, cases):
+    """One test_<name> on cls for each reference case, calling cls.replay(case)."""
+    def make(case):
+        def test(self):
+            self.replay(case)
+        test.__doc__ = "%s vs torch" % case["name"]
+        return test
+    for case in cases:
+        setattr(cls, "test_%s" % case["name"], make(case))
 
 
 class Resp(optdtest.Reply):
@@ -131,19 +173,7 @@ class DaemonTest(unittest.TestCase):
 
 def run_threads(fns):
     """Runs each fn in its own thread; re-raises the first exception."""
-    errors = []
-
-    def wrap(fn):
-        try:
-            fn()
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    ts = [threading.Thread(target=wrap, args=(fn,)) for fn in fns]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    errors = optdtest.run_threads(len(fns), lambda i: fns[i]())
     if errors:
         raise errors[0]
 

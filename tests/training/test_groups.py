@@ -13,39 +13,20 @@ same steps and must stay bit for bit equal to it. At the end each tensor's
 step count (torch's state["step"]), NAdam's mu_product and the state
 buffers are compared with torch's."""
 
-import gzip
-import json
-import os
 import struct
 import sys
 import unittest
 
-from harness import DaemonTest, HERE, f32, rel_err
+from harness import DaemonTest, LR_TOL, TOL, Worst, add_case_tests, f32, load_reference, rel_err, ulp_floor
 import prng
 
-DATA = os.path.join(HERE, "data", "groups.json.gz")
-TOL = {"float64": 1e-12, "float32": 1e-5}
-UNIT = {"float64": 2.0 ** -53, "float32": 2.0 ** -24}
-ULP_ALLOWANCE = 16.0
-LR_TOL = 1e-15
 COPY_AT = 100
 OCTET = "application/octet-stream"
 
-WORST = {}
+WORST = Worst()
 EXACT = {}
 
-
-def note(key, value, where):
-    if value > WORST.get(key, (-1.0, ""))[0]:
-        WORST[key] = (value, where)
-
-
-def load():
-    with gzip.open(DATA, "rb") as f:
-        return json.loads(f.read().decode())
-
-
-REF = load()
+REF = load_reference("groups.json.gz")
 
 
 def pack(dtype, xs):
@@ -147,7 +128,7 @@ class GroupReferenceTests(DaemonTest):
                 worst_n = max(worst_n, e)
                 self.assertLessEqual(e, TOL[dtype], "step %d: grad_norm %r, torch %r" % (t + 1, norm, ref_norm[t]))
             row = ref_params[t * n:(t + 1) * n]
-            floor = ULP_ALLOWANCE * UNIT[dtype] * max(abs(x) for x in row) / TOL[dtype]
+            floor = ulp_floor(dtype, max(abs(x) for x in row))
             for i in range(n):
                 got = rnd(params[i])
                 exact += got == row[i]
@@ -183,7 +164,7 @@ class GroupReferenceTests(DaemonTest):
                 got = [rnd(x) for x in st["state"][buf][a:b]]
                 want = [rnd(float(x)) for x in vals]
                 big = max([abs(x) for x in want] + [1e-300])
-                fl = ULP_ALLOWANCE * UNIT[dtype] * big / TOL[dtype]
+                fl = ulp_floor(dtype, big)
                 for x, y in zip(got, want):
                     e = rel_err(x, y, fl)
                     worst_b = max(worst_b, e)
@@ -191,24 +172,16 @@ class GroupReferenceTests(DaemonTest):
         # History records the first group's lr.
         hist = self.api.get("/v1/sessions/%s/history?after=%d&limit=5" % (name, steps - 5)).json["history"]
         self.assertEqual([h["lr"] for h in hist], [case["lr"][h["step"] - 1][0] for h in hist])
-        note((kind, dtype, "params"), worst_p, case["name"])
-        note((kind, dtype, "buffers"), worst_b, case["name"])
-        note((kind, dtype, "lr"), worst_lr, case["name"])
+        WORST.note((kind, dtype, "params"), worst_p, case["name"])
+        WORST.note((kind, dtype, "buffers"), worst_b, case["name"])
+        WORST.note((kind, dtype, "lr"), worst_lr, case["name"])
         if ref_norm is not None:
-            note((kind, dtype, "grad_norm"), worst_n, case["name"])
+            WORST.note((kind, dtype, "grad_norm"), worst_n, case["name"])
         ex, tot = EXACT.get((kind, dtype), (0, 0))
         EXACT[(kind, dtype)] = (ex + exact, tot + total)
 
 
-def _make(case):
-    def test(self):
-        self.replay(case)
-    test.__doc__ = "%s vs torch" % case["name"]
-    return test
-
-
-for _c in REF["cases"]:
-    setattr(GroupReferenceTests, "test_%s" % _c["name"], _make(_c))
+add_case_tests(GroupReferenceTests, REF["cases"])
 
 
 if __name__ == "__main__":

@@ -11,39 +11,21 @@ units of the vector's largest element for an element that cancels (a param
 crossing zero keeps the absolute error of its operands). That is floor =
 0.095 M in float32 and 1.8e-3 M in float64."""
 
-import gzip
-import json
 import math
-import os
 import struct
 import hashlib
 import sys
 import unittest
 
-from harness import DaemonTest, HERE, f32, rel_err
+from harness import (DaemonTest, LR_TOL, TOL, ULP_ALLOWANCE, Worst, add_case_tests, f32, load_reference, rel_err,
+                     ulp_floor)
 import prng
 
-DATA = os.path.join(HERE, "data", "reference.json.gz")
-TOL = {"float64": 1e-12, "float32": 1e-5}
-UNIT = {"float64": 2.0 ** -53, "float32": 2.0 ** -24}
-ULP_ALLOWANCE = 16.0
-LR_TOL = 1e-15
 
 # Largest deviations seen, by (kind, dtype, what): printed at the end.
-WORST = {}
+WORST = Worst()
 
-
-def note(key, value, where):
-    if value > WORST.get(key, (-1.0, ""))[0]:
-        WORST[key] = (value, where)
-
-
-def load():
-    with gzip.open(DATA, "rb") as f:
-        return json.loads(f.read().decode())
-
-
-REF = load()
+REF = load_reference("reference.json.gz")
 
 
 class ReferenceTests(DaemonTest):
@@ -100,7 +82,7 @@ class ReferenceTests(DaemonTest):
             self.assertLessEqual(n_err, TOL[dtype], "step %d: grad_norm %r, torch %r"
                                  % (t + 1, b["grad_norm"], want_norm))
             row = ref_params[t * n:(t + 1) * n]
-            floor = ULP_ALLOWANCE * UNIT[dtype] * max(abs(x) for x in row) / TOL[dtype]
+            floor = ulp_floor(dtype, max(abs(x) for x in row))
             for i in range(n):
                 ref = row[i]
                 got = rnd(b["params"][i])
@@ -128,21 +110,13 @@ class ReferenceTests(DaemonTest):
         self.assertEqual(st.status, 200, st)
         self.assertEqual(st.json["hyperparams"]["lr_schedule"], want_sched)
         self.assertEqual(st.json["hyperparams"]["max_grad_norm"], hp["max_grad_norm"])
-        note((kind, dtype, "params"), worst_p, case["name"])
-        note((kind, dtype, "params u*M"), worst_u, case["name"])
-        note((kind, dtype, "lr"), worst_lr, case["name"])
-        note((kind, dtype, "grad_norm"), worst_n, case["name"])
+        WORST.note((kind, dtype, "params"), worst_p, case["name"])
+        WORST.note((kind, dtype, "params u*M"), worst_u, case["name"])
+        WORST.note((kind, dtype, "lr"), worst_lr, case["name"])
+        WORST.note((kind, dtype, "grad_norm"), worst_n, case["name"])
 
 
-def _make(case):
-    def test(self):
-        self.replay(case)
-    test.__doc__ = "%s vs torch" % case["name"]
-    return test
-
-
-for _c in REF["cases"]:
-    setattr(ReferenceTests, "test_%s" % _c["name"], _make(_c))
+add_case_tests(ReferenceTests, REF["cases"])
 
 
 if __name__ == "__main__":
