@@ -14,7 +14,7 @@ import unittest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "lib"))
 import optdtest  # noqa: E402
-from optdtest import f32, free_port, optd_bin, pack, sqlite_file, unpack, uniq, wait_http  # noqa: E402,F401 (the tests import them from here)
+from optdtest import f32, free_port, optd_bin, pack, run_threads, sqlite_file, unpack, uniq, wait_http  # noqa: E402,F401 (the tests import them from here)
 
 
 class Daemon(optdtest.Daemon):

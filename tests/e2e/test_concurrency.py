@@ -2,24 +2,7 @@
 
 import threading
 
-from optd_e2e import DaemonTest, uniq
-
-
-def run_threads(n, fn):
-    errors = []
-
-    def wrap(i):
-        try:
-            fn(i)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    ts = [threading.Thread(target=wrap, args=(i,)) for i in range(n)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(120)
-    return errors
+from optd_e2e import DaemonTest, run_threads, uniq
 
 
 class ConcurrencyTests(DaemonTest):
@@ -37,7 +20,7 @@ class ConcurrencyTests(DaemonTest):
                 replies[i].append(r)
             c.close()
 
-        errors = run_threads(8, worker)
+        errors = run_threads(8, worker, 120)
         self.assertEqual(errors, [])
         allr = [r for rs in replies for r in rs]
         self.assertEqual([r.status for r in allr], [200] * 400, [r for r in allr if r.status != 200][:3])
@@ -70,7 +53,7 @@ class ConcurrencyTests(DaemonTest):
                 assert r.json["step"] == k + 1, r
             c.close()
 
-        errors = run_threads(4, worker)
+        errors = run_threads(4, worker, 120)
         self.assertEqual(errors, [])
         for i, n in enumerate(names):
             p = self.d.params(n)
@@ -96,7 +79,7 @@ class ConcurrencyTests(DaemonTest):
                 barrier.wait(30)
             c.close()
 
-        errors = run_threads(6, worker)
+        errors = run_threads(6, worker, 120)
         self.assertEqual(errors, [])
         self.assertEqual(sorted(r for r, _ in wins), list(range(10)), "not exactly one winner per round: %r" % wins)
         p = self.d.params(name)

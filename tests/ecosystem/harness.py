@@ -14,7 +14,7 @@ if CLIENT_DIR not in sys.path:
     sys.path.insert(0, CLIENT_DIR)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "lib"))
 import optdtest  # noqa: E402
-from optdtest import HAPROXY, free_port, wait_http  # noqa: E402,F401 (the tests import them from here)
+from optdtest import HAPROXY, free_port, run_threads, wait_http  # noqa: E402,F401 (the tests import them from here)
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 

@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 import uuid
@@ -121,6 +122,26 @@ def sqlite_file(path, *sql):
     finally:
         con.close()
     return path
+
+
+def run_threads(n, fn, timeout=None):
+    """Runs fn(0) .. fn(n - 1), each in its own thread, and waits for each (up
+    to timeout seconds, None: as long as it takes); the exceptions they
+    raised, so that a failure in a thread fails the test that started it."""
+    errors = []
+
+    def wrap(i):
+        try:
+            fn(i)
+        except BaseException as e:  # noqa: BLE001 (reported to the caller)
+            errors.append(e)
+
+    ts = [threading.Thread(target=wrap, args=(i,)) for i in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout)
+    return errors
 
 
 # -- HTTP -------------------------------------------------------------------
