@@ -658,6 +658,22 @@ static void test_min_workers_follows_workers_until_set(void **state)
  * committed sessions are exactly what the successful requests made, the
  * cache agrees with the store (one more step lands on the right step), and
  * nothing leaks (make asan). */
+/* Submits r for the session name (no If-Match; the caller has set its type
+ * and its own fields) and waits for it: in test_every_allocation_failure_is_clean
+ * it either succeeds or fails out of memory. Its rc. */
+static optd_err submit_under_faults(fixture *f, engine_req *r, const char *name)
+{
+    int done = 0;
+    snprintf(r->name, sizeof r->name, "%s", name);
+    r->if_match = -1;
+    r->cb = on_done;
+    r->data = &done;
+    assert_int_equal(engine_submit(f->e, r), OPTD_OK);
+    wait_flag(&done);
+    assert_true(r->rc == OPTD_OK || r->rc == OPTD_E_NOMEM);
+    return r->rc;
+}
+
 static void test_every_allocation_failure_is_clean(void **state)
 {
     (void)state;
@@ -685,14 +701,7 @@ static void test_every_allocation_failure_is_clean(void **state)
             assert_true(rc == OPTD_OK || rc == OPTD_E_NOMEM);
             if (rc == OPTD_OK) {
                 c.req.type = ENGINE_REQ_CREATE;
-                snprintf(c.req.name, sizeof c.req.name, "b");
-                c.req.if_match = -1;
-                c.req.cb = on_done;
-                c.req.data = &c.done;
-                assert_int_equal(engine_submit(f->e, (engine_req *)&c.req), OPTD_OK);
-                wait_flag(&c.done);
-                assert_true(c.req.rc == OPTD_OK || c.req.rc == OPTD_E_NOMEM);
-                b_made = c.req.rc == OPTD_OK;
+                b_made = submit_under_faults(f, (engine_req *)&c.req, "b") == OPTD_OK;
                 if (!b_made)
                     engine_sess_free(c.req.newsess);
                 store_session_clear(&c.req.row);
@@ -741,51 +750,28 @@ static void test_every_allocation_failure_is_clean(void **state)
         engine_hp_item lr_item = {optim_hp_find(sgd, "lr")->name, ENGINE_VAL_NUMBER, {0.25, 0}};
         {
             engine_fork_req fk;
-            int done = 0;
             memset(&fk, 0, sizeof fk);
             fk.type = ENGINE_REQ_FORK;
-            snprintf(fk.name, sizeof fk.name, "c");
             snprintf(fk.from, sizeof fk.from, "a");
-            fk.if_match = -1;
             fk.settings.items = &lr_item;
             fk.settings.n_items = 1;
-            fk.cb = on_done;
-            fk.data = &done;
-            assert_int_equal(engine_submit(f->e, (engine_req *)&fk), OPTD_OK);
-            wait_flag(&done);
-            assert_true(fk.rc == OPTD_OK || fk.rc == OPTD_E_NOMEM);
-            c_made = fk.rc == OPTD_OK;
+            c_made = submit_under_faults(f, (engine_req *)&fk, "c") == OPTD_OK;
             store_session_clear(&fk.row);
         }
         {
             engine_patch_req pt;
-            int done = 0;
             memset(&pt, 0, sizeof pt);
             pt.type = ENGINE_REQ_PATCH;
-            snprintf(pt.name, sizeof pt.name, "a");
-            pt.if_match = -1;
             pt.settings.items = &lr_item;
             pt.settings.n_items = 1;
-            pt.cb = on_done;
-            pt.data = &done;
-            assert_int_equal(engine_submit(f->e, (engine_req *)&pt), OPTD_OK);
-            wait_flag(&done);
-            assert_true(pt.rc == OPTD_OK || pt.rc == OPTD_E_NOMEM);
+            submit_under_faults(f, (engine_req *)&pt, "a");
             store_session_clear(&pt.row);
         }
         if (b_made) {
             engine_delete_req del;
-            int done = 0;
             memset(&del, 0, sizeof del);
             del.type = ENGINE_REQ_DELETE;
-            snprintf(del.name, sizeof del.name, "b");
-            del.if_match = -1;
-            del.cb = on_done;
-            del.data = &done;
-            assert_int_equal(engine_submit(f->e, (engine_req *)&del), OPTD_OK);
-            wait_flag(&done);
-            assert_true(del.rc == OPTD_OK || del.rc == OPTD_E_NOMEM);
-            b_made = del.rc != OPTD_OK;
+            b_made = submit_under_faults(f, (engine_req *)&del, "b") != OPTD_OK;
         }
         int hit = inj_hit;
         inj_arm(0);
