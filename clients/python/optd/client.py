@@ -167,6 +167,16 @@ def _to_list(values):
     return list(values)
 
 
+def _set_given(target, fields):
+    """Sets target[key] = convert(value) for each (key, value, convert) of
+    fields whose value was given (is not None): the optional fields of a
+    request body or its headers. Returns target."""
+    for key, value, convert in fields:
+        if value is not None:
+            target[key] = convert(value)
+    return target
+
+
 def _dumps(obj):
     try:
         return json.dumps(obj, allow_nan=False, separators=(",", ":")).encode("utf-8")
@@ -419,17 +429,9 @@ class Client:
         ``round_timeout=`` ...) go into the body as they are. With
         ``exist_ok=True`` a session of that name is returned instead of
         raising :class:`Conflict`."""
-        body = {"optimizer": optimizer}
-        if params is not None:
-            body["params"] = _to_list(params)
-        if size is not None:
-            body["size"] = int(size)
-        if fill is not None:
-            body["fill"] = float(fill)
-        if hyperparams:
-            body["hyperparams"] = _jsonable(hyperparams)
-        if dtype is not None:
-            body["dtype"] = _dtype_name(dtype)
+        body = _set_given({"optimizer": optimizer},
+                          (("params", params, _to_list), ("size", size, int), ("fill", fill, float),
+                           ("hyperparams", hyperparams or None, _jsonable), ("dtype", dtype, _dtype_name)))
         body.update(_jsonable(fields))
         try:
             r = self.request("PUT", self._path(name), json_body=body, safe=False)
@@ -547,10 +549,8 @@ class Client:
             dtype = self.dtype_of(name)
             headers["Content-Type"] = BINARY if wire in (None, dtype) else "%s; dtype=%s" % (BINARY, wire)
             headers["Accept"] = BINARY if reply in (None, dtype) else "%s; dtype=%s" % (BINARY, reply)
-            if loss is not None:
-                headers["Optd-Loss"] = repr(float(loss))
-            if weight is not None:
-                headers["Optd-Weight"] = repr(float(weight))
+            _set_given(headers, (("Optd-Loss", loss, lambda v: repr(float(v))),
+                                 ("Optd-Weight", weight, lambda v: repr(float(v)))))
             if skip:
                 headers["Optd-Skip"] = ",".join(skip)
             if wire in ("bfloat16", "float16") and not isinstance(grad, (bytes, bytearray, memoryview)):
@@ -577,11 +577,7 @@ class Client:
                 got = _media_dtype(full_ctype) or dtype
                 params = self._decode_params(r.body, got, dtype, as_numpy)
             return StepResult(step, params, data, self._replayed(r))
-        body = {"grad": _to_list(grad)}
-        if loss is not None:
-            body["loss"] = float(loss)
-        if weight is not None:
-            body["weight"] = float(weight)
+        body = _set_given({"grad": _to_list(grad)}, (("loss", loss, float), ("weight", weight, float)))
         if skip:
             body["skip"] = list(skip)
         body.update(_jsonable(fields))
