@@ -66,18 +66,28 @@ class WireTypeTests(DaemonTest):
         self.d.create(name, "sgd", dtype=dtype, hyperparams={"lr": 0.0}, params=values)
         return name
 
-    # -- params returned narrow -------------------------------------------
-    def test_float32_params_as_bfloat16_and_float16_are_torchs_bit_for_bit(self):
-        ref = self.ref
-        keep = [i for i, v in enumerate(ref["in32"]) if math.isfinite(v)]
-        name = self.create_with("float32", [ref["in32"][i] for i in keep])
-        for dtype, want in (("bfloat16", ref["bf16_of_32"]), ("float16", ref["f16_of_32"])):
+    def create_finite(self, dtype, key):
+        """A session of dtype holding the finite values of the reference's
+        key; the session and the indices of those values."""
+        keep = [i for i, v in enumerate(self.ref[key]) if math.isfinite(v)]
+        return self.create_with(dtype, [self.ref[key][i] for i in keep]), keep
+
+    def assert_params_as_narrow(self, name, keep, cases):
+        """The params of name read as each (dtype, want) of cases, a 16-bit
+        type, are want's values at keep, two bytes each."""
+        for dtype, want in cases:
             with self.subTest(dtype=dtype):
                 r = self.params_as(name, dtype)
                 self.assertEqual(len(r.body), 2 * len(keep), "two bytes an element")
                 got = u16(r.body)
                 bad = [(i, hex(got[k]), hex(want[i])) for k, i in enumerate(keep) if got[k] != want[i]]
                 self.assertEqual(bad[:5], [], "%d of %d differ from torch" % (len(bad), len(keep)))
+
+    # -- params returned narrow -------------------------------------------
+    def test_float32_params_as_bfloat16_and_float16_are_torchs_bit_for_bit(self):
+        ref = self.ref
+        name, keep = self.create_finite("float32", "in32")
+        self.assert_params_as_narrow(name, keep, (("bfloat16", ref["bf16_of_32"]), ("float16", ref["f16_of_32"])))
         # The step reply converts the same way.
         r = self.d.request("POST", self.step_path(name), body=b"\0" * (4 * len(keep)),
                            headers={"Content-Type": OCTET, "Accept": OCTET + ";dtype=bfloat16"})
@@ -86,13 +96,8 @@ class WireTypeTests(DaemonTest):
 
     def test_float64_params_as_bfloat16_float16_and_float32_are_torchs_bit_for_bit(self):
         ref = self.ref
-        keep = [i for i, v in enumerate(ref["in64"]) if math.isfinite(v)]
-        name = self.create_with("float64", [ref["in64"][i] for i in keep])
-        for dtype, want in (("bfloat16", ref["bf16_of_64"]), ("float16", ref["f16_of_64"])):
-            with self.subTest(dtype=dtype):
-                got = u16(self.params_as(name, dtype).body)
-                bad = [i for k, i in enumerate(keep) if got[k] != want[i]]
-                self.assertEqual(bad[:5], [], "%d of %d differ from torch" % (len(bad), len(keep)))
+        name, keep = self.create_finite("float64", "in64")
+        self.assert_params_as_narrow(name, keep, (("bfloat16", ref["bf16_of_64"]), ("float16", ref["f16_of_64"])))
         got = unpack("float32", self.params_as(name, "float32").body)
         want = [ref["f32_of_64"][i] for i in keep]
         self.assertEqual(struct.pack("<%df" % len(got), *got), struct.pack("<%df" % len(want), *want))
