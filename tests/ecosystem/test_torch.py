@@ -35,9 +35,8 @@ def uniq():
     return "torch-%s" % uuid.uuid4().hex[:10]
 
 
-@unittest.skipUnless(HAVE, "needs torch and sklearn (apt-get install python3-torch python3-sklearn)")
-class RemoteOptimizerTests(DaemonCase):
-    worst = {}
+class DigitsCase(DaemonCase):
+    """A daemon, a client of it, and scikit-learn's digits in batches."""
 
     @classmethod
     def setUpClass(cls):
@@ -49,10 +48,17 @@ class RemoteOptimizerTests(DaemonCase):
     def setUp(self):
         self.client = optd.Client(self.url)
 
-    def batch(self, step, dtype):
-        n = len(self.y) // BATCH
-        lo = (step % n) * BATCH
-        return self.x64[lo:lo + BATCH].to(dtype), self.y[lo:lo + BATCH]
+    def batch(self, step, dtype=None, size=BATCH):
+        """Batch step (wrapping around) of size examples as dtype (float64 by
+        default) and their labels."""
+        n = len(self.y) // size
+        lo = (step % n) * size
+        return self.x64[lo:lo + size].to(dtype or torch.float64), self.y[lo:lo + size]
+
+
+@unittest.skipUnless(HAVE, "needs torch and sklearn (apt-get install python3-torch python3-sklearn)")
+class RemoteOptimizerTests(DigitsCase):
+    worst = {}
 
     @staticmethod
     def rel_err(a, b, tol):
@@ -191,24 +197,9 @@ def note(key, err):
 DEVIATION = {}
 
 
-class TorchCase(DaemonCase):
+class TorchCase(DigitsCase):
     """Two copies of one model, one trained with a RemoteOptimizer and one
     with torch.optim, on the same batches."""
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        d = load_digits()
-        cls.x64 = torch.tensor(d.data / 16.0, dtype=torch.float64)
-        cls.y = torch.tensor(d.target, dtype=torch.long)
-
-    def setUp(self):
-        self.client = optd.Client(self.url)
-
-    def batch(self, step, dtype=torch.float64, size=BATCH):
-        n = len(self.y) // size
-        lo = (step % n) * size
-        return self.x64[lo:lo + size].to(dtype), self.y[lo:lo + size]
 
     def one_step(self, model, opt, step, dtype=torch.float64):
         xb, yb = self.batch(step, dtype)
