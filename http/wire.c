@@ -86,91 +86,55 @@ static inline float f32_from_f16(uint16_t h)
     return f32_from(sign | (f32_bits(denormalized) & den) | (f32_bits(normalized) & ~den));
 }
 
+/* Whether a wire element is not finite: its exponent bits all ones. */
+static inline uint32_t bf16_not_finite(uint16_t h) { return (h & 0x7f80u) == 0x7f80u; }
+static inline uint32_t f16_not_finite(uint16_t h) { return (h & 0x7c00u) == 0x7c00u; }
+static inline uint32_t f32_not_finite(float f) { return (f32_bits(f) & 0x7f800000u) == 0x7f800000u; }
+
+/* Plain conversions, named so that each loop below is an instance of one
+ * of the two definitions. */
+static inline float f32_from_f64(double d) { return (float)d; }
+static inline double f64_from_f32(float f) { return f; }
+
 /* ---- loops ------------------------------------------------------------ */
 
-LOOP void enc_f32_bf16(const float *restrict x, uint16_t *restrict y, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        y[i] = bf16_from_f32(x[i]);
-}
-
-LOOP void enc_f64_bf16(const double *restrict x, uint16_t *restrict y, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        y[i] = bf16_from_f32((float)x[i]);
-}
-
-LOOP void enc_f32_f16(const float *restrict x, uint16_t *restrict y, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        y[i] = f16_from_f32(x[i]);
-}
-
-LOOP void enc_f64_f16(const double *restrict x, uint16_t *restrict y, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        y[i] = f16_from_f32((float)x[i]);
-}
-
-LOOP void enc_f64_f32(const double *restrict x, float *restrict y, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        y[i] = (float)x[i];
-}
-
-/* The decoders also count the elements that are not finite (their exponent
- * bits all ones), in the same pass. */
-LOOP uint32_t dec_bf16_f32(const uint16_t *restrict x, float *restrict y, size_t n)
-{
-    uint32_t bad = 0;
-    for (size_t i = 0; i < n; i++) {
-        bad |= (x[i] & 0x7f80u) == 0x7f80u;
-        y[i] = f32_from_bf16(x[i]);
+/* One definition of each loop, stamped out per pair of element types: the
+ * types differ, so C needs a function each, and an element function passed
+ * by pointer would stop gcc inlining it and so vectorizing the loop. The
+ * element function's argument converts implicitly (a double to the float
+ * the narrowing functions take, as torch goes through float first). */
+#define ENCODER(name, in_t, out_t, narrow)                                                                            \
+    LOOP void name(const in_t *restrict x, out_t *restrict y, size_t n)                                               \
+    {                                                                                                                 \
+        for (size_t i = 0; i < n; i++)                                                                                \
+            y[i] = narrow(x[i]);                                                                                      \
     }
-    return bad;
-}
 
-LOOP uint32_t dec_bf16_f64(const uint16_t *restrict x, double *restrict y, size_t n)
-{
-    uint32_t bad = 0;
-    for (size_t i = 0; i < n; i++) {
-        bad |= (x[i] & 0x7f80u) == 0x7f80u;
-        y[i] = f32_from_bf16(x[i]);
+/* The decoders also count the elements that are not finite, in the same
+ * pass. */
+#define DECODER(name, in_t, out_t, not_finite, widen)                                                                 \
+    LOOP uint32_t name(const in_t *restrict x, out_t *restrict y, size_t n)                                           \
+    {                                                                                                                 \
+        uint32_t bad = 0;                                                                                             \
+        for (size_t i = 0; i < n; i++) {                                                                              \
+            bad |= not_finite(x[i]);                                                                                  \
+            y[i] = widen(x[i]);                                                                                       \
+        }                                                                                                             \
+        return bad;                                                                                                   \
     }
-    return bad;
-}
 
-LOOP uint32_t dec_f16_f32(const uint16_t *restrict x, float *restrict y, size_t n)
-{
-    uint32_t bad = 0;
-    for (size_t i = 0; i < n; i++) {
-        bad |= (x[i] & 0x7c00u) == 0x7c00u;
-        y[i] = f32_from_f16(x[i]);
-    }
-    return bad;
-}
+/* A narrow wire type, to and from either session dtype. */
+#define NARROW(w, narrow, not_finite, widen)                                                                          \
+    ENCODER(enc_f32_##w, float, uint16_t, narrow)                                                                     \
+    ENCODER(enc_f64_##w, double, uint16_t, narrow)                                                                    \
+    DECODER(dec_##w##_f32, uint16_t, float, not_finite, widen)                                                        \
+    DECODER(dec_##w##_f64, uint16_t, double, not_finite, widen)
 
-LOOP uint32_t dec_f16_f64(const uint16_t *restrict x, double *restrict y, size_t n)
-{
-    uint32_t bad = 0;
-    for (size_t i = 0; i < n; i++) {
-        bad |= (x[i] & 0x7c00u) == 0x7c00u;
-        y[i] = f32_from_f16(x[i]);
-    }
-    return bad;
-}
-
-LOOP uint32_t dec_f32_f64(const float *restrict x, double *restrict y, size_t n)
-{
-    uint32_t bad = 0;
-    for (size_t i = 0; i < n; i++) {
-        uint32_t u;
-        memcpy(&u, &x[i], 4);
-        bad |= (u & 0x7f800000u) == 0x7f800000u;
-        y[i] = x[i];
-    }
-    return bad;
-}
+NARROW(bf16, bf16_from_f32, bf16_not_finite, f32_from_bf16)
+NARROW(f16, f16_from_f32, f16_not_finite, f32_from_f16)
+/* float32 on the wire, a float64 session. */
+ENCODER(enc_f64_f32, double, float, f32_from_f64)
+DECODER(dec_f32_f64, float, double, f32_not_finite, f64_from_f32)
 
 /* ---- the module's interface ------------------------------------------- */
 
