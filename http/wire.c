@@ -104,8 +104,10 @@ static inline double f64_from_f32(float f) { return f; }
  * element function's argument converts implicitly (a double to the float
  * the narrowing functions take, as torch goes through float first). */
 #define ENCODER(name, in_t, out_t, narrow)                                                                            \
-    LOOP void name(const in_t *restrict x, out_t *restrict y, size_t n)                                               \
+    LOOP void name(const void *restrict src, void *restrict dst, size_t n)                                            \
     {                                                                                                                 \
+        const in_t *restrict x = src;                                                                                 \
+        out_t *restrict y = dst;                                                                                      \
         for (size_t i = 0; i < n; i++)                                                                                \
             y[i] = narrow(x[i]);                                                                                      \
     }
@@ -113,8 +115,10 @@ static inline double f64_from_f32(float f) { return f; }
 /* The decoders also count the elements that are not finite, in the same
  * pass. */
 #define DECODER(name, in_t, out_t, not_finite, widen)                                                                 \
-    LOOP uint32_t name(const in_t *restrict x, out_t *restrict y, size_t n)                                           \
+    LOOP uint32_t name(const void *restrict src, void *restrict dst, size_t n)                                        \
     {                                                                                                                 \
+        const in_t *restrict x = src;                                                                                 \
+        out_t *restrict y = dst;                                                                                      \
         uint32_t bad = 0;                                                                                             \
         for (size_t i = 0; i < n; i++) {                                                                              \
             bad |= not_finite(x[i]);                                                                                  \
@@ -138,55 +142,38 @@ DECODER(dec_f32_f64, float, double, f32_not_finite, f64_from_f32)
 
 /* ---- the module's interface ------------------------------------------- */
 
+/* The loop for each wire type and session dtype ([0] float32, [1] float64);
+ * none where the wire carries the session's own bytes. The loops take void
+ * pointers so that one table (and one call below) serves them all. */
+typedef void wire_enc_fn(const void *restrict, void *restrict, size_t);
+typedef uint32_t wire_dec_fn(const void *restrict, void *restrict, size_t);
+static const struct {
+    wire_enc_fn *enc[2];
+    wire_dec_fn *dec[2];
+} wire_loops[] = {
+    [WIRE_BF16] = {{enc_f32_bf16, enc_f64_bf16}, {dec_bf16_f32, dec_bf16_f64}},
+    [WIRE_F16] = {{enc_f32_f16, enc_f64_f16}, {dec_f16_f32, dec_f16_f64}},
+    [WIRE_F32] = {{NULL, enc_f64_f32}, {NULL, dec_f32_f64}},
+    [WIRE_F64] = {{NULL, NULL}, {NULL, NULL}},
+};
+
 void wire_encode(optim_dtype dtype, const void *src, size_t n, wire_type w, void *dst)
 {
-    int f64 = dtype == OPTIM_F64;
-    switch (w) {
-    case WIRE_BF16:
-        if (f64)
-            enc_f64_bf16(src, dst, n);
-        else
-            enc_f32_bf16(src, dst, n);
-        return;
-    case WIRE_F16:
-        if (f64)
-            enc_f64_f16(src, dst, n);
-        else
-            enc_f32_f16(src, dst, n);
-        return;
-    case WIRE_F32:
-        if (f64) {
-            enc_f64_f32(src, dst, n);
-            return;
-        }
-        break;
-    default:
-        break;
-    }
-    memcpy(dst, src, n * optim_elem_size(dtype));
+    wire_enc_fn *enc = w > WIRE_NATIVE && w <= WIRE_F64 ? wire_loops[w].enc[dtype == OPTIM_F64] : NULL;
+    if (enc)
+        enc(src, dst, n);
+    else
+        memcpy(dst, src, n * optim_elem_size(dtype));
 }
 
 bool wire_decode(wire_type w, const void *src, size_t n, optim_dtype dtype, void *dst, size_t *bad)
 {
-    int f64 = dtype == OPTIM_F64;
-    uint32_t any = 0;
-    switch (w) {
-    case WIRE_BF16:
-        any = f64 ? dec_bf16_f64(src, dst, n) : dec_bf16_f32(src, dst, n);
-        break;
-    case WIRE_F16:
-        any = f64 ? dec_f16_f64(src, dst, n) : dec_f16_f32(src, dst, n);
-        break;
-    default:
-        if (w == WIRE_F32 && f64) {
-            any = dec_f32_f64(src, dst, n);
-            break;
-        }
-        /* the session's own type */
+    wire_dec_fn *dec = w > WIRE_NATIVE && w <= WIRE_F64 ? wire_loops[w].dec[dtype == OPTIM_F64] : NULL;
+    if (!dec) { /* the session's own type */
         memcpy(dst, src, n * optim_elem_size(dtype));
         return vec_finite(dst, n, dtype, bad);
     }
-    if (!any)
+    if (!dec(src, dst, n))
         return true;
     /* Rare: find the first element that is not finite, for the message. */
     return vec_finite(dst, n, dtype, bad);
