@@ -351,6 +351,21 @@ optd_err engine_sess_set_shape(sess *s, engine_shape *sh)
     return rc;
 }
 
+/* The end of a change of hyperparameters, with groups or without: s, as
+ * old was before, takes blob (len bytes, laid out for the new settings and
+ * filled) in place of old's, keeps old's step and scalar, and writes its
+ * config. */
+static optd_err adopt_blob(sess *s, const sess *old, unsigned char *blob, size_t len)
+{
+    s->st.scalar = old->st.scalar;
+    s->st.step = old->st.step;
+    free(old->blob);
+    s->blob = blob;
+    s->blob_len = len;
+    engine_sess_pack(s);
+    return engine_sess_write_config(s);
+}
+
 optd_err engine_sess_set_all_hparams(sess *s, const optim_hparams *hp, const optim_hparams *ghp)
 {
     if (!s->shape)
@@ -398,13 +413,7 @@ optd_err engine_sess_set_all_hparams(sess *s, const optim_hparams *hp, const opt
             group_init(s, g, mask);
     }
     free(old_ghp);
-    s->st.scalar = old.st.scalar;
-    s->st.step = old.st.step;
-    free(old.blob);
-    s->blob = blob;
-    s->blob_len = len;
-    engine_sess_pack(s);
-    return engine_sess_write_config(s);
+    return adopt_blob(s, &old, blob, len);
 }
 
 optd_err engine_sess_set_hparams(sess *s, const optim_hparams *hp)
@@ -444,14 +453,7 @@ optd_err engine_sess_set_hparams(sess *s, const optim_hparams *hp)
             fresh.buf[i] = s->st.buf[i];
     }
     optim_state_init(s->info, hp, s->dtype, s->n, &fresh);
-    s->st.scalar = old.st.scalar;
-    s->st.step = old.st.step;
-    free(old.blob);
-    s->blob = blob;
-    s->blob_len = len;
-    engine_sess_pack(s);
-    optd_err rc = engine_sess_write_config(s);
-    return rc;
+    return adopt_blob(s, &old, blob, len);
 }
 
 void engine_sess_row(const sess *s, store_session *row)

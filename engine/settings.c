@@ -78,6 +78,23 @@ static optd_err apply_item(const optim_info *info, const engine_settings *d, con
     return OPTD_OK;
 }
 
+/* The hyperparameter items of d onto hp, in order, up to a deferred parse
+ * error among them (it is reported where it stood, after the items before
+ * it): the session's settings and a group's are read alike. */
+static optd_err apply_items(const optim_info *info, const engine_settings *d, optim_hparams *hp, char *msg,
+                            size_t msglen)
+{
+    size_t stop = d->err_phase == ENGINE_ERR_ITEMS && d->err_at < d->n_items ? d->err_at : d->n_items;
+    for (size_t i = 0; i < stop; i++) {
+        optd_err rc = apply_item(info, d, &d->items[i], hp, msg, msglen);
+        if (rc)
+            return rc;
+    }
+    if (d->err_phase == ENGINE_ERR_ITEMS)
+        return deferred(d, msg, msglen);
+    return OPTD_OK;
+}
+
 /* The session fields of d onto *tr, checked against the values they keep. */
 static optd_err apply_fields(const engine_settings *d, training *tr, char *msg, size_t msglen)
 {
@@ -105,14 +122,9 @@ static optd_err apply_fields(const engine_settings *d, training *tr, char *msg, 
 optd_err engine_settings_apply(const optim_info *info, const engine_settings *d, optim_hparams *hp, training *tr,
                                char *msg, size_t msglen)
 {
-    size_t stop = d->err_phase == ENGINE_ERR_ITEMS && d->err_at < d->n_items ? d->err_at : d->n_items;
-    for (size_t i = 0; i < stop; i++) {
-        optd_err rc = apply_item(info, d, &d->items[i], hp, msg, msglen);
-        if (rc)
-            return rc;
-    }
-    if (d->err_phase == ENGINE_ERR_ITEMS)
-        return deferred(d, msg, msglen);
+    optd_err rc = apply_items(info, d, hp, msg, msglen);
+    if (rc)
+        return rc;
     if (d->set & ENGINE_SET_SCHED) {
         if (d->sched.type == SCHED_NONE)
             tr->sched.type = SCHED_NONE; /* null: the rest is kept, unused */
@@ -134,14 +146,9 @@ optd_err engine_settings_apply(const optim_info *info, const engine_settings *d,
 optd_err engine_group_settings_apply(const optim_info *info, const engine_settings *d, int from_session,
                                      optim_hparams *hp, char *msg, size_t msglen)
 {
-    size_t stop = d->err_phase == ENGINE_ERR_ITEMS && d->err_at < d->n_items ? d->err_at : d->n_items;
-    for (size_t i = 0; i < stop; i++) {
-        optd_err rc = apply_item(info, d, &d->items[i], hp, msg, msglen);
-        if (rc)
-            return rc;
-    }
-    if (d->err_phase == ENGINE_ERR_ITEMS)
-        return deferred(d, msg, msglen);
+    optd_err rc = apply_items(info, d, hp, msg, msglen);
+    if (rc)
+        return rc;
     if (!from_session && (d->set & (ENGINE_SET_SCHED | ENGINE_SET_CLIP))) {
         snprintf(msg, msglen,
                  "%s is session-wide, not a group's: put it in the session's \"hyperparams\" (the schedule's "

@@ -31,18 +31,29 @@ optd_err engine_shape_new(engine_shape **out)
     return *out ? OPTD_OK : OPTD_E_NOMEM;
 }
 
+/* The array arr (n elements of elem bytes, room for *cap) with room for one
+ * more: arr itself, or moved into twice the room (first, the first time).
+ * NULL when there is no memory, arr and *cap then as they were. The groups
+ * and the tensors grow alike. */
+static void *room(void *arr, size_t n, size_t *cap, size_t elem, size_t first)
+{
+    if (n < *cap)
+        return arr;
+    size_t c = *cap ? 2 * *cap : first;
+    void *p = realloc(arr, c * elem);
+    if (p)
+        *cap = c;
+    return p;
+}
+
 optd_err engine_shape_add_group(engine_shape *sh, const optim_hparams *hp, char *msg, size_t msglen)
 {
     if (sh->n_groups == ENGINE_MAX_GROUPS)
         return optd_fail(msg, msglen, OPTD_E_INVALID, "a session has at most %d groups", ENGINE_MAX_GROUPS);
-    if (sh->n_groups == sh->cap_groups) {
-        size_t cap = sh->cap_groups ? 2 * sh->cap_groups : 4;
-        engine_group *g = realloc(sh->groups, cap * sizeof *g);
-        if (!g)
-            return OPTD_E_NOMEM;
-        sh->groups = g;
-        sh->cap_groups = cap;
-    }
+    engine_group *groups = room(sh->groups, sh->n_groups, &sh->cap_groups, sizeof *groups, 4);
+    if (!groups)
+        return OPTD_E_NOMEM;
+    sh->groups = groups;
     engine_group *g = &sh->groups[sh->n_groups++];
     g->hp = *hp;
     g->first = sh->n_tensors;
@@ -93,14 +104,10 @@ optd_err engine_shape_add_tensor(engine_shape *sh, const char *name, const uint6
     if (sh->n + n > ENGINE_MAX_ELEMENTS)
         return optd_fail(msg, msglen, OPTD_E_INVALID, "the tensors have more than %zu elements in all",
                          ENGINE_MAX_ELEMENTS);
-    if (sh->n_tensors == sh->cap_tensors) {
-        size_t cap = sh->cap_tensors ? 2 * sh->cap_tensors : 8;
-        engine_tensor *t = realloc(sh->tensors, cap * sizeof *t);
-        if (!t)
-            return OPTD_E_NOMEM;
-        sh->tensors = t;
-        sh->cap_tensors = cap;
-    }
+    engine_tensor *tensors = room(sh->tensors, sh->n_tensors, &sh->cap_tensors, sizeof *tensors, 8);
+    if (!tensors)
+        return OPTD_E_NOMEM;
+    sh->tensors = tensors;
     engine_tensor *t = &sh->tensors[sh->n_tensors];
     memset(t, 0, sizeof *t);
     t->name = strdup(name);

@@ -71,6 +71,18 @@ static optd_err tensor_from_json(const cJSON *t, size_t k, size_t i, engine_shap
     return rc;
 }
 
+/* Names entry k of a groups array into where (for messages) and checks it
+ * is an object, hint saying what one holds: the groups of a create and of
+ * a PATCH are walked alike. */
+static optd_err group_entry(const cJSON *g, size_t k, const char *hint, char *where, size_t wlen, char *msg,
+                            size_t msglen)
+{
+    snprintf(where, wlen, "groups[%zu]", k);
+    if (!cJSON_IsObject(g))
+        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "%s must be an object%s", where, hint);
+    return OPTD_OK;
+}
+
 optd_err groups_from_json(const cJSON *groups, const optim_info *info, const optim_hparams *base, engine_shape **out,
                           char *msg, size_t msglen)
 {
@@ -87,12 +99,9 @@ optd_err groups_from_json(const cJSON *groups, const optim_info *info, const opt
     size_t k = 0;
     for (const cJSON *g = groups->child; g && !rc; g = g->next, k++) {
         char where[32];
-        snprintf(where, sizeof where, "groups[%zu]", k);
-        if (!cJSON_IsObject(g)) {
-            rc = optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "%s must be an object: {\"hyperparams\": {...}, "
-                           "\"tensors\": [...]}", where);
+        if ((rc = group_entry(g, k, ": {\"hyperparams\": {...}, \"tensors\": [...]}", where, sizeof where, msg,
+                              msglen)))
             break;
-        }
         if ((rc = session_member(g, k, msg, msglen)))
             break;
         /* A torch habit ({"params": ..., "lr": 0.1}) is told where lr goes. */
@@ -252,12 +261,8 @@ optd_err patch_groups_from_json(const cJSON *groups, engine_settings **out, size
     optd_err rc = OPTD_OK;
     for (const cJSON *g = groups->child; g && !rc; g = g->next, k++) {
         char where[32];
-        snprintf(where, sizeof where, "groups[%zu]", k);
-        if (!cJSON_IsObject(g)) {
-            rc = optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "%s must be an object ({} for a group that does not "
-                           "change)", where);
+        if ((rc = group_entry(g, k, " ({} for a group that does not change)", where, sizeof where, msg, msglen)))
             break;
-        }
         if (cJSON_GetObjectItemCaseSensitive(g, "tensors")) {
             rc = optd_fail(msg, msglen, OPTD_E_INVALID,
                            "%s has \"tensors\": a session's tensors cannot change by PATCH (only each group's "

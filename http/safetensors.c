@@ -230,28 +230,50 @@ static optd_err meta_to_checkpoint(const cJSON *meta, cJSON **out, char *msg, si
 }
 
 /* Reads one tensor's entry: dtype, a shape of one dimension n, offsets. */
-static optd_err tensor_entry(const cJSON *e, const char *dtype, uint64_t *n, uint64_t *begin, uint64_t *end, char *msg,
-                             size_t msglen)
+/* The two kinds of entry (a flat session's, a shaped one's) are read by
+ * these two steps, around the check of the shape, which differs: first the
+ * members and the dtype (is names what dtype must be, for the message)... */
+static optd_err entry_head(const cJSON *e, const char *dtype, const char *is, const cJSON **shape, char *msg,
+                           size_t msglen)
 {
     const cJSON *dt = cJSON_GetObjectItemCaseSensitive(e, "dtype");
-    const cJSON *shape = cJSON_GetObjectItemCaseSensitive(e, "shape");
     const cJSON *off = cJSON_GetObjectItemCaseSensitive(e, "data_offsets");
-    if (!cJSON_IsObject(e) || !cJSON_IsString(dt) || !cJSON_IsArray(shape) || !cJSON_IsArray(off) ||
+    *shape = cJSON_GetObjectItemCaseSensitive(e, "shape");
+    if (!cJSON_IsObject(e) || !cJSON_IsString(dt) || !cJSON_IsArray(*shape) || !cJSON_IsArray(off) ||
         cJSON_GetArraySize(off) != 2 || !cJSON_IsNumber(off->child) || !cJSON_IsNumber(off->child->next))
         return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "tensor %.64s needs dtype, shape and data_offsets",
                          e->string);
     if (strcmp(dt->valuestring, dtype) != 0)
-        return optd_fail(msg, msglen, OPTD_E_INVALID, "tensor %.64s is %.8s; the session's tensors are %s", e->string,
-                         dt->valuestring, dtype);
-    if (cJSON_GetArraySize(shape) != 1 || !cJSON_IsNumber(shape->child) || shape->child->valuedouble < 0)
-        return optd_fail(msg, msglen, OPTD_E_INVALID,
-                         "tensor %.64s must have one dimension (the session is a flat vector)", e->string);
+        return optd_fail(msg, msglen, OPTD_E_INVALID, "tensor %.64s is %.8s; %s %s", e->string, dt->valuestring, is,
+                         dtype);
+    return OPTD_OK;
+}
+
+/* ... then the data_offsets (entry_head checked they are two numbers). */
+static optd_err entry_offsets(const cJSON *e, uint64_t *begin, uint64_t *end, char *msg, size_t msglen)
+{
+    const cJSON *off = cJSON_GetObjectItemCaseSensitive(e, "data_offsets");
     double b = off->child->valuedouble, d = off->child->next->valuedouble;
     if (b < 0 || d < b || d > 9007199254740992.0)
         return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "tensor %.64s has bad data_offsets", e->string);
-    *n = (uint64_t)shape->child->valuedouble;
     *begin = (uint64_t)b;
     *end = (uint64_t)d;
+    return OPTD_OK;
+}
+
+static optd_err tensor_entry(const cJSON *e, const char *dtype, uint64_t *n, uint64_t *begin, uint64_t *end, char *msg,
+                             size_t msglen)
+{
+    const cJSON *shape;
+    optd_err rc = entry_head(e, dtype, "the session's tensors are", &shape, msg, msglen);
+    if (rc)
+        return rc;
+    if (cJSON_GetArraySize(shape) != 1 || !cJSON_IsNumber(shape->child) || shape->child->valuedouble < 0)
+        return optd_fail(msg, msglen, OPTD_E_INVALID,
+                         "tensor %.64s must have one dimension (the session is a flat vector)", e->string);
+    if ((rc = entry_offsets(e, begin, end, msg, msglen)))
+        return rc;
+    *n = (uint64_t)shape->child->valuedouble;
     return OPTD_OK;
 }
 
@@ -285,16 +307,10 @@ static optd_err check_cover(st_reader *r)
 static optd_err shaped_entry(const cJSON *e, const char *dtype, const engine_tensor *t, int scalar, uint64_t *begin,
                              uint64_t *end, char *msg, size_t msglen)
 {
-    const cJSON *dt = cJSON_GetObjectItemCaseSensitive(e, "dtype");
-    const cJSON *shape = cJSON_GetObjectItemCaseSensitive(e, "shape");
-    const cJSON *off = cJSON_GetObjectItemCaseSensitive(e, "data_offsets");
-    if (!cJSON_IsObject(e) || !cJSON_IsString(dt) || !cJSON_IsArray(shape) || !cJSON_IsArray(off) ||
-        cJSON_GetArraySize(off) != 2 || !cJSON_IsNumber(off->child) || !cJSON_IsNumber(off->child->next))
-        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "tensor %.64s needs dtype, shape and data_offsets",
-                         e->string);
-    if (strcmp(dt->valuestring, dtype) != 0)
-        return optd_fail(msg, msglen, OPTD_E_INVALID, "tensor %.64s is %.8s; it must be %s", e->string,
-                         dt->valuestring, dtype);
+    const cJSON *shape;
+    optd_err rc = entry_head(e, dtype, "it must be", &shape, msg, msglen);
+    if (rc)
+        return rc;
     uint32_t nd = scalar ? 0 : t->ndim, k = 0;
     int same = cJSON_GetArraySize(shape) == (int)nd;
     for (const cJSON *d = shape->child; d && same; d = d->next, k++)
@@ -302,12 +318,7 @@ static optd_err shaped_entry(const cJSON *e, const char *dtype, const engine_ten
     if (!same)
         return optd_fail(msg, msglen, OPTD_E_INVALID, "tensor %.64s must have the shape of %.64s in the groups%s",
                          e->string, t->name, scalar ? " ([]: one number per tensor)" : "");
-    double b = off->child->valuedouble, d = off->child->next->valuedouble;
-    if (b < 0 || d < b || d > 9007199254740992.0)
-        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "tensor %.64s has bad data_offsets", e->string);
-    *begin = (uint64_t)b;
-    *end = (uint64_t)d;
-    return OPTD_OK;
+    return entry_offsets(e, begin, end, msg, msglen);
 }
 
 /* Maps the entries of a shaped session's file (params/<tensor>,

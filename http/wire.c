@@ -86,143 +86,94 @@ static inline float f32_from_f16(uint16_t h)
     return f32_from(sign | (f32_bits(denormalized) & den) | (f32_bits(normalized) & ~den));
 }
 
+/* Whether a wire element is not finite: its exponent bits all ones. */
+static inline uint32_t bf16_not_finite(uint16_t h) { return (h & 0x7f80u) == 0x7f80u; }
+static inline uint32_t f16_not_finite(uint16_t h) { return (h & 0x7c00u) == 0x7c00u; }
+static inline uint32_t f32_not_finite(float f) { return (f32_bits(f) & 0x7f800000u) == 0x7f800000u; }
+
+/* Plain conversions, named so that each loop below is an instance of one
+ * of the two definitions. */
+static inline float f32_from_f64(double d) { return (float)d; }
+static inline double f64_from_f32(float f) { return f; }
+
 /* ---- loops ------------------------------------------------------------ */
 
-LOOP void enc_f32_bf16(const float *restrict x, uint16_t *restrict y, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        y[i] = bf16_from_f32(x[i]);
-}
-
-LOOP void enc_f64_bf16(const double *restrict x, uint16_t *restrict y, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        y[i] = bf16_from_f32((float)x[i]);
-}
-
-LOOP void enc_f32_f16(const float *restrict x, uint16_t *restrict y, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        y[i] = f16_from_f32(x[i]);
-}
-
-LOOP void enc_f64_f16(const double *restrict x, uint16_t *restrict y, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        y[i] = f16_from_f32((float)x[i]);
-}
-
-LOOP void enc_f64_f32(const double *restrict x, float *restrict y, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        y[i] = (float)x[i];
-}
-
-/* The decoders also count the elements that are not finite (their exponent
- * bits all ones), in the same pass. */
-LOOP uint32_t dec_bf16_f32(const uint16_t *restrict x, float *restrict y, size_t n)
-{
-    uint32_t bad = 0;
-    for (size_t i = 0; i < n; i++) {
-        bad |= (x[i] & 0x7f80u) == 0x7f80u;
-        y[i] = f32_from_bf16(x[i]);
+/* One definition of each loop, stamped out per pair of element types: the
+ * types differ, so C needs a function each, and an element function passed
+ * by pointer would stop gcc inlining it and so vectorizing the loop. The
+ * element function's argument converts implicitly (a double to the float
+ * the narrowing functions take, as torch goes through float first). */
+#define ENCODER(name, in_t, out_t, narrow)                                                                            \
+    LOOP void name(const void *restrict src, void *restrict dst, size_t n)                                            \
+    {                                                                                                                 \
+        const in_t *restrict x = src;                                                                                 \
+        out_t *restrict y = dst;                                                                                      \
+        for (size_t i = 0; i < n; i++)                                                                                \
+            y[i] = narrow(x[i]);                                                                                      \
     }
-    return bad;
-}
 
-LOOP uint32_t dec_bf16_f64(const uint16_t *restrict x, double *restrict y, size_t n)
-{
-    uint32_t bad = 0;
-    for (size_t i = 0; i < n; i++) {
-        bad |= (x[i] & 0x7f80u) == 0x7f80u;
-        y[i] = f32_from_bf16(x[i]);
+/* The decoders also count the elements that are not finite, in the same
+ * pass. */
+#define DECODER(name, in_t, out_t, not_finite, widen)                                                                 \
+    LOOP uint32_t name(const void *restrict src, void *restrict dst, size_t n)                                        \
+    {                                                                                                                 \
+        const in_t *restrict x = src;                                                                                 \
+        out_t *restrict y = dst;                                                                                      \
+        uint32_t bad = 0;                                                                                             \
+        for (size_t i = 0; i < n; i++) {                                                                              \
+            bad |= not_finite(x[i]);                                                                                  \
+            y[i] = widen(x[i]);                                                                                       \
+        }                                                                                                             \
+        return bad;                                                                                                   \
     }
-    return bad;
-}
 
-LOOP uint32_t dec_f16_f32(const uint16_t *restrict x, float *restrict y, size_t n)
-{
-    uint32_t bad = 0;
-    for (size_t i = 0; i < n; i++) {
-        bad |= (x[i] & 0x7c00u) == 0x7c00u;
-        y[i] = f32_from_f16(x[i]);
-    }
-    return bad;
-}
+/* A narrow wire type, to and from either session dtype. */
+#define NARROW(w, narrow, not_finite, widen)                                                                          \
+    ENCODER(enc_f32_##w, float, uint16_t, narrow)                                                                     \
+    ENCODER(enc_f64_##w, double, uint16_t, narrow)                                                                    \
+    DECODER(dec_##w##_f32, uint16_t, float, not_finite, widen)                                                        \
+    DECODER(dec_##w##_f64, uint16_t, double, not_finite, widen)
 
-LOOP uint32_t dec_f16_f64(const uint16_t *restrict x, double *restrict y, size_t n)
-{
-    uint32_t bad = 0;
-    for (size_t i = 0; i < n; i++) {
-        bad |= (x[i] & 0x7c00u) == 0x7c00u;
-        y[i] = f32_from_f16(x[i]);
-    }
-    return bad;
-}
-
-LOOP uint32_t dec_f32_f64(const float *restrict x, double *restrict y, size_t n)
-{
-    uint32_t bad = 0;
-    for (size_t i = 0; i < n; i++) {
-        uint32_t u;
-        memcpy(&u, &x[i], 4);
-        bad |= (u & 0x7f800000u) == 0x7f800000u;
-        y[i] = x[i];
-    }
-    return bad;
-}
+NARROW(bf16, bf16_from_f32, bf16_not_finite, f32_from_bf16)
+NARROW(f16, f16_from_f32, f16_not_finite, f32_from_f16)
+/* float32 on the wire, a float64 session. */
+ENCODER(enc_f64_f32, double, float, f32_from_f64)
+DECODER(dec_f32_f64, float, double, f32_not_finite, f64_from_f32)
 
 /* ---- the module's interface ------------------------------------------- */
 
+/* The loop for each wire type and session dtype ([0] float32, [1] float64);
+ * none where the wire carries the session's own bytes. The loops take void
+ * pointers so that one table (and one call below) serves them all. */
+typedef void wire_enc_fn(const void *restrict, void *restrict, size_t);
+typedef uint32_t wire_dec_fn(const void *restrict, void *restrict, size_t);
+static const struct {
+    wire_enc_fn *enc[2];
+    wire_dec_fn *dec[2];
+} wire_loops[] = {
+    [WIRE_BF16] = {{enc_f32_bf16, enc_f64_bf16}, {dec_bf16_f32, dec_bf16_f64}},
+    [WIRE_F16] = {{enc_f32_f16, enc_f64_f16}, {dec_f16_f32, dec_f16_f64}},
+    [WIRE_F32] = {{NULL, enc_f64_f32}, {NULL, dec_f32_f64}},
+    [WIRE_F64] = {{NULL, NULL}, {NULL, NULL}},
+};
+
 void wire_encode(optim_dtype dtype, const void *src, size_t n, wire_type w, void *dst)
 {
-    int f64 = dtype == OPTIM_F64;
-    switch (w) {
-    case WIRE_BF16:
-        if (f64)
-            enc_f64_bf16(src, dst, n);
-        else
-            enc_f32_bf16(src, dst, n);
-        return;
-    case WIRE_F16:
-        if (f64)
-            enc_f64_f16(src, dst, n);
-        else
-            enc_f32_f16(src, dst, n);
-        return;
-    case WIRE_F32:
-        if (f64) {
-            enc_f64_f32(src, dst, n);
-            return;
-        }
-        break;
-    default:
-        break;
-    }
-    memcpy(dst, src, n * optim_elem_size(dtype));
+    wire_enc_fn *enc = w > WIRE_NATIVE && w <= WIRE_F64 ? wire_loops[w].enc[dtype == OPTIM_F64] : NULL;
+    if (enc)
+        enc(src, dst, n);
+    else
+        memcpy(dst, src, n * optim_elem_size(dtype));
 }
 
 bool wire_decode(wire_type w, const void *src, size_t n, optim_dtype dtype, void *dst, size_t *bad)
 {
-    int f64 = dtype == OPTIM_F64;
-    uint32_t any = 0;
-    switch (w) {
-    case WIRE_BF16:
-        any = f64 ? dec_bf16_f64(src, dst, n) : dec_bf16_f32(src, dst, n);
-        break;
-    case WIRE_F16:
-        any = f64 ? dec_f16_f64(src, dst, n) : dec_f16_f32(src, dst, n);
-        break;
-    default:
-        if (w == WIRE_F32 && f64) {
-            any = dec_f32_f64(src, dst, n);
-            break;
-        }
-        /* the session's own type */
+    wire_dec_fn *dec = w > WIRE_NATIVE && w <= WIRE_F64 ? wire_loops[w].dec[dtype == OPTIM_F64] : NULL;
+    if (!dec) { /* the session's own type */
         memcpy(dst, src, n * optim_elem_size(dtype));
         return vec_finite(dst, n, dtype, bad);
     }
-    if (!any)
+    if (!dec(src, dst, n))
         return true;
     /* Rare: find the first element that is not finite, for the message. */
     return vec_finite(dst, n, dtype, bad);
