@@ -144,8 +144,7 @@ static void cache_put(engine *w, sess *s)
 }
 
 static void round_fail(engine *w, sess *s, optd_err rc, const char *msg);
-static optd_err step_lr_set(engine *w, sess *s, const double *lr, size_t n, int check_only, char *msg,
-                            size_t msglen);
+static optd_err step_lr_set(engine *w, sess *s, const double *lr, size_t n, int check_only, char *msg, size_t msglen);
 
 /* Forgets s (its worker round, if any, fails with 503: retry is safe). */
 static void cache_drop(engine *w, sess *s)
@@ -986,8 +985,7 @@ static optd_err apply_settings(sess *s, const optim_hparams *hpp, const training
  * PATCH {"hyperparams":{"lr":x}} (n 1) or {"groups":[{"lr":x},...]} would:
  * the same reading and validation, s's row (its config) rewritten in the
  * transaction in progress. check_only: validates, changes nothing. */
-static optd_err step_lr_set(engine *w, sess *s, const double *lr, size_t n, int check_only, char *msg,
-                            size_t msglen)
+static optd_err step_lr_set(engine *w, sess *s, const double *lr, size_t n, int check_only, char *msg, size_t msglen)
 {
     size_t G = s->shape ? s->shape->n_groups : 1;
     if (n > 1 && !s->shape)
