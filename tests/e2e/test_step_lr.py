@@ -164,3 +164,11 @@ class StepLrTests(DaemonTest):
         self.d.create(name, "sgd", hyperparams={"lr": 0.1}, params=[1.0], workers=2, round_timeout=30)
         self.assertError(self.step(name, [1.0], lr="-1", expect=None), 422, "bad_hyperparam")
         self.assertIn(b"optd_round_contributions_waiting 0", self.d.get("/metrics").body)
+
+    def test_a_round_applied_at_its_timeout_sets_its_lr(self):
+        name = uniq()
+        self.d.create(name, "sgd", hyperparams={"lr": 0.1}, params=[1.0], workers=2, min_workers=1,
+                      round_timeout=0.3)
+        r = self.step(name, [1.0], lr="0.5")  # waits for the timeout, then applies with one contribution
+        self.assertEqual((r.json["contributors"], r.json["lr"], r.json["params"]), (1, 0.5, [0.5]))
+        self.assertEqual(self.lr(name), 0.5)
