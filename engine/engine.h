@@ -442,6 +442,16 @@ typedef struct engine_step_req {
      * name (borrowed); an unknown name is OPTD_E_INVALID. */
     const char *const *skip;
     size_t n_skip;
+    /* The lr this step sets onto the session (the transport's Optd-Lr;
+     * borrowed, finite numbers), as a PATCH of lr would and in the step's
+     * transaction, before the step runs with it; nothing of it stays when
+     * the step is refused. n_lr 0: none; 1: the session's and every group's;
+     * more: one per group of a shaped session (another count is
+     * OPTD_E_INVALID). Validated as the lr hyperparameter
+     * (OPTD_E_BAD_HYPERPARAM). In a worker round every contribution gives
+     * the same (or none), applied when the round applies. */
+    const double *lr_set;
+    size_t n_lr;
     /* Optional (NULL for none): called with data on the writer thread when
      * the request starts waiting in a worker round, and while it waits to
      * ask whether its client has hung up (then it is withdrawn). */

@@ -57,6 +57,8 @@ typedef struct wround {
     double loss_sum, loss_w;    /* of the contributions that gave a loss */
     uint64_t deadline_us;       /* mono_us of the timeout */
     unsigned char *skip;        /* the tensors every contribution skips (one flag each), or NULL */
+    double *lr;                 /* the lr every contribution sets (n_lr, malloc'd), or NULL */
+    size_t n_lr;
     sreq *waiters, *last;       /* last: where the next contribution goes */
     struct wround *next, *prev; /* writer.rounds */
 } wround;
@@ -142,6 +144,7 @@ static void cache_put(engine *w, sess *s)
 }
 
 static void round_fail(engine *w, sess *s, optd_err rc, const char *msg);
+static optd_err step_lr_set(engine *w, sess *s, const double *lr, size_t n, int check_only, char *msg, size_t msglen);
 
 /* Forgets s (its worker round, if any, fails with 503: retry is safe). */
 static void cache_drop(engine *w, sess *s)
@@ -227,6 +230,7 @@ static void round_free(engine *w, sess *s)
     r->next->prev = r->prev;
     free(r->sum);
     free(r->skip);
+    free(r->lr);
     free(r);
     s->rnd = NULL;
 }
@@ -435,7 +439,12 @@ static optd_err round_apply(engine *w, sess *s)
     size_t es = optim_elem_size(s->dtype);
     void *mean = malloc(s->n * es + 1);
     applied a = {0};
+    char lr_msg[256] = "";
     optd_err rc = OPTD_E_NOMEM;
+    if (mean && r->n_lr && (rc = step_lr_set(w, s, r->lr, r->n_lr, 0, lr_msg, sizeof lr_msg)) != OPTD_OK) {
+        free(mean); /* validated when the round opened, so hardly ever: the round fails */
+        mean = NULL;
+    }
     if (mean) {
         for (size_t i = 0; i < s->n; i++) {
             double v = r->sum[i] / r->wsum;
@@ -451,6 +460,8 @@ static optd_err round_apply(engine *w, sess *s)
     uint32_t count = r->count;
     char msg[256] = "";
     for (sreq *j = r->waiters; j; j = j->next_waiter_) {
+        if (lr_msg[0])
+            snprintf(j->msg, sizeof j->msg, "%s", lr_msg);
         j->rc = rc ? rc : finish_step(w, s, j, &a, count);
         if (j->rc && !rc)
             rc = j->rc;
@@ -602,6 +613,7 @@ static int same_skip(const sess *s, const unsigned char *a, const unsigned char 
 static optd_err round_join(engine *w, sess *s, sreq *j, unsigned char **skip)
 {
     wround *r = s->rnd;
+    optd_err rc;
     if (r && !same_skip(s, r->skip, *skip)) {
         snprintf(j->msg, sizeof j->msg,
                  "the contributions to a round skip the same tensors (a round averages whole gradients); "
@@ -613,6 +625,15 @@ static optd_err round_join(engine *w, sess *s, sreq *j, unsigned char **skip)
             if ((*pp)->idem_key && strcmp((*pp)->idem_key, j->idem_key) == 0)
                 return round_replace(r, pp, j);
     }
+    if (r && (r->n_lr != j->n_lr || (j->n_lr && memcmp(r->lr, j->lr_set, j->n_lr * sizeof *r->lr) != 0))) {
+        snprintf(j->msg, sizeof j->msg,
+                 "the contributions to a round set the same lr (the round is one step): this one's Optd-Lr "
+                 "differs from the round's first contribution's (%s); send the same header from every worker",
+                 r->n_lr ? "which had one" : "which had none");
+        return OPTD_E_INVALID;
+    }
+    if (!r && j->n_lr && (rc = step_lr_set(w, s, j->lr_set, j->n_lr, 1, j->msg, sizeof j->msg)) != OPTD_OK)
+        return rc;
     /* Each waiting contribution holds a connection: past the cap, one that
      * would wait is refused rather than let waiting ones crowd out others. */
     if (w->max_parked && atomic_load(&w->parked) >= w->max_parked && (r ? r->count : 0) + 1 < s->tr.workers) {
@@ -628,6 +649,14 @@ static optd_err round_join(engine *w, sess *s, sreq *j, unsigned char **skip)
             free(r);
             return OPTD_E_NOMEM;
         }
+        if (j->n_lr && !(r->lr = malloc(j->n_lr * sizeof *r->lr))) {
+            free(r->sum);
+            free(r);
+            return OPTD_E_NOMEM;
+        }
+        if (j->n_lr)
+            memcpy(r->lr, j->lr_set, j->n_lr * sizeof *r->lr); /* j's is lent only while j waits */
+        r->n_lr = j->n_lr;
         r->s = s;
         r->skip = *skip;
         *skip = NULL;
@@ -756,6 +785,10 @@ static optd_err run_step(engine *w, sreq *j)
         rc = round_join(w, s, j, &skip);
         free(skip);
         return rc;
+    }
+    if (j->n_lr && (rc = step_lr_set(w, s, j->lr_set, j->n_lr, 0, j->msg, sizeof j->msg)) != OPTD_OK) {
+        free(skip);
+        return rc; /* the part rolls back: s, touched, is reloaded as it was */
     }
     applied a;
     rc = apply_step(w, s, j->grad, skip, 1, j->has_loss, j->loss, &a);
@@ -945,6 +978,62 @@ static optd_err apply_settings(sess *s, const optim_hparams *hpp, const training
         engine_accumulator_msg(msg, msglen, s->dtype);
     if (rc)
         s->tr = old;
+    return rc;
+}
+
+/* Sets a step's lr (n values, as engine_step_req's lr_set) onto s as the
+ * PATCH {"hyperparams":{"lr":x}} (n 1) or {"groups":[{"lr":x},...]} would:
+ * the same reading and validation, s's row (its config) rewritten in the
+ * transaction in progress. check_only: validates, changes nothing. */
+static optd_err step_lr_set(engine *w, sess *s, const double *lr, size_t n, int check_only, char *msg, size_t msglen)
+{
+    size_t G = s->shape ? s->shape->n_groups : 1;
+    if (n > 1 && !s->shape)
+        return optd_fail(msg, msglen, OPTD_E_INVALID,
+                         "Optd-Lr has %zu numbers but the session has no groups (it was created without "
+                         "\"groups\"): give one number",
+                         n);
+    if (n > 1 && n != G)
+        return optd_fail(msg, msglen, OPTD_E_INVALID,
+                         "Optd-Lr has %zu numbers but the session has %zu groups: give one per group, in order, or "
+                         "one number for every group",
+                         n, G);
+    engine_hp_item *items = calloc(n, sizeof *items);
+    engine_settings d = {0}, *groups = n > 1 ? calloc(n, sizeof *groups) : NULL;
+    if (!items || (n > 1 && !groups)) {
+        free(items);
+        return OPTD_E_NOMEM;
+    }
+    for (size_t k = 0; k < n; k++) {
+        items[k].name = "lr";
+        items[k].type = ENGINE_VAL_NUMBER;
+        items[k].v[0] = lr[k];
+        if (groups) {
+            groups[k].items = &items[k];
+            groups[k].n_items = 1;
+        }
+    }
+    if (!groups) {
+        d.items = items;
+        d.n_items = 1;
+    }
+    optim_hparams hp, *ghp = NULL;
+    training tr;
+    char m[200];
+    optd_err rc = all_settings_read(s, &d, groups, groups ? n : 0, &hp, &tr, &ghp, m, sizeof m);
+    if (rc)
+        snprintf(msg, msglen, "Optd-Lr: %s (it sets lr as a PATCH of lr would)", m);
+    if (!rc && !check_only)
+        rc = apply_settings(s, &hp, &tr, ghp, msg, msglen);
+    if (!rc && !check_only) {
+        store_session row;
+        touch(w, s, optd_now_ms()); /* a refused step then drops s: the next use reloads it */
+        engine_sess_row(s, &row);
+        rc = store_session_update(w->st, &row, NULL, s->blob_len);
+    }
+    free(ghp);
+    free(groups);
+    free(items);
     return rc;
 }
 

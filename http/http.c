@@ -108,6 +108,7 @@ typedef struct req {
     void *grad;    /* decoded gradient, when not the body itself */
     char *skip_buf;          /* Optd-Skip's names, NUL-separated */
     const char **skip_names; /* a step's skipped tensors (into skip_buf or r->json) */
+    double *lr_set;          /* Optd-Lr's numbers, or NULL */
     char idem[256];
     int minimal, want_binary;
     int close; /* answer with Connection: close (the framing is not to be trusted) */
@@ -1101,6 +1102,51 @@ static enum MHD_Result patch_session(req *r)
     return submit(r);
 }
 
+/* A step's Optd-Lr (h may be NULL): one number, or one per group separated
+ * by commas, finite (*lr malloc'd, the caller frees). Their range is the
+ * engine's to check, as a PATCH of lr's. OPTD_E_BAD_REQUEST for a
+ * malformed list. */
+static optd_err lr_from_header(const char *h, double **lr, size_t *n, char *msg, size_t msglen)
+{
+    *lr = NULL;
+    *n = 0;
+    if (!h)
+        return OPTD_OK;
+    size_t count = 1;
+    for (const char *p = h; *p; p++)
+        count += *p == ',';
+    if (count > ENGINE_MAX_GROUPS)
+        return optd_fail(msg, msglen, OPTD_E_BAD_REQUEST, "Optd-Lr has %zu numbers, more than any session has groups",
+                         count);
+    char *copy = strdup(h);
+    double *v = malloc(count * sizeof *v);
+    optd_err rc = copy && v ? OPTD_OK : OPTD_E_NOMEM;
+    size_t k = 0;
+    for (char *p = copy, *next; !rc && p; p = next) {
+        next = strchr(p, ',');
+        if (next)
+            *next++ = '\0';
+        while (*p == ' ' || *p == '\t')
+            p++;
+        char *end = p + strlen(p);
+        while (end > p && (end[-1] == ' ' || end[-1] == '\t'))
+            *--end = '\0';
+        if (http_parse_number(p, &v[k++]))
+            rc = optd_fail(msg, msglen, OPTD_E_BAD_REQUEST,
+                           "Optd-Lr is the step's lr: one finite number (\"0.001\"), or for a session with groups "
+                           "one per group separated by commas (\"0.001,0.0005\"); \"%.32s\" is not a number",
+                           p);
+    }
+    free(copy);
+    if (rc) {
+        free(v);
+        return rc;
+    }
+    *lr = v;
+    *n = k;
+    return OPTD_OK;
+}
+
 /* The step's headers: If-Match, Idempotency-Key, Prefer and Accept. */
 static optd_err step_headers(req *r, engine_step_req *j, char *msg, size_t msglen)
 {
@@ -1120,6 +1166,9 @@ static optd_err step_headers(req *r, engine_step_req *j, char *msg, size_t msgle
     if (rc)
         return rc;
     j->skip = r->skip_names;
+    if ((rc = lr_from_header(header(r, "Optd-Lr"), &r->lr_set, &j->n_lr, msg, msglen)) != OPTD_OK)
+        return rc;
+    j->lr_set = r->lr_set;
     return accept_wire(r, j->dtype, &r->want_binary, msg, msglen);
 }
 
@@ -1255,6 +1304,8 @@ static enum MHD_Result post_step(req *r)
                     (optd_digest64(&j->weight, sizeof j->weight) * 31);
         for (size_t k = 0; k < j->n_skip; k++) /* the same gradient with other tensors skipped is another */
             j->digest ^= optd_digest64(j->skip[k], strlen(j->skip[k])) * (37 + 2 * k);
+        if (j->n_lr) /* so is the same gradient with another lr */
+            j->digest ^= optd_digest64(j->lr_set, j->n_lr * sizeof *j->lr_set) * 41;
     }
     j->want_params = !r->minimal;
     return submit(r);
@@ -1999,6 +2050,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     free(r->grad);
     free(r->skip_buf);
     free(r->skip_names);
+    free(r->lr_set);
     free(r->body);
     free(r);
     *con_cls = NULL;

@@ -525,6 +525,23 @@ class ShapedSessionTests(DaemonCase):
             s.step([1.0, 1.0, 1.0], skip=["nope"])
         self.assertEqual(cm.exception.status, 422)
 
+    def test_lr_with_the_step_json_and_binary(self):
+        c = optd.Client(self.url)
+        s = c.create(uniq(), "sgd", params=[1.0, 1.0, 1.0], dtype="float64", hyperparams={"lr": 1.0},
+                     groups=[{"tensors": [{"name": "w", "shape": [2]}]},
+                             {"tensors": [{"name": "b", "shape": []}]}])
+        r = s.step([1.0, 1.0, 1.0], lr=[0.5, 0.25])
+        self.assertEqual((r.params, r.lr), ([0.5, 0.5, 0.75], [0.5, 0.25]))
+        if np is not None:
+            r = s.step(np.ones(3), lr=0.125)
+            self.assertEqual((r.params.tolist(), r.lr), ([0.375, 0.375, 0.625], [0.125, 0.125]))
+        s.refresh()
+        self.assertEqual([g["hyperparams"]["lr"] for g in s.info["groups"]], [0.125 if np is not None else 0.5,
+                                                                              0.125 if np is not None else 0.25])
+        with self.assertRaises(optd.Invalid) as cm:
+            s.step([1.0, 1.0, 1.0], lr=-1)
+        self.assertEqual(cm.exception.code, "bad_hyperparam")
+
 
 def _bf16(a):
     """float32 -> bfloat16 (round to nearest even) -> float32, in numpy."""

@@ -417,6 +417,41 @@ class HyperparamTests(TorchCase):
         self.run_both([(model, ropt), (local, lopt)], 0, 40, scheds=scheds, key="OneCycleLR (Adam)")
         self.assertEqual(ropt.param_groups[0]["betas"], lopt.param_groups[0]["betas"])
 
+    def counting(self):
+        """Records every request the client sends: (method, path, Optd-Lr)."""
+        calls, orig = [], self.client.request
+
+        def request(method, path, *a, **kw):
+            calls.append((method, path, (kw.get("headers") or {}).get("Optd-Lr")))
+            return orig(method, path, *a, **kw)
+        self.client.request = request
+        return calls
+
+    def test_one_cycle_lr_travels_with_the_steps_without_a_patch(self):
+        """A scheduler that changes only lr (per group: two groups, their own
+        max_lr) costs no PATCH: each step carries its lr (Optd-Lr)."""
+        local = mlp()
+        model = copy.deepcopy(local)
+
+        def groups(m):
+            ps = list(m.parameters())
+            return [{"params": ps[0::2]}, {"params": ps[1::2], "weight_decay": 0}]
+        ropt = optd.torch.RemoteOptimizer(groups(model), session=uniq(), client=self.client, optimizer="adamw",
+                                          weight_decay=0.01)
+        lopt = torch.optim.AdamW(groups(local), weight_decay=0.01)
+        scheds = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=[0.05, 0.02], total_steps=30, cycle_momentum=False)
+                  for o in (ropt, lopt)]
+        calls = self.counting()
+        self.run_both([(model, ropt), (local, lopt)], 0, 29, scheds=scheds, key="OneCycleLR (AdamW, 2 groups)")
+        last = [g["lr"] for g in lopt.param_groups]  # what the last step runs with
+        self.run_both([(model, ropt), (local, lopt)], 29, 30, scheds=scheds)
+        self.assertEqual([c for c in calls if c[0] == "PATCH"], [], "a scheduler's lr change was PATCHed")
+        steps = [c for c in calls if c[0] == "POST" and c[1].endswith("/step")]
+        self.assertEqual(len(steps), 30)
+        self.assertTrue(all(c[2] for c in steps[1:]), "a step after the scheduler's did not carry its lr")
+        got = self.client.request("GET", "/v1/sessions/" + ropt.session_name).json()
+        self.assertEqual([g["hyperparams"]["lr"] for g in got["groups"]], last)
+
     def test_cyclic_lr_with_the_sessions_default_momentum(self):
         local = mlp()
         model = copy.deepcopy(local)

@@ -507,7 +507,7 @@ class Client:
 
     # -- steps and vectors -------------------------------------------------
     def step(self, name, grad, idempotency_key=None, if_match=None, loss=None, weight=None,
-             binary=None, minimal=False, wire_dtype=None, reply_dtype=None, skip=None, **fields):
+             binary=None, minimal=False, wire_dtype=None, reply_dtype=None, skip=None, lr=None, **fields):
         """Applies one optimizer step; returns :class:`StepResult` ``(step, params)``.
 
         A numpy ``grad`` travels as raw bytes of the session's dtype (and the
@@ -528,7 +528,11 @@ class Client:
 
         ``skip``: names of tensors of a shaped session that have no gradient
         this step (torch's ``grad is None``): their params and state stay
-        (header ``Optd-Skip`` of a binary step, ``"skip"`` in a JSON one)."""
+        (header ``Optd-Skip`` of a binary step, ``"skip"`` in a JSON one).
+
+        ``lr``: a number (or, for a session with groups, a list with one per
+        group) set as the session's lr with this step, as a PATCH of lr
+        would, in the same transaction (header ``Optd-Lr``)."""
         as_numpy = _is_numpy(grad)
         wire = _wire_name(wire_dtype)
         reply = _wire_name(reply_dtype) or wire
@@ -542,6 +546,8 @@ class Client:
             headers["If-Match"] = '"%d"' % int(if_match)
         if minimal:
             headers["Prefer"] = "return=minimal"
+        if lr is not None:
+            headers["Optd-Lr"] = ",".join(repr(float(v)) for v in (lr if isinstance(lr, (list, tuple)) else [lr]))
         path = self._path(name, "/step")
         if binary:
             if fields:

@@ -215,8 +215,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     ``defaults`` and every parameter group carry every hyperparameter of
     the session (defaults included), so ``torch.optim.lr_scheduler`` works
-    (OneCycleLR, CyclicLR ...): a value a scheduler changed is sent with
-    ``PATCH`` (per group) before the next step, and only when it changed.
+    (OneCycleLR, CyclicLR ...): a changed ``lr`` travels with the next step
+    (header ``Optd-Lr``, per group), any other value changed is sent with
+    ``PATCH`` (per group) before it, and only when it changed.
     A parameter whose ``.grad`` is None at ``step()`` is skipped, as torch
     skips it.
     """
@@ -526,22 +527,32 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def _push_hyperparams(self):
         """PATCHes what a scheduler (or the user) changed in the groups since
-        the last step, per group; nothing when nothing changed. The step body
-        has no place for hyperparameters, so this is one extra round trip on
-        the steps that change them."""
+        the last step, per group, but lr; nothing when nothing changed.
+        Returns the lr the step is to set (the step's Optd-Lr: one number, or
+        one per group of a shaped session with several), or None when no
+        group's changed: a scheduler changes lr every step, and the step
+        carries it without a round trip (the sent values are updated by
+        _lr_sent once the step is applied)."""
         per, sw = [], {}
+        lrs = [_norm(g.get("lr")) for g in self.param_groups]
+        lr_changed = any(v != sent.get("lr", v) for v, sent in zip(lrs, self._sent))
         for g, sent in zip(self.param_groups, self._sent):
             changed = {}
             for k, old in sent.items():
                 v = _norm(g.get(k))
+                if k == "lr":
+                    continue  # with the step
                 if v != old:
                     if self._shaped and k in SESSION_WIDE:
                         sw[k] = v
                     else:
                         changed[k] = v
             per.append(changed)
+        lr = None
+        if lr_changed:
+            lr = lrs if self._shaped and len(lrs) > 1 else lrs[0]
         if not any(per) and not sw:
-            return
+            return lr
         if self._shaped and len(per) == 1:  # the session's own values are its one group's
             sw.update(per[0])
             self.client.patch(self.session_name, sw)
@@ -553,6 +564,15 @@ class RemoteOptimizer(torch.optim.Optimizer):
         for sent, changed in zip(self._sent, per):
             sent.update(changed)
             sent.update(sw)
+        return lr
+
+    def _lr_sent(self, lr):
+        """Records lr (as _push_hyperparams returned it) as the session's."""
+        if lr is None:
+            return
+        for k, sent in enumerate(self._sent):
+            if "lr" in sent:
+                sent["lr"] = lr[k] if isinstance(lr, list) else lr
 
     # -- torch.optim.Optimizer ---------------------------------------------
     def step(self, closure=None, loss=None, weight=None, idempotency_key=None, if_match=None):
@@ -569,21 +589,23 @@ class RemoteOptimizer(torch.optim.Optimizer):
         report = loss if loss is not None else closure_loss
         if isinstance(report, torch.Tensor):
             report = report.detach().item()
-        self._push_hyperparams()
+        lr = self._push_hyperparams()
         grads = []
         for p in self._params:
             if p.grad is not None and p.grad.is_sparse:
                 raise ValueError("sparse gradients are not supported")
             grads.append(None if p.grad is None else p.grad.detach())
-        self.send(grads, loss=report, weight=weight, idempotency_key=idempotency_key, if_match=if_match)
+        self.send(grads, loss=report, weight=weight, idempotency_key=idempotency_key, if_match=if_match, lr=lr)
+        self._lr_sent(lr)
         return closure_loss
 
-    def send(self, grads, loss=None, weight=None, idempotency_key=None, if_match=None):
+    def send(self, grads, loss=None, weight=None, idempotency_key=None, if_match=None, lr=None):
         """One step with ``grads`` (tensors, one per parameter, in order; None
         for a parameter skipped, as torch skips one whose ``.grad`` is None)
         as the gradient instead of the parameters' ``.grad``: copies the new
         values into the parameters and returns the StepResult. Hyperparameter
-        changes are not looked at (step() sends them)."""
+        changes are not looked at (step() sends them); ``lr`` (a number, or
+        one per group) is set with the step (the Optd-Lr header)."""
         skip = [self._names[i] for i, g in enumerate(grads) if g is None]
         if skip and not self._shaped:
             if not self._warned_flat:
@@ -596,7 +618,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         grads = [torch.zeros(p.shape, dtype=td) if g is None else g for p, g in zip(self._params, grads)]
         r = self.client.step(self.session_name, self._wire(grads), loss=loss, weight=weight,
                              idempotency_key=idempotency_key, if_match=if_match,
-                             wire_dtype=self.wire_dtype, reply_dtype=self.reply_dtype, skip=skip or None)
+                             wire_dtype=self.wire_dtype, reply_dtype=self.reply_dtype, skip=skip or None, lr=lr)
         self.last_result = r
         self.last_step = r.step
         if r.params is None:  # a replay too old for the daemon to keep its values
