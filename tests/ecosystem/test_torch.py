@@ -655,8 +655,12 @@ class DiLoCoTests(TorchCase):
         def batch(rank, local_step):
             return self.batch(local_step * k + rank)
 
+        # Made here, not in the threads: mlp() seeds torch's global generator,
+        # which threads initialising at once would share and interleave.
+        replicas = [mlp() for _ in range(k)]
+
         def worker(rank):
-            model = mlp()
+            model = replicas[rank]
             inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
             outer = optd.torch.DiLoCo(model.parameters(), session=name, url=self.url, workers=k, sync_every=H)
             seen = []
