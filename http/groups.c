@@ -315,15 +315,7 @@ optd_err skip_from_header(const char *h, char **buf, const char ***names, size_t
         return OPTD_E_NOMEM;
     }
     size_t k = 0;
-    for (char *p = copy, *next; p; p = next) {
-        next = strchr(p, ',');
-        if (next)
-            *next++ = '\0';
-        while (*p == ' ' || *p == '\t')
-            p++;
-        char *end = p + strlen(p);
-        while (end > p && (end[-1] == ' ' || end[-1] == '\t'))
-            *--end = '\0';
+    for (char *cur = copy, *p; (p = http_list_next(&cur)) != NULL;) {
         if (!*p)
             continue; /* "a,,b" or a trailing comma */
         if (!engine_tensor_name_valid(p)) {

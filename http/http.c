@@ -1122,15 +1122,7 @@ static optd_err lr_from_header(const char *h, double **lr, size_t *n, char *msg,
     double *v = malloc(count * sizeof *v);
     optd_err rc = copy && v ? OPTD_OK : OPTD_E_NOMEM;
     size_t k = 0;
-    for (char *p = copy, *next; !rc && p; p = next) {
-        next = strchr(p, ',');
-        if (next)
-            *next++ = '\0';
-        while (*p == ' ' || *p == '\t')
-            p++;
-        char *end = p + strlen(p);
-        while (end > p && (end[-1] == ' ' || end[-1] == '\t'))
-            *--end = '\0';
+    for (char *cur = copy, *p; !rc && (p = http_list_next(&cur)) != NULL;) {
         if (http_parse_number(p, &v[k++]))
             rc = optd_fail(msg, msglen, OPTD_E_BAD_REQUEST,
                            "Optd-Lr is the step's lr: one finite number (\"0.001\"), or for a session with groups "

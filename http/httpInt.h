@@ -324,6 +324,10 @@ int parse_if_match(const char *v, int64_t *out);
 size_t url_unescape(char *s);
 /* Parses a whole string as a finite number; returns 0, or -1 when it is not one. */
 int http_parse_number(const char *v, double *out);
+/* The next item of a comma-separated header value held in a writable copy
+ * (*cur walks it; start it at the copy): cut out in place, blanks and tabs
+ * trimmed, possibly empty. NULL after the last item. */
+char *http_list_next(char **cur);
 /* Parses a whole string of decimal digits (no sign, space or exponent) no
  * greater than max; returns 0, or -1 when it is not one. */
 int parse_uint(const char *v, uint64_t max, uint64_t *out);

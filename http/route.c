@@ -107,6 +107,23 @@ size_t url_unescape(char *s)
     return o;
 }
 
+char *http_list_next(char **cur)
+{
+    char *p = *cur;
+    if (!p)
+        return NULL;
+    char *next = strchr(p, ',');
+    if (next)
+        *next++ = '\0';
+    *cur = next;
+    while (*p == ' ' || *p == '\t')
+        p++;
+    char *end = p + strlen(p);
+    while (end > p && (end[-1] == ' ' || end[-1] == '\t'))
+        *--end = '\0';
+    return p;
+}
+
 int http_parse_number(const char *v, double *out)
 {
     char *end;
