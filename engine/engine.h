@@ -248,7 +248,36 @@ typedef struct sess {
     struct wround *rnd;
     struct sess *lru_prev, *lru_next, *hnext;
     int touched; /* in the current group: 0 untouched, -1 loaded, else the part that last changed it */
+    /* Steps the store holds in the session's log past its state blob (see
+     * engine_sess_log_slots); 0 when the stored state is the current one. */
+    uint32_t logged;
 } sess;
+
+/* How big a state has to be before its steps are logged rather than
+ * rewritten: below it the log's extra rows cost more than they save. */
+#define ENGINE_LOG_MIN_STATE ((size_t)1 << 20)
+/* The most steps a session's log holds before the state is written again,
+ * and its size relative to the state's: the disk a log takes and the work
+ * a load redoes stay bounded. */
+#define ENGINE_LOG_MAX_SLOTS 16
+#define ENGINE_LOG_STATE_RATIO 2
+
+/* How many steps of s the store may log between writes of its whole state,
+ * 0 when its steps write the state each time. A logged step writes what
+ * redoes it (the gradient as the kernel took it, the lr of each group and
+ * the skipped tensors), about a third of Adam's state; every slots + 1-th
+ * step writes the state. Logging pays only when that entry is a small part
+ * of the state: big states, optimizers with buffers. */
+uint32_t engine_sess_log_slots(const sess *s);
+/* The parts of the log entry of the step s just took with grad, skip (may
+ * be NULL) and lrs (one per group; one for an unshaped session): parts[3]. */
+void engine_sess_log_parts(const sess *s, const void *grad, const unsigned char *skip, const double *lrs,
+                           store_part parts[3]);
+/* One step of s's kernel: grad (n elements, already clipped) with lrs[g]
+ * as each group's lr (lrs[0] for an unshaped session), each tensor not in
+ * skip (may be NULL) at its own step; increments s->st.step. What a step
+ * and the replay of its log entry both run, so they give the same bits. */
+void engine_sess_apply(sess *s, const void *grad, const unsigned char *skip, const double *lrs, optim_stats *stats);
 
 /* s's row as the store holds it. Its config is borrowed from s: the row is
  * valid while s is unchanged, and must not be cleared. */

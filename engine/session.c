@@ -223,6 +223,8 @@ done:
     return rc;
 }
 
+static optd_err replay(sess *s, const store_log_entry *e);
+
 optd_err engine_sess_from_store(const engine_codec *codec, store_session *row, void *blob, size_t blob_len, sess **out)
 {
     optd_err rc = OPTD_E_NOMEM;
@@ -251,12 +253,29 @@ optd_err engine_sess_from_store(const engine_codec *codec, store_session *row, v
     s->updated_ms = row->updated_ms;
     s->config = row->config;
     row->config = NULL;
-    store_session_clear(row);
     s->blob = blob;
     s->blob_len = blob_len;
     layout(s, s->blob);
     memcpy(&s->st.scalar, s->blob + blob_len - sizeof(double), sizeof(double));
     rc = OPTD_OK;
+    if (row->nlog) {
+        /* The blob is at state_step: redo the logged steps after it. */
+        s->st.step = row->state_step;
+        for (size_t i = 0; i < row->nlog && rc == OPTD_OK; i++)
+            rc = replay(s, &row->log[i]);
+        if (rc == OPTD_OK && s->st.step != row->step)
+            rc = OPTD_E_INTERNAL;
+        if (rc == OPTD_OK)
+            engine_sess_pack(s);
+        s->logged = (uint32_t)row->nlog;
+    }
+    if (rc) {
+        /* Not taken after all: row and blob go back to the caller. */
+        row->config = s->config;
+        s->config = NULL;
+        goto done;
+    }
+    store_session_clear(row);
 done:
     if (rc && s) {
         engine_shape_free(s->shape);
@@ -264,6 +283,105 @@ done:
         s = NULL;
     }
     *out = s;
+    return rc;
+}
+
+uint32_t engine_sess_log_slots(const sess *s)
+{
+    size_t es = optim_elem_size(s->dtype), groups = s->shape ? s->shape->n_groups : 1;
+    size_t entry = s->n * es + groups * sizeof(double) + (s->shape ? s->shape->n_tensors : 0);
+    if (s->blob_len < ENGINE_LOG_MIN_STATE || !entry)
+        return 0;
+    size_t k = ENGINE_LOG_STATE_RATIO * s->blob_len / entry;
+    /* Fewer than 4 slots (SGD without momentum, whose state is its params)
+     * would save too little for the load to redo the steps. */
+    return k < 4 ? 0 : k > ENGINE_LOG_MAX_SLOTS ? ENGINE_LOG_MAX_SLOTS : (uint32_t)k;
+}
+
+void engine_sess_log_parts(const sess *s, const void *grad, const unsigned char *skip, const double *lrs,
+                           store_part parts[3])
+{
+    /* The gradient first, so that a loaded entry's copy of it is as aligned
+     * as malloc makes it. A shaped session's skip flags take a byte per
+     * tensor, zeros (a NULL part) when none was skipped. */
+    parts[0] = (store_part){grad, s->n * optim_elem_size(s->dtype)};
+    parts[1] = (store_part){lrs, (s->shape ? s->shape->n_groups : 1) * sizeof(double)};
+    parts[2] = (store_part){skip, s->shape ? s->shape->n_tensors : 0};
+}
+
+void engine_sess_apply(sess *s, const void *grad, const unsigned char *skip, const double *lrs, optim_stats *stats)
+{
+    if (!s->shape) {
+        optim_hparams hp = s->hp;
+        hp.lr = lrs[0];
+        optim_step(s->info, &hp, s->dtype, s->n, &s->st, grad, stats);
+        return;
+    }
+    const engine_shape *sh = s->shape;
+    const size_t es = optim_elem_size(s->dtype), T = sh->n_tensors;
+    const unsigned char *g = grad;
+    unsigned char *p = s->st.params;
+    memset(stats, 0, sizeof *stats);
+    stats->finite = true;
+    for (size_t t = 0; t < T;) {
+        const engine_tensor *a = &sh->tensors[t];
+        if (skip && skip[t]) {
+            stats->param_sq += optim_sq_norm(s->dtype, a->n, p + a->off * es);
+            t++;
+            continue;
+        }
+        uint64_t step = engine_sess_tensor_step(s, t);
+        double scalar = engine_sess_tensor_scalar(s, t);
+        size_t u = t + 1;
+        while (u < T && !(skip && skip[u]) && sh->tensors[u].group == a->group &&
+               engine_sess_tensor_step(s, u) == step && engine_sess_tensor_scalar(s, u) == scalar)
+            u++;
+        const engine_tensor *z = &sh->tensors[u - 1];
+        size_t off = a->off, len = z->off + z->n - a->off;
+        optim_hparams hp = sh->groups[a->group].hp;
+        hp.lr = lrs[a->group];
+        optim_state st = {.params = p + off * es, .scalar = scalar, .step = step};
+        for (size_t i = 0; i < OPTIM_MAX_BUFFERS; i++)
+            st.buf[i] = s->st.buf[i] ? (unsigned char *)s->st.buf[i] + off * es : NULL;
+        optim_stats one;
+        optim_step(s->info, &hp, s->dtype, len, &st, g + off * es, &one);
+        stats->grad_sq += one.grad_sq;
+        stats->update_sq += one.update_sq;
+        stats->param_sq += one.param_sq;
+        stats->finite = stats->finite && one.finite;
+        for (; t < u; t++) {
+            engine_sess_set_tensor_step(s, t, st.step);
+            engine_sess_set_tensor_scalar(s, t, st.scalar);
+        }
+    }
+    s->st.step++;
+}
+
+/* Redoes the logged step e on s (at the step before it). OPTD_E_INTERNAL
+ * when the entry does not fit s or its step spoils the state, which only a
+ * file changed behind our back can cause. */
+static optd_err replay(sess *s, const store_log_entry *e)
+{
+    store_part parts[3];
+    engine_sess_log_parts(s, NULL, NULL, NULL, parts);
+    size_t G = parts[1].len / sizeof(double), T = parts[2].len;
+    if (e->step != s->st.step + 1 || e->len != parts[0].len + parts[1].len + T)
+        return OPTD_E_INTERNAL;
+    double *lrs = malloc(parts[1].len);
+    if (!lrs)
+        return OPTD_E_NOMEM;
+    const unsigned char *d = e->data, *skip = T ? d + parts[0].len + parts[1].len : NULL;
+    memcpy(lrs, d + parts[0].len, parts[1].len);
+    optd_err rc = OPTD_OK;
+    for (size_t g = 0; g < G; g++)
+        if (!isfinite(lrs[g]))
+            rc = OPTD_E_INTERNAL;
+    optim_stats stats;
+    if (rc == OPTD_OK)
+        engine_sess_apply(s, d, skip, lrs, &stats);
+    if (rc == OPTD_OK && !stats.finite)
+        rc = OPTD_E_INTERNAL;
+    free(lrs);
     return rc;
 }
 

@@ -266,77 +266,69 @@ typedef struct applied {
     size_t n_lrs;
 } applied;
 
-/* One step of a shaped session: each tensor not in skip steps with its
- * group's hyperparameters at lrs[group] and its own step count and scalar
- * (torch's per-parameter state["step"]), the kernel run once over each
- * stretch of consecutive tensors that share all three; a skipped tensor
- * does not change. Clipping takes the norm of the gradients given (as
- * clip_grad_norm_ over the parameters whose grad is not None). stats sums
- * over the vector (param_sq over every param). */
-static void step_shaped(sess *s, void *grad, const unsigned char *skip, const double *lrs, double *grad_norm,
-                        optim_stats *stats)
+/* torch.nn.utils.clip_grad_norm_ over the gradients given (a shaped
+ * session's tensors not in skip): the norm comes first, so this is the one
+ * extra pass over the gradient, which is scaled in place when over the
+ * limit. Returns the norm, or -1 when s does not clip. */
+static double clip(const sess *s, void *grad, const unsigned char *skip)
 {
-    const engine_shape *sh = s->shape;
-    const size_t es = optim_elem_size(s->dtype), T = sh->n_tensors;
-    unsigned char *g = grad, *p = s->st.params;
-    *grad_norm = -1;
-    if (s->tr.clip) {
-        double sq = 0;
-        for (size_t t = 0; t < T; t++)
+    if (!s->tr.clip)
+        return -1;
+    const size_t es = optim_elem_size(s->dtype);
+    unsigned char *g = grad;
+    double sq = 0;
+    if (!s->shape) {
+        sq = optim_sq_norm(s->dtype, s->n, grad);
+    } else {
+        for (size_t t = 0; t < s->shape->n_tensors; t++)
             if (!skip || !skip[t])
-                sq += optim_sq_norm(s->dtype, sh->tensors[t].n, g + sh->tensors[t].off * es);
-        *grad_norm = sqrt(sq);
-        double coef = s->tr.max_grad_norm / (*grad_norm + 1e-6);
-        for (size_t t = 0; t < T && coef < 1; t++)
+                sq += optim_sq_norm(s->dtype, s->shape->tensors[t].n, g + s->shape->tensors[t].off * es);
+    }
+    double norm = sqrt(sq), coef = s->tr.max_grad_norm / (norm + 1e-6);
+    if (coef >= 1)
+        return norm;
+    if (!s->shape) {
+        optim_scale(s->dtype, s->n, grad, coef);
+    } else {
+        for (size_t t = 0; t < s->shape->n_tensors; t++)
             if (!skip || !skip[t])
-                optim_scale(s->dtype, sh->tensors[t].n, g + sh->tensors[t].off * es, coef);
+                optim_scale(s->dtype, s->shape->tensors[t].n, g + s->shape->tensors[t].off * es, coef);
     }
-    memset(stats, 0, sizeof *stats);
-    stats->finite = true;
-    for (size_t t = 0; t < T;) {
-        const engine_tensor *a = &sh->tensors[t];
-        if (skip && skip[t]) {
-            stats->param_sq += optim_sq_norm(s->dtype, a->n, p + a->off * es);
-            t++;
-            continue;
-        }
-        uint64_t step = engine_sess_tensor_step(s, t);
-        double scalar = engine_sess_tensor_scalar(s, t);
-        size_t u = t + 1;
-        while (u < T && !(skip && skip[u]) && sh->tensors[u].group == a->group &&
-               engine_sess_tensor_step(s, u) == step && engine_sess_tensor_scalar(s, u) == scalar)
-            u++;
-        const engine_tensor *z = &sh->tensors[u - 1];
-        size_t off = a->off, len = z->off + z->n - a->off;
-        optim_hparams hp = sh->groups[a->group].hp;
-        hp.lr = lrs[a->group];
-        optim_state st = {.params = p + off * es, .scalar = scalar, .step = step};
-        for (size_t i = 0; i < OPTIM_MAX_BUFFERS; i++)
-            st.buf[i] = s->st.buf[i] ? (unsigned char *)s->st.buf[i] + off * es : NULL;
-        optim_stats one;
-        optim_step(s->info, &hp, s->dtype, len, &st, g + off * es, &one);
-        stats->grad_sq += one.grad_sq;
-        stats->update_sq += one.update_sq;
-        stats->param_sq += one.param_sq;
-        stats->finite = stats->finite && one.finite;
-        for (; t < u; t++) {
-            engine_sess_set_tensor_step(s, t, st.step);
-            engine_sess_set_tensor_scalar(s, t, st.scalar);
-        }
+    return norm;
+}
+
+/* Writes the step s just took: into its log while the log has room (the
+ * state stays where the store has it), else the whole state, which ends
+ * the log. */
+static optd_err store_step(engine *w, sess *s, const void *grad, const unsigned char *skip, const double *lrs)
+{
+    uint32_t slots = engine_sess_log_slots(s);
+    optd_err rc;
+    if (slots && s->logged < slots) {
+        store_part parts[3];
+        engine_sess_log_parts(s, grad, skip, lrs, parts);
+        rc = store_session_log(w->st, s->id, s->st.step, s->updated_ms, s->st.step - s->logged - 1, s->logged,
+                               parts, 3);
+        if (rc == OPTD_OK)
+            s->logged++;
+        return rc;
     }
-    s->st.step++;
+    rc = store_session_step(w->st, s->id, s->st.step, s->updated_ms, s->blob, s->blob_len);
+    if (rc == OPTD_OK)
+        s->logged = 0;
+    return rc;
 }
 
 /* Applies one optimizer step with grad (n elements of the session's dtype,
- * scaled in place when clipping) and records it: state, row and history,
- * all inside the group's transaction. */
+ * scaled in place when clipping) and records it: state (or its log), row
+ * and history, all inside the group's transaction. A shaped session's
+ * tensors step with their group's hyperparameters and their own step and
+ * scalar (torch's per-parameter state["step"]); skipped ones do not change. */
 static optd_err apply_step(engine *w, sess *s, void *grad, const unsigned char *skip, uint32_t contributors,
                            bool has_loss, double loss, applied *out)
 {
-    optim_hparams hp = s->hp;
     optim_stats stats;
-    double grad_norm = -1;
-    hp.lr = engine_training_lr(&s->tr, s->hp.lr, s->st.step);
+    double lr1 = engine_training_lr(&s->tr, s->hp.lr, s->st.step), *lrs = &lr1;
     out->lrs = NULL;
     out->n_lrs = 0;
     if (s->shape) {
@@ -347,18 +339,10 @@ static optd_err apply_step(engine *w, sess *s, void *grad, const unsigned char *
         out->n_lrs = G;
         for (size_t g = 0; g < G; g++)
             out->lrs[g] = engine_training_lr(&s->tr, s->shape->groups[g].hp.lr, s->st.step);
-        hp.lr = out->lrs[0];
-        step_shaped(s, grad, skip, out->lrs, &grad_norm, &stats);
-    } else if (s->tr.clip) {
-        /* torch.nn.utils.clip_grad_norm_: the norm comes first, so this is
-         * the one extra pass over the gradient. */
-        grad_norm = sqrt(optim_sq_norm(s->dtype, s->n, grad));
-        double coef = s->tr.max_grad_norm / (grad_norm + 1e-6);
-        if (coef < 1)
-            optim_scale(s->dtype, s->n, grad, coef);
+        lrs = out->lrs;
     }
-    if (!s->shape)
-        optim_step(s->info, &hp, s->dtype, s->n, &s->st, grad, &stats);
+    double grad_norm = clip(s, grad, skip);
+    engine_sess_apply(s, grad, skip, lrs, &stats);
     if (!stats.finite)
         return OPTD_E_NON_FINITE; /* the caller drops s: its state is spoilt */
     if (grad_norm < 0)
@@ -366,11 +350,11 @@ static optd_err apply_step(engine *w, sess *s, void *grad, const unsigned char *
     engine_sess_pack(s);
     touch(w, s, optd_now_ms());
     out->step = s->st.step;
-    out->lr = hp.lr;
+    out->lr = lrs[0];
     out->grad_norm = grad_norm;
-    optd_err rc = store_session_step(w->st, s->id, s->st.step, s->updated_ms, s->blob, s->blob_len);
+    optd_err rc = store_step(w, s, grad, skip, lrs);
     if (rc == OPTD_OK) {
-        store_history h = {s->st.step,           s->updated_ms, hp.lr,    grad_norm, sqrt(stats.update_sq),
+        store_history h = {s->st.step,           s->updated_ms, lrs[0],   grad_norm, sqrt(stats.update_sq),
                            sqrt(stats.param_sq), contributors,  has_loss, loss};
         rc = store_history_put(w->st, s->id, &h, w->history_steps);
     }
@@ -1109,7 +1093,11 @@ static optd_err run_patch(engine *w, engine_patch_req *j)
     int relaid = before != s->blob_len || layout != buffer_set(s) || regrown;
     store_session row;
     engine_sess_row(s, &row);
-    rc = store_session_update(w->st, &row, relaid ? s->blob : NULL, s->blob_len);
+    /* A logged session's log is redone with the settings it is loaded
+     * with, so a change of them writes the state and ends the log. */
+    rc = store_session_update(w->st, &row, relaid || s->logged ? s->blob : NULL, s->blob_len);
+    if (rc == OPTD_OK)
+        s->logged = 0;
     /* Fewer workers may complete the round in progress. */
     if (rc == OPTD_OK && s->rnd && s->rnd->count >= s->tr.workers)
         rc = round_apply(w, s);

@@ -79,6 +79,25 @@ static const char *const migrations[] = {
     " contributors INTEGER NOT NULL,"
     " loss REAL,"
     " PRIMARY KEY(session_id, step)) WITHOUT ROWID;",
+    /* 2 -> 3: the step log of big sessions (see store_session_log).
+     * sessions.state_step is the step the state blob holds when the steps
+     * after it are in the log (NULL: the session's own step); it is in the
+     * small row, since changing any column of state's row would make
+     * SQLite rewrite the whole blob. A session's log is a
+     * ring of slots overwritten in place: steplog, small rows, says which
+     * step each slot holds and where its bytes are; steplog_data holds the
+     * bytes, a rowid table so that incremental blob I/O can overwrite them
+     * without SQLite rewriting (or freeing and reallocating) their
+     * overflow pages, and without a small change such as the step number
+     * rewriting the whole record. */
+    "ALTER TABLE sessions ADD COLUMN state_step INTEGER;"
+    "CREATE TABLE steplog_data(id INTEGER PRIMARY KEY, data BLOB NOT NULL);"
+    "CREATE TABLE steplog("
+    " session_id INTEGER NOT NULL,"
+    " slot INTEGER NOT NULL,"
+    " step INTEGER NOT NULL,"
+    " data_id INTEGER NOT NULL,"
+    " PRIMARY KEY(session_id, slot)) WITHOUT ROWID;",
 };
 #define SCHEMA_VERSION ((int)(sizeof migrations / sizeof migrations[0]))
 
@@ -91,6 +110,7 @@ enum {
     Q_LIST_AFTER,
     Q_COUNT,
     Q_HISTORY_PAGE,
+    Q_STEPLOG_READ, /* a session's logged steps past its state, in step order */
     Q_READ_END,
     Q_BEGIN = Q_READ_END,
     Q_COMMIT,
@@ -111,6 +131,15 @@ enum {
     Q_HISTORY_PUT,
     Q_HISTORY_PRUNE,
     Q_HISTORY_DELETE_ALL,
+    Q_SESSION_LOG,   /* the step path of a logged session */
+    Q_STATE_CURRENT, /* the state blob holds the row's step again */
+    Q_STEPLOG_SLOT,  /* a slot's row: its bytes' id and length */
+    Q_STEPLOG_SET,   /* a slot's step */
+    Q_STEPLOG_ADD,   /* a new slot */
+    Q_STEPDATA_ADD,  /* its bytes, zero-filled */
+    Q_STEPDATA_SET,  /* a slot's bytes rewritten at another length */
+    Q_STEPLOG_DELETE_DATA,
+    Q_STEPLOG_DELETE_ALL,
     Q_SAVEPOINT, /* a job's savepoint inside the group's transaction */
     Q_SAVEPOINT_RELEASE,
     Q_SAVEPOINT_ROLLBACK,
@@ -120,10 +149,11 @@ enum {
 /* The columns row_session reads, in its order; the state blob follows them. */
 #define SESSION_COLS "s.id, s.name, s.optimizer, s.dtype, s.size, s.step, s.config, s.created_ms, s.updated_ms"
 #define STATE_COL 9
+#define STATE_STEP_COL 10
 
 static const char *const sql[Q_END] = {
     [Q_SESSION] = "SELECT " SESSION_COLS " FROM sessions s WHERE s.name = ?1",
-    [Q_SESSION_STATE] = "SELECT " SESSION_COLS ", st.data FROM sessions s"
+    [Q_SESSION_STATE] = "SELECT " SESSION_COLS ", st.data, s.state_step FROM sessions s"
                         " JOIN state st ON st.session_id = s.id WHERE s.name = ?1",
     /* Two list statements rather than "?1 IS NULL OR name > ?1", which would
      * keep SQLite from seeking the name index. */
@@ -132,6 +162,8 @@ static const char *const sql[Q_END] = {
     [Q_COUNT] = "SELECT count(*) FROM sessions",
     [Q_HISTORY_PAGE] = "SELECT step, time_ms, lr, grad_norm, update_norm, param_norm, contributors, loss"
                        " FROM history WHERE session_id = ?1 AND step > ?2 ORDER BY step LIMIT ?3",
+    [Q_STEPLOG_READ] = "SELECT l.step, d.data FROM steplog l JOIN steplog_data d ON d.id = l.data_id"
+                       " WHERE l.session_id = ?1 AND l.step > ?2 AND l.step <= ?3 ORDER BY l.step",
     [Q_BEGIN] = "BEGIN IMMEDIATE",
     [Q_COMMIT] = "COMMIT",
     [Q_ROLLBACK] = "ROLLBACK",
@@ -142,8 +174,18 @@ static const char *const sql[Q_END] = {
     /* Guarded on the step it moves from: should the row have moved under us
      * (only another process could, and store_open's lock keeps one out),
      * the update changes nothing and the step is refused, not applied on top. */
-    [Q_SESSION_STEP] = "UPDATE sessions SET step = ?2, updated_ms = ?3 WHERE id = ?1 AND step = ?2 - 1",
+    [Q_SESSION_STEP] = "UPDATE sessions SET step = ?2, updated_ms = ?3, state_step = NULL WHERE id = ?1 AND step = ?2 - 1",
+    [Q_SESSION_LOG] = "UPDATE sessions SET step = ?2, updated_ms = ?3, state_step = ?4 WHERE id = ?1 AND step = ?2 - 1",
     [Q_STATE_UPDATE] = "UPDATE state SET data = ?2 WHERE session_id = ?1",
+    [Q_STATE_CURRENT] = "UPDATE sessions SET state_step = NULL WHERE id = ?1 AND state_step IS NOT NULL",
+    [Q_STEPLOG_SLOT] = "SELECT l.data_id, length(d.data) FROM steplog l JOIN steplog_data d ON d.id = l.data_id"
+                       " WHERE l.session_id = ?1 AND l.slot = ?2",
+    [Q_STEPLOG_SET] = "UPDATE steplog SET step = ?3 WHERE session_id = ?1 AND slot = ?2",
+    [Q_STEPLOG_ADD] = "INSERT INTO steplog(session_id, slot, step, data_id) VALUES (?1, ?2, ?3, ?4)",
+    [Q_STEPDATA_ADD] = "INSERT INTO steplog_data(data) VALUES (zeroblob(?1))",
+    [Q_STEPDATA_SET] = "UPDATE steplog_data SET data = zeroblob(?2) WHERE id = ?1",
+    [Q_STEPLOG_DELETE_DATA] = "DELETE FROM steplog_data WHERE id IN (SELECT data_id FROM steplog WHERE session_id = ?1)",
+    [Q_STEPLOG_DELETE_ALL] = "DELETE FROM steplog WHERE session_id = ?1",
     [Q_SESSION_ID] = "SELECT id FROM sessions WHERE name = ?1",
     [Q_SESSION_DELETE] = "DELETE FROM sessions WHERE id = ?1",
     [Q_STATE_DELETE] = "DELETE FROM state WHERE session_id = ?1",
@@ -487,6 +529,47 @@ static int session_ok(const store_session *s)
            s->size <= INT64_MAX && s->step <= INT64_MAX;
 }
 
+/* Reads the log entries s->state_step + 1 .. s->step into s. OPTD_E_INTERNAL
+ * when a step is missing or the state is past the row: a file edited
+ * behind our back, since they are written in one transaction. */
+static optd_err log_read(sqlite3_stmt *q, store_session *s)
+{
+    uint64_t want = s->step - s->state_step;
+    optd_err rc = OPTD_OK;
+    int src;
+
+    if (s->state_step > s->step || want > INT32_MAX)
+        return OPTD_E_INTERNAL;
+    if (want == 0)
+        return OPTD_OK;
+    if (!(s->log = calloc(want, sizeof *s->log)))
+        return OPTD_E_NOMEM;
+    src = sqlite3_bind_int64(q, 1, (int64_t)s->id);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 2, (int64_t)s->state_step);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 3, (int64_t)s->step);
+    while (src == SQLITE_OK && (src = sqlite3_step(q)) == SQLITE_ROW) {
+        store_log_entry *e = &s->log[s->nlog];
+        e->step = i2u(sqlite3_column_int64(q, 0));
+        if (s->nlog == want || e->step != s->state_step + 1 + s->nlog) {
+            rc = OPTD_E_INTERNAL;
+            break;
+        }
+        rc = column_bytes_copy(q, 1, &e->data, &e->len);
+        if (rc)
+            break;
+        s->nlog++;
+        src = SQLITE_OK;
+    }
+    if (rc == OPTD_OK && src != SQLITE_DONE)
+        rc = from_sqlite(src) ? from_sqlite(src) : OPTD_E_INTERNAL;
+    if (rc == OPTD_OK && s->nlog != want)
+        rc = OPTD_E_INTERNAL;
+    stmt_done(q);
+    return rc;
+}
+
 /* Loads a session by name with the reads of one connection (the writer's
  * or a reader's): Q_SESSION_STATE reads row and blob in one statement, hence
  * one snapshot, so a reader never pairs a row with another step's state. */
@@ -515,8 +598,16 @@ static optd_err session_by_name(sqlite3_stmt *const *qs, const char *name, store
     rc = row_session(q, &s);
     if (rc)
         goto done;
-    if (state)
+    if (state) {
         rc = column_bytes_copy(q, STATE_COL, &blob, &n);
+        s.state_step = s.step;
+        if (rc == OPTD_OK && sqlite3_column_type(q, STATE_STEP_COL) != SQLITE_NULL) {
+            s.state_step = i2u(sqlite3_column_int64(q, STATE_STEP_COL));
+            /* q is still stepping, so its read transaction (one snapshot)
+             * holds for the log's statement too. */
+            rc = log_read(qs[Q_STEPLOG_READ], &s);
+        }
+    }
 done:
     stmt_done(q);
     if (rc) {
@@ -1226,6 +1317,9 @@ void store_session_clear(store_session *s)
     if (!s)
         return;
     free(s->config);
+    for (size_t i = 0; i < s->nlog; i++)
+        free(s->log[i].data);
+    free(s->log);
     memset(s, 0, sizeof *s);
 }
 
@@ -1782,6 +1876,8 @@ optd_err store_session_update(store *st, const store_session *s, const void *sta
         rc = run(q, src);
         if (rc == OPTD_OK && sqlite3_changes(st->db) == 0)
             rc = OPTD_E_INTERNAL;
+        if (rc == OPTD_OK)
+            rc = run(st->q[Q_STATE_CURRENT], sqlite3_bind_int64(st->q[Q_STATE_CURRENT], 1, s->id));
     }
 done:
     return tx_leave(st, own, rc);
@@ -1864,11 +1960,138 @@ done:
     return tx_leave(st, own, rc);
 }
 
+/* Writes the parts one after another into the blob of steplog_data row id
+ * (a part whose p is NULL is len zero bytes). */
+static optd_err parts_write(store *st, int64_t id, const store_part *parts, int n)
+{
+    sqlite3_blob *blob = NULL;
+    int src = sqlite3_blob_open(st->db, "main", "steplog_data", "data", id, 1, &blob);
+    size_t off = 0;
+
+    static const unsigned char zeros[4096];
+
+    for (int i = 0; src == SQLITE_OK && i < n; i++) {
+        if (parts[i].p) {
+            if (parts[i].len)
+                src = sqlite3_blob_write(blob, parts[i].p, (int)parts[i].len, (int)off);
+            off += parts[i].len;
+            continue;
+        }
+        /* A NULL part is that many zero bytes. */
+        for (size_t left = parts[i].len, k; src == SQLITE_OK && left; left -= k, off += k) {
+            k = left < sizeof zeros ? left : sizeof zeros;
+            src = sqlite3_blob_write(blob, zeros, (int)k, (int)off);
+        }
+    }
+    if (blob) {
+        int csrc = sqlite3_blob_close(blob);
+        if (src == SQLITE_OK)
+            src = csrc;
+    }
+    return from_sqlite(src);
+}
+
+/* The slot's bytes: overwritten in place when the slot exists at this
+ * length (the ring's steady state), else sized anew or added. */
+static optd_err slot_write(store *st, int64_t id, uint32_t slot, uint64_t step, const store_part *parts, int n,
+                           size_t len)
+{
+    sqlite3_stmt *q = st->q[Q_STEPLOG_SLOT];
+    int64_t data_id = 0, have = -1;
+    optd_err rc;
+    int src = sqlite3_bind_int64(q, 1, id);
+
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 2, slot);
+    if (src == SQLITE_OK)
+        src = sqlite3_step(q);
+    if (src == SQLITE_ROW) {
+        data_id = sqlite3_column_int64(q, 0);
+        have = sqlite3_column_int64(q, 1);
+    }
+    stmt_done(q);
+    if (src != SQLITE_ROW && src != SQLITE_DONE)
+        return from_sqlite(src);
+    if (src == SQLITE_ROW) {
+        q = st->q[Q_STEPLOG_SET];
+        src = sqlite3_bind_int64(q, 1, id);
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_int64(q, 2, slot);
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_int64(q, 3, (int64_t)step);
+        rc = run(q, src);
+        if (rc == OPTD_OK && have != (int64_t)len) {
+            q = st->q[Q_STEPDATA_SET];
+            src = sqlite3_bind_int64(q, 1, data_id);
+            if (src == SQLITE_OK)
+                src = sqlite3_bind_int64(q, 2, (int64_t)len);
+            rc = run(q, src);
+        }
+    } else {
+        q = st->q[Q_STEPDATA_ADD];
+        rc = run(q, sqlite3_bind_int64(q, 1, (int64_t)len));
+        data_id = sqlite3_last_insert_rowid(st->db);
+        if (rc == OPTD_OK) {
+            q = st->q[Q_STEPLOG_ADD];
+            src = sqlite3_bind_int64(q, 1, id);
+            if (src == SQLITE_OK)
+                src = sqlite3_bind_int64(q, 2, slot);
+            if (src == SQLITE_OK)
+                src = sqlite3_bind_int64(q, 3, (int64_t)step);
+            if (src == SQLITE_OK)
+                src = sqlite3_bind_int64(q, 4, data_id);
+            rc = run(q, src);
+        }
+    }
+    return rc ? rc : parts_write(st, data_id, parts, n);
+}
+
+/* Returns OPTD_OK, OPTD_E_NOT_FOUND, OPTD_E_INVALID, OPTD_E_UNAVAILABLE
+ * (also: the row is not at step - 1, as store_session_step),
+ * OPTD_E_SESSION_TOO_LARGE, OPTD_E_NOMEM, OPTD_E_INTERNAL. */
+optd_err store_session_log(store *st, int64_t id, uint64_t step, int64_t updated_ms, uint64_t state_step,
+                           uint32_t slot, const store_part *parts, int n)
+{
+    sqlite3_stmt *q = st->q[Q_SESSION_LOG];
+    size_t len = 0;
+    optd_err rc;
+    int own, src;
+
+    if (step == 0 || step > INT64_MAX || state_step >= step || n < 0 || (n && !parts))
+        return OPTD_E_INVALID;
+    for (int i = 0; i < n; i++)
+        len += parts[i].len;
+    if (len > INT_MAX)
+        return OPTD_E_SESSION_TOO_LARGE;
+    rc = tx_enter(st, &own);
+    if (rc)
+        return rc;
+    st->tx_bytes += len;
+    src = sqlite3_bind_int64(q, 1, id);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 2, (int64_t)step);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 3, updated_ms);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 4, (int64_t)state_step);
+    rc = run(q, src);
+    if (rc)
+        goto done;
+    if (sqlite3_changes(st->db) == 0) {
+        rc = step_moved(st, id, step);
+        goto done;
+    }
+    rc = slot_write(st, id, slot, step, parts, n, len);
+done:
+    return tx_leave(st, own, rc);
+}
+
 /* Returns OPTD_OK, OPTD_E_NOT_FOUND (nothing written), OPTD_E_INVALID,
  * OPTD_E_UNAVAILABLE, OPTD_E_NOMEM. */
 optd_err store_session_delete(store *st, const char *name)
 {
-    static const int deletes[] = {Q_IDEM_DELETE_ALL, Q_HISTORY_DELETE_ALL, Q_STATE_DELETE, Q_SESSION_DELETE};
+    static const int deletes[] = {Q_IDEM_DELETE_ALL,    Q_HISTORY_DELETE_ALL, Q_STEPLOG_DELETE_DATA,
+                                  Q_STEPLOG_DELETE_ALL, Q_STATE_DELETE,       Q_SESSION_DELETE};
     sqlite3_stmt *q;
     int64_t id = 0;
     optd_err rc;

@@ -56,8 +56,16 @@ typedef struct store_stats {
 /* A snapshot of st's figures; any thread. */
 void store_stats_get(store *st, store_stats *out);
 
-/* A session's row. Plain data; config is owned by the struct (free it with
- * store_session_clear). */
+/* One step of a session's log (store_session_log): the step it made and
+ * the bytes the engine wrote to redo it. data is malloc'd. */
+typedef struct store_log_entry {
+    uint64_t step;
+    void *data;
+    size_t len;
+} store_log_entry;
+
+/* A session's row. Plain data; config and log are owned by the struct (free
+ * them with store_session_clear). */
 typedef struct store_session {
     int64_t id; /* rowid; set by store_session_insert */
     char name[STORE_NAME_MAX + 1];
@@ -67,6 +75,12 @@ typedef struct store_session {
     uint64_t step;
     char *config;                   /* caller's JSON text (hyperparams and more) */
     int64_t created_ms, updated_ms; /* Unix time, milliseconds */
+    /* Filled by the loads that return the state: the step the state blob
+     * holds, and the logged steps state_step + 1 .. step that follow it, in
+     * order (none when state_step == step). */
+    uint64_t state_step;
+    store_log_entry *log;
+    size_t nlog;
 } store_session;
 
 /* Frees what s owns and zeroes it; safe on a zeroed struct. */
@@ -128,7 +142,21 @@ optd_err store_session_update(store *st, const store_session *s, const void *sta
 /* The step path: writes step and updated_ms of session id and its state blob
  * (in place when its size is unchanged). */
 optd_err store_session_step(store *st, int64_t id, uint64_t step, int64_t updated_ms, const void *state, size_t len);
-/* Deletes a session, its state and its keys. OPTD_E_NOT_FOUND when absent. */
+/* The step path of a session whose state is too big to rewrite at every
+ * step: writes step and updated_ms of session id, and in place of the state
+ * the n parts of what redoes the step (the engine's bytes, written one after
+ * another) into slot of the session's log; the state blob stays at
+ * state_step (< step) and loads return the logged steps after it. Slots are
+ * overwritten in place, so a session's log takes at most as many rows as
+ * slots it uses. A later store_session_step or store_session_update with
+ * state ends the log (its slots are kept for reuse). */
+typedef struct store_part {
+    const void *p; /* NULL: len zero bytes */
+    size_t len;
+} store_part;
+optd_err store_session_log(store *st, int64_t id, uint64_t step, int64_t updated_ms, uint64_t state_step,
+                           uint32_t slot, const store_part *parts, int n);
+/* Deletes a session, its state, log, history and keys. OPTD_E_NOT_FOUND when absent. */
 optd_err store_session_delete(store *st, const char *name);
 
 /* An idempotency record: the step a key was applied at, a digest of the

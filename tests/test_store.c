@@ -253,7 +253,7 @@ static void test_open_creates_an_optd_database_that_close_releases(void **state)
     store_close(NULL);
 
     assert_int_equal(pragma_on(f->path, "PRAGMA application_id"), 0x6F707464);
-    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 2);
+    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 3);
     assert_string_equal(text_on(f->path, "PRAGMA journal_mode", buf, sizeof buf), "wal");
 }
 
@@ -772,7 +772,7 @@ static void test_a_database_from_a_newer_optd_is_refused(void **state)
     fixture *f = *state;
 
     store_one_session(f);
-    sql_on(f->path, "PRAGMA user_version = 3;");
+    sql_on(f->path, "PRAGMA user_version = 4;");
     assert_refused_unchanged(f, "made by a newer optd");
 }
 
@@ -847,7 +847,7 @@ static void test_an_older_schema_is_upgraded(void **state)
     /* Ours at version 0: the id is set but no migration has run. */
     sql_on(f->path, "PRAGMA application_id = 1869640804;");
     store_one_session(f);
-    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 2);
+    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 3);
     assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM sessions"), 1);
 }
 
@@ -998,6 +998,112 @@ static void test_a_backup_never_replaces_a_file_nor_leaves_one_when_cancelled(vo
     free(kept);
 }
 
+/* Reads session name with its state through the writer's load and a
+ * reader's, checking both see the same state_step and log. */
+static void assert_log(fixture *f, const char *name, uint64_t step, uint64_t state_step, const char *state,
+                       const char *const *entries, size_t n)
+{
+    for (int via = 0; via < 2; via++) {
+        store_session got;
+        void *blob = NULL;
+        size_t len = 0;
+        optd_err rc = via ? store_read_session(f->st, name, &got, &blob, &len)
+                          : store_session_load(f->st, name, &got, &blob, &len);
+        assert_int_equal(rc, OPTD_OK);
+        assert_int_equal(got.step, step);
+        assert_int_equal(got.state_step, state_step);
+        assert_int_equal(len, strlen(state));
+        assert_memory_equal(blob, state, len);
+        assert_int_equal(got.nlog, n);
+        for (size_t i = 0; i < n; i++) {
+            assert_int_equal(got.log[i].step, state_step + 1 + i);
+            assert_int_equal(got.log[i].len, strlen(entries[i]));
+            assert_memory_equal(got.log[i].data, entries[i], got.log[i].len);
+        }
+        store_session_clear(&got);
+        free(blob);
+    }
+}
+
+static void test_a_log_holds_the_steps_past_the_state_until_the_state_is_written(void **state)
+{
+    fixture *f = *state;
+    open_store(f, NULL);
+    store_session s = make_session("g", 0);
+    assert_int_equal(store_session_insert(f->st, &s, "S0", 2), OPTD_OK);
+    /* Steps 1-3 logged in slots 0-2, each entry in two parts; the second a
+     * NULL part (zeros). */
+    const char *e[] = {"one-\0\0", "two-\0\0", "six---\0\0"};
+    const char *heads[] = {"one-", "two-", "six---"};
+    for (uint32_t i = 0; i < 3; i++) {
+        store_part parts[2] = {{heads[i], strlen(heads[i])}, {NULL, 2}};
+        assert_int_equal(store_session_log(f->st, s.id, i + 1, 5, 0, i, parts, 2), OPTD_OK);
+    }
+    /* The entries hold NULs: compare by explicit lengths. */
+    for (int via = 0; via < 2; via++) {
+        store_session got;
+        void *blob = NULL;
+        size_t len = 0;
+        assert_int_equal(via ? store_read_session(f->st, "g", &got, &blob, &len)
+                             : store_session_load(f->st, "g", &got, &blob, &len),
+                         OPTD_OK);
+        assert_int_equal(got.step, 3);
+        assert_int_equal(got.state_step, 0);
+        assert_int_equal(got.nlog, 3);
+        for (size_t i = 0; i < 3; i++) {
+            assert_int_equal(got.log[i].step, i + 1);
+            assert_int_equal(got.log[i].len, strlen(heads[i]) + 2);
+            assert_memory_equal(got.log[i].data, e[i], got.log[i].len);
+        }
+        store_session_clear(&got);
+        free(blob);
+    }
+    /* A step that writes the state ends the log; the next log starts over
+     * in slot 0, overwriting it in place at the same length and resizing
+     * slot 1. */
+    assert_int_equal(store_session_step(f->st, s.id, 4, 6, "S4", 2), OPTD_OK);
+    assert_log(f, "g", 4, 4, "S4", NULL, 0);
+    store_part p5 = {"FIVE-\0", 6}, p6 = {"x", 1};
+    assert_int_equal(store_session_log(f->st, s.id, 5, 7, 4, 0, &p5, 1), OPTD_OK);
+    assert_int_equal(store_session_log(f->st, s.id, 6, 8, 4, 1, &p6, 1), OPTD_OK);
+    {
+        store_session got;
+        void *blob = NULL;
+        size_t len = 0;
+        assert_int_equal(store_read_session(f->st, "g", &got, &blob, &len), OPTD_OK);
+        assert_int_equal(got.state_step, 4);
+        assert_int_equal(got.nlog, 2);
+        assert_int_equal(got.log[0].len, 6);
+        assert_memory_equal(got.log[0].data, "FIVE-\0", 6);
+        assert_int_equal(got.log[1].len, 1);
+        assert_memory_equal(got.log[1].data, "x", 1);
+        store_session_clear(&got);
+        free(blob);
+    }
+    /* A step not following the row's is refused, and changes nothing. */
+    assert_int_equal(store_session_log(f->st, s.id, 9, 9, 4, 2, &p6, 1), OPTD_E_UNAVAILABLE);
+    /* An update with state ends the log too; one without keeps it. */
+    store_session row;
+    void *blob = NULL;
+    size_t len = 0;
+    assert_int_equal(store_session_load(f->st, "g", &row, &blob, &len), OPTD_OK);
+    free(blob);
+    assert_int_equal(store_session_update(f->st, &row, NULL, 0), OPTD_OK);
+    assert_int_equal(store_read_session(f->st, "g", &s, &blob, &len), OPTD_OK);
+    assert_int_equal(s.nlog, 2);
+    store_session_clear(&s);
+    free(blob);
+    assert_int_equal(store_session_update(f->st, &row, "S6", 2), OPTD_OK);
+    assert_log(f, "g", 6, 6, "S6", NULL, 0);
+    store_session_clear(&row);
+    /* Delete takes the log's rows with it. */
+    assert_int_equal(store_session_delete(f->st, "g"), OPTD_OK);
+    store_close(f->st);
+    f->st = NULL;
+    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM steplog"), 0);
+    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM steplog_data"), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1030,6 +1136,7 @@ int main(void)
         T(test_a_lock_held_elsewhere_makes_writes_unavailable_and_writable_false),
         T(test_bad_arguments_are_invalid),
         T(test_a_step_guards_on_the_stored_step),
+        T(test_a_log_holds_the_steps_past_the_state_until_the_state_is_written),
         T(test_a_backup_is_the_last_commit_and_opens_as_a_database),
         T(test_a_backup_never_replaces_a_file_nor_leaves_one_when_cancelled),
 #undef T

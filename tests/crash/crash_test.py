@@ -36,7 +36,7 @@ def integrity(db):
 def run_mode(sync, rounds, seed, rep, min_ms, max_ms):
     rng = random.Random(seed)
     d = Daemon(args=["--sync", sync, "--log-level", "quiet", "--threads", "4"])
-    w = Workload(d, rng)
+    w = Workload(d, rng, big_adam_size=45000)
     state = {"kills": 0, "early": 0}
     try:
         def setup():
@@ -90,6 +90,11 @@ def run_mode(sync, rounds, seed, rep, min_ms, max_ms):
             rc = d.term()
             check(rc == 0, "second SIGTERM: exit status %r", rc)
         rep.run("[%s] clean shutdown and final check" % sync, clean_exit)
+        big = w.adam["adam-2"]["acked"]
+        # The 1 MiB session must have come through whole log cycles: a test
+        # of the step log that never wrote the state would prove little.
+        rep.run("[%s] the logged session stepped past its log (%d steps)" % (sync, big),
+                lambda: check(big > 2 * 6, "adam-2 acknowledged only %d steps", big))
         print("[%s] %d rounds, %d kills under load and %d during restart, %d acknowledged steps checked durable, %d steps found applied but "
               "unacknowledged (in flight at the kill), %d idempotent replays after restarts, churn %d creates"
               % (sync, rounds, state["kills"], state["early"], w.checked_total, w.unacked_durable, w.replays,

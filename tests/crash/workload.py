@@ -46,11 +46,19 @@ class AdamRef:
         self.seed = seed
         self.lr, self.b1, self.b2, self.eps, self.ams = lr, betas[0], betas[1], eps, amsgrad
         n = len(p0)
-        self.traj = [(list(p0), [0.0] * n, [0.0] * n, [0.0] * n)]
+        self.p0 = list(p0)
+        # Only the newest steps are kept (a big session's would not fit in
+        # memory): at() is asked for the acknowledged step or the next.
+        self.traj = {0: (list(p0), [0.0] * n, [0.0] * n, [0.0] * n)}
+        self.last = 0
 
     def at(self, k):
-        while len(self.traj) <= k:
-            self.traj.append(self._step(len(self.traj) - 1))
+        if k < self.last - 2:
+            raise AssertionError("AdamRef keeps steps from %d on, not %d" % (self.last - 2, k))
+        while self.last < k:
+            self.traj[self.last + 1] = self._step(self.last)
+            self.last += 1
+            self.traj.pop(self.last - 3, None)
         return self.traj[k]
 
     def _step(self, k):
@@ -78,7 +86,7 @@ class AdamRef:
 
 
 class Workload:
-    def __init__(self, daemon, rng, n_sgd=4, sgd_threads=4, sgd_size=16, adam_size=8, churn=True):
+    def __init__(self, daemon, rng, n_sgd=4, sgd_threads=4, sgd_size=16, adam_size=8, churn=True, big_adam_size=0):
         self.d = daemon
         self.rng = rng
         self.lock = threading.Lock()
@@ -92,9 +100,13 @@ class Workload:
             name = "sgd-%d" % s
             self.sgd[name] = {"p0": [1000.0 + 3 * i + s for i in range(sgd_size)], "sent": 0, "acked": 0,
                               "steps": set(), "max_acked": 0}
-        for a, ams in enumerate((False, True)):
+        # big_adam_size: one more Adam session that big; from 1 MiB of state
+        # (43,691 float64 elements) the daemon logs most of its steps rather
+        # than rewriting its state (engine_sess_log_slots).
+        for a, ams in enumerate((False, True, False) if big_adam_size else (False, True)):
             name = "adam-%d" % a
-            p0 = [((i * 5 + a) % 9 - 4) / 8.0 for i in range(adam_size)]
+            n = big_adam_size if a == 2 else adam_size
+            p0 = [((i * 5 + a) % 9 - 4) / 8.0 for i in range(n)]
             self.adam[name] = {"ref": AdamRef(p0, 0.01, (0.9, 0.999), 1e-8, ams, a), "acked": 0, "ams": ams,
                                "pending": False}
         # Totals for the summary.
@@ -109,7 +121,7 @@ class Workload:
         for name, s in self.sgd.items():
             self.d.create(name, "sgd", s["p0"], hyperparams={"lr": 1})
         for name, a in self.adam.items():
-            self.d.create(name, "adam", a["ref"].traj[0][0],
+            self.d.create(name, "adam", a["ref"].p0,
                           hyperparams={"lr": 0.01, "amsgrad": a["ams"]})
 
     # -- checks after a restart -------------------------------------------------
@@ -273,7 +285,7 @@ class Workload:
         try:
             while not stop.is_set():
                 k = a["acked"]  # 0-based index of the step this request makes
-                g = adam_grad(a["ref"].seed, k, len(a["ref"].traj[0][0]))
+                g = adam_grad(a["ref"].seed, k, len(a["ref"].p0))
                 body = json.dumps({"grad": g}).encode()
                 retry = a["pending"]
                 a["pending"] = True
