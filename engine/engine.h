@@ -260,7 +260,7 @@ typedef struct sess {
  * and its size relative to the state's: the disk a log takes and the work
  * a load redoes stay bounded. */
 #define ENGINE_LOG_MAX_SLOTS 16
-#define ENGINE_LOG_STATE_RATIO 2
+#define ENGINE_LOG_STATE_RATIO 3
 
 /* How many steps of s the store may log between writes of its whole state,
  * 0 when its steps write the state each time. A logged step writes what

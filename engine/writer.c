@@ -394,8 +394,15 @@ static optd_err finish_step(engine *w, sess *s, sreq *j, const applied *a, uint3
     }
     if (j->idem_key) {
         /* The saved reply: its numbers (a shaped session's lr per group
-         * after the head), then the params, as a replay needs. */
-        uint64_t keep = vec ? REPLY_BUDGET / vec : w->idem_window;
+         * after the head), then the params, as a replay needs. A session
+         * that logs its steps saves no params: saving them would write as
+         * much again as its step does, and a retry of its latest step, the
+         * one a client whose reply was lost sends, takes the params the
+         * session has (see run_step); an older key's replay is then one
+         * whose params are no longer kept. */
+        if (engine_sess_log_slots(s))
+            vec = 0;
+        uint64_t keep = vec ? REPLY_BUDGET / vec : 1;
         unsigned char *reply = malloc(REPLY_HEAD + lrb + vec);
         if (!reply)
             return OPTD_E_NOMEM;
@@ -411,7 +418,7 @@ static optd_err finish_step(engine *w, sess *s, sreq *j, const applied *a, uint3
         free(reply);
     }
     if (rc == OPTD_OK && j->want_params)
-        rc = copy_out(j, s->st.params, vec);
+        rc = copy_out(j, s->st.params, s->n * optim_elem_size(s->dtype));
     return rc;
 }
 
@@ -743,7 +750,13 @@ static optd_err run_step(engine *w, sreq *j)
                     memcpy(j->lrs, (unsigned char *)rec.reply + REPLY_HEAD, lrb);
                     j->n_lrs = s->shape->n_groups;
                 }
-                if (j->want_params) {
+                if (j->want_params && rec.reply_len == REPLY_HEAD + lrb && rec.step == s->st.step) {
+                    /* Saved without params (finish_step): the latest
+                     * step's are the session's own. */
+                    free(rec.reply);
+                    return copy_out(j, s->st.params, s->n * optim_elem_size(s->dtype));
+                }
+                if (j->want_params && rec.reply_len > REPLY_HEAD + lrb) {
                     j->out_len = rec.reply_len - REPLY_HEAD - lrb;
                     memmove(rec.reply, (unsigned char *)rec.reply + REPLY_HEAD + lrb, j->out_len);
                     j->out_params = rec.reply;

@@ -125,6 +125,38 @@ class StepLogTests(DaemonTest):
         self.assertEqual(self.committed(name), got)
         self.assertEqual(struct.calcsize("<f") * N, len(got))
 
+    def test_a_retried_key_gets_the_params_without_the_daemon_saving_them(self):
+        name = uniq("ilog")
+        self.d.create(name, "adam", hyperparams={"lr": 0.01}, params=grad(3))
+        first = self.step(name, grad(1), {"Idempotency-Key": "k1"})
+        for k in range(2, 4):
+            got = self.step(name, grad(k), {"Idempotency-Key": "k%d" % k})
+        h = {"Content-Type": OCTET, "Accept": OCTET, "Idempotency-Key": "k3"}
+        r = self.d.request("POST", "/v1/sessions/%s/step" % name, body=pack("float32", grad(3)), headers=h)
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.header("Idempotent-Replayed"), "true")
+        self.assertEqual(r.body, got, "the latest step's replay must give its params")
+        h["Idempotency-Key"] = "k1"
+        r = self.d.request("POST", "/v1/sessions/%s/step" % name, body=pack("float32", grad(1)), headers=h)
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.header("Idempotent-Replayed"), "true")
+        self.assertEqual(r.json["step"], 1)
+        self.assertNotIn("params", r.json)
+        self.assertNotEqual(first, got)
+        con = sqlite3.connect("file:%s?mode=ro" % self.d.db, uri=True)
+        try:
+            biggest = con.execute("SELECT max(length(reply)) FROM idem i JOIN sessions s ON s.id = i.session_id"
+                                  " WHERE s.name = ?", (name,)).fetchone()[0]
+        finally:
+            con.close()
+        self.assertLess(biggest, 100, "a logged session's saved replies must not hold its params")
+        self.d.kill()
+        self.d.start()
+        h["Idempotency-Key"] = "k3"
+        r = self.d.request("POST", "/v1/sessions/%s/step" % name, body=pack("float32", grad(3)), headers=h)
+        self.assertEqual((r.status, r.header("Idempotent-Replayed")), (200, "true"))
+        self.assertEqual(r.body, got, "after kill -9 too")
+
 
 if __name__ == "__main__":
     import unittest
