@@ -336,18 +336,6 @@ optd_err json_to_vec(const cJSON *arr, void *out, size_t n, optim_dtype dtype, c
     return OPTD_OK;
 }
 
-bool vec_finite(const void *x, size_t n, optim_dtype dtype, size_t *bad)
-{
-    for (size_t i = 0; i < n; i++) {
-        double v = dtype == OPTIM_F64 ? ((const double *)x)[i] : ((const float *)x)[i];
-        if (!isfinite(v)) {
-            *bad = i;
-            return false;
-        }
-    }
-    return true;
-}
-
 /* Scans one JSON number at s (RFC 8259 grammar) and converts it. Exact: a
  * mantissa of at most 15 digits with a power of ten a double holds exactly
  * takes one correctly rounded operation (Clinger's fast path); a float32 is
