@@ -47,7 +47,7 @@ PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 # predefined (it sits in /usr/include), so a use of either fails the build.
 ENGINE_PKG_CFLAGS = $(shell pkg-config --cflags sqlite3 2>/dev/null) -DMHD_MICROHTTPD_H -DcJSON__h
 
-COMMON_SRC := common/err.c common/util.c common/names.c
+COMMON_SRC := common/err.c common/util.c common/names.c common/bigbuf.c
 # C++ only where a Debian library is C++: the shortest-digits shim over
 # Dragonbox (no exceptions, no RTTI, no libstdc++ at link time).
 COMMON_CXX := common/shortest.cpp
@@ -64,7 +64,7 @@ ASSETS  := asset_dashboard=http/assets/dashboard.html asset_openapi=http/openapi
 LIB_OBJ := $(LIB_SRC:%.c=$(B)/%.o) $(COMMON_CXX:%.cpp=$(B)/%.o) $(B)/gen/assets.o
 
 # Unit tests: tests/test_<module>.c, each linked with the library objects.
-UNIT_TESTS := test_optim test_store test_config test_codec test_engine test_wire test_shape
+UNIT_TESTS := test_optim test_store test_config test_codec test_engine test_wire test_shape test_bigbuf
 UNIT_BINS  := $(UNIT_TESTS:%=$(B)/tests/%)
 
 .PHONY: all run test unit e2e asan bench fuzz fmt clean deps

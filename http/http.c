@@ -19,6 +19,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/bigbuf.h"
 #include "http/httpInt.h"
 
 struct http_server {
@@ -79,9 +80,10 @@ typedef struct req {
     char path[160];
     uint64_t t0, id;
     int status;
-    /* The body, gathered up to max_body. */
+    /* The body, gathered up to max_body; from bigbuf when big. */
     char *body;
     size_t len, cap;
+    int big;
     int too_large;
     int binary; /* Content-Type: application/octet-stream */
     wire_type wire_in;  /* its dtype parameter (a step's gradient) */
@@ -1973,11 +1975,33 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
                 cap *= 2;
             if (cap > body_limit(r) + 1)
                 cap = body_limit(r) + 1;
-            char *p = realloc(r->body, cap);
-            if (!p)
-                return MHD_NO;
-            r->body = p;
-            r->cap = cap;
+            if (cap >= BIGBUF_MIN) {
+                /* A big body: all that Content-Length announces at once,
+                 * in memory a request before had touched (bigbuf.h). */
+                const char *cl = header(r, MHD_HTTP_HEADER_CONTENT_LENGTH);
+                unsigned long long announced = cl ? strtoull(cl, NULL, 10) : 0;
+                if (announced < body_limit(r) && announced + 1 > cap)
+                    cap = (size_t)announced + 1;
+                size_t got;
+                char *p = bigbuf_alloc(cap, &got);
+                if (!p)
+                    return MHD_NO;
+                if (r->len)
+                    memcpy(p, r->body, r->len);
+                if (r->big)
+                    bigbuf_free(r->body, r->cap);
+                else
+                    free(r->body);
+                r->body = p;
+                r->cap = got;
+                r->big = 1;
+            } else {
+                char *p = realloc(r->body, cap);
+                if (!p)
+                    return MHD_NO;
+                r->body = p;
+                r->cap = cap;
+            }
         }
         memcpy(r->body + r->len, upload, n);
         r->len += n;
@@ -2043,7 +2067,10 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     free(r->skip_buf);
     free(r->skip_names);
     free(r->lr_set);
-    free(r->body);
+    if (r->big)
+        bigbuf_free(r->body, r->cap);
+    else
+        free(r->body);
     free(r);
     *con_cls = NULL;
     atomic_fetch_sub(&srv->active, 1);
