@@ -48,7 +48,16 @@ def run_mode(sync, rounds, seed, rep, min_ms, max_ms):
         for rnd in range(1, rounds + 1):
             def one_round():
                 stop = threading.Event()
+                big_before = w.adam["adam-2"]["acked"]
                 threads = w.start(stop)
+                # The 1 MiB session steps slowly (its reference is computed
+                # here in Python, and a sanitized daemon is slower still):
+                # let it make a few steps each round before the random delay,
+                # so the kills find it in every part of its log cycle however
+                # slow the machine is, instead of hoping the delay is enough.
+                deadline = time.time() + 60
+                while w.adam["adam-2"]["acked"] < big_before + 3 and time.time() < deadline and not w.errors:
+                    time.sleep(0.01)
                 delay = rng.uniform(min_ms, max_ms) / 1000.0
                 time.sleep(delay)
                 d.kill()
