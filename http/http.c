@@ -697,7 +697,7 @@ static enum MHD_Result get_history(req *r)
     store_history *h = NULL;
     size_t n = 0;
     int more = 0;
-    rc = store_read_history(r->srv->st, row.id, after, (int)limit, &h, &n, &more);
+    rc = store_read_history(r->srv->st, row.id, after, (int)limit, r->srv->cfg.history_steps, &h, &n, &more);
     store_session_clear(&row);
     if (rc)
         return send_err(r, rc, NULL, -1);

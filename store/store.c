@@ -98,6 +98,36 @@ static const char *const migrations[] = {
     " step INTEGER NOT NULL,"
     " data_id INTEGER NOT NULL,"
     " PRIMARY KEY(session_id, slot)) WITHOUT ROWID;",
+    /* 3 -> 4: the history's newest rows ride in the session's own row (the
+     * first hist_n rows of hist_tail, see store_history_put) and move to the
+     * history table HIST_BATCH at a time. A history row per step dirtied a
+     * page of its own per session (the table is clustered by session), as
+     * many bytes of WAL as the state of a small session; the session rows
+     * share their pages, which every step dirties anyway. hist_tail keeps
+     * one size once made, so that the rows never grow or shrink and their
+     * pages are not rebalanced on every step.
+     * The history table becomes a rowid table in the order rows are written,
+     * indexed by (session, step): clustered by session, each insert landed
+     * in the middle of the b-tree, in a full page of wide rows that SQLite
+     * split and rebalanced (a third of a small step's history cost); now the
+     * rows of every session append to the last page, and only the narrow
+     * index entries go in the middle. */
+    "ALTER TABLE sessions ADD COLUMN hist_tail BLOB;"
+    "ALTER TABLE sessions ADD COLUMN hist_n INTEGER NOT NULL DEFAULT 0;"
+    "CREATE TABLE history_rows("
+    " id INTEGER PRIMARY KEY,"
+    " session_id INTEGER NOT NULL,"
+    " step INTEGER NOT NULL,"
+    " time_ms INTEGER NOT NULL,"
+    " lr REAL, grad_norm REAL, update_norm REAL, param_norm REAL,"
+    " contributors INTEGER NOT NULL,"
+    " loss REAL);"
+    "INSERT INTO history_rows(session_id, step, time_ms, lr, grad_norm, update_norm, param_norm, contributors, loss)"
+    " SELECT session_id, step, time_ms, lr, grad_norm, update_norm, param_norm, contributors, loss FROM history"
+    " ORDER BY session_id, step;"
+    "DROP TABLE history;"
+    "ALTER TABLE history_rows RENAME TO history;"
+    "CREATE UNIQUE INDEX history_step ON history(session_id, step);",
 };
 #define SCHEMA_VERSION ((int)(sizeof migrations / sizeof migrations[0]))
 
@@ -110,6 +140,9 @@ enum {
     Q_LIST_AFTER,
     Q_COUNT,
     Q_HISTORY_PAGE,
+    Q_HISTORY_TAIL,  /* the rows waiting in a session's row */
+    Q_BEGIN_READ,
+    Q_END_READ,
     Q_STEPLOG_READ, /* a session's logged steps past its state, in step order */
     Q_READ_END,
     Q_BEGIN = Q_READ_END,
@@ -131,6 +164,9 @@ enum {
     Q_HISTORY_PUT,
     Q_HISTORY_PRUNE,
     Q_HISTORY_DELETE_ALL,
+    Q_HISTORY_TAIL_ADD,
+    Q_HISTORY_TAIL_N,
+    Q_HISTORY_TAIL_CLEAR,
     Q_SESSION_LOG,   /* the step path of a logged session */
     Q_STATE_CURRENT, /* the state blob holds the row's step again */
     Q_STEPLOG_SLOT,  /* a slot's row: its bytes' id and length */
@@ -145,6 +181,16 @@ enum {
     Q_SAVEPOINT_ROLLBACK,
     Q_END
 };
+
+/* A history row in a session's hist_tail: step, time_ms, lr, grad_norm,
+ * update_norm, param_norm, contributors, loss as 8 little-endian bytes each
+ * (the doubles by their bits), then has_loss in one byte. */
+#define HIST_ROW 65
+#define HIST_ROW_SQL "65"
+/* Rows a tail holds before they move to the history table together: about
+ * 1 KiB in the session's row, and one history page dirtied per 16 steps. */
+#define HIST_BATCH 16
+#define HIST_TAIL_SQL "1040" /* HIST_ROW * HIST_BATCH */
 
 /* The columns row_session reads, in its order; the state blob follows them. */
 #define SESSION_COLS "s.id, s.name, s.optimizer, s.dtype, s.size, s.step, s.config, s.created_ms, s.updated_ms"
@@ -162,6 +208,9 @@ static const char *const sql[Q_END] = {
     [Q_COUNT] = "SELECT count(*) FROM sessions",
     [Q_HISTORY_PAGE] = "SELECT step, time_ms, lr, grad_norm, update_norm, param_norm, contributors, loss"
                        " FROM history WHERE session_id = ?1 AND step > ?2 ORDER BY step LIMIT ?3",
+    [Q_HISTORY_TAIL] = "SELECT hist_tail, hist_n FROM sessions WHERE id = ?1",
+    [Q_BEGIN_READ] = "BEGIN",
+    [Q_END_READ] = "COMMIT",
     [Q_STEPLOG_READ] = "SELECT l.step, d.data FROM steplog l JOIN steplog_data d ON d.id = l.data_id"
                        " WHERE l.session_id = ?1 AND l.step > ?2 AND l.step <= ?3 ORDER BY l.step",
     [Q_BEGIN] = "BEGIN IMMEDIATE",
@@ -202,6 +251,17 @@ static const char *const sql[Q_END] = {
                       " param_norm, contributors, loss) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     [Q_HISTORY_PRUNE] = "DELETE FROM history WHERE session_id = ?1 AND step <= ?2",
     [Q_HISTORY_DELETE_ALL] = "DELETE FROM history WHERE session_id = ?1",
+    /* Row ?2 spliced in at hist_n. substr of a blob counts bytes; ||
+     * makes text of the bytes as they are (a UTF-8 database), NULs
+     * included, and the CAST gives back the blob. */
+    [Q_HISTORY_TAIL_ADD] = "UPDATE sessions SET hist_tail = CAST(substr(coalesce(hist_tail, zeroblob(" HIST_TAIL_SQL
+                           ")), 1, hist_n * " HIST_ROW_SQL ") || ?2 || substr(coalesce(hist_tail, zeroblob(" HIST_TAIL_SQL
+                           ")), (hist_n + 1) * " HIST_ROW_SQL " + 1) AS BLOB), hist_n = hist_n + 1"
+                           " WHERE id = ?1",
+    /* Not RETURNING on the update: SQLite makes a temporary table for it on
+     * every run, which cost more than the update. */
+    [Q_HISTORY_TAIL_N] = "SELECT hist_n FROM sessions WHERE id = ?1",
+    [Q_HISTORY_TAIL_CLEAR] = "UPDATE sessions SET hist_n = 0 WHERE id = ?1",
     [Q_SAVEPOINT] = "SAVEPOINT optd_job",
     [Q_SAVEPOINT_RELEASE] = "RELEASE optd_job",
     [Q_SAVEPOINT_ROLLBACK] = "ROLLBACK TO optd_job",
@@ -1227,6 +1287,14 @@ static optd_err writer_open(store *st, const char *path, const store_options *o,
 
     rc =
         exec_sql(st->db, o->sync_full ? "PRAGMA synchronous = FULL" : "PRAGMA synchronous = NORMAL", path, err, errlen);
+    /* The savepoint a job runs in copies each page the job changes first
+     * to a statement journal, which SQLite spills to a temporary file past
+     * 64 KiB: four of our pages, so a small step's savepoint wrote its pages
+     * through the kernel twice. In memory it is a memcpy. A huge job runs
+     * alone and without a savepoint (engine/writer.c begin_part), so this
+     * holds the pages of small jobs only. */
+    if (rc == OPTD_OK)
+        rc = exec_sql(st->db, "PRAGMA temp_store = MEMORY", path, err, errlen);
     if (rc)
         return rc;
     rc = migrate(st->db, path, err, errlen);
@@ -2322,22 +2390,107 @@ optd_err store_read_count(store *st, uint64_t *out)
 /* Records h for session_id and forgets rows of steps <= h->step - keep
  * (keep 0 keeps none). Returns OPTD_OK, OPTD_E_INVALID, OPTD_E_UNAVAILABLE,
  * OPTD_E_NOMEM. */
-optd_err store_history_put(store *st, int64_t session_id, const store_history *h, uint64_t keep)
-{
-    sqlite3_stmt *q;
-    optd_err rc;
-    int own, src;
 
-    if (!h || h->step > INT64_MAX)
-        return OPTD_E_INVALID;
-    rc = tx_enter(st, &own);
-    if (rc)
-        return rc;
-    if (keep > 0) {
+static void le64_put(unsigned char *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (unsigned char)(v >> (8 * i));
+}
+
+static uint64_t le64_get(const unsigned char *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v |= (uint64_t)p[i] << (8 * i);
+    return v;
+}
+
+static uint64_t dbits(double d)
+{
+    uint64_t v;
+    memcpy(&v, &d, sizeof v);
+    return v;
+}
+
+static double bitsd(uint64_t v)
+{
+    double d;
+    memcpy(&d, &v, sizeof d);
+    return d;
+}
+
+static void hist_pack(const store_history *h, unsigned char *p)
+{
+    const uint64_t f[8] = {h->step,          (uint64_t)h->time_ms,    dbits(h->lr), dbits(h->grad_norm),
+                           dbits(h->update_norm), dbits(h->param_norm), h->contributors, dbits(h->loss)};
+    for (int i = 0; i < 8; i++)
+        le64_put(p + 8 * i, f[i]);
+    p[64] = h->has_loss ? 1 : 0;
+}
+
+static void hist_unpack(const unsigned char *p, store_history *h)
+{
+    h->step = le64_get(p);
+    h->time_ms = (int64_t)le64_get(p + 8);
+    h->lr = bitsd(le64_get(p + 16));
+    h->grad_norm = bitsd(le64_get(p + 24));
+    h->update_norm = bitsd(le64_get(p + 32));
+    h->param_norm = bitsd(le64_get(p + 40));
+    h->contributors = le64_get(p + 48);
+    h->loss = bitsd(le64_get(p + 56));
+    h->has_loss = p[64] != 0;
+}
+
+/* The rows of a session's tail, decoded into a malloc'd array (*out NULL
+ * when there are none). q: a Q_HISTORY_TAIL statement of any connection;
+ * OPTD_E_NOT_FOUND when the session row is gone. */
+static optd_err tail_read(sqlite3_stmt *q, int64_t session_id, store_history **out, size_t *n)
+{
+    optd_err rc = OPTD_OK;
+    int src = sqlite3_bind_int64(q, 1, session_id);
+
+    *out = NULL;
+    *n = 0;
+    if (src == SQLITE_OK)
+        src = sqlite3_step(q);
+    if (src == SQLITE_ROW) {
+        const unsigned char *p = sqlite3_column_blob(q, 0);
+        size_t len = (size_t)sqlite3_column_bytes(q, 0);
+        int64_t k = sqlite3_column_int64(q, 1);
+        if (!p && sqlite3_errcode(sqlite3_db_handle(q)) == SQLITE_NOMEM)
+            rc = OPTD_E_NOMEM;
+        else if (k < 0 || k > HIST_BATCH || (uint64_t)k * HIST_ROW > len)
+            rc = OPTD_E_INTERNAL; /* not a tail this code wrote */
+        else if (k && !(*out = malloc(k * sizeof **out)))
+            rc = OPTD_E_NOMEM;
+        for (int64_t i = 0; rc == OPTD_OK && i < k; i++)
+            hist_unpack(p + i * HIST_ROW, &(*out)[i]);
+        if (rc == OPTD_OK)
+            *n = (size_t)k;
+    } else {
+        rc = src == SQLITE_DONE ? OPTD_E_NOT_FOUND : from_sqlite(src);
+    }
+    stmt_done(q);
+    return rc;
+}
+
+/* Moves a session's tail into the history table, in the order it was
+ * recorded (a step recorded again replaces its row), and forgets the rows
+ * of steps <= the newest - keep. */
+static optd_err tail_flush(store *st, int64_t session_id, uint64_t keep)
+{
+    store_history *rows = NULL;
+    size_t n = 0;
+    sqlite3_stmt *q;
+    int src = SQLITE_OK;
+    optd_err rc = tail_read(st->q[Q_HISTORY_TAIL], session_id, &rows, &n);
+
+    for (size_t i = 0; rc == OPTD_OK && i < n; i++) {
+        const store_history *h = &rows[i];
         q = st->q[Q_HISTORY_PUT];
         src = sqlite3_bind_int64(q, 1, session_id);
         if (src == SQLITE_OK)
-            src = sqlite3_bind_int64(q, 2, (int64_t)h->step);
+            src = sqlite3_bind_int64(q, 2, u2i(h->step));
         if (src == SQLITE_OK)
             src = sqlite3_bind_int64(q, 3, h->time_ms);
         if (src == SQLITE_OK)
@@ -2349,56 +2502,134 @@ optd_err store_history_put(store *st, int64_t session_id, const store_history *h
         if (src == SQLITE_OK)
             src = sqlite3_bind_double(q, 7, h->param_norm);
         if (src == SQLITE_OK)
-            src = sqlite3_bind_int64(q, 8, (int64_t)h->contributors);
+            src = sqlite3_bind_int64(q, 8, u2i(h->contributors));
         if (src == SQLITE_OK)
             src = h->has_loss ? sqlite3_bind_double(q, 9, h->loss) : sqlite3_bind_null(q, 9);
         rc = run(q, src);
-        if (rc)
-            goto done;
     }
-    if (h->step >= keep) {
+    if (rc == OPTD_OK && n && rows[n - 1].step >= keep) {
         q = st->q[Q_HISTORY_PRUNE];
         src = sqlite3_bind_int64(q, 1, session_id);
         if (src == SQLITE_OK)
-            src = sqlite3_bind_int64(q, 2, (int64_t)(h->step - keep));
+            src = sqlite3_bind_int64(q, 2, u2i(rows[n - 1].step - keep));
         rc = run(q, src);
     }
+    if (rc == OPTD_OK) {
+        q = st->q[Q_HISTORY_TAIL_CLEAR];
+        rc = run(q, sqlite3_bind_int64(q, 1, session_id));
+    }
+    free(rows);
+    return rc;
+}
+
+optd_err store_history_put(store *st, int64_t session_id, const store_history *h, uint64_t keep)
+{
+    sqlite3_stmt *q;
+    unsigned char packed[HIST_ROW];
+    int64_t tail_n = -1;
+    optd_err rc;
+    int own, src;
+
+    if (!h || h->step > INT64_MAX)
+        return OPTD_E_INVALID;
+    rc = tx_enter(st, &own);
+    if (rc)
+        return rc;
+    if (keep == 0) { /* no history: none recorded, the old rows forgotten */
+        q = st->q[Q_HISTORY_PRUNE];
+        src = sqlite3_bind_int64(q, 1, session_id);
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_int64(q, 2, (int64_t)h->step);
+        rc = run(q, src);
+        if (rc == OPTD_OK) {
+            q = st->q[Q_HISTORY_TAIL_CLEAR];
+            rc = run(q, sqlite3_bind_int64(q, 1, session_id));
+        }
+        goto done;
+    }
+    hist_pack(h, packed);
+    q = st->q[Q_HISTORY_TAIL_ADD];
+    src = sqlite3_bind_int64(q, 1, session_id);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_blob(q, 2, packed, HIST_ROW, SQLITE_STATIC);
+    rc = run(q, src);
+    if (rc)
+        goto done;
+    if (sqlite3_changes(st->db) == 1) {
+        q = st->q[Q_HISTORY_TAIL_N];
+        src = sqlite3_bind_int64(q, 1, session_id);
+        if (src == SQLITE_OK)
+            src = sqlite3_step(q);
+        if (src == SQLITE_ROW)
+            tail_n = sqlite3_column_int64(q, 0);
+        stmt_done(q);
+        if (src != SQLITE_ROW) {
+            rc = from_sqlite(src) ? from_sqlite(src) : OPTD_E_INTERNAL;
+            goto done;
+        }
+    }
+    if (tail_n < 0) {
+        rc = OPTD_E_NOT_FOUND; /* no session row to hold it */
+        goto done;
+    }
+    /* A tail never holds keep rows or more, so a read trims at most the
+     * rows the last flush kept (store_read_history). */
+    if ((uint64_t)tail_n >= (keep < HIST_BATCH ? keep : HIST_BATCH))
+        rc = tail_flush(st, session_id, keep);
 done:
     return tx_leave(st, own, rc);
 }
 
+static int hist_cmp(const void *a, const void *b)
+{
+    uint64_t x = ((const store_history *)a)->step, y = ((const store_history *)b)->step;
+    return (x > y) - (x < y);
+}
+
 /* Returns OPTD_OK, OPTD_E_INVALID, OPTD_E_UNAVAILABLE, OPTD_E_NOMEM; on
  * failure the outputs are untouched. */
-optd_err store_read_history(store *st, int64_t session_id, uint64_t after, int limit, store_history **out, size_t *n,
-                            int *more)
+optd_err store_read_history(store *st, int64_t session_id, uint64_t after, int limit, uint64_t keep,
+                            store_history **out, size_t *n, int *more)
 {
     struct reader *r;
     sqlite3_stmt *q;
-    store_history *rows = NULL;
-    size_t count = 0;
-    int src, extra = 0;
+    store_history *rows = NULL, *tail = NULL, *grown;
+    size_t count = 0, ntail = 0;
+    int src;
     optd_err rc = OPTD_OK;
 
     if (limit < 0 || after > INT64_MAX || !out || !n || !more)
         return OPTD_E_INVALID;
-    rows = malloc(((size_t)limit + 1) * sizeof *rows);
-    if (!rows)
-        return OPTD_E_NOMEM;
     r = reader_take(st);
+    /* The tail and the table in one snapshot: a flush between two reads
+     * would move rows from the one to the other unseen. */
+    q = r->q[Q_BEGIN_READ];
+    src = sqlite3_step(q);
+    stmt_done(q);
+    if (src != SQLITE_DONE) {
+        rc = from_sqlite(src);
+        goto out;
+    }
+    rc = tail_read(r->q[Q_HISTORY_TAIL], session_id, &tail, &ntail);
+    if (rc == OPTD_E_NOT_FOUND)
+        rc = OPTD_OK; /* a deleted session has no history */
+    /* The rows of steps <= the newest recorded - keep are gone, as each
+     * record's prune left them (the last flush pruned the table to its own
+     * newest). */
+    if (ntail && tail[ntail - 1].step >= keep && tail[ntail - 1].step - keep > after)
+        after = tail[ntail - 1].step - keep;
+    if (rc == OPTD_OK && !(rows = malloc(((size_t)limit + 1 + ntail) * sizeof *rows)))
+        rc = OPTD_E_NOMEM;
     q = r->q[Q_HISTORY_PAGE];
     src = sqlite3_bind_int64(q, 1, session_id);
     if (src == SQLITE_OK)
         src = sqlite3_bind_int64(q, 2, (int64_t)after);
     if (src == SQLITE_OK)
         src = sqlite3_bind_int64(q, 3, (int64_t)limit + 1);
-    while (src == SQLITE_OK || src == SQLITE_ROW) {
+    while (rc == OPTD_OK && (src == SQLITE_OK || src == SQLITE_ROW)) {
         src = sqlite3_step(q);
         if (src != SQLITE_ROW)
             break;
-        if (count == (size_t)limit) {
-            extra = 1;
-            break;
-        }
         store_history *h = &rows[count++];
         h->step = i2u(sqlite3_column_int64(q, 0));
         h->time_ms = sqlite3_column_int64(q, 1);
@@ -2410,17 +2641,48 @@ optd_err store_read_history(store *st, int64_t session_id, uint64_t after, int l
         h->has_loss = sqlite3_column_type(q, 7) != SQLITE_NULL;
         h->loss = h->has_loss ? sqlite3_column_double(q, 7) : 0;
     }
-    if (src != SQLITE_ROW && src != SQLITE_DONE)
+    if (rc == OPTD_OK && src != SQLITE_ROW && src != SQLITE_DONE)
         rc = from_sqlite(src);
     stmt_done(q);
+    q = r->q[Q_END_READ];
+    src = sqlite3_step(q);
+    stmt_done(q);
+    if (rc == OPTD_OK && src != SQLITE_DONE)
+        rc = from_sqlite(src);
+    /* The tail's rows after the table's, a step recorded again replacing
+     * its earlier row, as the flush will. */
+    for (size_t i = 0; rc == OPTD_OK && i < ntail; i++) {
+        if (tail[i].step <= after)
+            continue;
+        size_t k = 0;
+        while (k < count && rows[k].step != tail[i].step)
+            k++;
+        rows[k] = tail[i];
+        count += k == count;
+    }
+    if (rc == OPTD_OK)
+        qsort(rows, count, sizeof *rows, hist_cmp);
+out:
     reader_give(st, r);
+    free(tail);
     if (rc) {
         free(rows);
         return rc;
     }
+    if (count > (size_t)limit) {
+        count = (size_t)limit;
+        *more = 1;
+    } else {
+        *more = 0;
+    }
+    if (!count) {
+        free(rows);
+        rows = NULL;
+    } else if ((grown = realloc(rows, count * sizeof *rows))) {
+        rows = grown;
+    }
     *out = rows;
     *n = count;
-    *more = extra;
     return OPTD_OK;
 }
 

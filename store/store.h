@@ -187,7 +187,10 @@ typedef struct store_history {
 } store_history;
 
 /* Records h for session_id, then forgets the rows of steps <= h->step - keep
- * so exactly the last keep steps stay (keep 0 keeps none). */
+ * so exactly the last keep steps stay (keep 0 keeps none). The newest rows
+ * wait in the session's own row and move to the history table 16 at a time
+ * (a step then dirties no page of its own for its history); reads see both.
+ * OPTD_E_NOT_FOUND when there is no such session. */
 optd_err store_history_put(store *st, int64_t session_id, const store_history *h, uint64_t keep);
 
 /* --- Any thread. -------------------------------------------------------- */
@@ -198,11 +201,12 @@ optd_err store_read_session(store *st, const char *name, store_session *out, voi
  * of name. *out is a malloc'd array of *n rows (caller clears each and frees
  * the array). *more is set to 1 when further rows exist. */
 optd_err store_read_list(store *st, const char *after, int limit, store_session **out, size_t *n, int *more);
-/* Up to limit history rows of session_id with step > after, in step order.
- * *out is a malloc'd array of *n rows (caller frees); *more is 1 when
- * further rows exist. */
-optd_err store_read_history(store *st, int64_t session_id, uint64_t after, int limit, store_history **out, size_t *n,
-                            int *more);
+/* Up to limit history rows of session_id with step > after, in step order,
+ * of the last keep steps recorded (keep: as given to store_history_put).
+ * *out is a malloc'd array of *n rows, NULL when none (caller frees); *more
+ * is 1 when further rows exist. */
+optd_err store_read_history(store *st, int64_t session_id, uint64_t after, int limit, uint64_t keep,
+                            store_history **out, size_t *n, int *more);
 /* Number of sessions. */
 optd_err store_read_count(store *st, uint64_t *out);
 

@@ -253,7 +253,7 @@ static void test_open_creates_an_optd_database_that_close_releases(void **state)
     store_close(NULL);
 
     assert_int_equal(pragma_on(f->path, "PRAGMA application_id"), 0x6F707464);
-    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 3);
+    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 4);
     assert_string_equal(text_on(f->path, "PRAGMA journal_mode", buf, sizeof buf), "wal");
 }
 
@@ -772,7 +772,7 @@ static void test_a_database_from_a_newer_optd_is_refused(void **state)
     fixture *f = *state;
 
     store_one_session(f);
-    sql_on(f->path, "PRAGMA user_version = 4;");
+    sql_on(f->path, "PRAGMA user_version = 5;");
     assert_refused_unchanged(f, "made by a newer optd");
 }
 
@@ -819,7 +819,7 @@ static void test_history_keeps_exactly_the_last_steps_and_pages_in_order(void **
         store_history h = {step, 1000 + (int64_t)step, 0.1, 2.0 * step, 0.5, 3.0, 1, step % 2, 0.25 * step};
         assert_int_equal(store_history_put(f->st, id, &h, 4), OPTD_OK);
     }
-    assert_int_equal(store_read_history(f->st, id, 0, 3, &rows, &n, &more), OPTD_OK);
+    assert_int_equal(store_read_history(f->st, id, 0, 3, 4, &rows, &n, &more), OPTD_OK);
     assert_int_equal(n, 3);
     assert_int_equal(more, 1);
     assert_int_equal(rows[0].step, 7);
@@ -829,14 +829,141 @@ static void test_history_keeps_exactly_the_last_steps_and_pages_in_order(void **
     assert_false(rows[1].has_loss);
     assert_true(rows[1].grad_norm == 16.0);
     free(rows);
-    assert_int_equal(store_read_history(f->st, id, 9, 3, &rows, &n, &more), OPTD_OK);
+    assert_int_equal(store_read_history(f->st, id, 9, 3, 4, &rows, &n, &more), OPTD_OK);
     assert_int_equal(n, 1);
     assert_int_equal(more, 0);
     assert_int_equal(rows[0].step, 10);
     free(rows);
     assert_int_equal(store_session_delete(f->st, "h"), OPTD_OK);
-    assert_int_equal(store_read_history(f->st, id, 0, 100, &rows, &n, &more), OPTD_OK);
+    assert_int_equal(store_read_history(f->st, id, 0, 100, 4, &rows, &n, &more), OPTD_OK);
     assert_int_equal(n, 0);
+    free(rows);
+}
+
+static store_history hist_row(uint64_t step, double lr)
+{
+    store_history h = {step, 5000 + (int64_t)step, lr, 1.0 / (double)step, 0.1 + (double)step, 3.5, step % 3,
+                       step % 2, -0.3 * (double)step};
+    return h;
+}
+
+static void assert_hist_eq(const store_history *a, const store_history *b)
+{
+    assert_int_equal(a->step, b->step);
+    assert_int_equal(a->time_ms, b->time_ms);
+    assert_memory_equal(&a->lr, &b->lr, sizeof a->lr);
+    assert_memory_equal(&a->grad_norm, &b->grad_norm, sizeof a->grad_norm);
+    assert_memory_equal(&a->update_norm, &b->update_norm, sizeof a->update_norm);
+    assert_memory_equal(&a->param_norm, &b->param_norm, sizeof a->param_norm);
+    assert_int_equal(a->contributors, b->contributors);
+    assert_int_equal(a->has_loss, b->has_loss);
+    if (a->has_loss)
+        assert_memory_equal(&a->loss, &b->loss, sizeof a->loss);
+}
+
+/* The newest rows wait in the session's row and move to the history table
+ * 16 at a time: reads see both, in order and bit for bit, across a reopen
+ * and across the boundary between the two; a step recorded again replaces
+ * its row wherever it is. */
+static void test_history_rows_wait_in_the_session_row_and_move_in_batches(void **state)
+{
+    fixture *f = *state;
+    store_history *rows = NULL;
+    size_t n = 0;
+    int more = 0;
+
+    open_store(f, NULL);
+    store_session s = make_session("t", 0);
+    assert_int_equal(store_session_insert(f->st, &s, "abc", 3), OPTD_OK);
+    int64_t id = s.id;
+    for (uint64_t step = 1; step <= 40; step++) {
+        store_history h = hist_row(step, 0.01 * (double)step);
+        assert_int_equal(store_history_put(f->st, id, &h, 1000), OPTD_OK);
+    }
+    store_history again = hist_row(38, 7.0), early = hist_row(3, 9.0);
+    assert_int_equal(store_history_put(f->st, id, &again, 1000), OPTD_OK);
+    store_close(f->st);
+    f->st = NULL;
+    /* Two batches in the table, nine rows (the last a repeat) in the tail. */
+    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM history"), 32);
+    assert_int_equal(pragma_on(f->path, "SELECT hist_n FROM sessions"), 9);
+    assert_int_equal(pragma_on(f->path, "SELECT length(hist_tail) FROM sessions"), 16 * 65);
+    open_store(f, NULL);
+    assert_int_equal(store_read_history(f->st, id, 0, 1000, 1000, &rows, &n, &more), OPTD_OK);
+    assert_int_equal(n, 40);
+    assert_int_equal(more, 0);
+    for (uint64_t i = 0; i < 40; i++) {
+        store_history want = i + 1 == 38 ? again : hist_row(i + 1, 0.01 * (double)(i + 1));
+        assert_hist_eq(&rows[i], &want);
+    }
+    free(rows);
+    /* A page across the boundary. */
+    assert_int_equal(store_read_history(f->st, id, 30, 5, 1000, &rows, &n, &more), OPTD_OK);
+    assert_int_equal(n, 5);
+    assert_int_equal(more, 1);
+    assert_int_equal(rows[0].step, 31);
+    assert_int_equal(rows[4].step, 35);
+    free(rows);
+    /* A step in the table recorded again (a restored session steps on). */
+    assert_int_equal(store_history_put(f->st, id, &early, 1000), OPTD_OK);
+    assert_int_equal(store_read_history(f->st, id, 2, 2, 1000, &rows, &n, &more), OPTD_OK);
+    assert_int_equal(n, 2);
+    assert_hist_eq(&rows[0], &early);
+    assert_int_equal(rows[1].step, 4);
+    free(rows);
+    /* No history kept: nothing recorded, the rows up to the step forgotten. */
+    assert_int_equal(store_history_put(f->st, id, &early, 0), OPTD_OK);
+    assert_int_equal(store_read_history(f->st, id, 0, 100, 0, &rows, &n, &more), OPTD_OK);
+    assert_int_equal(n, 29);
+    assert_int_equal(rows[0].step, 4);
+    free(rows);
+    assert_int_equal(store_history_put(f->st, id + 1, &early, 10), OPTD_E_NOT_FOUND);
+}
+
+/* A file of schema 3 (history clustered by session, no tail in the session
+ * row) keeps its history rows through the upgrade, and steps on. */
+static void test_history_of_schema_3_survives_the_upgrade(void **state)
+{
+    fixture *f = *state;
+    store_history *rows = NULL;
+    size_t n = 0;
+    int more = 0;
+
+    open_store(f, NULL);
+    store_session s = make_session("old", 0);
+    assert_int_equal(store_session_insert(f->st, &s, "abc", 3), OPTD_OK);
+    int64_t id = s.id;
+    for (uint64_t step = 1; step <= 20; step++) {
+        store_history h = hist_row(step, 0.5);
+        assert_int_equal(store_history_put(f->st, id, &h, 1000), OPTD_OK);
+    }
+    store_close(f->st);
+    f->st = NULL;
+    /* Back to schema 3's tables, with the 16 flushed rows (the 4 waiting in
+     * the tail go with its columns). */
+    sql_on(f->path,
+           "CREATE TABLE h3(session_id INTEGER NOT NULL, step INTEGER NOT NULL, time_ms INTEGER NOT NULL,"
+           " lr REAL, grad_norm REAL, update_norm REAL, param_norm REAL, contributors INTEGER NOT NULL, loss REAL,"
+           " PRIMARY KEY(session_id, step)) WITHOUT ROWID;"
+           "INSERT INTO h3 SELECT session_id, step, time_ms, lr, grad_norm, update_norm, param_norm, contributors,"
+           " loss FROM history;"
+           "DROP TABLE history;"
+           "ALTER TABLE h3 RENAME TO history;"
+           "ALTER TABLE sessions DROP COLUMN hist_n;"
+           "ALTER TABLE sessions DROP COLUMN hist_tail;"
+           "PRAGMA user_version = 3;");
+    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM history"), 16);
+    open_store(f, NULL);
+    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 4);
+    store_history h21 = hist_row(21, 0.5);
+    assert_int_equal(store_history_put(f->st, id, &h21, 1000), OPTD_OK);
+    assert_int_equal(store_read_history(f->st, id, 0, 100, 1000, &rows, &n, &more), OPTD_OK);
+    assert_int_equal(n, 17);
+    for (uint64_t i = 0; i < 16; i++) {
+        store_history want = hist_row(i + 1, 0.5);
+        assert_hist_eq(&rows[i], &want);
+    }
+    assert_hist_eq(&rows[16], &h21);
     free(rows);
 }
 
@@ -847,7 +974,7 @@ static void test_an_older_schema_is_upgraded(void **state)
     /* Ours at version 0: the id is set but no migration has run. */
     sql_on(f->path, "PRAGMA application_id = 1869640804;");
     store_one_session(f);
-    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 3);
+    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 4);
     assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM sessions"), 1);
 }
 
@@ -1132,6 +1259,8 @@ int main(void)
         T(test_a_database_from_a_newer_optd_is_refused),
         T(test_a_corrupt_database_is_refused),
         T(test_history_keeps_exactly_the_last_steps_and_pages_in_order),
+        T(test_history_rows_wait_in_the_session_row_and_move_in_batches),
+        T(test_history_of_schema_3_survives_the_upgrade),
         T(test_an_older_schema_is_upgraded),
         T(test_a_lock_held_elsewhere_makes_writes_unavailable_and_writable_false),
         T(test_bad_arguments_are_invalid),
