@@ -247,6 +247,8 @@ typedef struct sess {
      * the cache links, and how the current group touched it. */
     struct wround *rnd;
     struct sess *lru_prev, *lru_next, *hnext;
+    struct sess *known_next; /* in the engine's index of committed shapes, or not (known) */
+    bool known;
     int touched; /* in the current group: 0 untouched, -1 loaded, else the part that last changed it */
     /* Steps the store holds in the session's log past its state blob (see
      * engine_sess_log_slots); 0 when the stored state is the current one. */
@@ -534,6 +536,12 @@ optd_err engine_start(const engine_options *opt, engine **out);
 optd_err engine_submit(engine *e, engine_req *r);
 /* Whether the engine's last transaction committed. */
 int engine_healthy(engine *e);
+/* Any thread: the dtype and element count session name has as committed,
+ * when the engine has it in memory; else OPTD_E_NOT_FOUND, which says only
+ * "ask the store". A step decoded against it may still meet a session that
+ * changed before it runs: the writer checks the shape again (as with a
+ * read of the store). */
+optd_err engine_session_shape(engine *e, const char *name, optim_dtype *dtype, size_t *n);
 /* How many requests wait in worker rounds. */
 unsigned engine_parked(engine *e);
 /* How many were withdrawn from worker rounds because their clients hung up. */

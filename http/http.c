@@ -1279,12 +1279,15 @@ static enum MHD_Result post_step(req *r)
     store_session row = {0};
     engine_step_req *j = &r->job.step;
     j->type = ENGINE_REQ_STEP;
-    optd_err rc = store_read_session(r->srv->st, r->name, &row, NULL, NULL);
-    if (rc)
-        return send_err(r, rc, NULL, -1);
-    j->dtype = (optim_dtype)row.dtype;
-    j->size = (size_t)row.size;
-    store_session_clear(&row);
+    optd_err rc = engine_session_shape(r->srv->w, r->name, &j->dtype, &j->size);
+    if (rc == OPTD_E_NOT_FOUND) { /* not in the engine's memory: the store knows */
+        rc = store_read_session(r->srv->st, r->name, &row, NULL, NULL);
+        if (rc)
+            return send_err(r, rc, NULL, -1);
+        j->dtype = (optim_dtype)row.dtype;
+        j->size = (size_t)row.size;
+        store_session_clear(&row);
+    }
     j->weight = 1;
     rc = step_headers(r, j, msg, sizeof msg);
     if (!rc)

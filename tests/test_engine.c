@@ -239,8 +239,9 @@ typedef struct create {
     int done;
 } create;
 
-/* Queues the creation of an sgd session of n float32 params, all 1. */
-static void create_submit(fixture *f, create *c, const char *name, size_t n, const training *trp)
+/* Queues a request of type (a create or a PUT state) making an sgd session
+ * of n float32 params, all 1. */
+static void make_submit(fixture *f, create *c, engine_req_type type, const char *name, size_t n, const training *trp)
 {
     optim_hparams hp;
     training tr;
@@ -252,13 +253,18 @@ static void create_submit(fixture *f, create *c, const char *name, size_t n, con
     if (trp)
         tr = *trp;
     memset(c, 0, sizeof *c);
-    c->req.type = ENGINE_REQ_CREATE;
+    c->req.type = type;
     snprintf(c->req.name, sizeof c->req.name, "%s", name);
     c->req.if_match = -1;
     c->req.cb = on_done;
     c->req.data = &c->done;
     assert_int_equal(engine_sess_new(&codec, name, info, &hp, &tr, OPTIM_F32, n, NULL, 1.0, &c->req.newsess), OPTD_OK);
     assert_int_equal(engine_submit(f->e, (engine_req *)&c->req), OPTD_OK);
+}
+
+static void create_submit(fixture *f, create *c, const char *name, size_t n, const training *trp)
+{
+    make_submit(f, c, ENGINE_REQ_CREATE, name, n, trp);
 }
 
 static void create_finish(create *c)
@@ -580,6 +586,64 @@ static void test_failed_commit_fails_the_group_and_changes_nothing(void **state)
     step_clear(&sx);
 }
 
+static size_t known_size(fixture *f, const char *name)
+{
+    optim_dtype dtype = OPTIM_F64;
+    size_t n = 0;
+    optd_err rc = engine_session_shape(f->e, name, &dtype, &n);
+    if (rc == OPTD_E_NOT_FOUND)
+        return 0;
+    assert_int_equal(rc, OPTD_OK);
+    assert_int_equal(dtype, OPTIM_F32);
+    return n;
+}
+
+/* Request threads read a session's dtype and size from the engine only as
+ * committed: known once a commit made or stepped it, never while a change
+ * of its shape is uncommitted or after it failed, gone with a delete. */
+static void test_the_shape_request_threads_read_is_the_committed_one(void **state)
+{
+    fixture *f = *state;
+    assert_int_equal(known_size(f, "k"), 0);
+    create_one(f, "k", 3, NULL);
+    assert_int_equal(known_size(f, "k"), 3);
+    /* A PUT state that would make it 5 elements, its commit failing. */
+    gate g;
+    create put;
+    gate_close(f->e, &g);
+    make_submit(f, &put, ENGINE_REQ_PUT_STATE, "k", 5, NULL);
+    f->fault_name[0] = '\0';
+    f->fault_point = ENGINE_FAULT_COMMIT;
+    gate_open(&g);
+    wait_flag(&put.done);
+    f->fault_point = -1;
+    assert_int_equal(put.req.rc, OPTD_E_UNAVAILABLE);
+    engine_sess_free(put.req.newsess);
+    assert_int_equal(known_size(f, "k"), 0); /* dropped with the failed group; the store says 3 */
+    step st;
+    step_submit(f, &st, "k", 3, 1.0f, NULL);
+    wait_flag(&st.done);
+    assert_int_equal(st.req.rc, OPTD_OK);
+    step_clear(&st);
+    assert_int_equal(known_size(f, "k"), 3);
+    /* The same PUT, committed. */
+    make_submit(f, &put, ENGINE_REQ_PUT_STATE, "k", 5, NULL);
+    create_finish(&put);
+    assert_int_equal(known_size(f, "k"), 5);
+    engine_delete_req del;
+    memset(&del, 0, sizeof del);
+    del.type = ENGINE_REQ_DELETE;
+    snprintf(del.name, sizeof del.name, "k");
+    del.if_match = -1;
+    int done = 0;
+    del.cb = on_done;
+    del.data = &done;
+    assert_int_equal(engine_submit(f->e, (engine_req *)&del), OPTD_OK);
+    wait_flag(&done);
+    assert_int_equal(del.rc, OPTD_OK);
+    assert_int_equal(known_size(f, "k"), 0);
+}
+
 /* With a cache of about two sessions, twenty sessions stepped in turn are
  * evicted and reloaded from the store, and every step continues from the
  * committed state. */
@@ -813,6 +877,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_idempotent_replay_applies_once, setup, teardown),
         cmocka_unit_test_setup_teardown(test_failed_write_rolls_back_only_its_request, setup, teardown),
         cmocka_unit_test_setup_teardown(test_failed_commit_fails_the_group_and_changes_nothing, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_the_shape_request_threads_read_is_the_committed_one, setup, teardown),
         cmocka_unit_test_setup_teardown(test_eviction_under_a_byte_budget_keeps_every_step, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
