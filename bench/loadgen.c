@@ -43,9 +43,10 @@ typedef struct opts {
     const char *prefix, *optimizer;
     int churn;
     int minimal;
+    int keys; /* a fresh Idempotency-Key on every step, as the Python client sends */
 } opts;
 
-static opts O = {"127.0.0.1", 0, 32, 32, 1000, 0, 5, 1, 0, 0, "bench", "adam", 0, 0};
+static opts O = {"127.0.0.1", 0, 32, 32, 1000, 0, 5, 1, 0, 0, "bench", "adam", 0, 0, 0};
 
 /* Shared, read-only once threads start. */
 static char *body_json, *body_bin;
@@ -295,11 +296,16 @@ static void *run_worker(void *arg)
     snprintf(path, sizeof path, "/v1/sessions/%s%d/step", O.prefix, w->id % O.sessions);
     const char *body0 = O.binary ? body_bin : body_json;
     size_t bodylen = O.binary ? body_bin_len : body_json_len;
+    /* With --keys, the key is a fixed-width field rewritten in place. */
+    static const char key_head[] = "Idempotency-Key: ";
+    enum { KEY_DIGITS = 16 };
     int hl = snprintf(head, sizeof head,
-                      "POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: %s\r\n%s%sContent-Length: %zu\r\n\r\n",
+                      "POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: %s\r\n%s%s%s%.*s%sContent-Length: %zu\r\n\r\n",
                       path, O.host, O.port, O.binary ? "application/octet-stream" : "application/json",
                       O.binary ? "Accept: application/octet-stream\r\n" : "",
-                      O.minimal ? "Prefer: return=minimal\r\n" : "", bodylen);
+                      O.minimal ? "Prefer: return=minimal\r\n" : "", O.keys ? key_head : "", O.keys ? KEY_DIGITS : 0,
+                      "0000000000000000", O.keys ? "\r\n" : "", bodylen);
+    char *key_at = O.keys ? strstr(head, key_head) + sizeof key_head - 1 : NULL;
     /* The whole request in one buffer, sent with one send() as a client
      * library would; two sends can meet Nagle and delayed ACKs on a server
      * that does not set TCP_NODELAY. */
@@ -310,6 +316,8 @@ static void *run_worker(void *arg)
     }
     memcpy(req, head, (size_t)hl);
     memcpy(req + hl, body0, bodylen);
+    if (key_at)
+        key_at = req + (key_at - head);
     const char *body = req + hl;
     int fd = -1;
     rbuf r = {0};
@@ -320,6 +328,14 @@ static void *run_worker(void *arg)
             break;
         size_t rb = 0;
         err[0] = 0;
+        if (key_at) {
+            char key[KEY_DIGITS + 1];
+            /* Unique across runs on the same sessions (the process id) and
+             * across connections: a repeated key would be a replay. */
+            snprintf(key, sizeof key, "%04u%04u%08lu", (unsigned)getpid() % 10000u, (unsigned)w->id % 10000u,
+                     (unsigned long)k % 100000000ul);
+            memcpy(key_at, key, KEY_DIGITS);
+        }
         int st = O.churn ? churn_cycle(w, k, &fd, &r, err, sizeof err)
                          : roundtrip(&fd, &r, req, (size_t)hl, body, bodylen, &rb, err, sizeof err);
         double t1 = now_ns();
@@ -425,6 +441,10 @@ int main(int argc, char **argv)
             O.minimal = 1;
             continue;
         }
+        if (!strcmp(a, "--keys")) {
+            O.keys = 1;
+            continue;
+        }
         if (!strcmp(a, "--create") || !strcmp(a, "--create-only")) {
             O.create = 1;
             O.create_only = !strcmp(a, "--create-only");
@@ -462,7 +482,7 @@ int main(int argc, char **argv)
     }
     if (O.port <= 0 || O.conns < 1 || O.sessions < 1 || O.size < 1) {
         fprintf(stderr, "usage: loadgen --port P [--conns C] [--sessions S] [--size N] [--body json|binary]\n"
-                        "               [--seconds D] [--warmup W] [--create] [--prefix NAME]\n");
+                        "               [--seconds D] [--warmup W] [--create] [--prefix NAME] [--minimal] [--keys]\n");
         return 2;
     }
     make_bodies();

@@ -52,6 +52,9 @@ static void render_store(sbuf *b, const store_stats *ss)
          offsetof(store_stats, wal_resets)},
         {"optd_db_wal_refusals_total", "counter", "Write transactions refused at the WAL limit (--max-wal).",
          offsetof(store_stats, wal_refusals)},
+        {"optd_db_wal_frames_written_total", "counter",
+         "WAL frames (one database page each) that commits wrote: the bytes a write costs.",
+         offsetof(store_stats, wal_frames_written)},
     };
     for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
         uint64_t v;

@@ -315,6 +315,7 @@ struct store {
     atomic_uint_fast64_t ckpt_done;      /* of those, copied by the last checkpoint */
     atomic_uint_fast64_t last_commit_us; /* CLOCK_MONOTONIC of the last commit */
     atomic_uint_fast64_t n_ckpt, n_busy, n_fail, n_reset, n_refused;
+    atomic_uint_fast64_t n_written; /* frames commits wrote, all told (WAL hook) */
     /* Free bytes a write must find on the filesystem before store_writable
      * trusts it again: twice the last failed transaction (its WAL frames,
      * then their copy into the database). 0: no failure pending. */
@@ -1014,10 +1015,13 @@ static int wal_hook(void *ctx, sqlite3 *db, const char *name, int pages)
     (void)name;
     /* Fewer frames than last time: the WAL started over, nothing of it is
      * copied yet. */
-    if (frames < atomic_load(&st->wal_frames)) {
+    uint64_t before = atomic_load(&st->wal_frames);
+    if (frames < before) {
         atomic_store(&st->ckpt_done, 0);
         atomic_fetch_add(&st->n_reset, 1);
+        before = 0;
     }
+    atomic_fetch_add(&st->n_written, frames - before);
     atomic_store(&st->wal_frames, frames);
     atomic_store(&st->last_commit_us, mono_now_us());
     if ((frames - atomic_load(&st->ckpt_done)) * frame_bytes(st) >= CKPT_PASSIVE_BYTES) {
@@ -1621,6 +1625,7 @@ void store_stats_get(store *st, store_stats *out)
     out->ckpt_busy = atomic_load(&st->n_busy);
     out->ckpt_failures = atomic_load(&st->n_fail);
     out->wal_resets = atomic_load(&st->n_reset);
+    out->wal_frames_written = atomic_load(&st->n_written);
     out->wal_refusals = atomic_load(&st->n_refused);
 }
 

@@ -51,6 +51,7 @@ typedef struct store_stats {
     uint64_t ckpt_failures;   /* checkpoints that failed (I/O error, disk full, ...) */
     uint64_t wal_resets;      /* times the WAL was started over (RESTART or TRUNCATE) */
     uint64_t wal_refusals;    /* write transactions refused at the WAL limit */
+    uint64_t wal_frames_written; /* frames (page_size + 24 bytes each) commits wrote since the start */
 } store_stats;
 
 /* A snapshot of st's figures; any thread. */
