@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -271,17 +272,37 @@ def children_cpu():
     return ru.ru_utime + ru.ru_stime
 
 
-def loadgen(args, srv, body, conns, sessions, size, prefix, seconds=None, warmup=None, minimal=False):
+def wal_frames_written(srv):
+    """optd's optd_db_wal_frames_written_total (one page of the database
+    each), or None for another server."""
+    if srv.name != "optd":
+        return None
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/metrics", timeout=10) as f:
+            for line in f.read().decode().splitlines():
+                if line.startswith("optd_db_wal_frames_written_total "):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def loadgen(args, srv, body, conns, sessions, size, prefix, seconds=None, warmup=None, minimal=False, keys=False):
     """One loadgen run against srv, with the CPU the server and the client
-    spent per successful request (warm-up included on both sides)."""
+    spent per successful request (warm-up included on both sides), and for
+    optd the WAL frames its commits wrote per request."""
     c0, by0 = srv.cpu()
     k0 = children_cpu()
+    f0 = wal_frames_written(srv)
     r = loadgen_run(args, srv.port, body, conns, sessions, size, prefix, seconds=seconds, warmup=warmup,
-                    minimal=minimal)
+                    minimal=minimal, keys=keys)
     c1, by1 = srv.cpu()
     k1 = children_cpu()
+    f1 = wal_frames_written(srv)
     if r and r.get("all_ok"):
         n = r["all_ok"]
+        if f0 is not None and f1 is not None:
+            r["wal_frames_per_step"] = (f1 - f0) / n
         r["server_cpu_us"] = (c1 - c0) / n * 1e6
         r["server_cpu_by_thread_us"] = {k: (v - by0.get(k, 0.0)) / n * 1e6 for k, v in by1.items()}
         r["client_cpu_us"] = (k1 - k0) / n * 1e6
@@ -289,7 +310,7 @@ def loadgen(args, srv, body, conns, sessions, size, prefix, seconds=None, warmup
 
 
 def loadgen_run(args, port, body, conns, sessions, size, prefix, create=False, seconds=None, warmup=None,
-                minimal=False):
+                minimal=False, keys=False):
     big = size >= 1_000_000
     seconds = seconds or (args.seconds * (1.5 if big else 1))  # a 1e6 step takes ~0.1-0.3 s
     warmup = warmup if warmup is not None else (1.0 if big else 0.5)
@@ -300,6 +321,8 @@ def loadgen_run(args, port, body, conns, sessions, size, prefix, create=False, s
         cmd.append("--create")
     if minimal:
         cmd.append("--minimal")
+    if keys:
+        cmd.append("--keys")
     return run_json(cmd)
 
 
@@ -373,6 +396,7 @@ def one_round(args, tmp, rnd):
             ("mhd_binary", lambda: loadgen(args, mhd, "binary", 32, 32, SMALL, "m")),
             ("floor_binary", lambda: loadgen(args, floor, "binary", 32, 32, SMALL, "f")),
             ("optd_binary", lambda: loadgen(args, optd, "binary", 32, 32, SMALL, "s")),
+            ("optd_binary_keys", lambda: loadgen(args, optd, "binary", 32, 32, SMALL, "s", keys=True)),
             ("sqlite_small_32", lambda: sqlite_ceiling(args, tmp, SMALL * 12, 32)),
             ("sqlite_small_32_g32", lambda: sqlite_ceiling(args, tmp, SMALL * 12, 32, group=32)),
             ("ref_binary", lambda: loadgen(args, ref, "binary", 32, 32, SMALL, "s"))])
@@ -584,7 +608,10 @@ def report_service(svc, kern, targets):
         return med(vals)
 
     rows = []
-    for label, name in [("optd_binary", "optd, binary bodies"), ("optd_json", "optd, JSON bodies"),
+    for label, name in [("optd_binary", "optd, binary bodies"),
+                        ("optd_binary_keys", "optd, binary bodies, a fresh Idempotency-Key on every step (as the "
+                                             "Python client sends)"),
+                        ("optd_json", "optd, JSON bodies"),
                         ("floor_binary", "durable floor: MHD + one worker, 12 KB pwrite per request, fdatasync "
                                          "per group, 4,000-byte reply"),
                         ("mhd_binary", "MHD ceiling (20-byte reply), binary request"),
@@ -606,13 +633,18 @@ def report_service(svc, kern, targets):
     lines.append(table(["target", "steps/s", "p50 ms", "p99 ms", "server CPU µs/step", "client CPU µs/req"], rows)
                  + "\n")
     by_thread = []
-    for label, name in [("optd_binary", "optd, binary"), ("optd_json", "optd, JSON"),
-                        ("floor_binary", "durable floor, binary")]:
+    for label, name in [("optd_binary", "optd, binary"), ("optd_binary_keys", "optd, binary, keyed"),
+                        ("optd_json", "optd, JSON"), ("floor_binary", "durable floor, binary")]:
+        frames = m(label, "wal_frames_per_step") if label.startswith("optd") else None
         by_thread.append([name, fnum(cpu(label), 1), fnum(thread_cpu(label, "writer"), 1),
-                          fnum(thread_cpu(label, "request"), 1), fnum(thread_cpu(label, "other"), 1)])
+                          fnum(thread_cpu(label, "request"), 1), fnum(thread_cpu(label, "other"), 1),
+                          fnum(frames, 2) if frames is not None else "(12 KB)"])
     lines.append("Server CPU per step by thread (from /proc/PID/task/*/stat): the writer is optd-writer or the "
-                 "floor's floor-writer; request threads are libmicrohttpd's.\n")
-    lines.append(table(["server", "total µs/step", "writer", "request threads", "other threads"], by_thread) + "\n")
+                 "floor's floor-writer; request threads are libmicrohttpd's. WAL frames: pages of 16 KiB (+ a "
+                 "24-byte header) optd's commits wrote per step (optd_db_wal_frames_written_total); the floor "
+                 "writes 12 KB.\n")
+    lines.append(table(["server", "total µs/step", "writer", "request threads", "other threads", "WAL frames/step"],
+                       by_thread) + "\n")
 
     # Goal 1 of issue 14: small steps against the durable floor, side by side.
     r_floor = ratio("optd_binary", "steps_per_s", "floor_binary", "steps_per_s")
@@ -715,7 +747,8 @@ def report_service(svc, kern, targets):
             continue
         floor_rows.append([f"{n:.0e}".replace("+0", ""), fnum(n * 12 / 1e6, 1), fnum(m(o, "p50_ms"), 2),
                            fnum(m(f, "p50_ms"), 2), fnum(ratio(o, "p50_ms", f, "p50_ms")) + "×",
-                           fnum(kt.get(n), 2), fnum(cpu(o) / 1e3 if cpu(o) else None, 2)])
+                           fnum(kt.get(n), 2), fnum(cpu(o) / 1e3 if cpu(o) else None, 2),
+                           fnum(m(o, "wal_frames_per_step") * 16408 / 1e6 if m(o, "wal_frames_per_step") else None, 1)])
     if floor_rows:
         lines.append("### One session against the full-state write floor\n")
         lines.append("One session, sequential, binary, `Prefer: return=minimal`; the floor is a pwrite of the "
@@ -723,7 +756,7 @@ def report_service(svc, kern, targets):
                      "(`sqlite_ceiling --raw`), run in the same round. The ratio is the median of per-round "
                      "ratios of p50s.\n")
         lines.append(table(["n", "state MB", "optd p50 ms", "floor p50 ms", "optd / floor", "kernel ms",
-                            "optd CPU ms/step"], floor_rows) + "\n")
+                            "optd CPU ms/step", "optd WAL MB/step"], floor_rows) + "\n")
         r6 = ratio("optd_1000000_1_min", "p50_ms", "rawfloor_1000000", "p50_ms")
         others = ", ".join(f"{n:.0e} {fnum(ratio(f'optd_{n}_1_min', 'p50_ms', f'rawfloor_{n}', 'p50_ms'))}×"
                            .replace("+0", "") for n in FLOOR_SIZES if n != 1_000_000
