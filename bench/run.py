@@ -721,7 +721,7 @@ def report_service(svc, kern, targets):
                  "SQLite ceiling commits (one UPDATE per transaction, rows round-robin over the sessions). Kernel = "
                  "optim_step time with optim_stats, as the daemon calls it, from Part 1 (median ns/elem × n). "
                  "The 64 KiB column is the same bare commit in a database made with `PRAGMA page_size = 65536` "
-                 "(optd uses SQLite's default 4 KiB).\n")
+                 "(optd's databases use 16 KiB).\n")
     rows = []
     for n in LARGE:
         if not any(r.get(f"optd_{n}_1") for r in R):
