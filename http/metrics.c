@@ -55,6 +55,9 @@ static void render_store(sbuf *b, const store_stats *ss)
         {"optd_db_wal_frames_written_total", "counter",
          "WAL frames (one database page each) that commits wrote: the bytes a write costs.",
          offsetof(store_stats, wal_frames_written)},
+        {"optd_db_page_cache_limit_bytes", "gauge",
+         "What the writer's page cache may hold: 2 MB, grown (to 64 MiB at most) for sessions that log their steps.",
+         offsetof(store_stats, page_cache_limit)},
     };
     for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
         uint64_t v;

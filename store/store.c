@@ -186,11 +186,9 @@ enum {
  * update_norm, param_norm, contributors, loss as 8 little-endian bytes each
  * (the doubles by their bits), then has_loss in one byte. */
 #define HIST_ROW 65
-#define HIST_ROW_SQL "65"
 /* Rows a tail holds before they move to the history table together: about
  * 1 KiB in the session's row, and one history page dirtied per 16 steps. */
 #define HIST_BATCH 16
-#define HIST_TAIL_SQL "1040" /* HIST_ROW * HIST_BATCH */
 
 /* The columns row_session reads, in its order; the state blob follows them. */
 #define SESSION_COLS "s.id, s.name, s.optimizer, s.dtype, s.size, s.step, s.config, s.created_ms, s.updated_ms"
@@ -251,13 +249,13 @@ static const char *const sql[Q_END] = {
                       " param_norm, contributors, loss) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     [Q_HISTORY_PRUNE] = "DELETE FROM history WHERE session_id = ?1 AND step <= ?2",
     [Q_HISTORY_DELETE_ALL] = "DELETE FROM history WHERE session_id = ?1",
-    /* Row ?2 spliced in at hist_n. substr of a blob counts bytes; ||
+    /* Row ?2 (?3 bytes, HIST_ROW) spliced in at hist_n of a tail of ?4
+     * bytes (HIST_ROW * HIST_BATCH). substr of a blob counts bytes; ||
      * makes text of the bytes as they are (a UTF-8 database), NULs
      * included, and the CAST gives back the blob. */
-    [Q_HISTORY_TAIL_ADD] = "UPDATE sessions SET hist_tail = CAST(substr(coalesce(hist_tail, zeroblob(" HIST_TAIL_SQL
-                           ")), 1, hist_n * " HIST_ROW_SQL ") || ?2 || substr(coalesce(hist_tail, zeroblob(" HIST_TAIL_SQL
-                           ")), (hist_n + 1) * " HIST_ROW_SQL " + 1) AS BLOB), hist_n = hist_n + 1"
-                           " WHERE id = ?1",
+    [Q_HISTORY_TAIL_ADD] = "UPDATE sessions SET hist_tail = CAST(substr(coalesce(hist_tail, zeroblob(?4)), 1,"
+                           " hist_n * ?3) || ?2 || substr(coalesce(hist_tail, zeroblob(?4)), (hist_n + 1) * ?3 + 1)"
+                           " AS BLOB), hist_n = hist_n + 1 WHERE id = ?1",
     /* Not RETURNING on the update: SQLite makes a temporary table for it on
      * every run, which cost more than the update. */
     [Q_HISTORY_TAIL_N] = "SELECT hist_n FROM sessions WHERE id = ?1",
@@ -310,6 +308,7 @@ struct store {
     int gate_closed, tx_active;
     uint64_t urgent_req, urgent_done;
     int page_size;                       /* bytes; a WAL frame is page_size + 24 */
+    atomic_uint_fast64_t cache_kib;      /* the writer's page cache (PRAGMA cache_size), see cache_fit */
     uint64_t wal_max;                    /* bytes: refuse to begin past it */
     atomic_uint_fast64_t wal_frames;     /* frames in the WAL after the last commit (WAL hook) */
     atomic_uint_fast64_t ckpt_done;      /* of those, copied by the last checkpoint */
@@ -1299,13 +1298,6 @@ static optd_err writer_open(store *st, const char *path, const store_options *o,
      * holds the pages of small jobs only. */
     if (rc == OPTD_OK)
         rc = exec_sql(st->db, "PRAGMA temp_store = MEMORY", path, err, errlen);
-    /* The writer's page cache: up to 64 MiB, allocated as pages are used
-     * (SQLite's default is 2 MB). SQLite reads a page before it overwrites
-     * it, and a big session's step overwrites a log slot of 4 MB (1e6
-     * float32) that a small cache had evicted since the ring last came
-     * round: 250 preads per step, a quarter of the writer's CPU. */
-    if (rc == OPTD_OK)
-        rc = exec_sql(st->db, "PRAGMA cache_size = -65536", path, err, errlen);
     if (rc)
         return rc;
     rc = migrate(st->db, path, err, errlen);
@@ -1316,6 +1308,7 @@ static optd_err writer_open(store *st, const char *path, const store_options *o,
     if (src == SQLITE_OK)
         src = sqlite3_step(q);
     st->page_size = src == SQLITE_ROW ? sqlite3_column_int(q, 0) : 0;
+    atomic_store(&st->cache_kib, 2000); /* SQLite's default cache_size, -2000 */
     (void)sqlite3_finalize(q);
     if (st->page_size <= 0) {
         seterr(err, errlen, "cannot read the page size of %s: %s", path, sqlite3_errmsg(st->db));
@@ -1633,6 +1626,7 @@ void store_stats_get(store *st, store_stats *out)
     out->ckpt_failures = atomic_load(&st->n_fail);
     out->wal_resets = atomic_load(&st->n_reset);
     out->wal_frames_written = atomic_load(&st->n_written);
+    out->page_cache_limit = atomic_load(&st->cache_kib) * 1024;
     out->wal_refusals = atomic_load(&st->n_refused);
 }
 
@@ -2126,6 +2120,29 @@ static optd_err slot_write(store *st, int64_t id, uint32_t slot, uint64_t step, 
     return rc ? rc : parts_write(st, data_id, parts, n);
 }
 
+/* The writer's page cache grows (SQLite's default is 2 MB) to hold a big
+ * session's log ring and state, up to CACHE_MAX_KIB: SQLite reads a page
+ * before it overwrites it, and a logged step overwrites a slot (4 MB at 1e6
+ * float32) that a small cache had evicted since the ring last came round,
+ * 250 preads a step and a quarter of the writer's CPU. Only sessions that
+ * log make it grow, so small ones keep the small cache and RSS they had;
+ * it never shrinks (pages are freed as SQLite evicts them). Best effort: a
+ * failed PRAGMA leaves the cache as it was. */
+#define CACHE_MAX_KIB 65536
+static void cache_fit(store *st, size_t entry_bytes)
+{
+    uint64_t want = (uint64_t)entry_bytes * 16 / 1024;
+    char text[64];
+
+    if (want > CACHE_MAX_KIB)
+        want = CACHE_MAX_KIB;
+    if (want <= atomic_load(&st->cache_kib))
+        return;
+    snprintf(text, sizeof text, "PRAGMA cache_size = -%llu", (unsigned long long)want);
+    if (sqlite3_exec(st->db, text, NULL, NULL, NULL) == SQLITE_OK)
+        atomic_store(&st->cache_kib, want);
+}
+
 /* Returns OPTD_OK, OPTD_E_NOT_FOUND, OPTD_E_INVALID, OPTD_E_UNAVAILABLE
  * (also: the row is not at step - 1, as store_session_step),
  * OPTD_E_SESSION_TOO_LARGE, OPTD_E_NOMEM, OPTD_E_INTERNAL. */
@@ -2143,6 +2160,7 @@ optd_err store_session_log(store *st, int64_t id, uint64_t step, int64_t updated
         len += parts[i].len;
     if (len > INT_MAX)
         return OPTD_E_SESSION_TOO_LARGE;
+    cache_fit(st, len);
     rc = tx_enter(st, &own);
     if (rc)
         return rc;
@@ -2564,6 +2582,10 @@ optd_err store_history_put(store *st, int64_t session_id, const store_history *h
     src = sqlite3_bind_int64(q, 1, session_id);
     if (src == SQLITE_OK)
         src = sqlite3_bind_blob(q, 2, packed, HIST_ROW, SQLITE_STATIC);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int(q, 3, HIST_ROW);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int(q, 4, HIST_ROW * HIST_BATCH);
     rc = run(q, src);
     if (rc)
         goto done;

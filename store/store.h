@@ -52,6 +52,7 @@ typedef struct store_stats {
     uint64_t wal_resets;      /* times the WAL was started over (RESTART or TRUNCATE) */
     uint64_t wal_refusals;    /* write transactions refused at the WAL limit */
     uint64_t wal_frames_written; /* frames (page_size + 24 bytes each) commits wrote since the start */
+    uint64_t page_cache_limit;   /* bytes the writer's page cache may hold: it grows for big sessions */
 } store_stats;
 
 /* A snapshot of st's figures; any thread. */

@@ -1060,6 +1060,38 @@ static void test_a_step_guards_on_the_stored_step(void **state)
     store_session_clear(&row);
 }
 
+static uint64_t page_cache_limit(fixture *f)
+{
+    store_stats ss;
+    store_stats_get(f->st, &ss);
+    return ss.page_cache_limit;
+}
+
+/* The writer's page cache stays at SQLite's 2 MB for small steps and grows
+ * (16 times a log entry, 64 MiB at most) once a session logs its steps, so
+ * that overwriting a slot of the ring finds its pages cached. */
+static void test_the_page_cache_grows_for_logged_steps_only(void **state)
+{
+    fixture *f = *state;
+    open_store(f, NULL);
+    store_session s = make_session("c", 0);
+    assert_int_equal(store_session_insert(f->st, &s, "S0", 2), OPTD_OK);
+    assert_int_equal(page_cache_limit(f), 2000 * 1024);
+    assert_int_equal(store_session_step(f->st, s.id, 1, 5, "S1", 2), OPTD_OK);
+    store_history h = hist_row(1, 0.5);
+    assert_int_equal(store_history_put(f->st, s.id, &h, 100), OPTD_OK);
+    assert_int_equal(page_cache_limit(f), 2000 * 1024);
+    store_part p = {NULL, 1 << 20}; /* 1 MiB of zeros */
+    assert_int_equal(store_session_log(f->st, s.id, 2, 6, 1, 0, &p, 1), OPTD_OK);
+    assert_int_equal(page_cache_limit(f), 16u << 20);
+    p.len = 16u << 20;
+    assert_int_equal(store_session_log(f->st, s.id, 3, 7, 1, 1, &p, 1), OPTD_OK);
+    assert_int_equal(page_cache_limit(f), 64u << 20);
+    p.len = 1;
+    assert_int_equal(store_session_log(f->st, s.id, 4, 8, 1, 2, &p, 1), OPTD_OK);
+    assert_int_equal(page_cache_limit(f), 64u << 20); /* it never shrinks */
+}
+
 static void test_a_backup_is_the_last_commit_and_opens_as_a_database(void **state)
 {
     fixture *f = *state;
@@ -1266,6 +1298,7 @@ int main(void)
         T(test_bad_arguments_are_invalid),
         T(test_a_step_guards_on_the_stored_step),
         T(test_a_log_holds_the_steps_past_the_state_until_the_state_is_written),
+        T(test_the_page_cache_grows_for_logged_steps_only),
         T(test_a_backup_is_the_last_commit_and_opens_as_a_database),
         T(test_a_backup_never_replaces_a_file_nor_leaves_one_when_cancelled),
 #undef T
