@@ -44,9 +44,9 @@
  * its own table so that listing and loading sessions never reads it. Session
  * ids are AUTOINCREMENT so an id is never reused after a delete: a step queued
  * for a deleted session can never land on a newer one. idem_step makes pruning
- * by step a range delete; idem_reply_step indexes only the rows that still
- * hold a reply, so dropping old replies touches just the rows it changes
- * rather than rescanning the whole window on every step. */
+ * by step a range delete, and dropping the replies that leave their window a
+ * range update of the rows it changes (schema 1 had a partial index of the
+ * rows holding a reply for that; 4 drops it, see there). */
 static const char *const migrations[] = {
     /* 0 -> 1: the first schema. */
     "CREATE TABLE sessions("
@@ -127,7 +127,13 @@ static const char *const migrations[] = {
     " ORDER BY session_id, step;"
     "DROP TABLE history;"
     "ALTER TABLE history_rows RENAME TO history;"
-    "CREATE UNIQUE INDEX history_step ON history(session_id, step);",
+    "CREATE UNIQUE INDEX history_step ON history(session_id, step);"
+    /* The partial index of the rows still holding a reply goes: each keyed
+     * step inserted into it and, a reply window later, deleted from it, two
+     * more pages dirtied per step (6.2 WAL frames a keyed step in steady
+     * state, 4.8 without). store_idem_put finds the rows whose replies fall
+     * out of the window from the previous keyed step instead. */
+    "DROP INDEX idem_reply_step;",
 };
 #define SCHEMA_VERSION ((int)(sizeof migrations / sizeof migrations[0]))
 
@@ -161,6 +167,7 @@ enum {
     Q_IDEM_PUT,
     Q_IDEM_PRUNE,
     Q_IDEM_DROP_REPLIES,
+    Q_IDEM_LAST_STEP, /* the step of a session's previous keyed step */
     Q_HISTORY_PUT,
     Q_HISTORY_PRUNE,
     Q_HISTORY_DELETE_ALL,
@@ -240,11 +247,13 @@ static const char *const sql[Q_END] = {
     [Q_IDEM_GET] = "SELECT step, digest, reply FROM idem WHERE session_id = ?1 AND key = ?2",
     [Q_IDEM_PUT] = "INSERT OR REPLACE INTO idem(session_id, key, step, digest, reply) VALUES (?1, ?2, ?3, ?4, ?5)",
     [Q_IDEM_PRUNE] = "DELETE FROM idem WHERE session_id = ?1 AND step <= ?2",
-    /* INDEXED BY pins the partial index (see migrations): should a later
-     * schema lose it, preparing this fails at open instead of the step path
-     * silently slowing down. */
-    [Q_IDEM_DROP_REPLIES] = "UPDATE idem INDEXED BY idem_reply_step SET reply = NULL"
-                            " WHERE session_id = ?1 AND step <= ?2 AND reply IS NOT NULL",
+    /* The rows whose replies leave the window with this step: those of
+     * steps in (?2, ?3], ?2 being where the previous keyed step left it.
+     * INDEXED BY: should a later schema lose the index, preparing this
+     * fails at open instead of the step path silently slowing down. */
+    [Q_IDEM_DROP_REPLIES] = "UPDATE idem INDEXED BY idem_step SET reply = NULL"
+                            " WHERE session_id = ?1 AND step > ?2 AND step <= ?3 AND reply IS NOT NULL",
+    [Q_IDEM_LAST_STEP] = "SELECT max(step) FROM idem WHERE session_id = ?1 AND step < ?2",
     [Q_HISTORY_PUT] = "INSERT OR REPLACE INTO history(session_id, step, time_ms, lr, grad_norm, update_norm,"
                       " param_norm, contributors, loss) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     [Q_HISTORY_PRUNE] = "DELETE FROM history WHERE session_id = ?1 AND step <= ?2",
@@ -2269,6 +2278,10 @@ optd_err store_idem_put(store *st, int64_t session_id, const char *key, uint64_t
     sqlite3_stmt *q;
     optd_err rc;
     int own, src;
+    /* With reply_window >= window the prune below removes every row whose
+     * reply would be dropped. */
+    int drops = step > reply_window && reply_window < window;
+    uint64_t prev = 0; /* the session's previous keyed step, 0 when none */
 
     if (!key || step > INT64_MAX || (!reply && reply_len))
         return OPTD_E_INVALID;
@@ -2276,6 +2289,22 @@ optd_err store_idem_put(store *st, int64_t session_id, const char *key, uint64_t
     if (rc)
         return rc;
 
+    if (drops) {
+        q = st->q[Q_IDEM_LAST_STEP];
+        src = sqlite3_bind_int64(q, 1, session_id);
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_int64(q, 2, (int64_t)step);
+        if (src == SQLITE_OK)
+            src = sqlite3_step(q);
+        if (src == SQLITE_ROW) {
+            prev = i2u(sqlite3_column_int64(q, 0)); /* NULL reads as 0 */
+            src = SQLITE_DONE;
+        }
+        stmt_done(q);
+        rc = from_sqlite(src);
+        if (rc)
+            goto done;
+    }
     q = st->q[Q_IDEM_PUT];
     src = sqlite3_bind_int64(q, 1, session_id);
     if (src == SQLITE_OK)
@@ -2299,13 +2328,17 @@ optd_err store_idem_put(store *st, int64_t session_id, const char *key, uint64_t
         if (rc)
             goto done;
     }
-    /* With reply_window >= window the prune above already removed every row
-     * whose reply would be dropped. */
-    if (step > reply_window && reply_window < window) {
+    /* Each keyed step drops the replies that left the window since the
+     * previous one (whose own put dropped those before), all in the
+     * transaction that records it: every reply of a step <= step -
+     * reply_window is gone, and the range is the one or few new rows. */
+    if (drops) {
         q = st->q[Q_IDEM_DROP_REPLIES];
         src = sqlite3_bind_int64(q, 1, session_id);
         if (src == SQLITE_OK)
-            src = sqlite3_bind_int64(q, 2, (int64_t)(step - reply_window));
+            src = sqlite3_bind_int64(q, 2, prev > reply_window ? (int64_t)(prev - reply_window) : 0);
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_int64(q, 3, (int64_t)(step - reply_window));
         rc = run(q, src);
     }
 done:

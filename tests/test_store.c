@@ -556,6 +556,35 @@ static void test_idem_put_drops_replies_older_than_the_reply_window(void **state
     }
 }
 
+/* Keyed steps far apart (unkeyed ones between them) and two keys of one
+ * step (a worker round): each put drops every reply that left the window
+ * since the previous keyed step, none that did not. */
+static void test_idem_replies_leave_the_window_across_gaps_and_rounds(void **state)
+{
+    fixture *f = *state;
+    store_idem r;
+    static const struct {
+        const char *key;
+        uint64_t step;
+    } puts[] = {{"a", 1}, {"b", 2}, {"c", 5}, {"d", 9}, {"e", 9}, {"f", 10}, {"g", 13}};
+
+    open_store(f, NULL);
+    for (size_t i = 0; i < sizeof puts / sizeof puts[0]; i++) {
+        assert_int_equal(store_idem_put(f->st, 1, puts[i].key, puts[i].step, i, "reply", 5, 100, 3), OPTD_OK);
+        /* After each put, exactly the keys of steps > its step - 3 keep a reply. */
+        for (size_t k = 0; k <= i; k++) {
+            memset(&r, 0, sizeof r);
+            assert_int_equal(store_idem_get(f->st, 1, puts[k].key, &r), OPTD_OK);
+            assert_int_equal(r.step, puts[k].step);
+            if (puts[k].step + 3 <= puts[i].step)
+                assert_null(r.reply);
+            else
+                assert_int_equal(r.reply_len, 5);
+            free(r.reply);
+        }
+    }
+}
+
 static void test_delete_removes_the_sessions_state_and_keys(void **state)
 {
     fixture *f = *state;
@@ -951,6 +980,7 @@ static void test_history_of_schema_3_survives_the_upgrade(void **state)
            "ALTER TABLE h3 RENAME TO history;"
            "ALTER TABLE sessions DROP COLUMN hist_n;"
            "ALTER TABLE sessions DROP COLUMN hist_tail;"
+           "CREATE INDEX idem_reply_step ON idem(session_id, step) WHERE reply IS NOT NULL;"
            "PRAGMA user_version = 3;");
     assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM history"), 16);
     open_store(f, NULL);
@@ -1279,6 +1309,7 @@ int main(void)
         T(test_idem_put_then_get_returns_the_record),
         T(test_idem_put_forgets_keys_older_than_the_window),
         T(test_idem_put_drops_replies_older_than_the_reply_window),
+        T(test_idem_replies_leave_the_window_across_gaps_and_rounds),
         T(test_delete_removes_the_sessions_state_and_keys),
         T(test_rollback_leaves_nothing_behind),
         T(test_a_savepoint_rolls_back_one_job_and_the_group_commits_the_rest),
