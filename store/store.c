@@ -172,7 +172,6 @@ enum {
     Q_HISTORY_PRUNE,
     Q_HISTORY_DELETE_ALL,
     Q_HISTORY_TAIL_ADD,
-    Q_HISTORY_TAIL_N,
     Q_HISTORY_TAIL_CLEAR,
     Q_SESSION_LOG,   /* the step path of a logged session */
     Q_STATE_CURRENT, /* the state blob holds the row's step again */
@@ -259,15 +258,13 @@ static const char *const sql[Q_END] = {
     [Q_HISTORY_PRUNE] = "DELETE FROM history WHERE session_id = ?1 AND step <= ?2",
     [Q_HISTORY_DELETE_ALL] = "DELETE FROM history WHERE session_id = ?1",
     /* Row ?2 (?3 bytes, HIST_ROW) spliced in at hist_n of a tail of ?4
-     * bytes (HIST_ROW * HIST_BATCH). substr of a blob counts bytes; ||
-     * makes text of the bytes as they are (a UTF-8 database), NULs
-     * included, and the CAST gives back the blob. */
+     * bytes (HIST_ROW * HIST_BATCH), unless the tail holds ?5 rows already
+     * (nothing changes: the caller flushes it first). substr of a blob
+     * counts bytes; || makes text of the bytes as they are (a UTF-8
+     * database), NULs included, and the CAST gives back the blob. */
     [Q_HISTORY_TAIL_ADD] = "UPDATE sessions SET hist_tail = CAST(substr(coalesce(hist_tail, zeroblob(?4)), 1,"
                            " hist_n * ?3) || ?2 || substr(coalesce(hist_tail, zeroblob(?4)), (hist_n + 1) * ?3 + 1)"
-                           " AS BLOB), hist_n = hist_n + 1 WHERE id = ?1",
-    /* Not RETURNING on the update: SQLite makes a temporary table for it on
-     * every run, which cost more than the update. */
-    [Q_HISTORY_TAIL_N] = "SELECT hist_n FROM sessions WHERE id = ?1",
+                           " AS BLOB), hist_n = hist_n + 1 WHERE id = ?1 AND hist_n < ?5",
     [Q_HISTORY_TAIL_CLEAR] = "UPDATE sessions SET hist_n = 0 WHERE id = ?1",
     [Q_SAVEPOINT] = "SAVEPOINT optd_job",
     [Q_SAVEPOINT_RELEASE] = "RELEASE optd_job",
@@ -2450,10 +2447,6 @@ optd_err store_read_count(store *st, uint64_t *out)
     return rc;
 }
 
-/* Records h for session_id and forgets rows of steps <= h->step - keep
- * (keep 0 keeps none). Returns OPTD_OK, OPTD_E_INVALID, OPTD_E_UNAVAILABLE,
- * OPTD_E_NOMEM. */
-
 static void le64_put(unsigned char *p, uint64_t v)
 {
     for (int i = 0; i < 8; i++)
@@ -2585,11 +2578,35 @@ static optd_err tail_flush(store *st, int64_t session_id, uint64_t keep)
     return rc;
 }
 
+/* The tail append of h: OPTD_OK when it went in, OPTD_E_NOT_FOUND when it
+ * did not (no such session, or a full tail). */
+static optd_err tail_add(store *st, int64_t session_id, const unsigned char *packed, uint64_t most)
+{
+    sqlite3_stmt *q = st->q[Q_HISTORY_TAIL_ADD];
+    int src = sqlite3_bind_int64(q, 1, session_id);
+    optd_err rc;
+
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_blob(q, 2, packed, HIST_ROW, SQLITE_STATIC);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int(q, 3, HIST_ROW);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int(q, 4, HIST_ROW * HIST_BATCH);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 5, (int64_t)most);
+    rc = run(q, src);
+    return rc == OPTD_OK && sqlite3_changes(st->db) == 0 ? OPTD_E_NOT_FOUND : rc;
+}
+
+/* Records h for session_id, then forgets rows of steps <= h->step - keep
+ * (keep 0 keeps none). h goes into the session's tail; a full tail (keep
+ * rows, or HIST_BATCH) moves to the table first, so a step pays for one
+ * statement, and for the batch once in HIST_BATCH steps. */
 optd_err store_history_put(store *st, int64_t session_id, const store_history *h, uint64_t keep)
 {
     sqlite3_stmt *q;
     unsigned char packed[HIST_ROW];
-    int64_t tail_n = -1;
+    uint64_t most = keep < HIST_BATCH ? keep : HIST_BATCH;
     optd_err rc;
     int own, src;
 
@@ -2611,38 +2628,12 @@ optd_err store_history_put(store *st, int64_t session_id, const store_history *h
         goto done;
     }
     hist_pack(h, packed);
-    q = st->q[Q_HISTORY_TAIL_ADD];
-    src = sqlite3_bind_int64(q, 1, session_id);
-    if (src == SQLITE_OK)
-        src = sqlite3_bind_blob(q, 2, packed, HIST_ROW, SQLITE_STATIC);
-    if (src == SQLITE_OK)
-        src = sqlite3_bind_int(q, 3, HIST_ROW);
-    if (src == SQLITE_OK)
-        src = sqlite3_bind_int(q, 4, HIST_ROW * HIST_BATCH);
-    rc = run(q, src);
-    if (rc)
-        goto done;
-    if (sqlite3_changes(st->db) == 1) {
-        q = st->q[Q_HISTORY_TAIL_N];
-        src = sqlite3_bind_int64(q, 1, session_id);
-        if (src == SQLITE_OK)
-            src = sqlite3_step(q);
-        if (src == SQLITE_ROW)
-            tail_n = sqlite3_column_int64(q, 0);
-        stmt_done(q);
-        if (src != SQLITE_ROW) {
-            rc = from_sqlite(src) ? from_sqlite(src) : OPTD_E_INTERNAL;
-            goto done;
-        }
-    }
-    if (tail_n < 0) {
-        rc = OPTD_E_NOT_FOUND; /* no session row to hold it */
-        goto done;
-    }
-    /* A tail never holds keep rows or more, so a read trims at most the
-     * rows the last flush kept (store_read_history). */
-    if ((uint64_t)tail_n >= (keep < HIST_BATCH ? keep : HIST_BATCH))
+    rc = tail_add(st, session_id, packed, most);
+    if (rc == OPTD_E_NOT_FOUND) { /* full (or no session: the flush says so) */
         rc = tail_flush(st, session_id, keep);
+        if (rc == OPTD_OK)
+            rc = tail_add(st, session_id, packed, most);
+    }
 done:
     return tx_leave(st, own, rc);
 }
@@ -2660,7 +2651,7 @@ optd_err store_read_history(store *st, int64_t session_id, uint64_t after, int l
 {
     struct reader *r;
     sqlite3_stmt *q;
-    store_history *rows = NULL, *tail = NULL, *grown;
+    store_history *rows = NULL, *tail = NULL;
     size_t count = 0, ntail = 0;
     int src;
     optd_err rc = OPTD_OK;
@@ -2736,20 +2727,9 @@ out:
         free(rows);
         return rc;
     }
-    if (count > (size_t)limit) {
-        count = (size_t)limit;
-        *more = 1;
-    } else {
-        *more = 0;
-    }
-    if (!count) {
-        free(rows);
-        rows = NULL;
-    } else if ((grown = realloc(rows, count * sizeof *rows))) {
-        rows = grown;
-    }
+    *more = count > (size_t)limit;
     *out = rows;
-    *n = count;
+    *n = *more ? (size_t)limit : count;
     return OPTD_OK;
 }
 

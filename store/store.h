@@ -205,8 +205,8 @@ optd_err store_read_session(store *st, const char *name, store_session *out, voi
 optd_err store_read_list(store *st, const char *after, int limit, store_session **out, size_t *n, int *more);
 /* Up to limit history rows of session_id with step > after, in step order,
  * of the last keep steps recorded (keep: as given to store_history_put).
- * *out is a malloc'd array of *n rows, NULL when none (caller frees); *more
- * is 1 when further rows exist. */
+ * *out is a malloc'd array of *n rows (caller frees); *more is 1 when
+ * further rows exist. */
 optd_err store_read_history(store *st, int64_t session_id, uint64_t after, int limit, uint64_t keep,
                             store_history **out, size_t *n, int *more);
 /* Number of sessions. */

@@ -833,6 +833,15 @@ static void test_a_corrupt_database_is_refused(void **state)
     assert_refused_unchanged(f, "corrupt");
 }
 
+/* Opens the store with one new session named name, for history; its id. */
+static int64_t history_session(fixture *f, const char *name)
+{
+    open_store(f, NULL);
+    store_session s = make_session(name, 0);
+    assert_int_equal(store_session_insert(f->st, &s, "abc", 3), OPTD_OK);
+    return s.id;
+}
+
 static void test_history_keeps_exactly_the_last_steps_and_pages_in_order(void **state)
 {
     fixture *f = *state;
@@ -840,10 +849,7 @@ static void test_history_keeps_exactly_the_last_steps_and_pages_in_order(void **
     size_t n = 0;
     int more = 0;
 
-    open_store(f, NULL);
-    store_session s = make_session("h", 0);
-    assert_int_equal(store_session_insert(f->st, &s, "abc", 3), OPTD_OK);
-    int64_t id = s.id;
+    int64_t id = history_session(f, "h");
     for (uint64_t step = 1; step <= 10; step++) {
         store_history h = {step, 1000 + (int64_t)step, 0.1, 2.0 * step, 0.5, 3.0, 1, step % 2, 0.25 * step};
         assert_int_equal(store_history_put(f->st, id, &h, 4), OPTD_OK);
@@ -901,10 +907,7 @@ static void test_history_rows_wait_in_the_session_row_and_move_in_batches(void *
     size_t n = 0;
     int more = 0;
 
-    open_store(f, NULL);
-    store_session s = make_session("t", 0);
-    assert_int_equal(store_session_insert(f->st, &s, "abc", 3), OPTD_OK);
-    int64_t id = s.id;
+    int64_t id = history_session(f, "t");
     for (uint64_t step = 1; step <= 40; step++) {
         store_history h = hist_row(step, 0.01 * (double)step);
         assert_int_equal(store_history_put(f->st, id, &h, 1000), OPTD_OK);
@@ -958,10 +961,7 @@ static void test_history_of_schema_3_survives_the_upgrade(void **state)
     size_t n = 0;
     int more = 0;
 
-    open_store(f, NULL);
-    store_session s = make_session("old", 0);
-    assert_int_equal(store_session_insert(f->st, &s, "abc", 3), OPTD_OK);
-    int64_t id = s.id;
+    int64_t id = history_session(f, "old");
     for (uint64_t step = 1; step <= 20; step++) {
         store_history h = hist_row(step, 0.5);
         assert_int_equal(store_history_put(f->st, id, &h, 1000), OPTD_OK);
