@@ -53,7 +53,8 @@ COMMON_SRC := common/err.c common/util.c common/names.c common/bigbuf.c
 COMMON_CXX := common/shortest.cpp
 OPTIM_SRC  := optim/optim.c optim/kernels.c
 STORE_SRC  := store/store.c
-ENGINE_SRC := engine/training.c engine/settings.c engine/session.c engine/stats.c engine/writer.c engine/shape.c
+ENGINE_SRC := engine/training.c engine/settings.c engine/session.c engine/stats.c engine/writer.c engine/shape.c \
+              engine/idem.c
 HTTP_SRC   := http/route.c http/strict.c http/codec.c http/settings.c http/jbody.c http/checkpoint.c \
               http/safetensors.c http/metrics.c http/http.c http/ops.c http/wire.c http/groups.c
 DAEMON_SRC := daemon/main.c daemon/config.c

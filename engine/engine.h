@@ -253,6 +253,8 @@ typedef struct sess {
     /* Steps the store holds in the session's log past its state blob (see
      * engine_sess_log_slots); 0 when the stored state is the current one. */
     uint32_t logged;
+    /* Owned; NULL until a keyed request needs it (writer.c, idem_find). */
+    struct engine_idem_map *keys;
 } sess;
 
 /* How big a state has to be before its steps are logged rather than

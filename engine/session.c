@@ -94,6 +94,7 @@ void engine_sess_free(sess *s)
     free(s->config);
     free(s->blob);
     engine_shape_free(s->shape);
+    engine_idem_free(s->keys);
     free(s);
 }
 

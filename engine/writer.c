@@ -21,10 +21,6 @@ typedef engine_step_req sreq;
 #define REQ(x) ((engine_req *)(x))
 /* sess.touched of a session loaded during the group (see lookup). */
 #define TOUCH_LOADED (-1)
-/* Steps whose saved reply is kept for an idempotent replay, per session, in
- * bytes: older keys still block a second application but replay the step
- * number only. */
-#define REPLY_BUDGET ((size_t)16 << 20)
 /* Bytes of state one group writes, about, before the jobs after it wait for
  * the next group: a small step queued behind a 40 MB one commits on its own
  * rather than with it. A job larger than this alone (a heavy job) makes a
@@ -208,7 +204,7 @@ static void cache_drop(engine *w, sess *s)
         pp = &(*pp)->hnext;
     *pp = s->hnext;
     lru_unlink(s);
-    w->cached -= s->blob_len;
+    w->cached -= s->blob_len + engine_idem_bytes(s->keys);
     engine_sess_free(s);
 }
 
@@ -428,6 +424,60 @@ static optd_err overflowed(engine *w, sess *s, char *msg, size_t msglen)
     return OPTD_E_NON_FINITE;
 }
 
+static size_t lr_bytes(const sess *s) { return s->shape ? s->shape->n_groups * sizeof(double) : 0; }
+
+/* The length of the reply s saves for a keyed step (see finish_step). */
+static size_t reply_len(const sess *s)
+{
+    return REPLY_HEAD + lr_bytes(s) + (engine_sess_log_slots(s) ? 0 : s->n * optim_elem_size(s->dtype));
+}
+
+/* Keys of steps <= this are forgotten: the window is the last idem_window
+ * steps of the session. */
+static uint64_t idem_floor(const engine *w, const sess *s)
+{
+    return s->st.step > w->idem_window ? s->st.step - w->idem_window : 0;
+}
+
+/* The record of key for s, if the window holds it: OPTD_OK (*out filled),
+ * OPTD_E_NOT_FOUND, or the store's error. s's key map is loaded the first
+ * time; it counts in the cache. */
+static optd_err idem_find(engine *w, sess *s, const char *key, store_idem *out)
+{
+    uint64_t floor = idem_floor(w, s), steps[8];
+    optd_err rc;
+    if (!s->keys) {
+        rc = engine_idem_load(w->st, s->id, floor, &s->keys);
+        if (rc)
+            return rc;
+        w->cached += engine_idem_bytes(s->keys);
+    }
+    size_t n = engine_idem_candidates(s->keys, key, floor, steps, sizeof steps / sizeof steps[0]);
+    for (size_t i = 0; i < n; i++) {
+        rc = store_idem_get(w->st, s->id, key, steps[i], reply_len(s), store_idem_slots(reply_len(s), w->idem_window),
+                            out);
+        if (rc != OPTD_E_NOT_FOUND)
+            return rc;
+    }
+    return OPTD_E_NOT_FOUND;
+}
+
+/* Adds key at step to s's map, once the store holds it. A map that cannot
+ * take it goes, to be loaded again from the store: it must never miss a
+ * key the store has, or a retry would be applied twice. */
+static void idem_remember(engine *w, sess *s, const char *key, uint64_t step)
+{
+    if (!s->keys)
+        return;
+    size_t before = engine_idem_bytes(s->keys);
+    if (engine_idem_add(s->keys, key, step, idem_floor(w, s)) != OPTD_OK) {
+        engine_idem_free(s->keys);
+        s->keys = NULL;
+    }
+    w->cached += engine_idem_bytes(s->keys);
+    w->cached -= before;
+}
+
 /* Fills j's reply from an applied step and remembers its key. */
 static optd_err finish_step(engine *w, sess *s, sreq *j, const applied *a, uint32_t contributors)
 {
@@ -452,10 +502,9 @@ static optd_err finish_step(engine *w, sess *s, sreq *j, const applied *a, uint3
          * one a client whose reply was lost sends, takes the params the
          * session has (see run_step); an older key's replay is then one
          * whose params are no longer kept. */
-        if (engine_sess_log_slots(s))
-            vec = 0;
-        uint64_t keep = vec ? REPLY_BUDGET / vec : 1;
-        unsigned char *reply = malloc(REPLY_HEAD + lrb + vec);
+        size_t len = reply_len(s);
+        vec = len - REPLY_HEAD - lrb;
+        unsigned char *reply = malloc(len);
         if (!reply)
             return OPTD_E_NOMEM;
         memcpy(reply, &a->lr, 8);
@@ -465,9 +514,11 @@ static optd_err finish_step(engine *w, sess *s, sreq *j, const applied *a, uint3
         if (lrb)
             memcpy(reply + REPLY_HEAD, a->lrs, lrb);
         memcpy(reply + REPLY_HEAD + lrb, s->st.params, vec);
-        rc = store_idem_put(w->st, s->id, j->idem_key, a->step, j->digest, reply, REPLY_HEAD + lrb + vec,
-                            w->idem_window, keep < 1 ? 1 : keep);
+        rc = store_idem_put(w->st, s->id, j->idem_key, a->step, j->digest, reply, len,
+                            store_idem_slots(len, w->idem_window), w->idem_window);
         free(reply);
+        if (rc == OPTD_OK)
+            idem_remember(w, s, j->idem_key, a->step);
     }
     if (rc == OPTD_OK && j->want_params)
         rc = copy_out(j, s->st.params, s->n * optim_elem_size(s->dtype));
@@ -731,8 +782,6 @@ static optd_err check_if_match(engine_req *j, const sess *s)
 }
 
 /* The bytes of a shaped session's lrs in a saved reply. */
-static size_t lr_bytes(const sess *s) { return s->shape ? s->shape->n_groups * sizeof(double) : 0; }
-
 /* j's skipped tensors as one flag per tensor of s (*out malloc'd, the
  * caller frees). OPTD_E_INVALID for a name s has no tensor of, or for the
  * one tensor of an unshaped session. */
@@ -780,7 +829,7 @@ static optd_err run_step(engine *w, sreq *j)
     }
     if (j->idem_key) {
         store_idem rec = {0};
-        rc = store_idem_get(w->st, s->id, j->idem_key, &rec);
+        rc = idem_find(w, s, j->idem_key, &rec);
         if (rc == OPTD_OK) {
             j->step = rec.step;
             j->replayed = true;

@@ -35,6 +35,26 @@
  * to ride out one group commit, short enough for a health check. */
 #define PROBE_TIMEOUT_MS 100
 
+/* The ring of saved replies (schema 5): a session's reply to step k is in
+ * slot k % slots of its ring, slots (store_idem_slots) being the most
+ * replies of that length IDEM_REPLY_BUDGET holds, at most IDEM_SLOTS_MAX
+ * and no more than the key window needs. A slot
+ * is the step (8 bytes, little-endian), the reply's length (8) and the
+ * reply; the slots are in blobs of about IDEM_CHUNK_BYTES, rowid
+ * session << IDEM_RING_BITS | chunk, made (zeroed) when first needed and
+ * then written in place with incremental blob I/O: a step rewrites the
+ * pages its slot spans, never a row or the b-tree around it. */
+#define IDEM_RING_BITS 20
+#define IDEM_REPLY_BUDGET ((size_t)16 << 20)
+#define IDEM_SLOTS_MAX 16384
+#define IDEM_CHUNK_BYTES 65536
+#define IDEM_SLOT_HEAD 16
+#define STR_(x) #x
+#define STR(x) STR_(x)
+/* Keys leave a batch at a time: rows stay up to this many steps past the
+ * window (the engine no longer finds them: it looks within the window). */
+#define IDEM_PRUNE_SLACK 64
+
 /* Schema migrations: migrations[n] takes a database from user_version n to
  * n + 1, so the current version is the number of steps. A new schema appends
  * a step; shipped steps are never edited, since files in the field were made
@@ -43,10 +63,10 @@
  * Why the shape: the state blob (params and optimizer buffers, often MBs) has
  * its own table so that listing and loading sessions never reads it. Session
  * ids are AUTOINCREMENT so an id is never reused after a delete: a step queued
- * for a deleted session can never land on a newer one. idem_step makes pruning
- * by step a range delete, and dropping the replies that leave their window a
- * range update of the rows it changes (schema 1 had a partial index of the
- * rows holding a reply for that; 4 drops it, see there). */
+ * for a deleted session can never land on a newer one. Idempotency keys are
+ * clustered by (session, step) since schema 5, so recording one appends and
+ * pruning the window is a range delete; their replies are a ring overwritten
+ * in place (see there). */
 static const char *const migrations[] = {
     /* 0 -> 1: the first schema. */
     "CREATE TABLE sessions("
@@ -134,6 +154,30 @@ static const char *const migrations[] = {
      * state, 4.8 without). store_idem_put finds the rows whose replies fall
      * out of the window from the previous keyed step instead. */
     "DROP INDEX idem_reply_step;",
+    /* 4 -> 5: idempotency records in step order, replies in a ring. The
+     * keys were clustered by (session, key): every keyed step inserted a
+     * row, a saved reply with it, at a random page of the table, and a
+     * window later deleted one from another random page, cleared a reply
+     * on a third and kept an index of steps besides (4.1 WAL frames a
+     * keyed step, 1.3 without). Now a key's row goes at the end of its
+     * session's rows (the page the previous step dirtied), the rows that
+     * leave the window go a batch at a time from the front, and a key is
+     * found from its step, which the engine keeps in memory (engine/idem.c).
+     * The saved replies take the slots of a per-session ring of blobs
+     * overwritten in place (see IDEM_SLOTS_MAX). idem_keys.reply holds the
+     * replies saved before this schema, in the rows they came with, until
+     * those leave the window: new rows leave it NULL. */
+    "CREATE TABLE idem_keys("
+    " session_id INTEGER NOT NULL,"
+    " step INTEGER NOT NULL,"
+    " key TEXT NOT NULL,"
+    " digest INTEGER NOT NULL,"
+    " reply BLOB,"
+    " PRIMARY KEY(session_id, step, key)) WITHOUT ROWID;"
+    "CREATE TABLE idem_replies(id INTEGER PRIMARY KEY, data BLOB NOT NULL);"
+    "INSERT INTO idem_keys(session_id, step, key, digest, reply)"
+    " SELECT session_id, step, key, digest, reply FROM idem;"
+    "DROP TABLE idem;",
 };
 #define SCHEMA_VERSION ((int)(sizeof migrations / sizeof migrations[0]))
 
@@ -163,11 +207,14 @@ enum {
     Q_SESSION_DELETE,
     Q_STATE_DELETE,
     Q_IDEM_DELETE_ALL,
-    Q_IDEM_GET,
+    Q_IDEM_REPLIES_DELETE_ALL,
+    Q_IDEM_KEYS,   /* a session's keys past a step */
+    Q_IDEM_GET,    /* a key's digest at its step */
     Q_IDEM_PUT,
+    Q_IDEM_OLDEST, /* a session's oldest key's step */
     Q_IDEM_PRUNE,
-    Q_IDEM_DROP_REPLIES,
-    Q_IDEM_LAST_STEP, /* the step of a session's previous keyed step */
+    Q_IDEM_CHUNK_ADD,    /* a chunk of the reply ring, zeroed */
+    Q_IDEM_CHUNK_RESIZE, /* the same, for slots of another length */
     Q_HISTORY_PUT,
     Q_HISTORY_PRUNE,
     Q_HISTORY_DELETE_ALL,
@@ -242,17 +289,16 @@ static const char *const sql[Q_END] = {
     [Q_SESSION_ID] = "SELECT id FROM sessions WHERE name = ?1",
     [Q_SESSION_DELETE] = "DELETE FROM sessions WHERE id = ?1",
     [Q_STATE_DELETE] = "DELETE FROM state WHERE session_id = ?1",
-    [Q_IDEM_DELETE_ALL] = "DELETE FROM idem WHERE session_id = ?1",
-    [Q_IDEM_GET] = "SELECT step, digest, reply FROM idem WHERE session_id = ?1 AND key = ?2",
-    [Q_IDEM_PUT] = "INSERT OR REPLACE INTO idem(session_id, key, step, digest, reply) VALUES (?1, ?2, ?3, ?4, ?5)",
-    [Q_IDEM_PRUNE] = "DELETE FROM idem WHERE session_id = ?1 AND step <= ?2",
-    /* The rows whose replies leave the window with this step: those of
-     * steps in (?2, ?3], ?2 being where the previous keyed step left it.
-     * INDEXED BY: should a later schema lose the index, preparing this
-     * fails at open instead of the step path silently slowing down. */
-    [Q_IDEM_DROP_REPLIES] = "UPDATE idem INDEXED BY idem_step SET reply = NULL"
-                            " WHERE session_id = ?1 AND step > ?2 AND step <= ?3 AND reply IS NOT NULL",
-    [Q_IDEM_LAST_STEP] = "SELECT max(step) FROM idem WHERE session_id = ?1 AND step < ?2",
+    [Q_IDEM_DELETE_ALL] = "DELETE FROM idem_keys WHERE session_id = ?1",
+    [Q_IDEM_REPLIES_DELETE_ALL] = "DELETE FROM idem_replies WHERE id >= (?1 << " STR(IDEM_RING_BITS) ")"
+                                  " AND id < ((?1 + 1) << " STR(IDEM_RING_BITS) ")",
+    [Q_IDEM_KEYS] = "SELECT step, key FROM idem_keys WHERE session_id = ?1 AND step > ?2",
+    [Q_IDEM_GET] = "SELECT digest, reply FROM idem_keys WHERE session_id = ?1 AND step = ?2 AND key = ?3",
+    [Q_IDEM_PUT] = "INSERT OR REPLACE INTO idem_keys(session_id, step, key, digest) VALUES (?1, ?2, ?3, ?4)",
+    [Q_IDEM_OLDEST] = "SELECT min(step) FROM idem_keys WHERE session_id = ?1",
+    [Q_IDEM_PRUNE] = "DELETE FROM idem_keys WHERE session_id = ?1 AND step <= ?2",
+    [Q_IDEM_CHUNK_ADD] = "INSERT INTO idem_replies(id, data) VALUES (?1, zeroblob(?2))",
+    [Q_IDEM_CHUNK_RESIZE] = "UPDATE idem_replies SET data = zeroblob(?2) WHERE id = ?1",
     [Q_HISTORY_PUT] = "INSERT OR REPLACE INTO history(session_id, step, time_ms, lr, grad_norm, update_norm,"
                       " param_norm, contributors, loss) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     [Q_HISTORY_PRUNE] = "DELETE FROM history WHERE session_id = ?1 AND step <= ?2",
@@ -2194,8 +2240,9 @@ done:
  * OPTD_E_UNAVAILABLE, OPTD_E_NOMEM. */
 optd_err store_session_delete(store *st, const char *name)
 {
-    static const int deletes[] = {Q_IDEM_DELETE_ALL,    Q_HISTORY_DELETE_ALL, Q_STEPLOG_DELETE_DATA,
-                                  Q_STEPLOG_DELETE_ALL, Q_STATE_DELETE,       Q_SESSION_DELETE};
+    static const int deletes[] = {Q_IDEM_DELETE_ALL,     Q_IDEM_REPLIES_DELETE_ALL, Q_HISTORY_DELETE_ALL,
+                                  Q_STEPLOG_DELETE_DATA, Q_STEPLOG_DELETE_ALL,      Q_STATE_DELETE,
+                                  Q_SESSION_DELETE};
     sqlite3_stmt *q;
     int64_t id = 0;
     optd_err rc;
@@ -2233,110 +2280,273 @@ done:
     return tx_leave(st, own, rc);
 }
 
+uint32_t store_idem_slots(size_t reply_len, uint64_t window)
+{
+    size_t n = IDEM_REPLY_BUDGET / (reply_len ? reply_len : 1);
+    if (n > window)
+        n = window;
+    return n < 1 ? 1 : n > IDEM_SLOTS_MAX ? IDEM_SLOTS_MAX : (uint32_t)n;
+}
+
+/* Where the slot of step lies for replies of len bytes: the chunk's rowid,
+ * its size and the slot's offset in it. */
+typedef struct ring_pos {
+    int64_t id;
+    size_t chunk_bytes, off;
+} ring_pos;
+
+static ring_pos ring_at(int64_t session_id, uint64_t step, size_t len, uint32_t slots)
+{
+    size_t rec = IDEM_SLOT_HEAD + len, per = IDEM_CHUNK_BYTES / rec;
+    per = per < 1 ? 1 : per > slots ? slots : per;
+    uint64_t slot = step % slots;
+    ring_pos p = {(int64_t)((uint64_t)session_id << IDEM_RING_BITS | slot / per), per * rec, (slot % per) * rec};
+    return p;
+}
+
+/* Opens the blob of the chunk at p, writable or not. *out is NULL when
+ * there is no such chunk; *fits says whether it is laid out for slots of
+ * this length. */
+static optd_err ring_open(store *st, const ring_pos *p, int writable, sqlite3_blob **out, int *fits)
+{
+    int src = sqlite3_blob_open(st->db, "main", "idem_replies", "data", p->id, writable, out);
+    *fits = 0;
+    if (src == SQLITE_ERROR && sqlite3_extended_errcode(st->db) == SQLITE_ERROR) {
+        if (*out) /* "no such rowid" */
+            (void)sqlite3_blob_close(*out);
+        *out = NULL;
+        return OPTD_OK;
+    }
+    if (src != SQLITE_OK) {
+        if (*out)
+            (void)sqlite3_blob_close(*out);
+        *out = NULL;
+        return from_sqlite(src);
+    }
+    *fits = (size_t)sqlite3_blob_bytes(*out) == p->chunk_bytes;
+    return OPTD_OK;
+}
+
+static void le64_put(unsigned char *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (unsigned char)(v >> (8 * i));
+}
+
+static uint64_t le64_get(const unsigned char *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v |= (uint64_t)p[i] << (8 * i);
+    return v;
+}
+
+/* The reply of step, when its slot still holds it: *out malloc'd (at
+ * least a byte), else left NULL. */
+static optd_err ring_read(store *st, int64_t session_id, uint64_t step, size_t len, uint32_t slots, void **out,
+                          size_t *out_len)
+{
+    ring_pos p = ring_at(session_id, step, len, slots);
+    unsigned char head[IDEM_SLOT_HEAD];
+    sqlite3_blob *b = NULL;
+    int fits, src = SQLITE_OK;
+    optd_err rc = ring_open(st, &p, 0, &b, &fits);
+    if (rc || !b)
+        return rc;
+    if (fits)
+        src = sqlite3_blob_read(b, head, IDEM_SLOT_HEAD, (int)p.off);
+    if (src == SQLITE_OK && fits && le64_get(head) == step && le64_get(head + 8) == len) {
+        if (!(*out = malloc(len ? len : 1)))
+            rc = OPTD_E_NOMEM;
+        else if (len)
+            src = sqlite3_blob_read(b, *out, (int)len, (int)(p.off + IDEM_SLOT_HEAD));
+        *out_len = len;
+    }
+    int csrc = sqlite3_blob_close(b);
+    if (!rc)
+        rc = from_sqlite(src != SQLITE_OK ? src : csrc);
+    if (rc && *out) {
+        free(*out);
+        *out = NULL;
+    }
+    return rc;
+}
+
+/* Writes step's reply into its slot, making its chunk (or laying it out
+ * anew for this length) first when needed. */
+static optd_err ring_write(store *st, int64_t session_id, uint64_t step, const void *reply, size_t len,
+                           uint32_t slots)
+{
+    ring_pos p = ring_at(session_id, step, len, slots);
+    unsigned char head[IDEM_SLOT_HEAD];
+    sqlite3_blob *b = NULL;
+    sqlite3_stmt *q;
+    int fits, src;
+    optd_err rc = ring_open(st, &p, 1, &b, &fits);
+    if (rc == OPTD_OK && !fits) {
+        q = st->q[b ? Q_IDEM_CHUNK_RESIZE : Q_IDEM_CHUNK_ADD];
+        if (b)
+            (void)sqlite3_blob_close(b); /* nothing written through it: nothing to report */
+        b = NULL;
+        src = sqlite3_bind_int64(q, 1, p.id);
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_int64(q, 2, (int64_t)p.chunk_bytes);
+        rc = run(q, src);
+        st->tx_bytes += p.chunk_bytes;
+        if (rc == OPTD_OK)
+            rc = ring_open(st, &p, 1, &b, &fits);
+        if (rc == OPTD_OK && !fits)
+            rc = OPTD_E_INTERNAL;
+    }
+    if (rc) {
+        if (b)
+            (void)sqlite3_blob_close(b);
+        return rc;
+    }
+    le64_put(head, step);
+    le64_put(head + 8, len);
+    src = sqlite3_blob_write(b, head, IDEM_SLOT_HEAD, (int)p.off);
+    if (src == SQLITE_OK && len)
+        src = sqlite3_blob_write(b, reply, (int)len, (int)(p.off + IDEM_SLOT_HEAD));
+    int csrc = sqlite3_blob_close(b);
+    st->tx_bytes += len;
+    return from_sqlite(src != SQLITE_OK ? src : csrc);
+}
+
+/* Returns OPTD_OK, OPTD_E_INVALID, OPTD_E_UNAVAILABLE; each's failure
+ * stops the walk and is returned. */
+optd_err store_idem_keys(store *st, int64_t session_id, uint64_t after,
+                         optd_err (*each)(void *ctx, uint64_t step, const char *key), void *ctx)
+{
+    sqlite3_stmt *q = st->q[Q_IDEM_KEYS];
+    optd_err rc = OPTD_OK;
+    int src;
+
+    if (!each || after > INT64_MAX)
+        return OPTD_E_INVALID;
+    src = sqlite3_bind_int64(q, 1, session_id);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 2, (int64_t)after);
+    while (src == SQLITE_OK && (src = sqlite3_step(q)) == SQLITE_ROW) {
+        const unsigned char *key = sqlite3_column_text(q, 1);
+        if (!key) { /* NOT NULL column: out of memory */
+            src = SQLITE_NOMEM;
+            break;
+        }
+        rc = each(ctx, i2u(sqlite3_column_int64(q, 0)), (const char *)key);
+        if (rc)
+            break;
+        src = SQLITE_OK;
+    }
+    if (!rc && src != SQLITE_DONE)
+        rc = from_sqlite(src);
+    stmt_done(q);
+    return rc;
+}
+
 /* Returns OPTD_OK, OPTD_E_NOT_FOUND, OPTD_E_INVALID, OPTD_E_UNAVAILABLE,
  * OPTD_E_NOMEM. out->reply is NULL when no reply was kept, and a non-NULL
  * 1-byte buffer with reply_len 0 when an empty one was. On failure *out is
  * untouched. */
-optd_err store_idem_get(store *st, int64_t session_id, const char *key, store_idem *out)
+optd_err store_idem_get(store *st, int64_t session_id, const char *key, uint64_t step, size_t reply_len,
+                        uint32_t slots, store_idem *out)
 {
     sqlite3_stmt *q = st->q[Q_IDEM_GET];
-    store_idem r = {0, 0, NULL, 0};
+    store_idem r = {step, 0, NULL, 0};
     optd_err rc = OPTD_OK;
-    int src;
+    int src, legacy = 0;
 
-    if (!key || !out)
+    if (!key || !out || step > INT64_MAX || !slots)
         return OPTD_E_INVALID;
     src = sqlite3_bind_int64(q, 1, session_id);
     if (src == SQLITE_OK)
-        src = sqlite3_bind_text(q, 2, key, -1, SQLITE_STATIC);
+        src = sqlite3_bind_int64(q, 2, (int64_t)step);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_text(q, 3, key, -1, SQLITE_STATIC);
     if (src == SQLITE_OK)
         src = sqlite3_step(q);
     if (src == SQLITE_ROW) {
-        r.step = i2u(sqlite3_column_int64(q, 0));
-        r.digest = i2u(sqlite3_column_int64(q, 1));
-        rc = column_bytes_copy(q, 2, &r.reply, &r.reply_len);
+        r.digest = i2u(sqlite3_column_int64(q, 0));
+        /* A reply saved before schema 5, in the key's own row. */
+        legacy = sqlite3_column_type(q, 1) != SQLITE_NULL;
+        if (legacy)
+            rc = column_bytes_copy(q, 1, &r.reply, &r.reply_len);
     } else {
         rc = src == SQLITE_DONE ? OPTD_E_NOT_FOUND : from_sqlite(src);
     }
     stmt_done(q);
-    if (rc)
+    if (rc == OPTD_OK && !legacy)
+        rc = ring_read(st, session_id, step, reply_len, slots, &r.reply, &r.reply_len);
+    if (rc) {
+        free(r.reply);
         return rc;
+    }
     *out = r;
     return OPTD_OK;
 }
 
-/* Replaces an existing record for the key. window 0 keeps no key at all
- * (even this one), as "the keys of the last 0 steps" says; window 1 keeps
- * this step's. Returns OPTD_OK, OPTD_E_INVALID (NULL key, step >= 2^63,
- * NULL reply with reply_len > 0), OPTD_E_UNAVAILABLE, OPTD_E_NOMEM. */
+/* Replaces an existing record for the key at step. window 0 keeps no key
+ * at all (even this one), as "the keys of the last 0 steps" says; window 1
+ * keeps this step's. Keys of steps <= step - window leave in batches, at
+ * most IDEM_PRUNE_SLACK steps later. Returns OPTD_OK, OPTD_E_INVALID (NULL
+ * key, step >= 2^63, NULL reply with reply_len > 0, a reply of 2 GiB,
+ * slots 0),
+ * OPTD_E_UNAVAILABLE, OPTD_E_NOMEM. */
 optd_err store_idem_put(store *st, int64_t session_id, const char *key, uint64_t step, uint64_t digest,
-                        const void *reply, size_t reply_len, uint64_t window, uint64_t reply_window)
+                        const void *reply, size_t reply_len, uint32_t slots, uint64_t window)
 {
     sqlite3_stmt *q;
     optd_err rc;
     int own, src;
-    /* With reply_window >= window the prune below removes every row whose
-     * reply would be dropped. */
-    int drops = step > reply_window && reply_window < window;
-    uint64_t prev = 0; /* the session's previous keyed step, 0 when none */
 
-    if (!key || step > INT64_MAX || (!reply && reply_len))
+    if (!key || step > INT64_MAX || (!reply && reply_len) || reply_len > INT32_MAX - IDEM_CHUNK_BYTES || !slots)
         return OPTD_E_INVALID;
+    if (window == 0)
+        return OPTD_OK;
     rc = tx_enter(st, &own);
     if (rc)
         return rc;
 
-    if (drops) {
-        q = st->q[Q_IDEM_LAST_STEP];
+    q = st->q[Q_IDEM_PUT];
+    src = sqlite3_bind_int64(q, 1, session_id);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 2, (int64_t)step);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_text(q, 3, key, -1, SQLITE_STATIC);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 4, u2i(digest));
+    rc = run(q, src);
+    if (rc)
+        goto done;
+
+    if (reply) {
+        rc = ring_write(st, session_id, step, reply, reply_len, slots);
+        if (rc)
+            goto done;
+    }
+
+    if (step > window) {
+        uint64_t oldest = UINT64_MAX;
+        q = st->q[Q_IDEM_OLDEST];
         src = sqlite3_bind_int64(q, 1, session_id);
-        if (src == SQLITE_OK)
-            src = sqlite3_bind_int64(q, 2, (int64_t)step);
         if (src == SQLITE_OK)
             src = sqlite3_step(q);
         if (src == SQLITE_ROW) {
-            prev = i2u(sqlite3_column_int64(q, 0)); /* NULL reads as 0 */
+            if (sqlite3_column_type(q, 0) != SQLITE_NULL)
+                oldest = i2u(sqlite3_column_int64(q, 0));
             src = SQLITE_DONE;
         }
         stmt_done(q);
         rc = from_sqlite(src);
         if (rc)
             goto done;
-    }
-    q = st->q[Q_IDEM_PUT];
-    src = sqlite3_bind_int64(q, 1, session_id);
-    if (src == SQLITE_OK)
-        src = sqlite3_bind_text(q, 2, key, -1, SQLITE_STATIC);
-    if (src == SQLITE_OK)
-        src = sqlite3_bind_int64(q, 3, (int64_t)step);
-    if (src == SQLITE_OK)
-        src = sqlite3_bind_int64(q, 4, u2i(digest));
-    if (src == SQLITE_OK)
-        src = bind_bytes(q, 5, reply, reply_len);
-    rc = run(q, src);
-    if (rc)
-        goto done;
-
-    if (step > window) {
-        q = st->q[Q_IDEM_PRUNE];
-        src = sqlite3_bind_int64(q, 1, session_id);
-        if (src == SQLITE_OK)
-            src = sqlite3_bind_int64(q, 2, (int64_t)(step - window));
-        rc = run(q, src);
-        if (rc)
-            goto done;
-    }
-    /* Each keyed step drops the replies that left the window since the
-     * previous one (whose own put dropped those before), all in the
-     * transaction that records it: every reply of a step <= step -
-     * reply_window is gone, and the range is the one or few new rows. */
-    if (drops) {
-        q = st->q[Q_IDEM_DROP_REPLIES];
-        src = sqlite3_bind_int64(q, 1, session_id);
-        if (src == SQLITE_OK)
-            src = sqlite3_bind_int64(q, 2, prev > reply_window ? (int64_t)(prev - reply_window) : 0);
-        if (src == SQLITE_OK)
-            src = sqlite3_bind_int64(q, 3, (int64_t)(step - reply_window));
-        rc = run(q, src);
+        if (oldest != UINT64_MAX && oldest + window + IDEM_PRUNE_SLACK <= step) {
+            q = st->q[Q_IDEM_PRUNE];
+            src = sqlite3_bind_int64(q, 1, session_id);
+            if (src == SQLITE_OK)
+                src = sqlite3_bind_int64(q, 2, (int64_t)(step - window));
+            rc = run(q, src);
+        }
     }
 done:
     return tx_leave(st, own, rc);
@@ -2445,20 +2655,6 @@ optd_err store_read_count(store *st, uint64_t *out)
     stmt_done(q);
     reader_give(st, r);
     return rc;
-}
-
-static void le64_put(unsigned char *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++)
-        p[i] = (unsigned char)(v >> (8 * i));
-}
-
-static uint64_t le64_get(const unsigned char *p)
-{
-    uint64_t v = 0;
-    for (int i = 0; i < 8; i++)
-        v |= (uint64_t)p[i] << (8 * i);
-    return v;
 }
 
 static uint64_t dbits(double d)

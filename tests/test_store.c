@@ -253,7 +253,7 @@ static void test_open_creates_an_optd_database_that_close_releases(void **state)
     store_close(NULL);
 
     assert_int_equal(pragma_on(f->path, "PRAGMA application_id"), 0x6F707464);
-    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 4);
+    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 5);
     assert_string_equal(text_on(f->path, "PRAGMA journal_mode", buf, sizeof buf), "wal");
 }
 
@@ -472,116 +472,137 @@ static void test_idem_put_then_get_returns_the_record(void **state)
     store_idem r;
 
     open_store(f, NULL);
-    assert_int_equal(store_idem_put(f->st, 1, "k1", 5, digest, "{\"step\":5}", 10, 100, 10), OPTD_OK);
-    assert_int_equal(store_idem_put(f->st, 1, "k-none", 6, 1, NULL, 0, 100, 10), OPTD_OK);
-    assert_int_equal(store_idem_put(f->st, 1, "k-empty", 7, 2, "", 0, 100, 10), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, 1, "k1", 5, digest, "{\"step\":5}", 10, store_idem_slots(10, 100), 100), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, 1, "k-none", 6, 1, NULL, 0, store_idem_slots(0, 100), 100), OPTD_OK);
+    /* Another session: a session's replies have one length. */
+    assert_int_equal(store_idem_put(f->st, 3, "k-empty", 7, 2, "", 0, store_idem_slots(0, 100), 100), OPTD_OK);
 
     memset(&r, 0, sizeof r);
-    assert_int_equal(store_idem_get(f->st, 1, "k1", &r), OPTD_OK);
+    assert_int_equal(store_idem_get(f->st, 1, "k1", 5, 10, store_idem_slots(10, 100), &r), OPTD_OK);
     assert_int_equal(r.step, 5);
     assert_int_equal(r.digest, digest);
     assert_int_equal(r.reply_len, 10);
     assert_memory_equal(r.reply, "{\"step\":5}", 10);
     free(r.reply);
 
-    assert_int_equal(store_idem_get(f->st, 1, "k-none", &r), OPTD_OK);
+    assert_int_equal(store_idem_get(f->st, 1, "k-none", 6, 10, store_idem_slots(10, 100), &r), OPTD_OK);
     assert_int_equal(r.step, 6);
+    assert_int_equal(r.digest, 1);
     assert_null(r.reply);
     assert_int_equal(r.reply_len, 0);
-    assert_int_equal(store_idem_get(f->st, 1, "k-empty", &r), OPTD_OK);
+    assert_int_equal(store_idem_get(f->st, 3, "k-empty", 7, 0, store_idem_slots(0, 100), &r), OPTD_OK);
     assert_non_null(r.reply); /* an empty reply was kept */
     assert_int_equal(r.reply_len, 0);
     free(r.reply);
 
-    assert_int_equal(store_idem_get(f->st, 1, "unknown", &r), OPTD_E_NOT_FOUND);
-    assert_int_equal(store_idem_get(f->st, 2, "k1", &r), OPTD_E_NOT_FOUND);
+    assert_int_equal(store_idem_get(f->st, 1, "unknown", 5, 10, store_idem_slots(10, 100), &r), OPTD_E_NOT_FOUND);
+    assert_int_equal(store_idem_get(f->st, 1, "k1", 6, 10, store_idem_slots(10, 100), &r), OPTD_E_NOT_FOUND);
+    assert_int_equal(store_idem_get(f->st, 2, "k1", 5, 10, store_idem_slots(10, 100), &r), OPTD_E_NOT_FOUND);
+    /* A reply of another length is not this session's: the key alone. */
+    assert_int_equal(store_idem_get(f->st, 1, "k1", 5, 11, store_idem_slots(11, 100), &r), OPTD_OK);
+    assert_null(r.reply);
 }
 
-static void test_idem_put_forgets_keys_older_than_the_window(void **state)
+static optd_err list_key(void *ctx, uint64_t step, const char *key)
+{
+    char *out = ctx;
+    snprintf(out + strlen(out), 256 - strlen(out), "%llu:%s ", (unsigned long long)step, key);
+    return OPTD_OK;
+}
+
+static void test_idem_put_forgets_keys_older_than_the_window_in_batches(void **state)
 {
     fixture *f = *state;
-    char key[16];
+    char key[16], listed[256] = "";
     store_idem r;
     uint64_t step;
 
     open_store(f, NULL);
-    assert_int_equal(store_idem_put(f->st, 2, "other", 1, 0, "o", 1, 3, 3), OPTD_OK);
-    for (step = 1; step <= 10; step++) {
+    assert_int_equal(store_idem_put(f->st, 2, "other", 1, 0, "o", 1, store_idem_slots(1, 3), 3), OPTD_OK);
+    for (step = 1; step <= 100; step++) {
         snprintf(key, sizeof key, "k%llu", (unsigned long long)step);
-        assert_int_equal(store_idem_put(f->st, 1, key, step, step, "r", 1, 3, 3), OPTD_OK);
+        assert_int_equal(store_idem_put(f->st, 1, key, step, step, "r", 1, store_idem_slots(1, 3), 3), OPTD_OK);
     }
-    for (step = 1; step <= 10; step++) {
+    /* Step 68 was the first with its oldest key (1) 3 + 64 steps back: it
+     * forgot the keys of steps <= 65. The next batch goes at step 133. */
+    for (step = 1; step <= 100; step++) {
         snprintf(key, sizeof key, "k%llu", (unsigned long long)step);
         memset(&r, 0, sizeof r);
-        if (step <= 7) {
-            assert_int_equal(store_idem_get(f->st, 1, key, &r), OPTD_E_NOT_FOUND);
+        if (step <= 65) {
+            assert_int_equal(store_idem_get(f->st, 1, key, step, 1, store_idem_slots(1, 3), &r), OPTD_E_NOT_FOUND);
         } else {
-            assert_int_equal(store_idem_get(f->st, 1, key, &r), OPTD_OK);
-            assert_int_equal(r.step, step);
+            assert_int_equal(store_idem_get(f->st, 1, key, step, 1, store_idem_slots(1, 3), &r), OPTD_OK);
+            assert_int_equal(r.digest, step);
             free(r.reply);
         }
     }
     /* Another session's keys are its own business. */
-    assert_int_equal(store_idem_get(f->st, 2, "other", &r), OPTD_OK);
+    assert_int_equal(store_idem_get(f->st, 2, "other", 1, 1, store_idem_slots(1, 3), &r), OPTD_OK);
     free(r.reply);
-    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM idem"), 4);
+    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM idem_keys"), 36);
+    assert_int_equal(store_idem_keys(f->st, 1, 96, list_key, listed), OPTD_OK);
+    assert_string_equal(listed, "97:k97 98:k98 99:k99 100:k100 ");
+    /* Window 0 keeps no key at all. */
+    assert_int_equal(store_idem_put(f->st, 4, "none", 1, 1, "r", 1, store_idem_slots(1, 0), 0), OPTD_OK);
+    assert_int_equal(store_idem_get(f->st, 4, "none", 1, 1, store_idem_slots(1, 3), &r), OPTD_E_NOT_FOUND);
 }
 
-static void test_idem_put_drops_replies_older_than_the_reply_window(void **state)
+/* The ring: step k's reply stays until step k + slots takes its slot,
+ * for big replies (few slots, a chunk each) and small ones (many slots
+ * to a chunk), and the keys of one step (a worker round) share it. */
+static void test_idem_replies_stay_until_their_slot_comes_round(void **state)
 {
     fixture *f = *state;
+    const size_t big = (size_t)1 << 20;
+    const uint32_t slots = store_idem_slots(big, 1000);
+    unsigned char *reply = malloc(big);
     char key[16];
     store_idem r;
-    uint64_t step;
 
+    assert_non_null(reply);
+    assert_int_equal(slots, 16);
+    assert_int_equal(store_idem_slots(5, 100000), 16384);
+    assert_int_equal(store_idem_slots(5, 10), 10); /* no more than the window needs */
+    assert_int_equal(store_idem_slots(5, 0), 1);
     open_store(f, NULL);
-    for (step = 1; step <= 5; step++) {
+    for (uint64_t step = 1; step <= slots + 4; step++) {
         snprintf(key, sizeof key, "k%llu", (unsigned long long)step);
-        assert_int_equal(store_idem_put(f->st, 1, key, step, 100 + step, "reply", 5, 100, 2), OPTD_OK);
+        memset(reply, (int)step, big);
+        assert_int_equal(store_idem_put(f->st, 1, key, step, step, reply, big, store_idem_slots(big, 1000), 1000), OPTD_OK);
     }
-    for (step = 1; step <= 5; step++) {
+    for (uint64_t step = 1; step <= slots + 4; step++) {
         snprintf(key, sizeof key, "k%llu", (unsigned long long)step);
         memset(&r, 0, sizeof r);
-        assert_int_equal(store_idem_get(f->st, 1, key, &r), OPTD_OK);
-        assert_int_equal(r.step, step);
-        assert_int_equal(r.digest, 100 + step);
-        if (step <= 3) {
+        assert_int_equal(store_idem_get(f->st, 1, key, step, big, store_idem_slots(big, 1000), &r), OPTD_OK);
+        if (step <= 4) {
             assert_null(r.reply);
-            assert_int_equal(r.reply_len, 0);
         } else {
-            assert_int_equal(r.reply_len, 5);
-            assert_memory_equal(r.reply, "reply", 5);
+            memset(reply, (int)step, big);
+            assert_int_equal(r.reply_len, big);
+            assert_memory_equal(r.reply, reply, big);
         }
         free(r.reply);
     }
-}
+    free(reply);
 
-/* Keyed steps far apart (unkeyed ones between them) and two keys of one
- * step (a worker round): each put drops every reply that left the window
- * since the previous keyed step, none that did not. */
-static void test_idem_replies_leave_the_window_across_gaps_and_rounds(void **state)
-{
-    fixture *f = *state;
-    store_idem r;
     static const struct {
         const char *key;
         uint64_t step;
-    } puts[] = {{"a", 1}, {"b", 2}, {"c", 5}, {"d", 9}, {"e", 9}, {"f", 10}, {"g", 13}};
-
-    open_store(f, NULL);
+        const char *reply;
+    } puts[] = {{"a", 1, "r0001"}, {"b", 2, "r0002"}, {"c", 9, "r0009"}, {"d", 9, "r0009"},
+                {"e", 16385, "r16385"}, {"f", 16386, "r16386"}};
+    for (size_t i = 0; i < sizeof puts / sizeof puts[0]; i++)
+        assert_int_equal(store_idem_put(f->st, 2, puts[i].key, puts[i].step, i, puts[i].reply, 5, store_idem_slots(5, 100000), 100000), OPTD_OK);
     for (size_t i = 0; i < sizeof puts / sizeof puts[0]; i++) {
-        assert_int_equal(store_idem_put(f->st, 1, puts[i].key, puts[i].step, i, "reply", 5, 100, 3), OPTD_OK);
-        /* After each put, exactly the keys of steps > its step - 3 keep a reply. */
-        for (size_t k = 0; k <= i; k++) {
-            memset(&r, 0, sizeof r);
-            assert_int_equal(store_idem_get(f->st, 1, puts[k].key, &r), OPTD_OK);
-            assert_int_equal(r.step, puts[k].step);
-            if (puts[k].step + 3 <= puts[i].step)
-                assert_null(r.reply);
-            else
-                assert_int_equal(r.reply_len, 5);
-            free(r.reply);
+        memset(&r, 0, sizeof r);
+        assert_int_equal(store_idem_get(f->st, 2, puts[i].key, puts[i].step, 5, store_idem_slots(5, 100000), &r), OPTD_OK);
+        if (puts[i].step <= 2) { /* 16385 and 16386 took slots 1 and 2 */
+            assert_null(r.reply);
+        } else {
+            assert_int_equal(r.reply_len, 5);
+            assert_memory_equal(r.reply, puts[i].reply, 5);
         }
+        free(r.reply);
     }
 }
 
@@ -594,14 +615,16 @@ static void test_delete_removes_the_sessions_state_and_keys(void **state)
     open_store(f, NULL);
     assert_int_equal(store_session_insert(f->st, &s, "s", 1), OPTD_OK);
     assert_int_equal(store_session_insert(f->st, &keep, "k", 1), OPTD_OK);
-    assert_int_equal(store_idem_put(f->st, s.id, "key", 1, 1, "r", 1, 10, 10), OPTD_OK);
-    assert_int_equal(store_idem_put(f->st, keep.id, "key", 1, 1, "r", 1, 10, 10), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, s.id, "key", 1, 1, "r", 1, store_idem_slots(1, 10), 10), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, keep.id, "key", 1, 1, "r", 1, store_idem_slots(1, 10), 10), OPTD_OK);
     assert_int_equal(store_session_delete(f->st, "gone"), OPTD_OK);
-    assert_int_equal(store_idem_get(f->st, s.id, "key", &r), OPTD_E_NOT_FOUND);
-    assert_int_equal(store_idem_get(f->st, keep.id, "key", &r), OPTD_OK);
+    assert_int_equal(store_idem_get(f->st, s.id, "key", 1, 1, store_idem_slots(1, 10), &r), OPTD_E_NOT_FOUND);
+    assert_int_equal(store_idem_get(f->st, keep.id, "key", 1, 1, store_idem_slots(1, 10), &r), OPTD_OK);
+    assert_int_equal(r.reply_len, 1);
     free(r.reply);
     assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM state"), 1);
-    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM idem"), 1);
+    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM idem_keys"), 1);
+    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM idem_replies"), 1);
 }
 
 static void test_rollback_leaves_nothing_behind(void **state)
@@ -614,7 +637,7 @@ static void test_rollback_leaves_nothing_behind(void **state)
     open_store(f, NULL);
     assert_int_equal(store_begin(f->st), OPTD_OK);
     assert_int_equal(store_session_insert(f->st, &s, "t", 1), OPTD_OK);
-    assert_int_equal(store_idem_put(f->st, s.id, "k", 1, 1, "r", 1, 10, 10), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, s.id, "k", 1, 1, "r", 1, store_idem_slots(1, 10), 10), OPTD_OK);
     /* The writer sees its own uncommitted work. */
     assert_int_equal(store_session_load(f->st, "temp", &got, NULL, NULL), OPTD_OK);
     store_session_clear(&got);
@@ -622,7 +645,7 @@ static void test_rollback_leaves_nothing_behind(void **state)
     store_rollback(f->st); /* a second one is harmless */
 
     assert_int_equal(store_session_load(f->st, "temp", &got, NULL, NULL), OPTD_E_NOT_FOUND);
-    assert_int_equal(store_idem_get(f->st, s.id, "k", &r), OPTD_E_NOT_FOUND);
+    assert_int_equal(store_idem_get(f->st, s.id, "k", 1, 1, store_idem_slots(1, 10), &r), OPTD_E_NOT_FOUND);
     assert_int_equal(store_read_count(f->st, &n), OPTD_OK);
     assert_int_equal(n, 0);
     /* And the connection can start again. */
@@ -713,7 +736,7 @@ static void test_reopen_sees_committed_data(void **state)
     open_store(f, NULL);
     assert_int_equal(store_begin(f->st), OPTD_OK);
     assert_int_equal(store_session_insert(f->st, &s, "state!", 6), OPTD_OK);
-    assert_int_equal(store_idem_put(f->st, s.id, "k", 41, 9, "r", 1, 10, 10), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, s.id, "k", 41, 9, "r", 1, store_idem_slots(1, 10), 10), OPTD_OK);
     assert_int_equal(store_commit(f->st), OPTD_OK);
     reopen(f);
 
@@ -724,8 +747,10 @@ static void test_reopen_sees_committed_data(void **state)
     assert_memory_equal(blob, "state!", 6);
     free(blob);
     store_session_clear(&got);
-    assert_int_equal(store_idem_get(f->st, s.id, "k", &r), OPTD_OK);
+    assert_int_equal(store_idem_get(f->st, s.id, "k", 41, 1, store_idem_slots(1, 10), &r), OPTD_OK);
     assert_int_equal(r.digest, 9);
+    assert_int_equal(r.reply_len, 1);
+    assert_memory_equal(r.reply, "r", 1);
     free(r.reply);
 }
 
@@ -801,7 +826,7 @@ static void test_a_database_from_a_newer_optd_is_refused(void **state)
     fixture *f = *state;
 
     store_one_session(f);
-    sql_on(f->path, "PRAGMA user_version = 5;");
+    sql_on(f->path, "PRAGMA user_version = 6;");
     assert_refused_unchanged(f, "made by a newer optd");
 }
 
@@ -980,11 +1005,16 @@ static void test_history_of_schema_3_survives_the_upgrade(void **state)
            "ALTER TABLE h3 RENAME TO history;"
            "ALTER TABLE sessions DROP COLUMN hist_n;"
            "ALTER TABLE sessions DROP COLUMN hist_tail;"
+           "DROP TABLE idem_keys;"
+           "DROP TABLE idem_replies;"
+           "CREATE TABLE idem(session_id INTEGER NOT NULL, key TEXT NOT NULL, step INTEGER NOT NULL,"
+           " digest INTEGER NOT NULL, reply BLOB, PRIMARY KEY(session_id, key));"
+           "CREATE INDEX idem_step ON idem(session_id, step);"
            "CREATE INDEX idem_reply_step ON idem(session_id, step) WHERE reply IS NOT NULL;"
            "PRAGMA user_version = 3;");
     assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM history"), 16);
     open_store(f, NULL);
-    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 4);
+    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 5);
     store_history h21 = hist_row(21, 0.5);
     assert_int_equal(store_history_put(f->st, id, &h21, 1000), OPTD_OK);
     assert_int_equal(store_read_history(f->st, id, 0, 100, 1000, &rows, &n, &more), OPTD_OK);
@@ -997,6 +1027,37 @@ static void test_history_of_schema_3_survives_the_upgrade(void **state)
     free(rows);
 }
 
+/* Schema 4 kept each key's reply in its row: the upgrade keeps both, and
+ * the replay of a key from before it still has its reply. */
+static void test_schema_4_keys_and_their_replies_are_kept(void **state)
+{
+    fixture *f = *state;
+    store_idem r;
+    char listed[256] = "";
+
+    store_one_session(f);
+    sql_on(f->path, "DROP TABLE idem_keys;"
+                    "DROP TABLE idem_replies;"
+                    "CREATE TABLE idem(session_id INTEGER NOT NULL, key TEXT NOT NULL, step INTEGER NOT NULL,"
+                    " digest INTEGER NOT NULL, reply BLOB, PRIMARY KEY(session_id, key));"
+                    "CREATE INDEX idem_step ON idem(session_id, step);"
+                    "INSERT INTO idem VALUES (1, 'old', 7, 99, x'01020304'), (1, 'gone', 6, 98, NULL);"
+                    "PRAGMA user_version = 4;");
+    open_store(f, NULL);
+    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 5);
+    memset(&r, 0, sizeof r);
+    assert_int_equal(store_idem_get(f->st, 1, "old", 7, 4, store_idem_slots(4, 10000), &r), OPTD_OK);
+    assert_int_equal(r.digest, 99);
+    assert_int_equal(r.reply_len, 4);
+    assert_memory_equal(r.reply, "\x01\x02\x03\x04", 4);
+    free(r.reply);
+    assert_int_equal(store_idem_get(f->st, 1, "gone", 6, 4, store_idem_slots(4, 10000), &r), OPTD_OK);
+    assert_int_equal(r.digest, 98);
+    assert_null(r.reply);
+    assert_int_equal(store_idem_keys(f->st, 1, 0, list_key, listed), OPTD_OK);
+    assert_string_equal(listed, "6:gone 7:old ");
+}
+
 static void test_an_older_schema_is_upgraded(void **state)
 {
     fixture *f = *state;
@@ -1004,7 +1065,7 @@ static void test_an_older_schema_is_upgraded(void **state)
     /* Ours at version 0: the id is set but no migration has run. */
     sql_on(f->path, "PRAGMA application_id = 1869640804;");
     store_one_session(f);
-    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 4);
+    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 5);
     assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM sessions"), 1);
 }
 
@@ -1060,8 +1121,8 @@ static void test_bad_arguments_are_invalid(void **state)
     assert_int_equal(store_session_insert(f->st, &s, NULL, 5), OPTD_E_INVALID);
     memset(s.name, 'n', sizeof s.name); /* no terminator */
     assert_int_equal(store_session_insert(f->st, &s, "", 0), OPTD_E_INVALID);
-    assert_int_equal(store_idem_put(f->st, 1, NULL, 1, 1, NULL, 0, 1, 1), OPTD_E_INVALID);
-    assert_int_equal(store_idem_put(f->st, 1, "k", 1, 1, NULL, 3, 1, 1), OPTD_E_INVALID);
+    assert_int_equal(store_idem_put(f->st, 1, NULL, 1, 1, NULL, 0, store_idem_slots(0, 1), 1), OPTD_E_INVALID);
+    assert_int_equal(store_idem_put(f->st, 1, "k", 1, 1, NULL, 3, store_idem_slots(3, 1), 1), OPTD_E_INVALID);
 }
 
 /* A step moves the stored step by one: a stale copy (the stored step is
@@ -1307,9 +1368,9 @@ int main(void)
         T(test_list_pages_through_names_in_byte_order),
         T(test_count_follows_inserts_and_deletes),
         T(test_idem_put_then_get_returns_the_record),
-        T(test_idem_put_forgets_keys_older_than_the_window),
-        T(test_idem_put_drops_replies_older_than_the_reply_window),
-        T(test_idem_replies_leave_the_window_across_gaps_and_rounds),
+        T(test_idem_put_forgets_keys_older_than_the_window_in_batches),
+        T(test_idem_replies_stay_until_their_slot_comes_round),
+        T(test_schema_4_keys_and_their_replies_are_kept),
         T(test_delete_removes_the_sessions_state_and_keys),
         T(test_rollback_leaves_nothing_behind),
         T(test_a_savepoint_rolls_back_one_job_and_the_group_commits_the_rest),

@@ -145,11 +145,19 @@ class StepLogTests(DaemonTest):
         self.assertNotEqual(first, got)
         con = sqlite3.connect("file:%s?mode=ro" % self.d.db, uri=True)
         try:
-            biggest = con.execute("SELECT max(length(reply)) FROM idem i JOIN sessions s ON s.id = i.session_id"
-                                  " WHERE s.name = ?", (name,)).fetchone()[0]
+            # The reply ring's slots: the step (8 bytes), the reply's length
+            # (8, little-endian), the reply (store.c, IDEM_SLOT_HEAD).
+            sid = con.execute("SELECT id FROM sessions WHERE name = ?", (name,)).fetchone()[0]
+            chunks = [r[0] for r in con.execute("SELECT data FROM idem_replies WHERE id >> 20 = ?", (sid,))]
         finally:
             con.close()
-        self.assertLess(biggest, 100, "a logged session's saved replies must not hold its params")
+        self.assertTrue(chunks, "no saved replies")
+        # Step 1's slot is the second of the first chunk: its offset is the
+        # slot size, 16 + the length it records.
+        c = chunks[0]
+        recs = [r for r in range(16, len(c) // 2 + 1) if struct.unpack_from("<QQ", c, r) == (1, r - 16)]
+        self.assertEqual(len(recs), 1, "step 1's slot not found")
+        self.assertLess(recs[0] - 16, 100, "a logged session's saved replies must not hold its params")
         self.d.kill()
         self.d.start()
         h["Idempotency-Key"] = "k3"
