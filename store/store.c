@@ -51,6 +51,15 @@
 #define IDEM_SLOT_HEAD 16
 #define STR_(x) #x
 #define STR(x) STR_(x)
+/* A session's newest keys wait in its row, IDEM_TAIL bytes made once and
+ * kept at that size (so the row never grows or shrinks and its page is not
+ * rebalanced), idem_used of them holding entries: the step and the digest
+ * (8 bytes each, little-endian), the key's length (1) and the key. A key
+ * that does not fit when the tail is empty (over 255 bytes) goes to
+ * idem_keys directly. */
+#define IDEM_TAIL 2048
+#define IDEM_ENTRY_HEAD 17
+
 /* Keys leave a batch at a time: rows stay up to this many steps past the
  * window (the engine no longer finds them: it looks within the window). */
 #define IDEM_PRUNE_SLACK 64
@@ -166,7 +175,10 @@ static const char *const migrations[] = {
      * The saved replies take the slots of a per-session ring of blobs
      * overwritten in place (see IDEM_SLOTS_MAX). idem_keys.reply holds the
      * replies saved before this schema, in the rows they came with, until
-     * those leave the window: new rows leave it NULL. */
+     * those leave the window: new rows leave it NULL. As the history's, the
+     * newest keys wait in the session's row (idem_tail, see IDEM_TAIL) and
+     * move to idem_keys together: each session's appends landed on a page
+     * of its own, and the session rows share pages every step dirties. */
     "CREATE TABLE idem_keys("
     " session_id INTEGER NOT NULL,"
     " step INTEGER NOT NULL,"
@@ -175,6 +187,8 @@ static const char *const migrations[] = {
     " reply BLOB,"
     " PRIMARY KEY(session_id, step, key)) WITHOUT ROWID;"
     "CREATE TABLE idem_replies(id INTEGER PRIMARY KEY, data BLOB NOT NULL);"
+    "ALTER TABLE sessions ADD COLUMN idem_tail BLOB;"
+    "ALTER TABLE sessions ADD COLUMN idem_used INTEGER NOT NULL DEFAULT 0;"
     "INSERT INTO idem_keys(session_id, step, key, digest, reply)"
     " SELECT session_id, step, key, digest, reply FROM idem;"
     "DROP TABLE idem;",
@@ -213,6 +227,9 @@ enum {
     Q_IDEM_PUT,
     Q_IDEM_OLDEST, /* a session's oldest key's step */
     Q_IDEM_PRUNE,
+    Q_IDEM_TAIL,       /* the keys waiting in a session's row */
+    Q_IDEM_TAIL_ADD,
+    Q_IDEM_TAIL_CLEAR,
     Q_IDEM_CHUNK_ADD,    /* a chunk of the reply ring, zeroed */
     Q_IDEM_CHUNK_RESIZE, /* the same, for slots of another length */
     Q_HISTORY_PUT,
@@ -297,6 +314,13 @@ static const char *const sql[Q_END] = {
     [Q_IDEM_PUT] = "INSERT OR REPLACE INTO idem_keys(session_id, step, key, digest) VALUES (?1, ?2, ?3, ?4)",
     [Q_IDEM_OLDEST] = "SELECT min(step) FROM idem_keys WHERE session_id = ?1",
     [Q_IDEM_PRUNE] = "DELETE FROM idem_keys WHERE session_id = ?1 AND step <= ?2",
+    [Q_IDEM_TAIL] = "SELECT idem_tail, idem_used FROM sessions WHERE id = ?1",
+    /* Entry ?2 (?3 bytes) spliced in at idem_used of a tail of ?4 bytes
+     * (IDEM_TAIL) when it fits; as Q_HISTORY_TAIL_ADD. */
+    [Q_IDEM_TAIL_ADD] = "UPDATE sessions SET idem_tail = CAST(substr(coalesce(idem_tail, zeroblob(?4)), 1,"
+                        " idem_used) || ?2 || substr(coalesce(idem_tail, zeroblob(?4)), idem_used + ?3 + 1)"
+                        " AS BLOB), idem_used = idem_used + ?3 WHERE id = ?1 AND idem_used + ?3 <= ?4",
+    [Q_IDEM_TAIL_CLEAR] = "UPDATE sessions SET idem_used = 0 WHERE id = ?1",
     [Q_IDEM_CHUNK_ADD] = "INSERT INTO idem_replies(id, data) VALUES (?1, zeroblob(?2))",
     [Q_IDEM_CHUNK_RESIZE] = "UPDATE idem_replies SET data = zeroblob(?2) WHERE id = ?1",
     [Q_HISTORY_PUT] = "INSERT OR REPLACE INTO history(session_id, step, time_ms, lr, grad_norm, update_norm,"
@@ -2280,6 +2304,161 @@ done:
     return tx_leave(st, own, rc);
 }
 
+static void le64_put(unsigned char *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (unsigned char)(v >> (8 * i));
+}
+
+static uint64_t le64_get(const unsigned char *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v |= (uint64_t)p[i] << (8 * i);
+    return v;
+}
+
+/* An entry of a session's key tail (see IDEM_TAIL); key is not
+ * NUL-terminated. */
+typedef struct idem_entry {
+    uint64_t step, digest;
+    const char *key;
+    size_t klen;
+} idem_entry;
+
+/* The entry at *off of a tail's used bytes, and *off past it: 1, 0 at the
+ * end, -1 for bytes this code did not write. */
+static int idem_tail_next(const unsigned char *buf, size_t used, size_t *off, idem_entry *e)
+{
+    if (*off >= used)
+        return 0;
+    if (used - *off < IDEM_ENTRY_HEAD || used - *off - IDEM_ENTRY_HEAD < buf[*off + 16])
+        return -1;
+    e->step = le64_get(buf + *off);
+    e->digest = le64_get(buf + *off + 8);
+    e->klen = buf[*off + 16];
+    e->key = (const char *)buf + *off + IDEM_ENTRY_HEAD;
+    *off += IDEM_ENTRY_HEAD + e->klen;
+    return 1;
+}
+
+/* A copy of the used bytes of session_id's tail (*buf malloc'd, NULL when
+ * none are). OPTD_E_NOT_FOUND when there is no such session. */
+static optd_err idem_tail_read(store *st, int64_t session_id, unsigned char **buf, size_t *used)
+{
+    sqlite3_stmt *q = st->q[Q_IDEM_TAIL];
+    optd_err rc = OPTD_OK;
+    int src = sqlite3_bind_int64(q, 1, session_id);
+
+    *buf = NULL;
+    *used = 0;
+    if (src == SQLITE_OK)
+        src = sqlite3_step(q);
+    if (src == SQLITE_ROW) {
+        const unsigned char *p = sqlite3_column_blob(q, 0);
+        size_t len = (size_t)sqlite3_column_bytes(q, 0);
+        int64_t k = sqlite3_column_int64(q, 1);
+        if (!p && k && sqlite3_errcode(st->db) == SQLITE_NOMEM)
+            rc = OPTD_E_NOMEM;
+        else if (k < 0 || (uint64_t)k > len)
+            rc = OPTD_E_INTERNAL; /* not a tail this code wrote */
+        else if (k && !(*buf = malloc((size_t)k)))
+            rc = OPTD_E_NOMEM;
+        if (rc == OPTD_OK && k) {
+            memcpy(*buf, p, (size_t)k);
+            *used = (size_t)k;
+        }
+    } else {
+        rc = src == SQLITE_DONE ? OPTD_E_NOT_FOUND : from_sqlite(src);
+    }
+    stmt_done(q);
+    return rc;
+}
+
+/* Inserts (or replaces) key's row in idem_keys. */
+static optd_err idem_key_insert(store *st, int64_t session_id, uint64_t step, const char *key, size_t klen,
+                                uint64_t digest)
+{
+    sqlite3_stmt *q = st->q[Q_IDEM_PUT];
+    int src = sqlite3_bind_int64(q, 1, session_id);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 2, (int64_t)step);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_text(q, 3, key, (int)klen, SQLITE_STATIC);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 4, u2i(digest));
+    return run(q, src);
+}
+
+/* Moves session_id's tail into idem_keys, but for the keys of steps <=
+ * floor, which have left the window. OPTD_E_NOT_FOUND: no such session. */
+static optd_err idem_tail_flush(store *st, int64_t session_id, uint64_t floor)
+{
+    unsigned char *buf;
+    size_t used, off = 0;
+    idem_entry e;
+    int more;
+    optd_err rc = idem_tail_read(st, session_id, &buf, &used);
+
+    while (rc == OPTD_OK && (more = idem_tail_next(buf, used, &off, &e)) != 0) {
+        if (more < 0)
+            rc = OPTD_E_INTERNAL;
+        else if (e.step > floor)
+            rc = idem_key_insert(st, session_id, e.step, e.key, e.klen, e.digest);
+    }
+    free(buf);
+    if (rc == OPTD_OK) {
+        sqlite3_stmt *q = st->q[Q_IDEM_TAIL_CLEAR];
+        rc = run(q, sqlite3_bind_int64(q, 1, session_id));
+    }
+    return rc;
+}
+
+/* Appends an entry to session_id's tail: OPTD_E_NOT_FOUND when it did not
+ * go in (no such session, or no room). */
+static optd_err idem_tail_add(store *st, int64_t session_id, const unsigned char *entry, size_t len)
+{
+    sqlite3_stmt *q = st->q[Q_IDEM_TAIL_ADD];
+    int src = sqlite3_bind_int64(q, 1, session_id);
+    optd_err rc;
+
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_blob(q, 2, entry, (int)len, SQLITE_STATIC);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int(q, 3, (int)len);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int(q, 4, IDEM_TAIL);
+    rc = run(q, src);
+    return rc == OPTD_OK && sqlite3_changes(st->db) == 0 ? OPTD_E_NOT_FOUND : rc;
+}
+
+/* Records key at step: in the session's tail, moving the tail to idem_keys
+ * first when full; in idem_keys itself when the key is too long for a tail
+ * or there is no session row to hold one. */
+static optd_err idem_key_record(store *st, int64_t session_id, uint64_t step, const char *key, uint64_t digest,
+                                uint64_t floor)
+{
+    size_t klen = strlen(key);
+    unsigned char entry[IDEM_ENTRY_HEAD + 255];
+    optd_err rc = OPTD_E_NOT_FOUND;
+
+    if (klen <= 255) {
+        le64_put(entry, step);
+        le64_put(entry + 8, digest);
+        entry[16] = (unsigned char)klen;
+        memcpy(entry + IDEM_ENTRY_HEAD, key, klen);
+        rc = idem_tail_add(st, session_id, entry, IDEM_ENTRY_HEAD + klen);
+        if (rc == OPTD_E_NOT_FOUND) {
+            rc = idem_tail_flush(st, session_id, floor);
+            if (rc == OPTD_OK)
+                rc = idem_tail_add(st, session_id, entry, IDEM_ENTRY_HEAD + klen);
+        }
+    }
+    if (rc == OPTD_E_NOT_FOUND)
+        rc = idem_key_insert(st, session_id, step, key, klen, digest);
+    return rc;
+}
+
 uint32_t store_idem_slots(size_t reply_len, uint64_t window)
 {
     size_t n = IDEM_REPLY_BUDGET / (reply_len ? reply_len : 1);
@@ -2325,20 +2504,6 @@ static optd_err ring_open(store *st, const ring_pos *p, int writable, sqlite3_bl
     }
     *fits = (size_t)sqlite3_blob_bytes(*out) == p->chunk_bytes;
     return OPTD_OK;
-}
-
-static void le64_put(unsigned char *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++)
-        p[i] = (unsigned char)(v >> (8 * i));
-}
-
-static uint64_t le64_get(const unsigned char *p)
-{
-    uint64_t v = 0;
-    for (int i = 0; i < 8; i++)
-        v |= (uint64_t)p[i] << (8 * i);
-    return v;
 }
 
 /* The reply of step, when its slot still holds it: *out malloc'd (at
@@ -2441,6 +2606,28 @@ optd_err store_idem_keys(store *st, int64_t session_id, uint64_t after,
     if (!rc && src != SQLITE_DONE)
         rc = from_sqlite(src);
     stmt_done(q);
+
+    /* Then the newest, waiting in the session's row. */
+    unsigned char *buf = NULL;
+    size_t used = 0, off = 0;
+    idem_entry e;
+    int more;
+    char key[256];
+    if (rc == OPTD_OK) {
+        rc = idem_tail_read(st, session_id, &buf, &used);
+        if (rc == OPTD_E_NOT_FOUND)
+            rc = OPTD_OK;
+    }
+    while (rc == OPTD_OK && (more = idem_tail_next(buf, used, &off, &e)) != 0) {
+        if (more < 0) {
+            rc = OPTD_E_INTERNAL;
+        } else if (e.step > after) {
+            memcpy(key, e.key, e.klen);
+            key[e.klen] = '\0';
+            rc = each(ctx, e.step, key);
+        }
+    }
+    free(buf);
     return rc;
 }
 
@@ -2475,6 +2662,24 @@ optd_err store_idem_get(store *st, int64_t session_id, const char *key, uint64_t
         rc = src == SQLITE_DONE ? OPTD_E_NOT_FOUND : from_sqlite(src);
     }
     stmt_done(q);
+    if (rc == OPTD_E_NOT_FOUND) { /* in the session's tail, then? */
+        unsigned char *buf;
+        size_t used, off = 0, klen = strlen(key);
+        idem_entry e;
+        int more;
+        rc = idem_tail_read(st, session_id, &buf, &used);
+        if (rc == OPTD_OK)
+            rc = OPTD_E_NOT_FOUND;
+        while (rc == OPTD_E_NOT_FOUND && (more = idem_tail_next(buf, used, &off, &e)) != 0) {
+            if (more < 0)
+                rc = OPTD_E_INTERNAL;
+            else if (e.step == step && e.klen == klen && memcmp(e.key, key, klen) == 0) {
+                r.digest = e.digest;
+                rc = OPTD_OK;
+            }
+        }
+        free(buf);
+    }
     if (rc == OPTD_OK && !legacy)
         rc = ring_read(st, session_id, step, reply_len, slots, &r.reply, &r.reply_len);
     if (rc) {
@@ -2507,15 +2712,7 @@ optd_err store_idem_put(store *st, int64_t session_id, const char *key, uint64_t
     if (rc)
         return rc;
 
-    q = st->q[Q_IDEM_PUT];
-    src = sqlite3_bind_int64(q, 1, session_id);
-    if (src == SQLITE_OK)
-        src = sqlite3_bind_int64(q, 2, (int64_t)step);
-    if (src == SQLITE_OK)
-        src = sqlite3_bind_text(q, 3, key, -1, SQLITE_STATIC);
-    if (src == SQLITE_OK)
-        src = sqlite3_bind_int64(q, 4, u2i(digest));
-    rc = run(q, src);
+    rc = idem_key_record(st, session_id, step, key, digest, step > window ? step - window : 0);
     if (rc)
         goto done;
 

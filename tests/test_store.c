@@ -547,6 +547,67 @@ static void test_idem_put_forgets_keys_older_than_the_window_in_batches(void **s
     assert_int_equal(store_idem_get(f->st, 4, "none", 1, 1, store_idem_slots(1, 3), &r), OPTD_E_NOT_FOUND);
 }
 
+/* A session's keys wait in its row, a tail of fixed size, and move to
+ * idem_keys when it is full; the lookups and the listing see both. A key
+ * too long for a tail goes to the table at once; keys the window has left
+ * by the time their tail moves are dropped rather than moved. */
+static void test_idem_keys_wait_in_the_session_row(void **state)
+{
+    fixture *f = *state;
+    store_session s = make_session("tails", 0);
+    char key[400], listed[256] = "";
+    store_idem r;
+    int64_t tail_bytes;
+
+    open_store(f, NULL);
+    assert_int_equal(store_session_insert(f->st, &s, "t", 1), OPTD_OK);
+    for (uint64_t step = 1; step <= 100; step++) {
+        snprintf(key, sizeof key, "%036llu", (unsigned long long)step); /* a UUID's length */
+        assert_int_equal(store_idem_put(f->st, s.id, key, step, step * 7, "r", 1, store_idem_slots(1, 1000), 1000),
+                         OPTD_OK);
+    }
+    /* 53 bytes a key: 38 to a 2 KiB tail, so two tails moved, 24 keys wait. */
+    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM idem_keys"), 76);
+    tail_bytes = pragma_on(f->path, "SELECT length(idem_tail) FROM sessions WHERE name = 'tails'");
+    assert_int_equal(tail_bytes, 2048);
+    for (uint64_t step = 1; step <= 100; step++) {
+        snprintf(key, sizeof key, "%036llu", (unsigned long long)step);
+        memset(&r, 0, sizeof r);
+        assert_int_equal(store_idem_get(f->st, s.id, key, step, 1, store_idem_slots(1, 1000), &r), OPTD_OK);
+        assert_int_equal(r.digest, step * 7);
+        free(r.reply);
+        assert_int_equal(store_idem_get(f->st, s.id, key, step + 1, 1, store_idem_slots(1, 1000), &r),
+                         OPTD_E_NOT_FOUND);
+    }
+    assert_int_equal(store_idem_keys(f->st, s.id, 97, list_key, listed), OPTD_OK);
+    assert_string_equal(listed, "98:000000000000000000000000000000000098 99:000000000000000000000000000000000099 "
+                                "100:000000000000000000000000000000000100 ");
+
+    /* 255 bytes fit a tail; 300 do not. */
+    memset(key, 'x', 300);
+    key[255] = '\0';
+    assert_int_equal(store_idem_put(f->st, s.id, key, 101, 1, "r", 1, store_idem_slots(1, 1000), 1000), OPTD_OK);
+    assert_int_equal(store_idem_get(f->st, s.id, key, 101, 1, store_idem_slots(1, 1000), &r), OPTD_OK);
+    free(r.reply);
+    key[255] = 'x';
+    key[300] = '\0';
+    assert_int_equal(store_idem_put(f->st, s.id, key, 102, 2, "r", 1, store_idem_slots(1, 1000), 1000), OPTD_OK);
+    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM idem_keys WHERE length(key) = 300"), 1);
+    assert_int_equal(store_idem_get(f->st, s.id, key, 102, 1, store_idem_slots(1, 1000), &r), OPTD_OK);
+    assert_int_equal(r.digest, 2);
+    free(r.reply);
+
+    /* Window 3: a tail that moves takes only the keys of its last 3 steps. */
+    store_session w = make_session("narrow", 0);
+    assert_int_equal(store_session_insert(f->st, &w, "t", 1), OPTD_OK);
+    for (uint64_t step = 1; step <= 39; step++) {
+        snprintf(key, sizeof key, "%036llu", (unsigned long long)step);
+        assert_int_equal(store_idem_put(f->st, w.id, key, step, step, NULL, 0, store_idem_slots(0, 3), 3), OPTD_OK);
+    }
+    snprintf(key, sizeof key, "SELECT group_concat(step) FROM idem_keys WHERE session_id = %lld", (long long)w.id);
+    assert_string_equal(text_on(f->path, key, listed, sizeof listed), "37,38");
+}
+
 /* The ring: step k's reply stays until step k + slots takes its slot,
  * for big replies (few slots, a chunk each) and small ones (many slots
  * to a chunk), and the keys of one step (a worker round) share it. */
@@ -623,7 +684,8 @@ static void test_delete_removes_the_sessions_state_and_keys(void **state)
     assert_int_equal(r.reply_len, 1);
     free(r.reply);
     assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM state"), 1);
-    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM idem_keys"), 1);
+    /* The kept session's key waits in its row; the other's went with it. */
+    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM idem_keys"), 0);
     assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM idem_replies"), 1);
 }
 
@@ -1007,6 +1069,8 @@ static void test_history_of_schema_3_survives_the_upgrade(void **state)
            "ALTER TABLE sessions DROP COLUMN hist_tail;"
            "DROP TABLE idem_keys;"
            "DROP TABLE idem_replies;"
+           "ALTER TABLE sessions DROP COLUMN idem_tail;"
+           "ALTER TABLE sessions DROP COLUMN idem_used;"
            "CREATE TABLE idem(session_id INTEGER NOT NULL, key TEXT NOT NULL, step INTEGER NOT NULL,"
            " digest INTEGER NOT NULL, reply BLOB, PRIMARY KEY(session_id, key));"
            "CREATE INDEX idem_step ON idem(session_id, step);"
@@ -1038,6 +1102,8 @@ static void test_schema_4_keys_and_their_replies_are_kept(void **state)
     store_one_session(f);
     sql_on(f->path, "DROP TABLE idem_keys;"
                     "DROP TABLE idem_replies;"
+                    "ALTER TABLE sessions DROP COLUMN idem_tail;"
+                    "ALTER TABLE sessions DROP COLUMN idem_used;"
                     "CREATE TABLE idem(session_id INTEGER NOT NULL, key TEXT NOT NULL, step INTEGER NOT NULL,"
                     " digest INTEGER NOT NULL, reply BLOB, PRIMARY KEY(session_id, key));"
                     "CREATE INDEX idem_step ON idem(session_id, step);"
@@ -1370,6 +1436,7 @@ int main(void)
         T(test_idem_put_then_get_returns_the_record),
         T(test_idem_put_forgets_keys_older_than_the_window_in_batches),
         T(test_idem_replies_stay_until_their_slot_comes_round),
+        T(test_idem_keys_wait_in_the_session_row),
         T(test_schema_4_keys_and_their_replies_are_kept),
         T(test_delete_removes_the_sessions_state_and_keys),
         T(test_rollback_leaves_nothing_behind),
