@@ -120,7 +120,7 @@ e2e: all
 
 test: unit e2e training-test ecosystem dashboard-test faults sustained
 
-# sustained: three loads of 20 s each against fresh daemons (tests/soak):
+# sustained: four loads of 20 s each against fresh daemons (tests/soak):
 # the -wal file stays bounded and is given back when idle, and the writer's
 # CPU per step stays flat. soak runs them for 200 s each and also watches
 # RSS, descriptors and the database size.

@@ -9,6 +9,10 @@ fastest), driven by bench/loadgen (C, keep-alive connections):
   big          one 1e6-element float32 Adam session stepped back to back
                (binary in and out)
   many         32 sessions x 1,000 float32 Adam under 32 connections
+  keyed        8 sessions x 1,000 float32 Adam under 8 connections, a fresh
+               Idempotency-Key on every step (as the Python client sends):
+               each session's reply ring (1,000 slots with the window
+               below) comes round and its old keys are forgotten many times
 
 While a load runs, every half second: the -wal and database sizes, the
 daemon's RSS and open descriptors, the CPU time of its writer thread (the
@@ -30,7 +34,7 @@ end stay within a margin of what they were a third of the way in.
 
     python3 tests/soak/sustained.py [--seconds S] [--soak] [--only NAME]
 
-make test runs 20 s per load; make soak 200 s per load (10 minutes)."""
+make test runs 20 s per load; make soak 200 s per load (13 minutes)."""
 
 import argparse
 import json
@@ -66,6 +70,8 @@ LOADS = {
              "--prefix", "big"]],
     "many": [["--conns", "32", "--sessions", "32", "--size", "1000", "--body", "binary", "--create",
               "--prefix", "many"]],
+    "keyed": [["--conns", "8", "--sessions", "8", "--size", "1000", "--body", "binary", "--create",
+               "--prefix", "keyed", "--keys"]],
 }
 
 
@@ -280,7 +286,7 @@ def main(argv):
         return 1
     started = time.time()
     passed = failed = 0
-    for name in a.only or ["small+churn", "big", "many"]:
+    for name in a.only or ["small+churn", "big", "many", "keyed"]:
         problems, figures = run_load(name, a.seconds, a.soak, a.daemon_arg)
         print("%-12s %s" % (name, json.dumps(figures)))
         for p in problems:
