@@ -21,6 +21,7 @@
 #include <cmocka.h>
 
 #include "engine/engine.h"
+#include "engine/engineInt.h"
 
 /* ---- allocation failures, in the SQLite way ----------------------------------
  * The test binary links with -Wl,--wrap for malloc, calloc, realloc and
@@ -864,11 +865,64 @@ static void test_every_allocation_failure_is_clean(void **state)
     print_message("    %ld allocations failed one at a time\n", runs);
 }
 
+/* The writer's map of a session's keys (engine/idem.c): every key of the
+ * window is a candidate at its own step, none past it is, the map stays
+ * the size of the window however many keys went through it, and a key
+ * recorded in the store before the map is loaded is in it. */
+static void test_the_key_map_holds_the_window_and_nothing_older(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/optd-test-idem-XXXXXX", path[128], err[256], key[32];
+    store *st = NULL;
+    engine_idem_map *m = NULL;
+    uint64_t steps[8];
+    const uint64_t window = 1000, last = 20000;
+
+    assert_non_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/optd.db", dir);
+    assert_int_equal(store_open(path, NULL, &st, err, sizeof err), OPTD_OK);
+    assert_int_equal(store_idem_put(st, 7, "stored", 3, 1, NULL, 0, 1, window), OPTD_OK);
+    assert_int_equal(engine_idem_load(st, 7, 0, &m), OPTD_OK);
+    assert_int_equal(engine_idem_candidates(m, "stored", 0, steps, 8), 1);
+    assert_int_equal(steps[0], 3);
+    assert_int_equal(engine_idem_candidates(m, "stored", 3, steps, 8), 0);
+    for (uint64_t k = 4; k <= last; k++) {
+        snprintf(key, sizeof key, "k%llu", (unsigned long long)k);
+        assert_int_equal(engine_idem_add(m, key, k, k - window), OPTD_OK);
+    }
+    for (uint64_t k = 4; k <= last; k++) {
+        snprintf(key, sizeof key, "k%llu", (unsigned long long)k);
+        size_t n = engine_idem_candidates(m, key, last - window, steps, 8);
+        if (k <= last - window) {
+            assert_int_equal(n, 0);
+        } else {
+            assert_int_equal(n, 1);
+            assert_int_equal(steps[0], k);
+        }
+    }
+    assert_true(engine_idem_bytes(m) <= 2048 * 8 + 64);
+    /* Steps far past 2^32 from the first: the entries count from a new base. */
+    uint64_t far = (UINT64_C(1) << 33) + 5;
+    assert_int_equal(engine_idem_add(m, "far", far, far - window), OPTD_OK);
+    assert_int_equal(engine_idem_candidates(m, "far", far - window, steps, 8), 1);
+    assert_int_equal(steps[0], far);
+    assert_int_equal(engine_idem_candidates(m, "k20000", far - window, steps, 8), 0);
+    engine_idem_free(m);
+    store_close(st);
+    unlink(path);
+    snprintf(path, sizeof path, "%s/optd.db-wal", dir);
+    unlink(path);
+    snprintf(path, sizeof path, "%s/optd.db-shm", dir);
+    unlink(path);
+    assert_int_equal(rmdir(dir), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_min_workers_follows_workers_until_set),
         cmocka_unit_test(test_every_allocation_failure_is_clean),
+        cmocka_unit_test(test_the_key_map_holds_the_window_and_nothing_older),
         cmocka_unit_test_setup_teardown(test_many_sessions_commit_in_one_group, setup, teardown),
         cmocka_unit_test_setup_teardown(test_round_applies_when_it_fills, setup, teardown),
         cmocka_unit_test_setup_teardown(test_round_times_out_with_min_workers, setup, teardown),
