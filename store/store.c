@@ -2342,37 +2342,44 @@ static int idem_tail_next(const unsigned char *buf, size_t used, size_t *off, id
     return 1;
 }
 
-/* A copy of the used bytes of session_id's tail (*buf malloc'd, NULL when
- * none are). OPTD_E_NOT_FOUND when there is no such session. */
-static optd_err idem_tail_read(store *st, int64_t session_id, unsigned char **buf, size_t *used)
+/* The first n units (of unit bytes) of a session's row tail, copied (*buf
+ * malloc'd, NULL when n is 0): q selects the tail and how many units it
+ * holds, at most most. OPTD_E_NOT_FOUND when the session row is gone. */
+static optd_err tail_copy(sqlite3_stmt *q, int64_t session_id, size_t unit, int64_t most, unsigned char **buf,
+                          size_t *n)
 {
-    sqlite3_stmt *q = st->q[Q_IDEM_TAIL];
     optd_err rc = OPTD_OK;
     int src = sqlite3_bind_int64(q, 1, session_id);
 
     *buf = NULL;
-    *used = 0;
+    *n = 0;
     if (src == SQLITE_OK)
         src = sqlite3_step(q);
     if (src == SQLITE_ROW) {
         const unsigned char *p = sqlite3_column_blob(q, 0);
         size_t len = (size_t)sqlite3_column_bytes(q, 0);
         int64_t k = sqlite3_column_int64(q, 1);
-        if (!p && k && sqlite3_errcode(st->db) == SQLITE_NOMEM)
-            rc = OPTD_E_NOMEM;
-        else if (k < 0 || (uint64_t)k > len)
+        if (k < 0 || k > most || (uint64_t)k * unit > len)
             rc = OPTD_E_INTERNAL; /* not a tail this code wrote */
-        else if (k && !(*buf = malloc((size_t)k)))
+        else if (k && !p)
+            rc = sqlite3_errcode(sqlite3_db_handle(q)) == SQLITE_NOMEM ? OPTD_E_NOMEM : OPTD_E_INTERNAL;
+        else if (k && !(*buf = malloc((size_t)k * unit)))
             rc = OPTD_E_NOMEM;
         if (rc == OPTD_OK && k) {
-            memcpy(*buf, p, (size_t)k);
-            *used = (size_t)k;
+            memcpy(*buf, p, (size_t)k * unit);
+            *n = (size_t)k;
         }
     } else {
         rc = src == SQLITE_DONE ? OPTD_E_NOT_FOUND : from_sqlite(src);
     }
     stmt_done(q);
     return rc;
+}
+
+/* The used bytes of session_id's key tail, as tail_copy. */
+static optd_err idem_tail_read(store *st, int64_t session_id, unsigned char **buf, size_t *used)
+{
+    return tail_copy(st->q[Q_IDEM_TAIL], session_id, 1, IDEM_TAIL, buf, used);
 }
 
 /* Inserts (or replaces) key's row in idem_keys. */
@@ -2414,20 +2421,22 @@ static optd_err idem_tail_flush(store *st, int64_t session_id, uint64_t floor)
     return rc;
 }
 
-/* Appends an entry to session_id's tail: OPTD_E_NOT_FOUND when it did not
- * go in (no such session, or no room). */
-static optd_err idem_tail_add(store *st, int64_t session_id, const unsigned char *entry, size_t len)
+/* Splices len bytes into session_id's row tail with q (Q_HISTORY_TAIL_ADD or
+ * Q_IDEM_TAIL_ADD: ?1 the session, ?2 the bytes, ?3 their length, ?4 the
+ * tail's size; any further parameter bound by the caller): OPTD_E_NOT_FOUND
+ * when they did not go in (no such session, or a full tail). */
+static optd_err tail_splice(store *st, sqlite3_stmt *q, int64_t session_id, const unsigned char *bytes, size_t len,
+                            int size)
 {
-    sqlite3_stmt *q = st->q[Q_IDEM_TAIL_ADD];
     int src = sqlite3_bind_int64(q, 1, session_id);
     optd_err rc;
 
     if (src == SQLITE_OK)
-        src = sqlite3_bind_blob(q, 2, entry, (int)len, SQLITE_STATIC);
+        src = sqlite3_bind_blob(q, 2, bytes, (int)len, SQLITE_STATIC);
     if (src == SQLITE_OK)
         src = sqlite3_bind_int(q, 3, (int)len);
     if (src == SQLITE_OK)
-        src = sqlite3_bind_int(q, 4, IDEM_TAIL);
+        src = sqlite3_bind_int(q, 4, size);
     rc = run(q, src);
     return rc == OPTD_OK && sqlite3_changes(st->db) == 0 ? OPTD_E_NOT_FOUND : rc;
 }
@@ -2447,11 +2456,11 @@ static optd_err idem_key_record(store *st, int64_t session_id, uint64_t step, co
         le64_put(entry + 8, digest);
         entry[16] = (unsigned char)klen;
         memcpy(entry + IDEM_ENTRY_HEAD, key, klen);
-        rc = idem_tail_add(st, session_id, entry, IDEM_ENTRY_HEAD + klen);
+        rc = tail_splice(st, st->q[Q_IDEM_TAIL_ADD], session_id, entry, IDEM_ENTRY_HEAD + klen, IDEM_TAIL);
         if (rc == OPTD_E_NOT_FOUND) {
             rc = idem_tail_flush(st, session_id, floor);
             if (rc == OPTD_OK)
-                rc = idem_tail_add(st, session_id, entry, IDEM_ENTRY_HEAD + klen);
+                rc = tail_splice(st, st->q[Q_IDEM_TAIL_ADD], session_id, entry, IDEM_ENTRY_HEAD + klen, IDEM_TAIL);
         }
     }
     if (rc == OPTD_E_NOT_FOUND)
@@ -2895,31 +2904,19 @@ static void hist_unpack(const unsigned char *p, store_history *h)
  * OPTD_E_NOT_FOUND when the session row is gone. */
 static optd_err tail_read(sqlite3_stmt *q, int64_t session_id, store_history **out, size_t *n)
 {
-    optd_err rc = OPTD_OK;
-    int src = sqlite3_bind_int64(q, 1, session_id);
+    unsigned char *buf;
+    size_t k;
+    optd_err rc = tail_copy(q, session_id, HIST_ROW, HIST_BATCH, &buf, &k);
 
     *out = NULL;
     *n = 0;
-    if (src == SQLITE_OK)
-        src = sqlite3_step(q);
-    if (src == SQLITE_ROW) {
-        const unsigned char *p = sqlite3_column_blob(q, 0);
-        size_t len = (size_t)sqlite3_column_bytes(q, 0);
-        int64_t k = sqlite3_column_int64(q, 1);
-        if (!p && sqlite3_errcode(sqlite3_db_handle(q)) == SQLITE_NOMEM)
-            rc = OPTD_E_NOMEM;
-        else if (k < 0 || k > HIST_BATCH || (uint64_t)k * HIST_ROW > len)
-            rc = OPTD_E_INTERNAL; /* not a tail this code wrote */
-        else if (k && !(*out = malloc(k * sizeof **out)))
-            rc = OPTD_E_NOMEM;
-        for (int64_t i = 0; rc == OPTD_OK && i < k; i++)
-            hist_unpack(p + i * HIST_ROW, &(*out)[i]);
-        if (rc == OPTD_OK)
-            *n = (size_t)k;
-    } else {
-        rc = src == SQLITE_DONE ? OPTD_E_NOT_FOUND : from_sqlite(src);
-    }
-    stmt_done(q);
+    if (rc == OPTD_OK && k && !(*out = malloc(k * sizeof **out)))
+        rc = OPTD_E_NOMEM;
+    for (size_t i = 0; rc == OPTD_OK && i < k; i++)
+        hist_unpack(buf + i * HIST_ROW, &(*out)[i]);
+    if (rc == OPTD_OK)
+        *n = k;
+    free(buf);
     return rc;
 }
 
@@ -2972,23 +2969,16 @@ static optd_err tail_flush(store *st, int64_t session_id, uint64_t keep)
 }
 
 /* The tail append of h: OPTD_OK when it went in, OPTD_E_NOT_FOUND when it
- * did not (no such session, or a full tail). */
+ * did not (no such session, or a full tail: most rows, ?5). */
 static optd_err tail_add(store *st, int64_t session_id, const unsigned char *packed, uint64_t most)
 {
     sqlite3_stmt *q = st->q[Q_HISTORY_TAIL_ADD];
-    int src = sqlite3_bind_int64(q, 1, session_id);
-    optd_err rc;
-
-    if (src == SQLITE_OK)
-        src = sqlite3_bind_blob(q, 2, packed, HIST_ROW, SQLITE_STATIC);
-    if (src == SQLITE_OK)
-        src = sqlite3_bind_int(q, 3, HIST_ROW);
-    if (src == SQLITE_OK)
-        src = sqlite3_bind_int(q, 4, HIST_ROW * HIST_BATCH);
-    if (src == SQLITE_OK)
-        src = sqlite3_bind_int64(q, 5, (int64_t)most);
-    rc = run(q, src);
-    return rc == OPTD_OK && sqlite3_changes(st->db) == 0 ? OPTD_E_NOT_FOUND : rc;
+    int src = sqlite3_bind_int64(q, 5, (int64_t)most);
+    if (src != SQLITE_OK) {
+        stmt_done(q);
+        return from_sqlite(src);
+    }
+    return tail_splice(st, q, session_id, packed, HIST_ROW, HIST_ROW * HIST_BATCH);
 }
 
 /* Records h for session_id, then forgets rows of steps <= h->step - keep

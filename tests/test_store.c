@@ -1039,6 +1039,16 @@ static void test_history_rows_wait_in_the_session_row_and_move_in_batches(void *
     assert_int_equal(store_history_put(f->st, id + 1, &early, 10), OPTD_E_NOT_FOUND);
 }
 
+/* Schema 5's idempotency tables and columns taken back to schema 4's. */
+#define SCHEMA_4_IDEM                                                                                                  \
+    "DROP TABLE idem_keys;"                                                                                            \
+    "DROP TABLE idem_replies;"                                                                                         \
+    "ALTER TABLE sessions DROP COLUMN idem_tail;"                                                                      \
+    "ALTER TABLE sessions DROP COLUMN idem_used;"                                                                      \
+    "CREATE TABLE idem(session_id INTEGER NOT NULL, key TEXT NOT NULL, step INTEGER NOT NULL,"                         \
+    " digest INTEGER NOT NULL, reply BLOB, PRIMARY KEY(session_id, key));"                                             \
+    "CREATE INDEX idem_step ON idem(session_id, step);"
+
 /* A file of schema 3 (history clustered by session, no tail in the session
  * row) keeps its history rows through the upgrade, and steps on. */
 static void test_history_of_schema_3_survives_the_upgrade(void **state)
@@ -1067,13 +1077,7 @@ static void test_history_of_schema_3_survives_the_upgrade(void **state)
            "ALTER TABLE h3 RENAME TO history;"
            "ALTER TABLE sessions DROP COLUMN hist_n;"
            "ALTER TABLE sessions DROP COLUMN hist_tail;"
-           "DROP TABLE idem_keys;"
-           "DROP TABLE idem_replies;"
-           "ALTER TABLE sessions DROP COLUMN idem_tail;"
-           "ALTER TABLE sessions DROP COLUMN idem_used;"
-           "CREATE TABLE idem(session_id INTEGER NOT NULL, key TEXT NOT NULL, step INTEGER NOT NULL,"
-           " digest INTEGER NOT NULL, reply BLOB, PRIMARY KEY(session_id, key));"
-           "CREATE INDEX idem_step ON idem(session_id, step);"
+           SCHEMA_4_IDEM
            "CREATE INDEX idem_reply_step ON idem(session_id, step) WHERE reply IS NOT NULL;"
            "PRAGMA user_version = 3;");
     assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM history"), 16);
@@ -1100,14 +1104,7 @@ static void test_schema_4_keys_and_their_replies_are_kept(void **state)
     char listed[256] = "";
 
     store_one_session(f);
-    sql_on(f->path, "DROP TABLE idem_keys;"
-                    "DROP TABLE idem_replies;"
-                    "ALTER TABLE sessions DROP COLUMN idem_tail;"
-                    "ALTER TABLE sessions DROP COLUMN idem_used;"
-                    "CREATE TABLE idem(session_id INTEGER NOT NULL, key TEXT NOT NULL, step INTEGER NOT NULL,"
-                    " digest INTEGER NOT NULL, reply BLOB, PRIMARY KEY(session_id, key));"
-                    "CREATE INDEX idem_step ON idem(session_id, step);"
-                    "INSERT INTO idem VALUES (1, 'old', 7, 99, x'01020304'), (1, 'gone', 6, 98, NULL);"
+    sql_on(f->path, SCHEMA_4_IDEM "INSERT INTO idem VALUES (1, 'old', 7, 99, x'01020304'), (1, 'gone', 6, 98, NULL);"
                     "PRAGMA user_version = 4;");
     open_store(f, NULL);
     assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 5);
