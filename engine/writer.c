@@ -424,6 +424,7 @@ static optd_err overflowed(engine *w, sess *s, char *msg, size_t msglen)
     return OPTD_E_NON_FINITE;
 }
 
+/* The bytes of a shaped session's lrs in a saved reply. */
 static size_t lr_bytes(const sess *s) { return s->shape ? s->shape->n_groups * sizeof(double) : 0; }
 
 /* The length of the reply s saves for a keyed step (see finish_step). */
@@ -445,6 +446,7 @@ static uint64_t idem_floor(const engine *w, const sess *s)
 static optd_err idem_find(engine *w, sess *s, const char *key, store_idem *out)
 {
     uint64_t floor = idem_floor(w, s), steps[8];
+    size_t len = reply_len(s);
     optd_err rc;
     if (!s->keys) {
         rc = engine_idem_load(w->st, s->id, floor, &s->keys);
@@ -454,8 +456,7 @@ static optd_err idem_find(engine *w, sess *s, const char *key, store_idem *out)
     }
     size_t n = engine_idem_candidates(s->keys, key, floor, steps, sizeof steps / sizeof steps[0]);
     for (size_t i = 0; i < n; i++) {
-        rc = store_idem_get(w->st, s->id, key, steps[i], reply_len(s), store_idem_slots(reply_len(s), w->idem_window),
-                            out);
+        rc = store_idem_get(w->st, s->id, key, steps[i], len, w->idem_window, out);
         if (rc != OPTD_E_NOT_FOUND)
             return rc;
     }
@@ -514,8 +515,7 @@ static optd_err finish_step(engine *w, sess *s, sreq *j, const applied *a, uint3
         if (lrb)
             memcpy(reply + REPLY_HEAD, a->lrs, lrb);
         memcpy(reply + REPLY_HEAD + lrb, s->st.params, vec);
-        rc = store_idem_put(w->st, s->id, j->idem_key, a->step, j->digest, reply, len,
-                            store_idem_slots(len, w->idem_window), w->idem_window);
+        rc = store_idem_put(w->st, s->id, j->idem_key, a->step, j->digest, reply, len, w->idem_window);
         free(reply);
         if (rc == OPTD_OK)
             idem_remember(w, s, j->idem_key, a->step);
@@ -781,7 +781,6 @@ static optd_err check_if_match(engine_req *j, const sess *s)
     return OPTD_E_STEP_MISMATCH;
 }
 
-/* The bytes of a shaped session's lrs in a saved reply. */
 /* j's skipped tensors as one flag per tensor of s (*out malloc'd, the
  * caller frees). OPTD_E_INVALID for a name s has no tensor of, or for the
  * one tensor of an unshaped session. */

@@ -2476,15 +2476,16 @@ uint32_t store_idem_slots(size_t reply_len, uint64_t window)
     return n < 1 ? 1 : n > IDEM_SLOTS_MAX ? IDEM_SLOTS_MAX : (uint32_t)n;
 }
 
-/* Where the slot of step lies for replies of len bytes: the chunk's rowid,
- * its size and the slot's offset in it. */
+/* Where the slot of step lies for replies of len bytes under window: the
+ * chunk's rowid, its size and the slot's offset in it. */
 typedef struct ring_pos {
     int64_t id;
     size_t chunk_bytes, off;
 } ring_pos;
 
-static ring_pos ring_at(int64_t session_id, uint64_t step, size_t len, uint32_t slots)
+static ring_pos ring_at(int64_t session_id, uint64_t step, size_t len, uint64_t window)
 {
+    uint32_t slots = store_idem_slots(len, window);
     size_t rec = IDEM_SLOT_HEAD + len, per = IDEM_CHUNK_BYTES / rec;
     per = per < 1 ? 1 : per > slots ? slots : per;
     uint64_t slot = step % slots;
@@ -2517,10 +2518,10 @@ static optd_err ring_open(store *st, const ring_pos *p, int writable, sqlite3_bl
 
 /* The reply of step, when its slot still holds it: *out malloc'd (at
  * least a byte), else left NULL. */
-static optd_err ring_read(store *st, int64_t session_id, uint64_t step, size_t len, uint32_t slots, void **out,
+static optd_err ring_read(store *st, int64_t session_id, uint64_t step, size_t len, uint64_t window, void **out,
                           size_t *out_len)
 {
-    ring_pos p = ring_at(session_id, step, len, slots);
+    ring_pos p = ring_at(session_id, step, len, window);
     unsigned char head[IDEM_SLOT_HEAD];
     sqlite3_blob *b = NULL;
     int fits, src = SQLITE_OK;
@@ -2549,9 +2550,9 @@ static optd_err ring_read(store *st, int64_t session_id, uint64_t step, size_t l
 /* Writes step's reply into its slot, making its chunk (or laying it out
  * anew for this length) first when needed. */
 static optd_err ring_write(store *st, int64_t session_id, uint64_t step, const void *reply, size_t len,
-                           uint32_t slots)
+                           uint64_t window)
 {
-    ring_pos p = ring_at(session_id, step, len, slots);
+    ring_pos p = ring_at(session_id, step, len, window);
     unsigned char head[IDEM_SLOT_HEAD];
     sqlite3_blob *b = NULL;
     sqlite3_stmt *q;
@@ -2645,14 +2646,14 @@ optd_err store_idem_keys(store *st, int64_t session_id, uint64_t after,
  * 1-byte buffer with reply_len 0 when an empty one was. On failure *out is
  * untouched. */
 optd_err store_idem_get(store *st, int64_t session_id, const char *key, uint64_t step, size_t reply_len,
-                        uint32_t slots, store_idem *out)
+                        uint64_t window, store_idem *out)
 {
     sqlite3_stmt *q = st->q[Q_IDEM_GET];
     store_idem r = {step, 0, NULL, 0};
     optd_err rc = OPTD_OK;
     int src, legacy = 0;
 
-    if (!key || !out || step > INT64_MAX || !slots)
+    if (!key || !out || step > INT64_MAX)
         return OPTD_E_INVALID;
     src = sqlite3_bind_int64(q, 1, session_id);
     if (src == SQLITE_OK)
@@ -2690,7 +2691,7 @@ optd_err store_idem_get(store *st, int64_t session_id, const char *key, uint64_t
         free(buf);
     }
     if (rc == OPTD_OK && !legacy)
-        rc = ring_read(st, session_id, step, reply_len, slots, &r.reply, &r.reply_len);
+        rc = ring_read(st, session_id, step, reply_len, window, &r.reply, &r.reply_len);
     if (rc) {
         free(r.reply);
         return rc;
@@ -2703,17 +2704,16 @@ optd_err store_idem_get(store *st, int64_t session_id, const char *key, uint64_t
  * at all (even this one), as "the keys of the last 0 steps" says; window 1
  * keeps this step's. Keys of steps <= step - window leave in batches, at
  * most IDEM_PRUNE_SLACK steps later. Returns OPTD_OK, OPTD_E_INVALID (NULL
- * key, step >= 2^63, NULL reply with reply_len > 0, a reply of 2 GiB,
- * slots 0),
+ * key, step >= 2^63, NULL reply with reply_len > 0, a reply of 2 GiB),
  * OPTD_E_UNAVAILABLE, OPTD_E_NOMEM. */
 optd_err store_idem_put(store *st, int64_t session_id, const char *key, uint64_t step, uint64_t digest,
-                        const void *reply, size_t reply_len, uint32_t slots, uint64_t window)
+                        const void *reply, size_t reply_len, uint64_t window)
 {
     sqlite3_stmt *q;
     optd_err rc;
     int own, src;
 
-    if (!key || step > INT64_MAX || (!reply && reply_len) || reply_len > INT32_MAX - IDEM_CHUNK_BYTES || !slots)
+    if (!key || step > INT64_MAX || (!reply && reply_len) || reply_len > INT32_MAX - IDEM_CHUNK_BYTES)
         return OPTD_E_INVALID;
     if (window == 0)
         return OPTD_OK;
@@ -2726,7 +2726,7 @@ optd_err store_idem_put(store *st, int64_t session_id, const char *key, uint64_t
         goto done;
 
     if (reply) {
-        rc = ring_write(st, session_id, step, reply, reply_len, slots);
+        rc = ring_write(st, session_id, step, reply, reply_len, window);
         if (rc)
             goto done;
     }

@@ -172,24 +172,25 @@ typedef struct store_idem {
 
 /* The keys are kept in step order and found from their step: the caller
  * keeps the key -> step map (built with store_idem_keys). Saved replies
- * take the slots of a ring per session, slot step % slots: a later step
- * overwrites an older one's. A session's replies have one length and one
- * slots (store_idem_slots of that length and the window), or lookups miss
- * the replies saved with others. */
+ * take the slots of a ring per session, slot step % store_idem_slots(the
+ * reply's length, window): a later step overwrites an older one's. A
+ * session's replies have one length under one window, or lookups miss the
+ * replies saved with others. */
 uint32_t store_idem_slots(size_t reply_len, uint64_t window);
 /* Calls each(ctx, step, key) for every key of session id at a step after
  * after, in step order (some may be older than the window: see put). */
 optd_err store_idem_keys(store *st, int64_t session_id, uint64_t after,
                          optd_err (*each)(void *ctx, uint64_t step, const char *key), void *ctx);
 /* Looks up key at step for session id, with the reply of that step if its
- * slot still holds one of reply_len bytes. OPTD_E_NOT_FOUND when unknown. */
+ * slot still holds one of reply_len bytes (saved under window).
+ * OPTD_E_NOT_FOUND when unknown. */
 optd_err store_idem_get(store *st, int64_t session_id, const char *key, uint64_t step, size_t reply_len,
-                        uint32_t slots, store_idem *out);
+                        uint64_t window, store_idem *out);
 /* Records key at step with digest and reply (may be NULL: then the ring is
  * left as it is), then forgets keys of steps <= step - window, in batches:
  * such keys may still be listed and found up to 64 steps later. */
 optd_err store_idem_put(store *st, int64_t session_id, const char *key, uint64_t step, uint64_t digest,
-                        const void *reply, size_t reply_len, uint32_t slots, uint64_t window);
+                        const void *reply, size_t reply_len, uint64_t window);
 
 /* One applied step as the history keeps it. Plain data. */
 typedef struct store_history {

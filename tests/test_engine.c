@@ -881,7 +881,7 @@ static void test_the_key_map_holds_the_window_and_nothing_older(void **state)
     assert_non_null(mkdtemp(dir));
     snprintf(path, sizeof path, "%s/optd.db", dir);
     assert_int_equal(store_open(path, NULL, &st, err, sizeof err), OPTD_OK);
-    assert_int_equal(store_idem_put(st, 7, "stored", 3, 1, NULL, 0, 1, window), OPTD_OK);
+    assert_int_equal(store_idem_put(st, 7, "stored", 3, 1, NULL, 0, window), OPTD_OK);
     assert_int_equal(engine_idem_load(st, 7, 0, &m), OPTD_OK);
     assert_int_equal(engine_idem_candidates(m, "stored", 0, steps, 8), 1);
     assert_int_equal(steps[0], 3);

@@ -472,34 +472,34 @@ static void test_idem_put_then_get_returns_the_record(void **state)
     store_idem r;
 
     open_store(f, NULL);
-    assert_int_equal(store_idem_put(f->st, 1, "k1", 5, digest, "{\"step\":5}", 10, store_idem_slots(10, 100), 100), OPTD_OK);
-    assert_int_equal(store_idem_put(f->st, 1, "k-none", 6, 1, NULL, 0, store_idem_slots(0, 100), 100), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, 1, "k1", 5, digest, "{\"step\":5}", 10, 100), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, 1, "k-none", 6, 1, NULL, 0, 100), OPTD_OK);
     /* Another session: a session's replies have one length. */
-    assert_int_equal(store_idem_put(f->st, 3, "k-empty", 7, 2, "", 0, store_idem_slots(0, 100), 100), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, 3, "k-empty", 7, 2, "", 0, 100), OPTD_OK);
 
     memset(&r, 0, sizeof r);
-    assert_int_equal(store_idem_get(f->st, 1, "k1", 5, 10, store_idem_slots(10, 100), &r), OPTD_OK);
+    assert_int_equal(store_idem_get(f->st, 1, "k1", 5, 10, 100, &r), OPTD_OK);
     assert_int_equal(r.step, 5);
     assert_int_equal(r.digest, digest);
     assert_int_equal(r.reply_len, 10);
     assert_memory_equal(r.reply, "{\"step\":5}", 10);
     free(r.reply);
 
-    assert_int_equal(store_idem_get(f->st, 1, "k-none", 6, 10, store_idem_slots(10, 100), &r), OPTD_OK);
+    assert_int_equal(store_idem_get(f->st, 1, "k-none", 6, 10, 100, &r), OPTD_OK);
     assert_int_equal(r.step, 6);
     assert_int_equal(r.digest, 1);
     assert_null(r.reply);
     assert_int_equal(r.reply_len, 0);
-    assert_int_equal(store_idem_get(f->st, 3, "k-empty", 7, 0, store_idem_slots(0, 100), &r), OPTD_OK);
+    assert_int_equal(store_idem_get(f->st, 3, "k-empty", 7, 0, 100, &r), OPTD_OK);
     assert_non_null(r.reply); /* an empty reply was kept */
     assert_int_equal(r.reply_len, 0);
     free(r.reply);
 
-    assert_int_equal(store_idem_get(f->st, 1, "unknown", 5, 10, store_idem_slots(10, 100), &r), OPTD_E_NOT_FOUND);
-    assert_int_equal(store_idem_get(f->st, 1, "k1", 6, 10, store_idem_slots(10, 100), &r), OPTD_E_NOT_FOUND);
-    assert_int_equal(store_idem_get(f->st, 2, "k1", 5, 10, store_idem_slots(10, 100), &r), OPTD_E_NOT_FOUND);
+    assert_int_equal(store_idem_get(f->st, 1, "unknown", 5, 10, 100, &r), OPTD_E_NOT_FOUND);
+    assert_int_equal(store_idem_get(f->st, 1, "k1", 6, 10, 100, &r), OPTD_E_NOT_FOUND);
+    assert_int_equal(store_idem_get(f->st, 2, "k1", 5, 10, 100, &r), OPTD_E_NOT_FOUND);
     /* A reply of another length is not this session's: the key alone. */
-    assert_int_equal(store_idem_get(f->st, 1, "k1", 5, 11, store_idem_slots(11, 100), &r), OPTD_OK);
+    assert_int_equal(store_idem_get(f->st, 1, "k1", 5, 11, 100, &r), OPTD_OK);
     assert_null(r.reply);
 }
 
@@ -518,10 +518,10 @@ static void test_idem_put_forgets_keys_older_than_the_window_in_batches(void **s
     uint64_t step;
 
     open_store(f, NULL);
-    assert_int_equal(store_idem_put(f->st, 2, "other", 1, 0, "o", 1, store_idem_slots(1, 3), 3), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, 2, "other", 1, 0, "o", 1, 3), OPTD_OK);
     for (step = 1; step <= 100; step++) {
         snprintf(key, sizeof key, "k%llu", (unsigned long long)step);
-        assert_int_equal(store_idem_put(f->st, 1, key, step, step, "r", 1, store_idem_slots(1, 3), 3), OPTD_OK);
+        assert_int_equal(store_idem_put(f->st, 1, key, step, step, "r", 1, 3), OPTD_OK);
     }
     /* Step 68 was the first with its oldest key (1) 3 + 64 steps back: it
      * forgot the keys of steps <= 65. The next batch goes at step 133. */
@@ -529,22 +529,22 @@ static void test_idem_put_forgets_keys_older_than_the_window_in_batches(void **s
         snprintf(key, sizeof key, "k%llu", (unsigned long long)step);
         memset(&r, 0, sizeof r);
         if (step <= 65) {
-            assert_int_equal(store_idem_get(f->st, 1, key, step, 1, store_idem_slots(1, 3), &r), OPTD_E_NOT_FOUND);
+            assert_int_equal(store_idem_get(f->st, 1, key, step, 1, 3, &r), OPTD_E_NOT_FOUND);
         } else {
-            assert_int_equal(store_idem_get(f->st, 1, key, step, 1, store_idem_slots(1, 3), &r), OPTD_OK);
+            assert_int_equal(store_idem_get(f->st, 1, key, step, 1, 3, &r), OPTD_OK);
             assert_int_equal(r.digest, step);
             free(r.reply);
         }
     }
     /* Another session's keys are its own business. */
-    assert_int_equal(store_idem_get(f->st, 2, "other", 1, 1, store_idem_slots(1, 3), &r), OPTD_OK);
+    assert_int_equal(store_idem_get(f->st, 2, "other", 1, 1, 3, &r), OPTD_OK);
     free(r.reply);
     assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM idem_keys"), 36);
     assert_int_equal(store_idem_keys(f->st, 1, 96, list_key, listed), OPTD_OK);
     assert_string_equal(listed, "97:k97 98:k98 99:k99 100:k100 ");
     /* Window 0 keeps no key at all. */
-    assert_int_equal(store_idem_put(f->st, 4, "none", 1, 1, "r", 1, store_idem_slots(1, 0), 0), OPTD_OK);
-    assert_int_equal(store_idem_get(f->st, 4, "none", 1, 1, store_idem_slots(1, 3), &r), OPTD_E_NOT_FOUND);
+    assert_int_equal(store_idem_put(f->st, 4, "none", 1, 1, "r", 1, 0), OPTD_OK);
+    assert_int_equal(store_idem_get(f->st, 4, "none", 1, 1, 3, &r), OPTD_E_NOT_FOUND);
 }
 
 /* A session's keys wait in its row, a tail of fixed size, and move to
@@ -563,7 +563,7 @@ static void test_idem_keys_wait_in_the_session_row(void **state)
     assert_int_equal(store_session_insert(f->st, &s, "t", 1), OPTD_OK);
     for (uint64_t step = 1; step <= 100; step++) {
         snprintf(key, sizeof key, "%036llu", (unsigned long long)step); /* a UUID's length */
-        assert_int_equal(store_idem_put(f->st, s.id, key, step, step * 7, "r", 1, store_idem_slots(1, 1000), 1000),
+        assert_int_equal(store_idem_put(f->st, s.id, key, step, step * 7, "r", 1, 1000),
                          OPTD_OK);
     }
     /* 53 bytes a key: 38 to a 2 KiB tail, so two tails moved, 24 keys wait. */
@@ -573,10 +573,10 @@ static void test_idem_keys_wait_in_the_session_row(void **state)
     for (uint64_t step = 1; step <= 100; step++) {
         snprintf(key, sizeof key, "%036llu", (unsigned long long)step);
         memset(&r, 0, sizeof r);
-        assert_int_equal(store_idem_get(f->st, s.id, key, step, 1, store_idem_slots(1, 1000), &r), OPTD_OK);
+        assert_int_equal(store_idem_get(f->st, s.id, key, step, 1, 1000, &r), OPTD_OK);
         assert_int_equal(r.digest, step * 7);
         free(r.reply);
-        assert_int_equal(store_idem_get(f->st, s.id, key, step + 1, 1, store_idem_slots(1, 1000), &r),
+        assert_int_equal(store_idem_get(f->st, s.id, key, step + 1, 1, 1000, &r),
                          OPTD_E_NOT_FOUND);
     }
     assert_int_equal(store_idem_keys(f->st, s.id, 97, list_key, listed), OPTD_OK);
@@ -586,14 +586,14 @@ static void test_idem_keys_wait_in_the_session_row(void **state)
     /* 255 bytes fit a tail; 300 do not. */
     memset(key, 'x', 300);
     key[255] = '\0';
-    assert_int_equal(store_idem_put(f->st, s.id, key, 101, 1, "r", 1, store_idem_slots(1, 1000), 1000), OPTD_OK);
-    assert_int_equal(store_idem_get(f->st, s.id, key, 101, 1, store_idem_slots(1, 1000), &r), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, s.id, key, 101, 1, "r", 1, 1000), OPTD_OK);
+    assert_int_equal(store_idem_get(f->st, s.id, key, 101, 1, 1000, &r), OPTD_OK);
     free(r.reply);
     key[255] = 'x';
     key[300] = '\0';
-    assert_int_equal(store_idem_put(f->st, s.id, key, 102, 2, "r", 1, store_idem_slots(1, 1000), 1000), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, s.id, key, 102, 2, "r", 1, 1000), OPTD_OK);
     assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM idem_keys WHERE length(key) = 300"), 1);
-    assert_int_equal(store_idem_get(f->st, s.id, key, 102, 1, store_idem_slots(1, 1000), &r), OPTD_OK);
+    assert_int_equal(store_idem_get(f->st, s.id, key, 102, 1, 1000, &r), OPTD_OK);
     assert_int_equal(r.digest, 2);
     free(r.reply);
 
@@ -602,7 +602,7 @@ static void test_idem_keys_wait_in_the_session_row(void **state)
     assert_int_equal(store_session_insert(f->st, &w, "t", 1), OPTD_OK);
     for (uint64_t step = 1; step <= 39; step++) {
         snprintf(key, sizeof key, "%036llu", (unsigned long long)step);
-        assert_int_equal(store_idem_put(f->st, w.id, key, step, step, NULL, 0, store_idem_slots(0, 3), 3), OPTD_OK);
+        assert_int_equal(store_idem_put(f->st, w.id, key, step, step, NULL, 0, 3), OPTD_OK);
     }
     snprintf(key, sizeof key, "SELECT group_concat(step) FROM idem_keys WHERE session_id = %lld", (long long)w.id);
     assert_string_equal(text_on(f->path, key, listed, sizeof listed), "37,38");
@@ -629,12 +629,12 @@ static void test_idem_replies_stay_until_their_slot_comes_round(void **state)
     for (uint64_t step = 1; step <= slots + 4; step++) {
         snprintf(key, sizeof key, "k%llu", (unsigned long long)step);
         memset(reply, (int)step, big);
-        assert_int_equal(store_idem_put(f->st, 1, key, step, step, reply, big, store_idem_slots(big, 1000), 1000), OPTD_OK);
+        assert_int_equal(store_idem_put(f->st, 1, key, step, step, reply, big, 1000), OPTD_OK);
     }
     for (uint64_t step = 1; step <= slots + 4; step++) {
         snprintf(key, sizeof key, "k%llu", (unsigned long long)step);
         memset(&r, 0, sizeof r);
-        assert_int_equal(store_idem_get(f->st, 1, key, step, big, store_idem_slots(big, 1000), &r), OPTD_OK);
+        assert_int_equal(store_idem_get(f->st, 1, key, step, big, 1000, &r), OPTD_OK);
         if (step <= 4) {
             assert_null(r.reply);
         } else {
@@ -653,10 +653,10 @@ static void test_idem_replies_stay_until_their_slot_comes_round(void **state)
     } puts[] = {{"a", 1, "r0001"}, {"b", 2, "r0002"}, {"c", 9, "r0009"}, {"d", 9, "r0009"},
                 {"e", 16385, "r16385"}, {"f", 16386, "r16386"}};
     for (size_t i = 0; i < sizeof puts / sizeof puts[0]; i++)
-        assert_int_equal(store_idem_put(f->st, 2, puts[i].key, puts[i].step, i, puts[i].reply, 5, store_idem_slots(5, 100000), 100000), OPTD_OK);
+        assert_int_equal(store_idem_put(f->st, 2, puts[i].key, puts[i].step, i, puts[i].reply, 5, 100000), OPTD_OK);
     for (size_t i = 0; i < sizeof puts / sizeof puts[0]; i++) {
         memset(&r, 0, sizeof r);
-        assert_int_equal(store_idem_get(f->st, 2, puts[i].key, puts[i].step, 5, store_idem_slots(5, 100000), &r), OPTD_OK);
+        assert_int_equal(store_idem_get(f->st, 2, puts[i].key, puts[i].step, 5, 100000, &r), OPTD_OK);
         if (puts[i].step <= 2) { /* 16385 and 16386 took slots 1 and 2 */
             assert_null(r.reply);
         } else {
@@ -676,11 +676,11 @@ static void test_delete_removes_the_sessions_state_and_keys(void **state)
     open_store(f, NULL);
     assert_int_equal(store_session_insert(f->st, &s, "s", 1), OPTD_OK);
     assert_int_equal(store_session_insert(f->st, &keep, "k", 1), OPTD_OK);
-    assert_int_equal(store_idem_put(f->st, s.id, "key", 1, 1, "r", 1, store_idem_slots(1, 10), 10), OPTD_OK);
-    assert_int_equal(store_idem_put(f->st, keep.id, "key", 1, 1, "r", 1, store_idem_slots(1, 10), 10), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, s.id, "key", 1, 1, "r", 1, 10), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, keep.id, "key", 1, 1, "r", 1, 10), OPTD_OK);
     assert_int_equal(store_session_delete(f->st, "gone"), OPTD_OK);
-    assert_int_equal(store_idem_get(f->st, s.id, "key", 1, 1, store_idem_slots(1, 10), &r), OPTD_E_NOT_FOUND);
-    assert_int_equal(store_idem_get(f->st, keep.id, "key", 1, 1, store_idem_slots(1, 10), &r), OPTD_OK);
+    assert_int_equal(store_idem_get(f->st, s.id, "key", 1, 1, 10, &r), OPTD_E_NOT_FOUND);
+    assert_int_equal(store_idem_get(f->st, keep.id, "key", 1, 1, 10, &r), OPTD_OK);
     assert_int_equal(r.reply_len, 1);
     free(r.reply);
     assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM state"), 1);
@@ -699,7 +699,7 @@ static void test_rollback_leaves_nothing_behind(void **state)
     open_store(f, NULL);
     assert_int_equal(store_begin(f->st), OPTD_OK);
     assert_int_equal(store_session_insert(f->st, &s, "t", 1), OPTD_OK);
-    assert_int_equal(store_idem_put(f->st, s.id, "k", 1, 1, "r", 1, store_idem_slots(1, 10), 10), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, s.id, "k", 1, 1, "r", 1, 10), OPTD_OK);
     /* The writer sees its own uncommitted work. */
     assert_int_equal(store_session_load(f->st, "temp", &got, NULL, NULL), OPTD_OK);
     store_session_clear(&got);
@@ -707,7 +707,7 @@ static void test_rollback_leaves_nothing_behind(void **state)
     store_rollback(f->st); /* a second one is harmless */
 
     assert_int_equal(store_session_load(f->st, "temp", &got, NULL, NULL), OPTD_E_NOT_FOUND);
-    assert_int_equal(store_idem_get(f->st, s.id, "k", 1, 1, store_idem_slots(1, 10), &r), OPTD_E_NOT_FOUND);
+    assert_int_equal(store_idem_get(f->st, s.id, "k", 1, 1, 10, &r), OPTD_E_NOT_FOUND);
     assert_int_equal(store_read_count(f->st, &n), OPTD_OK);
     assert_int_equal(n, 0);
     /* And the connection can start again. */
@@ -798,7 +798,7 @@ static void test_reopen_sees_committed_data(void **state)
     open_store(f, NULL);
     assert_int_equal(store_begin(f->st), OPTD_OK);
     assert_int_equal(store_session_insert(f->st, &s, "state!", 6), OPTD_OK);
-    assert_int_equal(store_idem_put(f->st, s.id, "k", 41, 9, "r", 1, store_idem_slots(1, 10), 10), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, s.id, "k", 41, 9, "r", 1, 10), OPTD_OK);
     assert_int_equal(store_commit(f->st), OPTD_OK);
     reopen(f);
 
@@ -809,7 +809,7 @@ static void test_reopen_sees_committed_data(void **state)
     assert_memory_equal(blob, "state!", 6);
     free(blob);
     store_session_clear(&got);
-    assert_int_equal(store_idem_get(f->st, s.id, "k", 41, 1, store_idem_slots(1, 10), &r), OPTD_OK);
+    assert_int_equal(store_idem_get(f->st, s.id, "k", 41, 1, 10, &r), OPTD_OK);
     assert_int_equal(r.digest, 9);
     assert_int_equal(r.reply_len, 1);
     assert_memory_equal(r.reply, "r", 1);
@@ -1109,12 +1109,12 @@ static void test_schema_4_keys_and_their_replies_are_kept(void **state)
     open_store(f, NULL);
     assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 5);
     memset(&r, 0, sizeof r);
-    assert_int_equal(store_idem_get(f->st, 1, "old", 7, 4, store_idem_slots(4, 10000), &r), OPTD_OK);
+    assert_int_equal(store_idem_get(f->st, 1, "old", 7, 4, 10000, &r), OPTD_OK);
     assert_int_equal(r.digest, 99);
     assert_int_equal(r.reply_len, 4);
     assert_memory_equal(r.reply, "\x01\x02\x03\x04", 4);
     free(r.reply);
-    assert_int_equal(store_idem_get(f->st, 1, "gone", 6, 4, store_idem_slots(4, 10000), &r), OPTD_OK);
+    assert_int_equal(store_idem_get(f->st, 1, "gone", 6, 4, 10000, &r), OPTD_OK);
     assert_int_equal(r.digest, 98);
     assert_null(r.reply);
     assert_int_equal(store_idem_keys(f->st, 1, 0, list_key, listed), OPTD_OK);
@@ -1184,8 +1184,8 @@ static void test_bad_arguments_are_invalid(void **state)
     assert_int_equal(store_session_insert(f->st, &s, NULL, 5), OPTD_E_INVALID);
     memset(s.name, 'n', sizeof s.name); /* no terminator */
     assert_int_equal(store_session_insert(f->st, &s, "", 0), OPTD_E_INVALID);
-    assert_int_equal(store_idem_put(f->st, 1, NULL, 1, 1, NULL, 0, store_idem_slots(0, 1), 1), OPTD_E_INVALID);
-    assert_int_equal(store_idem_put(f->st, 1, "k", 1, 1, NULL, 3, store_idem_slots(3, 1), 1), OPTD_E_INVALID);
+    assert_int_equal(store_idem_put(f->st, 1, NULL, 1, 1, NULL, 0, 1), OPTD_E_INVALID);
+    assert_int_equal(store_idem_put(f->st, 1, "k", 1, 1, NULL, 3, 1), OPTD_E_INVALID);
 }
 
 /* A step moves the stored step by one: a stale copy (the stored step is

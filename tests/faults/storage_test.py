@@ -99,10 +99,28 @@ def t_metrics_report_storage():
         wal = int(re.search(r"^optd_db_wal_bytes (\d+)$", text, re.M).group(1))
         check(wal == os.path.getsize(d.db + "-wal"), "optd_db_wal_bytes %d vs file %d", wal,
               os.path.getsize(d.db + "-wal"))
+        # The WAL frames commits wrote, all told, and the writer's page
+        # cache (SQLite's 2 MB: no session here logs its steps).
+        def metric(name):
+            m = re.search(r"^%s (\d+)$" % name, d.request("GET", "/metrics").body.decode(), re.M)
+            check(m, "%s missing from /metrics", name)
+            return int(m.group(1))
+        check(metric("optd_db_page_cache_limit_bytes") == 2000 * 1024, "page cache limit %d",
+              metric("optd_db_page_cache_limit_bytes"))
+        before = metric("optd_db_wal_frames_written_total")
+        check(before >= 1, "no WAL frames counted after a create and a step")
+        check(step(d, "f", 1000).status == 200, "step")
+        after_step = metric("optd_db_wal_frames_written_total")
+        check(after_step > before, "a step wrote no frames: %d -> %d", before, after_step)
         # Idle: a TRUNCATE checkpoint gives the WAL back within a few seconds.
         check(wait_for(lambda: os.path.getsize(d.db + "-wal") == 0, 8), "the -wal file is still %d bytes after 8 s idle",
               os.path.getsize(d.db + "-wal"))
-        return "wal %d bytes after one step, 0 when idle" % wal
+        # The count goes on across the WAL starting over: it never goes back.
+        check(step(d, "f", 1000).status == 200, "step")
+        after_reset = metric("optd_db_wal_frames_written_total")
+        check(after_reset > after_step, "frames written went %d -> %d across the WAL's restart", after_step,
+              after_reset)
+        return "wal %d bytes after one step, 0 when idle; %d frames written" % (wal, after_reset)
     finally:
         d.cleanup()
 
