@@ -375,6 +375,9 @@ typedef struct engine_stats {
     _Atomic uint64_t steps[OPTIM_KIND_COUNT];
     engine_histogram commit_latency;
     _Atomic uint64_t commits, commit_failures;
+    /* Groups run a second time, a savepoint per request, after a request
+     * run without one failed having written (see writer.c, begin_part). */
+    _Atomic uint64_t group_reruns;
     /* Steps within the writer's group budget by the commits of heavy groups
      * they waited for, queued to replied: 0, 1, 2, more. */
     _Atomic uint64_t heavy_waits[4];

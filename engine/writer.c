@@ -77,6 +77,13 @@ struct engine {
     int part;                 /* the part of the group in progress (a job, or an expired round) */
     int part_dirty;           /* the part changed a cached session (touch) */
     int guarded;              /* the part runs in a savepoint */
+    /* The group's leading plain steps run without savepoints (begin_part):
+     * set when a group begins, cleared at its first part that could not be
+     * run a second time. */
+    int optimistic;
+    int redo;             /* a part without a savepoint failed after writing: run the group again */
+    uint64_t part_writes; /* store_tx_writes when the part began */
+    uint64_t pass_steps[OPTIM_KIND_COUNT]; /* steps counted by this run of the group */
     int kept;                 /* a part of the group has succeeded: the transaction holds work to keep */
     size_t cache_bytes, cached;
     pthread_t thread;
@@ -127,16 +134,22 @@ static void lru_front(engine *w, sess *s)
     w->lru.lru_next = s;
 }
 
+static sess *cache_find(const engine *w, const char *name)
+{
+    for (sess *s = w->bucket[hash(name)]; s; s = s->hnext)
+        if (strcmp(s->name, name) == 0)
+            return s;
+    return NULL;
+}
+
 static sess *cache_get(engine *w, const char *name)
 {
-    for (sess *s = w->bucket[hash(name)]; s; s = s->hnext) {
-        if (strcmp(s->name, name) == 0) {
-            lru_unlink(s);
-            lru_front(w, s);
-            return s;
-        }
+    sess *s = cache_find(w, name);
+    if (s) {
+        lru_unlink(s);
+        lru_front(w, s);
     }
-    return NULL;
+    return s;
 }
 
 static void cache_put(engine *w, sess *s)
@@ -408,8 +421,10 @@ static optd_err apply_step(engine *w, sess *s, void *grad, const unsigned char *
     }
     if (rc == OPTD_OK)
         rc = injected(w, ENGINE_FAULT_STEP, s->name);
-    if (rc == OPTD_OK)
+    if (rc == OPTD_OK) {
         atomic_fetch_add(&w->m->steps[s->info->kind], 1);
+        w->pass_steps[s->info->kind]++;
+    }
     return rc;
 }
 
@@ -1257,25 +1272,50 @@ static optd_err run(engine *w, engine_req *j)
     return OPTD_E_INTERNAL;
 }
 
-/* A group runs in parts, a job or an expired round each, every part in a
- * savepoint of the group's transaction: a part that fails (a refusal found
- * after writing, a value too big for SQLite, out of memory) rolls back
- * alone, and the group's other parts still commit. begin_part opens one.
- * Until a part has succeeded there is nothing to keep, so the part goes
- * without: a savepoint's journal copies every page the part changes (40 MB
- * for a 1e7-element step, a third of its time), and a failure then rolls
- * back the whole transaction and begins another. */
-static optd_err begin_part(engine *w)
+/* Whether j could run again from the start of its group if it failed after
+ * writing: a plain step of a cached session changes nothing but the
+ * transaction and the session's cached copy, which a rollback and a cache
+ * drop undo. Not a step of a worker round (contributions wait in memory),
+ * nor one whose gradient is clipped (scaled in place: run again, it would
+ * be clipped twice), nor one whose session is still to be loaded. */
+static int redoable(const engine *w, const engine_req *j)
+{
+    const sess *s = j && j->type == ENGINE_REQ_STEP ? cache_find(w, j->name) : NULL;
+    return s && s->tr.workers <= 1 && !s->rnd && !s->tr.clip;
+}
+
+/* A group runs in parts, a job or an expired round each, and a part that
+ * fails (a refusal found after writing, a value too big for SQLite, out of
+ * memory) fails alone: the group's other parts still commit. begin_part
+ * begins j's part (j NULL: a round's).
+ *
+ * The simple way is a savepoint of the group's transaction per part, but a
+ * savepoint's journal copies every page the part changes: a sixth of the
+ * writer's time on a small step, and 40 MB, a third of its time, on a
+ * 1e7-element one. So a part goes without one when it can be undone
+ * otherwise: the first part that succeeds has nothing before it to keep (a
+ * failure rolls back the transaction and begins another), and while the
+ * group's parts are plain steps (redoable) a failure after writing rolls
+ * back the transaction and runs the group again from its start, with
+ * savepoints (run_group): a failure costs that once, success nothing. From
+ * the first part that is not redoable on, every part after the first kept
+ * one has its savepoint. A part that fails having written nothing (most
+ * refusals: 404, 412, 422) undoes nothing in the store either way. */
+static optd_err begin_part(engine *w, const engine_req *j)
 {
     w->part++;
     w->part_dirty = 0;
-    w->guarded = w->kept;
+    if (w->optimistic && !redoable(w, j))
+        w->optimistic = 0;
+    w->guarded = w->kept && !w->optimistic;
+    w->part_writes = store_tx_writes(w->st);
     return w->guarded ? store_savepoint(w->st) : OPTD_OK;
 }
 
 /* Ends the part begun last: keeps its writes when rc is OPTD_OK, else undoes
  * them and forgets the sessions it changed in memory (the next use reloads
- * them as the transaction now holds them). Returns OPTD_OK, or
+ * them as the transaction now holds them), or, when only the whole group
+ * can be undone, sets w->redo (see begin_part). Returns OPTD_OK, or
  * OPTD_E_UNAVAILABLE when the group's transaction is lost with it. */
 static optd_err end_part(engine *w, optd_err rc)
 {
@@ -1283,10 +1323,14 @@ static optd_err end_part(engine *w, optd_err rc)
         w->kept = 1;
         return w->guarded ? store_release(w->st) : OPTD_OK;
     }
-    optd_err trc;
+    optd_err trc = OPTD_OK;
     if (w->guarded) {
         trc = store_rollback_to(w->st);
-    } else {
+    } else if (store_tx_writes(w->st) != w->part_writes) {
+        if (w->kept) {
+            w->redo = 1;
+            return OPTD_OK;
+        }
         store_rollback(w->st);
         trc = store_begin(w->st);
     }
@@ -1310,7 +1354,7 @@ static optd_err run_expired(engine *w, uint64_t now)
         if (r->deadline_us > now)
             continue;
         if (r->count >= r->s->tr.min_workers) {
-            rc = begin_part(w);
+            rc = begin_part(w, NULL);
             if (!rc)
                 rc = end_part(w, round_apply(w, r->s)); /* its waiters have their outcome */
         } else {
@@ -1365,6 +1409,35 @@ static void drop_results(engine_req *j, int fault)
  * nothing): the storage is then not known to work. */
 static int is_fault(optd_err rc) { return rc == OPTD_E_UNAVAILABLE || rc == OPTD_E_NOMEM || rc == OPTD_E_INTERNAL; }
 
+/* Undoes the run of group so far (its jobs up to stop, all plain steps:
+ * see begin_part) for it to run again: rolls back the transaction, forgets
+ * the sessions it touched and the jobs' results and step counts, and begins
+ * a new transaction, whose outcome it returns. */
+static optd_err group_undo(engine *w, engine_req *group, engine_req *stop)
+{
+    store_rollback(w->st); /* logs the failure's cause */
+    for (sess *s = w->lru.lru_next, *next; s != &w->lru; s = next) {
+        next = s->lru_next;
+        if (s->touched)
+            cache_drop(w, s);
+    }
+    for (engine_req *j = group; j != stop; j = j->next_) {
+        drop_results(j, 1);
+        j->rc = OPTD_OK;
+        j->msg[0] = '\0';
+        if (j->type == ENGINE_REQ_STEP) {
+            ((sreq *)j)->has_meta = false;
+            ((sreq *)j)->out_len = 0;
+        }
+    }
+    for (size_t k = 0; k < OPTIM_KIND_COUNT; k++)
+        atomic_fetch_sub(&w->m->steps[k], w->pass_steps[k]);
+    w->release = NULL;
+    w->optimistic = 0;
+    atomic_fetch_add(&w->m->group_reruns, 1);
+    return store_begin(w->st);
+}
+
 /* Applies one group of jobs (and the rounds that timed out) in one
  * transaction, then completes what the group decided. */
 static void run_group(engine *w, engine_req *group)
@@ -1373,11 +1446,17 @@ static void run_group(engine *w, engine_req *group)
     int began = rc == OPTD_OK, fault = !began;
     /* A request that met a storage fault rolls back alone and the group may
      * still commit, but the storage is not healthy: /readyz asks the store. */
-    int job_fault = 0;
-    engine_req *j = group, *next;
+    int job_fault;
+    engine_req *j, *next;
+    w->optimistic = 1;
+again:
+    job_fault = 0;
+    j = group;
     w->release = NULL;
     w->part = 0;
     w->kept = 0;
+    w->redo = 0;
+    memset(w->pass_steps, 0, sizeof w->pass_steps);
     if (!fault) {
         rc = run_expired(w, optd_mono_us());
         fault = rc != OPTD_OK;
@@ -1385,14 +1464,20 @@ static void run_group(engine *w, engine_req *group)
     for (; j && !fault; j = next) {
         next = j->next_;
         j->state_ = JS_QUEUED;
-        rc = begin_part(w);
+        rc = begin_part(w, j);
         if (rc) {
             fault = 1;
             break; /* j is released with the jobs not run */
         }
         optd_err jrc = run(w, j);
-        job_fault |= is_fault(jrc);
         rc = end_part(w, jrc);
+        if (w->redo) {
+            rc = group_undo(w, group, next);
+            began = rc == OPTD_OK;
+            fault = !began;
+            goto again;
+        }
+        job_fault |= is_fault(jrc);
         fault = rc != OPTD_OK;
         if (j->state_ == JS_QUEUED) { /* else parked, or released by its round with its own rc */
             j->rc = jrc;

@@ -112,9 +112,13 @@ void metrics_render(sbuf *b, metrics *m, uint64_t sessions, const store_stats *s
                 "optd_db_commits_total %llu\n"
                 "# HELP optd_db_commit_failures_total Groups rolled back by a storage fault.\n"
                 "# TYPE optd_db_commit_failures_total counter\noptd_db_commit_failures_total %llu\n"
+                "# HELP optd_writer_group_reruns_total Groups run again, a savepoint per request, after a "
+                "request run without one failed having written.\n"
+                "# TYPE optd_writer_group_reruns_total counter\noptd_writer_group_reruns_total %llu\n"
                 "# HELP optd_sessions Sessions in the database.\n# TYPE optd_sessions gauge\noptd_sessions %llu\n",
                 (unsigned long long)atomic_load(&m->eng.commits),
-                (unsigned long long)atomic_load(&m->eng.commit_failures), (unsigned long long)sessions);
+                (unsigned long long)atomic_load(&m->eng.commit_failures),
+                (unsigned long long)atomic_load(&m->eng.group_reruns), (unsigned long long)sessions);
     render_store(b, ss);
 }
 

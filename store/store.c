@@ -397,6 +397,7 @@ struct store {
     atomic_uint_fast64_t need_bytes;
     uint64_t tx_bytes;        /* writer only: bytes of state the open transaction writes */
     sqlite3_int64 tx_changes; /* writer only: sqlite3_total_changes64 when it began */
+    uint64_t blob_writes;     /* writer only: sqlite3_blob_write calls made (store_tx_writes) */
     int lock_fd;              /* the exclusive lock (flock) on the database, or -1 */
     void (*log)(void *, const char *);
     void *log_ctx;
@@ -1458,6 +1459,15 @@ static optd_err tx_leave(store *st, int own, optd_err rc)
     return rc;
 }
 
+/* Every incremental blob write of the writer goes through here, so that
+ * store_tx_writes sees it: blob writes change no row, so SQLite's change
+ * count misses them. */
+static int blob_write(store *st, sqlite3_blob *b, const void *p, int n, int off)
+{
+    st->blob_writes++;
+    return sqlite3_blob_write(b, p, n, off);
+}
+
 /* --- Public API. ----------------------------------------------------------- */
 
 void store_session_clear(store_session *s)
@@ -1924,6 +1934,13 @@ optd_err store_rollback_to(store *st)
     return rc ? rc : savepoint_run(st, Q_SAVEPOINT_RELEASE);
 }
 
+uint64_t store_tx_writes(store *st)
+{
+    if (sqlite3_get_autocommit(st->db))
+        return UINT64_MAX;
+    return (uint64_t)sqlite3_total_changes64(st->db) + st->blob_writes;
+}
+
 /* Returns OPTD_OK, OPTD_E_ALREADY_EXISTS (nothing written, a caller's
  * transaction may go on), OPTD_E_INVALID (unterminated strings, step or size
  * >= 2^63, NULL state with len > 0), OPTD_E_UNAVAILABLE, OPTD_E_NOMEM. The
@@ -2091,7 +2108,7 @@ optd_err store_session_step(store *st, int64_t id, uint64_t step, int64_t update
     }
     src = sqlite3_blob_open(st->db, "main", "state", "data", id, 1, &blob);
     if (src == SQLITE_OK && sqlite3_blob_bytes(blob) == (int)len) {
-        rc = from_sqlite(sqlite3_blob_write(blob, state, (int)len, 0));
+        rc = from_sqlite(blob_write(st, blob, state, (int)len, 0));
     } else if (src == SQLITE_OK || src == SQLITE_ERROR) {
         /* Another size (or a zero-length value, which has no blob): rewrite it. */
         q = st->q[Q_STATE_UPDATE];
@@ -2123,14 +2140,14 @@ static optd_err parts_write(store *st, int64_t id, const store_part *parts, int 
     for (int i = 0; src == SQLITE_OK && i < n; i++) {
         if (parts[i].p) {
             if (parts[i].len)
-                src = sqlite3_blob_write(blob, parts[i].p, (int)parts[i].len, (int)off);
+                src = blob_write(st, blob, parts[i].p, (int)parts[i].len, (int)off);
             off += parts[i].len;
             continue;
         }
         /* A NULL part is that many zero bytes. */
         for (size_t left = parts[i].len, k; src == SQLITE_OK && left; left -= k, off += k) {
             k = left < sizeof zeros ? left : sizeof zeros;
-            src = sqlite3_blob_write(blob, zeros, (int)k, (int)off);
+            src = blob_write(st, blob, zeros, (int)k, (int)off);
         }
     }
     if (blob) {
@@ -2580,9 +2597,9 @@ static optd_err ring_write(store *st, int64_t session_id, uint64_t step, const v
     }
     le64_put(head, step);
     le64_put(head + 8, len);
-    src = sqlite3_blob_write(b, head, IDEM_SLOT_HEAD, (int)p.off);
+    src = blob_write(st, b, head, IDEM_SLOT_HEAD, (int)p.off);
     if (src == SQLITE_OK && len)
-        src = sqlite3_blob_write(b, reply, (int)len, (int)(p.off + IDEM_SLOT_HEAD));
+        src = blob_write(st, b, reply, (int)len, (int)(p.off + IDEM_SLOT_HEAD));
     int csrc = sqlite3_blob_close(b);
     st->tx_bytes += len;
     return from_sqlite(src != SQLITE_OK ? src : csrc);

@@ -126,6 +126,12 @@ void store_rollback(store *st);
 optd_err store_savepoint(store *st);
 optd_err store_release(store *st);
 optd_err store_rollback_to(store *st);
+/* A count that every write of the open transaction raises (rows changed,
+ * blob bytes written), so that comparing two readings tells whether
+ * anything was written between them; UINT64_MAX when no transaction is
+ * open (SQLite rolls back the whole of it after disk full, I/O errors and
+ * out of memory). */
+uint64_t store_tx_writes(store *st);
 
 /* The write functions below return OPTD_E_SESSION_TOO_LARGE for a value
  * past SQLite's length limit (nothing of that statement is written; roll

@@ -288,8 +288,10 @@ typedef struct step {
     int done;
 } step;
 
-/* Queues a step of session name with n elements of gradient g; key may be NULL. */
-static void step_submit(fixture *f, step *s, const char *name, size_t n, float g, const char *key)
+/* Queues a step of session name with n elements of gradient g; key may be
+ * NULL; if_match -1 for none. */
+static void step_submit_if(fixture *f, step *s, const char *name, size_t n, float g, const char *key,
+                           int64_t if_match)
 {
     memset(s, 0, sizeof *s);
     assert_true(n <= 64);
@@ -297,7 +299,7 @@ static void step_submit(fixture *f, step *s, const char *name, size_t n, float g
         s->grad[i] = g;
     s->req.type = ENGINE_REQ_STEP;
     snprintf(s->req.name, sizeof s->req.name, "%s", name);
-    s->req.if_match = -1;
+    s->req.if_match = if_match;
     s->req.grad = s->grad;
     s->req.weight = 1;
     s->req.dtype = OPTIM_F32;
@@ -308,6 +310,11 @@ static void step_submit(fixture *f, step *s, const char *name, size_t n, float g
     s->req.cb = on_done;
     s->req.data = &s->done;
     assert_int_equal(engine_submit(f->e, (engine_req *)&s->req), OPTD_OK);
+}
+
+static void step_submit(fixture *f, step *s, const char *name, size_t n, float g, const char *key)
+{
+    step_submit_if(f, s, name, n, g, key, -1);
 }
 
 static void step_clear(step *s)
@@ -554,6 +561,87 @@ static void test_failed_write_rolls_back_only_its_request(void **state)
     assert_int_equal(sb.req.step, 1);
     assert_float_equal(((float *)sb.req.out_params)[0], 0.5f, 0);
     step_clear(&sb);
+}
+
+/* Steps of cached sessions run without savepoints. When one fails having
+ * written, the group rolls back and runs again from its first job, each
+ * after the first with a savepoint: the others' replies and the database
+ * hold one run of them, the step counter counts each once, the group
+ * commits once, and a key given in the first run replays afterwards. A
+ * refusal that writes nothing (If-Match) runs nothing again. */
+static void test_a_step_failing_after_writing_reruns_its_group_once(void **state)
+{
+    fixture *f = *state;
+    const int sgd = optim_find("sgd")->kind;
+    create_one(f, "x", 2, NULL);
+    create_one(f, "y", 2, NULL);
+    create_one(f, "z", 2, NULL);
+    f->fault_point = ENGINE_FAULT_STEP;
+    snprintf(f->fault_name, sizeof f->fault_name, "z");
+    step s[5];
+    gate g;
+    gate_close(f->e, &g); /* its own group has committed */
+    uint64_t commits = atomic_load(&f->stats.commits), reruns = atomic_load(&f->stats.group_reruns),
+             steps = atomic_load(&f->stats.steps[sgd]);
+    step_submit(f, &s[0], "x", 2, 1.0f, NULL);
+    step_submit(f, &s[1], "y", 2, 1.0f, NULL);
+    step_submit(f, &s[2], "x", 2, 1.0f, "k");
+    step_submit(f, &s[3], "z", 2, 1.0f, NULL);
+    step_submit(f, &s[4], "y", 2, 0.5f, NULL);
+    gate_open(&g);
+    const float want[5] = {0.5f, 0.5f, 0.0f, 1.0f, 0.25f}; /* sgd, lr 0.5, from 1 */
+    const uint64_t want_step[5] = {1, 1, 2, 0, 2};
+    for (int i = 0; i < 5; i++) {
+        wait_flag(&s[i].done);
+        if (i == 3) {
+            assert_int_equal(s[i].req.rc, OPTD_E_UNAVAILABLE);
+            assert_null(s[i].req.out_params);
+        } else {
+            assert_int_equal(s[i].req.rc, OPTD_OK);
+            assert_false(s[i].req.replayed);
+            assert_int_equal(s[i].req.step, want_step[i]);
+            assert_float_equal(((float *)s[i].req.out_params)[1], want[i], 0);
+        }
+    }
+    assert_int_equal(atomic_load(&f->stats.commits) - commits, 1);
+    assert_int_equal(atomic_load(&f->stats.group_reruns) - reruns, 1);
+    assert_int_equal(atomic_load(&f->stats.steps[sgd]) - steps, 4);
+    assert_committed(f, "x", 2, 0.0f);
+    assert_committed(f, "y", 2, 0.25f);
+    assert_committed(f, "z", 0, 1.0f);
+    float x2 = ((float *)s[2].req.out_params)[0];
+    for (int i = 0; i < 5; i++)
+        step_clear(&s[i]);
+
+    /* The key of the first run's step 2 of x replays, once. */
+    f->fault_point = -1;
+    step_submit(f, &s[0], "x", 2, 1.0f, "k");
+    wait_flag(&s[0].done);
+    assert_int_equal(s[0].req.rc, OPTD_OK);
+    assert_true(s[0].req.replayed);
+    assert_int_equal(s[0].req.step, 2);
+    assert_float_equal(((float *)s[0].req.out_params)[0], x2, 0);
+    step_clear(&s[0]);
+
+    /* A refusal found before writing fails alone, with no second run. */
+    gate_close(f->e, &g);
+    reruns = atomic_load(&f->stats.group_reruns);
+    commits = atomic_load(&f->stats.commits);
+    step_submit(f, &s[0], "x", 2, 1.0f, NULL);
+    step_submit_if(f, &s[1], "z", 2, 1.0f, NULL, 5);
+    step_submit(f, &s[2], "y", 2, 1.0f, NULL);
+    gate_open(&g);
+    for (int i = 0; i < 3; i++)
+        wait_flag(&s[i].done);
+    assert_int_equal(s[0].req.rc, OPTD_OK);
+    assert_int_equal(s[1].req.rc, OPTD_E_STEP_MISMATCH);
+    assert_int_equal(s[2].req.rc, OPTD_OK);
+    assert_int_equal(atomic_load(&f->stats.group_reruns) - reruns, 0);
+    assert_int_equal(atomic_load(&f->stats.commits) - commits, 1);
+    assert_committed(f, "x", 3, -0.5f);
+    assert_committed(f, "z", 0, 1.0f);
+    for (int i = 0; i < 3; i++)
+        step_clear(&s[i]);
 }
 
 /* A failed commit fails the whole group, and every session reloads as it was. */
@@ -930,6 +1018,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_round_retry_replaces_the_waiting_contribution, setup, teardown),
         cmocka_unit_test_setup_teardown(test_idempotent_replay_applies_once, setup, teardown),
         cmocka_unit_test_setup_teardown(test_failed_write_rolls_back_only_its_request, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_a_step_failing_after_writing_reruns_its_group_once, setup, teardown),
         cmocka_unit_test_setup_teardown(test_failed_commit_fails_the_group_and_changes_nothing, setup, teardown),
         cmocka_unit_test_setup_teardown(test_the_shape_request_threads_read_is_the_committed_one, setup, teardown),
         cmocka_unit_test_setup_teardown(test_eviction_under_a_byte_budget_keeps_every_step, setup, teardown),
