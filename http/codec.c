@@ -126,19 +126,26 @@ static inline __attribute__((always_inline)) void write8(char *d, uint32_t v)
  * branch per digit count. Callers reserve it; only the text counts. */
 #define NUM_ROOM 48
 
-/* Writes digits m (0 < m < 10^17, no trailing zeros) times 10^exp10, %g
+/* Writes digits m (0 < m < 10^17, no trailing zeros; < 10^9 when f32, which
+ * spares it two-fifths of the digit work) times 10^exp10, %g
  * style: plain notation when the first digit's exponent e is in [-5, 17),
  * else d.ddde±x. out has NUM_ROOM bytes; returns the text's length. The
  * digits go to a scratch buffer as 17 with leading zeros, then move in
  * copies of fixed size, so the cost hangs on no digit count. */
-static int put_decimal(char *out, int neg, uint64_t m, int exp10)
+static int put_decimal(char *out, int neg, uint64_t m, int exp10, int f32)
 {
     char d[40];
-    uint64_t hi = m / 100000000;
-    uint32_t top = (uint32_t)(hi / 100000000);
-    d[0] = (char)('0' + top);
-    write8(d + 1, (uint32_t)(hi - (uint64_t)top * 100000000));
-    write8(d + 9, (uint32_t)(m - hi * 100000000));
+    if (f32) { /* m < 10^9: the last 9 of the 17 suffice */
+        uint32_t top = (uint32_t)m / 100000000;
+        d[8] = (char)('0' + top);
+        write8(d + 9, (uint32_t)m - top * 100000000);
+    } else {
+        uint64_t hi = m / 100000000;
+        uint32_t top = (uint32_t)(hi / 100000000);
+        d[0] = (char)('0' + top);
+        write8(d + 1, (uint32_t)(hi - (uint64_t)top * 100000000));
+        write8(d + 9, (uint32_t)(m - hi * 100000000));
+    }
     memset(d + 17, '0', sizeof d - 17);
     int ndig = digit_count(m), e = exp10 + ndig - 1;
     const char *s = d + 17 - ndig; /* the ndig digits, then zeros */
@@ -213,7 +220,7 @@ static int fmt_num(char *out, double v, int f32)
     } else {
         optd_shortest_f64(v, &m, &e);
     }
-    return put_decimal(out, signbit(v) != 0, m, e);
+    return put_decimal(out, signbit(v) != 0, m, e, f32);
 }
 
 void sbuf_num(sbuf *b, double v, int f32)

@@ -326,14 +326,24 @@ def t_eio_reads():
         eio_cleanup(d)
 
 
-def t_eio_flapping_under_load():
-    """I/O errors switched on and off every few tens of milliseconds while
-    clients step, create and delete (the crash test's workload): every reply
-    is 2xx or 503, and after a kill -9 and a restart the state is exactly what
-    the 2xx replies allow (a 503 changed nothing)."""
+def metric(d, name):
+    r = d.request("GET", "/metrics")
+    for line in r.body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError("/metrics has no %s" % name)
+
+
+def t_eio_flapping_under_load(spec="w", args=("--sync", "normal")):
+    """I/O errors (on writes, or with spec "r" on reads) switched on and off
+    every few tens of milliseconds while clients step, create and delete (the
+    crash test's workload): every reply is 2xx or 503, and after a kill -9
+    and a restart the state is exactly what the 2xx replies allow (a 503
+    changed nothing). Reports how many groups the writer ran again after a
+    failure inside them (engine/writer.c, begin_part)."""
     sys.path.insert(0, os.path.join(os.path.dirname(HERE), "crash"))
     from workload import Workload
-    d = eio_daemon(["--sync", "normal"])
+    d = eio_daemon(list(args))
     try:
         d.start()
         w = Workload(d, random.Random(11))
@@ -341,7 +351,7 @@ def t_eio_flapping_under_load():
         stop = threading.Event()
         threads = w.start(stop)
         rng = random.Random(5)
-        on, off = eio_on(d, "w"), eio_off(d)
+        on, off = eio_on(d, spec), eio_off(d)
         flips = 0
         t0 = time.time()
         while time.time() - t0 < 3:
@@ -355,13 +365,14 @@ def t_eio_flapping_under_load():
             t.join(30)
         hits = eio_hits(d)
         check(not w.errors, "during load: %s", "; ".join(w.errors[:3]))
-        check(hits > 0, "the shim never failed a write")
+        check(hits > 0, "the shim never failed a call")
         check(wait_for(lambda: d.request("GET", "/readyz").status == 200, 10), "/readyz after the flapping")
+        n = metric(d, "optd_writer_group_reruns_total")
         d.kill()
         d.start()
         w.verify()
-        return "%d fault windows, %d writes failed, %d steps acknowledged and durable" % (flips, hits,
-                                                                                          w.checked_total)
+        return "%d fault windows, %d calls failed, %d groups ran again, %d steps acknowledged and durable" % (
+            flips, hits, n, w.checked_total)
     finally:
         eio_cleanup(d)
 
@@ -528,6 +539,8 @@ TESTS = [
     ("EIO on reads (pread)", t_eio_reads),
     ("EIO on writes with --sync normal", t_eio("w", "EIO on writes (normal)", "normal")),
     ("EIO flapping under concurrent load", t_eio_flapping_under_load),
+    ("EIO on reads flapping under concurrent load",
+     lambda: t_eio_flapping_under_load("r", ("--sync", "full"))),
     ("fsync failure then kill -9 (refused step must stay absent)", t_fsync_ghost),
     ("foreign, corrupt and unusable files as --db", t_foreign),
 ]
