@@ -83,7 +83,7 @@ struct engine {
     int optimistic;
     int redo;             /* a part without a savepoint failed after writing: run the group again */
     uint64_t part_writes; /* store_tx_writes when the part began */
-    uint64_t pass_steps[OPTIM_KIND_COUNT]; /* steps counted by this run of the group */
+    uint64_t pass_steps[OPTIM_KIND_COUNT]; /* steps this run of the group applied, by optimizer */
     int kept;                 /* a part of the group has succeeded: the transaction holds work to keep */
     size_t cache_bytes, cached;
     pthread_t thread;
@@ -421,10 +421,8 @@ static optd_err apply_step(engine *w, sess *s, void *grad, const unsigned char *
     }
     if (rc == OPTD_OK)
         rc = injected(w, ENGINE_FAULT_STEP, s->name);
-    if (rc == OPTD_OK) {
-        atomic_fetch_add(&w->m->steps[s->info->kind], 1);
-        w->pass_steps[s->info->kind]++;
-    }
+    if (rc == OPTD_OK)
+        w->pass_steps[s->info->kind]++; /* counted once the group commits */
     return rc;
 }
 
@@ -596,8 +594,10 @@ static optd_err round_apply(engine *w, sess *s)
         for (engine_req *j = w->release; j; j = j->next_done_)
             if (j->rc == OPTD_E_NON_FINITE)
                 snprintf(j->msg, sizeof j->msg, "%s", msg);
-        return OPTD_OK; /* a refusal, not a storage fault */
     }
+    /* Any failure rolls the part back, a refusal too: the round's lr,
+     * written before the step ran, must not stay when the waiters are
+     * told nothing changed. */
     return rc;
 }
 
@@ -1227,8 +1227,13 @@ static optd_err run_patch(engine *w, engine_patch_req *j)
     if (rc == OPTD_OK)
         s->logged = 0;
     /* Fewer workers may complete the round in progress. */
-    if (rc == OPTD_OK && s->rnd && s->rnd->count >= s->tr.workers)
+    if (rc == OPTD_OK && s->rnd && s->rnd->count >= s->tr.workers) {
         rc = round_apply(w, s);
+        /* The waiters have their 422; the PATCH itself stands (and with it,
+         * in this corner, the round's lr, written in the same part). */
+        if (rc == OPTD_E_NON_FINITE)
+            rc = OPTD_OK;
+    }
     if (rc == OPTD_OK) {
         j->step = s->st.step;
         store_session_clear(&j->row);
@@ -1411,8 +1416,8 @@ static int is_fault(optd_err rc) { return rc == OPTD_E_UNAVAILABLE || rc == OPTD
 
 /* Undoes the run of group so far (its jobs up to stop, all plain steps:
  * see begin_part) for it to run again: rolls back the transaction, forgets
- * the sessions it touched and the jobs' results and step counts, and begins
- * a new transaction, whose outcome it returns. */
+ * the sessions it touched and the jobs' results, and begins a new
+ * transaction, whose outcome it returns. */
 static optd_err group_undo(engine *w, engine_req *group, engine_req *stop)
 {
     store_rollback(w->st); /* logs the failure's cause */
@@ -1430,8 +1435,6 @@ static optd_err group_undo(engine *w, engine_req *group, engine_req *stop)
             ((sreq *)j)->out_len = 0;
         }
     }
-    for (size_t k = 0; k < OPTIM_KIND_COUNT; k++)
-        atomic_fetch_sub(&w->m->steps[k], w->pass_steps[k]);
     w->release = NULL;
     w->optimistic = 0;
     atomic_fetch_add(&w->m->group_reruns, 1);
@@ -1498,6 +1501,9 @@ again:
         engine_histogram_observe(&w->m->commit_latency, optd_mono_us() - t0);
         atomic_fetch_add(&w->m->commits, 1);
         fault = rc != OPTD_OK;
+        for (size_t k = 0; k < OPTIM_KIND_COUNT && !fault; k++)
+            if (w->pass_steps[k])
+                atomic_fetch_add(&w->m->steps[k], w->pass_steps[k]);
     } else if (began) {
         store_rollback(w->st);
     }

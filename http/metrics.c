@@ -79,7 +79,7 @@ void metrics_render(sbuf *b, metrics *m, uint64_t sessions, const store_stats *s
                     sbuf_printf(b, "optd_http_requests_total{route=\"%s\",status=\"%d\"} %llu\n", http_routes[r].path,
                                 c * 100 + k, (unsigned long long)v);
             }
-    sbuf_puts(b, "# HELP optd_steps_total Optimizer steps applied, by optimizer.\n"
+    sbuf_puts(b, "# HELP optd_steps_total Optimizer steps committed, by optimizer.\n"
                  "# TYPE optd_steps_total counter\n");
     for (size_t k = 0; k < OPTIM_KIND_COUNT; k++)
         sbuf_printf(b, "optd_steps_total{optimizer=\"%s\"} %llu\n", optim_at(k)->name,

@@ -1798,7 +1798,14 @@ optd_err store_begin(store *st)
     sqlite3_stmt *q = st->q[Q_BEGIN];
     int src;
 
-    assert(sqlite3_get_autocommit(st->db));
+    if (!sqlite3_get_autocommit(st->db)) {
+        /* A ROLLBACK that failed (rollback_tx, logged) left the last
+         * transaction open: try once more; while it stays open, nothing
+         * new begins, and the writer's next group tries again. */
+        rollback_tx(st);
+        if (!sqlite3_get_autocommit(st->db))
+            return OPTD_E_UNAVAILABLE;
+    }
     if (wal_admit(st) != OPTD_OK) {
         atomic_store(&st->write_failed, 1);
         return OPTD_E_UNAVAILABLE;

@@ -288,10 +288,9 @@ typedef struct step {
     int done;
 } step;
 
-/* Queues a step of session name with n elements of gradient g; key may be
- * NULL; if_match -1 for none. */
-static void step_submit_if(fixture *f, step *s, const char *name, size_t n, float g, const char *key,
-                           int64_t if_match)
+/* Fills a step of session name with n elements of gradient g; key may be
+ * NULL. The caller may set more fields, then queues it (step_queue). */
+static void step_fill(step *s, const char *name, size_t n, float g, const char *key)
 {
     memset(s, 0, sizeof *s);
     assert_true(n <= 64);
@@ -299,7 +298,7 @@ static void step_submit_if(fixture *f, step *s, const char *name, size_t n, floa
         s->grad[i] = g;
     s->req.type = ENGINE_REQ_STEP;
     snprintf(s->req.name, sizeof s->req.name, "%s", name);
-    s->req.if_match = if_match;
+    s->req.if_match = -1;
     s->req.grad = s->grad;
     s->req.weight = 1;
     s->req.dtype = OPTIM_F32;
@@ -309,12 +308,18 @@ static void step_submit_if(fixture *f, step *s, const char *name, size_t n, floa
     s->req.want_params = true;
     s->req.cb = on_done;
     s->req.data = &s->done;
+}
+
+static void step_queue(fixture *f, step *s)
+{
     assert_int_equal(engine_submit(f->e, (engine_req *)&s->req), OPTD_OK);
 }
 
+/* Queues a step of session name with n elements of gradient g; key may be NULL. */
 static void step_submit(fixture *f, step *s, const char *name, size_t n, float g, const char *key)
 {
-    step_submit_if(f, s, name, n, g, key, -1);
+    step_fill(s, name, n, g, key);
+    step_queue(f, s);
 }
 
 static void step_clear(step *s)
@@ -419,6 +424,43 @@ static void test_round_applies_when_it_fills(void **state)
         step_clear(all[i]);
     }
     assert_int_equal(engine_parked(f->e), 0);
+}
+
+/* A round whose step would overflow is refused, and the lr its
+ * contributions set (written before the step ran) is not kept either:
+ * the waiters are told nothing changed. */
+static void test_an_overflowing_round_keeps_nothing_of_its_lr(void **state)
+{
+    fixture *f = *state;
+    create_round(f, "o", 2, 2, 0, 0);
+    const double lr = 1e30;
+    step a, b;
+    step *all[] = {&a, &b};
+    for (int i = 0; i < 2; i++) {
+        step_fill(all[i], "o", 2, 1e10f, NULL); /* 1 - 1e30 * 1e10 is no float32 */
+        all[i]->req.lr_set = &lr;
+        all[i]->req.n_lr = 1;
+        step_queue(f, all[i]);
+    }
+    for (int i = 0; i < 2; i++) {
+        wait_flag(&all[i]->done);
+        assert_int_equal(all[i]->req.rc, OPTD_E_NON_FINITE);
+        assert_null(all[i]->req.out_params);
+    }
+    sess *s = NULL;
+    assert_int_equal(engine_sess_read(f->st, &codec, "o", &s), OPTD_OK);
+    assert_int_equal(s->st.step, 0);
+    assert_float_equal(s->hp.lr, 0.5, 0);
+    engine_sess_free(s);
+    /* And the next round runs with the session's own lr. */
+    step_submit(f, &a, "o", 2, 1.0f, NULL);
+    step_submit(f, &b, "o", 2, 1.0f, NULL);
+    wait_flag(&a.done);
+    wait_flag(&b.done);
+    assert_int_equal(a.req.rc, OPTD_OK);
+    assert_float_equal(((float *)a.req.out_params)[0], 0.5f, 0);
+    step_clear(&a);
+    step_clear(&b);
 }
 
 /* Past round_timeout a round with min_workers contributions applies them. */
@@ -628,7 +670,9 @@ static void test_a_step_failing_after_writing_reruns_its_group_once(void **state
     reruns = atomic_load(&f->stats.group_reruns);
     commits = atomic_load(&f->stats.commits);
     step_submit(f, &s[0], "x", 2, 1.0f, NULL);
-    step_submit_if(f, &s[1], "z", 2, 1.0f, NULL, 5);
+    step_fill(&s[1], "z", 2, 1.0f, NULL);
+    s[1].req.if_match = 5;
+    step_queue(f, &s[1]);
     step_submit(f, &s[2], "y", 2, 1.0f, NULL);
     gate_open(&g);
     for (int i = 0; i < 3; i++)
@@ -1013,6 +1057,7 @@ int main(void)
         cmocka_unit_test(test_the_key_map_holds_the_window_and_nothing_older),
         cmocka_unit_test_setup_teardown(test_many_sessions_commit_in_one_group, setup, teardown),
         cmocka_unit_test_setup_teardown(test_round_applies_when_it_fills, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_an_overflowing_round_keeps_nothing_of_its_lr, setup, teardown),
         cmocka_unit_test_setup_teardown(test_round_times_out_with_min_workers, setup, teardown),
         cmocka_unit_test_setup_teardown(test_round_below_min_workers_fails_at_timeout, setup, teardown),
         cmocka_unit_test_setup_teardown(test_round_retry_replaces_the_waiting_contribution, setup, teardown),
