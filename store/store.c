@@ -388,9 +388,6 @@ struct store {
     uint64_t wal_max;                    /* bytes: refuse to begin past it */
     atomic_uint_fast64_t wal_frames;     /* frames in the WAL after the last commit (WAL hook) */
     atomic_uint_fast64_t ckpt_done;      /* of those, copied by the last checkpoint */
-    /* Frames' bytes not yet copied that start a PASSIVE checkpoint:
-     * CKPT_PASSIVE_BYTES, or half the soft limit when less (ckpt_run). */
-    atomic_uint_fast64_t passive_bytes;
     atomic_uint_fast64_t last_commit_us; /* CLOCK_MONOTONIC of the last commit */
     atomic_uint_fast64_t n_ckpt, n_busy, n_fail, n_reset, n_refused;
     atomic_uint_fast64_t n_written; /* frames commits wrote, all told (WAL hook) */
@@ -1034,14 +1031,8 @@ static optd_err prepare_all(sqlite3 *db, sqlite3_stmt **q, int n, const char *pa
  * the WAL over from its first byte. A writer that commits back to back never
  * leaves such a moment by itself, so the WAL would grow without end. Hence:
  *
- * - PASSIVE, in the background, once CKPT_PASSIVE_BYTES of frames wait
- *   (half the soft limit when that is less): the bulk copy, while the
- *   writer goes on. Not sooner: a copy reads, writes and fsyncs the
- *   database on the disk the next commits fsync the WAL on, and copies
- *   each page once however often the WAL holds it, so fewer, larger
- *   copies cost less. 8 MiB -> 32 MiB: a 1e6-element step (4 MB logged)
- *   21.7-23.2 -> 19.0-20.8 ms p50, the checkpointer's CPU 3.1 -> 2.6 ms a
- *   step; small steps unchanged (bench/README).
+ * - PASSIVE, in the background, once CKPT_PASSIVE_BYTES of frames wait:
+ *   the bulk copy, while the writer goes on.
  * - RESTART past the soft limit (wal_soft, at most CKPT_SOFT_BYTES): the
  *   gate stops the writer between two transactions, the checkpoint copies
  *   what PASSIVE could not (the frames of the last commits) and waits for
@@ -1057,7 +1048,7 @@ static optd_err prepare_all(sqlite3 *db, sqlite3_stmt **q, int n, const char *pa
  *
  * Every outcome is checked: busy and failed checkpoints are counted, and
  * failures logged with SQLite's message. */
-#define CKPT_PASSIVE_BYTES ((uint64_t)32 << 20)
+#define CKPT_PASSIVE_BYTES ((uint64_t)8 << 20)
 #define CKPT_SOFT_BYTES ((uint64_t)64 << 20)
 #define CKPT_SOFT_MIN ((uint64_t)1 << 20)
 #define CKPT_IDLE_US 2000000u
@@ -1109,7 +1100,7 @@ static int wal_hook(void *ctx, sqlite3 *db, const char *name, int pages)
     atomic_fetch_add(&st->n_written, frames - before);
     atomic_store(&st->wal_frames, frames);
     atomic_store(&st->last_commit_us, mono_now_us());
-    if ((frames - atomic_load(&st->ckpt_done)) * frame_bytes(st) >= atomic_load(&st->passive_bytes)) {
+    if ((frames - atomic_load(&st->ckpt_done)) * frame_bytes(st) >= CKPT_PASSIVE_BYTES) {
         pthread_mutex_lock(&st->ckpt_mu);
         st->ckpt_wanted = 1;
         pthread_cond_signal(&st->ckpt_cv);
@@ -1191,11 +1182,9 @@ static void ckpt_run(store *st, int urgent)
 {
     uint64_t fb = frame_bytes(st), frames = atomic_load(&st->wal_frames);
     uint64_t used = frames * fb, lag = (frames - atomic_load(&st->ckpt_done)) * fb;
-    uint64_t file = file_bytes(st->path, "-wal"), soft = wal_soft(st, file);
-    uint64_t passive = soft / 2 < CKPT_PASSIVE_BYTES ? soft / 2 : CKPT_PASSIVE_BYTES;
+    uint64_t file = file_bytes(st->path, "-wal");
     int idle = mono_now_us() - atomic_load(&st->last_commit_us) >= CKPT_IDLE_US;
 
-    atomic_store(&st->passive_bytes, passive);
     if (urgent || used >= st->wal_max) {
         (void)ckpt_once(st, SQLITE_CHECKPOINT_PASSIVE);
         (void)ckpt_once(st, SQLITE_CHECKPOINT_TRUNCATE);
@@ -1204,11 +1193,11 @@ static void ckpt_run(store *st, int urgent)
     /* Past the soft limit straight to RESTART: a PASSIVE first would let the
      * writer append for as long as it copies. The copy is of each page's
      * newest version, so it costs the pages the WAL touches, not its size. */
-    if (used >= soft) {
+    if (used >= wal_soft(st, file)) {
         (void)ckpt_once(st, SQLITE_CHECKPOINT_RESTART);
         return;
     }
-    if (lag >= passive)
+    if (lag >= CKPT_PASSIVE_BYTES)
         (void)ckpt_once(st, SQLITE_CHECKPOINT_PASSIVE);
     if (idle && file > 0) {
         if (lag > 0)
@@ -1566,7 +1555,6 @@ optd_err store_open(const char *path, const store_options *opt, store **out, cha
     st->log_ctx = opt ? opt->log_ctx : NULL;
     st->wal_max = opt && opt->wal_max_bytes ? opt->wal_max_bytes : STORE_WAL_MAX;
     atomic_init(&st->write_failed, 0);
-    atomic_init(&st->passive_bytes, CKPT_PASSIVE_BYTES);
     if (pthread_mutex_init(&st->log_mu, NULL) != 0) {
         free(st);
         return OPTD_E_NOMEM;
