@@ -1386,8 +1386,10 @@ static void drop_results(engine_req *j, int fault)
         sreq *sj = (sreq *)j;
         if (fault)
             sj->replayed = false;
+        sj->has_meta = false;
         free(sj->out_params);
         sj->out_params = NULL;
+        sj->out_len = 0;
         free(sj->lrs);
         sj->lrs = NULL;
         sj->n_lrs = 0;
@@ -1430,10 +1432,6 @@ static optd_err group_undo(engine *w, engine_req *group, engine_req *stop)
         drop_results(j, 1);
         j->rc = OPTD_OK;
         j->msg[0] = '\0';
-        if (j->type == ENGINE_REQ_STEP) {
-            ((sreq *)j)->has_meta = false;
-            ((sreq *)j)->out_len = 0;
-        }
     }
     w->release = NULL;
     w->optimistic = 0;

@@ -396,8 +396,8 @@ struct store {
      * then their copy into the database). 0: no failure pending. */
     atomic_uint_fast64_t need_bytes;
     uint64_t tx_bytes;        /* writer only: bytes of state the open transaction writes */
-    sqlite3_int64 tx_changes; /* writer only: sqlite3_total_changes64 when it began */
-    uint64_t blob_writes;     /* writer only: sqlite3_blob_write calls made (store_tx_writes) */
+    uint64_t blob_writes;     /* writer only: sqlite3_blob_write calls made (writes_made) */
+    uint64_t tx_writes;       /* writer only: writes_made when the transaction began */
     int lock_fd;              /* the exclusive lock (flock) on the database, or -1 */
     void (*log)(void *, const char *);
     void *log_ctx;
@@ -1460,13 +1460,17 @@ static optd_err tx_leave(store *st, int own, optd_err rc)
 }
 
 /* Every incremental blob write of the writer goes through here, so that
- * store_tx_writes sees it: blob writes change no row, so SQLite's change
- * count misses them. */
+ * writes_made sees it: blob writes change no row, so SQLite's change count
+ * misses them. */
 static int blob_write(store *st, sqlite3_blob *b, const void *p, int n, int off)
 {
     st->blob_writes++;
     return sqlite3_blob_write(b, p, n, off);
 }
+
+/* A count every write of the writer's connection raises: rows changed
+ * plus blob writes. */
+static uint64_t writes_made(store *st) { return (uint64_t)sqlite3_total_changes64(st->db) + st->blob_writes; }
 
 /* --- Public API. ----------------------------------------------------------- */
 
@@ -1812,7 +1816,7 @@ optd_err store_begin(store *st)
     }
     tx_mark(st, 1);
     st->tx_bytes = 0;
-    st->tx_changes = sqlite3_total_changes64(st->db);
+    st->tx_writes = writes_made(st);
     src = sqlite3_step(q);
     stmt_done(q);
     if (src == SQLITE_DONE)
@@ -1853,7 +1857,7 @@ optd_err store_commit(store *st)
     if (src == SQLITE_DONE) {
         /* Only a commit that wrote something proves the storage works: one
          * left empty by a job rolled back for a fault proves nothing. */
-        if (sqlite3_total_changes64(st->db) != st->tx_changes) {
+        if (writes_made(st) != st->tx_writes) {
             atomic_store(&st->write_failed, 0);
             atomic_store(&st->need_bytes, 0);
         }
@@ -1943,9 +1947,7 @@ optd_err store_rollback_to(store *st)
 
 uint64_t store_tx_writes(store *st)
 {
-    if (sqlite3_get_autocommit(st->db))
-        return UINT64_MAX;
-    return (uint64_t)sqlite3_total_changes64(st->db) + st->blob_writes;
+    return sqlite3_get_autocommit(st->db) ? UINT64_MAX : writes_made(st);
 }
 
 /* Returns OPTD_OK, OPTD_E_ALREADY_EXISTS (nothing written, a caller's

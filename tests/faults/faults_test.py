@@ -28,7 +28,7 @@ import time
 sys.dont_write_bytecode = True  # no __pycache__ in the tree
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from harness import (REPO, Daemon, Skip, check, fill_disk, params, run_listed, small_disk,  # noqa: E402
+from harness import (REPO, Daemon, Skip, check, fill_disk, metric, params, run_listed, small_disk,  # noqa: E402
                      sqlite_file, step, wait_for)
 
 P0 = [10.0, 20.0, 30.0, 40.0]
@@ -324,14 +324,6 @@ def t_eio_reads():
         return "%d reads failed; statuses %s" % (hits, {w: sorted(v) for w, v in seen.items()})
     finally:
         eio_cleanup(d)
-
-
-def metric(d, name):
-    r = d.request("GET", "/metrics")
-    for line in r.body.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError("/metrics has no %s" % name)
 
 
 def t_eio_flapping_under_load(spec="w", args=("--sync", "normal")):

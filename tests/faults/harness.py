@@ -7,6 +7,7 @@ python3 does."""
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -216,6 +217,13 @@ def fill_disk(path):
                 f.write(b"\0" * 65536)
         except OSError:
             pass
+
+
+def metric(d, name):
+    """The value of the unlabelled series name in d's /metrics."""
+    m = re.search(r"^%s (\S+)$" % re.escape(name), d.request("GET", "/metrics").body.decode(), re.M)
+    check(m, "%s missing from /metrics", name)
+    return float(m.group(1))
 
 
 def wait_for(pred, timeout, step=0.05):

@@ -23,7 +23,7 @@ import time
 sys.dont_write_bytecode = True  # no __pycache__ in the tree
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from harness import Daemon, check, fill_disk, params, run_listed, small_disk, step, wait_for  # noqa: E402
+from harness import Daemon, check, fill_disk, metric, params, run_listed, small_disk, step, wait_for  # noqa: E402
 
 MIB = 1 << 20
 
@@ -101,23 +101,19 @@ def t_metrics_report_storage():
               os.path.getsize(d.db + "-wal"))
         # The WAL frames commits wrote, all told, and the writer's page
         # cache (SQLite's 2 MB: no session here logs its steps).
-        def metric(name):
-            m = re.search(r"^%s (\d+)$" % name, d.request("GET", "/metrics").body.decode(), re.M)
-            check(m, "%s missing from /metrics", name)
-            return int(m.group(1))
-        check(metric("optd_db_page_cache_limit_bytes") == 2000 * 1024, "page cache limit %d",
-              metric("optd_db_page_cache_limit_bytes"))
-        before = metric("optd_db_wal_frames_written_total")
+        check(metric(d, "optd_db_page_cache_limit_bytes") == 2000 * 1024, "page cache limit %d",
+              metric(d, "optd_db_page_cache_limit_bytes"))
+        before = metric(d, "optd_db_wal_frames_written_total")
         check(before >= 1, "no WAL frames counted after a create and a step")
         check(step(d, "f", 1000).status == 200, "step")
-        after_step = metric("optd_db_wal_frames_written_total")
+        after_step = metric(d, "optd_db_wal_frames_written_total")
         check(after_step > before, "a step wrote no frames: %d -> %d", before, after_step)
         # Idle: a TRUNCATE checkpoint gives the WAL back within a few seconds.
         check(wait_for(lambda: os.path.getsize(d.db + "-wal") == 0, 8), "the -wal file is still %d bytes after 8 s idle",
               os.path.getsize(d.db + "-wal"))
         # The count goes on across the WAL starting over: it never goes back.
         check(step(d, "f", 1000).status == 200, "step")
-        after_reset = metric("optd_db_wal_frames_written_total")
+        after_reset = metric(d, "optd_db_wal_frames_written_total")
         check(after_reset > after_step, "frames written went %d -> %d across the WAL's restart", after_step,
               after_reset)
         return "wal %d bytes after one step, 0 when idle; %d frames written" % (wal, after_reset)
