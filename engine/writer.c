@@ -358,10 +358,11 @@ static double clip(const sess *s, void *grad, const unsigned char *skip)
     return norm;
 }
 
-/* Writes the step s just took: into its log while the log has room (the
- * state stays where the store has it), else the whole state, which ends
- * the log. */
-static optd_err store_step(engine *w, sess *s, const void *grad, const unsigned char *skip, const double *lrs)
+/* Writes the step s just took, and its history row h: into its log while
+ * the log has room (the state stays where the store has it), else the
+ * whole state, which ends the log. */
+static optd_err store_step(engine *w, sess *s, const void *grad, const unsigned char *skip, const double *lrs,
+                           const store_history *h)
 {
     uint32_t slots = engine_sess_log_slots(s);
     optd_err rc;
@@ -369,12 +370,12 @@ static optd_err store_step(engine *w, sess *s, const void *grad, const unsigned 
         store_part parts[3];
         engine_sess_log_parts(s, grad, skip, lrs, parts);
         rc = store_session_log(w->st, s->id, s->st.step, s->updated_ms, s->st.step - s->logged - 1, s->logged,
-                               parts, 3);
+                               parts, 3, h, w->history_steps);
         if (rc == OPTD_OK)
             s->logged++;
         return rc;
     }
-    rc = store_session_step(w->st, s->id, s->st.step, s->updated_ms, s->blob, s->blob_len);
+    rc = store_session_step(w->st, s->id, s->st.step, s->updated_ms, s->blob, s->blob_len, h, w->history_steps);
     if (rc == OPTD_OK)
         s->logged = 0;
     return rc;
@@ -413,12 +414,9 @@ static optd_err apply_step(engine *w, sess *s, void *grad, const unsigned char *
     out->step = s->st.step;
     out->lr = lrs[0];
     out->grad_norm = grad_norm;
-    optd_err rc = store_step(w, s, grad, skip, lrs);
-    if (rc == OPTD_OK) {
-        store_history h = {s->st.step,           s->updated_ms, lrs[0],   grad_norm, sqrt(stats.update_sq),
-                           sqrt(stats.param_sq), contributors,  has_loss, loss};
-        rc = store_history_put(w->st, s->id, &h, w->history_steps);
-    }
+    store_history h = {s->st.step,           s->updated_ms, lrs[0],   grad_norm, sqrt(stats.update_sq),
+                       sqrt(stats.param_sq), contributors,  has_loss, loss};
+    optd_err rc = store_step(w, s, grad, skip, lrs, &h);
     if (rc == OPTD_OK)
         rc = injected(w, ENGINE_FAULT_STEP, s->name);
     if (rc == OPTD_OK)

@@ -238,6 +238,8 @@ enum {
     Q_HISTORY_TAIL_ADD,
     Q_HISTORY_TAIL_CLEAR,
     Q_SESSION_LOG,   /* the step path of a logged session */
+    Q_SESSION_STEP_HIST, /* Q_SESSION_STEP and the step's history row */
+    Q_SESSION_LOG_HIST,  /* Q_SESSION_LOG and the step's history row */
     Q_STATE_CURRENT, /* the state blob holds the row's step again */
     Q_STEPLOG_SLOT,  /* a slot's row: its bytes' id and length */
     Q_STEPLOG_SET,   /* a slot's step */
@@ -259,6 +261,14 @@ enum {
 /* Rows a tail holds before they move to the history table together: about
  * 1 KiB in the session's row, and one history page dirtied per 16 steps. */
 #define HIST_BATCH 16
+/* The SET clause that splices history row `row` (`len` bytes, HIST_ROW) in
+ * at hist_n of a tail of `size` bytes (HIST_ROW * HIST_BATCH). substr of a
+ * blob counts bytes; || makes text of the bytes as they are (a UTF-8
+ * database), NULs included, and the CAST gives back the blob. */
+#define HIST_SPLICE(row, len, size)                                                                              \
+    "hist_tail = CAST(substr(coalesce(hist_tail, zeroblob(" size ")), 1, hist_n * " len ") || " row               \
+    " || substr(coalesce(hist_tail, zeroblob(" size ")), (hist_n + 1) * " len " + 1) AS BLOB),"                   \
+    " hist_n = hist_n + 1"
 
 /* The columns row_session reads, in its order; the state blob follows them. */
 #define SESSION_COLS "s.id, s.name, s.optimizer, s.dtype, s.size, s.step, s.config, s.created_ms, s.updated_ms"
@@ -293,6 +303,13 @@ static const char *const sql[Q_END] = {
      * the update changes nothing and the step is refused, not applied on top. */
     [Q_SESSION_STEP] = "UPDATE sessions SET step = ?2, updated_ms = ?3, state_step = NULL WHERE id = ?1 AND step = ?2 - 1",
     [Q_SESSION_LOG] = "UPDATE sessions SET step = ?2, updated_ms = ?3, state_step = ?4 WHERE id = ?1 AND step = ?2 - 1",
+    /* The same with the step's history row (?5, ?6 bytes) spliced into the
+     * tail of ?7 bytes in the same row rewrite, unless the tail holds ?8
+     * rows already: one UPDATE of the row a step instead of two. */
+    [Q_SESSION_STEP_HIST] = "UPDATE sessions SET step = ?2, updated_ms = ?3, state_step = NULL, "
+                            HIST_SPLICE("?5", "?6", "?7") " WHERE id = ?1 AND step = ?2 - 1 AND hist_n < ?8",
+    [Q_SESSION_LOG_HIST] = "UPDATE sessions SET step = ?2, updated_ms = ?3, state_step = ?4, "
+                           HIST_SPLICE("?5", "?6", "?7") " WHERE id = ?1 AND step = ?2 - 1 AND hist_n < ?8",
     [Q_STATE_UPDATE] = "UPDATE state SET data = ?2 WHERE session_id = ?1",
     [Q_STATE_CURRENT] = "UPDATE sessions SET state_step = NULL WHERE id = ?1 AND state_step IS NOT NULL",
     [Q_STEPLOG_SLOT] = "SELECT l.data_id, length(d.data) FROM steplog l JOIN steplog_data d ON d.id = l.data_id"
@@ -327,14 +344,9 @@ static const char *const sql[Q_END] = {
                       " param_norm, contributors, loss) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     [Q_HISTORY_PRUNE] = "DELETE FROM history WHERE session_id = ?1 AND step <= ?2",
     [Q_HISTORY_DELETE_ALL] = "DELETE FROM history WHERE session_id = ?1",
-    /* Row ?2 (?3 bytes, HIST_ROW) spliced in at hist_n of a tail of ?4
-     * bytes (HIST_ROW * HIST_BATCH), unless the tail holds ?5 rows already
-     * (nothing changes: the caller flushes it first). substr of a blob
-     * counts bytes; || makes text of the bytes as they are (a UTF-8
-     * database), NULs included, and the CAST gives back the blob. */
-    [Q_HISTORY_TAIL_ADD] = "UPDATE sessions SET hist_tail = CAST(substr(coalesce(hist_tail, zeroblob(?4)), 1,"
-                           " hist_n * ?3) || ?2 || substr(coalesce(hist_tail, zeroblob(?4)), (hist_n + 1) * ?3 + 1)"
-                           " AS BLOB), hist_n = hist_n + 1 WHERE id = ?1 AND hist_n < ?5",
+    /* Row ?2 (?3 bytes) spliced into a tail of ?4 bytes, unless the tail
+     * holds ?5 rows already (nothing changes: the caller flushes it first). */
+    [Q_HISTORY_TAIL_ADD] = "UPDATE sessions SET " HIST_SPLICE("?2", "?3", "?4") " WHERE id = ?1 AND hist_n < ?5",
     [Q_HISTORY_TAIL_CLEAR] = "UPDATE sessions SET hist_n = 0 WHERE id = ?1",
     [Q_SAVEPOINT] = "SAVEPOINT optd_job",
     [Q_SAVEPOINT_RELEASE] = "RELEASE optd_job",
@@ -2085,36 +2097,84 @@ static optd_err step_moved(store *st, int64_t id, uint64_t step)
     return OPTD_E_UNAVAILABLE;
 }
 
-/* The step path: the row's step and time, and the state overwritten in place
- * with incremental blob I/O when its size is unchanged (no new overflow
- * pages allocated and old ones freed, as a whole-value UPDATE does; for a
- * 12 MB state that halves the pages a commit writes). Returns as
- * store_session_update. */
-optd_err store_session_step(store *st, int64_t id, uint64_t step, int64_t updated_ms, const void *state, size_t len)
-{
-    sqlite3_stmt *q = st->q[Q_SESSION_STEP];
-    sqlite3_blob *blob = NULL;
-    optd_err rc;
-    int own, src;
+static void hist_pack(const store_history *h, unsigned char *p);
 
-    if (step == 0 || step > INT64_MAX || !state || len > INT_MAX)
-        return OPTD_E_INVALID;
-    rc = tx_enter(st, &own);
-    if (rc)
-        return rc;
-    st->tx_bytes += len;
+/* The row half of a step: step, time and state_step (NULL when state_step
+ * is negative) of session id, and its history row h (none when NULL) with
+ * keep as store_history_put takes it. The common case is one UPDATE: the
+ * row's rewrite takes h into its tail when the tail has room. Otherwise
+ * the row, then h through store_history_put, which moves a full tail to
+ * the history table first. OPTD_E_NOT_FOUND or _UNAVAILABLE (step_moved)
+ * when the row is not at step - 1. Inside a transaction. */
+static optd_err row_step(store *st, int64_t id, uint64_t step, int64_t updated_ms, int64_t state_step,
+                         const store_history *h, uint64_t keep)
+{
+    sqlite3_stmt *q;
+    optd_err rc;
+    int src, logged = state_step >= 0;
+
+    if (h && keep) {
+        unsigned char packed[HIST_ROW];
+        hist_pack(h, packed);
+        q = st->q[logged ? Q_SESSION_LOG_HIST : Q_SESSION_STEP_HIST];
+        src = sqlite3_bind_int64(q, 1, id);
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_int64(q, 2, (int64_t)step);
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_int64(q, 3, updated_ms);
+        if (src == SQLITE_OK && logged)
+            src = sqlite3_bind_int64(q, 4, state_step);
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_blob(q, 5, packed, HIST_ROW, SQLITE_STATIC);
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_int(q, 6, HIST_ROW);
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_int(q, 7, HIST_ROW * HIST_BATCH);
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_int64(q, 8, (int64_t)(keep < HIST_BATCH ? keep : HIST_BATCH));
+        rc = run(q, src);
+        if (rc || sqlite3_changes(st->db) == 1)
+            return rc;
+        /* A full tail, or a row not at step - 1: the long way says which. */
+    }
+    q = st->q[logged ? Q_SESSION_LOG : Q_SESSION_STEP];
     src = sqlite3_bind_int64(q, 1, id);
     if (src == SQLITE_OK)
         src = sqlite3_bind_int64(q, 2, (int64_t)step);
     if (src == SQLITE_OK)
         src = sqlite3_bind_int64(q, 3, updated_ms);
+    if (src == SQLITE_OK && logged)
+        src = sqlite3_bind_int64(q, 4, state_step);
     rc = run(q, src);
+    if (rc == OPTD_OK && sqlite3_changes(st->db) == 0)
+        rc = step_moved(st, id, step);
+    if (rc == OPTD_OK && h)
+        rc = store_history_put(st, id, h, keep);
+    return rc;
+}
+
+/* The step path: the row's step and time, and the state overwritten in place
+ * with incremental blob I/O when its size is unchanged (no new overflow
+ * pages allocated and old ones freed, as a whole-value UPDATE does; for a
+ * 12 MB state that halves the pages a commit writes). Returns as
+ * store_session_update. */
+optd_err store_session_step(store *st, int64_t id, uint64_t step, int64_t updated_ms, const void *state, size_t len,
+                            const store_history *h, uint64_t keep)
+{
+    sqlite3_stmt *q;
+    sqlite3_blob *blob = NULL;
+    optd_err rc;
+    int own, src;
+
+    if (step == 0 || step > INT64_MAX || !state || len > INT_MAX || (h && h->step != step))
+        return OPTD_E_INVALID;
+    rc = tx_enter(st, &own);
+    if (rc)
+        return rc;
+    st->tx_bytes += len;
+    rc = row_step(st, id, step, updated_ms, -1, h, keep);
     if (rc)
         goto done;
-    if (sqlite3_changes(st->db) == 0) {
-        rc = step_moved(st, id, step);
-        goto done;
-    }
     src = sqlite3_blob_open(st->db, "main", "state", "data", id, 1, &blob);
     if (src == SQLITE_OK && sqlite3_blob_bytes(blob) == (int)len) {
         rc = from_sqlite(blob_write(st, blob, state, (int)len, 0));
@@ -2249,14 +2309,13 @@ static void cache_fit(store *st, size_t entry_bytes)
  * (also: the row is not at step - 1, as store_session_step),
  * OPTD_E_SESSION_TOO_LARGE, OPTD_E_NOMEM, OPTD_E_INTERNAL. */
 optd_err store_session_log(store *st, int64_t id, uint64_t step, int64_t updated_ms, uint64_t state_step,
-                           uint32_t slot, const store_part *parts, int n)
+                           uint32_t slot, const store_part *parts, int n, const store_history *h, uint64_t keep)
 {
-    sqlite3_stmt *q = st->q[Q_SESSION_LOG];
     size_t len = 0;
     optd_err rc;
-    int own, src;
+    int own;
 
-    if (step == 0 || step > INT64_MAX || state_step >= step || n < 0 || (n && !parts))
+    if (step == 0 || step > INT64_MAX || state_step >= step || n < 0 || (n && !parts) || (h && h->step != step))
         return OPTD_E_INVALID;
     for (int i = 0; i < n; i++)
         len += parts[i].len;
@@ -2267,22 +2326,9 @@ optd_err store_session_log(store *st, int64_t id, uint64_t step, int64_t updated
     if (rc)
         return rc;
     st->tx_bytes += len;
-    src = sqlite3_bind_int64(q, 1, id);
-    if (src == SQLITE_OK)
-        src = sqlite3_bind_int64(q, 2, (int64_t)step);
-    if (src == SQLITE_OK)
-        src = sqlite3_bind_int64(q, 3, updated_ms);
-    if (src == SQLITE_OK)
-        src = sqlite3_bind_int64(q, 4, (int64_t)state_step);
-    rc = run(q, src);
-    if (rc)
-        goto done;
-    if (sqlite3_changes(st->db) == 0) {
-        rc = step_moved(st, id, step);
-        goto done;
-    }
-    rc = slot_write(st, id, slot, step, parts, n, len);
-done:
+    rc = row_step(st, id, step, updated_ms, (int64_t)state_step, h, keep);
+    if (rc == OPTD_OK)
+        rc = slot_write(st, id, slot, step, parts, n, len);
     return tx_leave(st, own, rc);
 }
 

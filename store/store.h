@@ -137,6 +137,16 @@ uint64_t store_tx_writes(store *st);
  * past SQLite's length limit (nothing of that statement is written; roll
  * back to the job's savepoint for the rest). */
 
+/* One applied step as the history keeps it. Plain data. */
+typedef struct store_history {
+    uint64_t step;
+    int64_t time_ms; /* Unix time, milliseconds */
+    double lr, grad_norm, update_norm, param_norm;
+    uint64_t contributors;
+    int has_loss;
+    double loss; /* the client's, when has_loss */
+} store_history;
+
 /* Inserts a session and its state blob; sets s->id. OPTD_E_ALREADY_EXISTS
  * when the name is taken. */
 optd_err store_session_insert(store *st, store_session *s, const void *state, size_t len);
@@ -148,8 +158,11 @@ optd_err store_session_load(store *st, const char *name, store_session *out, voi
  * the state blob. */
 optd_err store_session_update(store *st, const store_session *s, const void *state, size_t len);
 /* The step path: writes step and updated_ms of session id and its state blob
- * (in place when its size is unchanged). */
-optd_err store_session_step(store *st, int64_t id, uint64_t step, int64_t updated_ms, const void *state, size_t len);
+ * (in place when its size is unchanged), and records the step's history row
+ * h (h->step == step; none when NULL) as store_history_put(h, keep) does,
+ * in the same rewrite of the row when the row's tail has room. */
+optd_err store_session_step(store *st, int64_t id, uint64_t step, int64_t updated_ms, const void *state, size_t len,
+                            const store_history *h, uint64_t keep);
 /* The step path of a session whose state is too big to rewrite at every
  * step: writes step and updated_ms of session id, and in place of the state
  * the n parts of what redoes the step (the engine's bytes, written one after
@@ -157,13 +170,14 @@ optd_err store_session_step(store *st, int64_t id, uint64_t step, int64_t update
  * state_step (< step) and loads return the logged steps after it. Slots are
  * overwritten in place, so a session's log takes at most as many rows as
  * slots it uses. A later store_session_step or store_session_update with
- * state ends the log (its slots are kept for reuse). */
+ * state ends the log (its slots are kept for reuse). h and keep: as
+ * store_session_step. */
 typedef struct store_part {
     const void *p; /* NULL: len zero bytes */
     size_t len;
 } store_part;
 optd_err store_session_log(store *st, int64_t id, uint64_t step, int64_t updated_ms, uint64_t state_step,
-                           uint32_t slot, const store_part *parts, int n);
+                           uint32_t slot, const store_part *parts, int n, const store_history *h, uint64_t keep);
 /* Deletes a session, its state, log, history and keys. OPTD_E_NOT_FOUND when absent. */
 optd_err store_session_delete(store *st, const char *name);
 
@@ -197,16 +211,6 @@ optd_err store_idem_get(store *st, int64_t session_id, const char *key, uint64_t
  * such keys may still be listed and found up to 64 steps later. */
 optd_err store_idem_put(store *st, int64_t session_id, const char *key, uint64_t step, uint64_t digest,
                         const void *reply, size_t reply_len, uint64_t window);
-
-/* One applied step as the history keeps it. Plain data. */
-typedef struct store_history {
-    uint64_t step;
-    int64_t time_ms; /* Unix time, milliseconds */
-    double lr, grad_norm, update_norm, param_norm;
-    uint64_t contributors;
-    int has_loss;
-    double loss; /* the client's, when has_loss */
-} store_history;
 
 /* Records h for session_id, then forgets the rows of steps <= h->step - keep
  * so exactly the last keep steps stay (keep 0 keeps none). The newest rows

@@ -731,13 +731,13 @@ static void test_a_savepoint_rolls_back_one_job_and_the_group_commits_the_rest(v
     /* Job 1: a step of "kept", kept. */
     assert_int_equal(store_savepoint(f->st), OPTD_OK);
     memset(big, 2, sizeof big);
-    assert_int_equal(store_session_step(f->st, kept.id, 1, 5, big, sizeof big), OPTD_OK);
+    assert_int_equal(store_session_step(f->st, kept.id, 1, 5, big, sizeof big, NULL, 0), OPTD_OK);
     assert_int_equal(store_release(f->st), OPTD_OK);
     /* Job 2: a create and a second step (in place) of "kept", undone. */
     assert_int_equal(store_savepoint(f->st), OPTD_OK);
     assert_int_equal(store_session_insert(f->st, &undone, "u", 1), OPTD_OK);
     memset(big, 3, sizeof big);
-    assert_int_equal(store_session_step(f->st, kept.id, 2, 6, big, sizeof big), OPTD_OK);
+    assert_int_equal(store_session_step(f->st, kept.id, 2, 6, big, sizeof big, NULL, 0), OPTD_OK);
     assert_int_equal(store_rollback_to(f->st), OPTD_OK);
     /* Job 3 sees job 1's step, not job 2's. */
     assert_int_equal(store_savepoint(f->st), OPTD_OK);
@@ -1039,6 +1039,48 @@ static void test_history_rows_wait_in_the_session_row_and_move_in_batches(void *
     assert_int_equal(store_history_put(f->st, id + 1, &early, 10), OPTD_E_NOT_FOUND);
 }
 
+/* A step's history row goes with the step (store_session_step and
+ * store_session_log, mostly in the same row rewrite): the rows of 40 steps
+ * across both paths, with keep 20 and tails moving to the table on the
+ * way, read back as the last 20, in order and exact; a refused step (its
+ * row not at step - 1) leaves no row; keep 0 forgets them all. */
+static void test_a_step_records_its_history_row_with_it(void **state)
+{
+    fixture *f = *state;
+    store_history *rows = NULL;
+    size_t n = 0;
+    int more = 0;
+    store_part part = {"L", 1};
+
+    int64_t id = history_session(f, "h");
+    for (uint64_t step = 1; step <= 40; step++) {
+        store_history h = hist_row(step, 0.25);
+        if (step % 5 == 0) /* a logged step now and then */
+            assert_int_equal(store_session_log(f->st, id, step, 7, step - 1, 0, &part, 1, &h, 20), OPTD_OK);
+        else
+            assert_int_equal(store_session_step(f->st, id, step, 7, "def", 3, &h, 20), OPTD_OK);
+    }
+    store_history late = hist_row(40, 0.5), wrong = hist_row(41, 0.5);
+    assert_int_equal(store_session_step(f->st, id, 40, 8, "xyz", 3, &late, 20), OPTD_E_UNAVAILABLE);
+    assert_int_equal(store_session_log(f->st, id, 40, 8, 39, 0, &part, 1, &late, 20), OPTD_E_UNAVAILABLE);
+    assert_int_equal(store_session_step(f->st, id, 42, 8, "xyz", 3, &wrong, 20), OPTD_E_INVALID);
+    assert_int_equal(store_read_history(f->st, id, 0, 100, 20, &rows, &n, &more), OPTD_OK);
+    assert_int_equal(n, 20);
+    assert_false(more);
+    for (uint64_t i = 0; i < 20; i++) {
+        store_history want = hist_row(21 + i, 0.25);
+        assert_hist_eq(&rows[i], &want);
+    }
+    free(rows);
+    rows = NULL;
+
+    store_history h41 = hist_row(41, 0.25);
+    assert_int_equal(store_session_step(f->st, id, 41, 9, "def", 3, &h41, 0), OPTD_OK);
+    assert_int_equal(store_read_history(f->st, id, 0, 100, 20, &rows, &n, &more), OPTD_OK);
+    assert_int_equal(n, 0);
+    free(rows);
+}
+
 /* Schema 5's idempotency tables and columns taken back to schema 4's. */
 #define SCHEMA_4_IDEM                                                                                                  \
     "DROP TABLE idem_keys;"                                                                                            \
@@ -1201,10 +1243,10 @@ static void test_a_step_guards_on_the_stored_step(void **state)
     open_store(f, NULL);
     insert(f, "g");
     assert_int_equal(store_session_load(f->st, "g", &row, NULL, NULL), OPTD_OK);
-    assert_int_equal(store_session_step(f->st, row.id, 1, 1, "def", 3), OPTD_OK);
-    assert_int_equal(store_session_step(f->st, row.id, 1, 2, "xyz", 3), OPTD_E_UNAVAILABLE);
-    assert_int_equal(store_session_step(f->st, row.id, 3, 2, "xyz", 3), OPTD_E_UNAVAILABLE);
-    assert_int_equal(store_session_step(f->st, row.id + 100, 1, 2, "xyz", 3), OPTD_E_NOT_FOUND);
+    assert_int_equal(store_session_step(f->st, row.id, 1, 1, "def", 3, NULL, 0), OPTD_OK);
+    assert_int_equal(store_session_step(f->st, row.id, 1, 2, "xyz", 3, NULL, 0), OPTD_E_UNAVAILABLE);
+    assert_int_equal(store_session_step(f->st, row.id, 3, 2, "xyz", 3, NULL, 0), OPTD_E_UNAVAILABLE);
+    assert_int_equal(store_session_step(f->st, row.id + 100, 1, 2, "xyz", 3, NULL, 0), OPTD_E_NOT_FOUND);
     store_session_clear(&row);
     assert_int_equal(store_session_load(f->st, "g", &row, &blob, &len), OPTD_OK);
     assert_int_equal(row.step, 1);
@@ -1231,18 +1273,18 @@ static void test_the_page_cache_grows_for_logged_steps_only(void **state)
     store_session s = make_session("c", 0);
     assert_int_equal(store_session_insert(f->st, &s, "S0", 2), OPTD_OK);
     assert_int_equal(page_cache_limit(f), 2000 * 1024);
-    assert_int_equal(store_session_step(f->st, s.id, 1, 5, "S1", 2), OPTD_OK);
+    assert_int_equal(store_session_step(f->st, s.id, 1, 5, "S1", 2, NULL, 0), OPTD_OK);
     store_history h = hist_row(1, 0.5);
     assert_int_equal(store_history_put(f->st, s.id, &h, 100), OPTD_OK);
     assert_int_equal(page_cache_limit(f), 2000 * 1024);
     store_part p = {NULL, 1 << 20}; /* 1 MiB of zeros */
-    assert_int_equal(store_session_log(f->st, s.id, 2, 6, 1, 0, &p, 1), OPTD_OK);
+    assert_int_equal(store_session_log(f->st, s.id, 2, 6, 1, 0, &p, 1, NULL, 0), OPTD_OK);
     assert_int_equal(page_cache_limit(f), 16u << 20);
     p.len = 16u << 20;
-    assert_int_equal(store_session_log(f->st, s.id, 3, 7, 1, 1, &p, 1), OPTD_OK);
+    assert_int_equal(store_session_log(f->st, s.id, 3, 7, 1, 1, &p, 1, NULL, 0), OPTD_OK);
     assert_int_equal(page_cache_limit(f), 64u << 20);
     p.len = 1;
-    assert_int_equal(store_session_log(f->st, s.id, 4, 8, 1, 2, &p, 1), OPTD_OK);
+    assert_int_equal(store_session_log(f->st, s.id, 4, 8, 1, 2, &p, 1, NULL, 0), OPTD_OK);
     assert_int_equal(page_cache_limit(f), 64u << 20); /* it never shrinks */
 }
 
@@ -1350,7 +1392,7 @@ static void test_a_log_holds_the_steps_past_the_state_until_the_state_is_written
     const char *heads[] = {"one-", "two-", "six---"};
     for (uint32_t i = 0; i < 3; i++) {
         store_part parts[2] = {{heads[i], strlen(heads[i])}, {NULL, 2}};
-        assert_int_equal(store_session_log(f->st, s.id, i + 1, 5, 0, i, parts, 2), OPTD_OK);
+        assert_int_equal(store_session_log(f->st, s.id, i + 1, 5, 0, i, parts, 2, NULL, 0), OPTD_OK);
     }
     /* The entries hold NULs: compare by explicit lengths. */
     for (int via = 0; via < 2; via++) {
@@ -1374,11 +1416,11 @@ static void test_a_log_holds_the_steps_past_the_state_until_the_state_is_written
     /* A step that writes the state ends the log; the next log starts over
      * in slot 0, overwriting it in place at the same length and resizing
      * slot 1. */
-    assert_int_equal(store_session_step(f->st, s.id, 4, 6, "S4", 2), OPTD_OK);
+    assert_int_equal(store_session_step(f->st, s.id, 4, 6, "S4", 2, NULL, 0), OPTD_OK);
     assert_log(f, "g", 4, 4, "S4", NULL, 0);
     store_part p5 = {"FIVE-\0", 6}, p6 = {"x", 1};
-    assert_int_equal(store_session_log(f->st, s.id, 5, 7, 4, 0, &p5, 1), OPTD_OK);
-    assert_int_equal(store_session_log(f->st, s.id, 6, 8, 4, 1, &p6, 1), OPTD_OK);
+    assert_int_equal(store_session_log(f->st, s.id, 5, 7, 4, 0, &p5, 1, NULL, 0), OPTD_OK);
+    assert_int_equal(store_session_log(f->st, s.id, 6, 8, 4, 1, &p6, 1, NULL, 0), OPTD_OK);
     {
         store_session got;
         void *blob = NULL;
@@ -1394,7 +1436,7 @@ static void test_a_log_holds_the_steps_past_the_state_until_the_state_is_written
         free(blob);
     }
     /* A step not following the row's is refused, and changes nothing. */
-    assert_int_equal(store_session_log(f->st, s.id, 9, 9, 4, 2, &p6, 1), OPTD_E_UNAVAILABLE);
+    assert_int_equal(store_session_log(f->st, s.id, 9, 9, 4, 2, &p6, 1, NULL, 0), OPTD_E_UNAVAILABLE);
     /* An update with state ends the log too; one without keeps it. */
     store_session row;
     void *blob = NULL;
@@ -1448,6 +1490,7 @@ int main(void)
         T(test_a_corrupt_database_is_refused),
         T(test_history_keeps_exactly_the_last_steps_and_pages_in_order),
         T(test_history_rows_wait_in_the_session_row_and_move_in_batches),
+        T(test_a_step_records_its_history_row_with_it),
         T(test_history_of_schema_3_survives_the_upgrade),
         T(test_an_older_schema_is_upgraded),
         T(test_a_lock_held_elsewhere_makes_writes_unavailable_and_writable_false),
