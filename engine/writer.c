@@ -829,6 +829,27 @@ static optd_err skip_flags(const sess *s, sreq *j, unsigned char **out)
     return OPTD_OK;
 }
 
+/* The numbers of s's latest step's reply, from its history row: lr,
+ * grad_norm and contributors, when the history keeps them (a shaped
+ * session's reply has an lr per group, which the row lacks: none then). */
+static optd_err latest_meta(engine *w, sess *s, sreq *j)
+{
+    store_history *h = NULL;
+    size_t n = 0;
+    int more = 0;
+    if (s->shape || !w->history_steps || s->st.step == 0)
+        return OPTD_OK;
+    optd_err rc = store_read_history(w->st, s->id, s->st.step - 1, 1, w->history_steps, &h, &n, &more);
+    if (rc == OPTD_OK && n == 1 && h[0].step == s->st.step && h[0].contributors <= UINT32_MAX) {
+        j->lr = h[0].lr;
+        j->grad_norm = h[0].grad_norm;
+        j->contributors = (uint32_t)h[0].contributors;
+        j->has_meta = true;
+    }
+    free(h);
+    return rc;
+}
+
 static optd_err run_step(engine *w, sreq *j)
 {
     sess *s;
@@ -875,6 +896,12 @@ static optd_err run_step(engine *w, sreq *j)
                     j->out_params = rec.reply;
                     rec.reply = NULL;
                 }
+            } else if (!rec.reply && rec.step == s->st.step) {
+                /* The ring all sessions share came round to the latest
+                 * step's saved reply: its params are the session's own. */
+                rc = latest_meta(w, s, j);
+                if (rc == OPTD_OK && j->want_params)
+                    rc = copy_out(j, s->st.params, s->n * optim_elem_size(s->dtype));
             }
             free(rec.reply);
             return rc;

@@ -35,7 +35,28 @@
  * to ride out one group commit, short enough for a health check. */
 #define PROBE_TIMEOUT_MS 100
 
-/* The ring of saved replies (schema 5): a session's reply to step k is in
+/* The reply ring (schema 6): the replies saved for keyed steps, of every
+ * session, one after another in the order they were written, so that a
+ * group's replies share a few pages, which stay in the writer's cache
+ * (in a ring per session, each reply dirtied a page of its own, which had
+ * first to be read back: half a keyed step's cost). The ring is
+ * RING_CHUNK-byte blobs (table replies, rowid = offset / RING_CHUNK, made
+ * zeroed when first written, then overwritten in place with incremental
+ * blob I/O), written from offset 0 up to the ring's capacity (ring_cap),
+ * then from 0 again: a lap. A saved reply is a record, RING_HEAD bytes
+ * (its pos, session, step and length, 8 bytes each, little-endian) and the
+ * reply, and its key keeps its pos: lap << 32 | offset. A record is alive
+ * while no later one has been written over it, which its pos and the ring's
+ * head (the pos of the next record, in table ring) tell; its head is
+ * checked too. The capacity is what the windows of the sessions need, each
+ * at most IDEM_REPLY_BUDGET, all at most RING_MAX. */
+#define RING_CHUNK ((uint64_t)65536)
+#define RING_HEAD 32
+#define RING_MAX ((uint64_t)1 << 30)
+#define RING_NONE UINT64_MAX /* a key with no saved reply */
+/* Schema 5's ring per session, read for the keys saved before schema 6
+ * (sessions.idem_legacy: steps up to it) until they leave the window.
+ * A session's reply to step k is in
  * slot k % slots of its ring, slots (store_idem_slots) being the most
  * replies of that length IDEM_REPLY_BUDGET holds, at most IDEM_SLOTS_MAX
  * and no more than the key window needs. A slot
@@ -53,16 +74,26 @@
 #define STR(x) STR_(x)
 /* A session's newest keys wait in its row, IDEM_TAIL bytes made once and
  * kept at that size (so the row never grows or shrinks and its page is not
- * rebalanced), idem_used of them holding entries: the step and the digest
- * (8 bytes each, little-endian), the key's length (1) and the key. A key
+ * rebalanced), idem_used of them holding entries: the step, the digest and
+ * the pos of its reply in the ring (8 bytes each, little-endian; RING_NONE
+ * for none), the key's length (1) and the key. A key
  * that does not fit when the tail is empty (over 255 bytes) goes to
  * idem_keys directly. */
 #define IDEM_TAIL 2048
-#define IDEM_ENTRY_HEAD 17
+#define IDEM_ENTRY_HEAD 25
+#define IDEM_ENTRY_HEAD_5 17 /* schema 5's: no pos */
 
 /* Keys leave a batch at a time: rows stay up to this many steps past the
  * window (the engine no longer finds them: it looks within the window). */
 #define IDEM_PRUNE_SLACK 64
+
+/* An entry of a session's key tail (see IDEM_TAIL); key is not
+ * NUL-terminated. */
+typedef struct idem_entry {
+    uint64_t step, digest, pos;
+    const char *key;
+    size_t klen;
+} idem_entry;
 
 /* Schema migrations: migrations[n] takes a database from user_version n to
  * n + 1, so the current version is the number of steps. A new schema appends
@@ -192,6 +223,18 @@ static const char *const migrations[] = {
     "INSERT INTO idem_keys(session_id, step, key, digest, reply)"
     " SELECT session_id, step, key, digest, reply FROM idem;"
     "DROP TABLE idem;",
+    /* 5 -> 6: one reply ring for all sessions (see RING_CHUNK), its head
+     * in table ring and each key's place in it in idem_keys.pos (and in the
+     * tail's entries, which therefore move to idem_keys first:
+     * migrate_6_tails). The replies saved before stay in idem_replies for
+     * the steps up to sessions.idem_legacy, until those leave the window. */
+    "CREATE TABLE replies(chunk INTEGER PRIMARY KEY, data BLOB NOT NULL);"
+    "CREATE TABLE ring(id INTEGER PRIMARY KEY CHECK (id = 1), head INTEGER NOT NULL);"
+    "INSERT INTO ring(id, head) VALUES (1, 0);"
+    "ALTER TABLE idem_keys ADD COLUMN pos INTEGER;"
+    "ALTER TABLE sessions ADD COLUMN idem_legacy INTEGER;"
+    "UPDATE sessions SET idem_legacy = step WHERE EXISTS (SELECT 1 FROM idem_replies"
+    " WHERE id >= (sessions.id << 20) AND id < ((sessions.id + 1) << 20));",
 };
 #define SCHEMA_VERSION ((int)(sizeof migrations / sizeof migrations[0]))
 
@@ -230,8 +273,13 @@ enum {
     Q_IDEM_TAIL,       /* the keys waiting in a session's row */
     Q_IDEM_TAIL_ADD,
     Q_IDEM_TAIL_CLEAR,
-    Q_IDEM_CHUNK_ADD,    /* a chunk of the reply ring, zeroed */
-    Q_IDEM_CHUNK_RESIZE, /* the same, for slots of another length */
+    Q_IDEM_LEGACY,     /* up to which step a session's replies are schema 5's */
+    Q_IDEM_LEGACY_END, /* ... none, once the window has passed it */
+    Q_RING_HEAD,       /* the reply ring's head */
+    Q_RING_HEAD_SET,
+    Q_RING_CAP,        /* the capacity the sessions' windows need */
+    Q_RING_CHUNK_ADD,  /* a chunk of the ring, zeroed */
+    Q_RING_TRIM,       /* the chunks past the capacity */
     Q_HISTORY_PUT,
     Q_HISTORY_PRUNE,
     Q_HISTORY_DELETE_ALL,
@@ -327,8 +375,8 @@ static const char *const sql[Q_END] = {
     [Q_IDEM_REPLIES_DELETE_ALL] = "DELETE FROM idem_replies WHERE id >= (?1 << " STR(IDEM_RING_BITS) ")"
                                   " AND id < ((?1 + 1) << " STR(IDEM_RING_BITS) ")",
     [Q_IDEM_KEYS] = "SELECT step, key FROM idem_keys WHERE session_id = ?1 AND step > ?2",
-    [Q_IDEM_GET] = "SELECT digest, reply FROM idem_keys WHERE session_id = ?1 AND step = ?2 AND key = ?3",
-    [Q_IDEM_PUT] = "INSERT OR REPLACE INTO idem_keys(session_id, step, key, digest) VALUES (?1, ?2, ?3, ?4)",
+    [Q_IDEM_GET] = "SELECT digest, reply, pos FROM idem_keys WHERE session_id = ?1 AND step = ?2 AND key = ?3",
+    [Q_IDEM_PUT] = "INSERT OR REPLACE INTO idem_keys(session_id, step, key, digest, pos) VALUES (?1, ?2, ?3, ?4, ?5)",
     [Q_IDEM_OLDEST] = "SELECT min(step) FROM idem_keys WHERE session_id = ?1",
     [Q_IDEM_PRUNE] = "DELETE FROM idem_keys WHERE session_id = ?1 AND step <= ?2",
     [Q_IDEM_TAIL] = "SELECT idem_tail, idem_used FROM sessions WHERE id = ?1",
@@ -338,8 +386,15 @@ static const char *const sql[Q_END] = {
                         " idem_used) || ?2 || substr(coalesce(idem_tail, zeroblob(?4)), idem_used + ?3 + 1)"
                         " AS BLOB), idem_used = idem_used + ?3 WHERE id = ?1 AND idem_used + ?3 <= ?4",
     [Q_IDEM_TAIL_CLEAR] = "UPDATE sessions SET idem_used = 0 WHERE id = ?1",
-    [Q_IDEM_CHUNK_ADD] = "INSERT INTO idem_replies(id, data) VALUES (?1, zeroblob(?2))",
-    [Q_IDEM_CHUNK_RESIZE] = "UPDATE idem_replies SET data = zeroblob(?2) WHERE id = ?1",
+    [Q_IDEM_LEGACY] = "SELECT idem_legacy FROM sessions WHERE id = ?1",
+    [Q_IDEM_LEGACY_END] = "UPDATE sessions SET idem_legacy = NULL WHERE id = ?1 AND idem_legacy <= ?2",
+    [Q_RING_HEAD] = "SELECT head FROM ring WHERE id = 1",
+    [Q_RING_HEAD_SET] = "UPDATE ring SET head = ?1 WHERE id = 1",
+    /* A reply is its params (size elements of 4 << dtype bytes) and a few
+     * numbers; 128 bytes cover those and the record's head. */
+    [Q_RING_CAP] = "SELECT total(min(?1 * (size * (4 << dtype) + 128), ?2)) FROM sessions",
+    [Q_RING_CHUNK_ADD] = "INSERT INTO replies(chunk, data) VALUES (?1, zeroblob(?2))",
+    [Q_RING_TRIM] = "DELETE FROM replies WHERE chunk >= ?1",
     [Q_HISTORY_PUT] = "INSERT OR REPLACE INTO history(session_id, step, time_ms, lr, grad_norm, update_norm,"
                       " param_norm, contributors, loss) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     [Q_HISTORY_PRUNE] = "DELETE FROM history WHERE session_id = ?1 AND step <= ?2",
@@ -409,6 +464,8 @@ struct store {
     atomic_uint_fast64_t need_bytes;
     uint64_t tx_bytes;        /* writer only: bytes of state the open transaction writes */
     uint64_t blob_writes;     /* writer only: sqlite3_blob_write calls made (writes_made) */
+    uint64_t ring_head;       /* writer only: where the next reply goes (RING_CHUNK), never behind the table's */
+    uint64_t ring_cap;        /* writer only: the ring's capacity, bytes; 0: to be worked out */
     uint64_t tx_writes;       /* writer only: writes_made when the transaction began */
     int lock_fd;              /* the exclusive lock (flock) on the database, or -1 */
     void (*log)(void *, const char *);
@@ -540,6 +597,20 @@ static optd_err run(sqlite3_stmt *q, int src)
 
 /* uint64 values are stored as the int64 with the same bits: SQLite integers
  * are signed, and digests use all 64 bits. */
+static void le64_put(unsigned char *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (unsigned char)(v >> (8 * i));
+}
+
+static uint64_t le64_get(const unsigned char *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v |= (uint64_t)p[i] << (8 * i);
+    return v;
+}
+
 static int64_t u2i(uint64_t v)
 {
     int64_t r;
@@ -974,6 +1045,56 @@ done:
     return rc;
 }
 
+static int idem_entry_next(const unsigned char *buf, size_t used, size_t *off, idem_entry *e, size_t head);
+
+/* Schema 6's entries in a session's key tail hold their reply's pos, which
+ * schema 5's do not: those go to idem_keys (pos NULL) before any new one
+ * is added. */
+static optd_err migrate_6_tails(sqlite3 *db, const char *path, char *err, size_t errlen)
+{
+    sqlite3_stmt *sel = NULL, *ins = NULL;
+    int src = sqlite3_prepare_v2(db, "SELECT id, idem_tail, idem_used FROM sessions WHERE idem_used > 0", -1, &sel,
+                                 NULL);
+    if (src == SQLITE_OK)
+        src = sqlite3_prepare_v2(db,
+                                 "INSERT OR REPLACE INTO idem_keys(session_id, step, key, digest) VALUES (?1, ?2, ?3, ?4)",
+                                 -1, &ins, NULL);
+    while (src == SQLITE_OK && (src = sqlite3_step(sel)) == SQLITE_ROW) {
+        const unsigned char *buf = sqlite3_column_blob(sel, 1);
+        size_t used = (size_t)sqlite3_column_int64(sel, 2), off = 0;
+        idem_entry e;
+        int more;
+        src = SQLITE_OK;
+        if (!buf || used > (size_t)sqlite3_column_bytes(sel, 1))
+            src = SQLITE_CORRUPT; /* not a tail schema 5 wrote */
+        while (src == SQLITE_OK && (more = idem_entry_next(buf, used, &off, &e, IDEM_ENTRY_HEAD_5)) != 0) {
+            if (more < 0)
+                src = SQLITE_CORRUPT;
+            if (src == SQLITE_OK)
+                src = sqlite3_bind_int64(ins, 1, sqlite3_column_int64(sel, 0));
+            if (src == SQLITE_OK)
+                src = sqlite3_bind_int64(ins, 2, u2i(e.step));
+            if (src == SQLITE_OK)
+                src = sqlite3_bind_text(ins, 3, e.key, (int)e.klen, SQLITE_STATIC);
+            if (src == SQLITE_OK)
+                src = sqlite3_bind_int64(ins, 4, u2i(e.digest));
+            if (src == SQLITE_OK && (src = sqlite3_step(ins)) == SQLITE_DONE)
+                src = SQLITE_OK;
+            (void)sqlite3_reset(ins);
+        }
+    }
+    if (src == SQLITE_DONE)
+        src = SQLITE_OK;
+    (void)sqlite3_finalize(sel);
+    (void)sqlite3_finalize(ins);
+    if (src != SQLITE_OK) {
+        seterr(err, errlen, "cannot move the idempotency keys of %s to schema 6: %s", path,
+               src == SQLITE_CORRUPT ? "a key tail is damaged" : sqlite3_errmsg(db));
+        return src == SQLITE_CORRUPT ? OPTD_E_INVALID : from_sqlite(src);
+    }
+    return exec_sql(db, "UPDATE sessions SET idem_used = 0", path, err, errlen);
+}
+
 /* Brings the schema to SCHEMA_VERSION in one transaction. The header is read
  * again under the write lock, so two processes creating the same file, or a
  * file swapped since check_existing, cannot lead us to write a foreign one. */
@@ -1001,6 +1122,8 @@ static optd_err migrate(sqlite3 *db, const char *path, char *err, size_t errlen)
     }
     for (v = h.version; v < SCHEMA_VERSION; v++) {
         rc = exec_sql(db, migrations[v], path, err, errlen);
+        if (rc == OPTD_OK && v == 5)
+            rc = migrate_6_tails(db, path, err, errlen);
         if (rc)
             goto done;
     }
@@ -1329,7 +1452,10 @@ static optd_err ckpt_open(store *st, char *err, size_t errlen)
     return OPTD_OK;
 }
 
-/* Opens the write connection: WAL, durability, schema, statements. */
+static optd_err ring_load(store *st);
+
+/* Opens the write connection: WAL, durability, schema, statements, and the
+ * reply ring's head. */
 static optd_err writer_open(store *st, const char *path, const store_options *o, int create, char *err, size_t errlen)
 {
     sqlite3_stmt *q = NULL;
@@ -1403,7 +1529,10 @@ static optd_err writer_open(store *st, const char *path, const store_options *o,
         seterr(err, errlen, "cannot read the page size of %s: %s", path, sqlite3_errmsg(st->db));
         return OPTD_E_UNAVAILABLE;
     }
-    return prepare_all(st->db, st->q, Q_END, path, err, errlen);
+    rc = prepare_all(st->db, st->q, Q_END, path, err, errlen);
+    if (rc == OPTD_OK && (rc = ring_load(st)) != OPTD_OK)
+        seterr(err, errlen, "cannot read the reply ring's head in %s: %s", path, sqlite3_errmsg(st->db));
+    return rc;
 }
 
 /* Opens the read-only pool; called after migrate so the schema exists. */
@@ -2372,46 +2501,35 @@ optd_err store_session_delete(store *st, const char *name)
         if (rc)
             goto done;
     }
+    /* Its replies in the ring are left to be written over; the capacity,
+     * worked out again at the next reply, may now be smaller, and a lap
+     * then starts and gives back the chunks past it. */
+    st->ring_cap = 0;
 done:
     return tx_leave(st, own, rc);
 }
 
-static void le64_put(unsigned char *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++)
-        p[i] = (unsigned char)(v >> (8 * i));
-}
-
-static uint64_t le64_get(const unsigned char *p)
-{
-    uint64_t v = 0;
-    for (int i = 0; i < 8; i++)
-        v |= (uint64_t)p[i] << (8 * i);
-    return v;
-}
-
-/* An entry of a session's key tail (see IDEM_TAIL); key is not
- * NUL-terminated. */
-typedef struct idem_entry {
-    uint64_t step, digest;
-    const char *key;
-    size_t klen;
-} idem_entry;
-
-/* The entry at *off of a tail's used bytes, and *off past it: 1, 0 at the
- * end, -1 for bytes this code did not write. */
-static int idem_tail_next(const unsigned char *buf, size_t used, size_t *off, idem_entry *e)
+/* The entry at *off of a tail's used bytes (entries of head bytes before
+ * the key: IDEM_ENTRY_HEAD, or IDEM_ENTRY_HEAD_5 in a schema 5 tail), and
+ * *off past it: 1, 0 at the end, -1 for bytes this code did not write. */
+static int idem_entry_next(const unsigned char *buf, size_t used, size_t *off, idem_entry *e, size_t head)
 {
     if (*off >= used)
         return 0;
-    if (used - *off < IDEM_ENTRY_HEAD || used - *off - IDEM_ENTRY_HEAD < buf[*off + 16])
+    if (used - *off < head || used - *off - head < buf[*off + head - 1])
         return -1;
     e->step = le64_get(buf + *off);
     e->digest = le64_get(buf + *off + 8);
-    e->klen = buf[*off + 16];
-    e->key = (const char *)buf + *off + IDEM_ENTRY_HEAD;
-    *off += IDEM_ENTRY_HEAD + e->klen;
+    e->pos = head == IDEM_ENTRY_HEAD ? le64_get(buf + *off + 16) : RING_NONE;
+    e->klen = buf[*off + head - 1];
+    e->key = (const char *)buf + *off + head;
+    *off += head + e->klen;
     return 1;
+}
+
+static int idem_tail_next(const unsigned char *buf, size_t used, size_t *off, idem_entry *e)
+{
+    return idem_entry_next(buf, used, off, e, IDEM_ENTRY_HEAD);
 }
 
 /* The first n units (of unit bytes) of a session's row tail, copied (*buf
@@ -2454,9 +2572,9 @@ static optd_err idem_tail_read(store *st, int64_t session_id, unsigned char **bu
     return tail_copy(st->q[Q_IDEM_TAIL], session_id, 1, IDEM_TAIL, buf, used);
 }
 
-/* Inserts (or replaces) key's row in idem_keys. */
+/* Inserts (or replaces) key's row in idem_keys; pos RING_NONE: no reply. */
 static optd_err idem_key_insert(store *st, int64_t session_id, uint64_t step, const char *key, size_t klen,
-                                uint64_t digest)
+                                uint64_t digest, uint64_t pos)
 {
     sqlite3_stmt *q = st->q[Q_IDEM_PUT];
     int src = sqlite3_bind_int64(q, 1, session_id);
@@ -2466,6 +2584,8 @@ static optd_err idem_key_insert(store *st, int64_t session_id, uint64_t step, co
         src = sqlite3_bind_text(q, 3, key, (int)klen, SQLITE_STATIC);
     if (src == SQLITE_OK)
         src = sqlite3_bind_int64(q, 4, u2i(digest));
+    if (src == SQLITE_OK)
+        src = pos == RING_NONE ? sqlite3_bind_null(q, 5) : sqlite3_bind_int64(q, 5, u2i(pos));
     return run(q, src);
 }
 
@@ -2483,7 +2603,7 @@ static optd_err idem_tail_flush(store *st, int64_t session_id, uint64_t floor)
         if (more < 0)
             rc = OPTD_E_INTERNAL;
         else if (e.step > floor)
-            rc = idem_key_insert(st, session_id, e.step, e.key, e.klen, e.digest);
+            rc = idem_key_insert(st, session_id, e.step, e.key, e.klen, e.digest, e.pos);
     }
     free(buf);
     if (rc == OPTD_OK) {
@@ -2517,7 +2637,7 @@ static optd_err tail_splice(store *st, sqlite3_stmt *q, int64_t session_id, cons
  * first when full; in idem_keys itself when the key is too long for a tail
  * or there is no session row to hold one. */
 static optd_err idem_key_record(store *st, int64_t session_id, uint64_t step, const char *key, uint64_t digest,
-                                uint64_t floor)
+                                uint64_t pos, uint64_t floor)
 {
     size_t klen = strlen(key);
     unsigned char entry[IDEM_ENTRY_HEAD + 255];
@@ -2526,7 +2646,8 @@ static optd_err idem_key_record(store *st, int64_t session_id, uint64_t step, co
     if (klen <= 255) {
         le64_put(entry, step);
         le64_put(entry + 8, digest);
-        entry[16] = (unsigned char)klen;
+        le64_put(entry + 16, pos);
+        entry[IDEM_ENTRY_HEAD - 1] = (unsigned char)klen;
         memcpy(entry + IDEM_ENTRY_HEAD, key, klen);
         rc = tail_splice(st, st->q[Q_IDEM_TAIL_ADD], session_id, entry, IDEM_ENTRY_HEAD + klen, IDEM_TAIL);
         if (rc == OPTD_E_NOT_FOUND) {
@@ -2536,7 +2657,7 @@ static optd_err idem_key_record(store *st, int64_t session_id, uint64_t step, co
         }
     }
     if (rc == OPTD_E_NOT_FOUND)
-        rc = idem_key_insert(st, session_id, step, key, klen, digest);
+        rc = idem_key_insert(st, session_id, step, key, klen, digest, pos);
     return rc;
 }
 
@@ -2619,45 +2740,169 @@ static optd_err ring_read(store *st, int64_t session_id, uint64_t step, size_t l
     return rc;
 }
 
-/* Writes step's reply into its slot, making its chunk (or laying it out
- * anew for this length) first when needed. */
-static optd_err ring_write(store *st, int64_t session_id, uint64_t step, const void *reply, size_t len,
-                           uint64_t window)
+#define RING_LAP(pos) ((pos) >> 32)
+#define RING_OFF(pos) ((pos)&0xffffffffu)
+
+/* Reads (write 0) or writes n bytes at offset off of the reply ring,
+ * across chunks; a write makes the chunks it needs. OPTD_E_NOT_FOUND: a
+ * read from a chunk that is not there. */
+static optd_err ring_io(store *st, uint64_t off, void *buf, size_t n, int write)
 {
-    ring_pos p = ring_at(session_id, step, len, window);
-    unsigned char head[IDEM_SLOT_HEAD];
-    sqlite3_blob *b = NULL;
-    sqlite3_stmt *q;
-    int fits, src;
-    optd_err rc = ring_open(st, &p, 1, &b, &fits);
-    if (rc == OPTD_OK && !fits) {
-        q = st->q[b ? Q_IDEM_CHUNK_RESIZE : Q_IDEM_CHUNK_ADD];
-        if (b)
-            (void)sqlite3_blob_close(b); /* nothing written through it: nothing to report */
-        b = NULL;
-        src = sqlite3_bind_int64(q, 1, p.id);
+    unsigned char *p = buf;
+    optd_err rc = OPTD_OK;
+
+    while (rc == OPTD_OK && n) {
+        uint64_t chunk = off / RING_CHUNK, at = off % RING_CHUNK;
+        size_t k = n < RING_CHUNK - at ? n : (size_t)(RING_CHUNK - at);
+        sqlite3_blob *b = NULL;
+        int src = sqlite3_blob_open(st->db, "main", "replies", "data", (int64_t)chunk, write, &b);
+        if (src == SQLITE_ERROR && sqlite3_extended_errcode(st->db) == SQLITE_ERROR) { /* "no such rowid" */
+            if (b)
+                (void)sqlite3_blob_close(b);
+            b = NULL;
+            if (!write)
+                return OPTD_E_NOT_FOUND;
+            sqlite3_stmt *q = st->q[Q_RING_CHUNK_ADD];
+            src = sqlite3_bind_int64(q, 1, (int64_t)chunk);
+            if (src == SQLITE_OK)
+                src = sqlite3_bind_int64(q, 2, (int64_t)RING_CHUNK);
+            rc = run(q, src);
+            if (rc)
+                return rc;
+            st->tx_bytes += RING_CHUNK;
+            src = sqlite3_blob_open(st->db, "main", "replies", "data", (int64_t)chunk, 1, &b);
+        }
+        if (src == SQLITE_OK && (uint64_t)sqlite3_blob_bytes(b) != RING_CHUNK)
+            src = SQLITE_CORRUPT; /* not a chunk this code made */
         if (src == SQLITE_OK)
-            src = sqlite3_bind_int64(q, 2, (int64_t)p.chunk_bytes);
-        rc = run(q, src);
-        st->tx_bytes += p.chunk_bytes;
-        if (rc == OPTD_OK)
-            rc = ring_open(st, &p, 1, &b, &fits);
-        if (rc == OPTD_OK && !fits)
-            rc = OPTD_E_INTERNAL;
+            src = write ? blob_write(st, b, p, (int)k, (int)at) : sqlite3_blob_read(b, p, (int)k, (int)at);
+        int csrc = b ? sqlite3_blob_close(b) : SQLITE_OK;
+        rc = from_sqlite(src != SQLITE_OK ? src : csrc);
+        p += k;
+        off += k;
+        n -= k;
     }
-    if (rc) {
-        if (b)
-            (void)sqlite3_blob_close(b);
+    return rc;
+}
+
+/* The ring's capacity under window: what the sessions' windows need
+ * (window replies of their params each), each at most IDEM_REPLY_BUDGET,
+ * all at most RING_MAX, and at least one chunk. */
+static optd_err ring_cap_find(store *st, uint64_t window, uint64_t *cap)
+{
+    sqlite3_stmt *q = st->q[Q_RING_CAP];
+    int src = sqlite3_bind_int64(q, 1, (int64_t)(window < INT32_MAX ? window : INT32_MAX));
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 2, (int64_t)IDEM_REPLY_BUDGET);
+    if (src == SQLITE_OK && (src = sqlite3_step(q)) == SQLITE_ROW) {
+        double need = sqlite3_column_double(q, 0);
+        *cap = need >= (double)RING_MAX ? RING_MAX : need <= (double)RING_CHUNK ? RING_CHUNK : (uint64_t)need;
+        src = SQLITE_OK;
+    }
+    stmt_done(q);
+    return from_sqlite(src);
+}
+
+/* Writes session_id's reply to step as the ring's next record, and *pos
+ * where it went. The head moves on in memory even when the transaction is
+ * then rolled back: its bytes go back, and the gap they leave is never
+ * read, since no key that committed points there. */
+static optd_err ring_put(store *st, int64_t session_id, uint64_t step, const void *reply, size_t len,
+                         uint64_t window, uint64_t *pos)
+{
+    uint64_t rec = RING_HEAD + (uint64_t)len, lap = RING_LAP(st->ring_head), off = RING_OFF(st->ring_head);
+    unsigned char head[RING_HEAD];
+    optd_err rc = OPTD_OK;
+    int src;
+
+    if (off + rec > st->ring_cap) /* past the capacity known: is it still so? */
+        rc = ring_cap_find(st, window, &st->ring_cap);
+    if (rc == OPTD_OK && off + rec > st->ring_cap && off > 0) { /* a new lap */
+        lap++;
+        off = 0;
+        /* The chunks past the capacity go (it shrinks when sessions go). */
+        sqlite3_stmt *q = st->q[Q_RING_TRIM];
+        uint64_t keep = st->ring_cap > rec ? st->ring_cap : rec;
+        rc = run(q, sqlite3_bind_int64(q, 1, (int64_t)((keep + RING_CHUNK - 1) / RING_CHUNK)));
+    }
+    if (rc == OPTD_OK && (off + rec > 0xffffffffu || lap > 0xffffffffu))
+        rc = OPTD_E_INTERNAL; /* beyond RING_MAX and 2^32 laps: not this code's */
+    if (rc)
         return rc;
+    *pos = lap << 32 | off;
+    le64_put(head, *pos);
+    le64_put(head + 8, (uint64_t)session_id);
+    le64_put(head + 16, step);
+    le64_put(head + 24, len);
+    /* A record that fits a chunk goes in one write (one blob opened). */
+    unsigned char *one = rec <= RING_CHUNK ? malloc((size_t)rec) : NULL;
+    if (one) {
+        memcpy(one, head, RING_HEAD);
+        if (len)
+            memcpy(one + RING_HEAD, reply, len);
+        rc = ring_io(st, off, one, (size_t)rec, 1);
+        free(one);
+    } else {
+        rc = ring_io(st, off, head, RING_HEAD, 1);
+        if (rc == OPTD_OK && len)
+            rc = ring_io(st, off + RING_HEAD, (void *)reply, len, 1);
     }
-    le64_put(head, step);
-    le64_put(head + 8, len);
-    src = blob_write(st, b, head, IDEM_SLOT_HEAD, (int)p.off);
-    if (src == SQLITE_OK && len)
-        src = blob_write(st, b, reply, (int)len, (int)(p.off + IDEM_SLOT_HEAD));
-    int csrc = sqlite3_blob_close(b);
-    st->tx_bytes += len;
-    return from_sqlite(src != SQLITE_OK ? src : csrc);
+    st->tx_bytes += rec;
+    if (rc == OPTD_OK) {
+        st->ring_head = lap << 32 | (off + rec);
+        sqlite3_stmt *q = st->q[Q_RING_HEAD_SET];
+        src = sqlite3_bind_int64(q, 1, u2i(st->ring_head));
+        rc = run(q, src);
+    }
+    return rc;
+}
+
+/* The reply session_id saved for step at pos, while the ring still holds
+ * it: *out malloc'd (at least a byte), else left NULL. */
+static optd_err ring_get(store *st, uint64_t pos, int64_t session_id, uint64_t step, void **out, size_t *out_len)
+{
+    uint64_t lap = RING_LAP(pos), off = RING_OFF(pos);
+    uint64_t head_lap = RING_LAP(st->ring_head), head_off = RING_OFF(st->ring_head);
+    unsigned char head[RING_HEAD];
+
+    /* Written over since: by this lap (up to the head), or by a later one. */
+    if (!((lap == head_lap && off < head_off) || (lap + 1 == head_lap && off >= head_off)))
+        return OPTD_OK;
+    optd_err rc = ring_io(st, off, head, RING_HEAD, 0);
+    if (rc == OPTD_E_NOT_FOUND) /* its chunk went with a smaller capacity */
+        return OPTD_OK;
+    if (rc || le64_get(head) != pos || le64_get(head + 8) != (uint64_t)session_id || le64_get(head + 16) != step)
+        return rc;
+    size_t len = (size_t)le64_get(head + 24);
+    if (len > INT32_MAX)
+        return OPTD_E_INTERNAL;
+    if (!(*out = malloc(len ? len : 1)))
+        return OPTD_E_NOMEM;
+    rc = len ? ring_io(st, off + RING_HEAD, *out, len, 0) : OPTD_OK;
+    if (rc) {
+        free(*out);
+        *out = NULL;
+        return rc == OPTD_E_NOT_FOUND ? OPTD_OK : rc;
+    }
+    *out_len = len;
+    return OPTD_OK;
+}
+
+/* The ring's head, from its table, at open (the writer's copy then only
+ * moves on: see ring_put). */
+static optd_err ring_load(store *st)
+{
+    sqlite3_stmt *q = st->q[Q_RING_HEAD];
+    int src = sqlite3_step(q);
+    if (src == SQLITE_ROW) {
+        st->ring_head = i2u(sqlite3_column_int64(q, 0));
+        src = SQLITE_OK;
+    } else if (src == SQLITE_DONE) {
+        src = SQLITE_CORRUPT; /* the row the schema made is gone */
+    }
+    stmt_done(q);
+    st->ring_cap = 0;
+    return from_sqlite(src);
 }
 
 /* Returns OPTD_OK, OPTD_E_INVALID, OPTD_E_UNAVAILABLE; each's failure
@@ -2722,6 +2967,7 @@ optd_err store_idem_get(store *st, int64_t session_id, const char *key, uint64_t
 {
     sqlite3_stmt *q = st->q[Q_IDEM_GET];
     store_idem r = {step, 0, NULL, 0};
+    uint64_t pos = RING_NONE;
     optd_err rc = OPTD_OK;
     int src, legacy = 0;
 
@@ -2740,6 +2986,8 @@ optd_err store_idem_get(store *st, int64_t session_id, const char *key, uint64_t
         legacy = sqlite3_column_type(q, 1) != SQLITE_NULL;
         if (legacy)
             rc = column_bytes_copy(q, 1, &r.reply, &r.reply_len);
+        if (sqlite3_column_type(q, 2) != SQLITE_NULL)
+            pos = i2u(sqlite3_column_int64(q, 2));
     } else {
         rc = src == SQLITE_DONE ? OPTD_E_NOT_FOUND : from_sqlite(src);
     }
@@ -2757,13 +3005,26 @@ optd_err store_idem_get(store *st, int64_t session_id, const char *key, uint64_t
                 rc = OPTD_E_INTERNAL;
             else if (e.step == step && e.klen == klen && memcmp(e.key, key, klen) == 0) {
                 r.digest = e.digest;
+                pos = e.pos;
                 rc = OPTD_OK;
             }
         }
         free(buf);
     }
-    if (rc == OPTD_OK && !legacy)
-        rc = ring_read(st, session_id, step, reply_len, window, &r.reply, &r.reply_len);
+    if (rc == OPTD_OK && !legacy && pos != RING_NONE) {
+        rc = ring_get(st, pos, session_id, step, &r.reply, &r.reply_len);
+    } else if (rc == OPTD_OK && !legacy) { /* saved before schema 6? */
+        q = st->q[Q_IDEM_LEGACY];
+        src = sqlite3_bind_int64(q, 1, session_id);
+        if (src == SQLITE_OK && (src = sqlite3_step(q)) == SQLITE_ROW) {
+            legacy = sqlite3_column_type(q, 0) != SQLITE_NULL && i2u(sqlite3_column_int64(q, 0)) >= step;
+            src = SQLITE_DONE;
+        }
+        stmt_done(q);
+        rc = src == SQLITE_DONE ? OPTD_OK : from_sqlite(src);
+        if (rc == OPTD_OK && legacy)
+            rc = ring_read(st, session_id, step, reply_len, window, &r.reply, &r.reply_len);
+    }
     if (rc) {
         free(r.reply);
         return rc;
@@ -2793,15 +3054,15 @@ optd_err store_idem_put(store *st, int64_t session_id, const char *key, uint64_t
     if (rc)
         return rc;
 
-    rc = idem_key_record(st, session_id, step, key, digest, step > window ? step - window : 0);
-    if (rc)
-        goto done;
-
+    uint64_t pos = RING_NONE;
     if (reply) {
-        rc = ring_write(st, session_id, step, reply, reply_len, window);
+        rc = ring_put(st, session_id, step, reply, reply_len, window, &pos);
         if (rc)
             goto done;
     }
+    rc = idem_key_record(st, session_id, step, key, digest, pos, step > window ? step - window : 0);
+    if (rc)
+        goto done;
 
     if (step > window) {
         uint64_t oldest = UINT64_MAX;
@@ -2824,6 +3085,18 @@ optd_err store_idem_put(store *st, int64_t session_id, const char *key, uint64_t
             if (src == SQLITE_OK)
                 src = sqlite3_bind_int64(q, 2, (int64_t)(step - window));
             rc = run(q, src);
+            /* The replies saved before schema 6 go once their keys have. */
+            if (rc == OPTD_OK) {
+                q = st->q[Q_IDEM_LEGACY_END];
+                src = sqlite3_bind_int64(q, 1, session_id);
+                if (src == SQLITE_OK)
+                    src = sqlite3_bind_int64(q, 2, (int64_t)(step - window));
+                rc = run(q, src);
+            }
+            if (rc == OPTD_OK && sqlite3_changes(st->db)) {
+                q = st->q[Q_IDEM_REPLIES_DELETE_ALL];
+                rc = run(q, sqlite3_bind_int64(q, 1, session_id));
+            }
         }
     }
 done:

@@ -191,11 +191,13 @@ typedef struct store_idem {
 } store_idem;
 
 /* The keys are kept in step order and found from their step: the caller
- * keeps the key -> step map (built with store_idem_keys). Saved replies
- * take the slots of a ring per session, slot step % store_idem_slots(the
- * reply's length, window): a later step overwrites an older one's. A
- * session's replies have one length under one window, or lookups miss the
- * replies saved with others. */
+ * keeps the key -> step map (built with store_idem_keys). Saved replies go
+ * one after another into a ring that all sessions share, whose capacity
+ * is what the sessions' windows need (at most 16 MiB a session, 1 GiB in
+ * all): a reply is kept until the ring comes round to it. The replies
+ * saved before schema 6 took the slots of a ring per session, slot
+ * step % store_idem_slots(the reply's length, window), and are found with
+ * the length and window they were saved under. */
 uint32_t store_idem_slots(size_t reply_len, uint64_t window);
 /* Calls each(ctx, step, key) for every key of session id at a step after
  * after, in step order (some may be older than the window: see put). */

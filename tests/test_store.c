@@ -253,7 +253,7 @@ static void test_open_creates_an_optd_database_that_close_releases(void **state)
     store_close(NULL);
 
     assert_int_equal(pragma_on(f->path, "PRAGMA application_id"), 0x6F707464);
-    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 5);
+    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 6);
     assert_string_equal(text_on(f->path, "PRAGMA journal_mode", buf, sizeof buf), "wal");
 }
 
@@ -474,7 +474,6 @@ static void test_idem_put_then_get_returns_the_record(void **state)
     open_store(f, NULL);
     assert_int_equal(store_idem_put(f->st, 1, "k1", 5, digest, "{\"step\":5}", 10, 100), OPTD_OK);
     assert_int_equal(store_idem_put(f->st, 1, "k-none", 6, 1, NULL, 0, 100), OPTD_OK);
-    /* Another session: a session's replies have one length. */
     assert_int_equal(store_idem_put(f->st, 3, "k-empty", 7, 2, "", 0, 100), OPTD_OK);
 
     memset(&r, 0, sizeof r);
@@ -498,9 +497,11 @@ static void test_idem_put_then_get_returns_the_record(void **state)
     assert_int_equal(store_idem_get(f->st, 1, "unknown", 5, 10, 100, &r), OPTD_E_NOT_FOUND);
     assert_int_equal(store_idem_get(f->st, 1, "k1", 6, 10, 100, &r), OPTD_E_NOT_FOUND);
     assert_int_equal(store_idem_get(f->st, 2, "k1", 5, 10, 100, &r), OPTD_E_NOT_FOUND);
-    /* A reply of another length is not this session's: the key alone. */
+    /* The ring keeps each reply's length: the one the caller expects
+     * matters only for replies saved before schema 6. */
     assert_int_equal(store_idem_get(f->st, 1, "k1", 5, 11, 100, &r), OPTD_OK);
-    assert_null(r.reply);
+    assert_int_equal(r.reply_len, 10);
+    free(r.reply);
 }
 
 static optd_err list_key(void *ctx, uint64_t step, const char *key)
@@ -566,8 +567,8 @@ static void test_idem_keys_wait_in_the_session_row(void **state)
         assert_int_equal(store_idem_put(f->st, s.id, key, step, step * 7, "r", 1, 1000),
                          OPTD_OK);
     }
-    /* 53 bytes a key: 38 to a 2 KiB tail, so two tails moved, 24 keys wait. */
-    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM idem_keys"), 76);
+    /* 61 bytes a key: 33 to a 2 KiB tail, so three tails moved, 1 key waits. */
+    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM idem_keys"), 99);
     tail_bytes = pragma_on(f->path, "SELECT length(idem_tail) FROM sessions WHERE name = 'tails'");
     assert_int_equal(tail_bytes, 2048);
     for (uint64_t step = 1; step <= 100; step++) {
@@ -605,66 +606,122 @@ static void test_idem_keys_wait_in_the_session_row(void **state)
         assert_int_equal(store_idem_put(f->st, w.id, key, step, step, NULL, 0, 3), OPTD_OK);
     }
     snprintf(key, sizeof key, "SELECT group_concat(step) FROM idem_keys WHERE session_id = %lld", (long long)w.id);
-    assert_string_equal(text_on(f->path, key, listed, sizeof listed), "37,38");
+    assert_string_equal(text_on(f->path, key, listed, sizeof listed), "32,33");
 }
 
-/* The ring: step k's reply stays until step k + slots takes its slot,
- * for big replies (few slots, a chunk each) and small ones (many slots
- * to a chunk), and the keys of one step (a worker round) share it. */
-static void test_idem_replies_stay_until_their_slot_comes_round(void **state)
+/* The reply ring: replies of all sessions one after another; a reply
+ * stays until the ring comes round to it. With no sessions the capacity
+ * is one chunk (64 KiB): 63 records of 1,000 bytes (and 32 of head) a lap,
+ * so after 100, the first 37 are written over and the rest are kept,
+ * exact, each its own session's. */
+static void test_idem_replies_stay_until_the_ring_comes_round(void **state)
+{
+    fixture *f = *state;
+    unsigned char reply[1000];
+    char key[16];
+    store_idem r;
+
+    open_store(f, NULL);
+    for (uint64_t step = 1; step <= 100; step++) {
+        snprintf(key, sizeof key, "k%llu", (unsigned long long)step);
+        memset(reply, (int)step, sizeof reply);
+        assert_int_equal(store_idem_put(f->st, 1 + step % 2, key, step, step, reply, sizeof reply, 1000), OPTD_OK);
+    }
+    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM replies"), 1);
+    for (uint64_t step = 1; step <= 100; step++) {
+        snprintf(key, sizeof key, "k%llu", (unsigned long long)step);
+        memset(&r, 0, sizeof r);
+        assert_int_equal(store_idem_get(f->st, 1 + step % 2, key, step, sizeof reply, 1000, &r), OPTD_OK);
+        if (step <= 37) {
+            assert_null(r.reply);
+        } else {
+            memset(reply, (int)step, sizeof reply);
+            assert_int_equal(r.reply_len, sizeof reply);
+            assert_memory_equal(r.reply, reply, sizeof reply);
+        }
+        free(r.reply);
+        /* The same step and key of the other session: not its reply. */
+        assert_int_equal(store_idem_get(f->st, 2 - step % 2, key, step, sizeof reply, 1000, &r), OPTD_E_NOT_FOUND);
+    }
+    /* The head is in the database: after a restart the ring goes on where
+     * it was, and what it kept is still there. */
+    reopen(f);
+    memset(reply, 101, sizeof reply);
+    assert_int_equal(store_idem_put(f->st, 2, "k101", 101, 101, reply, sizeof reply, 1000), OPTD_OK);
+    for (uint64_t step = 38; step <= 101; step++) {
+        snprintf(key, sizeof key, "k%llu", (unsigned long long)step);
+        memset(&r, 0, sizeof r);
+        assert_int_equal(store_idem_get(f->st, 1 + step % 2, key, step, sizeof reply, 1000, &r), OPTD_OK);
+        memset(reply, (int)step, sizeof reply);
+        if (step == 38) { /* 101 took its place */
+            assert_null(r.reply);
+        } else {
+            assert_int_equal(r.reply_len, sizeof reply);
+            assert_memory_equal(r.reply, reply, sizeof reply);
+        }
+        free(r.reply);
+    }
+}
+
+/* Replies longer than a chunk span chunks; a session of 1 MiB of params
+ * under window 1000 makes the capacity its 16 MiB share: 15 replies of
+ * 1 MiB a lap. A put rolled back leaves the ring as it was, and the next
+ * one is kept. A ring whose sessions went shrinks back to a chunk at its
+ * next lap. */
+static void test_idem_ring_spans_chunks_rolls_back_and_shrinks(void **state)
 {
     fixture *f = *state;
     const size_t big = (size_t)1 << 20;
-    const uint32_t slots = store_idem_slots(big, 1000);
     unsigned char *reply = malloc(big);
+    store_session s = make_session("big", 0);
     char key[16];
     store_idem r;
 
     assert_non_null(reply);
-    assert_int_equal(slots, 16);
-    assert_int_equal(store_idem_slots(5, 100000), 16384);
-    assert_int_equal(store_idem_slots(5, 10), 10); /* no more than the window needs */
-    assert_int_equal(store_idem_slots(5, 0), 1);
     open_store(f, NULL);
-    for (uint64_t step = 1; step <= slots + 4; step++) {
+    memset(reply, 0, big);
+    s.size = big / 8; /* float64: replies of 1 MiB */
+    assert_int_equal(store_session_insert(f->st, &s, reply, big), OPTD_OK);
+    for (uint64_t step = 1; step <= 20; step++) {
         snprintf(key, sizeof key, "k%llu", (unsigned long long)step);
         memset(reply, (int)step, big);
-        assert_int_equal(store_idem_put(f->st, 1, key, step, step, reply, big, 1000), OPTD_OK);
+        reply[big - 1] = (unsigned char)(step + 1);
+        assert_int_equal(store_idem_put(f->st, s.id, key, step, step, reply, big, 1000), OPTD_OK);
     }
-    for (uint64_t step = 1; step <= slots + 4; step++) {
+    assert_int_equal(store_begin(f->st), OPTD_OK);
+    memset(reply, 0xEE, big);
+    assert_int_equal(store_idem_put(f->st, s.id, "k21", 21, 21, reply, big, 1000), OPTD_OK);
+    store_rollback(f->st);
+    assert_int_equal(store_idem_get(f->st, s.id, "k21", 21, big, 1000, &r), OPTD_E_NOT_FOUND);
+    memset(reply, 22, big);
+    assert_int_equal(store_idem_put(f->st, s.id, "k22", 22, 22, reply, big, 1000), OPTD_OK);
+    /* 16..20 and 22 in the second lap (21's place left empty): 1..7 gone. */
+    for (uint64_t step = 1; step <= 22; step++) {
+        if (step == 21)
+            continue;
         snprintf(key, sizeof key, "k%llu", (unsigned long long)step);
         memset(&r, 0, sizeof r);
-        assert_int_equal(store_idem_get(f->st, 1, key, step, big, 1000, &r), OPTD_OK);
-        if (step <= 4) {
+        assert_int_equal(store_idem_get(f->st, s.id, key, step, big, 1000, &r), OPTD_OK);
+        if (step <= 7) {
             assert_null(r.reply);
         } else {
             memset(reply, (int)step, big);
+            if (step != 22)
+                reply[big - 1] = (unsigned char)(step + 1);
             assert_int_equal(r.reply_len, big);
             assert_memory_equal(r.reply, reply, big);
         }
         free(r.reply);
     }
-    free(reply);
-
-    static const struct {
-        const char *key;
-        uint64_t step;
-        const char *reply;
-    } puts[] = {{"a", 1, "r0001"}, {"b", 2, "r0002"}, {"c", 9, "r0009"}, {"d", 9, "r0009"},
-                {"e", 16385, "r16385"}, {"f", 16386, "r16386"}};
-    for (size_t i = 0; i < sizeof puts / sizeof puts[0]; i++)
-        assert_int_equal(store_idem_put(f->st, 2, puts[i].key, puts[i].step, i, puts[i].reply, 5, 100000), OPTD_OK);
-    for (size_t i = 0; i < sizeof puts / sizeof puts[0]; i++) {
-        memset(&r, 0, sizeof r);
-        assert_int_equal(store_idem_get(f->st, 2, puts[i].key, puts[i].step, 5, 100000, &r), OPTD_OK);
-        if (puts[i].step <= 2) { /* 16385 and 16386 took slots 1 and 2 */
-            assert_null(r.reply);
-        } else {
-            assert_int_equal(r.reply_len, 5);
-            assert_memory_equal(r.reply, puts[i].reply, 5);
-        }
-        free(r.reply);
+    assert_true(pragma_on(f->path, "SELECT count(*) FROM replies") <= 16 * 16 + 1);
+    assert_int_equal(store_session_delete(f->st, "big"), OPTD_OK);
+    memset(reply, 1, 100);
+    for (uint64_t step = 1; step <= 2000; step++) {
+        snprintf(key, sizeof key, "s%llu", (unsigned long long)step);
+        assert_int_equal(store_idem_put(f->st, 77, key, step, step, reply, 100, 1000), OPTD_OK);
     }
+    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM replies"), 1);
+    free(reply);
 }
 
 static void test_delete_removes_the_sessions_state_and_keys(void **state)
@@ -686,7 +743,7 @@ static void test_delete_removes_the_sessions_state_and_keys(void **state)
     assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM state"), 1);
     /* The kept session's key waits in its row; the other's went with it. */
     assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM idem_keys"), 0);
-    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM idem_replies"), 1);
+    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM replies"), 1);
 }
 
 static void test_rollback_leaves_nothing_behind(void **state)
@@ -888,7 +945,7 @@ static void test_a_database_from_a_newer_optd_is_refused(void **state)
     fixture *f = *state;
 
     store_one_session(f);
-    sql_on(f->path, "PRAGMA user_version = 6;");
+    sql_on(f->path, "PRAGMA user_version = 7;");
     assert_refused_unchanged(f, "made by a newer optd");
 }
 
@@ -1081,8 +1138,16 @@ static void test_a_step_records_its_history_row_with_it(void **state)
     free(rows);
 }
 
+/* Schema 6's reply ring taken back to schema 5's rings per session. */
+#define SCHEMA_5_IDEM                                                                                                  \
+    "DROP TABLE replies;"                                                                                              \
+    "DROP TABLE ring;"                                                                                                 \
+    "ALTER TABLE idem_keys DROP COLUMN pos;"                                                                           \
+    "ALTER TABLE sessions DROP COLUMN idem_legacy;"
+
 /* Schema 5's idempotency tables and columns taken back to schema 4's. */
 #define SCHEMA_4_IDEM                                                                                                  \
+    SCHEMA_5_IDEM                                                                                                      \
     "DROP TABLE idem_keys;"                                                                                            \
     "DROP TABLE idem_replies;"                                                                                         \
     "ALTER TABLE sessions DROP COLUMN idem_tail;"                                                                      \
@@ -1124,7 +1189,7 @@ static void test_history_of_schema_3_survives_the_upgrade(void **state)
            "PRAGMA user_version = 3;");
     assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM history"), 16);
     open_store(f, NULL);
-    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 5);
+    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 6);
     store_history h21 = hist_row(21, 0.5);
     assert_int_equal(store_history_put(f->st, id, &h21, 1000), OPTD_OK);
     assert_int_equal(store_read_history(f->st, id, 0, 100, 1000, &rows, &n, &more), OPTD_OK);
@@ -1135,6 +1200,64 @@ static void test_history_of_schema_3_survives_the_upgrade(void **state)
     }
     assert_hist_eq(&rows[16], &h21);
     free(rows);
+}
+
+/* Schema 5 kept a ring of replies per session and keys in the session's
+ * tail without a pos: the upgrade moves the tail's keys to idem_keys, both
+ * replays still find their replies in the old ring, new replies go to the
+ * shared one, and the old ring goes once the window has passed the steps
+ * it served. Schema 5's bytes as store.c wrote them: a tail entry is step
+ * and digest (8 bytes each, little-endian), the key's length and the key;
+ * a ring of 4-byte replies under window 10,000 has slots of 20 bytes (step,
+ * length, reply) in a chunk of 65,520, rowid session << 20. */
+static void test_schema_5_keys_and_replies_are_kept(void **state)
+{
+    fixture *f = *state;
+    char listed[256] = "", key[16];
+    store_idem r;
+
+    store_one_session(f);
+    sql_on(f->path, SCHEMA_5_IDEM
+           "UPDATE sessions SET step = 7, idem_used = 24,"
+           " idem_tail = x'07000000000000004d000000000000000777616974696e67' || zeroblob(2024) WHERE id = 1;"
+           "INSERT INTO idem_keys(session_id, step, key, digest) VALUES (1, 5, 'flushed', 55);"
+           "INSERT INTO idem_replies(id, data) VALUES (1 << 20, zeroblob(100)"
+           " || x'05000000000000000400000000000000' || x'05050505' || zeroblob(20)"
+           " || x'07000000000000000400000000000000' || x'07070707' || zeroblob(65360));"
+           "PRAGMA user_version = 5;");
+    open_store(f, NULL);
+    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 6);
+    assert_int_equal(pragma_on(f->path, "SELECT idem_used FROM sessions"), 0);
+    assert_int_equal(pragma_on(f->path, "SELECT idem_legacy FROM sessions"), 7);
+    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM idem_keys WHERE pos IS NULL"), 2);
+    memset(&r, 0, sizeof r);
+    assert_int_equal(store_idem_get(f->st, 1, "flushed", 5, 4, 10000, &r), OPTD_OK);
+    assert_int_equal(r.digest, 55);
+    assert_int_equal(r.reply_len, 4);
+    assert_memory_equal(r.reply, "\x05\x05\x05\x05", 4);
+    free(r.reply);
+    memset(&r, 0, sizeof r);
+    assert_int_equal(store_idem_get(f->st, 1, "waiting", 7, 4, 10000, &r), OPTD_OK);
+    assert_int_equal(r.digest, 77);
+    assert_int_equal(r.reply_len, 4);
+    assert_memory_equal(r.reply, "\x07\x07\x07\x07", 4);
+    free(r.reply);
+    assert_int_equal(store_idem_keys(f->st, 1, 0, list_key, listed), OPTD_OK);
+    assert_string_equal(listed, "5:flushed 7:waiting ");
+
+    for (uint64_t step = 8; step <= 80; step++) {
+        snprintf(key, sizeof key, "n%llu", (unsigned long long)step);
+        assert_int_equal(store_idem_put(f->st, 1, key, step, step, "\x08\x08\x08\x08", 4, 3), OPTD_OK);
+        if (step < 72) /* the old ring stays while keys it serves may be asked for */
+            assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM idem_replies"), 1);
+    }
+    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM idem_replies"), 0);
+    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM sessions WHERE idem_legacy IS NULL"), 1);
+    memset(&r, 0, sizeof r);
+    assert_int_equal(store_idem_get(f->st, 1, "n80", 80, 4, 3, &r), OPTD_OK);
+    assert_int_equal(r.reply_len, 4);
+    assert_memory_equal(r.reply, "\x08\x08\x08\x08", 4);
+    free(r.reply);
 }
 
 /* Schema 4 kept each key's reply in its row: the upgrade keeps both, and
@@ -1149,7 +1272,7 @@ static void test_schema_4_keys_and_their_replies_are_kept(void **state)
     sql_on(f->path, SCHEMA_4_IDEM "INSERT INTO idem VALUES (1, 'old', 7, 99, x'01020304'), (1, 'gone', 6, 98, NULL);"
                     "PRAGMA user_version = 4;");
     open_store(f, NULL);
-    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 5);
+    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 6);
     memset(&r, 0, sizeof r);
     assert_int_equal(store_idem_get(f->st, 1, "old", 7, 4, 10000, &r), OPTD_OK);
     assert_int_equal(r.digest, 99);
@@ -1170,7 +1293,7 @@ static void test_an_older_schema_is_upgraded(void **state)
     /* Ours at version 0: the id is set but no migration has run. */
     sql_on(f->path, "PRAGMA application_id = 1869640804;");
     store_one_session(f);
-    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 5);
+    assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 6);
     assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM sessions"), 1);
 }
 
@@ -1474,8 +1597,10 @@ int main(void)
         T(test_count_follows_inserts_and_deletes),
         T(test_idem_put_then_get_returns_the_record),
         T(test_idem_put_forgets_keys_older_than_the_window_in_batches),
-        T(test_idem_replies_stay_until_their_slot_comes_round),
+        T(test_idem_replies_stay_until_the_ring_comes_round),
+        T(test_idem_ring_spans_chunks_rolls_back_and_shrinks),
         T(test_idem_keys_wait_in_the_session_row),
+        T(test_schema_5_keys_and_replies_are_kept),
         T(test_schema_4_keys_and_their_replies_are_kept),
         T(test_delete_removes_the_sessions_state_and_keys),
         T(test_rollback_leaves_nothing_behind),

@@ -78,3 +78,28 @@ class IdemWindowTests(DaemonTest):
             r = self.keyed(name, [0.1 * k, -0.2, 0.3], "r%d" % k)
             self.assertTrue(replayed(r), r)
             self.assertEqual(r.json, replies[k])
+
+
+class SharedRingTests(DaemonTest):
+    # Window 1 and two small sessions: the reply ring's capacity is one
+    # chunk (64 KiB), which 16 replies of 1,000 float32 fill.
+    daemon_args = ("--idempotency-window", "1")
+
+    def test_the_latest_steps_reply_outlives_the_ring_coming_round(self):
+        quiet, busy = uniq("quiet"), uniq("busy")
+        self.d.create(quiet, "adam", hyperparams={"lr": 0.1}, params=[1.0, 2.0, 3.0])
+        self.d.create(busy, "adam", size=1000)
+        first = self.d.step(quiet, [0.5, -0.25, 0.125], headers={"Idempotency-Key": "q1"}, expect=None)
+        self.assertEqual(first.status, 200, first)
+        for k in range(40):  # the ring comes round more than twice
+            r = self.d.step(busy, [0.001 * k] * 1000, headers={"Idempotency-Key": "b%d" % k}, expect=None)
+            self.assertEqual(r.status, 200, r)
+        for restart in (False, True):
+            if restart:
+                self.d.kill()
+                self.d.start()
+            again = self.d.step(quiet, [0.5, -0.25, 0.125], headers={"Idempotency-Key": "q1"}, expect=None)
+            self.assertEqual(again.status, 200, again)
+            self.assertTrue(replayed(again), again)
+            self.assertEqual(again.json, first.json, "the latest step's replay lost its reply (restart %s)" % restart)
+        self.assertEqual(self.d.session(quiet)["step"], 1)

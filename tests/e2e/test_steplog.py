@@ -145,19 +145,22 @@ class StepLogTests(DaemonTest):
         self.assertNotEqual(first, got)
         con = sqlite3.connect("file:%s?mode=ro" % self.d.db, uri=True)
         try:
-            # The reply ring's slots: the step (8 bytes), the reply's length
-            # (8, little-endian), the reply (store.c, IDEM_SLOT_HEAD).
+            # The reply ring's records: pos (lap << 32 | offset), session,
+            # step and the reply's length (8 bytes each, little-endian),
+            # then the reply (store.c, RING_HEAD), in chunks in offset order.
             sid = con.execute("SELECT id FROM sessions WHERE name = ?", (name,)).fetchone()[0]
-            chunks = [r[0] for r in con.execute("SELECT data FROM idem_replies WHERE id >> 20 = ?", (sid,))]
+            ring = b"".join(r[0] for r in con.execute("SELECT data FROM replies ORDER BY chunk"))
         finally:
             con.close()
-        self.assertTrue(chunks, "no saved replies")
-        # Step 1's slot is the second of the first chunk: its offset is the
-        # slot size, 16 + the length it records.
-        c = chunks[0]
-        recs = [r for r in range(16, len(c) // 2 + 1) if struct.unpack_from("<QQ", c, r) == (1, r - 16)]
-        self.assertEqual(len(recs), 1, "step 1's slot not found")
-        self.assertLess(recs[0] - 16, 100, "a logged session's saved replies must not hold its params")
+        self.assertTrue(ring, "no saved replies")
+        recs, at = [], ring.find(struct.pack("<QQ", sid, 1))
+        while at >= 0:
+            pos, _, _, length = struct.unpack_from("<QQQQ", ring, max(at - 8, 0))
+            if at >= 8 and pos & 0xFFFFFFFF == at - 8:
+                recs.append(length)
+            at = ring.find(struct.pack("<QQ", sid, 1), at + 1)
+        self.assertEqual(len(recs), 1, "step 1's record not found")
+        self.assertLess(recs[0], 100, "a logged session's saved replies must not hold its params")
         self.d.kill()
         self.d.start()
         h["Idempotency-Key"] = "k3"
