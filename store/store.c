@@ -2635,14 +2635,16 @@ static optd_err tail_splice(store *st, sqlite3_stmt *q, int64_t session_id, cons
 
 /* Records key at step: in the session's tail, moving the tail to idem_keys
  * first when full; in idem_keys itself when the key is too long for a tail
- * or there is no session row to hold one. */
+ * or there is no session row to hold one. *moved: whether keys went to
+ * idem_keys. */
 static optd_err idem_key_record(store *st, int64_t session_id, uint64_t step, const char *key, uint64_t digest,
-                                uint64_t pos, uint64_t floor)
+                                uint64_t pos, uint64_t floor, int *moved)
 {
     size_t klen = strlen(key);
     unsigned char entry[IDEM_ENTRY_HEAD + 255];
     optd_err rc = OPTD_E_NOT_FOUND;
 
+    *moved = 1;
     if (klen <= 255) {
         le64_put(entry, step);
         le64_put(entry + 8, digest);
@@ -2650,6 +2652,7 @@ static optd_err idem_key_record(store *st, int64_t session_id, uint64_t step, co
         entry[IDEM_ENTRY_HEAD - 1] = (unsigned char)klen;
         memcpy(entry + IDEM_ENTRY_HEAD, key, klen);
         rc = tail_splice(st, st->q[Q_IDEM_TAIL_ADD], session_id, entry, IDEM_ENTRY_HEAD + klen, IDEM_TAIL);
+        *moved = rc != OPTD_OK;
         if (rc == OPTD_E_NOT_FOUND) {
             rc = idem_tail_flush(st, session_id, floor);
             if (rc == OPTD_OK)
@@ -3035,8 +3038,11 @@ optd_err store_idem_get(store *st, int64_t session_id, const char *key, uint64_t
 
 /* Replaces an existing record for the key at step. window 0 keeps no key
  * at all (even this one), as "the keys of the last 0 steps" says; window 1
- * keeps this step's. Keys of steps <= step - window leave in batches, at
- * most IDEM_PRUNE_SLACK steps later. Returns OPTD_OK, OPTD_E_INVALID (NULL
+ * keeps this step's. Keys of steps <= step - window leave in batches, when
+ * keys move to idem_keys (a tail's worth, 33 UUID-length keys, at a time)
+ * and the oldest there is IDEM_PRUNE_SLACK steps past the window: a
+ * batch every 64 steps, and no statement for it on the others. Returns
+ * OPTD_OK, OPTD_E_INVALID (NULL
  * key, step >= 2^63, NULL reply with reply_len > 0, a reply of 2 GiB),
  * OPTD_E_UNAVAILABLE, OPTD_E_NOMEM. */
 optd_err store_idem_put(store *st, int64_t session_id, const char *key, uint64_t step, uint64_t digest,
@@ -3060,11 +3066,13 @@ optd_err store_idem_put(store *st, int64_t session_id, const char *key, uint64_t
         if (rc)
             goto done;
     }
-    rc = idem_key_record(st, session_id, step, key, digest, pos, step > window ? step - window : 0);
+    int moved;
+    rc = idem_key_record(st, session_id, step, key, digest, pos, step > window ? step - window : 0, &moved);
     if (rc)
         goto done;
 
-    if (step > window) {
+    /* Only keys that went to idem_keys can make it outgrow the window. */
+    if (moved && step > window) {
         uint64_t oldest = UINT64_MAX;
         q = st->q[Q_IDEM_OLDEST];
         src = sqlite3_bind_int64(q, 1, session_id);

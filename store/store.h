@@ -210,7 +210,8 @@ optd_err store_idem_get(store *st, int64_t session_id, const char *key, uint64_t
                         uint64_t window, store_idem *out);
 /* Records key at step with digest and reply (may be NULL: then the ring is
  * left as it is), then forgets keys of steps <= step - window, in batches:
- * such keys may still be listed and found up to 64 steps later. */
+ * such keys may still be listed and found up to about a hundred keyed steps
+ * later (callers look within the window). */
 optd_err store_idem_put(store *st, int64_t session_id, const char *key, uint64_t step, uint64_t digest,
                         const void *reply, size_t reply_len, uint64_t window);
 
