@@ -325,6 +325,7 @@ typedef struct applied {
     double lr, grad_norm;
     double *lrs;
     size_t n_lrs;
+    bool key_saved; /* the job's key went with the step (apply_step) */
 } applied;
 
 /* torch.nn.utils.clip_grad_norm_ over the gradients given (a shaped
@@ -362,7 +363,7 @@ static double clip(const sess *s, void *grad, const unsigned char *skip)
  * the log has room (the state stays where the store has it), else the
  * whole state, which ends the log. */
 static optd_err store_step(engine *w, sess *s, const void *grad, const unsigned char *skip, const double *lrs,
-                           const store_history *h)
+                           const store_history *h, const store_key *k)
 {
     uint32_t slots = engine_sess_log_slots(s);
     optd_err rc;
@@ -370,12 +371,12 @@ static optd_err store_step(engine *w, sess *s, const void *grad, const unsigned 
         store_part parts[3];
         engine_sess_log_parts(s, grad, skip, lrs, parts);
         rc = store_session_log(w->st, s->id, s->st.step, s->updated_ms, s->st.step - s->logged - 1, s->logged,
-                               parts, 3, h, w->history_steps);
+                               parts, 3, h, w->history_steps, k);
         if (rc == OPTD_OK)
             s->logged++;
         return rc;
     }
-    rc = store_session_step(w->st, s->id, s->st.step, s->updated_ms, s->blob, s->blob_len, h, w->history_steps);
+    rc = store_session_step(w->st, s->id, s->st.step, s->updated_ms, s->blob, s->blob_len, h, w->history_steps, k);
     if (rc == OPTD_OK)
         s->logged = 0;
     return rc;
@@ -386,13 +387,16 @@ static optd_err store_step(engine *w, sess *s, const void *grad, const unsigned 
  * and history, all inside the group's transaction. A shaped session's
  * tensors step with their group's hyperparameters and their own step and
  * scalar (torch's per-parameter state["step"]); skipped ones do not change. */
+static unsigned char *reply_make(const sess *s, const applied *a, uint32_t contributors, size_t *len);
+
 static optd_err apply_step(engine *w, sess *s, void *grad, const unsigned char *skip, uint32_t contributors,
-                           bool has_loss, double loss, applied *out)
+                           bool has_loss, double loss, const sreq *keyed, applied *out)
 {
     optim_stats stats;
     double lr1 = engine_training_lr(&s->tr, s->hp.lr, s->st.step), *lrs = &lr1;
     out->lrs = NULL;
     out->n_lrs = 0;
+    out->key_saved = false;
     if (s->shape) {
         /* The schedule's factor multiplies each group's own lr. */
         size_t G = s->shape->n_groups;
@@ -416,7 +420,19 @@ static optd_err apply_step(engine *w, sess *s, void *grad, const unsigned char *
     out->grad_norm = grad_norm;
     store_history h = {s->st.step,           s->updated_ms, lrs[0],   grad_norm, sqrt(stats.update_sq),
                        sqrt(stats.param_sq), contributors,  has_loss, loss};
-    optd_err rc = store_step(w, s, grad, skip, lrs, &h);
+    /* A keyed job's key and saved reply go in with the step's own writes
+     * (the session row's one rewrite takes the key's entry too). */
+    store_key key = {0}, *k = NULL;
+    unsigned char *reply = NULL;
+    if (keyed && keyed->idem_key) {
+        if (!(reply = reply_make(s, out, contributors, &key.reply_len)))
+            return OPTD_E_NOMEM;
+        key = (store_key){keyed->idem_key, keyed->digest, reply, key.reply_len, w->idem_window};
+        k = &key;
+    }
+    optd_err rc = store_step(w, s, grad, skip, lrs, &h, k);
+    free(reply);
+    out->key_saved = k && rc == OPTD_OK;
     if (rc == OPTD_OK)
         rc = injected(w, ENGINE_FAULT_STEP, s->name);
     if (rc == OPTD_OK)
@@ -490,10 +506,35 @@ static void idem_remember(engine *w, sess *s, const char *key, uint64_t step)
     w->cached -= before;
 }
 
-/* Fills j's reply from an applied step and remembers its key. */
+/* The reply s saves for a keyed step (reply_len bytes, malloc'd): its
+ * numbers (a shaped session's lr per group after the head), then the
+ * params, as a replay needs. A session that logs its steps saves no
+ * params: saving them would write as much again as its step does, and a
+ * retry of its latest step, the one a client whose reply was lost sends,
+ * takes the params the session has (see run_step); an older key's replay
+ * is then one whose params are no longer kept. NULL: out of memory. */
+static unsigned char *reply_make(const sess *s, const applied *a, uint32_t contributors, size_t *len)
+{
+    size_t lrb = a->n_lrs * sizeof(double);
+    *len = reply_len(s);
+    unsigned char *reply = malloc(*len);
+    if (!reply)
+        return NULL;
+    memcpy(reply, &a->lr, 8);
+    memcpy(reply + 8, &a->grad_norm, 8);
+    memcpy(reply + 16, &contributors, 4);
+    memset(reply + 20, 0, 4);
+    if (lrb)
+        memcpy(reply + REPLY_HEAD, a->lrs, lrb);
+    memcpy(reply + REPLY_HEAD + lrb, s->st.params, *len - REPLY_HEAD - lrb);
+    return reply;
+}
+
+/* Fills j's reply from an applied step and remembers its key (saving it
+ * first, unless it went with the step). */
 static optd_err finish_step(engine *w, sess *s, sreq *j, const applied *a, uint32_t contributors)
 {
-    size_t vec = s->n * optim_elem_size(s->dtype), lrb = a->n_lrs * sizeof(double);
+    size_t lrb = a->n_lrs * sizeof(double);
     optd_err rc = OPTD_OK;
     j->step = a->step;
     j->lr = a->lr;
@@ -506,31 +547,16 @@ static optd_err finish_step(engine *w, sess *s, sreq *j, const applied *a, uint3
         memcpy(j->lrs, a->lrs, lrb);
         j->n_lrs = a->n_lrs;
     }
-    if (j->idem_key) {
-        /* The saved reply: its numbers (a shaped session's lr per group
-         * after the head), then the params, as a replay needs. A session
-         * that logs its steps saves no params: saving them would write as
-         * much again as its step does, and a retry of its latest step, the
-         * one a client whose reply was lost sends, takes the params the
-         * session has (see run_step); an older key's replay is then one
-         * whose params are no longer kept. */
-        size_t len = reply_len(s);
-        vec = len - REPLY_HEAD - lrb;
-        unsigned char *reply = malloc(len);
+    if (j->idem_key && !a->key_saved) {
+        size_t len;
+        unsigned char *reply = reply_make(s, a, contributors, &len);
         if (!reply)
             return OPTD_E_NOMEM;
-        memcpy(reply, &a->lr, 8);
-        memcpy(reply + 8, &a->grad_norm, 8);
-        memcpy(reply + 16, &contributors, 4);
-        memset(reply + 20, 0, 4);
-        if (lrb)
-            memcpy(reply + REPLY_HEAD, a->lrs, lrb);
-        memcpy(reply + REPLY_HEAD + lrb, s->st.params, vec);
         rc = store_idem_put(w->st, s->id, j->idem_key, a->step, j->digest, reply, len, w->idem_window);
         free(reply);
-        if (rc == OPTD_OK)
-            idem_remember(w, s, j->idem_key, a->step);
     }
+    if (rc == OPTD_OK && j->idem_key)
+        idem_remember(w, s, j->idem_key, a->step);
     if (rc == OPTD_OK && j->want_params)
         rc = copy_out(j, s->st.params, s->n * optim_elem_size(s->dtype));
     return rc;
@@ -558,7 +584,7 @@ static optd_err round_apply(engine *w, sess *s)
             else
                 ((float *)mean)[i] = (float)v;
         }
-        rc = apply_step(w, s, mean, r->skip, r->count, r->loss_w > 0, r->loss_w > 0 ? r->loss_sum / r->loss_w : 0,
+        rc = apply_step(w, s, mean, r->skip, r->count, r->loss_w > 0, r->loss_w > 0 ? r->loss_sum / r->loss_w : 0, NULL,
                         &a);
         free(mean);
     }
@@ -928,7 +954,7 @@ static optd_err run_step(engine *w, sreq *j)
         return rc; /* the part rolls back: s, touched, is reloaded as it was */
     }
     applied a;
-    rc = apply_step(w, s, j->grad, skip, 1, j->has_loss, j->loss, &a);
+    rc = apply_step(w, s, j->grad, skip, 1, j->has_loss, j->loss, j, &a);
     free(skip);
     if (rc == OPTD_E_NON_FINITE)
         rc = overflowed(w, s, j->msg, sizeof j->msg);

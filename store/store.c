@@ -288,6 +288,8 @@ enum {
     Q_SESSION_LOG,   /* the step path of a logged session */
     Q_SESSION_STEP_HIST, /* Q_SESSION_STEP and the step's history row */
     Q_SESSION_LOG_HIST,  /* Q_SESSION_LOG and the step's history row */
+    Q_SESSION_STEP_HIST_KEY, /* Q_SESSION_STEP_HIST and the step's key */
+    Q_SESSION_LOG_HIST_KEY,  /* Q_SESSION_LOG_HIST and the step's key */
     Q_STATE_CURRENT, /* the state blob holds the row's step again */
     Q_STEPLOG_SLOT,  /* a slot's row: its bytes' id and length */
     Q_STEPLOG_SET,   /* a slot's step */
@@ -309,6 +311,12 @@ enum {
 /* Rows a tail holds before they move to the history table together: about
  * 1 KiB in the session's row, and one history page dirtied per 16 steps. */
 #define HIST_BATCH 16
+/* The SET clause that appends key entry `entry` (`len` bytes) to a key tail
+ * of `size` bytes (IDEM_TAIL) at idem_used. As HIST_SPLICE. */
+#define IDEM_SPLICE(entry, len, size)                                                                              \
+    "idem_tail = CAST(substr(coalesce(idem_tail, zeroblob(" size ")), 1, idem_used) || " entry                    \
+    " || substr(coalesce(idem_tail, zeroblob(" size ")), idem_used + " len " + 1) AS BLOB),"                      \
+    " idem_used = idem_used + " len
 /* The SET clause that splices history row `row` (`len` bytes, HIST_ROW) in
  * at hist_n of a tail of `size` bytes (HIST_ROW * HIST_BATCH). substr of a
  * blob counts bytes; || makes text of the bytes as they are (a UTF-8
@@ -358,6 +366,14 @@ static const char *const sql[Q_END] = {
                             HIST_SPLICE("?5", "?6", "?7") " WHERE id = ?1 AND step = ?2 - 1 AND hist_n < ?8",
     [Q_SESSION_LOG_HIST] = "UPDATE sessions SET step = ?2, updated_ms = ?3, state_step = ?4, "
                            HIST_SPLICE("?5", "?6", "?7") " WHERE id = ?1 AND step = ?2 - 1 AND hist_n < ?8",
+    /* And a keyed step's key entry (?9, ?10 bytes) into its tail of ?11
+     * bytes, unless it is full. */
+    [Q_SESSION_STEP_HIST_KEY] = "UPDATE sessions SET step = ?2, updated_ms = ?3, state_step = NULL, "
+                                HIST_SPLICE("?5", "?6", "?7") ", " IDEM_SPLICE("?9", "?10", "?11")
+                                " WHERE id = ?1 AND step = ?2 - 1 AND hist_n < ?8 AND idem_used + ?10 <= ?11",
+    [Q_SESSION_LOG_HIST_KEY] = "UPDATE sessions SET step = ?2, updated_ms = ?3, state_step = ?4, "
+                               HIST_SPLICE("?5", "?6", "?7") ", " IDEM_SPLICE("?9", "?10", "?11")
+                               " WHERE id = ?1 AND step = ?2 - 1 AND hist_n < ?8 AND idem_used + ?10 <= ?11",
     [Q_STATE_UPDATE] = "UPDATE state SET data = ?2 WHERE session_id = ?1",
     [Q_STATE_CURRENT] = "UPDATE sessions SET state_step = NULL WHERE id = ?1 AND state_step IS NOT NULL",
     [Q_STEPLOG_SLOT] = "SELECT l.data_id, length(d.data) FROM steplog l JOIN steplog_data d ON d.id = l.data_id"
@@ -382,9 +398,7 @@ static const char *const sql[Q_END] = {
     [Q_IDEM_TAIL] = "SELECT idem_tail, idem_used FROM sessions WHERE id = ?1",
     /* Entry ?2 (?3 bytes) spliced in at idem_used of a tail of ?4 bytes
      * (IDEM_TAIL) when it fits; as Q_HISTORY_TAIL_ADD. */
-    [Q_IDEM_TAIL_ADD] = "UPDATE sessions SET idem_tail = CAST(substr(coalesce(idem_tail, zeroblob(?4)), 1,"
-                        " idem_used) || ?2 || substr(coalesce(idem_tail, zeroblob(?4)), idem_used + ?3 + 1)"
-                        " AS BLOB), idem_used = idem_used + ?3 WHERE id = ?1 AND idem_used + ?3 <= ?4",
+    [Q_IDEM_TAIL_ADD] = "UPDATE sessions SET " IDEM_SPLICE("?2", "?3", "?4") " WHERE id = ?1 AND idem_used + ?3 <= ?4",
     [Q_IDEM_TAIL_CLEAR] = "UPDATE sessions SET idem_used = 0 WHERE id = ?1",
     [Q_IDEM_LEGACY] = "SELECT idem_legacy FROM sessions WHERE id = ?1",
     [Q_IDEM_LEGACY_END] = "UPDATE sessions SET idem_legacy = NULL WHERE id = ?1 AND idem_legacy <= ?2",
@@ -2227,25 +2241,41 @@ static optd_err step_moved(store *st, int64_t id, uint64_t step)
 }
 
 static void hist_pack(const store_history *h, unsigned char *p);
+static optd_err ring_put(store *st, int64_t session_id, uint64_t step, const void *reply, size_t len,
+                         uint64_t window, uint64_t *pos);
+static size_t idem_entry_make(unsigned char *entry, uint64_t step, uint64_t digest, uint64_t pos, const char *key);
+static optd_err idem_note(store *st, int64_t session_id, uint64_t step, const store_key *k, uint64_t pos);
 
 /* The row half of a step: step, time and state_step (NULL when state_step
- * is negative) of session id, and its history row h (none when NULL) with
- * keep as store_history_put takes it. The common case is one UPDATE: the
- * row's rewrite takes h into its tail when the tail has room. Otherwise
- * the row, then h through store_history_put, which moves a full tail to
- * the history table first. OPTD_E_NOT_FOUND or _UNAVAILABLE (step_moved)
- * when the row is not at step - 1. Inside a transaction. */
+ * is negative) of session id, its history row h (none when NULL) with
+ * keep as store_history_put takes it, and its key k (none when NULL) as
+ * store_idem_put records it. The common case is one UPDATE: the row's
+ * rewrite takes h and k's entry into its tails when they have room.
+ * Otherwise the row, then h through store_history_put and k through the
+ * key path, which move full tails to their tables first.
+ * OPTD_E_NOT_FOUND or _UNAVAILABLE (step_moved) when the row is not at
+ * step - 1. Inside a transaction. */
 static optd_err row_step(store *st, int64_t id, uint64_t step, int64_t updated_ms, int64_t state_step,
-                         const store_history *h, uint64_t keep)
+                         const store_history *h, uint64_t keep, const store_key *k)
 {
     sqlite3_stmt *q;
+    unsigned char entry[IDEM_ENTRY_HEAD + 255];
+    size_t elen = 0;
+    uint64_t pos = RING_NONE;
     optd_err rc;
     int src, logged = state_step >= 0;
 
-    if (h && keep) {
+    if (k && k->window == 0)
+        k = NULL; /* no key kept at all (store_idem_put) */
+    if (k && k->reply && (rc = ring_put(st, id, step, k->reply, k->reply_len, k->window, &pos)) != OPTD_OK)
+        return rc;
+    if (k)
+        elen = idem_entry_make(entry, step, k->digest, pos, k->key);
+    if (h && keep && (!k || elen)) {
         unsigned char packed[HIST_ROW];
         hist_pack(h, packed);
-        q = st->q[logged ? Q_SESSION_LOG_HIST : Q_SESSION_STEP_HIST];
+        q = st->q[logged ? (k ? Q_SESSION_LOG_HIST_KEY : Q_SESSION_LOG_HIST)
+                         : (k ? Q_SESSION_STEP_HIST_KEY : Q_SESSION_STEP_HIST)];
         src = sqlite3_bind_int64(q, 1, id);
         if (src == SQLITE_OK)
             src = sqlite3_bind_int64(q, 2, (int64_t)step);
@@ -2261,9 +2291,15 @@ static optd_err row_step(store *st, int64_t id, uint64_t step, int64_t updated_m
             src = sqlite3_bind_int(q, 7, HIST_ROW * HIST_BATCH);
         if (src == SQLITE_OK)
             src = sqlite3_bind_int64(q, 8, (int64_t)(keep < HIST_BATCH ? keep : HIST_BATCH));
+        if (src == SQLITE_OK && k)
+            src = sqlite3_bind_blob(q, 9, entry, (int)elen, SQLITE_STATIC);
+        if (src == SQLITE_OK && k)
+            src = sqlite3_bind_int(q, 10, (int)elen);
+        if (src == SQLITE_OK && k)
+            src = sqlite3_bind_int(q, 11, IDEM_TAIL);
         rc = run(q, src);
         if (rc || sqlite3_changes(st->db) == 1)
-            return rc;
+            return rc; /* k's entry went in the tail: no keys moved, none to forget */
         /* A full tail, or a row not at step - 1: the long way says which. */
     }
     q = st->q[logged ? Q_SESSION_LOG : Q_SESSION_STEP];
@@ -2279,7 +2315,16 @@ static optd_err row_step(store *st, int64_t id, uint64_t step, int64_t updated_m
         rc = step_moved(st, id, step);
     if (rc == OPTD_OK && h)
         rc = store_history_put(st, id, h, keep);
+    if (rc == OPTD_OK && k)
+        rc = idem_note(st, id, step, k, pos);
     return rc;
+}
+
+/* Whether k can be recorded at step: a key, a reply that fits a record. */
+static int key_valid(const store_key *k, uint64_t step)
+{
+    return !k || (k->key && step <= INT64_MAX && (k->reply || !k->reply_len) &&
+                  k->reply_len <= INT32_MAX - IDEM_CHUNK_BYTES);
 }
 
 /* The step path: the row's step and time, and the state overwritten in place
@@ -2288,20 +2333,20 @@ static optd_err row_step(store *st, int64_t id, uint64_t step, int64_t updated_m
  * 12 MB state that halves the pages a commit writes). Returns as
  * store_session_update. */
 optd_err store_session_step(store *st, int64_t id, uint64_t step, int64_t updated_ms, const void *state, size_t len,
-                            const store_history *h, uint64_t keep)
+                            const store_history *h, uint64_t keep, const store_key *k)
 {
     sqlite3_stmt *q;
     sqlite3_blob *blob = NULL;
     optd_err rc;
     int own, src;
 
-    if (step == 0 || step > INT64_MAX || !state || len > INT_MAX || (h && h->step != step))
+    if (step == 0 || step > INT64_MAX || !state || len > INT_MAX || (h && h->step != step) || !key_valid(k, step))
         return OPTD_E_INVALID;
     rc = tx_enter(st, &own);
     if (rc)
         return rc;
     st->tx_bytes += len;
-    rc = row_step(st, id, step, updated_ms, -1, h, keep);
+    rc = row_step(st, id, step, updated_ms, -1, h, keep, k);
     if (rc)
         goto done;
     src = sqlite3_blob_open(st->db, "main", "state", "data", id, 1, &blob);
@@ -2438,13 +2483,15 @@ static void cache_fit(store *st, size_t entry_bytes)
  * (also: the row is not at step - 1, as store_session_step),
  * OPTD_E_SESSION_TOO_LARGE, OPTD_E_NOMEM, OPTD_E_INTERNAL. */
 optd_err store_session_log(store *st, int64_t id, uint64_t step, int64_t updated_ms, uint64_t state_step,
-                           uint32_t slot, const store_part *parts, int n, const store_history *h, uint64_t keep)
+                           uint32_t slot, const store_part *parts, int n, const store_history *h, uint64_t keep,
+                           const store_key *k)
 {
     size_t len = 0;
     optd_err rc;
     int own;
 
-    if (step == 0 || step > INT64_MAX || state_step >= step || n < 0 || (n && !parts) || (h && h->step != step))
+    if (step == 0 || step > INT64_MAX || state_step >= step || n < 0 || (n && !parts) || (h && h->step != step) ||
+        !key_valid(k, step))
         return OPTD_E_INVALID;
     for (int i = 0; i < n; i++)
         len += parts[i].len;
@@ -2455,7 +2502,7 @@ optd_err store_session_log(store *st, int64_t id, uint64_t step, int64_t updated
     if (rc)
         return rc;
     st->tx_bytes += len;
-    rc = row_step(st, id, step, updated_ms, (int64_t)state_step, h, keep);
+    rc = row_step(st, id, step, updated_ms, (int64_t)state_step, h, keep, k);
     if (rc == OPTD_OK)
         rc = slot_write(st, id, slot, step, parts, n, len);
     return tx_leave(st, own, rc);
@@ -2637,26 +2684,36 @@ static optd_err tail_splice(store *st, sqlite3_stmt *q, int64_t session_id, cons
  * first when full; in idem_keys itself when the key is too long for a tail
  * or there is no session row to hold one. *moved: whether keys went to
  * idem_keys. */
+/* A key's tail entry, its length (0 when the key is too long for one). */
+static size_t idem_entry_make(unsigned char *entry, uint64_t step, uint64_t digest, uint64_t pos, const char *key)
+{
+    size_t klen = strlen(key);
+    if (klen > 255)
+        return 0;
+    le64_put(entry, step);
+    le64_put(entry + 8, digest);
+    le64_put(entry + 16, pos);
+    entry[IDEM_ENTRY_HEAD - 1] = (unsigned char)klen;
+    memcpy(entry + IDEM_ENTRY_HEAD, key, klen);
+    return IDEM_ENTRY_HEAD + klen;
+}
+
 static optd_err idem_key_record(store *st, int64_t session_id, uint64_t step, const char *key, uint64_t digest,
                                 uint64_t pos, uint64_t floor, int *moved)
 {
     size_t klen = strlen(key);
     unsigned char entry[IDEM_ENTRY_HEAD + 255];
+    size_t elen = idem_entry_make(entry, step, digest, pos, key);
     optd_err rc = OPTD_E_NOT_FOUND;
 
     *moved = 1;
-    if (klen <= 255) {
-        le64_put(entry, step);
-        le64_put(entry + 8, digest);
-        le64_put(entry + 16, pos);
-        entry[IDEM_ENTRY_HEAD - 1] = (unsigned char)klen;
-        memcpy(entry + IDEM_ENTRY_HEAD, key, klen);
-        rc = tail_splice(st, st->q[Q_IDEM_TAIL_ADD], session_id, entry, IDEM_ENTRY_HEAD + klen, IDEM_TAIL);
+    if (elen) {
+        rc = tail_splice(st, st->q[Q_IDEM_TAIL_ADD], session_id, entry, elen, IDEM_TAIL);
         *moved = rc != OPTD_OK;
         if (rc == OPTD_E_NOT_FOUND) {
             rc = idem_tail_flush(st, session_id, floor);
             if (rc == OPTD_OK)
-                rc = tail_splice(st, st->q[Q_IDEM_TAIL_ADD], session_id, entry, IDEM_ENTRY_HEAD + klen, IDEM_TAIL);
+                rc = tail_splice(st, st->q[Q_IDEM_TAIL_ADD], session_id, entry, elen, IDEM_TAIL);
         }
     }
     if (rc == OPTD_E_NOT_FOUND)
@@ -3036,78 +3093,83 @@ optd_err store_idem_get(store *st, int64_t session_id, const char *key, uint64_t
     return OPTD_OK;
 }
 
+/* Forgets session_id's keys of steps <= step - window, a batch at a time,
+ * and schema 5's replies once their keys have gone. */
+static optd_err idem_prune(store *st, int64_t session_id, uint64_t step, uint64_t window)
+{
+    uint64_t oldest = UINT64_MAX;
+    sqlite3_stmt *q = st->q[Q_IDEM_OLDEST];
+    int src = sqlite3_bind_int64(q, 1, session_id);
+    if (src == SQLITE_OK)
+        src = sqlite3_step(q);
+    if (src == SQLITE_ROW) {
+        if (sqlite3_column_type(q, 0) != SQLITE_NULL)
+            oldest = i2u(sqlite3_column_int64(q, 0));
+        src = SQLITE_DONE;
+    }
+    stmt_done(q);
+    optd_err rc = from_sqlite(src);
+    if (rc || oldest == UINT64_MAX || oldest + window + IDEM_PRUNE_SLACK > step)
+        return rc;
+    q = st->q[Q_IDEM_PRUNE];
+    src = sqlite3_bind_int64(q, 1, session_id);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 2, (int64_t)(step - window));
+    rc = run(q, src);
+    if (rc == OPTD_OK) {
+        q = st->q[Q_IDEM_LEGACY_END];
+        src = sqlite3_bind_int64(q, 1, session_id);
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_int64(q, 2, (int64_t)(step - window));
+        rc = run(q, src);
+    }
+    if (rc == OPTD_OK && sqlite3_changes(st->db)) {
+        q = st->q[Q_IDEM_REPLIES_DELETE_ALL];
+        rc = run(q, sqlite3_bind_int64(q, 1, session_id));
+    }
+    return rc;
+}
+
+/* Records k's key at step, its reply at pos (RING_NONE: none), then
+ * forgets the keys the window has left when keys moved to idem_keys (only
+ * those can make it outgrow the window). */
+static optd_err idem_note(store *st, int64_t session_id, uint64_t step, const store_key *k, uint64_t pos)
+{
+    int moved;
+    optd_err rc = idem_key_record(st, session_id, step, k->key, k->digest, pos,
+                                  step > k->window ? step - k->window : 0, &moved);
+    if (rc == OPTD_OK && moved && step > k->window)
+        rc = idem_prune(st, session_id, step, k->window);
+    return rc;
+}
+
 /* Replaces an existing record for the key at step. window 0 keeps no key
  * at all (even this one), as "the keys of the last 0 steps" says; window 1
  * keeps this step's. Keys of steps <= step - window leave in batches, when
  * keys move to idem_keys (a tail's worth, 33 UUID-length keys, at a time)
  * and the oldest there is IDEM_PRUNE_SLACK steps past the window: a
  * batch every 64 steps, and no statement for it on the others. Returns
- * OPTD_OK, OPTD_E_INVALID (NULL
- * key, step >= 2^63, NULL reply with reply_len > 0, a reply of 2 GiB),
- * OPTD_E_UNAVAILABLE, OPTD_E_NOMEM. */
+ * OPTD_OK, OPTD_E_INVALID (NULL key, step >= 2^63, NULL reply with
+ * reply_len > 0, a reply of 2 GiB), OPTD_E_UNAVAILABLE, OPTD_E_NOMEM. */
 optd_err store_idem_put(store *st, int64_t session_id, const char *key, uint64_t step, uint64_t digest,
                         const void *reply, size_t reply_len, uint64_t window)
 {
-    sqlite3_stmt *q;
+    store_key k = {key, digest, reply, reply_len, window};
+    uint64_t pos = RING_NONE;
     optd_err rc;
-    int own, src;
+    int own;
 
-    if (!key || step > INT64_MAX || (!reply && reply_len) || reply_len > INT32_MAX - IDEM_CHUNK_BYTES)
+    if (!key_valid(&k, step))
         return OPTD_E_INVALID;
     if (window == 0)
         return OPTD_OK;
     rc = tx_enter(st, &own);
     if (rc)
         return rc;
-
-    uint64_t pos = RING_NONE;
-    if (reply) {
+    if (reply)
         rc = ring_put(st, session_id, step, reply, reply_len, window, &pos);
-        if (rc)
-            goto done;
-    }
-    int moved;
-    rc = idem_key_record(st, session_id, step, key, digest, pos, step > window ? step - window : 0, &moved);
-    if (rc)
-        goto done;
-
-    /* Only keys that went to idem_keys can make it outgrow the window. */
-    if (moved && step > window) {
-        uint64_t oldest = UINT64_MAX;
-        q = st->q[Q_IDEM_OLDEST];
-        src = sqlite3_bind_int64(q, 1, session_id);
-        if (src == SQLITE_OK)
-            src = sqlite3_step(q);
-        if (src == SQLITE_ROW) {
-            if (sqlite3_column_type(q, 0) != SQLITE_NULL)
-                oldest = i2u(sqlite3_column_int64(q, 0));
-            src = SQLITE_DONE;
-        }
-        stmt_done(q);
-        rc = from_sqlite(src);
-        if (rc)
-            goto done;
-        if (oldest != UINT64_MAX && oldest + window + IDEM_PRUNE_SLACK <= step) {
-            q = st->q[Q_IDEM_PRUNE];
-            src = sqlite3_bind_int64(q, 1, session_id);
-            if (src == SQLITE_OK)
-                src = sqlite3_bind_int64(q, 2, (int64_t)(step - window));
-            rc = run(q, src);
-            /* The replies saved before schema 6 go once their keys have. */
-            if (rc == OPTD_OK) {
-                q = st->q[Q_IDEM_LEGACY_END];
-                src = sqlite3_bind_int64(q, 1, session_id);
-                if (src == SQLITE_OK)
-                    src = sqlite3_bind_int64(q, 2, (int64_t)(step - window));
-                rc = run(q, src);
-            }
-            if (rc == OPTD_OK && sqlite3_changes(st->db)) {
-                q = st->q[Q_IDEM_REPLIES_DELETE_ALL];
-                rc = run(q, sqlite3_bind_int64(q, 1, session_id));
-            }
-        }
-    }
-done:
+    if (rc == OPTD_OK)
+        rc = idem_note(st, session_id, step, &k, pos);
     return tx_leave(st, own, rc);
 }
 

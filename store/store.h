@@ -157,12 +157,23 @@ optd_err store_session_load(store *st, const char *name, store_session *out, voi
 /* Writes step, config, updated_ms (by s->id) and, when state is non-NULL,
  * the state blob. */
 optd_err store_session_update(store *st, const store_session *s, const void *state, size_t len);
+/* A step's idempotency key, recorded with it as store_idem_put(key,
+ * digest, reply, reply_len, window) does. Borrowed for the call. */
+typedef struct store_key {
+    const char *key;
+    uint64_t digest;
+    const void *reply; /* NULL: none saved */
+    size_t reply_len;
+    uint64_t window;
+} store_key;
+
 /* The step path: writes step and updated_ms of session id and its state blob
- * (in place when its size is unchanged), and records the step's history row
- * h (h->step == step; none when NULL) as store_history_put(h, keep) does,
- * in the same rewrite of the row when the row's tail has room. */
+ * (in place when its size is unchanged), records the step's history row h
+ * (h->step == step; none when NULL) as store_history_put(h, keep) does, and
+ * its key k (none when NULL), both in the same rewrite of the row when the
+ * row's tails have room. */
 optd_err store_session_step(store *st, int64_t id, uint64_t step, int64_t updated_ms, const void *state, size_t len,
-                            const store_history *h, uint64_t keep);
+                            const store_history *h, uint64_t keep, const store_key *k);
 /* The step path of a session whose state is too big to rewrite at every
  * step: writes step and updated_ms of session id, and in place of the state
  * the n parts of what redoes the step (the engine's bytes, written one after
@@ -170,14 +181,15 @@ optd_err store_session_step(store *st, int64_t id, uint64_t step, int64_t update
  * state_step (< step) and loads return the logged steps after it. Slots are
  * overwritten in place, so a session's log takes at most as many rows as
  * slots it uses. A later store_session_step or store_session_update with
- * state ends the log (its slots are kept for reuse). h and keep: as
+ * state ends the log (its slots are kept for reuse). h, keep and k: as
  * store_session_step. */
 typedef struct store_part {
     const void *p; /* NULL: len zero bytes */
     size_t len;
 } store_part;
 optd_err store_session_log(store *st, int64_t id, uint64_t step, int64_t updated_ms, uint64_t state_step,
-                           uint32_t slot, const store_part *parts, int n, const store_history *h, uint64_t keep);
+                           uint32_t slot, const store_part *parts, int n, const store_history *h, uint64_t keep,
+                           const store_key *k);
 /* Deletes a session, its state, log, history and keys. OPTD_E_NOT_FOUND when absent. */
 optd_err store_session_delete(store *st, const char *name);
 

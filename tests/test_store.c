@@ -788,13 +788,13 @@ static void test_a_savepoint_rolls_back_one_job_and_the_group_commits_the_rest(v
     /* Job 1: a step of "kept", kept. */
     assert_int_equal(store_savepoint(f->st), OPTD_OK);
     memset(big, 2, sizeof big);
-    assert_int_equal(store_session_step(f->st, kept.id, 1, 5, big, sizeof big, NULL, 0), OPTD_OK);
+    assert_int_equal(store_session_step(f->st, kept.id, 1, 5, big, sizeof big, NULL, 0, NULL), OPTD_OK);
     assert_int_equal(store_release(f->st), OPTD_OK);
     /* Job 2: a create and a second step (in place) of "kept", undone. */
     assert_int_equal(store_savepoint(f->st), OPTD_OK);
     assert_int_equal(store_session_insert(f->st, &undone, "u", 1), OPTD_OK);
     memset(big, 3, sizeof big);
-    assert_int_equal(store_session_step(f->st, kept.id, 2, 6, big, sizeof big, NULL, 0), OPTD_OK);
+    assert_int_equal(store_session_step(f->st, kept.id, 2, 6, big, sizeof big, NULL, 0, NULL), OPTD_OK);
     assert_int_equal(store_rollback_to(f->st), OPTD_OK);
     /* Job 3 sees job 1's step, not job 2's. */
     assert_int_equal(store_savepoint(f->st), OPTD_OK);
@@ -1113,14 +1113,14 @@ static void test_a_step_records_its_history_row_with_it(void **state)
     for (uint64_t step = 1; step <= 40; step++) {
         store_history h = hist_row(step, 0.25);
         if (step % 5 == 0) /* a logged step now and then */
-            assert_int_equal(store_session_log(f->st, id, step, 7, step - 1, 0, &part, 1, &h, 20), OPTD_OK);
+            assert_int_equal(store_session_log(f->st, id, step, 7, step - 1, 0, &part, 1, &h, 20, NULL), OPTD_OK);
         else
-            assert_int_equal(store_session_step(f->st, id, step, 7, "def", 3, &h, 20), OPTD_OK);
+            assert_int_equal(store_session_step(f->st, id, step, 7, "def", 3, &h, 20, NULL), OPTD_OK);
     }
     store_history late = hist_row(40, 0.5), wrong = hist_row(41, 0.5);
-    assert_int_equal(store_session_step(f->st, id, 40, 8, "xyz", 3, &late, 20), OPTD_E_UNAVAILABLE);
-    assert_int_equal(store_session_log(f->st, id, 40, 8, 39, 0, &part, 1, &late, 20), OPTD_E_UNAVAILABLE);
-    assert_int_equal(store_session_step(f->st, id, 42, 8, "xyz", 3, &wrong, 20), OPTD_E_INVALID);
+    assert_int_equal(store_session_step(f->st, id, 40, 8, "xyz", 3, &late, 20, NULL), OPTD_E_UNAVAILABLE);
+    assert_int_equal(store_session_log(f->st, id, 40, 8, 39, 0, &part, 1, &late, 20, NULL), OPTD_E_UNAVAILABLE);
+    assert_int_equal(store_session_step(f->st, id, 42, 8, "xyz", 3, &wrong, 20, NULL), OPTD_E_INVALID);
     assert_int_equal(store_read_history(f->st, id, 0, 100, 20, &rows, &n, &more), OPTD_OK);
     assert_int_equal(n, 20);
     assert_false(more);
@@ -1132,10 +1132,74 @@ static void test_a_step_records_its_history_row_with_it(void **state)
     rows = NULL;
 
     store_history h41 = hist_row(41, 0.25);
-    assert_int_equal(store_session_step(f->st, id, 41, 9, "def", 3, &h41, 0), OPTD_OK);
+    assert_int_equal(store_session_step(f->st, id, 41, 9, "def", 3, &h41, 0, NULL), OPTD_OK);
     assert_int_equal(store_read_history(f->st, id, 0, 100, 20, &rows, &n, &more), OPTD_OK);
     assert_int_equal(n, 0);
     free(rows);
+}
+
+/* A keyed step's key and reply go with the step (mostly in the same row
+ * rewrite as its history row): 140 steps across both step paths, window
+ * 40, key tails and history tails moving on the way; every key in the
+ * window is found with its digest and reply, the older ones are not kept
+ * past a batch, and a refused step records no key. Keys longer than a
+ * tail entry and history off take the long way, to the same effect. */
+static void test_a_keyed_step_records_its_key_with_it(void **state)
+{
+    fixture *f = *state;
+    store_part part = {"L", 1};
+    char key[300], reply[16];
+    store_idem r;
+
+    int64_t id = history_session(f, "keyed");
+    for (uint64_t step = 1; step <= 140; step++) {
+        store_history h = hist_row(step, 0.25);
+        snprintf(key, sizeof key, "%036llu", (unsigned long long)step);
+        snprintf(reply, sizeof reply, "reply-%06llu", (unsigned long long)step);
+        store_key k = {key, step * 3, reply, 12, 40};
+        if (step == 120) { /* too long for a tail */
+            memset(key, 'x', 299);
+            key[299] = '\0';
+        }
+        uint64_t keep = step == 125 ? 0 : 1000; /* history off: no merged UPDATE */
+        if (step % 7 == 0)
+            assert_int_equal(store_session_log(f->st, id, step, 7, step - 1, 0, &part, 1, &h, keep, &k), OPTD_OK);
+        else
+            assert_int_equal(store_session_step(f->st, id, step, 7, "def", 3, &h, keep, &k), OPTD_OK);
+    }
+    store_history late = hist_row(140, 0.5);
+    store_key again = {"refused", 1, "r", 1, 40};
+    assert_int_equal(store_session_step(f->st, id, 140, 8, "xyz", 3, &late, 1000, &again), OPTD_E_UNAVAILABLE);
+    assert_int_equal(store_idem_get(f->st, id, "refused", 140, 1, 40, &r), OPTD_E_NOT_FOUND);
+    store_history next = hist_row(141, 0.5);
+    store_key bad = {NULL, 1, "r", 1, 40};
+    assert_int_equal(store_session_step(f->st, id, 141, 8, "xyz", 3, &next, 1000, &bad), OPTD_E_INVALID);
+    for (uint64_t step = 101; step <= 140; step++) {
+        if (step == 120)
+            continue;
+        snprintf(key, sizeof key, "%036llu", (unsigned long long)step);
+        snprintf(reply, sizeof reply, "reply-%06llu", (unsigned long long)step);
+        memset(&r, 0, sizeof r);
+        assert_int_equal(store_idem_get(f->st, id, key, step, 12, 40, &r), OPTD_OK);
+        assert_int_equal(r.digest, step * 3);
+        assert_int_equal(r.reply_len, 12);
+        assert_memory_equal(r.reply, reply, 12);
+        free(r.reply);
+    }
+    memset(key, 'x', 299);
+    key[299] = '\0';
+    memset(&r, 0, sizeof r);
+    assert_int_equal(store_idem_get(f->st, id, key, 120, 12, 40, &r), OPTD_OK);
+    assert_int_equal(r.digest, 360);
+    assert_memory_equal(r.reply, "reply-000120", 12);
+    free(r.reply);
+    /* Keys far out of the window have left with a batch: at step 120, the
+     * first key to go to the table with its oldest key (1) 40 + 64 steps
+     * back, those of steps <= 80. */
+    assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM idem_keys WHERE step <= 80"), 0);
+    assert_int_equal(pragma_on(f->path, "SELECT min(step) FROM idem_keys"), 81);
+    assert_true(pragma_on(f->path, "SELECT count(*) FROM idem_keys") > 0);
+    assert_int_equal(pragma_on(f->path, "SELECT step FROM sessions WHERE name = 'keyed'"), 140);
 }
 
 /* Schema 6's reply ring taken back to schema 5's rings per session. */
@@ -1369,10 +1433,10 @@ static void test_a_step_guards_on_the_stored_step(void **state)
     open_store(f, NULL);
     insert(f, "g");
     assert_int_equal(store_session_load(f->st, "g", &row, NULL, NULL), OPTD_OK);
-    assert_int_equal(store_session_step(f->st, row.id, 1, 1, "def", 3, NULL, 0), OPTD_OK);
-    assert_int_equal(store_session_step(f->st, row.id, 1, 2, "xyz", 3, NULL, 0), OPTD_E_UNAVAILABLE);
-    assert_int_equal(store_session_step(f->st, row.id, 3, 2, "xyz", 3, NULL, 0), OPTD_E_UNAVAILABLE);
-    assert_int_equal(store_session_step(f->st, row.id + 100, 1, 2, "xyz", 3, NULL, 0), OPTD_E_NOT_FOUND);
+    assert_int_equal(store_session_step(f->st, row.id, 1, 1, "def", 3, NULL, 0, NULL), OPTD_OK);
+    assert_int_equal(store_session_step(f->st, row.id, 1, 2, "xyz", 3, NULL, 0, NULL), OPTD_E_UNAVAILABLE);
+    assert_int_equal(store_session_step(f->st, row.id, 3, 2, "xyz", 3, NULL, 0, NULL), OPTD_E_UNAVAILABLE);
+    assert_int_equal(store_session_step(f->st, row.id + 100, 1, 2, "xyz", 3, NULL, 0, NULL), OPTD_E_NOT_FOUND);
     store_session_clear(&row);
     assert_int_equal(store_session_load(f->st, "g", &row, &blob, &len), OPTD_OK);
     assert_int_equal(row.step, 1);
@@ -1399,18 +1463,18 @@ static void test_the_page_cache_grows_for_logged_steps_only(void **state)
     store_session s = make_session("c", 0);
     assert_int_equal(store_session_insert(f->st, &s, "S0", 2), OPTD_OK);
     assert_int_equal(page_cache_limit(f), 2000 * 1024);
-    assert_int_equal(store_session_step(f->st, s.id, 1, 5, "S1", 2, NULL, 0), OPTD_OK);
+    assert_int_equal(store_session_step(f->st, s.id, 1, 5, "S1", 2, NULL, 0, NULL), OPTD_OK);
     store_history h = hist_row(1, 0.5);
     assert_int_equal(store_history_put(f->st, s.id, &h, 100), OPTD_OK);
     assert_int_equal(page_cache_limit(f), 2000 * 1024);
     store_part p = {NULL, 1 << 20}; /* 1 MiB of zeros */
-    assert_int_equal(store_session_log(f->st, s.id, 2, 6, 1, 0, &p, 1, NULL, 0), OPTD_OK);
+    assert_int_equal(store_session_log(f->st, s.id, 2, 6, 1, 0, &p, 1, NULL, 0, NULL), OPTD_OK);
     assert_int_equal(page_cache_limit(f), 16u << 20);
     p.len = 16u << 20;
-    assert_int_equal(store_session_log(f->st, s.id, 3, 7, 1, 1, &p, 1, NULL, 0), OPTD_OK);
+    assert_int_equal(store_session_log(f->st, s.id, 3, 7, 1, 1, &p, 1, NULL, 0, NULL), OPTD_OK);
     assert_int_equal(page_cache_limit(f), 64u << 20);
     p.len = 1;
-    assert_int_equal(store_session_log(f->st, s.id, 4, 8, 1, 2, &p, 1, NULL, 0), OPTD_OK);
+    assert_int_equal(store_session_log(f->st, s.id, 4, 8, 1, 2, &p, 1, NULL, 0, NULL), OPTD_OK);
     assert_int_equal(page_cache_limit(f), 64u << 20); /* it never shrinks */
 }
 
@@ -1518,7 +1582,7 @@ static void test_a_log_holds_the_steps_past_the_state_until_the_state_is_written
     const char *heads[] = {"one-", "two-", "six---"};
     for (uint32_t i = 0; i < 3; i++) {
         store_part parts[2] = {{heads[i], strlen(heads[i])}, {NULL, 2}};
-        assert_int_equal(store_session_log(f->st, s.id, i + 1, 5, 0, i, parts, 2, NULL, 0), OPTD_OK);
+        assert_int_equal(store_session_log(f->st, s.id, i + 1, 5, 0, i, parts, 2, NULL, 0, NULL), OPTD_OK);
     }
     /* The entries hold NULs: compare by explicit lengths. */
     for (int via = 0; via < 2; via++) {
@@ -1542,11 +1606,11 @@ static void test_a_log_holds_the_steps_past_the_state_until_the_state_is_written
     /* A step that writes the state ends the log; the next log starts over
      * in slot 0, overwriting it in place at the same length and resizing
      * slot 1. */
-    assert_int_equal(store_session_step(f->st, s.id, 4, 6, "S4", 2, NULL, 0), OPTD_OK);
+    assert_int_equal(store_session_step(f->st, s.id, 4, 6, "S4", 2, NULL, 0, NULL), OPTD_OK);
     assert_log(f, "g", 4, 4, "S4", NULL, 0);
     store_part p5 = {"FIVE-\0", 6}, p6 = {"x", 1};
-    assert_int_equal(store_session_log(f->st, s.id, 5, 7, 4, 0, &p5, 1, NULL, 0), OPTD_OK);
-    assert_int_equal(store_session_log(f->st, s.id, 6, 8, 4, 1, &p6, 1, NULL, 0), OPTD_OK);
+    assert_int_equal(store_session_log(f->st, s.id, 5, 7, 4, 0, &p5, 1, NULL, 0, NULL), OPTD_OK);
+    assert_int_equal(store_session_log(f->st, s.id, 6, 8, 4, 1, &p6, 1, NULL, 0, NULL), OPTD_OK);
     {
         store_session got;
         void *blob = NULL;
@@ -1562,7 +1626,7 @@ static void test_a_log_holds_the_steps_past_the_state_until_the_state_is_written
         free(blob);
     }
     /* A step not following the row's is refused, and changes nothing. */
-    assert_int_equal(store_session_log(f->st, s.id, 9, 9, 4, 2, &p6, 1, NULL, 0), OPTD_E_UNAVAILABLE);
+    assert_int_equal(store_session_log(f->st, s.id, 9, 9, 4, 2, &p6, 1, NULL, 0, NULL), OPTD_E_UNAVAILABLE);
     /* An update with state ends the log too; one without keeps it. */
     store_session row;
     void *blob = NULL;
@@ -1619,6 +1683,7 @@ int main(void)
         T(test_history_keeps_exactly_the_last_steps_and_pages_in_order),
         T(test_history_rows_wait_in_the_session_row_and_move_in_batches),
         T(test_a_step_records_its_history_row_with_it),
+        T(test_a_keyed_step_records_its_key_with_it),
         T(test_history_of_schema_3_survives_the_upgrade),
         T(test_an_older_schema_is_upgraded),
         T(test_a_lock_held_elsewhere_makes_writes_unavailable_and_writable_false),
