@@ -2246,6 +2246,20 @@ static optd_err ring_put(store *st, int64_t session_id, uint64_t step, const voi
 static size_t idem_entry_make(unsigned char *entry, uint64_t step, uint64_t digest, uint64_t pos, const char *key);
 static optd_err idem_note(store *st, int64_t session_id, uint64_t step, const store_key *k, uint64_t pos);
 
+/* Binds ?1..?4 of the step statements: the session, the step, the time and,
+ * for a logged step (state_step >= 0), the step its state blob holds. */
+static int bind_row_step(sqlite3_stmt *q, int64_t id, uint64_t step, int64_t updated_ms, int64_t state_step)
+{
+    int src = sqlite3_bind_int64(q, 1, id);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 2, (int64_t)step);
+    if (src == SQLITE_OK)
+        src = sqlite3_bind_int64(q, 3, updated_ms);
+    if (src == SQLITE_OK && state_step >= 0)
+        src = sqlite3_bind_int64(q, 4, state_step);
+    return src;
+}
+
 /* The row half of a step: step, time and state_step (NULL when state_step
  * is negative) of session id, its history row h (none when NULL) with
  * keep as store_history_put takes it, and its key k (none when NULL) as
@@ -2276,13 +2290,7 @@ static optd_err row_step(store *st, int64_t id, uint64_t step, int64_t updated_m
         hist_pack(h, packed);
         q = st->q[logged ? (k ? Q_SESSION_LOG_HIST_KEY : Q_SESSION_LOG_HIST)
                          : (k ? Q_SESSION_STEP_HIST_KEY : Q_SESSION_STEP_HIST)];
-        src = sqlite3_bind_int64(q, 1, id);
-        if (src == SQLITE_OK)
-            src = sqlite3_bind_int64(q, 2, (int64_t)step);
-        if (src == SQLITE_OK)
-            src = sqlite3_bind_int64(q, 3, updated_ms);
-        if (src == SQLITE_OK && logged)
-            src = sqlite3_bind_int64(q, 4, state_step);
+        src = bind_row_step(q, id, step, updated_ms, state_step);
         if (src == SQLITE_OK)
             src = sqlite3_bind_blob(q, 5, packed, HIST_ROW, SQLITE_STATIC);
         if (src == SQLITE_OK)
@@ -2303,14 +2311,7 @@ static optd_err row_step(store *st, int64_t id, uint64_t step, int64_t updated_m
         /* A full tail, or a row not at step - 1: the long way says which. */
     }
     q = st->q[logged ? Q_SESSION_LOG : Q_SESSION_STEP];
-    src = sqlite3_bind_int64(q, 1, id);
-    if (src == SQLITE_OK)
-        src = sqlite3_bind_int64(q, 2, (int64_t)step);
-    if (src == SQLITE_OK)
-        src = sqlite3_bind_int64(q, 3, updated_ms);
-    if (src == SQLITE_OK && logged)
-        src = sqlite3_bind_int64(q, 4, state_step);
-    rc = run(q, src);
+    rc = run(q, bind_row_step(q, id, step, updated_ms, state_step));
     if (rc == OPTD_OK && sqlite3_changes(st->db) == 0)
         rc = step_moved(st, id, step);
     if (rc == OPTD_OK && h)
