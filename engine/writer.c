@@ -359,9 +359,9 @@ static double clip(const sess *s, void *grad, const unsigned char *skip)
     return norm;
 }
 
-/* Writes the step s just took, and its history row h: into its log while
- * the log has room (the state stays where the store has it), else the
- * whole state, which ends the log. */
+/* Writes the step s just took, its history row h and its key k (none when
+ * NULL): into its log while the log has room (the state stays where the
+ * store has it), else the whole state, which ends the log. */
 static optd_err store_step(engine *w, sess *s, const void *grad, const unsigned char *skip, const double *lrs,
                            const store_history *h, const store_key *k)
 {
@@ -382,13 +382,15 @@ static optd_err store_step(engine *w, sess *s, const void *grad, const unsigned 
     return rc;
 }
 
-/* Applies one optimizer step with grad (n elements of the session's dtype,
- * scaled in place when clipping) and records it: state (or its log), row
- * and history, all inside the group's transaction. A shaped session's
- * tensors step with their group's hyperparameters and their own step and
- * scalar (torch's per-parameter state["step"]); skipped ones do not change. */
 static unsigned char *reply_make(const sess *s, const applied *a, uint32_t contributors, size_t *len);
 
+/* Applies one optimizer step with grad (n elements of the session's dtype,
+ * scaled in place when clipping) and records it: state (or its log), row,
+ * history and the key of keyed (the job whose key goes with the step, or
+ * NULL; out->key_saved says it went), all inside the group's transaction.
+ * A shaped session's tensors step with their group's hyperparameters and
+ * their own step and scalar (torch's per-parameter state["step"]); skipped
+ * ones do not change. */
 static optd_err apply_step(engine *w, sess *s, void *grad, const unsigned char *skip, uint32_t contributors,
                            bool has_loss, double loss, const sreq *keyed, applied *out)
 {
@@ -454,7 +456,7 @@ static optd_err overflowed(engine *w, sess *s, char *msg, size_t msglen)
 /* The bytes of a shaped session's lrs in a saved reply. */
 static size_t lr_bytes(const sess *s) { return s->shape ? s->shape->n_groups * sizeof(double) : 0; }
 
-/* The length of the reply s saves for a keyed step (see finish_step). */
+/* The length of the reply s saves for a keyed step (see reply_make). */
 static size_t reply_len(const sess *s)
 {
     return REPLY_HEAD + lr_bytes(s) + (engine_sess_log_slots(s) ? 0 : s->n * optim_elem_size(s->dtype));
@@ -860,20 +862,17 @@ static optd_err skip_flags(const sess *s, sreq *j, unsigned char **out)
  * session's reply has an lr per group, which the row lacks: none then). */
 static optd_err latest_meta(engine *w, sess *s, sreq *j)
 {
-    store_history *h = NULL;
-    size_t n = 0;
-    int more = 0;
+    store_history h;
     if (s->shape || !w->history_steps || s->st.step == 0)
         return OPTD_OK;
-    optd_err rc = store_read_history(w->st, s->id, s->st.step - 1, 1, w->history_steps, &h, &n, &more);
-    if (rc == OPTD_OK && n == 1 && h[0].step == s->st.step && h[0].contributors <= UINT32_MAX) {
-        j->lr = h[0].lr;
-        j->grad_norm = h[0].grad_norm;
-        j->contributors = (uint32_t)h[0].contributors;
+    optd_err rc = store_history_get(w->st, s->id, s->st.step, &h);
+    if (rc == OPTD_OK && h.contributors <= UINT32_MAX) {
+        j->lr = h.lr;
+        j->grad_norm = h.grad_norm;
+        j->contributors = (uint32_t)h.contributors;
         j->has_meta = true;
     }
-    free(h);
-    return rc;
+    return rc == OPTD_E_NOT_FOUND ? OPTD_OK : rc;
 }
 
 static optd_err run_step(engine *w, sreq *j)
@@ -911,7 +910,7 @@ static optd_err run_step(engine *w, sreq *j)
                     j->n_lrs = s->shape->n_groups;
                 }
                 if (j->want_params && rec.reply_len == REPLY_HEAD + lrb && rec.step == s->st.step) {
-                    /* Saved without params (finish_step): the latest
+                    /* Saved without params (reply_make): the latest
                      * step's are the session's own. */
                     free(rec.reply);
                     return copy_out(j, s->st.params, s->n * optim_elem_size(s->dtype));
@@ -1356,7 +1355,10 @@ static int redoable(const engine *w, const engine_req *j)
  * savepoints (run_group): a failure costs that once, success nothing. From
  * the first part that is not redoable on, every part after the first kept
  * one has its savepoint. A part that fails having written nothing (most
- * refusals: 404, 412, 422) undoes nothing in the store either way. */
+ * refusals: 404, 412, 422) undoes nothing in the store either way; a keyed
+ * step that the store itself refuses (its row not at the step before, which
+ * the engine's own checks make rare) has saved its reply in the ring first,
+ * and costs its group the run again. */
 static optd_err begin_part(engine *w, const engine_req *j)
 {
     w->part++;

@@ -478,7 +478,7 @@ struct store {
     atomic_uint_fast64_t need_bytes;
     uint64_t tx_bytes;        /* writer only: bytes of state the open transaction writes */
     uint64_t blob_writes;     /* writer only: sqlite3_blob_write calls made (writes_made) */
-    uint64_t ring_head;       /* writer only: where the next reply goes (RING_CHUNK), never behind the table's */
+    uint64_t ring_head;       /* writer only: the reply ring's next pos, never behind table ring's */
     uint64_t ring_cap;        /* writer only: the ring's capacity, bytes; 0: to be worked out */
     uint64_t tx_writes;       /* writer only: writes_made when the transaction began */
     int lock_fd;              /* the exclusive lock (flock) on the database, or -1 */
@@ -2681,10 +2681,6 @@ static optd_err tail_splice(store *st, sqlite3_stmt *q, int64_t session_id, cons
     return rc == OPTD_OK && sqlite3_changes(st->db) == 0 ? OPTD_E_NOT_FOUND : rc;
 }
 
-/* Records key at step: in the session's tail, moving the tail to idem_keys
- * first when full; in idem_keys itself when the key is too long for a tail
- * or there is no session row to hold one. *moved: whether keys went to
- * idem_keys. */
 /* A key's tail entry, its length (0 when the key is too long for one). */
 static size_t idem_entry_make(unsigned char *entry, uint64_t step, uint64_t digest, uint64_t pos, const char *key)
 {
@@ -2699,6 +2695,10 @@ static size_t idem_entry_make(unsigned char *entry, uint64_t step, uint64_t dige
     return IDEM_ENTRY_HEAD + klen;
 }
 
+/* Records key at step: in the session's tail, moving the tail to idem_keys
+ * first when full; in idem_keys itself when the key is too long for a tail
+ * or there is no session row to hold one. *moved: whether keys went to
+ * idem_keys. */
 static optd_err idem_key_record(store *st, int64_t session_id, uint64_t step, const char *key, uint64_t digest,
                                 uint64_t pos, uint64_t floor, int *moved)
 {
@@ -2867,7 +2867,9 @@ static optd_err ring_cap_find(store *st, uint64_t window, uint64_t *cap)
 /* Writes session_id's reply to step as the ring's next record, and *pos
  * where it went. The head moves on in memory even when the transaction is
  * then rolled back: its bytes go back, and the gap they leave is never
- * read, since no key that committed points there. */
+ * read, since no key that committed points there. (A lap started in a
+ * transaction that rolls back keeps its chunks past a smaller capacity
+ * until the next lap: space, not data.) */
 static optd_err ring_put(store *st, int64_t session_id, uint64_t step, const void *reply, size_t len,
                          uint64_t window, uint64_t *pos)
 {
@@ -2891,6 +2893,9 @@ static optd_err ring_put(store *st, int64_t session_id, uint64_t step, const voi
     if (rc)
         return rc;
     *pos = lap << 32 | off;
+    /* The head moves on first: bytes a failure leaves behind are past it
+     * (and rolled back with the transaction, which fails with this put). */
+    st->ring_head = lap << 32 | (off + rec);
     le64_put(head, *pos);
     le64_put(head + 8, (uint64_t)session_id);
     le64_put(head + 16, step);
@@ -2910,7 +2915,6 @@ static optd_err ring_put(store *st, int64_t session_id, uint64_t step, const voi
     }
     st->tx_bytes += rec;
     if (rc == OPTD_OK) {
-        st->ring_head = lap << 32 | (off + rec);
         sqlite3_stmt *q = st->q[Q_RING_HEAD_SET];
         src = sqlite3_bind_int64(q, 1, u2i(st->ring_head));
         rc = run(q, src);
@@ -3445,6 +3449,57 @@ static int hist_cmp(const void *a, const void *b)
 
 /* Returns OPTD_OK, OPTD_E_INVALID, OPTD_E_UNAVAILABLE, OPTD_E_NOMEM; on
  * failure the outputs are untouched. */
+/* The history row at q's current result row (Q_HISTORY_PAGE's columns). */
+static void hist_column(sqlite3_stmt *q, store_history *h)
+{
+    h->step = i2u(sqlite3_column_int64(q, 0));
+    h->time_ms = sqlite3_column_int64(q, 1);
+    h->lr = sqlite3_column_double(q, 2);
+    h->grad_norm = sqlite3_column_double(q, 3);
+    h->update_norm = sqlite3_column_double(q, 4);
+    h->param_norm = sqlite3_column_double(q, 5);
+    h->contributors = i2u(sqlite3_column_int64(q, 6));
+    h->has_loss = sqlite3_column_type(q, 7) != SQLITE_NULL;
+    h->loss = h->has_loss ? sqlite3_column_double(q, 7) : 0;
+}
+
+optd_err store_history_get(store *st, int64_t session_id, uint64_t step, store_history *out)
+{
+    store_history *tail = NULL, h;
+    size_t ntail = 0;
+    int src, found = 0;
+
+    if (step == 0 || step > INT64_MAX || !out)
+        return OPTD_E_INVALID;
+    optd_err rc = tail_read(st->q[Q_HISTORY_TAIL], session_id, &tail, &ntail);
+    for (size_t i = ntail; rc == OPTD_OK && i-- > 0 && !found;)
+        if (tail[i].step == step) {
+            h = tail[i];
+            found = 1;
+        }
+    free(tail);
+    if (rc == OPTD_OK && !found) {
+        sqlite3_stmt *q = st->q[Q_HISTORY_PAGE];
+        src = sqlite3_bind_int64(q, 1, session_id);
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_int64(q, 2, (int64_t)step - 1);
+        if (src == SQLITE_OK)
+            src = sqlite3_bind_int64(q, 3, 1);
+        if (src == SQLITE_OK && (src = sqlite3_step(q)) == SQLITE_ROW) {
+            hist_column(q, &h);
+            found = h.step == step;
+            src = SQLITE_DONE;
+        }
+        stmt_done(q);
+        rc = src == SQLITE_DONE ? OPTD_OK : from_sqlite(src);
+    }
+    if (rc == OPTD_OK && !found)
+        rc = OPTD_E_NOT_FOUND;
+    if (rc == OPTD_OK)
+        *out = h;
+    return rc;
+}
+
 optd_err store_read_history(store *st, int64_t session_id, uint64_t after, int limit, uint64_t keep,
                             store_history **out, size_t *n, int *more)
 {
@@ -3487,16 +3542,7 @@ optd_err store_read_history(store *st, int64_t session_id, uint64_t after, int l
         src = sqlite3_step(q);
         if (src != SQLITE_ROW)
             break;
-        store_history *h = &rows[count++];
-        h->step = i2u(sqlite3_column_int64(q, 0));
-        h->time_ms = sqlite3_column_int64(q, 1);
-        h->lr = sqlite3_column_double(q, 2);
-        h->grad_norm = sqlite3_column_double(q, 3);
-        h->update_norm = sqlite3_column_double(q, 4);
-        h->param_norm = sqlite3_column_double(q, 5);
-        h->contributors = i2u(sqlite3_column_int64(q, 6));
-        h->has_loss = sqlite3_column_type(q, 7) != SQLITE_NULL;
-        h->loss = h->has_loss ? sqlite3_column_double(q, 7) : 0;
+        hist_column(q, &rows[count++]);
     }
     if (rc == OPTD_OK && src != SQLITE_ROW && src != SQLITE_DONE)
         rc = from_sqlite(src);

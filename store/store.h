@@ -233,6 +233,9 @@ optd_err store_idem_put(store *st, int64_t session_id, const char *key, uint64_t
  * (a step then dirties no page of its own for its history); reads see both.
  * OPTD_E_NOT_FOUND when there is no such session. */
 optd_err store_history_put(store *st, int64_t session_id, const store_history *h, uint64_t keep);
+/* The history row of step, read on the writer's connection (so what its
+ * open transaction wrote included). OPTD_E_NOT_FOUND when there is none. */
+optd_err store_history_get(store *st, int64_t session_id, uint64_t step, store_history *out);
 
 /* --- Any thread. -------------------------------------------------------- */
 

@@ -1138,6 +1138,35 @@ static void test_a_step_records_its_history_row_with_it(void **state)
     free(rows);
 }
 
+/* store_history_get finds a step's row in the table or in the session's
+ * tail, on the writer's connection: what its open transaction wrote too. */
+static void test_history_get_finds_a_steps_row_where_it_waits(void **state)
+{
+    fixture *f = *state;
+    store_history got;
+
+    int64_t id = history_session(f, "one");
+    for (uint64_t step = 1; step <= 20; step++) { /* 16 go to the table, 4 wait */
+        store_history h = hist_row(step, 0.5);
+        assert_int_equal(store_history_put(f->st, id, &h, 1000), OPTD_OK);
+    }
+    for (uint64_t step = 1; step <= 20; step++) {
+        store_history want = hist_row(step, 0.5);
+        assert_int_equal(store_history_get(f->st, id, step, &got), OPTD_OK);
+        assert_hist_eq(&got, &want);
+    }
+    assert_int_equal(store_history_get(f->st, id, 21, &got), OPTD_E_NOT_FOUND);
+    assert_int_equal(store_history_get(f->st, id + 1, 1, &got), OPTD_E_NOT_FOUND);
+    assert_int_equal(store_history_get(f->st, id, 0, &got), OPTD_E_INVALID);
+    assert_int_equal(store_begin(f->st), OPTD_OK);
+    store_history h21 = hist_row(21, 0.5);
+    assert_int_equal(store_history_put(f->st, id, &h21, 1000), OPTD_OK);
+    assert_int_equal(store_history_get(f->st, id, 21, &got), OPTD_OK);
+    assert_hist_eq(&got, &h21);
+    store_rollback(f->st);
+    assert_int_equal(store_history_get(f->st, id, 21, &got), OPTD_E_NOT_FOUND);
+}
+
 /* A keyed step's key and reply go with the step (mostly in the same row
  * rewrite as its history row): 140 steps across both step paths, window
  * 40, key tails and history tails moving on the way; every key in the
@@ -1684,6 +1713,7 @@ int main(void)
         T(test_history_rows_wait_in_the_session_row_and_move_in_batches),
         T(test_a_step_records_its_history_row_with_it),
         T(test_a_keyed_step_records_its_key_with_it),
+        T(test_history_get_finds_a_steps_row_where_it_waits),
         T(test_history_of_schema_3_survives_the_upgrade),
         T(test_an_older_schema_is_upgraded),
         T(test_a_lock_held_elsewhere_makes_writes_unavailable_and_writable_false),
