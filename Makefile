@@ -153,7 +153,7 @@ clean:
 fmt:
 	clang-format -i $(LIB_SRC) $(DAEMON_SRC) $(wildcard */*.h) $(wildcard tests/*.c) tests/fuzz/fuzz_decode.c
 
--include $(shell find build -name '*.d' 2>/dev/null)
+-include $(sort $(shell find build $(B) -name '*.d' 2>/dev/null))
 
 # training-test: worker rounds, lr schedules and clipping against torch
 # reference data (tests/training/gen_reference.py), forks, validation, and the
