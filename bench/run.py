@@ -275,7 +275,7 @@ def children_cpu():
 def wal_frames_written(srv):
     """optd's optd_db_wal_frames_written_total (one page of the database
     each), or None for another server."""
-    if srv.name != "optd":
+    if not srv.name.startswith("optd"):
         return None
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/metrics", timeout=10) as f:
@@ -400,6 +400,19 @@ def one_round(args, tmp, rnd):
             ("sqlite_small_32", lambda: sqlite_ceiling(args, tmp, SMALL * 12, 32)),
             ("sqlite_small_32_g32", lambda: sqlite_ceiling(args, tmp, SMALL * 12, 32, group=32)),
             ("ref_binary", lambda: loadgen(args, ref, "binary", 32, 32, SMALL, "s"))])
+        # Keyed steps in steady state: a daemon whose key windows (300 steps)
+        # and reply ring come round within the warm-up, so the measured
+        # steps prune keys and overwrite replies as a long run does.
+        keyed = Server("optd-keyed", [f"{b}/optd", "--listen", "127.0.0.1:0", "--db",
+                                      os.path.join(tmp, f"optd-keyed-{rnd}.db"), "--sync", "full", "--log-level",
+                                      "quiet", "--idempotency-window", "300"],
+                       r"listening on http://[^ ]*:(\d+)", tmp)
+        servers.append(keyed)
+        create_sessions(args, keyed.port, 32, SMALL, "k")
+        log(f"round {rnd}: keyed steady state (warm-up 12 s)")
+        loadgen_run(args, keyed.port, "binary", 32, 32, SMALL, "k", seconds=12, keys=True)
+        res["optd_binary_keys_steady"] = loadgen(args, keyed, "binary", 32, 32, SMALL, "k", keys=True)
+        keyed.stop()
         group("32 sessions, JSON", [
             ("mhd_json", lambda: loadgen(args, mhd, "json", 32, 32, SMALL, "m")),
             ("optd_json", lambda: loadgen(args, optd, "json", 32, 32, SMALL, "s")),
@@ -579,7 +592,7 @@ def report_service(svc, kern, targets):
                  f"HTTP/1.1 keep-alive, each connection on its own session. Databases on {svc['fs']}.\n")
 
     def m(label, key):
-        return med([r[label][key] if r.get(label) else None for r in R])
+        return med([r[label].get(key) if r.get(label) else None for r in R])
 
     def ratio(a, ka, b, kb, f=lambda x, y: x / y):
         vals = []
@@ -611,6 +624,8 @@ def report_service(svc, kern, targets):
     for label, name in [("optd_binary", "optd, binary bodies"),
                         ("optd_binary_keys", "optd, binary bodies, a fresh Idempotency-Key on every step (as the "
                                              "Python client sends)"),
+                        ("optd_binary_keys_steady", "the same keyed, in steady state (--idempotency-window 300, "
+                                                    "after 12 s: windows and reply ring come round)"),
                         ("optd_json", "optd, JSON bodies"),
                         ("floor_binary", "durable floor: MHD + one worker, 12 KB pwrite per request, fdatasync "
                                          "per group, 4,000-byte reply"),
@@ -634,6 +649,7 @@ def report_service(svc, kern, targets):
                  + "\n")
     by_thread = []
     for label, name in [("optd_binary", "optd, binary"), ("optd_binary_keys", "optd, binary, keyed"),
+                        ("optd_binary_keys_steady", "optd, binary, keyed, steady state"),
                         ("optd_json", "optd, JSON"), ("floor_binary", "durable floor, binary")]:
         frames = m(label, "wal_frames_per_step") if label.startswith("optd") else None
         by_thread.append([name, fnum(cpu(label), 1), fnum(thread_cpu(label, "writer"), 1),
@@ -796,20 +812,30 @@ def main():
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--skip-service", action="store_true")
     ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
+    ap.add_argument("--from-json", metavar="PATH", help="write the report from a run's results.json, running nothing")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.seconds = 1, 1.5
     args.build = os.path.relpath(os.path.join(ROOT, args.build), ROOT) if not os.path.isabs(args.build) else args.build
     os.chdir(ROOT)
     t0 = time.time()
-    mi = machine_info()
-    log(f"machine: {mi['nproc']} × {mi['cpu']} ({mi['simd']}), {mi['mem']}")
-    kern = None if args.skip_kernels else part_kernels(args)
-    jnum = None if args.skip_kernels else part_json(args)
-    t1 = time.time()
-    svc = None if args.skip_service else part_service(args)
-    t2 = time.time()
-
+    raw = os.path.join(args.build, "bench", "results.json")
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        mi, kern, jnum, svc = saved["machine"], saved["kernels"], saved["json_numbers"], saved["service"]
+        t1 = t2 = t0
+    else:
+        mi = machine_info()
+        log(f"machine: {mi['nproc']} × {mi['cpu']} ({mi['simd']}), {mi['mem']}")
+        kern = None if args.skip_kernels else part_kernels(args)
+        jnum = None if args.skip_kernels else part_json(args)
+        t1 = time.time()
+        svc = None if args.skip_service else part_service(args)
+        t2 = time.time()
+        # The raw figures first: a report that fails must not lose the run.
+        with open(raw, "w") as f:
+            json.dump({"machine": mi, "kernels": kern, "json_numbers": jnum, "service": svc}, f, indent=1)
     targets = []
     parts = []
     if kern:
@@ -839,11 +865,8 @@ def main():
     text = "\n".join(md)
     with open(args.out, "w") as f:
         f.write(text)
-    raw = os.path.join(args.build, "bench", "results.json")
-    with open(raw, "w") as f:
-        json.dump({"machine": mi, "kernels": kern, "json_numbers": jnum, "service": svc}, f, indent=1)
     print(text)
-    log(f"wrote {os.path.relpath(args.out, ROOT)} and {raw} in {elapsed:.0f} s")
+    log(f"wrote {os.path.relpath(args.out, ROOT)}" + ("" if args.from_json else f" and {raw}") + f" in {elapsed:.0f} s")
 
 
 if __name__ == "__main__":
