@@ -325,7 +325,7 @@ typedef struct applied {
     double lr, grad_norm;
     double *lrs;
     size_t n_lrs;
-    bool key_saved; /* the job's key went with the step (apply_step) */
+    bool key_saved; /* apply_step recorded the job's key (or had none to keep) */
 } applied;
 
 /* torch.nn.utils.clip_grad_norm_ over the gradients given (a shaped
@@ -423,10 +423,11 @@ static optd_err apply_step(engine *w, sess *s, void *grad, const unsigned char *
     store_history h = {s->st.step,           s->updated_ms, lrs[0],   grad_norm, sqrt(stats.update_sq),
                        sqrt(stats.param_sq), contributors,  has_loss, loss};
     /* A keyed job's key and saved reply go in with the step's own writes
-     * (the session row's one rewrite takes the key's entry too). */
+     * (the session row's one rewrite takes the key's entry too); a window
+     * of 0 keeps no key, so there is nothing to make. */
     store_key key = {0}, *k = NULL;
     unsigned char *reply = NULL;
-    if (keyed && keyed->idem_key) {
+    if (keyed && keyed->idem_key && w->idem_window) {
         if (!(reply = reply_make(s, out, contributors, &key.reply_len)))
             return OPTD_E_NOMEM;
         key = (store_key){keyed->idem_key, keyed->digest, reply, key.reply_len, w->idem_window};
@@ -434,7 +435,7 @@ static optd_err apply_step(engine *w, sess *s, void *grad, const unsigned char *
     }
     optd_err rc = store_step(w, s, grad, skip, lrs, &h, k);
     free(reply);
-    out->key_saved = k && rc == OPTD_OK;
+    out->key_saved = keyed && rc == OPTD_OK;
     if (rc == OPTD_OK)
         rc = injected(w, ENGINE_FAULT_STEP, s->name);
     if (rc == OPTD_OK)
@@ -549,7 +550,7 @@ static optd_err finish_step(engine *w, sess *s, sreq *j, const applied *a, uint3
         memcpy(j->lrs, a->lrs, lrb);
         j->n_lrs = a->n_lrs;
     }
-    if (j->idem_key && !a->key_saved) {
+    if (j->idem_key && !a->key_saved && w->idem_window) {
         size_t len;
         unsigned char *reply = reply_make(s, a, contributors, &len);
         if (!reply)

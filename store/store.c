@@ -311,12 +311,6 @@ enum {
 /* Rows a tail holds before they move to the history table together: about
  * 1 KiB in the session's row, and one history page dirtied per 16 steps. */
 #define HIST_BATCH 16
-/* The SET clause that appends key entry `entry` (`len` bytes) to a key tail
- * of `size` bytes (IDEM_TAIL) at idem_used. As HIST_SPLICE. */
-#define IDEM_SPLICE(entry, len, size)                                                                              \
-    "idem_tail = CAST(substr(coalesce(idem_tail, zeroblob(" size ")), 1, idem_used) || " entry                    \
-    " || substr(coalesce(idem_tail, zeroblob(" size ")), idem_used + " len " + 1) AS BLOB),"                      \
-    " idem_used = idem_used + " len
 /* The SET clause that splices history row `row` (`len` bytes, HIST_ROW) in
  * at hist_n of a tail of `size` bytes (HIST_ROW * HIST_BATCH). substr of a
  * blob counts bytes; || makes text of the bytes as they are (a UTF-8
@@ -325,6 +319,24 @@ enum {
     "hist_tail = CAST(substr(coalesce(hist_tail, zeroblob(" size ")), 1, hist_n * " len ") || " row               \
     " || substr(coalesce(hist_tail, zeroblob(" size ")), (hist_n + 1) * " len " + 1) AS BLOB),"                   \
     " hist_n = hist_n + 1"
+/* The SET clause that appends key entry `entry` (`len` bytes) to a key tail
+ * of `size` bytes (IDEM_TAIL) at idem_used. As HIST_SPLICE. */
+#define IDEM_SPLICE(entry, len, size)                                                                              \
+    "idem_tail = CAST(substr(coalesce(idem_tail, zeroblob(" size ")), 1, idem_used) || " entry                    \
+    " || substr(coalesce(idem_tail, zeroblob(" size ")), idem_used + " len " + 1) AS BLOB),"                      \
+    " idem_used = idem_used + " len
+
+/* The step path's UPDATE of a session row (bound by bind_row_step and
+ * row_step): step ?2, time ?3, state_step `state` (NULL, or ?4 for a logged
+ * step); optionally the history row and the key entry into the row's
+ * tails; guarded by the row being at the step before, and by room in the
+ * tails it splices into. */
+#define STEP_SET(state) "UPDATE sessions SET step = ?2, updated_ms = ?3, state_step = " state
+#define STEP_HIST ", " HIST_SPLICE("?5", "?6", "?7")
+#define STEP_KEY ", " IDEM_SPLICE("?9", "?10", "?11")
+#define STEP_GUARD " WHERE id = ?1 AND step = ?2 - 1"
+#define STEP_HIST_ROOM " AND hist_n < ?8"
+#define STEP_KEY_ROOM " AND idem_used + ?10 <= ?11"
 
 /* The columns row_session reads, in its order; the state blob follows them. */
 #define SESSION_COLS "s.id, s.name, s.optimizer, s.dtype, s.size, s.step, s.config, s.created_ms, s.updated_ms"
@@ -357,23 +369,17 @@ static const char *const sql[Q_END] = {
     /* Guarded on the step it moves from: should the row have moved under us
      * (only another process could, and store_open's lock keeps one out),
      * the update changes nothing and the step is refused, not applied on top. */
-    [Q_SESSION_STEP] = "UPDATE sessions SET step = ?2, updated_ms = ?3, state_step = NULL WHERE id = ?1 AND step = ?2 - 1",
-    [Q_SESSION_LOG] = "UPDATE sessions SET step = ?2, updated_ms = ?3, state_step = ?4 WHERE id = ?1 AND step = ?2 - 1",
+    [Q_SESSION_STEP] = STEP_SET("NULL") STEP_GUARD,
+    [Q_SESSION_LOG] = STEP_SET("?4") STEP_GUARD,
     /* The same with the step's history row (?5, ?6 bytes) spliced into the
      * tail of ?7 bytes in the same row rewrite, unless the tail holds ?8
      * rows already: one UPDATE of the row a step instead of two. */
-    [Q_SESSION_STEP_HIST] = "UPDATE sessions SET step = ?2, updated_ms = ?3, state_step = NULL, "
-                            HIST_SPLICE("?5", "?6", "?7") " WHERE id = ?1 AND step = ?2 - 1 AND hist_n < ?8",
-    [Q_SESSION_LOG_HIST] = "UPDATE sessions SET step = ?2, updated_ms = ?3, state_step = ?4, "
-                           HIST_SPLICE("?5", "?6", "?7") " WHERE id = ?1 AND step = ?2 - 1 AND hist_n < ?8",
+    [Q_SESSION_STEP_HIST] = STEP_SET("NULL") STEP_HIST STEP_GUARD STEP_HIST_ROOM,
+    [Q_SESSION_LOG_HIST] = STEP_SET("?4") STEP_HIST STEP_GUARD STEP_HIST_ROOM,
     /* And a keyed step's key entry (?9, ?10 bytes) into its tail of ?11
      * bytes, unless it is full. */
-    [Q_SESSION_STEP_HIST_KEY] = "UPDATE sessions SET step = ?2, updated_ms = ?3, state_step = NULL, "
-                                HIST_SPLICE("?5", "?6", "?7") ", " IDEM_SPLICE("?9", "?10", "?11")
-                                " WHERE id = ?1 AND step = ?2 - 1 AND hist_n < ?8 AND idem_used + ?10 <= ?11",
-    [Q_SESSION_LOG_HIST_KEY] = "UPDATE sessions SET step = ?2, updated_ms = ?3, state_step = ?4, "
-                               HIST_SPLICE("?5", "?6", "?7") ", " IDEM_SPLICE("?9", "?10", "?11")
-                               " WHERE id = ?1 AND step = ?2 - 1 AND hist_n < ?8 AND idem_used + ?10 <= ?11",
+    [Q_SESSION_STEP_HIST_KEY] = STEP_SET("NULL") STEP_HIST STEP_KEY STEP_GUARD STEP_HIST_ROOM STEP_KEY_ROOM,
+    [Q_SESSION_LOG_HIST_KEY] = STEP_SET("?4") STEP_HIST STEP_KEY STEP_GUARD STEP_HIST_ROOM STEP_KEY_ROOM,
     [Q_STATE_UPDATE] = "UPDATE state SET data = ?2 WHERE session_id = ?1",
     [Q_STATE_CURRENT] = "UPDATE sessions SET state_step = NULL WHERE id = ?1 AND state_step IS NOT NULL",
     [Q_STEPLOG_SLOT] = "SELECT l.data_id, length(d.data) FROM steplog l JOIN steplog_data d ON d.id = l.data_id"
@@ -609,8 +615,7 @@ static optd_err run(sqlite3_stmt *q, int src)
     return from_sqlite(src);
 }
 
-/* uint64 values are stored as the int64 with the same bits: SQLite integers
- * are signed, and digests use all 64 bits. */
+/* Fixed-width fields of the tails and ring records: 8 bytes, little-endian. */
 static void le64_put(unsigned char *p, uint64_t v)
 {
     for (int i = 0; i < 8; i++)
@@ -625,6 +630,8 @@ static uint64_t le64_get(const unsigned char *p)
     return v;
 }
 
+/* uint64 values are stored as the int64 with the same bits: SQLite integers
+ * are signed, and digests use all 64 bits. */
 static int64_t u2i(uint64_t v)
 {
     int64_t r;
@@ -3447,8 +3454,6 @@ static int hist_cmp(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-/* Returns OPTD_OK, OPTD_E_INVALID, OPTD_E_UNAVAILABLE, OPTD_E_NOMEM; on
- * failure the outputs are untouched. */
 /* The history row at q's current result row (Q_HISTORY_PAGE's columns). */
 static void hist_column(sqlite3_stmt *q, store_history *h)
 {
@@ -3500,6 +3505,8 @@ optd_err store_history_get(store *st, int64_t session_id, uint64_t step, store_h
     return rc;
 }
 
+/* Returns OPTD_OK, OPTD_E_INVALID, OPTD_E_UNAVAILABLE, OPTD_E_NOMEM; on
+ * failure the outputs are untouched. */
 optd_err store_read_history(store *st, int64_t session_id, uint64_t after, int limit, uint64_t keep,
                             store_history **out, size_t *n, int *more)
 {

@@ -504,6 +504,22 @@ static void test_idem_put_then_get_returns_the_record(void **state)
     free(r.reply);
 }
 
+/* Asserts that session's key at step is kept with digest and the len bytes
+ * of want as its reply (len also the length asked for, and window the
+ * window, which lay out replies saved before schema 6). */
+static void assert_reply(fixture *f, int64_t session, const char *key, uint64_t step, uint64_t window,
+                         uint64_t digest, const void *want, size_t len)
+{
+    store_idem r;
+    memset(&r, 0, sizeof r);
+    assert_int_equal(store_idem_get(f->st, session, key, step, len, window, &r), OPTD_OK);
+    assert_int_equal(r.digest, digest);
+    assert_non_null(r.reply);
+    assert_int_equal(r.reply_len, len);
+    assert_memory_equal(r.reply, want, len);
+    free(r.reply);
+}
+
 static optd_err list_key(void *ctx, uint64_t step, const char *key)
 {
     char *out = ctx;
@@ -1208,20 +1224,11 @@ static void test_a_keyed_step_records_its_key_with_it(void **state)
             continue;
         snprintf(key, sizeof key, "%036llu", (unsigned long long)step);
         snprintf(reply, sizeof reply, "reply-%06llu", (unsigned long long)step);
-        memset(&r, 0, sizeof r);
-        assert_int_equal(store_idem_get(f->st, id, key, step, 12, 40, &r), OPTD_OK);
-        assert_int_equal(r.digest, step * 3);
-        assert_int_equal(r.reply_len, 12);
-        assert_memory_equal(r.reply, reply, 12);
-        free(r.reply);
+        assert_reply(f, id, key, step, 40, step * 3, reply, 12);
     }
     memset(key, 'x', 299);
     key[299] = '\0';
-    memset(&r, 0, sizeof r);
-    assert_int_equal(store_idem_get(f->st, id, key, 120, 12, 40, &r), OPTD_OK);
-    assert_int_equal(r.digest, 360);
-    assert_memory_equal(r.reply, "reply-000120", 12);
-    free(r.reply);
+    assert_reply(f, id, key, 120, 40, 360, "reply-000120", 12);
     /* Keys far out of the window have left with a batch: at step 120, the
      * first key to go to the table with its oldest key (1) 40 + 64 steps
      * back, those of steps <= 80. */
@@ -1307,7 +1314,6 @@ static void test_schema_5_keys_and_replies_are_kept(void **state)
 {
     fixture *f = *state;
     char listed[256] = "", key[16];
-    store_idem r;
 
     store_one_session(f);
     sql_on(f->path, SCHEMA_5_IDEM
@@ -1323,18 +1329,8 @@ static void test_schema_5_keys_and_replies_are_kept(void **state)
     assert_int_equal(pragma_on(f->path, "SELECT idem_used FROM sessions"), 0);
     assert_int_equal(pragma_on(f->path, "SELECT idem_legacy FROM sessions"), 7);
     assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM idem_keys WHERE pos IS NULL"), 2);
-    memset(&r, 0, sizeof r);
-    assert_int_equal(store_idem_get(f->st, 1, "flushed", 5, 4, 10000, &r), OPTD_OK);
-    assert_int_equal(r.digest, 55);
-    assert_int_equal(r.reply_len, 4);
-    assert_memory_equal(r.reply, "\x05\x05\x05\x05", 4);
-    free(r.reply);
-    memset(&r, 0, sizeof r);
-    assert_int_equal(store_idem_get(f->st, 1, "waiting", 7, 4, 10000, &r), OPTD_OK);
-    assert_int_equal(r.digest, 77);
-    assert_int_equal(r.reply_len, 4);
-    assert_memory_equal(r.reply, "\x07\x07\x07\x07", 4);
-    free(r.reply);
+    assert_reply(f, 1, "flushed", 5, 10000, 55, "\x05\x05\x05\x05", 4);
+    assert_reply(f, 1, "waiting", 7, 10000, 77, "\x07\x07\x07\x07", 4);
     assert_int_equal(store_idem_keys(f->st, 1, 0, list_key, listed), OPTD_OK);
     assert_string_equal(listed, "5:flushed 7:waiting ");
 
@@ -1349,11 +1345,7 @@ static void test_schema_5_keys_and_replies_are_kept(void **state)
     assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM idem_replies"), 0);
     assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM sessions WHERE idem_legacy IS NULL"), 1);
     assert_int_equal(pragma_on(f->path, "SELECT count(*) FROM idem_keys WHERE step <= 7"), 0);
-    memset(&r, 0, sizeof r);
-    assert_int_equal(store_idem_get(f->st, 1, "n200", 200, 4, 3, &r), OPTD_OK);
-    assert_int_equal(r.reply_len, 4);
-    assert_memory_equal(r.reply, "\x08\x08\x08\x08", 4);
-    free(r.reply);
+    assert_reply(f, 1, "n200", 200, 3, 200, "\x08\x08\x08\x08", 4);
 }
 
 /* Schema 4 kept each key's reply in its row: the upgrade keeps both, and
@@ -1369,12 +1361,7 @@ static void test_schema_4_keys_and_their_replies_are_kept(void **state)
                     "PRAGMA user_version = 4;");
     open_store(f, NULL);
     assert_int_equal(pragma_on(f->path, "PRAGMA user_version"), 6);
-    memset(&r, 0, sizeof r);
-    assert_int_equal(store_idem_get(f->st, 1, "old", 7, 4, 10000, &r), OPTD_OK);
-    assert_int_equal(r.digest, 99);
-    assert_int_equal(r.reply_len, 4);
-    assert_memory_equal(r.reply, "\x01\x02\x03\x04", 4);
-    free(r.reply);
+    assert_reply(f, 1, "old", 7, 10000, 99, "\x01\x02\x03\x04", 4);
     assert_int_equal(store_idem_get(f->st, 1, "gone", 6, 4, 10000, &r), OPTD_OK);
     assert_int_equal(r.digest, 98);
     assert_null(r.reply);
