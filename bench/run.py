@@ -272,6 +272,12 @@ def children_cpu():
     return ru.ru_utime + ru.ru_stime
 
 
+def optd_server(b, tmp, name, db, *extra):
+    """optd on a free loopback port with a database in tmp, --sync full."""
+    return Server(name, [f"{b}/optd", "--listen", "127.0.0.1:0", "--db", os.path.join(tmp, db), "--sync", "full",
+                         "--log-level", "quiet", *extra], r"listening on http://[^ ]*:(\d+)", tmp)
+
+
 def wal_frames_written(srv):
     """optd's optd_db_wal_frames_written_total (one page of the database
     each), or None for another server."""
@@ -368,8 +374,7 @@ def one_round(args, tmp, rnd):
     servers = []
     try:
         log(f"round {rnd}: starting optd, the MHD ceiling and the Python reference")
-        optd = Server("optd", [f"{b}/optd", "--listen", "127.0.0.1:0", "--db", os.path.join(tmp, f"optd-{rnd}.db"),
-                               "--sync", "full", "--log-level", "quiet"], r"listening on http://[^ ]*:(\d+)", tmp)
+        optd = optd_server(b, tmp, "optd", f"optd-{rnd}.db")
         servers.append(optd)
         mhd = Server("mhd", [f"{b}/bench/mhd_ceiling", "--port", "0", "--threads", "4"], r"listening on (\d+)", tmp)
         servers.append(mhd)
@@ -403,10 +408,7 @@ def one_round(args, tmp, rnd):
         # Keyed steps in steady state: a daemon whose key windows (300 steps)
         # and reply ring come round within the warm-up, so the measured
         # steps prune keys and overwrite replies as a long run does.
-        keyed = Server("optd-keyed", [f"{b}/optd", "--listen", "127.0.0.1:0", "--db",
-                                      os.path.join(tmp, f"optd-keyed-{rnd}.db"), "--sync", "full", "--log-level",
-                                      "quiet", "--idempotency-window", "300"],
-                       r"listening on http://[^ ]*:(\d+)", tmp)
+        keyed = optd_server(b, tmp, "optd-keyed", f"optd-keyed-{rnd}.db", "--idempotency-window", "300")
         servers.append(keyed)
         create_sessions(args, keyed.port, 32, SMALL, "k")
         log(f"round {rnd}: keyed steady state (warm-up 12 s)")
