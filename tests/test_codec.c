@@ -305,6 +305,30 @@ static void test_numbers_print_in_the_expected_layouts(void **unused)
     sbuf_free(&b);
 }
 
+/* The printer writes digits eight at a time, splitting them 4+4, then each
+ * half into pairs (http/codec.c, write8): every value of either half, and
+ * so of every pair, must come out as its digits. An integer ending in a
+ * nonzero digit prints as itself, so 10^8 + k 10^4 + 4321 puts every k in
+ * the first half of the last eight digits, and 10^15 + k 10^8 + 12345679
+ * (below 2^53, exact) in the second half of the eight before. */
+static void test_every_group_of_digits_prints_as_itself(void **unused)
+{
+    (void)unused;
+    sbuf b = {0};
+    char want[32];
+    for (uint64_t k = 0; k < 10000; k++) {
+        const uint64_t v[] = {100000000u + k * 10000u + 4321u, 1000000000000000u + k * 100000000u + 12345679u};
+        for (size_t i = 0; i < 2; i++) {
+            b.len = 0;
+            sbuf_num(&b, (double)v[i], 0);
+            snprintf(want, sizeof want, "%llu", (unsigned long long)v[i]);
+            if (strcmp(b.p, want))
+                fail_msg("%s printed as %s", want, b.p);
+        }
+    }
+    sbuf_free(&b);
+}
+
 /* Decodes {"grad":[text]} of one element through the fast path. */
 static int fast_one(const char *text, optim_dtype dtype, double *out)
 {
@@ -511,6 +535,7 @@ int main(void)
         cmocka_unit_test(test_float32_printing_is_exact_and_shortest),
         cmocka_unit_test(test_float64_printing_is_exact_and_shortest),
         cmocka_unit_test(test_numbers_print_in_the_expected_layouts),
+        cmocka_unit_test(test_every_group_of_digits_prints_as_itself),
         cmocka_unit_test(test_the_fast_decoder_agrees_with_strtof_and_strtod_bit_for_bit),
         cmocka_unit_test(test_the_fast_decoder_leaves_other_bodies_to_cjson),
         cmocka_unit_test(test_streamed_bodies_decode_the_same_whatever_the_pieces),
