@@ -484,6 +484,10 @@ struct store {
     atomic_uint_fast64_t need_bytes;
     uint64_t tx_bytes;        /* writer only: bytes of state the open transaction writes */
     uint64_t blob_writes;     /* writer only: sqlite3_blob_write calls made (writes_made) */
+    /* Writer only: the write handles on state.data and replies.data that
+     * the transaction's last step left open for the next (blob_at), or
+     * NULL; closed before the transaction or a savepoint ends. */
+    sqlite3_blob *blob_kept[2];
     uint64_t ring_head;       /* writer only: the reply ring's next pos, never behind table ring's */
     uint64_t ring_cap;        /* writer only: the ring's capacity, bytes; 0: to be worked out */
     uint64_t tx_writes;       /* writer only: writes_made when the transaction began */
@@ -1630,6 +1634,61 @@ static int blob_write(store *st, sqlite3_blob *b, const void *p, int n, int off)
     return sqlite3_blob_write(b, p, n, off);
 }
 
+/* The tables whose data column a step overwrites in place, each with a
+ * write handle that the writer keeps open across a transaction's steps. */
+enum { BLOB_STATE, BLOB_RING };
+static const char *const blob_table[] = {"state", "replies"};
+
+/* A write handle on the data column of row id of table which, in *out.
+ * The handle the transaction's last step left open (blob_keep) is moved
+ * to the row, which costs a b-tree seek, where opening one compiles and
+ * runs a program of its own: 9k of a keyed step's 135k instructions
+ * under callgrind went to opening and closing its two handles. Should
+ * the move fail (no such row, a handle a rollback aborted), it is closed
+ * and a new one opened, whose result code is the caller's to read as
+ * sqlite3_blob_open's. */
+static int blob_at(store *st, int which, int64_t id, sqlite3_blob **out)
+{
+    sqlite3_blob *b = st->blob_kept[which];
+
+    st->blob_kept[which] = NULL;
+    if (b) {
+        if (sqlite3_blob_reopen(b, id) == SQLITE_OK) {
+            *out = b;
+            return SQLITE_OK;
+        }
+        (void)sqlite3_blob_close(b);
+    }
+    return sqlite3_blob_open(st->db, "main", blob_table[which], "data", id, 1, out);
+}
+
+/* Done with b (from blob_at, NULL is a no-op): inside a transaction, and
+ * when its last use went well (ok), it stays open for the next step;
+ * otherwise it is closed, returning sqlite3_blob_close's code. */
+static int blob_keep(store *st, int which, sqlite3_blob *b, int ok)
+{
+    if (!b)
+        return SQLITE_OK;
+    if (ok && !st->blob_kept[which] && !sqlite3_get_autocommit(st->db)) {
+        st->blob_kept[which] = b;
+        return SQLITE_OK;
+    }
+    return sqlite3_blob_close(b);
+}
+
+/* Closes the kept handles: SQLite refuses to COMMIT, or to open or
+ * release a savepoint, while a write handle is open, and a rollback would
+ * abort them. So they live across the steps a group runs without
+ * savepoints (engine/writer.c, begin_part), its leading plain ones. */
+static void blobs_close(store *st)
+{
+    for (size_t i = 0; i < sizeof st->blob_kept / sizeof st->blob_kept[0]; i++) {
+        if (st->blob_kept[i])
+            (void)sqlite3_blob_close(st->blob_kept[i]);
+        st->blob_kept[i] = NULL;
+    }
+}
+
 /* A count every write of the writer's connection raises: rows changed
  * plus blob writes. */
 static uint64_t writes_made(store *st) { return (uint64_t)sqlite3_total_changes64(st->db) + st->blob_writes; }
@@ -1844,6 +1903,7 @@ void store_close(store *st)
     free(st->idle);
     if (st->probe)
         conn_close(st->probe);
+    blobs_close(st);
     /* finalize only repeats the last step's error; NULL is a no-op. */
     for (j = 0; j < Q_END; j++)
         (void)sqlite3_finalize(st->q[j]);
@@ -2014,6 +2074,7 @@ optd_err store_commit(store *st)
     sqlite3_stmt *q = st->q[Q_COMMIT];
     int src;
 
+    blobs_close(st);
     src = sqlite3_step(q);
     stmt_done(q);
     if (src == SQLITE_DONE) {
@@ -2061,6 +2122,7 @@ static void rollback_tx(store *st)
     atomic_store(&st->write_failed, 1);
     if (st->tx_bytes)
         atomic_store(&st->need_bytes, 2 * st->tx_bytes + ((uint64_t)1 << 20));
+    blobs_close(st);
     if (!sqlite3_get_autocommit(st->db)) {
         src = sqlite3_step(q);
         stmt_done(q);
@@ -2076,8 +2138,10 @@ static void rollback_tx(store *st)
 static optd_err savepoint_run(store *st, int which)
 {
     sqlite3_stmt *q = st->q[which];
-    int src = sqlite3_step(q);
+    int src;
 
+    blobs_close(st);
+    src = sqlite3_step(q);
     stmt_done(q);
     if (src == SQLITE_DONE)
         return OPTD_OK;
@@ -2357,7 +2421,7 @@ optd_err store_session_step(store *st, int64_t id, uint64_t step, int64_t update
     rc = row_step(st, id, step, updated_ms, -1, h, keep, k);
     if (rc)
         goto done;
-    src = sqlite3_blob_open(st->db, "main", "state", "data", id, 1, &blob);
+    src = blob_at(st, BLOB_STATE, id, &blob);
     if (src == SQLITE_OK && sqlite3_blob_bytes(blob) == (int)len) {
         rc = from_sqlite(blob_write(st, blob, state, (int)len, 0));
     } else if (src == SQLITE_OK || src == SQLITE_ERROR) {
@@ -2373,8 +2437,7 @@ optd_err store_session_step(store *st, int64_t id, uint64_t step, int64_t update
         rc = from_sqlite(src);
     }
 done:
-    if (blob)
-        (void)sqlite3_blob_close(blob);
+    (void)blob_keep(st, BLOB_STATE, blob, rc == OPTD_OK);
     return tx_leave(st, own, rc);
 }
 
@@ -2823,7 +2886,8 @@ static optd_err ring_io(store *st, uint64_t off, void *buf, size_t n, int write)
         uint64_t chunk = off / RING_CHUNK, at = off % RING_CHUNK;
         size_t k = n < RING_CHUNK - at ? n : (size_t)(RING_CHUNK - at);
         sqlite3_blob *b = NULL;
-        int src = sqlite3_blob_open(st->db, "main", "replies", "data", (int64_t)chunk, write, &b);
+        int src = write ? blob_at(st, BLOB_RING, (int64_t)chunk, &b)
+                        : sqlite3_blob_open(st->db, "main", "replies", "data", (int64_t)chunk, 0, &b);
         if (src == SQLITE_ERROR && sqlite3_extended_errcode(st->db) == SQLITE_ERROR) { /* "no such rowid" */
             if (b)
                 (void)sqlite3_blob_close(b);
@@ -2838,13 +2902,13 @@ static optd_err ring_io(store *st, uint64_t off, void *buf, size_t n, int write)
             if (rc)
                 return rc;
             st->tx_bytes += RING_CHUNK;
-            src = sqlite3_blob_open(st->db, "main", "replies", "data", (int64_t)chunk, 1, &b);
+            src = blob_at(st, BLOB_RING, (int64_t)chunk, &b);
         }
         if (src == SQLITE_OK && (uint64_t)sqlite3_blob_bytes(b) != RING_CHUNK)
             src = SQLITE_CORRUPT; /* not a chunk this code made */
         if (src == SQLITE_OK)
             src = write ? blob_write(st, b, p, (int)k, (int)at) : sqlite3_blob_read(b, p, (int)k, (int)at);
-        int csrc = b ? sqlite3_blob_close(b) : SQLITE_OK;
+        int csrc = write ? blob_keep(st, BLOB_RING, b, src == SQLITE_OK) : b ? sqlite3_blob_close(b) : SQLITE_OK;
         rc = from_sqlite(src != SQLITE_OK ? src : csrc);
         p += k;
         off += k;

@@ -1154,6 +1154,85 @@ static void test_a_step_records_its_history_row_with_it(void **state)
     free(rows);
 }
 
+/* Asserts that session name is at step with state want (len bytes). */
+static void assert_state(fixture *f, const char *name, uint64_t step, const void *want, size_t len)
+{
+    store_session got;
+    void *blob = NULL;
+    size_t n = 0;
+    assert_int_equal(store_session_load(f->st, name, &got, &blob, &n), OPTD_OK);
+    assert_int_equal(got.step, step);
+    assert_int_equal(n, len);
+    assert_memory_equal(blob, want, len);
+    free(blob);
+    store_session_clear(&got);
+}
+
+/* The writer keeps its write handles on the state and the reply ring open
+ * from one step of a transaction to the next (store.c, blob_at), moving
+ * them to each step's row. Each step must still land on its own row: after
+ * another row, after its row was rewritten at another size, deleted beside
+ * it or rolled back to a savepoint, and the transaction must commit with
+ * the handles open. */
+static void test_kept_blob_handles_write_each_steps_own_row(void **state)
+{
+    fixture *f = *state;
+    open_store(f, NULL);
+    int64_t id[3];
+    const char *names[3] = {"a", "b", "c"};
+    for (int i = 0; i < 3; i++) {
+        store_session s = make_session(names[i], 0);
+        assert_int_equal(store_session_insert(f->st, &s, "....", 4), OPTD_OK);
+        id[i] = s.id;
+    }
+    char reply[3][5000];
+    for (int i = 0; i < 3; i++)
+        memset(reply[i], 'x' + i, sizeof reply[i]);
+
+    /* One step each, the handles moving from row to row. */
+    assert_int_equal(store_begin(f->st), OPTD_OK);
+    assert_int_equal(store_session_step(f->st, id[0], 1, 7, "A001", 4, NULL, 0, NULL), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, id[0], "k1", 1, 11, reply[0], sizeof reply[0], 100), OPTD_OK);
+    assert_int_equal(store_session_step(f->st, id[1], 1, 7, "B001", 4, NULL, 0, NULL), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, id[1], "k1", 1, 12, reply[1], sizeof reply[1], 100), OPTD_OK);
+    assert_int_equal(store_session_step(f->st, id[2], 1, 7, "C001", 4, NULL, 0, NULL), OPTD_OK);
+    assert_int_equal(store_commit(f->st), OPTD_OK);
+    assert_state(f, "a", 1, "A001", 4);
+    assert_state(f, "b", 1, "B001", 4);
+    assert_state(f, "c", 1, "C001", 4);
+
+    assert_int_equal(store_begin(f->st), OPTD_OK);
+    /* a's row rewritten at another size, then a step of the new size. */
+    store_session sa = make_session("a", 1);
+    sa.id = id[0];
+    assert_int_equal(store_session_update(f->st, &sa, "A00001", 6), OPTD_OK);
+    assert_int_equal(store_session_step(f->st, id[0], 2, 7, "A00002", 6, NULL, 0, NULL), OPTD_OK);
+    /* c's step rolled back to its savepoint, then b steps again. */
+    assert_int_equal(store_savepoint(f->st), OPTD_OK);
+    assert_int_equal(store_session_step(f->st, id[2], 2, 7, "C002", 4, NULL, 0, NULL), OPTD_OK);
+    assert_int_equal(store_rollback_to(f->st), OPTD_OK);
+    assert_state(f, "c", 1, "C001", 4);
+    assert_int_equal(store_session_step(f->st, id[1], 2, 7, "B002", 4, NULL, 0, NULL), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, id[1], "k2", 2, 13, reply[2], sizeof reply[2], 100), OPTD_OK);
+    /* c deleted beside the open handles; b steps once more. */
+    assert_int_equal(store_session_delete(f->st, "c"), OPTD_OK);
+    assert_int_equal(store_session_step(f->st, id[1], 3, 7, "B003", 4, NULL, 0, NULL), OPTD_OK);
+    assert_int_equal(store_commit(f->st), OPTD_OK);
+
+    assert_state(f, "a", 2, "A00002", 6);
+    assert_state(f, "b", 3, "B003", 4);
+    store_session gone;
+    assert_int_equal(store_session_load(f->st, "c", &gone, NULL, NULL), OPTD_E_NOT_FOUND);
+    assert_reply(f, id[0], "k1", 1, 100, 11, reply[0], sizeof reply[0]);
+    assert_reply(f, id[1], "k1", 1, 100, 12, reply[1], sizeof reply[1]);
+    assert_reply(f, id[1], "k2", 2, 100, 13, reply[2], sizeof reply[2]);
+    /* And again after a reopen, from the file. */
+    reopen(f);
+    assert_state(f, "a", 2, "A00002", 6);
+    assert_state(f, "b", 3, "B003", 4);
+    assert_reply(f, id[1], "k2", 2, 100, 13, reply[2], sizeof reply[2]);
+}
+
 /* store_history_get finds a step's row in the table or in the session's
  * tail, on the writer's connection: what its open transaction wrote too. */
 static void test_history_get_finds_a_steps_row_where_it_waits(void **state)
@@ -1700,6 +1779,7 @@ int main(void)
         T(test_history_rows_wait_in_the_session_row_and_move_in_batches),
         T(test_a_step_records_its_history_row_with_it),
         T(test_a_keyed_step_records_its_key_with_it),
+        T(test_kept_blob_handles_write_each_steps_own_row),
         T(test_history_get_finds_a_steps_row_where_it_waits),
         T(test_history_of_schema_3_survives_the_upgrade),
         T(test_an_older_schema_is_upgraded),
