@@ -489,6 +489,7 @@ struct store {
      * NULL; closed before the transaction or a savepoint ends. */
     sqlite3_blob *blob_kept[2];
     uint64_t ring_head;       /* writer only: the reply ring's next pos, never behind table ring's */
+    int ring_moved;           /* writer only: ring_head moved since table ring last took it (store_commit) */
     uint64_t ring_cap;        /* writer only: the ring's capacity, bytes; 0: to be worked out */
     uint64_t tx_writes;       /* writer only: writes_made when the transaction began */
     int lock_fd;              /* the exclusive lock (flock) on the database, or -1 */
@@ -2075,6 +2076,19 @@ optd_err store_commit(store *st)
     int src;
 
     blobs_close(st);
+    if (st->ring_moved && !sqlite3_get_autocommit(st->db)) {
+        /* The reply ring's head, once for the transaction's puts. */
+        sqlite3_stmt *h = st->q[Q_RING_HEAD_SET];
+        src = sqlite3_bind_int64(h, 1, u2i(st->ring_head));
+        if (src == SQLITE_OK)
+            src = sqlite3_step(h);
+        stmt_done(h);
+        if (src != SQLITE_DONE) {
+            store_logf(st, LOG_TX, "writing the reply ring's head to %s failed: %s (SQLite code %d)", st->path,
+                       sqlite3_errmsg(st->db), src);
+            goto failed;
+        }
+    }
     src = sqlite3_step(q);
     stmt_done(q);
     if (src == SQLITE_DONE) {
@@ -2084,9 +2098,11 @@ optd_err store_commit(store *st)
             atomic_store(&st->write_failed, 0);
             atomic_store(&st->need_bytes, 0);
         }
+        st->ring_moved = 0;
         tx_mark(st, 0);
         return OPTD_OK;
     }
+failed:
     store_logf(st, LOG_TX, "COMMIT of %llu bytes of state to %s failed: %s (SQLite code %d); nothing of it was kept",
                (unsigned long long)st->tx_bytes, st->path, sqlite3_errmsg(st->db), src);
     /* SQLite may already have rolled back (disk full, I/O error) or may keep
@@ -2936,7 +2952,9 @@ static optd_err ring_cap_find(store *st, uint64_t window, uint64_t *cap)
 }
 
 /* Writes session_id's reply to step as the ring's next record, and *pos
- * where it went. The head moves on in memory even when the transaction is
+ * where it went. Table ring takes the head once a transaction, as it
+ * commits (store_commit): a keyed group's replies no longer each rewrite
+ * its row. The head moves on in memory even when the transaction is
  * then rolled back: its bytes go back, and the gap they leave is never
  * read, since no key that committed points there. (A lap started in a
  * transaction that rolls back keeps its chunks past a smaller capacity
@@ -2947,7 +2965,6 @@ static optd_err ring_put(store *st, int64_t session_id, uint64_t step, const voi
     uint64_t rec = RING_HEAD + (uint64_t)len, lap = RING_LAP(st->ring_head), off = RING_OFF(st->ring_head);
     unsigned char head[RING_HEAD];
     optd_err rc = OPTD_OK;
-    int src;
 
     if (off + rec > st->ring_cap) /* past the capacity known: is it still so? */
         rc = ring_cap_find(st, window, &st->ring_cap);
@@ -2985,11 +3002,7 @@ static optd_err ring_put(store *st, int64_t session_id, uint64_t step, const voi
             rc = ring_io(st, off + RING_HEAD, (void *)reply, len, 1);
     }
     st->tx_bytes += rec;
-    if (rc == OPTD_OK) {
-        sqlite3_stmt *q = st->q[Q_RING_HEAD_SET];
-        src = sqlite3_bind_int64(q, 1, u2i(st->ring_head));
-        rc = run(q, src);
-    }
+    st->ring_moved = 1; /* table ring takes it when the transaction commits */
     return rc;
 }
 
