@@ -486,7 +486,8 @@ struct store {
     uint64_t blob_writes;     /* writer only: sqlite3_blob_write calls made (writes_made) */
     /* Writer only: the write handles on state.data and replies.data that
      * the transaction's last step left open for the next (blob_at), or
-     * NULL; closed before the transaction or a savepoint ends. */
+     * NULL; closed before the transaction ends or a savepoint begins or
+     * ends (blobs_close). */
     sqlite3_blob *blob_kept[2];
     uint64_t ring_head;       /* writer only: the reply ring's next pos, never behind table ring's */
     int ring_moved;           /* writer only: ring_head moved since table ring last took it (store_commit) */
@@ -2075,26 +2076,34 @@ optd_err store_commit(store *st)
     sqlite3_stmt *q = st->q[Q_COMMIT];
     int src;
 
+    /* Only a commit that wrote something proves the storage works: one left
+     * empty by a job rolled back for a fault proves nothing, nor does the
+     * ring's head written below. */
+    int wrote = writes_made(st) != st->tx_writes;
+
     blobs_close(st);
     if (st->ring_moved && !sqlite3_get_autocommit(st->db)) {
-        /* The reply ring's head, once for the transaction's puts. */
+        /* The reply ring's head, once for the transaction's puts (a put
+         * rolled back with its transaction leaves ring_moved clear). */
         sqlite3_stmt *h = st->q[Q_RING_HEAD_SET];
         src = sqlite3_bind_int64(h, 1, u2i(st->ring_head));
         if (src == SQLITE_OK)
             src = sqlite3_step(h);
         stmt_done(h);
         if (src != SQLITE_DONE) {
-            store_logf(st, LOG_TX, "writing the reply ring's head to %s failed: %s (SQLite code %d)", st->path,
-                       sqlite3_errmsg(st->db), src);
-            goto failed;
+            store_logf(st, LOG_TX,
+                       "writing the reply ring's head to %s failed: %s (SQLite code %d); the transaction of %llu "
+                       "bytes of state was rolled back",
+                       st->path, sqlite3_errmsg(st->db), src, (unsigned long long)st->tx_bytes);
+            rollback_tx(st);
+            tx_mark(st, 0);
+            return OPTD_E_UNAVAILABLE;
         }
     }
     src = sqlite3_step(q);
     stmt_done(q);
     if (src == SQLITE_DONE) {
-        /* Only a commit that wrote something proves the storage works: one
-         * left empty by a job rolled back for a fault proves nothing. */
-        if (writes_made(st) != st->tx_writes) {
+        if (wrote) {
             atomic_store(&st->write_failed, 0);
             atomic_store(&st->need_bytes, 0);
         }
@@ -2102,7 +2111,6 @@ optd_err store_commit(store *st)
         tx_mark(st, 0);
         return OPTD_OK;
     }
-failed:
     store_logf(st, LOG_TX, "COMMIT of %llu bytes of state to %s failed: %s (SQLite code %d); nothing of it was kept",
                (unsigned long long)st->tx_bytes, st->path, sqlite3_errmsg(st->db), src);
     /* SQLite may already have rolled back (disk full, I/O error) or may keep
@@ -2139,6 +2147,9 @@ static void rollback_tx(store *st)
     if (st->tx_bytes)
         atomic_store(&st->need_bytes, 2 * st->tx_bytes + ((uint64_t)1 << 20));
     blobs_close(st);
+    /* The puts of the transaction go with it: table ring's head need only
+     * cover committed records, and the one in memory stays ahead of it. */
+    st->ring_moved = 0;
     if (!sqlite3_get_autocommit(st->db)) {
         src = sqlite3_step(q);
         stmt_done(q);

@@ -1172,8 +1172,8 @@ static void assert_state(fixture *f, const char *name, uint64_t step, const void
  * from one step of a transaction to the next (store.c, blob_at), moving
  * them to each step's row. Each step must still land on its own row: after
  * another row, after its row was rewritten at another size, deleted beside
- * it or rolled back to a savepoint, and the transaction must commit with
- * the handles open. */
+ * it or rolled back to a savepoint, and the transaction must commit
+ * although it has left them open. */
 static void test_kept_blob_handles_write_each_steps_own_row(void **state)
 {
     fixture *f = *state;
@@ -1231,6 +1231,32 @@ static void test_kept_blob_handles_write_each_steps_own_row(void **state)
     assert_state(f, "a", 2, "A00002", 6);
     assert_state(f, "b", 3, "B003", 4);
     assert_reply(f, id[1], "k2", 2, 100, 13, reply[2], sizeof reply[2]);
+}
+
+/* The ring's head is written as a transaction commits, when a put moved
+ * it. A put rolled back with its transaction must not make the next,
+ * empty, commit write the head: that commit would then count as a write
+ * that proves the storage works (store_commit) and add a WAL frame. */
+static void test_a_rolled_back_put_leaves_the_next_empty_commit_empty(void **state)
+{
+    fixture *f = *state;
+    store_stats a, b;
+    char reply[100];
+    memset(reply, 'r', sizeof reply);
+
+    int64_t id = history_session(f, "k");
+    assert_int_equal(store_begin(f->st), OPTD_OK);
+    assert_int_equal(store_idem_put(f->st, id, "gone", 1, 5, reply, sizeof reply, 100), OPTD_OK);
+    store_rollback(f->st);
+    store_stats_get(f->st, &a);
+    assert_int_equal(store_begin(f->st), OPTD_OK);
+    assert_int_equal(store_commit(f->st), OPTD_OK);
+    store_stats_get(f->st, &b);
+    assert_int_equal(b.wal_frames_written, a.wal_frames_written);
+    /* A put that commits still carries the head with it. */
+    assert_int_equal(store_idem_put(f->st, id, "kept", 1, 6, reply, sizeof reply, 100), OPTD_OK);
+    reopen(f);
+    assert_reply(f, id, "kept", 1, 100, 6, reply, sizeof reply);
 }
 
 /* store_history_get finds a step's row in the table or in the session's
@@ -1780,6 +1806,7 @@ int main(void)
         T(test_a_step_records_its_history_row_with_it),
         T(test_a_keyed_step_records_its_key_with_it),
         T(test_kept_blob_handles_write_each_steps_own_row),
+        T(test_a_rolled_back_put_leaves_the_next_empty_commit_empty),
         T(test_history_get_finds_a_steps_row_where_it_waits),
         T(test_history_of_schema_3_survives_the_upgrade),
         T(test_an_older_schema_is_upgraded),
