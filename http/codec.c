@@ -121,11 +121,10 @@ static inline __attribute__((always_inline)) void write8(char *d, uint32_t v)
     memcpy(d + 6, DIGIT_PAIRS + 2 * (b % 100), 2);
 }
 
-/* Room a number's printer may write at out (JSON_NUM_ROOM, httpInt.h): its
- * text (at most 25 bytes: "-1.2345678901234567e-308") plus the fixed-size
- * copies that spare it a branch per digit count. Callers reserve it; only
- * the text counts. */
-#define NUM_ROOM JSON_NUM_ROOM
+/* Room a number's printer may write at out: its text (at most 25 bytes:
+ * "-1.2345678901234567e-308") plus the fixed-size copies that spare it a
+ * branch per digit count. Callers reserve it; only the text counts. */
+#define NUM_ROOM 48
 
 /* Writes digits m (0 < m < 10^17, no trailing zeros; < 10^9 when f32, which
  * spares it two-fifths of the digit work) times 10^exp10, %g
@@ -229,29 +228,6 @@ void sbuf_num(sbuf *b, double v, int f32)
     char tmp[NUM_ROOM];
     int n = fmt_num(tmp, f32 ? (float)v : v, f32);
     sbuf_put(b, tmp, (size_t)n);
-}
-
-int json_num(char out[JSON_NUM_ROOM], double v, int f32) { return fmt_num(out, f32 ? (float)v : v, f32); }
-
-int u64_dec(char out[21], uint64_t v)
-{
-    char t[20];
-    int n = 0;
-    do {
-        t[n++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    for (int i = 0; i < n; i++)
-        out[i] = t[n - 1 - i];
-    out[n] = '\0';
-    return n;
-}
-
-void str_copy(char *dst, size_t size, const char *src)
-{
-    size_t n = strnlen(src, size - 1);
-    memcpy(dst, src, n);
-    dst[n] = '\0';
 }
 
 void sbuf_vec(sbuf *b, const void *x, size_t n, optim_dtype dtype)

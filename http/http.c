@@ -154,10 +154,8 @@ static enum MHD_Result queue(req *r, int status, struct MHD_Response *resp, cons
     if (ctype)
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
     if (etag_step) {
-        char etag[32] = "\"";
-        size_t n = strnlen(etag_step, sizeof etag - 3);
-        memcpy(etag + 1, etag_step, n);
-        memcpy(etag + 1 + n, "\"", 2);
+        char etag[32];
+        snprintf(etag, sizeof etag, "\"%s\"", etag_step);
         MHD_add_response_header(resp, MHD_HTTP_HEADER_ETAG, etag);
     }
     MHD_add_response_header(resp, "X-Request-Id", r->rid);
@@ -227,21 +225,23 @@ static enum MHD_Result send_err(req *r, optd_err e, const char *msg, int64_t ste
     return send_json(r, optd_err_status(e), &b, NULL);
 }
 
-static void step_str(uint64_t step, char out[24]) { u64_dec(out, step); }
+static void step_str(uint64_t step, char out[24]) { snprintf(out, 24, "%llu", (unsigned long long)step); }
 
 /* Adds header name with the number v as the JSON reply prints it. */
 static void number_header(struct MHD_Response *resp, const char *name, double v)
 {
-    char t[JSON_NUM_ROOM];
-    json_num(t, v, 0);
-    MHD_add_response_header(resp, name, t);
+    sbuf b = {0};
+    sbuf_num(&b, v, 0);
+    if (!b.oom && b.p)
+        MHD_add_response_header(resp, name, b.p);
+    sbuf_free(&b);
 }
 
 /* A binary step reply carries the scalars of the JSON one in headers
  * (API.md "Binary vectors"): Optd-Lr, Optd-Grad-Norm, Optd-Contributors. */
 static void step_meta_headers(struct MHD_Response *resp, const engine_step_req *j)
 {
-    char n[21];
+    char n[16];
     if (!j || !j->has_meta)
         return;
     if (j->n_lrs) { /* a shaped session's: one per group, comma-separated */
@@ -258,7 +258,7 @@ static void step_meta_headers(struct MHD_Response *resp, const engine_step_req *
         number_header(resp, "Optd-Lr", j->lr);
     }
     number_header(resp, "Optd-Grad-Norm", j->grad_norm);
-    u64_dec(n, j->contributors);
+    snprintf(n, sizeof n, "%u", j->contributors);
     MHD_add_response_header(resp, "Optd-Contributors", n);
 }
 
@@ -446,7 +446,7 @@ static enum MHD_Result submit(req *r)
         r->job.step.on_park = job_parked;
         r->job.step.client_gone = client_gone;
     }
-    str_copy(j->name, sizeof j->name, r->name);
+    snprintf(j->name, sizeof j->name, "%s", r->name);
     r->handoff = HANDOFF_WAITING;
     MHD_suspend_connection(r->conn);
     if (engine_submit(r->srv->w, j) != OPTD_OK) {
@@ -1910,14 +1910,6 @@ static void *watchdog_main(void *arg)
 /* Keeps the client's X-Request-Id when it is 1 to REQUEST_ID_MAX visible
  * ASCII characters (a tracing system's id goes through unchanged), else
  * makes one. */
-/* v as 16 lowercase hex digits, NUL-terminated, at out. */
-static void hex16(char out[17], uint64_t v)
-{
-    for (int i = 15; i >= 0; i--, v >>= 4)
-        out[i] = "0123456789abcdef"[v & 15];
-    out[16] = '\0';
-}
-
 static void request_id(req *r)
 {
     const char *v = header(r, "X-Request-Id");
@@ -1928,7 +1920,7 @@ static void request_id(req *r)
     if (ok)
         memcpy(r->rid, v, n + 1);
     else
-        hex16(r->rid, r->id);
+        snprintf(r->rid, sizeof r->rid, "%016llx", (unsigned long long)r->id);
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
@@ -1948,8 +1940,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         r->t0 = optd_mono_us();
         r->id = atomic_fetch_add(&srv->next_id, 1) + 1;
         request_id(r);
-        str_copy(r->method, sizeof r->method, method);
-        str_copy(r->path, sizeof r->path, url);
+        snprintf(r->method, sizeof r->method, "%s", method);
+        snprintf(r->path, sizeof r->path, "%s", url);
         r->route = route_parse(url, r->name, &r->name_ok);
         char msg[256] = "";
         optd_err rc = framing_checks(r, version, msg, sizeof msg);

@@ -37,17 +37,6 @@ void sbuf_json_str(sbuf *b, const char *s);
 /* Appends the shortest decimal that reads back as exactly v (as a float when
  * f32); null when v is not finite (JSON has no inf). */
 void sbuf_num(sbuf *b, double v, int f32);
-/* The room json_num needs at out (more than the text: it writes whole
- * words). */
-#define JSON_NUM_ROOM 48
-/* Writes what sbuf_num appends, NUL-terminated, at out; returns its length. */
-int json_num(char out[JSON_NUM_ROOM], double v, int f32);
-/* Writes v in decimal at out, NUL-terminated; returns its length. The
- * request path's numbers (ETag, headers) without snprintf, which cost a
- * request thread 2 us a small step in all. */
-int u64_dec(char out[21], uint64_t v);
-/* Copies src to dst (size > 0 bytes), cut to size - 1 bytes, NUL-terminated. */
-void str_copy(char *dst, size_t size, const char *src);
 /* Appends a JSON array of n elements of dtype. */
 void sbuf_vec(sbuf *b, const void *x, size_t n, optim_dtype dtype);
 /* Frees the buffer; safe on a zeroed one. */
