@@ -2999,19 +2999,11 @@ static optd_err ring_put(store *st, int64_t session_id, uint64_t step, const voi
     le64_put(head + 8, (uint64_t)session_id);
     le64_put(head + 16, step);
     le64_put(head + 24, len);
-    /* A record that fits a chunk goes in one write (one blob opened). */
-    unsigned char *one = rec <= RING_CHUNK ? malloc((size_t)rec) : NULL;
-    if (one) {
-        memcpy(one, head, RING_HEAD);
-        if (len)
-            memcpy(one + RING_HEAD, reply, len);
-        rc = ring_io(st, off, one, (size_t)rec, 1);
-        free(one);
-    } else {
-        rc = ring_io(st, off, head, RING_HEAD, 1);
-        if (rc == OPTD_OK && len)
-            rc = ring_io(st, off + RING_HEAD, (void *)reply, len, 1);
-    }
+    /* The head, then the reply, through the ring's kept write handle
+     * (blob_at): no copy of the reply to write both at once. */
+    rc = ring_io(st, off, head, RING_HEAD, 1);
+    if (rc == OPTD_OK && len)
+        rc = ring_io(st, off + RING_HEAD, (void *)reply, len, 1);
     st->tx_bytes += rec;
     st->ring_moved = 1; /* table ring takes it when the transaction commits */
     return rc;
