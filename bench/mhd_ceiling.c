@@ -29,6 +29,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "http/http.h" /* HTTP_CONN_MEMORY: optd's pool per connection */
+
 static const char reply[] = "{\"ok\":true,\"step\":1}"; /* 20 bytes */
 static struct MHD_Response *resp;
 static volatile sig_atomic_t stop;
@@ -256,7 +258,7 @@ int main(int argc, char **argv)
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO | (floor_path ? MHD_ALLOW_SUSPEND_RESUME : 0);
     struct MHD_Daemon *d =
         MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, on_request, floor_path ? &fl : NULL,
-                         MHD_OPTION_CONNECTION_LIMIT, 1024u, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)64 * 1024,
+                         MHD_OPTION_CONNECTION_LIMIT, 1024u, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)HTTP_CONN_MEMORY,
                          threads > 1 ? MHD_OPTION_THREAD_POOL_SIZE : MHD_OPTION_END, threads, MHD_OPTION_END);
     if (!d) {
         fprintf(stderr, "mhd_ceiling: cannot start on port %u\n", port);

@@ -2212,7 +2212,7 @@ optd_err http_start(const http_config *cfg, store *st, http_server **out, char *
          * being refused (closed at once by on_connection). */
         {MHD_OPTION_CONNECTION_LIMIT, 2 * cfg->max_connections + 64, NULL},
         {MHD_OPTION_CONNECTION_TIMEOUT, cfg->connection_timeout, NULL},
-        {MHD_OPTION_CONNECTION_MEMORY_LIMIT, 64 * 1024, NULL},
+        {MHD_OPTION_CONNECTION_MEMORY_LIMIT, HTTP_CONN_MEMORY, NULL},
         {MHD_OPTION_NOTIFY_COMPLETED, (intptr_t)on_completed, srv},
         {MHD_OPTION_NOTIFY_CONNECTION, (intptr_t)on_connection, srv},
         {MHD_OPTION_URI_LOG_CALLBACK, (intptr_t)on_uri, srv},

@@ -14,6 +14,17 @@
 
 typedef struct http_server http_server;
 
+/* Bytes of libmicrohttpd's memory pool per connection: it holds a request's
+ * head, the read buffer its body passes through and the reply's headers,
+ * and libmicrohttpd zeroes all of it before every request on a kept-alive
+ * connection. At 64 KiB that memset was 10-14 us of a small step's request
+ * CPU; 16 KiB cuts it to a quarter. A request head then holds up to about
+ * 16 KB (longer ones get libmicrohttpd's own 431), as with Node.js's
+ * default limit or HAProxy's default 16 KiB buffer; a big body goes
+ * through in more, smaller reads (+0.8 ms of request CPU on a 4 MB body,
+ * about 3% of a 1e6 step). bench/mhd_ceiling uses it too. */
+#define HTTP_CONN_MEMORY (16 * 1024)
+
 /* Called once per finished request with a complete log line (no newline). */
 typedef void (*http_log_fn)(void *ctx, const char *line);
 

@@ -126,3 +126,18 @@ class FramingTests(DaemonTest):
         rs = responses(got)
         self.assertEqual([r[0] for r in rs], [200, 200, 200], got[:600])
         self.assertEqual([json.loads(r[2])["step"] for r in rs], [1, 2, 3])
+
+    def test_a_request_head_of_twelve_kb_is_served_and_one_of_forty_refused(self):
+        # The connection's pool (HTTP_CONN_MEMORY, 16 KiB) holds the head: a
+        # 12 KB one, past the common 8 KiB limits, still steps; a 40 KB one
+        # is refused with 431 before any of it runs.
+        def step(pad):
+            body = b'{"grad":[1.0,1.0]}'
+            return exchange(self.d.port, self.step_head() + b"X-Pad: " + b"a" * pad +
+                            b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)[0]
+        rs = responses(step(12000))
+        self.assertEqual([r[0] for r in rs], [200], rs)
+        self.assertEqual(json.loads(rs[0][2])["step"], 1)
+        rs = responses(step(40000))
+        self.assertEqual([r[0] for r in rs], [431], rs)
+        self.assertEqual(self.d.params(self.name)["step"], 1, "the refused request was applied")
