@@ -20,6 +20,8 @@
  *        run of ~ms, with optim_stats when stats is 1; a new configuration is
  *        set up, warmed and sized first)
  *   "stream"                    ->  "<copy> <triad> <update>"  (bytes/ns, 1e7)
+ *   "floor <opt> <f32|f64> <n>" ->  "<divider ns/elem> <memory ns/elem>": the
+ *        configuration's floor (see "The floor" below)
  *   "isa"                       ->  the instruction set optim_step runs with
  *
  * --isa sse2|avx2|avx512f runs optim_step with that instruction set instead
@@ -110,6 +112,137 @@ static void stream_setup(void)
     }
     double warm[3];
     stream_once(warm);
+}
+
+/* ---- The floor -------------------------------------------------------------
+ * What no implementation of an optimizer's update can beat on this machine,
+ * measured in the same run as the kernels (issue 14's goal 3 asks for 8x
+ * torch, which is only possible where torch's time / 8 is above this):
+ * - the divider: the square roots and divisions the update does per element,
+ *   correctly rounded as torch's results need, alone in a loop on data in L1
+ *   (best of 5 runs): a divider or square root unit's throughput caps it
+ *   whatever else the loop does;
+ * - memory: the update's bytes (bench_cfg.bpe) at the bandwidth of the
+ *   in-place update loop s_update over a working set of the optimizer's
+ *   size (params, grad and buffers), so L1, L2, L3 or DRAM as n grows.
+ * The per-element square roots and divisions of each optimizer with its
+ * default hyperparameters (bench/torch_kernels.py uses torch's defaults),
+ * as optim/kernels.inc has them. */
+static const struct {
+    const char *opt;
+    int sqrts, divs;
+} div_mix[] = {
+    {"sgd", 0, 0},      {"momentum", 0, 0}, {"nag", 0, 0},
+    {"adagrad", 1, 1},  /* sqrt_t(sum); d / std */
+    {"adadelta", 2, 1}, /* sqrt_t(s + eps), sqrt_t(acc + eps); / std */
+    {"rmsprop", 1, 1},  /* sqrt_t(s); d / avg (not centered, no momentum) */
+    {"adam", 1, 2},     /* sqrt_t(es); / bc2s; ea / den */
+    {"adamax", 0, 1},   /* ea / ei */
+    {"adamw", 1, 2},    /* as adam */
+    {"nadam", 1, 3},    /* sqrt_t(es); / bc2s; d / den; ea / den */
+};
+
+/* The divider loops: yN_M does N square roots and M divisions an element. */
+#define DIV_LOOPS(T, SQRT, S)                                                                                      \
+    KERNEL void S##_s0d1(size_t n, T *restrict y, const T *restrict a, const T *restrict b, T c)                   \
+    {                                                                                                              \
+        (void)c;                                                                                                   \
+        for (size_t i = 0; i < n; i++)                                                                             \
+            y[i] = a[i] / b[i];                                                                                    \
+    }                                                                                                              \
+    KERNEL void S##_s1d1(size_t n, T *restrict y, const T *restrict a, const T *restrict b, T c)                   \
+    {                                                                                                              \
+        (void)c;                                                                                                   \
+        for (size_t i = 0; i < n; i++)                                                                             \
+            y[i] = a[i] / SQRT(b[i]);                                                                              \
+    }                                                                                                              \
+    KERNEL void S##_s2d1(size_t n, T *restrict y, const T *restrict a, const T *restrict b, T c)                   \
+    {                                                                                                              \
+        (void)c;                                                                                                   \
+        for (size_t i = 0; i < n; i++)                                                                             \
+            y[i] = SQRT(a[i]) / SQRT(b[i]);                                                                        \
+    }                                                                                                              \
+    KERNEL void S##_s1d2(size_t n, T *restrict y, const T *restrict a, const T *restrict b, T c)                   \
+    {                                                                                                              \
+        for (size_t i = 0; i < n; i++)                                                                             \
+            y[i] = a[i] / (SQRT(b[i]) / c);                                                                        \
+    }                                                                                                              \
+    KERNEL void S##_s1d3(size_t n, T *restrict y, const T *restrict a, const T *restrict b, T c)                   \
+    {                                                                                                              \
+        for (size_t i = 0; i < n; i++) {                                                                           \
+            T den = SQRT(b[i]) / c;                                                                                \
+            y[i] = a[i] / den + b[i] / den;                                                                        \
+        }                                                                                                          \
+    }
+DIV_LOOPS(float, sqrtf, f32)
+DIV_LOOPS(double, sqrt, f64)
+
+typedef void (*div_loop_f32)(size_t, float *restrict, const float *restrict, const float *restrict, float);
+typedef void (*div_loop_f64)(size_t, double *restrict, const double *restrict, const double *restrict, double);
+
+#define DIV_N 1024 /* elements: three arrays of doubles fill 24 KiB of L1 */
+
+/* ns per element of the divider loop for sqrts and divs (0 when there is
+ * none), best of 5 runs of ~5 ms. */
+static double div_floor(optim_dtype dt, int sqrts, int divs)
+{
+    static const int mix[][2] = {{0, 1}, {1, 1}, {2, 1}, {1, 2}, {1, 3}};
+    static const div_loop_f32 l32[] = {f32_s0d1, f32_s1d1, f32_s2d1, f32_s1d2, f32_s1d3};
+    static const div_loop_f64 l64[] = {f64_s0d1, f64_s1d1, f64_s2d1, f64_s1d2, f64_s1d3};
+    static float y32[DIV_N], a32[DIV_N], b32[DIV_N];
+    static double y64[DIV_N], a64[DIV_N], b64[DIV_N];
+    static volatile double cv = 1.7;
+    int k = 0;
+    while (k < 5 && (mix[k][0] != sqrts || mix[k][1] != divs))
+        k++;
+    if (k == 5)
+        return 0;
+    for (size_t i = 0; i < DIV_N; i++) {
+        a64[i] = 1.0 + (double)(i % 97) / 97.0;
+        b64[i] = 1.0 + (double)(i % 89) / 89.0;
+        a32[i] = (float)a64[i];
+        b32[i] = (float)b64[i];
+    }
+    double best = 0;
+    for (int r = 0; r < 5; r++) {
+        long iters = 0;
+        double t = now_ns(), dt_ns;
+        do {
+            for (int j = 0; j < 64; j++, iters++) {
+                if (dt == OPTIM_F64)
+                    l64[k](DIV_N, y64, a64, b64, cv);
+                else
+                    l32[k](DIV_N, y32, a32, b32, (float)cv);
+            }
+            dt_ns = now_ns() - t;
+        } while (dt_ns < 5e6);
+        double ns = dt_ns / ((double)iters * DIV_N);
+        best = r == 0 || ns < best ? ns : best;
+    }
+    return best;
+}
+
+/* Bytes per ns of s_update over a working set of about bytes (two arrays of
+ * bytes / 16 doubles, at most the STREAM arrays), best of 3 runs of ~10 ms;
+ * 24 bytes an element, as STREAM counts them. */
+static double mem_floor_bw(double bytes)
+{
+    static volatile double sv = 1e-12;
+    size_t m = (size_t)(bytes / 16);
+    m = m < 512 ? 512 : m > STREAM_N ? STREAM_N : m;
+    double best = 0;
+    for (int r = 0; r < 3; r++) {
+        long iters = 0;
+        double t = now_ns(), dt_ns;
+        do {
+            s_update(sa, sb, sv, m);
+            iters++;
+            dt_ns = now_ns() - t;
+        } while (dt_ns < 10e6);
+        double bw = 24.0 * (double)m * (double)iters / dt_ns;
+        best = bw > best ? bw : best;
+    }
+    return best;
 }
 
 /* The vectors of the configuration being measured, allocated once at the
@@ -217,6 +350,22 @@ static int serve(void)
             double bw[3];
             stream_once(bw);
             printf("%.4f %.4f %.4f\n", bw[0], bw[1], bw[2]);
+        } else if (sscanf(line, "floor %63s %15s %lf", name, dts, &nd) == 3 && optim_find(name) &&
+                   parse_dtype(dts, &dt) == 0 && nd >= 1 && nd <= MAX_N) {
+            const optim_info *info = optim_find(name);
+            optim_hparams hp;
+            size_t used = 0, k = 0, es = optim_elem_size(dt);
+            optim_defaults(info, &hp);
+            for (size_t b = 0; b < info->n_buffers; b++)
+                used += optim_buffer_used(info, &hp, b);
+            while (k < sizeof div_mix / sizeof div_mix[0] && strcmp(div_mix[k].opt, name))
+                k++;
+            if (k == sizeof div_mix / sizeof div_mix[0]) {
+                printf("error\n"); /* an optimizer this table does not know yet */
+            } else {
+                double bpe = (double)((3 + 2 * used) * es), set = (double)((2 + used) * es) * nd;
+                printf("%.5f %.5f\n", div_floor(dt, div_mix[k].sqrts, div_mix[k].divs), bpe / mem_floor_bw(set));
+            }
         } else if (sscanf(line, "%63s %15s %lf %lf %d", name, dts, &nd, &ms, &stats) == 5 && optim_find(name) &&
                    parse_dtype(dts, &dt) == 0 && nd >= 1 && nd <= MAX_N) {
             const optim_info *info = optim_find(name);

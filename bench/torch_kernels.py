@@ -6,7 +6,10 @@ and without the history statistics, through `kernels --serve`), then torch's
 single-tensor step (foreach=False) and its multi-tensor step (foreach=True),
 each for ~50 ms, so a ratio is taken between runs seconds apart and machine
 noise hits both sides alike. At 1e7 elements each repetition also runs the
-STREAM loops for the bandwidth bound. Ratios are medians of per-repetition
+STREAM loops for the bandwidth bound, and at every size it measures the
+configuration's floor (`kernels --serve`'s "floor": the update's square roots
+and divisions alone on data in L1, and its bytes at the in-place update's
+bandwidth for a working set its size), the time no implementation beats. Ratios are medians of per-repetition
 ratios. One thread on each side (torch.set_num_threads(1)).
 
 Run with Debian's /usr/bin/python3 (torch 1.13, numpy). Prints one JSON object
@@ -147,7 +150,9 @@ def main():
                     os_, _ = optd.ask(cfg + " 1")
                     ts = single.run()
                     tf = multi.run()
-                    r = {"optd": o, "optd_stats": os_, "single": ts, "foreach": tf}
+                    fd, fm = optd.ask(f"floor {name} {dname} {n}")
+                    r = {"optd": o, "optd_stats": os_, "single": ts, "foreach": tf, "floor": max(fd, fm),
+                         "floor_div": fd, "floor_mem": fm}
                     if n >= 10_000_000:
                         c, t, u = optd.ask("stream")
                         r["bw_stream"] = max(c, t)
@@ -161,7 +166,12 @@ def main():
                        "single_over_optd": med([r["single"] / r["optd"] for r in rows]),
                        "foreach_over_optd": med([r["foreach"] / r["optd"] for r in rows]),
                        "stats_over_optd": med([r["optd_stats"] / r["optd"] for r in rows]),
-                       "single_over_optd_stats": med([r["single"] / r["optd_stats"] for r in rows])}
+                       "single_over_optd_stats": med([r["single"] / r["optd_stats"] for r in rows]),
+                       "floor": med([r["floor"] for r in rows]),
+                       "floor_by": "divider" if med([r["floor_div"] - r["floor_mem"] for r in rows]) > 0 else "memory",
+                       "optd_over_floor": med([r["optd"] / r["floor"] for r in rows]),
+                       # 8x torch is reachable only where this is at least 8.
+                       "single_over_floor": med([r["single"] / r["floor"] for r in rows])}
                 if n >= 10_000_000:
                     out["bw_stream"] = med([r["bw_stream"] for r in rows])
                     out["bw_update"] = med([r["bw_update"] for r in rows])
