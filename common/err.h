@@ -21,6 +21,7 @@
        "a retry with the same Idempotency-Key took this contribution's place in the round")                            \
     XX(STEP_MISMATCH, "step_mismatch", 412, "If-Match names another step")                                             \
     XX(TOO_LARGE, "too_large", 413, "the body is over the configured limit")                                           \
+    XX(HEAD_TOO_LARGE, "headers_too_large", 431, "the request's line and headers are over the limit")                \
     XX(UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", 415,                                                          \
        "Content-Type must be application/json or application/octet-stream")                                            \
     XX(INVALID, "invalid", 422, "the request is well-formed but meaningless")                                          \

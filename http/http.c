@@ -1586,6 +1586,19 @@ static optd_err framing_checks(req *r, const char *version, char *msg, size_t ms
     return OPTD_E_BAD_REQUEST;
 }
 
+/* A request head over HTTP_HEAD_MAX is refused before anything of it runs,
+ * so that the reply's headers still have room in the connection's pool. */
+static optd_err head_check(req *r, char *msg, size_t msglen)
+{
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_REQUEST_HEADER_SIZE);
+    if (!ci || ci->header_size <= HTTP_HEAD_MAX)
+        return OPTD_OK;
+    return optd_fail(msg, msglen, OPTD_E_HEAD_TOO_LARGE,
+                     "the request's line and headers take %zu bytes, over the %d this daemon reads; send long "
+                     "lists in the body (a JSON step takes \"skip\" there)",
+                     ci->header_size, HTTP_HEAD_MAX);
+}
+
 /* Whether h, a Host header value, names the loopback interface: localhost,
  * an address of 127.0.0.0/8 or [::1] (or [::ffff:127.x.x.x]), each with an
  * optional :port. A name that merely starts so ("127.0.0.1.evil.example",
@@ -1944,7 +1957,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         snprintf(r->path, sizeof r->path, "%s", url);
         r->route = route_parse(url, r->name, &r->name_ok);
         char msg[256] = "";
-        optd_err rc = framing_checks(r, version, msg, sizeof msg);
+        optd_err rc = head_check(r, msg, sizeof msg);
+        if (rc == OPTD_OK)
+            rc = framing_checks(r, version, msg, sizeof msg);
         if (rc == OPTD_OK)
             rc = host_checks(r, version, msg, sizeof msg);
         if (rc == OPTD_OK)

@@ -18,12 +18,18 @@ typedef struct http_server http_server;
  * head, the read buffer its body passes through and the reply's headers,
  * and libmicrohttpd zeroes all of it before every request on a kept-alive
  * connection. At 64 KiB that memset was 10-14 us of a small step's request
- * CPU; 16 KiB cuts it to a quarter. A request head then holds up to about
- * 16 KB (longer ones get libmicrohttpd's own 431), as with Node.js's
- * default limit or HAProxy's default 16 KiB buffer; a big body goes
- * through in more, smaller reads (+0.8 ms of request CPU on a 4 MB body,
- * about 3% of a 1e6 step). bench/mhd_ceiling uses it too. */
-#define HTTP_CONN_MEMORY (16 * 1024)
+ * CPU; 32 KiB halves it, while a head still has room for what clients
+ * send in headers (an Optd-Skip naming a few hundred frozen tensors). A big
+ * body goes through in more, smaller reads: +0.8 ms of request CPU on a
+ * 4 MB body, ~4% of a 1e6 step's CPU. bench/mhd_ceiling uses it too. */
+#define HTTP_CONN_MEMORY (32 * 1024)
+/* The longest request head (its line and headers) served: a longer one is
+ * 431 headers_too_large before anything of it runs. The rest of the pool
+ * is for the reply's headers, which libmicrohttpd builds in it: were they
+ * not to fit, it would close the connection without a reply, after the
+ * request had run. Past the pool, libmicrohttpd answers 431 (or 414 for a
+ * request line that long) itself, without a JSON body. */
+#define HTTP_HEAD_MAX (HTTP_CONN_MEMORY - 4096)
 
 /* Called once per finished request with a complete log line (no newline). */
 typedef void (*http_log_fn)(void *ctx, const char *line);

@@ -127,17 +127,24 @@ class FramingTests(DaemonTest):
         self.assertEqual([r[0] for r in rs], [200, 200, 200], got[:600])
         self.assertEqual([json.loads(r[2])["step"] for r in rs], [1, 2, 3])
 
-    def test_a_request_head_of_twelve_kb_is_served_and_one_of_forty_refused(self):
-        # The connection's pool (HTTP_CONN_MEMORY, 16 KiB) holds the head: a
-        # 12 KB one, past the common 8 KiB limits, still steps; a 40 KB one
-        # is refused with 431 before any of it runs.
+    def test_a_long_request_head_is_refused_whole_with_json_431(self):
+        # The connection's pool (HTTP_CONN_MEMORY, 32 KiB) holds the head and
+        # the reply's headers: a 24 KB head, past the common 8-16 KB limits,
+        # still steps; past HTTP_HEAD_MAX (28 KiB) optd answers 431
+        # headers_too_large before any of it runs; past the pool
+        # libmicrohttpd answers 431 itself. None of the refused ones applies.
         def step(pad):
             body = b'{"grad":[1.0,1.0]}'
             return exchange(self.d.port, self.step_head() + b"X-Pad: " + b"a" * pad +
                             b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)[0]
-        rs = responses(step(12000))
+        rs = responses(step(24000))
         self.assertEqual([r[0] for r in rs], [200], rs)
         self.assertEqual(json.loads(rs[0][2])["step"], 1)
+        rs = responses(step(30000))
+        self.assertEqual([r[0] for r in rs], [431], rs)
+        err = json.loads(rs[0][2])["error"]
+        self.assertEqual(err["code"], "headers_too_large", err)
+        self.assertIn("skip", err["message"])
         rs = responses(step(40000))
         self.assertEqual([r[0] for r in rs], [431], rs)
-        self.assertEqual(self.d.params(self.name)["step"], 1, "the refused request was applied")
+        self.assertEqual(self.d.params(self.name)["step"], 1, "a refused request was applied")
