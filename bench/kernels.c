@@ -125,6 +125,8 @@ static void stream_setup(void)
  * - memory: the update's bytes (bench_cfg.bpe) at the bandwidth of the
  *   in-place update loop s_update over a working set of the optimizer's
  *   size (params, grad and buffers), so L1, L2, L3 or DRAM as n grows.
+ * The loops run with the best instruction set of the CPU, whatever --isa
+ * forces on optim_step.
  * The per-element square roots and divisions of each optimizer with its
  * default hyperparameters (bench/torch_kernels.py uses torch's defaults),
  * as optim/kernels.inc has them. */
@@ -141,6 +143,7 @@ static const struct {
     {"adamw", 1, 2},    /* as adam */
     {"nadam", 1, 3},    /* sqrt_t(es); / bc2s; d / den; ea / den */
 };
+_Static_assert(sizeof div_mix / sizeof div_mix[0] == OPTIM_KIND_COUNT, "a row of div_mix for every optimizer");
 
 /* The divider loops: yN_M does N square roots and M divisions an element. */
 #define DIV_LOOPS(T, SQRT, S)                                                                                      \
@@ -223,8 +226,9 @@ static double div_floor(optim_dtype dt, int sqrts, int divs)
 }
 
 /* Bytes per ns of s_update over a working set of about bytes (two arrays of
- * bytes / 16 doubles, at most the STREAM arrays), best of 3 runs of ~10 ms;
- * 24 bytes an element, as STREAM counts them. */
+ * bytes / 16 doubles, at most the STREAM arrays), best of 3 runs of ~10 ms
+ * (the clock read once per 16 passes: a small pass takes ~100 ns); 24 bytes
+ * an element, as STREAM counts them. */
 static double mem_floor_bw(double bytes)
 {
     static volatile double sv = 1e-12;
@@ -235,8 +239,8 @@ static double mem_floor_bw(double bytes)
         long iters = 0;
         double t = now_ns(), dt_ns;
         do {
-            s_update(sa, sb, sv, m);
-            iters++;
+            for (int j = 0; j < 16; j++, iters++)
+                s_update(sa, sb, sv, m);
             dt_ns = now_ns() - t;
         } while (dt_ns < 10e6);
         double bw = 24.0 * (double)m * (double)iters / dt_ns;

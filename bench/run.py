@@ -596,8 +596,10 @@ def report_kernels(k, targets):
         if rows:
             names = ", ".join(f"{r['opt']} {r['dtype']} {r['n']:.0e} ×{fnum(r['single_over_optd'], 1)}".replace("+0", "")
                               for r in sorted(short, key=lambda r: r["single_over_optd"])[:8])
-            out_of_reach = [r for r in short if r.get("single_over_floor") is not None and r["single_over_floor"] < 6]
-            reach = [r for r in short if r not in out_of_reach]
+            # Rows of a results.json from before the floor have none of its fields.
+            floored = [r for r in short if r.get("single_over_floor") is not None and r.get("optd_over_floor")]
+            out_of_reach = [r for r in floored if r["single_over_floor"] < 6]
+            reach = [r for r in floored if r not in out_of_reach]
             rnames = ", ".join(f"{r['opt']} {r['dtype']} {r['n']:.0e} ×{fnum(r['single_over_optd'], 1)} "
                                f"(optd/floor {fnum(r['optd_over_floor'], 2)})".replace("+0", "")
                                for r in sorted(reach, key=lambda r: -r["optd_over_floor"])[:6])
@@ -608,7 +610,7 @@ def report_kernels(k, targets):
                                f"single-tensor is less than 6× this machine's floor there (single/floor below 6, 8 less a 25% "
                                f"margin for the floor's own error); "
                                f"the other {len(reach)}" + (f", furthest from their floor: {rnames}" if reach else "")
-                               if short and any(r.get("single_over_floor") for r in short) else ""),
+                               if floored else ""),
                             verdict(not short)))
             if any(r.get("optd_over_floor") for r in rows):
                 worst = max(rows, key=lambda r: r.get("optd_over_floor") or 0)
