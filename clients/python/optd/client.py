@@ -31,6 +31,10 @@ _WIDTH = {"float32": 4, "float64": 8}
 # Narrow wire types (API.md "Binary vectors"): a vector may travel as these
 # instead of the session's dtype, named by the media type's dtype parameter.
 WIRE_DTYPES = ("bfloat16", "float16", "float32", "float64")
+# The longest Optd-Skip a binary step sends: the daemon reads request heads
+# of up to 28 KiB (431 headers_too_large past it), and the other headers
+# need room too. A longer skip list goes in a JSON step's body instead.
+SKIP_HEADER_MAX = 16 * 1024
 _WIRE_WIDTH = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
 
@@ -557,12 +561,15 @@ class Client:
             headers["Accept"] = BINARY if reply in (None, dtype) else "%s; dtype=%s" % (BINARY, reply)
             _set_given(headers, (("Optd-Loss", loss, lambda v: repr(float(v))),
                                  ("Optd-Weight", weight, lambda v: repr(float(v)))))
-            if skip:
-                headers["Optd-Skip"] = ",".join(skip)
             if wire in ("bfloat16", "float16") and not isinstance(grad, (bytes, bytearray, memoryview)):
                 body = _encode_narrow(grad, wire)
             else:
                 body = _encode_vector(grad, wire or dtype)
+            if skip:
+                headers["Optd-Skip"] = ",".join(skip)
+                if len(headers["Optd-Skip"]) > SKIP_HEADER_MAX:
+                    return self._step_skip_in_body(name, path, body, dtype, wire, reply, as_numpy, minimal, loss,
+                                                   weight, skip, headers)
             r = self._step_request(name, path, body, headers)
             step = _etag_step(r.header("ETag"))
             full_ctype = r.header("Content-Type") or ""
@@ -593,6 +600,30 @@ class Client:
         step = data.get("step", _etag_step(r.header("ETag")))
         params = _as_dtype(data.get("params"), self._cached_dtype(name))
         return StepResult(step, params, data, self._replayed(r))
+
+    def _step_skip_in_body(self, name, path, body, dtype, wire, reply, as_numpy, minimal, loss, weight, skip,
+                           headers):
+        """A binary step whose Optd-Skip is over SKIP_HEADER_MAX, sent as the
+        same step in JSON with the skip list in the body: the gradient is the
+        values ``body`` (binary, of ``wire`` or ``dtype``) holds, and the params
+        come back as the binary step would return them."""
+        got = wire or dtype
+        if got in ("bfloat16", "float16"):
+            values = _decode_narrow(body, got, "float64", False)
+        else:
+            values = _decode_vector(body, got, False)
+        doc = _set_given({"grad": values, "skip": list(skip)}, (("loss", loss, float), ("weight", weight, float)))
+        h = {k: v for k, v in headers.items() if k not in ("Content-Type", "Accept", "Optd-Skip", "Optd-Loss",
+                                                              "Optd-Weight")}
+        h["Content-Type"] = JSON
+        r = self._step_request(name, path, _dumps(doc), h)
+        data = r.json()
+        params = data.pop("params", None)
+        if params is not None and not minimal:
+            back = reply or dtype
+            enc = _encode_narrow(params, back) if back in ("bfloat16", "float16") else _encode_vector(params, back)
+            params = self._decode_params(enc, back, dtype, as_numpy)
+        return StepResult(data.get("step", _etag_step(r.header("ETag"))), params, data, self._replayed(r))
 
     @staticmethod
     def _decode_params(body, wire, dtype, as_numpy):
