@@ -556,6 +556,27 @@ class ShapedSessionTests(DaemonCase):
                          _decode_narrow(_encode_narrow(np.array(rj.params, dtype=np.float32), "bfloat16"),
                                         "bfloat16", "float32", True).tolist())
 
+    def test_a_skip_list_that_fits_a_head_stays_binary_and_a_float16_reply_overflows_to_inf(self):
+        if np is None:
+            self.skipTest("numpy is not importable")
+        c = optd.Client(self.url)
+        names = ["t%03d." % i + "x" * 195 for i in range(150)]
+        groups = [{"tensors": [{"name": n, "shape": [2]} for n in names]}]
+        s = c.create(uniq(), "sgd", params=[70000.0] * 300, dtype="float32", groups=groups,
+                     hyperparams={"lr": 0.5})
+
+        def json_step(*a, **k):
+            raise AssertionError("a 20 KB skip list went as JSON")
+        binary_only = optd.Client(self.url)
+        binary_only._step_skip_in_body = json_step
+        r = binary_only.step(s.name, np.ones(300, dtype=np.float32), skip=names[:100])
+        self.assertEqual(r.params[:200].tolist(), [70000.0] * 200)
+        self.assertEqual(r.params[200:].tolist(), [69999.5] * 100)
+        # Through JSON (a 30 KB list), params past float16's range come
+        # back as infinity, as the binary reply would carry them.
+        r = c.step(s.name, np.ones(300, dtype=np.float32), skip=names[1:], wire_dtype="float16")
+        self.assertEqual(r.params.tolist(), [float("inf")] * 300)
+
     def test_lr_with_the_step_json_and_binary(self):
         c = optd.Client(self.url)
         s = c.create(uniq(), "sgd", params=[1.0, 1.0, 1.0], dtype="float64", hyperparams={"lr": 1.0},

@@ -31,10 +31,10 @@ _WIDTH = {"float32": 4, "float64": 8}
 # Narrow wire types (API.md "Binary vectors"): a vector may travel as these
 # instead of the session's dtype, named by the media type's dtype parameter.
 WIRE_DTYPES = ("bfloat16", "float16", "float32", "float64")
-# The longest Optd-Skip a binary step sends: the daemon reads request heads
-# of up to 28 KiB (431 headers_too_large past it), and the other headers
-# need room too. A longer skip list goes in a JSON step's body instead.
-SKIP_HEADER_MAX = 16 * 1024
+# The longest request head a binary step with a skip list sends: the daemon
+# reads heads of up to 28 KiB (431 headers_too_large past it). A step whose
+# Optd-Skip would make its head longer goes as JSON, the list in its body.
+HEAD_BUDGET = 24 * 1024
 _WIRE_WIDTH = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
 
@@ -87,16 +87,21 @@ def _encode_narrow(values, wire):
     """values as little-endian ``wire`` elements (bfloat16 or float16),
     rounded to nearest even from their float32 value."""
     if _is_numpy(values) and _np is not None:
-        f = _np.ascontiguousarray(values.reshape(-1), dtype=_np.float32)
-        if wire == "float16":
-            return f.astype("<f2").tobytes()
+        with _np.errstate(over="ignore"):  # past a type's range: infinity, as the daemon makes it
+            f = _np.ascontiguousarray(values.reshape(-1), dtype=_np.float32)
+            if wire == "float16":
+                return f.astype("<f2").tobytes()
         u = f.view(_np.uint32)
         r = (u + (_np.uint32(0x7FFF) + ((u >> 16) & _np.uint32(1)))) >> 16
         return r.astype("<u2").tobytes()
     if wire == "float16":
         import struct
         f = array("f", (float(v) for v in values))
-        return struct.pack("<%de" % len(f), *f)
+        try:
+            return struct.pack("<%de" % len(f), *f)
+        except OverflowError:  # past float16's range: infinity, as numpy and the daemon make it
+            return b"".join(struct.pack("<e", v) if abs(v) < 65520 else (b"\x00\x7c" if v > 0 else b"\x00\xfc")
+                            for v in f)
     out = array("H", (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF for u in _f32_bits(values)))
     if sys.byteorder != "little":
         out.byteswap()
@@ -532,7 +537,9 @@ class Client:
 
         ``skip``: names of tensors of a shaped session that have no gradient
         this step (torch's ``grad is None``): their params and state stay
-        (header ``Optd-Skip`` of a binary step, ``"skip"`` in a JSON one).
+        (header ``Optd-Skip`` of a binary step, ``"skip"`` in a JSON one; a
+        binary step whose list would not fit in a request head goes as the
+        same step in JSON).
 
         ``lr``: a number (or, for a session with groups, a list with one per
         group) set as the session's lr with this step, as a PATCH of lr
@@ -567,7 +574,7 @@ class Client:
                 body = _encode_vector(grad, wire or dtype)
             if skip:
                 headers["Optd-Skip"] = ",".join(skip)
-                if len(headers["Optd-Skip"]) > SKIP_HEADER_MAX:
+                if self._head_bytes(path, headers) > HEAD_BUDGET:
                     return self._step_skip_in_body(name, path, body, dtype, wire, reply, as_numpy, minimal, loss,
                                                    weight, skip, headers)
             r = self._step_request(name, path, body, headers)
@@ -601,12 +608,20 @@ class Client:
         params = _as_dtype(data.get("params"), self._cached_dtype(name))
         return StepResult(step, params, data, self._replayed(r))
 
+    def _head_bytes(self, path, headers):
+        """About the bytes of a request's head: its line, headers and those
+        request() adds (Host, User-Agent, Content-Length, Authorization)."""
+        n = len(path) + 32 + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 256
+        return n + (len(self.token) + 24 if self.token else 0)
+
     def _step_skip_in_body(self, name, path, body, dtype, wire, reply, as_numpy, minimal, loss, weight, skip,
                            headers):
-        """A binary step whose Optd-Skip is over SKIP_HEADER_MAX, sent as the
-        same step in JSON with the skip list in the body: the gradient is the
-        values ``body`` (binary, of ``wire`` or ``dtype``) holds, and the params
-        come back as the binary step would return them."""
+        """A binary step whose Optd-Skip would take its head past HEAD_BUDGET,
+        sent as the same step in JSON with the skip list in the body: the
+        gradient is the values ``body`` (binary, of ``wire`` or ``dtype``)
+        holds, and the params come back as the binary step would return them.
+        JSON takes ~20 bytes an element: past --max-body (64 MiB by default,
+        about 3M elements) the daemon says 413, and the error says why."""
         got = wire or dtype
         if got in ("bfloat16", "float16"):
             values = _decode_narrow(body, got, "float64", False)
@@ -616,10 +631,18 @@ class Client:
         h = {k: v for k, v in headers.items() if k not in ("Content-Type", "Accept", "Optd-Skip", "Optd-Loss",
                                                               "Optd-Weight")}
         h["Content-Type"] = JSON
-        r = self._step_request(name, path, _dumps(doc), h)
+        try:
+            r = self._step_request(name, path, _dumps(doc), h)
+        except errors.TooLarge as e:
+            e.message = ("%s (this binary step went as JSON, as its Optd-Skip of %d bytes does not fit in a "
+                         "request head: raise --max-body, or skip fewer tensors)" % (e.message,
+                                                                                   len(headers["Optd-Skip"])))
+            raise
         data = r.json()
         params = data.pop("params", None)
         if params is not None and not minimal:
+            if _np is not None:  # the list path encodes element by element
+                params = _np.asarray(params, dtype=_np.float64)
             back = reply or dtype
             enc = _encode_narrow(params, back) if back in ("bfloat16", "float16") else _encode_vector(params, back)
             params = self._decode_params(enc, back, dtype, as_numpy)
