@@ -525,19 +525,25 @@ class ShapedSessionTests(DaemonCase):
             s.step([1.0, 1.0, 1.0], skip=["nope"])
         self.assertEqual(cm.exception.status, 422)
 
+    # 150 tensors of two float32 elements and 200-character names: all their
+    # names make a 30 KB Optd-Skip, past the daemon's 28 KiB request heads.
+    LONG_NAMES = ["t%03d." % i + "x" * 195 for i in range(150)]
+
+    def long_named(self, c, optimizer, value, **kw):
+        """A session of LONG_NAMES' tensors, every element value."""
+        groups = [{"tensors": [{"name": n, "shape": [2]} for n in self.LONG_NAMES]}]
+        return c.create(uniq(), optimizer, params=[value] * 300, dtype="float32", groups=groups, **kw)
+
     def test_a_skip_list_too_long_for_a_header_goes_in_the_body(self):
-        # 150 tensors of 200-character names, all but the first skipped: a
-        # 30 KB Optd-Skip, past the daemon's 28 KiB request heads (431). The
-        # client sends such a binary step as JSON with "skip" in the body,
-        # and returns what the binary step would have.
+        # All but the first skipped: the client sends such a binary step as
+        # JSON with "skip" in the body, and returns what the binary step
+        # would have.
         if np is None:
             self.skipTest("numpy is not importable")
         from optd.client import _decode_narrow, _encode_narrow
         c = optd.Client(self.url)
-        names = ["t%03d." % i + "x" * 195 for i in range(150)]
-        groups = [{"tensors": [{"name": n, "shape": [2]} for n in names]}]
-        a, b = (c.create(uniq(), "adam", params=[1.0] * 300, dtype="float32", groups=groups) for _ in range(2))
-        skip = names[1:]
+        a, b = (self.long_named(c, "adam", 1.0) for _ in range(2))
+        skip = self.LONG_NAMES[1:]
         self.assertGreater(len(",".join(skip)), 28 * 1024)
         g = np.arange(300, dtype=np.float32) / np.float32(7)
         ra = a.step(g, skip=skip)
@@ -560,10 +566,8 @@ class ShapedSessionTests(DaemonCase):
         if np is None:
             self.skipTest("numpy is not importable")
         c = optd.Client(self.url)
-        names = ["t%03d." % i + "x" * 195 for i in range(150)]
-        groups = [{"tensors": [{"name": n, "shape": [2]} for n in names]}]
-        s = c.create(uniq(), "sgd", params=[70000.0] * 300, dtype="float32", groups=groups,
-                     hyperparams={"lr": 0.5})
+        names = self.LONG_NAMES
+        s = self.long_named(c, "sgd", 70000.0, hyperparams={"lr": 0.5})
 
         def json_step(*a, **k):
             raise AssertionError("a 20 KB skip list went as JSON")
