@@ -487,6 +487,16 @@ class NarrowWireTests(DaemonCase):
         r = s.step([0.0, 0.0], wire_dtype="bfloat16")
         self.assertEqual(r.params, [0.8984375, 1.6640625])  # 1 - 0.0999755859375 and 2 - 0.333251953125 in bfloat16
 
+    def test_float16_past_its_range_is_infinity_from_a_list_as_from_numpy(self):
+        if np is None:
+            self.skipTest("numpy is not importable")
+        from optd.client import _encode_narrow
+        v = [70000.0, -1e6, float("nan"), 1.0, 65504.0]
+        with np.errstate(invalid="ignore"):
+            want = _encode_narrow(np.array(v), "float16")
+        self.assertEqual(want[:4], b"\x00\x7c\x00\xfc")
+        self.assertEqual(_encode_narrow(v, "float16"), want)
+
     @unittest.skipUnless(have("torch"), "needs torch")
     def test_rounding_is_torchs(self):
         import torch

@@ -100,7 +100,7 @@ def _encode_narrow(values, wire):
         try:
             return struct.pack("<%de" % len(f), *f)
         except OverflowError:  # past float16's range: infinity, as numpy and the daemon make it
-            return b"".join(struct.pack("<e", v) if abs(v) < 65520 else (b"\x00\x7c" if v > 0 else b"\x00\xfc")
+            return b"".join(struct.pack("<e", v) if abs(v) < 65520 or v != v else (b"\x00\x7c" if v > 0 else b"\x00\xfc")
                             for v in f)
     out = array("H", (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF for u in _f32_bits(values)))
     if sys.byteorder != "little":
