@@ -356,6 +356,9 @@ def sqlite_ceiling(args, tmp, nbytes, rows, group=1, page_size=None, raw=False):
 
 
 SMALL = 1000
+# Bytes of a WAL frame of optd's database: a 16 KiB page (store.c's
+# page_size for new databases) and its 24-byte header.
+FRAME_BYTES = 16384 + 24
 LARGE = [100_000, 1_000_000]
 # One session, sequential, Prefer: return=minimal, against the full-state
 # write floor (issue 14): 1e5 and 1e7 beside 1e6.
@@ -410,7 +413,7 @@ def one_round(args, tmp, rnd):
         # to the floor, what its bytes account for and what the rest does.
         fps = (res.get("optd_binary") or {}).get("wal_frames_per_step")
         if fps:
-            rec = int(round(fps * 16408))
+            rec = int(round(fps * FRAME_BYTES))
             log(f"round {rnd}: the durable floor at optd's {rec} bytes a step")
             floor_b = Server("floor-bytes", [f"{b}/bench/mhd_ceiling", "--port", "0", "--threads", "4", "--floor",
                                              os.path.join(tmp, f"floor-bytes-{rnd}.ring"), "--record", str(rec)],
@@ -824,7 +827,7 @@ def report_service(svc, kern, targets):
         floor_rows.append([f"{n:.0e}".replace("+0", ""), fnum(n * 12 / 1e6, 1), fnum(m(o, "p50_ms"), 2),
                            fnum(m(f, "p50_ms"), 2), fnum(ratio(o, "p50_ms", f, "p50_ms")) + "×",
                            fnum(kt.get(n), 2), fnum(cpu(o) / 1e3 if cpu(o) else None, 2),
-                           fnum(m(o, "wal_frames_per_step") * 16408 / 1e6 if m(o, "wal_frames_per_step") else None, 1)])
+                           fnum(m(o, "wal_frames_per_step") * FRAME_BYTES / 1e6 if m(o, "wal_frames_per_step") else None, 1)])
     if floor_rows:
         lines.append("### One session against the full-state write floor\n")
         lines.append("One session, sequential, binary, `Prefer: return=minimal`; the floor is a pwrite of the "

@@ -2914,7 +2914,7 @@ static optd_err ring_io(store *st, uint64_t off, void *buf, size_t n, int write)
         size_t k = n < RING_CHUNK - at ? n : (size_t)(RING_CHUNK - at);
         sqlite3_blob *b = NULL;
         int src = write ? blob_at(st, BLOB_RING, (int64_t)chunk, &b)
-                        : sqlite3_blob_open(st->db, "main", "replies", "data", (int64_t)chunk, 0, &b);
+                        : sqlite3_blob_open(st->db, "main", blob_table[BLOB_RING], "data", (int64_t)chunk, 0, &b);
         if (src == SQLITE_ERROR && sqlite3_extended_errcode(st->db) == SQLITE_ERROR) { /* "no such rowid" */
             if (b)
                 (void)sqlite3_blob_close(b);
